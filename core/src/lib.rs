@@ -1,0 +1,25 @@
+//! `ganomaly-core`: the pure-Rust heart of ganomalyd, shared by the daemon and
+//! the trainer. No ONNX Runtime, libtorch or tokio here.
+//!
+//! # Layout
+//! - [`arch`]: the GANomaly network as data (layers, parameter names/shapes).
+//! - [`weights`]: plain f32 weights keyed by those names.
+//! - [`onnx`]: ONNX protobuf messages (prost) and the graph writer/reader.
+//! - [`metadata`]: the versioned model metadata inside the ONNX file.
+//! - [`preprocess`]: the one frame → tensor function (trainer and daemon alike).
+//! - [`calibrate`]: thresholds, normalized scores, AUROC and F1.
+//! - [`synth`]: deterministic synthetic textures and defects, MVTec-style writer.
+//! - [`reference`]: a slow, obviously-correct forward pass used to test the graph.
+
+pub mod arch;
+pub mod calibrate;
+pub mod metadata;
+pub mod onnx;
+pub mod preprocess;
+pub mod reference;
+pub mod synth;
+pub mod weights;
+
+pub use arch::ArchSpec;
+pub use metadata::{Calibration, ModelMetadata, ScoreKind};
+pub use weights::Weights;

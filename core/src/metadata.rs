@@ -1,0 +1,413 @@
+//! The versioned model metadata carried in the ONNX file's `metadata_props`:
+//! architecture, preprocessing, one calibration per exported score, provenance.
+//!
+//! Each top-level key holds one JSON document so that a person can read it with
+//! any ONNX viewer, and so that adding a field inside a document does not need a
+//! new key. Unknown keys are ignored (other tools add their own); a missing or
+//! malformed key of ours is an error that names it.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::ArchSpec;
+
+/// Version of the metadata schema this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub const KEY_SCHEMA: &str = "ganomaly.schema_version";
+pub const KEY_ARCH: &str = "ganomaly.arch";
+pub const KEY_PREPROCESS: &str = "ganomaly.preprocess";
+pub const KEY_SCORES: &str = "ganomaly.scores";
+pub const KEY_DEFAULT_SCORE: &str = "ganomaly.default_score";
+pub const KEY_PROVENANCE: &str = "ganomaly.provenance";
+
+/// Errors reading model metadata; each names the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetadataError {
+    #[error("model metadata key `{0}` is missing (was this model exported by ganomaly-train?)")]
+    Missing(&'static str),
+    #[error("model metadata key `{key}` is invalid: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("model metadata schema version {found} is not supported (this build reads version {supported})")]
+    Version { found: u32, supported: u32 },
+}
+
+/// How pixels become model input. Stored so the daemon cannot feed a gray model RGB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorMode {
+    Gray,
+    Rgb,
+}
+
+impl ColorMode {
+    pub fn channels(self) -> u32 {
+        match self {
+            ColorMode::Gray => 1,
+            ColorMode::Rgb => 3,
+        }
+    }
+    pub fn from_channels(nc: u32) -> Option<ColorMode> {
+        match nc {
+            1 => Some(ColorMode::Gray),
+            3 => Some(ColorMode::Rgb),
+            _ => None,
+        }
+    }
+}
+
+/// Resize filter used by preprocessing (at training and serving alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeFilter {
+    #[default]
+    Bilinear,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessMeta {
+    pub color: ColorMode,
+    /// Square side the frame (or its ROI) is resized to.
+    pub size: u32,
+    pub resize: ResizeFilter,
+    /// Pixel value range after normalisation; always [-1, 1] today (tanh output).
+    pub value_range: [f32; 2],
+}
+
+/// The image-level scores the exported graph computes. The output tensor of each
+/// is named by [`ScoreKind::output`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreKind {
+    /// The paper's score: mean((z_i − z_o)²).
+    Latent,
+    /// Mean absolute reconstruction error over pixels and channels.
+    Recon,
+    /// Maximum of the anomaly map after a k×k box filter.
+    MapMax,
+}
+
+impl ScoreKind {
+    pub const ALL: [ScoreKind; 3] = [ScoreKind::Latent, ScoreKind::Recon, ScoreKind::MapMax];
+
+    /// Name of the graph output that carries this score.
+    pub fn output(self) -> &'static str {
+        match self {
+            ScoreKind::Latent => "score",
+            ScoreKind::Recon => "score_recon",
+            ScoreKind::MapMax => "score_map",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScoreKind::Latent => "latent",
+            ScoreKind::Recon => "recon",
+            ScoreKind::MapMax => "map_max",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ScoreKind> {
+        ScoreKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// How a threshold was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationMethod {
+    /// A quantile of normal validation scores for a target false-alarm rate.
+    NormalQuantile,
+    /// The threshold that maximises F1 on a validation set with defects.
+    F1Optimal,
+    /// Not calibrated (fixtures, random weights): threshold is a placeholder.
+    Uncalibrated,
+}
+
+/// Summary of the normal validation scores a calibration came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreStats {
+    pub n: usize,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// Threshold and normalisation range for one raw score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Raw score at or above which a frame is anomalous.
+    pub threshold: f64,
+    /// Normalisation range: normalized = clamp((s − threshold)/(max − min) + 0.5, 0, 1).
+    pub min: f64,
+    pub max: f64,
+    pub method: CalibrationMethod,
+    /// Target false-alarm rate for `normal_quantile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_false_alarm_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normal_stats: Option<ScoreStats>,
+    /// Validation AUROC / F1, when defect images were available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_auroc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_f1: Option<f64>,
+}
+
+impl Calibration {
+    /// A placeholder for uncalibrated models: threshold 0.5 over [0, 1].
+    pub fn uncalibrated() -> Calibration {
+        Calibration {
+            threshold: 0.5,
+            min: 0.0,
+            max: 1.0,
+            method: CalibrationMethod::Uncalibrated,
+            target_false_alarm_rate: None,
+            normal_stats: None,
+            val_auroc: None,
+            val_f1: None,
+        }
+    }
+
+    /// The normalized score of DESIGN.md: the threshold maps to 0.5.
+    pub fn normalize(&self, raw: f64) -> f64 {
+        let span = self.max - self.min;
+        let span = if span > 0.0 && span.is_finite() { span } else { 1.0 };
+        ((raw - self.threshold) / span + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+/// One score the graph exports, with its calibration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreMeta {
+    pub kind: ScoreKind,
+    pub calibration: Calibration,
+    /// Box-filter side for `map_max` (odd); absent for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<u32>,
+}
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// sha256 over the training file list and bytes.
+    pub data_digest: String,
+    pub epochs: u32,
+    pub seed: u64,
+    /// `ganomaly-train x.y.z`, libtorch version, etc.
+    pub versions: BTreeMap<String, String>,
+    /// RFC 3339 time of export.
+    pub created: String,
+    /// Why the default score was chosen (e.g. `--score auto` evidence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_choice: Option<String>,
+    /// Free-form notes (e.g. `random weights: test fixture`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub notes: String,
+}
+
+/// Everything the daemon needs from a model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelMetadata {
+    pub arch: ArchSpec,
+    pub preprocess: PreprocessMeta,
+    pub scores: Vec<ScoreMeta>,
+    pub default_score: ScoreKind,
+    pub provenance: Provenance,
+}
+
+impl ModelMetadata {
+    /// Metadata for an uncalibrated model of `arch` (fixtures, tests).
+    pub fn uncalibrated(arch: ArchSpec, map_kernel: u32) -> ModelMetadata {
+        ModelMetadata {
+            arch,
+            preprocess: PreprocessMeta {
+                color: ColorMode::from_channels(arch.nc).unwrap_or(ColorMode::Rgb),
+                size: arch.isize,
+                resize: ResizeFilter::Bilinear,
+                value_range: [-1.0, 1.0],
+            },
+            scores: ScoreKind::ALL
+                .into_iter()
+                .map(|kind| ScoreMeta {
+                    kind,
+                    calibration: Calibration::uncalibrated(),
+                    kernel: (kind == ScoreKind::MapMax).then_some(map_kernel),
+                })
+                .collect(),
+            default_score: ScoreKind::Latent,
+            provenance: Provenance { notes: "uncalibrated".into(), ..Default::default() },
+        }
+    }
+
+    /// The score entry of `kind`.
+    pub fn score(&self, kind: ScoreKind) -> Option<&ScoreMeta> {
+        self.scores.iter().find(|s| s.kind == kind)
+    }
+
+    /// Box-filter side used for `map_max`.
+    pub fn map_kernel(&self) -> Option<u32> {
+        self.score(ScoreKind::MapMax).and_then(|s| s.kernel)
+    }
+
+    /// Key/value pairs for `metadata_props`.
+    pub fn to_props(&self) -> BTreeMap<String, String> {
+        let json = |v: &dyn erased::Json| v.to_json();
+        let mut m = BTreeMap::new();
+        m.insert(KEY_SCHEMA.into(), SCHEMA_VERSION.to_string());
+        m.insert(KEY_ARCH.into(), json(&self.arch));
+        m.insert(KEY_PREPROCESS.into(), json(&self.preprocess));
+        m.insert(KEY_SCORES.into(), json(&self.scores));
+        m.insert(KEY_DEFAULT_SCORE.into(), self.default_score.as_str().into());
+        m.insert(KEY_PROVENANCE.into(), json(&self.provenance));
+        m
+    }
+
+    /// Reads and checks the metadata; the first problem is returned, naming its key.
+    pub fn from_props(props: &BTreeMap<String, String>) -> Result<ModelMetadata, MetadataError> {
+        let version_text = props.get(KEY_SCHEMA).ok_or(MetadataError::Missing(KEY_SCHEMA))?;
+        let found: u32 = version_text
+            .trim()
+            .parse()
+            .map_err(|_| MetadataError::Invalid { key: KEY_SCHEMA, reason: format!("`{version_text}` is not a number") })?;
+        if found != SCHEMA_VERSION {
+            return Err(MetadataError::Version { found, supported: SCHEMA_VERSION });
+        }
+        let arch: ArchSpec = parse(props, KEY_ARCH)?;
+        arch.validate().map_err(|errs| MetadataError::Invalid {
+            key: KEY_ARCH,
+            reason: errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+        })?;
+        let preprocess: PreprocessMeta = parse(props, KEY_PREPROCESS)?;
+        if preprocess.color.channels() != arch.nc {
+            return Err(MetadataError::Invalid {
+                key: KEY_PREPROCESS,
+                reason: format!("color {:?} does not match the architecture's nc = {}", preprocess.color, arch.nc),
+            });
+        }
+        if preprocess.size != arch.isize {
+            return Err(MetadataError::Invalid {
+                key: KEY_PREPROCESS,
+                reason: format!("size {} does not match the architecture's isize = {}", preprocess.size, arch.isize),
+            });
+        }
+        let scores: Vec<ScoreMeta> = parse(props, KEY_SCORES)?;
+        if scores.iter().all(|s| s.kind != ScoreKind::Latent) {
+            return Err(MetadataError::Invalid { key: KEY_SCORES, reason: "no entry for the `latent` score".into() });
+        }
+        for s in &scores {
+            let c = &s.calibration;
+            if !(c.threshold.is_finite() && c.min.is_finite() && c.max.is_finite()) || c.max < c.min {
+                return Err(MetadataError::Invalid {
+                    key: KEY_SCORES,
+                    reason: format!("calibration of `{}` needs finite threshold/min/max with min ≤ max", s.kind.as_str()),
+                });
+            }
+            if s.kind == ScoreKind::MapMax && !matches!(s.kernel, Some(k) if k % 2 == 1) {
+                return Err(MetadataError::Invalid { key: KEY_SCORES, reason: "`map_max` needs an odd `kernel`".into() });
+            }
+        }
+        let default_text = props.get(KEY_DEFAULT_SCORE).ok_or(MetadataError::Missing(KEY_DEFAULT_SCORE))?;
+        let default_score = ScoreKind::parse(default_text.trim()).ok_or_else(|| MetadataError::Invalid {
+            key: KEY_DEFAULT_SCORE,
+            reason: format!("`{default_text}` is not one of latent, recon, map_max"),
+        })?;
+        if scores.iter().all(|s| s.kind != default_score) {
+            return Err(MetadataError::Invalid {
+                key: KEY_DEFAULT_SCORE,
+                reason: format!("`{}` has no entry in `{KEY_SCORES}`", default_score.as_str()),
+            });
+        }
+        let provenance: Provenance = parse(props, KEY_PROVENANCE)?;
+        Ok(ModelMetadata { arch, preprocess, scores, default_score, provenance })
+    }
+}
+
+fn parse<T: DeserializeOwned>(props: &BTreeMap<String, String>, key: &'static str) -> Result<T, MetadataError> {
+    let text = props.get(key).ok_or(MetadataError::Missing(key))?;
+    serde_json::from_str(text).map_err(|e| MetadataError::Invalid { key, reason: e.to_string() })
+}
+
+mod erased {
+    /// Object-safe JSON serialisation for the few metadata documents.
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            // Serialising plain structs of numbers and strings cannot fail.
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ModelMetadata {
+        let arch = ArchSpec { isize: 64, nc: 3, nz: 100, ngf: 32, ndf: 32, extralayers: 0, ..Default::default() };
+        ModelMetadata::uncalibrated(arch, 5)
+    }
+
+    #[test]
+    fn round_trips_through_props() {
+        let m = sample();
+        assert_eq!(ModelMetadata::from_props(&m.to_props()), Ok(m));
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        for key in [KEY_SCHEMA, KEY_ARCH, KEY_PREPROCESS, KEY_SCORES, KEY_DEFAULT_SCORE, KEY_PROVENANCE] {
+            let mut p = sample().to_props();
+            p.remove(key);
+            let err = ModelMetadata::from_props(&p).unwrap_err();
+            assert_eq!(err, MetadataError::Missing(key));
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut p = sample().to_props();
+        p.insert(KEY_ARCH.into(), r#"{"isize": 60, "nc": 3, "nz": 100, "ngf": 32, "ndf": 32, "extralayers": 0}"#.into());
+        let err = ModelMetadata::from_props(&p).unwrap_err();
+        assert!(matches!(&err, MetadataError::Invalid { key: KEY_ARCH, reason } if reason.contains("multiple of 16")), "{err}");
+
+        let mut p = sample().to_props();
+        p.insert(KEY_PREPROCESS.into(), r#"{"color":"gray","size":64,"resize":"bilinear","value_range":[-1,1]}"#.into());
+        assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_PREPROCESS, .. })));
+
+        let mut p = sample().to_props();
+        p.insert(KEY_DEFAULT_SCORE.into(), "psnr".into());
+        assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_DEFAULT_SCORE, .. })));
+
+        let mut p = sample().to_props();
+        p.insert(KEY_SCHEMA.into(), "2".into());
+        assert_eq!(ModelMetadata::from_props(&p), Err(MetadataError::Version { found: 2, supported: 1 }));
+
+        let mut p = sample().to_props();
+        p.insert(KEY_SCORES.into(), "not json".into());
+        assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_SCORES, .. })));
+    }
+
+    #[test]
+    fn normalize_puts_threshold_at_half() {
+        let c = Calibration { threshold: 2.0, min: 1.0, max: 5.0, ..Calibration::uncalibrated() };
+        assert_eq!(c.normalize(2.0), 0.5);
+        assert_eq!(c.normalize(3.0), 0.75);
+        assert_eq!(c.normalize(100.0), 1.0);
+        assert_eq!(c.normalize(-100.0), 0.0);
+    }
+}
