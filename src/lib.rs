@@ -1,0 +1,15 @@
+//! ganomalyd: cameras → preprocessing → GANomaly on ONNX Runtime → alarms → MQTT.
+//!
+//! # Layout (files named after pipeline stages)
+//! - [`config`]: the TOML config, defaults, validation that reports every problem.
+//! - [`capture`]: `FrameSource` and its implementations (V4L2, replay, synthetic), one thread per camera.
+//! - [`preprocess`]: the preprocessing thread pool (uses `ganomaly_core::preprocess`).
+//! - [`runtime`]: finding and loading the ONNX Runtime library.
+//! - [`infer`]: the inference thread that owns the ORT session; batching; execution providers.
+//! - [`alarm`]: per-camera alarm state machine.
+//! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
+//! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
+//! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
+//! - [`pipeline`]: wires the stages together and owns shutdown.
+
+pub mod events;
