@@ -1,1 +1,239 @@
-//! TODO
+//! A slow, obviously-correct forward pass of NetG and the exported scores, in
+//! plain loops over f64 accumulators. It exists to check the ONNX graph and
+//! the trainer against something that shares none of their code paths; never
+//! use it on the hot path.
+
+use crate::arch::{ArchSpec, Layer, Op, BN_EPS};
+use crate::weights::{Weights, WeightsError};
+
+/// A dense `[N, C, H, W]` tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nchw {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<f32>,
+}
+
+impl Nchw {
+    pub fn zeros(n: usize, c: usize, h: usize, w: usize) -> Nchw {
+        Nchw { n, c, h, w, data: vec![0.0; n * c * h * w] }
+    }
+    #[inline]
+    fn at(&self, n: usize, c: usize, y: usize, x: usize) -> f32 {
+        self.data[((n * self.c + c) * self.h + y) * self.w + x]
+    }
+    #[inline]
+    fn idx(&self, n: usize, c: usize, y: usize, x: usize) -> usize {
+        ((n * self.c + c) * self.h + y) * self.w + x
+    }
+}
+
+/// Everything the exported graph outputs, per image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outputs {
+    pub score: Vec<f32>,
+    pub score_recon: Vec<f32>,
+    pub score_map: Vec<f32>,
+    pub recon: Nchw,
+    pub anomaly_map: Nchw,
+}
+
+/// Runs NetG on `x` and computes every score exactly as the ONNX graph defines them.
+pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Result<Outputs, WeightsError> {
+    let z_i = sequential(&arch.encoder1(), w, x)?;
+    let recon = sequential(&arch.decoder(), w, &z_i)?;
+    let z_o = sequential(&arch.encoder2(), w, &recon)?;
+    let n = x.n;
+    let nz = z_i.c;
+    let score = (0..n)
+        .map(|b| {
+            let s: f64 = (0..nz).map(|c| ((z_i.at(b, c, 0, 0) - z_o.at(b, c, 0, 0)) as f64).powi(2)).sum();
+            (s / nz as f64) as f32
+        })
+        .collect();
+    let mut map = Nchw::zeros(n, 1, x.h, x.w);
+    for b in 0..n {
+        for y in 0..x.h {
+            for xx in 0..x.w {
+                let s: f64 = (0..x.c).map(|c| (x.at(b, c, y, xx) - recon.at(b, c, y, xx)).abs() as f64).sum();
+                let i = map.idx(b, 0, y, xx);
+                map.data[i] = (s / x.c as f64) as f32;
+            }
+        }
+    }
+    let plane = x.h * x.w;
+    let score_recon =
+        (0..n).map(|b| (map.data[b * plane..(b + 1) * plane].iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32).collect();
+    let r = (map_kernel / 2) as isize;
+    let score_map = (0..n)
+        .map(|b| {
+            let mut best = f32::NEG_INFINITY;
+            for y in 0..x.h as isize {
+                for xx in 0..x.w as isize {
+                    let (mut s, mut cnt) = (0.0f64, 0usize);
+                    for dy in -r..=r {
+                        for dx in -r..=r {
+                            let (yy, xq) = (y + dy, xx + dx);
+                            if yy >= 0 && xq >= 0 && (yy as usize) < x.h && (xq as usize) < x.w {
+                                s += map.at(b, 0, yy as usize, xq as usize) as f64;
+                                cnt += 1;
+                            }
+                        }
+                    }
+                    best = best.max((s / cnt as f64) as f32);
+                }
+            }
+            best
+        })
+        .collect();
+    Ok(Outputs { score, score_recon, score_map, recon, anomaly_map: map })
+}
+
+/// Applies one `nn.Sequential` part.
+pub fn sequential(layers: &[Layer], w: &Weights, x: &Nchw) -> Result<Nchw, WeightsError> {
+    let mut x = x.clone();
+    for layer in layers {
+        let p = |name: &str| format!("{}.{name}", layer.name);
+        x = match layer.op {
+            Op::Conv { cout, k, s, p: pad, .. } => conv(&x, &w.get(&p("weight"))?.data, cout as usize, k as usize, s as usize, pad as usize),
+            Op::ConvT { cout, k, s, p: pad, .. } => {
+                conv_t(&x, &w.get(&p("weight"))?.data, cout as usize, k as usize, s as usize, pad as usize)
+            }
+            Op::BatchNorm { .. } => {
+                let (g, b, m, v) = (w.get(&p("weight"))?, w.get(&p("bias"))?, w.get(&p("running_mean"))?, w.get(&p("running_var"))?);
+                let mut y = x.clone();
+                for n in 0..x.n {
+                    for c in 0..x.c {
+                        let scale = g.data[c] as f64 / (v.data[c] as f64 + BN_EPS as f64).sqrt();
+                        for i in 0..x.h * x.w {
+                            let j = (n * x.c + c) * x.h * x.w + i;
+                            y.data[j] = ((x.data[j] as f64 - m.data[c] as f64) * scale + b.data[c] as f64) as f32;
+                        }
+                    }
+                }
+                y
+            }
+            Op::LeakyRelu { slope } => map(x, |v| if v >= 0.0 { v } else { v * slope }),
+            Op::Relu => map(x, |v| v.max(0.0)),
+            Op::Tanh => map(x, f32::tanh),
+            Op::Sigmoid => map(x, |v| 1.0 / (1.0 + (-v).exp())),
+        };
+    }
+    Ok(x)
+}
+
+fn map(mut x: Nchw, f: impl Fn(f32) -> f32) -> Nchw {
+    x.data.iter_mut().for_each(|v| *v = f(*v));
+    x
+}
+
+/// Cross-correlation as PyTorch's Conv2d; weight `[cout, cin, k, k]`, no bias.
+fn conv(x: &Nchw, wt: &[f32], cout: usize, k: usize, s: usize, p: usize) -> Nchw {
+    let oh = (x.h + 2 * p - k) / s + 1;
+    let ow = (x.w + 2 * p - k) / s + 1;
+    let mut y = Nchw::zeros(x.n, cout, oh, ow);
+    for n in 0..x.n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = 0.0f64;
+                    for ci in 0..x.c {
+                        for ky in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            if iy < 0 || iy as usize >= x.h {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * s + kx) as isize - p as isize;
+                                if ix < 0 || ix as usize >= x.w {
+                                    continue;
+                                }
+                                let wv = wt[((co * x.c + ci) * k + ky) * k + kx];
+                                acc += wv as f64 * x.at(n, ci, iy as usize, ix as usize) as f64;
+                            }
+                        }
+                    }
+                    let i = y.idx(n, co, oy, ox);
+                    y.data[i] = acc as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Transposed convolution as PyTorch's ConvTranspose2d; weight `[cin, cout, k, k]`.
+/// Scatter form: each input pixel adds `w · x` to a k×k window of the output.
+fn conv_t(x: &Nchw, wt: &[f32], cout: usize, k: usize, s: usize, p: usize) -> Nchw {
+    let oh = (x.h - 1) * s + k - 2 * p;
+    let ow = (x.w - 1) * s + k - 2 * p;
+    let mut acc = vec![0.0f64; x.n * cout * oh * ow];
+    for n in 0..x.n {
+        for ci in 0..x.c {
+            for iy in 0..x.h {
+                for ix in 0..x.w {
+                    let xv = x.at(n, ci, iy, ix) as f64;
+                    for co in 0..cout {
+                        for ky in 0..k {
+                            let oy = (iy * s + ky) as isize - p as isize;
+                            if oy < 0 || oy as usize >= oh {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ox = (ix * s + kx) as isize - p as isize;
+                                if ox < 0 || ox as usize >= ow {
+                                    continue;
+                                }
+                                let wv = wt[((ci * cout + co) * k + ky) * k + kx] as f64;
+                                acc[((n * cout + co) * oh + oy as usize) * ow + ox as usize] += wv * xv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Nchw { n: x.n, c: cout, h: oh, w: ow, data: acc.into_iter().map(|v| v as f32).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conv_and_conv_t_hand_examples() {
+        // 1×1×3×3 input 1..9, 2×2 kernel of ones, stride 1, no pad → 2×2 sums of windows.
+        let x = Nchw { n: 1, c: 1, h: 3, w: 3, data: (1..=9).map(|v| v as f32).collect() };
+        let y = conv(&x, &[1.0; 4], 1, 2, 1, 0);
+        assert_eq!(y.data, vec![12.0, 16.0, 24.0, 28.0]);
+        // Transposed conv of a single 1 with a 2×2 kernel [1,2,3,4], stride 2 → the kernel itself.
+        let x = Nchw { n: 1, c: 1, h: 1, w: 1, data: vec![1.0] };
+        let y = conv_t(&x, &[1.0, 2.0, 3.0, 4.0], 1, 2, 2, 0);
+        assert_eq!((y.h, y.w), (2, 2));
+        assert_eq!(y.data, vec![1.0, 2.0, 3.0, 4.0]);
+        // Stride 2, 2×2 input, k 2 → windows tile without overlap.
+        let x = Nchw { n: 1, c: 1, h: 2, w: 2, data: vec![1.0, 10.0, 100.0, 1000.0] };
+        let y = conv_t(&x, &[1.0; 4], 1, 2, 2, 0);
+        assert_eq!(y.data[0..4], [1.0, 1.0, 10.0, 10.0]);
+        assert_eq!(y.data[12..16], [100.0, 100.0, 1000.0, 1000.0]);
+    }
+
+    #[test]
+    fn netg_shapes_and_score_ranges() {
+        let arch = ArchSpec { isize: 32, nc: 3, nz: 8, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() };
+        let w = Weights::random_generator(&arch, 1);
+        let x = Nchw { n: 2, c: 3, h: 32, w: 32, data: (0..2 * 3 * 32 * 32).map(|i| ((i % 17) as f32 / 8.0) - 1.0).collect() };
+        let o = forward(&arch, &w, &x, 5).unwrap();
+        assert_eq!((o.recon.n, o.recon.c, o.recon.h, o.recon.w), (2, 3, 32, 32));
+        assert!(o.recon.data.iter().all(|v| v.abs() <= 1.0));
+        assert_eq!(o.score.len(), 2);
+        assert!(o.score.iter().all(|&s| s > 0.0));
+        // The max of a smoothed map never exceeds the max of the map; the mean never exceeds it either.
+        for b in 0..2 {
+            let mx = o.anomaly_map.data[b * 1024..(b + 1) * 1024].iter().cloned().fold(f32::MIN, f32::max);
+            assert!(o.score_map[b] <= mx + 1e-6 && o.score_recon[b] <= o.score_map[b] + 1e-6);
+        }
+    }
+}
