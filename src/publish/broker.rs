@@ -1,0 +1,104 @@
+//! The embedded MQTT broker (rumqttd, in-process) for the demo and for boxes
+//! without a plant broker: `[mqtt] embedded = true`.
+//!
+//! rumqttd runs its router and listener on threads of its own and offers no
+//! way to stop them, so an embedded broker lives as long as the process.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded broker cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("embedded broker did not start listening on {0} within 5 s")]
+    NotListening(SocketAddr),
+    #[error("embedded broker: {0}")]
+    Start(String),
+}
+
+/// A running in-process broker.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+}
+
+/// Largest message the embedded broker accepts: snapshots are JPEGs of a few
+/// hundred kB; rumqttd's own default (20 kB) would refuse them.
+const MAX_PAYLOAD: usize = 8 << 20;
+
+impl EmbeddedBroker {
+    /// Starts rumqttd on `listen` (MQTT 3.1.1, no authentication: keep it on
+    /// loopback unless the network is trusted). Port 0 picks a free port.
+    /// Returns once the broker accepts connections.
+    pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
+        // rumqttd binds on its own thread and only logs a failure there, and
+        // cannot report the port it got for port 0: bind here first to learn
+        // the port and to turn "address in use" into an error.
+        let addr = {
+            let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Bind { addr: listen, source })?;
+            probe.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?
+        };
+        let server = ServerSettings {
+            name: "ganomalyd-embedded".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: MAX_PAYLOAD,
+                max_inflight_count: 1000,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let config = Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: 1000,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 100 << 20,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(HashMap::from([("1".to_string(), server)])),
+            ..Default::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                let mut broker = Broker::new(config);
+                // start() blocks for the broker's life.
+                if let Err(e) = broker.start() {
+                    let _ = tx.send(e.to_string());
+                }
+            })
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(msg) = rx.try_recv() {
+                return Err(BrokerError::Start(msg));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                tracing::info!(%addr, "embedded MQTT broker listening");
+                return Ok(EmbeddedBroker { addr });
+            }
+            if Instant::now() > deadline {
+                return Err(BrokerError::NotListening(addr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}

@@ -1,0 +1,445 @@
+//! `[mqtt]` section of the daemon config: broker address, security, topics,
+//! rates and the outbox bounds, with defaults and a validation that reports
+//! every problem at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How the daemon talks to the plant's broker.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Off: the daemon scores and raises alarms but publishes nothing.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// Broker host name or address (ignored when `embedded`).
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// MQTT client id; empty means `ganomalyd-<node_id>`. Two daemons with the
+    /// same id would kick each other off the broker in a loop.
+    #[serde(default)]
+    pub client_id: String,
+    /// First topic level: `<topic_prefix>/<node_id>/...`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Second topic level; empty means the host name.
+    #[serde(default)]
+    pub node_id: String,
+    /// Seconds between pings; also how long a killed daemon takes to go
+    /// `offline` through its last will (the broker waits 1.5× this).
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Give up a connection attempt (TCP + TLS + CONNACK) after this long.
+    #[serde(default = "default_connect_timeout_s")]
+    pub connect_timeout_s: u64,
+    /// Reconnect backoff: first wait, doubled after each failure up to the max,
+    /// with full jitter so a plant full of boxes does not reconnect in step.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File whose first line is the password (keeps it out of the config).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Most `score` messages per second and camera; scores in between are
+    /// skipped (counted as throttled). 0 publishes no scores at all. Keeps a
+    /// 30 fps camera from flooding a plant broker.
+    #[serde(default = "default_score_max_rate_hz")]
+    pub score_max_rate_hz: f64,
+    /// Seconds between `stats` messages.
+    #[serde(default = "default_stats_interval_s")]
+    pub stats_interval_s: u64,
+    /// Publish the alarm snapshot JPEG (retained) on `<camera>/snapshot`.
+    #[serde(default = "default_snapshots")]
+    pub snapshots: bool,
+    /// Scores waiting for the network; beyond this they are dropped (counted)
+    /// rather than ever holding up the frame path.
+    #[serde(default = "default_score_queue")]
+    pub score_queue: usize,
+    /// SQLite file of the durable alarm outbox.
+    #[serde(default = "default_outbox_path")]
+    pub outbox_path: PathBuf,
+    /// Oldest alarms are dropped (counted, logged) beyond this many rows, so a
+    /// broker that never comes back cannot fill the disk.
+    #[serde(default = "default_outbox_max_rows")]
+    pub outbox_max_rows: u64,
+    /// Alarms older than this are dropped (counted, logged) undelivered: after
+    /// a week they are history, not news.
+    #[serde(default = "default_outbox_max_age_s")]
+    pub outbox_max_age_s: u64,
+    /// Alarms published but not yet acknowledged at any time. Small keeps the
+    /// re-sends after a reconnect few; 1 would make it strictly one at a time.
+    #[serde(default = "default_alarm_inflight")]
+    pub alarm_inflight: u16,
+    /// Home Assistant MQTT discovery (off by default).
+    #[serde(default)]
+    pub discovery: bool,
+    #[serde(default = "default_discovery_prefix")]
+    pub discovery_prefix: String,
+    /// Start an MQTT broker (rumqttd) inside the daemon and publish to it: for
+    /// the demo and boxes without a plant broker.
+    #[serde(default)]
+    pub embedded: bool,
+    /// Where the embedded broker listens. Loopback by default: it has no
+    /// authentication.
+    #[serde(default = "default_embedded_listen")]
+    pub embedded_listen: SocketAddr,
+}
+
+/// TLS to the broker. Without `ca_file` the connection is refused: there is
+/// no built-in trust store on purpose (plant brokers use private CAs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_enabled() -> bool {
+    true
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_topic_prefix() -> String {
+    "ganomalyd".into()
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_connect_timeout_s() -> u64 {
+    10
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_score_max_rate_hz() -> f64 {
+    2.0
+}
+fn default_stats_interval_s() -> u64 {
+    10
+}
+fn default_snapshots() -> bool {
+    true
+}
+fn default_score_queue() -> usize {
+    256
+}
+fn default_outbox_path() -> PathBuf {
+    PathBuf::from("/var/lib/ganomalyd/outbox.sqlite")
+}
+fn default_outbox_max_rows() -> u64 {
+    10_000
+}
+fn default_outbox_max_age_s() -> u64 {
+    7 * 24 * 3600
+}
+fn default_alarm_inflight() -> u16 {
+    10
+}
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+fn default_embedded_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: default_enabled(),
+            host: default_host(),
+            port: default_port(),
+            client_id: String::new(),
+            topic_prefix: default_topic_prefix(),
+            node_id: String::new(),
+            keep_alive_s: default_keep_alive_s(),
+            connect_timeout_s: default_connect_timeout_s(),
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            username: None,
+            password_file: None,
+            password_env: None,
+            tls: None,
+            score_max_rate_hz: default_score_max_rate_hz(),
+            stats_interval_s: default_stats_interval_s(),
+            snapshots: default_snapshots(),
+            score_queue: default_score_queue(),
+            outbox_path: default_outbox_path(),
+            outbox_max_rows: default_outbox_max_rows(),
+            outbox_max_age_s: default_outbox_max_age_s(),
+            alarm_inflight: default_alarm_inflight(),
+            discovery: false,
+            discovery_prefix: default_discovery_prefix(),
+            embedded: false,
+            embedded_listen: default_embedded_listen(),
+        }
+    }
+}
+
+/// Debug without anything secret-adjacent: the password's file and variable
+/// names are shown, never a password (the config holds none).
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("enabled", &self.enabled)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("node_id", &self.node_id)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .field("tls", &self.tls)
+            .field("embedded", &self.embedded)
+            .field("embedded_listen", &self.embedded_listen)
+            .field("outbox_path", &self.outbox_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A password read from a file or the environment. Debug and Display never
+/// show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Topic levels may not contain these (MQTT wildcards and the separator).
+fn bad_topic_level(s: &str) -> bool {
+    s.is_empty() || s.contains(['/', '+', '#', '\0'])
+}
+
+impl MqttConfig {
+    /// Pushes every problem, each naming its field under `prefix` (`mqtt.port: ...`).
+    pub fn validate(&self, prefix: &str, problems: &mut Vec<String>) {
+        let mut bad = |field: &str, msg: String| problems.push(format!("{prefix}.{field}: {msg}"));
+        if !self.embedded && self.host.trim().is_empty() {
+            bad("host", "must not be empty".into());
+        }
+        if !self.embedded && self.port == 0 {
+            bad("port", "must be 1..=65535".into());
+        }
+        if self.topic_prefix.is_empty() || self.topic_prefix.split('/').any(bad_topic_level) {
+            bad("topic_prefix", format!("{:?} must be non-empty topic levels without '+', '#' or empty levels", self.topic_prefix));
+        }
+        if !self.node_id.is_empty() && bad_topic_level(&self.node_id) {
+            bad("node_id", format!("{:?} must be one topic level: no '/', '+' or '#'", self.node_id));
+        }
+        if self.client_id.len() > 65535 {
+            bad("client_id", "longer than 65535 bytes".into());
+        }
+        // rumqttc refuses keep-alives under a second (0 = none, and then a
+        // killed daemon would never go offline).
+        if self.keep_alive_s == 0 || self.keep_alive_s > 65535 {
+            bad("keep_alive_s", format!("{} must be 1..=65535 (the last will depends on it)", self.keep_alive_s));
+        }
+        if self.connect_timeout_s == 0 {
+            bad("connect_timeout_s", "must be at least 1".into());
+        }
+        if self.reconnect_min_ms == 0 {
+            bad("reconnect_min_ms", "must be at least 1".into());
+        }
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            bad("reconnect_max_ms", format!("{} is below reconnect_min_ms ({})", self.reconnect_max_ms, self.reconnect_min_ms));
+        }
+        if self.password_file.is_some() && self.password_env.is_some() {
+            bad("password_file", "set either password_file or password_env, not both".into());
+        }
+        if (self.password_file.is_some() || self.password_env.is_some()) && self.username.is_none() {
+            bad("username", "a password is configured but no username".into());
+        }
+        if let Some(v) = &self.password_env {
+            if v.is_empty() || v.contains('=') || v.contains('\0') {
+                bad("password_env", format!("{v:?} is not an environment variable name"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                bad("tls.cert_file", "cert_file and key_file go together (mutual TLS needs both)".into());
+            }
+        }
+        if !self.score_max_rate_hz.is_finite() || self.score_max_rate_hz < 0.0 || self.score_max_rate_hz > 1000.0 {
+            bad("score_max_rate_hz", format!("{} must be 0..=1000 (0 turns scores off)", self.score_max_rate_hz));
+        }
+        if self.stats_interval_s == 0 {
+            bad("stats_interval_s", "must be at least 1".into());
+        }
+        if self.score_queue == 0 {
+            bad("score_queue", "must be at least 1".into());
+        }
+        if self.outbox_path.as_os_str().is_empty() {
+            bad("outbox_path", "must not be empty".into());
+        }
+        if self.outbox_max_rows == 0 {
+            bad("outbox_max_rows", "must be at least 1".into());
+        }
+        if self.outbox_max_age_s == 0 {
+            bad("outbox_max_age_s", "must be at least 1".into());
+        }
+        // rumqttc's packet ids run 1..inflight; the window must fit in them.
+        if self.alarm_inflight == 0 || self.alarm_inflight > 1000 {
+            bad("alarm_inflight", format!("{} must be 1..=1000", self.alarm_inflight));
+        }
+        if self.discovery && (self.discovery_prefix.is_empty() || self.discovery_prefix.split('/').any(bad_topic_level)) {
+            bad("discovery_prefix", format!("{:?} is not a valid topic prefix", self.discovery_prefix));
+        }
+    }
+
+    /// Node id in force: the configured one, else the host name.
+    pub fn resolved_node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "ganomalyd".into());
+        // A host name may carry dots but never MQTT wildcards; be safe anyway.
+        host.chars().map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c }).collect()
+    }
+
+    /// Client id in force: the configured one, else `ganomalyd-<node>`.
+    pub fn resolved_client_id(&self, node_id: &str) -> String {
+        if self.client_id.is_empty() {
+            format!("ganomalyd-{node_id}")
+        } else {
+            self.client_id.clone()
+        }
+    }
+
+    /// Reads the password from `password_file` or `password_env`, if set.
+    pub fn password(&self) -> Result<Option<Secret>, super::PublishError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| super::PublishError::Secret(format!("mqtt.password_file {}: {e}", path.display())))?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            return Ok(Some(Secret::new(line)));
+        }
+        if let Some(var) = &self.password_env {
+            return match std::env::var(var) {
+                Ok(v) => Ok(Some(Secret::new(v))),
+                Err(e) => Err(super::PublishError::Secret(format!("mqtt.password_env {var}: {e}"))),
+            };
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_section_equals_default() {
+        let c: MqttConfig = toml::from_str("").unwrap();
+        assert_eq!(c, MqttConfig::default());
+        let mut problems = Vec::new();
+        c.validate("mqtt", &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = toml::from_str::<MqttConfig>("prot = 1883").unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+        let e = toml::from_str::<MqttConfig>("[tls]\nca_file = 'a'\ncafile = 'b'").unwrap_err().to_string();
+        assert!(e.contains("cafile"), "{e}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let c = MqttConfig {
+            port: 0,
+            topic_prefix: "a/#".into(),
+            node_id: "x/y".into(),
+            keep_alive_s: 0,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 10,
+            password_env: Some("PW".into()),
+            tls: Some(TlsConfig { ca_file: "ca.pem".into(), cert_file: Some("c.pem".into()), key_file: None }),
+            score_max_rate_hz: -1.0,
+            alarm_inflight: 0,
+            ..MqttConfig::default()
+        };
+        let mut p = Vec::new();
+        c.validate("mqtt", &mut p);
+        for field in [
+            "mqtt.port:",
+            "mqtt.topic_prefix:",
+            "mqtt.node_id:",
+            "mqtt.keep_alive_s:",
+            "mqtt.reconnect_max_ms:",
+            "mqtt.username:",
+            "mqtt.tls.cert_file:",
+            "mqtt.score_max_rate_hz:",
+            "mqtt.alarm_inflight:",
+        ] {
+            assert!(p.iter().any(|s| s.starts_with(field)), "missing {field} in {p:?}");
+        }
+        assert_eq!(p.len(), 9, "{p:?}");
+    }
+
+    #[test]
+    fn password_comes_from_file_or_env_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "hunter2\n").unwrap();
+        let c = MqttConfig { username: Some("u".into()), password_file: Some(f), ..MqttConfig::default() };
+        let pw = c.password().unwrap().unwrap();
+        assert_eq!(pw.expose(), "hunter2");
+        assert!(!format!("{pw:?} {pw}").contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+
+        let var = "GANOMALYD_TEST_MQTT_PW_7731";
+        std::env::set_var(var, "s3cret");
+        let c = MqttConfig { username: Some("u".into()), password_env: Some(var.into()), ..MqttConfig::default() };
+        assert_eq!(c.password().unwrap().unwrap().expose(), "s3cret");
+        let c = MqttConfig { username: Some("u".into()), password_env: Some("GANOMALYD_TEST_UNSET_9".into()), ..MqttConfig::default() };
+        assert!(c.password().is_err());
+    }
+}
