@@ -297,6 +297,9 @@ impl MqttConfig {
                 bad("password_env", format!("{v:?} is not an environment variable name"));
             }
         }
+        if self.embedded && self.tls.is_some() {
+            bad("tls", "the embedded broker speaks plain MQTT on loopback; drop [mqtt.tls] or embedded".into());
+        }
         if let Some(tls) = &self.tls {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 bad("tls.cert_file", "cert_file and key_file go together (mutual TLS needs both)".into());

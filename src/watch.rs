@@ -1,0 +1,264 @@
+//! `ganomalyd watch`: subscribe to a daemon's topics and print what it says,
+//! readably or as JSON lines (`--json`), for commissioning and debugging.
+//!
+//! main.rs wires it as `Watch(watch::WatchArgs)` and calls
+//! `watch::run(args).await` (or `block_on` it on a runtime of its own).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use serde_json::{json, Value};
+
+use crate::events::{AlarmEvent, ScoreEvent, StatsReport};
+use crate::publish::MqttConfig;
+
+/// `ganomalyd watch [--config FILE] [--host H] [--port P] [--prefix P] [--node N] [--camera C] [--json] [--no-scores] [--count N]`
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Daemon config whose `[mqtt]` section gives broker, TLS, credentials,
+    /// topic prefix and node (flags below override it).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Broker host [default: 127.0.0.1, or the config's].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Broker port [default: 1883, or the config's].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Topic prefix [default: ganomalyd, or the config's].
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Node id to watch; `+` watches every daemon under the prefix [default: +, or the config's].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only this camera.
+    #[arg(long)]
+    pub camera: Option<String>,
+    /// One JSON object per line: {topic, node, camera, kind, retained, payload}.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide the per-frame scores (alarms, state and status only).
+    #[arg(long)]
+    pub no_scores: bool,
+    /// Exit after printing this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// Runs until Ctrl-C (or `--count` messages), printing to stdout.
+pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    run_to(args, &mut stdout.lock()).await
+}
+
+/// [`run`] writing to `out` (tests capture it).
+pub async fn run_to(args: WatchArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => mqtt_section(path)?,
+        None => MqttConfig { node_id: "+".into(), ..MqttConfig::default() },
+    };
+    if let Some(h) = &args.host {
+        cfg.host = h.clone();
+        cfg.embedded = false;
+    }
+    if let Some(p) = args.port {
+        cfg.port = p;
+        cfg.embedded = false;
+    }
+    if let Some(p) = &args.prefix {
+        cfg.topic_prefix = p.clone();
+    }
+    let node = args.node.clone().unwrap_or_else(|| if cfg.node_id.is_empty() { cfg.resolved_node_id() } else { cfg.node_id.clone() });
+    let (host, port) = if cfg.embedded { (cfg.embedded_listen.ip().to_string(), cfg.embedded_listen.port()) } else { (cfg.host.clone(), cfg.port) };
+    let filter = format!("{}/{}/#", cfg.topic_prefix.trim_end_matches('/'), node);
+
+    let client_id = format!("ganomalyd-watch-{}-{}", std::process::id(), rand::random::<u32>());
+    let mut opts = MqttOptions::new(client_id, host.clone(), port);
+    opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(16 << 20, 1 << 20);
+    if let Some(user) = &cfg.username {
+        let pw = cfg.password()?;
+        opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
+    }
+    if let (Some(tls), false) = (&cfg.tls, cfg.embedded) {
+        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(crate::publish::tls::client_config(tls)?)));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let mut printed = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let polled = tokio::select! {
+            r = eventloop.poll() => r,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                eprintln!("watching {filter} on {host}:{port}");
+                client.subscribe(filter.clone(), QoS::AtLeastOnce).await.context("subscribe")?;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(line) = format_message(&p.topic, &p.payload, p.retain, &args) else { continue };
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                printed += 1;
+                if args.count.is_some_and(|n| printed >= n) {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                eprintln!("mqtt {host}:{port}: {e}");
+                if failures >= 3 && printed == 0 && args.count.is_some() {
+                    anyhow::bail!("cannot reach the broker at {host}:{port}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    Ok(())
+}
+
+/// The `[mqtt]` table of a daemon config, without depending on the rest of it.
+fn mqtt_section(path: &std::path::Path) -> anyhow::Result<MqttConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let section = doc.get("mqtt").cloned().unwrap_or(toml::Value::Table(Default::default()));
+    let cfg: MqttConfig = section.try_into().with_context(|| format!("{}: [mqtt]", path.display()))?;
+    Ok(cfg)
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a ms timestamp.
+fn clock(ts_ms: u64) -> String {
+    let s = ts_ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}Z", s / 3600, s / 60 % 60, s % 60, ts_ms % 1000)
+}
+
+/// One printed line for a message, or None when filtered out. Topic shape:
+/// `<prefix…>/<node>/status|stats` or `<prefix…>/<node>/<camera>/<leaf>`
+/// (the prefix may itself have several levels, so parse from the end).
+pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchArgs) -> Option<String> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let last = *levels.last()?;
+    let (node, camera, kind) = match last {
+        "status" | "stats" if levels.len() >= 2 => (levels[levels.len() - 2], None, last),
+        _ if levels.len() >= 3 => (levels[levels.len() - 3], Some(levels[levels.len() - 2]), last),
+        _ => return None,
+    };
+    if let (Some(want), Some(cam)) = (&args.camera, camera) {
+        if want != cam {
+            return None;
+        }
+    }
+    if args.no_scores && kind == "score" {
+        return None;
+    }
+    let text = || String::from_utf8_lossy(payload).into_owned();
+    if args.json {
+        let body = match kind {
+            "snapshot" => json!({ "bytes": payload.len() }),
+            _ => serde_json::from_slice::<Value>(payload).unwrap_or_else(|_| Value::String(text())),
+        };
+        let v = json!({ "topic": topic, "node": node, "camera": camera, "kind": kind, "retained": retained, "payload": body });
+        return Some(v.to_string());
+    }
+    let who = match camera {
+        Some(c) => format!("{node}/{c}"),
+        None => node.to_string(),
+    };
+    let now = clock(crate::events::now_ms());
+    let r = if retained { " (retained)" } else { "" };
+    let line = match kind {
+        "score" => match serde_json::from_slice::<ScoreEvent>(payload) {
+            Ok(s) => format!(
+                "{} {who:<20} score {:.3}{} raw {:.5} thr {:.5} {} seq {} {:.1} ms",
+                clock(s.ts),
+                s.score,
+                if s.score >= 0.5 { " !" } else { "  " },
+                s.raw_score,
+                s.threshold,
+                s.kind,
+                s.seq,
+                s.latency_ms
+            ),
+            Err(_) => format!("{now} {who:<20} score ? {}", text()),
+        },
+        "alarm" => match serde_json::from_slice::<AlarmEvent>(payload) {
+            Ok(a) => {
+                let what = match a.kind {
+                    crate::events::AlarmKind::Start => "ALARM START".to_string(),
+                    crate::events::AlarmKind::End => {
+                        format!("alarm end   after {:.1} s", a.end_ts.unwrap_or(a.ts).saturating_sub(a.start_ts) as f64 / 1000.0)
+                    }
+                };
+                format!("{} {who:<20} {what} id {} peak {:.3} (raw {:.5}) frames {}{}", clock(a.ts), a.id, a.peak, a.peak_raw, a.frames, a.snapshot.map(|s| format!(" snapshot {s}")).unwrap_or_default())
+            }
+            Err(_) => format!("{now} {who:<20} alarm ? {}", text()),
+        },
+        "stats" => match serde_json::from_slice::<StatsReport>(payload) {
+            Ok(st) => {
+                let cams: Vec<String> = st
+                    .cameras
+                    .iter()
+                    .map(|c| format!("{} {:.1} fps drop {} p99 {:.1} ms{}", c.camera, c.fps, c.dropped, c.latency_p99_ms, if c.online { "" } else { " OFFLINE" }))
+                    .collect();
+                format!("{} {who:<20} stats [{}] {}", clock(st.ts), st.provider, cams.join(", "))
+            }
+            Err(_) => format!("{now} {who:<20} stats ? {}", text()),
+        },
+        "snapshot" => format!("{now} {who:<20} snapshot {} bytes{r}", payload.len()),
+        "state" => format!("{now} {who:<20} alarm state {}{r}", text()),
+        "camera" => format!("{now} {who:<20} camera {}{r}", text()),
+        "status" => format!("{now} {who:<20} daemon {}{r}", text()),
+        _ => format!("{now} {who:<20} {kind} {}{r}", text()),
+    };
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(json: bool) -> WatchArgs {
+        WatchArgs { config: None, host: None, port: None, prefix: None, node: None, camera: None, json, no_scores: false, count: None }
+    }
+
+    #[test]
+    fn lines_for_each_topic_kind_and_multi_level_prefixes() {
+        let a = args(false);
+        let score = ScoreEvent { schema: 1, camera: "line3".into(), seq: 7, ts: 3_723_004, score: 0.75, raw_score: 0.0123, threshold: 0.01, kind: "latent".into(), latency_ms: 4.2 };
+        let line = format_message("plant/a/box1/line3/score", &serde_json::to_vec(&score).unwrap(), false, &a).unwrap();
+        assert!(line.starts_with("01:02:03.004Z box1/line3"), "{line}");
+        assert!(line.contains("score 0.750 !") && line.contains("seq 7"), "{line}");
+        let line = format_message("plant/a/box1/status", b"offline", true, &a).unwrap();
+        assert!(line.contains("box1") && line.ends_with("daemon offline (retained)"), "{line}");
+        let line = format_message("ganomalyd/box1/line3/state", b"ON", false, &a).unwrap();
+        assert!(line.ends_with("box1/line3           alarm state ON"), "{line}");
+        assert!(format_message("x", b"", false, &a).is_none());
+        let mut quiet = args(false);
+        quiet.no_scores = true;
+        quiet.camera = Some("other".into());
+        assert!(format_message("g/box1/line3/score", b"{}", false, &quiet).is_none());
+        assert!(format_message("g/box1/line3/state", b"ON", false, &quiet).is_none());
+    }
+
+    #[test]
+    fn json_lines_carry_parsed_payloads() {
+        let line = format_message("g/box1/cam/alarm", br#"{"id":"a1","type":"start"}"#, false, &args(true)).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["kind"], "alarm");
+        assert_eq!(v["node"], "box1");
+        assert_eq!(v["camera"], "cam");
+        assert_eq!(v["payload"]["type"], "start");
+        let v: Value = serde_json::from_str(&format_message("g/box1/cam/snapshot", &[0xff, 0xd8, 0], true, &args(true)).unwrap()).unwrap();
+        assert_eq!(v["payload"]["bytes"], 3);
+        assert_eq!(v["retained"], true);
+        let v: Value = serde_json::from_str(&format_message("g/box1/status", b"online", true, &args(true)).unwrap()).unwrap();
+        assert_eq!(v["payload"], "online");
+        assert!(v["camera"].is_null());
+    }
+}
