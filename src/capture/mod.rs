@@ -1,0 +1,330 @@
+//! Frame sources and the camera thread that drives one of them.
+//!
+//! Hardware sits behind [`FrameSource`] so that tests and the demo drive the
+//! real pipeline with [`replay`] and [`synthetic`] sources; [`v4l2`] is the
+//! real camera. Each camera runs on its own thread ([`spawn_camera`]), which
+//! - opens its source, retrying forever with exponential backoff while it
+//!   fails, and reports the camera `offline`/`online` through the publisher
+//!   (other cameras are untouched: they have their own threads);
+//! - counts and skips broken frames;
+//! - paces sources that do not pace themselves;
+//! - pushes frames into its own bounded queue, **dropping the oldest** queued
+//!   frame when the queue is full (counted): a live camera must never block on
+//!   a slow model, and a fresh frame is worth more than a stale one.
+//!
+//! Frame buffers come back from the end of the pipeline through a recycle
+//! channel, so a steady-state camera allocates nothing per frame.
+
+pub mod replay;
+pub mod synthetic;
+pub mod v4l2;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::events::{now_ms, Publisher};
+use crate::metrics::CameraCounters;
+use crate::publish::backoff::Backoff;
+
+/// Errors from a frame source. The camera thread decides what each means:
+/// `Open`/`Disconnected` → offline and retry with backoff; `BrokenFrame` →
+/// count and skip; `Ended` → the source is done (a non-looping replay).
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot open {source_name}: {reason}")]
+    Open { source_name: String, reason: String },
+    #[error("lost {source_name}: {reason}")]
+    Disconnected { source_name: String, reason: String },
+    #[error("broken frame from {source_name}: {reason}")]
+    BrokenFrame { source_name: String, reason: String },
+    #[error("{0} has no more frames")]
+    Ended(String),
+}
+
+/// Pixel layout of a captured frame (8 bits per sample, rows packed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    Rgb8,
+    Gray8,
+}
+
+impl PixelFormat {
+    pub fn bytes_per_pixel(self) -> usize {
+        match self {
+            PixelFormat::Rgb8 => 3,
+            PixelFormat::Gray8 => 1,
+        }
+    }
+}
+
+/// Pixels of one frame; the `data` allocation is reused from frame to frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameData {
+    pub width: u32,
+    pub height: u32,
+    pub format: PixelFormat,
+    pub data: Vec<u8>,
+}
+
+impl Default for FrameData {
+    fn default() -> Self {
+        FrameData { width: 0, height: 0, format: PixelFormat::Rgb8, data: Vec::new() }
+    }
+}
+
+impl FrameData {
+    /// Sets the geometry and sizes `data` for it (reusing the allocation).
+    pub fn reshape(&mut self, width: u32, height: u32, format: PixelFormat) -> &mut [u8] {
+        self.width = width;
+        self.height = height;
+        self.format = format;
+        self.data.resize(width as usize * height as usize * format.bytes_per_pixel(), 0);
+        &mut self.data
+    }
+
+    /// Copies an `image` crate image in, converting to RGB or gray as given.
+    pub fn fill_from_image(&mut self, img: &image::DynamicImage, format: PixelFormat) {
+        match format {
+            PixelFormat::Rgb8 => match img {
+                image::DynamicImage::ImageRgb8(rgb) => {
+                    self.reshape(rgb.width(), rgb.height(), format).copy_from_slice(rgb.as_raw())
+                }
+                other => {
+                    let rgb = other.to_rgb8();
+                    self.reshape(rgb.width(), rgb.height(), format).copy_from_slice(rgb.as_raw())
+                }
+            },
+            PixelFormat::Gray8 => {
+                let g = img.to_luma8();
+                self.reshape(g.width(), g.height(), format).copy_from_slice(g.as_raw())
+            }
+        }
+    }
+}
+
+/// A frame on its way through the pipeline.
+#[derive(Debug)]
+pub struct Frame {
+    /// Index of the camera in the pipeline's camera list.
+    pub camera: usize,
+    /// Per-camera sequence number, counting every frame the source delivered
+    /// (so gaps in decided frames show drops).
+    pub seq: u64,
+    /// When the frame was captured (for latency) and its wall-clock time.
+    pub captured: Instant,
+    pub ts_ms: u64,
+    pub pixels: FrameData,
+}
+
+/// A camera, a folder of images, a generator... Anything that yields frames.
+///
+/// Not `Send`: a source is built on its camera thread (see [`SourceFactory`])
+/// because some backends (V4L2 through nokhwa) hold thread-bound handles.
+pub trait FrameSource {
+    /// Human-readable name for logs (`/dev/video0`, `replay /data/*.png`).
+    fn describe(&self) -> String;
+    /// (Re)opens the source; called before the first frame and after errors.
+    fn open(&mut self) -> Result<(), CaptureError>;
+    /// Writes the next frame into `out`, reusing its allocation. May block
+    /// for up to one frame interval (a real camera does).
+    fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError>;
+    /// Releases the device after an error or at shutdown.
+    fn close(&mut self) {}
+    /// True when `next_frame` itself waits for the next frame (a camera);
+    /// false when the camera thread must pace it at the configured fps.
+    fn self_paced(&self) -> bool {
+        false
+    }
+}
+
+/// Builds a source on the camera thread.
+pub type SourceFactory = Box<dyn FnOnce() -> Box<dyn FrameSource> + Send>;
+
+/// Wraps a ready source (one that is `Send`) as a factory.
+pub fn factory<S: FrameSource + Send + 'static>(source: S) -> SourceFactory {
+    Box::new(move || Box::new(source) as Box<dyn FrameSource>)
+}
+
+/// How a camera thread is set up.
+pub struct CameraThread {
+    pub index: usize,
+    pub name: String,
+    /// Frames per second to pace at (ignored by self-paced sources; 0 = as
+    /// fast as the pipeline takes them).
+    pub fps: f64,
+    pub counters: Arc<CameraCounters>,
+    pub publisher: Arc<dyn Publisher>,
+    /// The camera's queue: its sender, and a receiver used only to drop the
+    /// oldest frame when the queue is full.
+    pub tx: Sender<Frame>,
+    pub rx_for_drops: Receiver<Frame>,
+    /// Buffers coming back from the end of the pipeline.
+    pub recycle: Receiver<FrameData>,
+    pub stop: Arc<AtomicBool>,
+    /// Retry waits for a failing source.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Consecutive broken frames after which the source is treated as lost and
+/// reopened: a camera that only sends garbage needs a reset, not patience.
+const BROKEN_FRAMES_BEFORE_REOPEN: u32 = 50;
+
+/// Starts the camera thread. It ends when `stop` is set or the source ends.
+pub fn spawn_camera(cam: CameraThread, make_source: SourceFactory) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("cam-{}", cam.name)).spawn(move || run_camera(cam, make_source))
+}
+
+fn run_camera(cam: CameraThread, make_source: SourceFactory) {
+    let mut source = make_source();
+    let desc = source.describe();
+    let mut backoff = Backoff::new(cam.backoff_min, cam.backoff_max);
+    // Unknown until the first open succeeds or fails: report the first state
+    // either way, then only changes.
+    let mut online: Option<bool> = None;
+    let mut opened = false;
+    let mut seq: u64 = 0;
+    let mut broken_run = 0u32;
+    let period = if cam.fps > 0.0 && !source.self_paced() { Some(Duration::from_secs_f64(1.0 / cam.fps)) } else { None };
+    let mut next_due = Instant::now();
+    let set_online = |online: &mut Option<bool>, now: bool| {
+        if *online != Some(now) {
+            *online = Some(now);
+            cam.counters.online.store(now, Ordering::Relaxed);
+            cam.publisher.camera_online(&cam.name, now);
+            tracing::info!(camera = %cam.name, source = %desc, online = now, "camera state");
+        }
+    };
+    tracing::info!(camera = %cam.name, source = %desc, "camera thread started");
+
+    while !cam.stop.load(Ordering::Relaxed) {
+        if !opened {
+            match source.open() {
+                Ok(()) => opened = true,
+                Err(e) => {
+                    set_online(&mut online, false);
+                    let wait = backoff.next_delay();
+                    tracing::warn!(camera = %cam.name, error = %e, retry_in_ms = wait.as_millis() as u64, "camera open failed");
+                    sleep_unless_stopped(wait, &cam.stop);
+                    continue;
+                }
+            }
+        }
+        let mut pixels = cam.recycle.try_recv().unwrap_or_default();
+        match source.next_frame(&mut pixels) {
+            Ok(()) => {
+                broken_run = 0;
+                backoff.reset();
+                set_online(&mut online, true);
+                let frame = Frame { camera: cam.index, seq, captured: Instant::now(), ts_ms: now_ms(), pixels };
+                seq += 1;
+                CameraCounters::add(&cam.counters.captured, 1);
+                push_drop_oldest(&cam.tx, &cam.rx_for_drops, frame, &cam.counters);
+            }
+            Err(CaptureError::BrokenFrame { reason, .. }) => {
+                seq += 1;
+                CameraCounters::add(&cam.counters.broken, 1);
+                tracing::debug!(camera = %cam.name, %reason, "broken frame skipped");
+                broken_run += 1;
+                if broken_run >= BROKEN_FRAMES_BEFORE_REOPEN {
+                    tracing::warn!(camera = %cam.name, frames = broken_run, "only broken frames: reopening the source");
+                    broken_run = 0;
+                    source.close();
+                    opened = false;
+                }
+            }
+            Err(CaptureError::Ended(_)) => {
+                tracing::info!(camera = %cam.name, "source ended");
+                break;
+            }
+            Err(e) => {
+                source.close();
+                opened = false;
+                set_online(&mut online, false);
+                let wait = backoff.next_delay();
+                tracing::warn!(camera = %cam.name, error = %e, retry_in_ms = wait.as_millis() as u64, "camera lost");
+                sleep_unless_stopped(wait, &cam.stop);
+                continue;
+            }
+        }
+        if let Some(period) = period {
+            next_due += period;
+            let now = Instant::now();
+            if next_due > now {
+                sleep_unless_stopped(next_due - now, &cam.stop);
+            } else if now - next_due > period * 4 {
+                // Far behind (a stall): don't burst to catch up, restart the clock.
+                next_due = now;
+            }
+        }
+    }
+    source.close();
+    tracing::info!(camera = %cam.name, frames = seq, "camera thread stopped");
+}
+
+/// Sends `frame`, dropping the oldest queued frame of this camera while the
+/// queue is full. Never blocks.
+pub fn push_drop_oldest(tx: &Sender<Frame>, rx: &Receiver<Frame>, mut frame: Frame, counters: &CameraCounters) {
+    loop {
+        match tx.try_send(frame) {
+            Ok(()) => return,
+            Err(TrySendError::Full(f)) => {
+                if rx.try_recv().is_ok() {
+                    CameraCounters::add(&counters.dropped, 1);
+                }
+                frame = f;
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// Sleeps in short slices so that shutdown is never held up by a long wait.
+pub fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + total;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64) -> Frame {
+        Frame { camera: 0, seq, captured: Instant::now(), ts_ms: 0, pixels: FrameData::default() }
+    }
+
+    #[test]
+    fn full_queue_drops_the_oldest_and_counts_it() {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let c = CameraCounters::default();
+        for s in 0..5 {
+            push_drop_oldest(&tx, &rx, frame(s), &c);
+        }
+        assert_eq!(CameraCounters::get(&c.dropped), 3);
+        let kept: Vec<u64> = rx.try_iter().map(|f| f.seq).collect();
+        assert_eq!(kept, vec![3, 4]);
+    }
+
+    #[test]
+    fn fill_from_image_reuses_and_converts() {
+        let mut fd = FrameData::default();
+        let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 2, image::Luma([7])));
+        fd.fill_from_image(&img, PixelFormat::Rgb8);
+        assert_eq!((fd.width, fd.height, fd.data.len()), (4, 2, 24));
+        assert!(fd.data.iter().all(|&b| b == 7));
+        fd.fill_from_image(&img, PixelFormat::Gray8);
+        assert_eq!(fd.data.len(), 8);
+    }
+}

@@ -1,0 +1,491 @@
+//! Inference: the ONNX Runtime session and the thread that owns it.
+//!
+//! [`Model`] loads a GANomaly ONNX file, checks it against its own metadata
+//! (input `image` `[N, C, S, S]`, one output per score, `anomaly_map`) and
+//! refuses it with an error naming the tensor or key that is wrong. The
+//! session is built once, with the execution providers from the config tried
+//! in order (TensorRT → CUDA → CPU by default); the provider actually running
+//! the model is logged and reported, and `require_accelerator` turns a CPU
+//! fallback into a start-up error. `ganomalyd score` and `bench` use the same
+//! `Model`, so there is one way to build a session.
+//!
+//! [`spawn`] starts the inference thread: the session's only owner. It batches
+//! frames across cameras (up to `max_batch`, waiting at most `max_wait_ms`
+//! after the first), normalises the chosen score with the model's
+//! calibration, runs each camera's alarm state machine, and hands scores,
+//! alarms and snapshot jobs on without waiting on any of them.
+//!
+//! Backpressure: this thread's input is a bounded channel that the preprocess
+//! workers block on, so a slow model fills it, then the per-camera queues,
+//! where frames are dropped oldest-first (see `preprocess`). Scores and
+//! alarms go to the publisher, which must not block (see `events`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ganomaly_core::metadata::ColorMode;
+use ganomaly_core::{Calibration, ModelMetadata, ScoreKind};
+use ort::ep::{ExecutionProvider, CUDA, TensorRT};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::alarm::{AlarmMachine, Scored};
+use crate::capture::FrameData;
+use crate::config::{InferenceConfig, Provider, Roi};
+use crate::events::{Publisher, ScoreEvent, PAYLOAD_SCHEMA};
+use crate::metrics::CameraCounters;
+use crate::preprocess::Prepared;
+use crate::snapshot::{SnapshotJob, SnapshotQueue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("cannot read model {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("model {path} is not a usable GANomaly ONNX model: {reason}")]
+    Metadata { path: PathBuf, reason: String },
+    #[error("model {path}: {reason}")]
+    Shape { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Runtime(String),
+    #[error("ONNX Runtime could not load model {path}: {reason}")]
+    Session { path: PathBuf, reason: String },
+    #[error(
+        "inference.require_accelerator is true but no accelerator could be used ({}); \
+         install onnxruntime-gpu with CUDA/TensorRT, or set require_accelerator = false to run on the CPU",
+        reasons.join("; ")
+    )]
+    NoAccelerator { reasons: Vec<String> },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Scores and anomaly maps of one batch, in buffers reused batch to batch.
+#[derive(Debug, Default, Clone)]
+pub struct BatchOutput {
+    pub n: usize,
+    /// Raw scores per kind, indexed like [`ScoreKind::ALL`]; empty for kinds
+    /// the model does not export.
+    pub scores: [Vec<f32>; 3],
+    /// `n × side × side` anomaly maps.
+    pub maps: Vec<f32>,
+}
+
+impl BatchOutput {
+    pub fn score(&self, kind: ScoreKind, i: usize) -> Option<f32> {
+        self.scores[kind_index(kind)].get(i).copied()
+    }
+}
+
+fn kind_index(kind: ScoreKind) -> usize {
+    ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0)
+}
+
+/// A loaded, checked model with its session.
+pub struct Model {
+    session: Session,
+    pub meta: ModelMetadata,
+    pub path: PathBuf,
+    /// Execution provider running the model.
+    pub provider: Provider,
+    channels: usize,
+    side: usize,
+    /// Score kinds the graph exports (per its metadata), checked against its outputs.
+    kinds: Vec<ScoreKind>,
+}
+
+impl Model {
+    /// Reads and checks `path`, builds its session. `base` resolves relative
+    /// config paths (TensorRT cache).
+    pub fn load(path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<Model, InferError> {
+        let bytes = std::fs::read(path).map_err(|source| InferError::Read { path: path.into(), source })?;
+        Model::from_bytes(&bytes, path, cfg, base)
+    }
+
+    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<Model, InferError> {
+        let meta = ganomaly_core::onnx::read_metadata(bytes)
+            .map_err(|e| InferError::Metadata { path: path.into(), reason: e.to_string() })?;
+        ort_env::init(cfg.ort_library.as_ref().map(|p| resolve(base, p)).as_deref())?;
+        let (session, provider) = build_session(bytes, path, cfg, base)?;
+        let channels = meta.preprocess.color.channels() as usize;
+        let side = meta.preprocess.size as usize;
+        let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
+        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds };
+        model.check_graph()?;
+        tracing::info!(
+            model = %path.display(),
+            provider = provider.as_str(),
+            input = ?[-1, channels as i64, side as i64, side as i64],
+            default_score = model.meta.default_score.as_str(),
+            "model loaded"
+        );
+        Ok(model)
+    }
+
+    /// The graph's inputs and outputs must be what the metadata promises.
+    fn check_graph(&self) -> Result<(), InferError> {
+        let err = |reason: String| InferError::Shape { path: self.path.clone(), reason };
+        let want = [-1i64, self.channels as i64, self.side as i64, self.side as i64];
+        let inputs = self.session.inputs();
+        let input = inputs.iter().find(|i| i.name() == "image").ok_or_else(|| {
+            let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
+            err(format!("has no input tensor `image` (inputs: {names:?})"))
+        })?;
+        if inputs.len() != 1 {
+            return Err(err(format!("has {} inputs; only `image` is expected", inputs.len())));
+        }
+        let shape: Vec<i64> = input.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        let fits = shape.len() == 4 && shape[1..] == want[1..] && (shape[0] == -1 || shape[0] > 0);
+        if !fits || input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
+            return Err(err(format!(
+                "input tensor `image` is {:?} {shape:?}; its metadata (ganomaly.preprocess) needs f32 {want:?}",
+                input.dtype().tensor_type()
+            )));
+        }
+        let outputs: Vec<&str> = self.session.outputs().iter().map(|o| o.name()).collect();
+        for name in self.kinds.iter().map(|k| k.output()).chain(["anomaly_map"]) {
+            if !outputs.contains(&name) {
+                return Err(err(format!("has no output tensor `{name}` (outputs: {outputs:?})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Floats in one input image.
+    pub fn tensor_len(&self) -> usize {
+        self.channels * self.side * self.side
+    }
+
+    pub fn side(&self) -> usize {
+        self.side
+    }
+
+    pub fn color(&self) -> ColorMode {
+        self.meta.preprocess.color
+    }
+
+    pub fn has_score(&self, kind: ScoreKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+
+    /// Calibration of a score kind.
+    pub fn calibration(&self, kind: ScoreKind) -> Option<&Calibration> {
+        self.meta.score(kind).map(|s| &s.calibration)
+    }
+
+    /// Runs `n` images laid out back to back in `input`.
+    pub fn run(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), InferError> {
+        let len = self.tensor_len();
+        let data = input.get(..n * len).ok_or_else(|| InferError::Run(format!("batch of {n} needs {} floats", n * len)))?;
+        let tensor = TensorRef::from_array_view(([n, self.channels, self.side, self.side], data))
+            .map_err(|e| InferError::Run(e.to_string()))?;
+        let outputs = self.session.run(ort::inputs!["image" => tensor]).map_err(|e| InferError::Run(e.to_string()))?;
+        out.n = n;
+        for (i, kind) in ScoreKind::ALL.into_iter().enumerate() {
+            out.scores[i].clear();
+            if !self.kinds.contains(&kind) {
+                continue;
+            }
+            let (_, v) = outputs[kind.output()].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+            if v.len() != n {
+                return Err(InferError::Run(format!("output `{}` has {} values for {n} images", kind.output(), v.len())));
+            }
+            out.scores[i].extend_from_slice(v);
+        }
+        let (_, maps) = outputs["anomaly_map"].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+        if maps.len() != n * self.side * self.side {
+            return Err(InferError::Run(format!("output `anomaly_map` has {} values for {n} images", maps.len())));
+        }
+        out.maps.clear();
+        out.maps.extend_from_slice(maps);
+        Ok(())
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Builds the session with the configured providers; returns the one in use.
+fn build_session(bytes: &[u8], path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<(Session, Provider), InferError> {
+    let serr = |e: &dyn std::fmt::Display| InferError::Session { path: path.into(), reason: e.to_string() };
+    let mut builder = Session::builder(ort_env::environment()?)
+        .map_err(|e| serr(&e))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| serr(&e))?;
+    if cfg.intra_threads > 0 {
+        builder = builder.with_intra_threads(cfg.intra_threads).map_err(|e| serr(&e))?;
+    }
+    let mut in_use: Option<Provider> = None;
+    let mut reasons = Vec::new();
+    // Every accelerator that registers is kept, in order: ONNX Runtime hands
+    // nodes TensorRT cannot take to CUDA before the CPU.
+    for p in &cfg.providers {
+        let result = match p {
+            Provider::Cpu => break,
+            Provider::Tensorrt => {
+                if !TensorRT::is_available().unwrap_or(false) {
+                    Err("this ONNX Runtime build has no TensorRT support".to_string())
+                } else {
+                    let mut ep = TensorRT::default().with_device_id(cfg.device_id as i32).with_fp16(cfg.trt_fp16);
+                    if let Some(dir) = &cfg.trt_cache_dir {
+                        let dir = resolve(base, dir);
+                        if let Err(e) = std::fs::create_dir_all(&dir) {
+                            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the TensorRT engine cache");
+                        }
+                        ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);
+                    }
+                    ep.build().error_on_failure().register(&mut builder).map_err(|e| e.to_string())
+                }
+            }
+            Provider::Cuda => {
+                if !CUDA::is_available().unwrap_or(false) {
+                    Err("this ONNX Runtime build has no CUDA support".to_string())
+                } else {
+                    CUDA::default()
+                        .with_device_id(cfg.device_id as i32)
+                        .build()
+                        .error_on_failure()
+                        .register(&mut builder)
+                        .map_err(|e| e.to_string())
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                in_use.get_or_insert(*p);
+            }
+            Err(reason) => reasons.push(format!("{}: {reason}", p.as_str())),
+        }
+    }
+    let wanted_accelerator = cfg.providers.iter().any(|p| *p != Provider::Cpu);
+    let provider = match in_use {
+        Some(p) => p,
+        None if cfg.require_accelerator => return Err(InferError::NoAccelerator { reasons }),
+        None => {
+            if wanted_accelerator {
+                tracing::warn!(reasons = %reasons.join("; "), "no accelerator available: falling back to the CPU execution provider");
+            }
+            Provider::Cpu
+        }
+    };
+    if in_use.is_some() && !reasons.is_empty() {
+        tracing::warn!(provider = provider.as_str(), skipped = %reasons.join("; "), "some execution providers were skipped");
+    }
+    let session = builder.commit_from_memory(bytes).map_err(|e| serr(&e))?;
+    Ok((session, provider))
+}
+
+/// What the inference thread needs to know about one camera.
+pub struct InferCamera {
+    pub name: String,
+    pub kind: ScoreKind,
+    pub calibration: Calibration,
+    pub alarm: AlarmMachine,
+    pub roi: Option<Roi>,
+    pub counters: Arc<CameraCounters>,
+    /// Where this camera's frame buffers go back to.
+    pub recycle: Sender<FrameData>,
+}
+
+/// Inputs and outputs of the inference thread.
+pub struct InferThread {
+    pub model: Model,
+    pub rx: Receiver<Prepared>,
+    /// Tensor buffers go back to the preprocess workers.
+    pub tensor_recycle: Sender<Vec<f32>>,
+    /// Indexed by the pipeline's camera index; `None` for cameras of other models.
+    pub cameras: Vec<Option<InferCamera>>,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub publisher: Arc<dyn Publisher>,
+    pub snapshots: Option<SnapshotQueue>,
+    /// Milliseconds since `epoch` of the last sign of life (watchdog).
+    pub heartbeat: Arc<AtomicU64>,
+    pub epoch: Instant,
+}
+
+/// Starts the inference thread; it ends when its input channel closes.
+pub fn spawn(t: InferThread) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("infer".into()).spawn(move || run(t))
+}
+
+fn run(mut t: InferThread) {
+    let len = t.model.tensor_len();
+    let side = t.model.side();
+    let mut input = vec![0.0f32; len * t.max_batch];
+    let mut out = BatchOutput::default();
+    let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
+    loop {
+        // Wake at least every second so the watchdog sees a live thread even
+        // when no camera delivers.
+        let first = match t.rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(p) => p,
+            Err(RecvTimeoutError::Timeout) => {
+                t.heartbeat.store(t.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        batch.push(first);
+        let deadline = Instant::now() + t.max_wait;
+        while batch.len() < t.max_batch {
+            // Whatever is already queued joins without waiting.
+            match t.rx.try_recv() {
+                Ok(p) => {
+                    batch.push(p);
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            match t.rx.recv_deadline(deadline) {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        for (i, p) in batch.iter().enumerate() {
+            input[i * len..(i + 1) * len].copy_from_slice(&p.tensor[..len]);
+        }
+        let n = batch.len();
+        let result = t.model.run(&input, n, &mut out);
+        t.heartbeat.store(t.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, frames = n, "inference failed; frames skipped");
+        }
+        for (i, p) in batch.drain(..).enumerate() {
+            let Prepared { frame, tensor } = p;
+            let _ = t.tensor_recycle.try_send(tensor);
+            let Some(cam) = t.cameras.get_mut(frame.camera).and_then(Option::as_mut) else { continue };
+            if result.is_err() {
+                CameraCounters::add(&cam.counters.broken, 1);
+                let _ = cam.recycle.try_send(frame.pixels);
+                continue;
+            }
+            let raw = out.score(cam.kind, i).unwrap_or(f32::NAN) as f64;
+            let score = cam.calibration.normalize(raw);
+            let event = cam.alarm.observe(Scored { seq: frame.seq, ts_ms: frame.ts_ms, score, raw });
+            let latency_ms = frame.captured.elapsed().as_secs_f64() * 1000.0;
+            cam.counters.record_latency(latency_ms);
+            CameraCounters::add(&cam.counters.decided, 1);
+            tracing::trace!(camera = %cam.name, seq = frame.seq, raw, score, "scored");
+            t.publisher.score(&ScoreEvent {
+                schema: PAYLOAD_SCHEMA,
+                camera: cam.name.clone(),
+                seq: frame.seq,
+                ts: frame.ts_ms,
+                score,
+                raw_score: raw,
+                threshold: cam.calibration.threshold,
+                kind: cam.kind.as_str().to_string(),
+                latency_ms,
+            });
+            if let Some(mut ev) = event {
+                let start = ev.kind == crate::events::AlarmKind::Start;
+                if start {
+                    if let Some(q) = &t.snapshots {
+                        let name = crate::snapshot::file_name(ev.ts, &ev.id);
+                        let job = SnapshotJob {
+                            camera: cam.name.clone(),
+                            alarm_id: ev.id.clone(),
+                            file_name: name.clone(),
+                            frame: frame.pixels.clone(),
+                            roi: cam.roi,
+                            map: out.maps[i * side * side..(i + 1) * side * side].to_vec(),
+                            side,
+                        };
+                        if q.offer(job) {
+                            ev.snapshot = Some(name);
+                        }
+                    }
+                }
+                tracing::info!(
+                    camera = %cam.name, id = %ev.id, kind = ?ev.kind, seq = ev.seq,
+                    peak = ev.peak, frames = ev.frames, "alarm"
+                );
+                t.publisher.alarm(&ev);
+                t.publisher.alarm_state(&cam.name, start);
+            }
+            let _ = cam.recycle.try_send(frame.pixels);
+        }
+    }
+    tracing::info!(model = %t.model.path.display(), "inference thread stopped");
+}
+
+/// TODO(runtime): temporary stand-in until `src/runtime.rs` (lead) lands;
+/// then `init`/`environment` come from there.
+mod ort_env {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    use ort::environment::Environment;
+
+    use super::InferError;
+
+    static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+    fn find(explicit: Option<&Path>) -> Option<PathBuf> {
+        if let Some(p) = explicit {
+            return Some(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+            return Some(PathBuf::from(p));
+        }
+        let mut roots: Vec<PathBuf> = Vec::new();
+        if let Ok(cwd) = std::env::current_dir() {
+            roots.extend(cwd.ancestors().map(Path::to_path_buf));
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            roots.extend(exe.ancestors().map(Path::to_path_buf));
+        }
+        for r in roots {
+            let pattern = r.join(".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*");
+            if let Some(p) = glob::glob(&pattern.to_string_lossy()).ok().and_then(|mut g| g.find_map(Result::ok)) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    pub fn init(explicit: Option<&Path>) -> Result<(), InferError> {
+        environment_with(explicit).map(|_| ())
+    }
+
+    pub fn environment() -> Result<&'static Environment, InferError> {
+        environment_with(None)
+    }
+
+    fn environment_with(explicit: Option<&Path>) -> Result<&'static Environment, InferError> {
+        ENV.get_or_init(|| {
+            let lib = find(explicit).ok_or_else(|| {
+                "ONNX Runtime library not found: set inference.ort_library or ORT_DYLIB_PATH, \
+                 or run `make venv` (pip install onnxruntime==1.31.1)"
+                    .to_string()
+            })?;
+            let b = ort::init_from(&lib).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?;
+            b.with_name("ganomalyd").build().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| InferError::Runtime(e.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_output_indexes_by_kind() {
+        let mut o = BatchOutput::default();
+        o.scores[kind_index(ScoreKind::Recon)] = vec![1.0, 2.0];
+        assert_eq!(o.score(ScoreKind::Recon, 1), Some(2.0));
+        assert_eq!(o.score(ScoreKind::Latent, 0), None);
+    }
+}
