@@ -1,0 +1,180 @@
+//! Model file assembly: a calibration for every exported score from the held-out
+//! normal images, provenance, and the ONNX bytes written by `ganomaly_core::onnx`
+//! (the one graph writer; the trainer never builds a graph itself).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ganomaly_core::calibrate::quantile_calibration;
+use ganomaly_core::metadata::{ColorMode, ModelMetadata, PreprocessMeta, Provenance, ResizeFilter, ScoreKind, ScoreMeta};
+use ganomaly_core::onnx::{write_model, OnnxError};
+use serde::{Deserialize, Serialize};
+
+use crate::evaluate::KindEval;
+use crate::net::{NetError, NetG};
+use crate::score::Scores;
+
+/// Problems writing a model file.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("ONNX writer: {0}")]
+    Onnx(#[from] OnnxError),
+    #[error("writing {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Calibration(String),
+}
+
+/// Which score the daemon uses by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreChoice {
+    /// The paper's latent score.
+    Latent,
+    /// Mean absolute reconstruction error.
+    Recon,
+    /// Peak of the box-filtered anomaly map.
+    MapMax,
+    /// The kind with the highest AUROC on test/ (needs defect images; the choice
+    /// and its evidence are written into the provenance).
+    Auto,
+}
+
+/// Settings that shape the exported metadata.
+#[derive(Debug, Clone)]
+pub struct ExportSettings {
+    pub target_far: f64,
+    pub map_kernel: u32,
+    pub default_score: ScoreChoice,
+}
+
+/// Builds the metadata: one `normal_quantile` calibration per kind from the held-out
+/// scores; test-set AUROC/F1 recorded next to each when `test` is given.
+pub fn build_metadata(
+    g: &NetG,
+    holdout: &Scores,
+    test: Option<&BTreeMap<ScoreKind, KindEval>>,
+    settings: &ExportSettings,
+    mut provenance: Provenance,
+) -> Result<ModelMetadata, ExportError> {
+    if holdout.is_empty() {
+        return Err(ExportError::Calibration(
+            "no held-out normal images to calibrate on (use --holdout > 0 with enough train/good images)".into(),
+        ));
+    }
+    if settings.map_kernel % 2 == 0 {
+        return Err(ExportError::Calibration(format!("--map-kernel must be odd, got {}", settings.map_kernel)));
+    }
+    let arch = g.arch;
+    let scores = ScoreKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let mut calibration = quantile_calibration(holdout.get(kind), settings.target_far);
+            if let Some(e) = test.and_then(|t| t.get(&kind)) {
+                if e.auroc.is_finite() {
+                    calibration.val_auroc = Some(e.auroc);
+                    calibration.val_f1 = Some(e.f1);
+                }
+            }
+            ScoreMeta { kind, calibration, kernel: (kind == ScoreKind::MapMax).then_some(settings.map_kernel) }
+        })
+        .collect::<Vec<_>>();
+    let default_score = match settings.default_score {
+        ScoreChoice::Latent => ScoreKind::Latent,
+        ScoreChoice::Recon => ScoreKind::Recon,
+        ScoreChoice::MapMax => ScoreKind::MapMax,
+        ScoreChoice::Auto => {
+            let ranked = test.map(|t| {
+                let mut v: Vec<(ScoreKind, f64)> =
+                    t.values().filter(|e| e.auroc.is_finite()).map(|e| (e.kind, e.auroc)).collect();
+                v.sort_by(|a, b| b.1.total_cmp(&a.1));
+                v
+            });
+            match ranked.as_deref() {
+                Some([(best, _), ..]) => {
+                    let evidence: Vec<String> =
+                        ranked.iter().flatten().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
+                    provenance.score_choice = Some(format!(
+                        "auto: highest test AUROC ({}); chosen on the test images, so optimistic",
+                        evidence.join(", ")
+                    ));
+                    *best
+                }
+                _ => {
+                    provenance.score_choice = Some("auto: no defect images to choose with; the paper's latent score".into());
+                    ScoreKind::Latent
+                }
+            }
+        }
+    };
+    if provenance.score_choice.is_none() {
+        provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
+    }
+    Ok(ModelMetadata {
+        arch,
+        preprocess: PreprocessMeta {
+            color: ColorMode::from_channels(arch.nc).unwrap_or(ColorMode::Rgb),
+            size: arch.isize,
+            resize: ResizeFilter::Bilinear,
+            value_range: [-1.0, 1.0],
+        },
+        scores,
+        default_score,
+        provenance,
+    })
+}
+
+/// Writes NetG with `meta` as ONNX to `path`.
+pub fn write_onnx(path: &Path, g: &NetG, meta: &ModelMetadata) -> Result<(), ExportError> {
+    let weights = g.to_weights()?;
+    let bytes = write_model(&g.arch, &weights, meta)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ExportError::Io { path: dir.display().to_string(), source })?;
+    }
+    std::fs::write(path, bytes).map_err(|source| ExportError::Io { path: path.display().to_string(), source })
+}
+
+/// Versions recorded in the provenance.
+pub fn versions() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("ganomaly-train".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ("tch".to_string(), "0.26".to_string()),
+        ("libtorch".to_string(), env!("GANOMALY_LIBTORCH_VERSION").to_string()),
+    ])
+}
+
+/// Now as RFC 3339 UTC (no date crate needed for one timestamp).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    rfc3339(secs)
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}

@@ -1,0 +1,323 @@
+//! NetG and NetD in libtorch, built from `ganomaly_core::arch`'s layer lists so that
+//! parameter names and shapes cannot disagree with the ONNX writer; DCGAN init;
+//! the hand-off to and from `ganomaly_core::Weights`.
+
+use std::collections::HashMap;
+
+use ganomaly_core::arch::{ArchSpec, Layer, Op, BN_EPS};
+use ganomaly_core::weights::{Weights, WeightsError};
+use tch::{nn, Device, Kind, Tensor};
+
+/// PyTorch's BatchNorm momentum default, which the reference keeps.
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// libtorch's default generator is process-wide: seeding it and drawing from it
+/// must not interleave with another thread's draws (test threads, for one), or a
+/// seeded run stops being reproducible.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeds libtorch's generator and runs `f` with nobody else drawing meanwhile.
+pub fn seeded<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    let _guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    f()
+}
+
+/// Errors moving weights between tch and `Weights`.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// One module of a sequential part; tensors are shared with the owning VarStore.
+enum Module {
+    Conv { w: Tensor, s: i64, p: i64 },
+    ConvT { w: Tensor, s: i64, p: i64 },
+    Bn { w: Tensor, b: Tensor, mean: Tensor, var: Tensor },
+    /// LeakyReLU through PReLU with a constant slope: tch drops the slope argument of
+    /// `leaky_relu`, and PReLU with a one-element, non-trainable weight is the same op.
+    LeakyRelu { slope: Tensor },
+    Relu,
+    Tanh,
+    Sigmoid,
+}
+
+/// A sequential part (`encoder1`, `decoder`, `encoder2`, `netd`) in layer order.
+pub struct Seq {
+    modules: Vec<Module>,
+}
+
+impl Seq {
+    /// Creates the variables of `layers` under `root` (names `{part}.{i}.{param}`).
+    fn new(root: &nn::Path, layers: &[Layer]) -> Seq {
+        let modules = layers
+            .iter()
+            .map(|layer| {
+                let mut path = root.clone();
+                for part in layer.name.split('.') {
+                    path = path.sub(part);
+                }
+                let dims = |shape: Vec<usize>| shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+                let weight_dims = || dims(layer.op.params().remove(0).1);
+                match layer.op {
+                    Op::Conv { s, p, .. } => {
+                        Module::Conv { w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)), s: s.into(), p: p.into() }
+                    }
+                    Op::ConvT { s, p, .. } => {
+                        Module::ConvT { w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)), s: s.into(), p: p.into() }
+                    }
+                    Op::BatchNorm { c } => {
+                        let c = i64::from(c);
+                        Module::Bn {
+                            w: path.var("weight", &[c], nn::Init::Const(1.0)),
+                            b: path.var("bias", &[c], nn::Init::Const(0.0)),
+                            mean: path.zeros_no_train("running_mean", &[c]),
+                            var: path.ones_no_train("running_var", &[c]),
+                        }
+                    }
+                    Op::LeakyRelu { slope } => {
+                        Module::LeakyRelu { slope: Tensor::from_slice(&[slope]).to_device(root.device()) }
+                    }
+                    Op::Relu => Module::Relu,
+                    Op::Tanh => Module::Tanh,
+                    Op::Sigmoid => Module::Sigmoid,
+                }
+            })
+            .collect();
+        Seq { modules }
+    }
+
+    /// Runs modules `range` (all of them for `..`). `train` selects batch statistics.
+    fn forward(&self, x: &Tensor, train: bool, range: std::ops::Range<usize>) -> Tensor {
+        let mut x = x.shallow_clone();
+        for m in &self.modules[range] {
+            x = match m {
+                Module::Conv { w, s, p } => x.conv2d(w, None::<&Tensor>, [*s, *s], [*p, *p], [1, 1], 1),
+                Module::ConvT { w, s, p } => x.conv_transpose2d(w, None::<&Tensor>, [*s, *s], [*p, *p], [0, 0], 1, [1, 1]),
+                Module::Bn { w, b, mean, var } => {
+                    x.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, f64::from(BN_EPS), true)
+                }
+                Module::LeakyRelu { slope } => x.prelu(slope),
+                Module::Relu => x.relu(),
+                Module::Tanh => x.tanh(),
+                Module::Sigmoid => x.sigmoid(),
+            };
+        }
+        x
+    }
+
+    fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// DCGAN init of the reference `weights_init`: conv and transposed-conv weights
+    /// N(0, 0.02), BatchNorm weight N(1, 0.02) and bias 0. Running statistics are
+    /// left alone, as `module.apply(weights_init)` leaves them.
+    fn init(&mut self) {
+        tch::no_grad(|| {
+            for m in &mut self.modules {
+                match m {
+                    Module::Conv { w, .. } | Module::ConvT { w, .. } => {
+                        let _ = w.normal_(0.0, 0.02);
+                    }
+                    Module::Bn { w, b, .. } => {
+                        let _ = w.normal_(1.0, 0.02);
+                        let _ = b.zero_();
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// The generator: encoder1 → decoder → encoder2.
+pub struct NetG {
+    pub vs: nn::VarStore,
+    pub arch: ArchSpec,
+    enc1: Seq,
+    dec: Seq,
+    enc2: Seq,
+}
+
+/// What NetG computes for a batch.
+pub struct GOut {
+    /// Reconstruction x̂, `[N, C, S, S]` in [-1, 1].
+    pub fake: Tensor,
+    /// z_i = E1(x), `[N, nz, 1, 1]`.
+    pub latent_i: Tensor,
+    /// z_o = E2(x̂), `[N, nz, 1, 1]`.
+    pub latent_o: Tensor,
+}
+
+impl NetG {
+    /// A freshly initialised generator (DCGAN init from torch's global generator).
+    pub fn new(arch: &ArchSpec, device: Device) -> NetG {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut g = NetG {
+            arch: *arch,
+            enc1: Seq::new(&root, &arch.encoder1()),
+            dec: Seq::new(&root, &arch.decoder()),
+            enc2: Seq::new(&root, &arch.encoder2()),
+            vs,
+        };
+        // Module order of the reference: encoder1, decoder, encoder2.
+        g.enc1.init();
+        g.dec.init();
+        g.enc2.init();
+        g
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> GOut {
+        let latent_i = self.enc1.forward(x, train, 0..self.enc1.len());
+        let fake = self.dec.forward(&latent_i, train, 0..self.dec.len());
+        let latent_o = self.enc2.forward(&fake, train, 0..self.enc2.len());
+        GOut { fake, latent_i, latent_o }
+    }
+
+    /// Trainable parameters in `arch.generator_params()` order (running stats excluded).
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        trainable_in_order(&self.vs, self.arch.generator_params().into_iter().map(|p| p.name))
+    }
+
+    /// Every NetG tensor (incl. running statistics) as plain f32 weights on the CPU.
+    pub fn to_weights(&self) -> Result<Weights, NetError> {
+        let vars = self.vs.variables();
+        let mut w = Weights::default();
+        for spec in self.arch.generator_params() {
+            let t = vars.get(&spec.name).ok_or_else(|| WeightsError::Missing(spec.name.clone()))?;
+            let data = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?;
+            w.insert(spec.name, spec.shape, data);
+        }
+        Ok(w)
+    }
+
+    /// Overwrites every NetG tensor from `weights` (checked against the architecture first).
+    pub fn load_weights(&mut self, weights: &Weights) -> Result<(), NetError> {
+        let specs = self.arch.generator_params();
+        weights.check(&specs)?;
+        let vars = self.vs.variables();
+        tch::no_grad(|| -> Result<(), NetError> {
+            for spec in &specs {
+                let t = weights.get(&spec.name)?;
+                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let src = Tensor::from_slice(&t.data).reshape(&shape);
+                let mut dst = vars.get(&spec.name).ok_or_else(|| WeightsError::Missing(spec.name.clone()))?.shallow_clone();
+                dst.f_copy_(&src)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The discriminator: the encoder with nz = 1 plus a sigmoid.
+pub struct NetD {
+    pub vs: nn::VarStore,
+    pub arch: ArchSpec,
+    seq: Seq,
+}
+
+impl NetD {
+    pub fn new(arch: &ArchSpec, device: Device) -> NetD {
+        let vs = nn::VarStore::new(device);
+        let seq = Seq::new(&vs.root(), &arch.netd());
+        let mut d = NetD { vs, arch: *arch, seq };
+        d.seq.init();
+        d
+    }
+
+    /// `(p, features)`: p `[N]` is the sigmoid output, features the activations
+    /// before the final conv (the reference's `features` = all layers but the last two).
+    pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let n = self.seq.len();
+        let features = self.seq.forward(x, train, 0..n - 2);
+        let p = self.seq.forward(&features, train, n - 2..n).view([-1]);
+        (p, features)
+    }
+
+    /// The reference's `reinit_d`: `netd.apply(weights_init)`.
+    pub fn reinit(&mut self) {
+        let _guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        self.seq.init();
+    }
+
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        trainable_in_order(&self.vs, self.arch.discriminator_params().into_iter().map(|p| p.name))
+    }
+}
+
+fn trainable_in_order(vs: &nn::VarStore, names: impl Iterator<Item = String>) -> Vec<(String, Tensor)> {
+    let vars: HashMap<String, Tensor> = vs.variables();
+    names
+        .filter(|n| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .filter_map(|n| vars.get(&n).map(|t| (n.clone(), t.shallow_clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> ArchSpec {
+        ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn shapes_follow_the_arch() {
+        let a = small();
+        let (g, d, x) = seeded(0, || {
+            (NetG::new(&a, Device::Cpu), NetD::new(&a, Device::Cpu), Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+        });
+        let out = g.forward(&x, true);
+        assert_eq!(out.fake.size(), vec![4, 3, 32, 32]);
+        assert_eq!(out.latent_i.size(), vec![4, 16, 1, 1]);
+        assert_eq!(out.latent_o.size(), vec![4, 16, 1, 1]);
+        let (p, f) = d.forward(&x, true);
+        assert_eq!(p.size(), vec![4]);
+        assert_eq!(f.size(), vec![4, 32, 4, 4]);
+        // Every parameter the ONNX writer will ask for exists with its shape.
+        let vars = g.vs.variables();
+        for spec in a.generator_params() {
+            let t = &vars[&spec.name];
+            assert_eq!(t.size(), spec.shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), "{}", spec.name);
+        }
+        assert_eq!(vars.len(), a.generator_params().len());
+    }
+
+    #[test]
+    fn dcgan_init_statistics() {
+        let a = ArchSpec { isize: 64, nc: 3, nz: 100, ngf: 32, ndf: 32, extralayers: 0, ..Default::default() };
+        let g = seeded(1, || NetG::new(&a, Device::Cpu));
+        let vars = g.vs.variables();
+        let w = &vars["encoder1.2.weight"];
+        let (std, mean) = w.std_mean(false);
+        assert!((std.double_value(&[]) - 0.02).abs() < 0.001, "conv std {std}");
+        assert!(mean.double_value(&[]).abs() < 0.001);
+        let bn = &vars["encoder1.3.weight"];
+        assert!((bn.mean(Kind::Float).double_value(&[]) - 1.0).abs() < 0.01);
+        assert_eq!(vars["encoder1.3.bias"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(vars["encoder1.3.running_var"].mean(Kind::Float).double_value(&[]), 1.0);
+    }
+
+    #[test]
+    fn weights_round_trip() {
+        let a = small();
+        let (g, mut h, x) = seeded(2, || {
+            (NetG::new(&a, Device::Cpu), NetG::new(&a, Device::Cpu), Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)))
+        });
+        let w = g.to_weights().unwrap();
+        assert_eq!(w.check(&a.generator_params()), Ok(()));
+        h.load_weights(&w).unwrap();
+        assert_eq!(h.to_weights().unwrap(), w);
+        let d = (g.forward(&x, false).fake - h.forward(&x, false).fake).abs().max().double_value(&[]);
+        assert_eq!(d, 0.0);
+        // A weight set for another architecture is refused by name.
+        let other = ArchSpec { nz: 17, ..a };
+        let err = h.load_weights(&Weights::random_generator(&other, 0)).unwrap_err();
+        assert!(err.to_string().contains("encoder1"), "{err}");
+    }
+}

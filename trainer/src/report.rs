@@ -1,0 +1,216 @@
+//! The report a person looks at: PNG plots (loss curves, AUROC per epoch, score
+//! histograms with the threshold, ROC curves) and the JSON with every figure.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ganomaly_core::metadata::ScoreKind;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::evaluate::KindEval;
+use crate::train::EpochRecord;
+
+/// Problems writing a report; each names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("writing report file {path}: {reason}")]
+pub struct ReportError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+const SIZE: (u32, u32) = (900, 560);
+const KIND_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
+
+fn kind_color(kind: ScoreKind) -> RGBColor {
+    KIND_COLORS[ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0)]
+}
+
+fn finite_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        (0.0, 1.0)
+    } else if hi - lo < 1e-12 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        let pad = (hi - lo) * 0.05;
+        (lo - pad, hi + pad)
+    }
+}
+
+/// Loss curves (one panel per loss, per-epoch means).
+pub fn plot_losses(path: &Path, history: &[EpochRecord]) -> PlotResult {
+    let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((2, 3));
+    let series: [(&str, fn(&EpochRecord) -> f64); 5] = [
+        ("err_g (total)", |r| r.losses.err_g),
+        ("err_g_adv (feature L2)", |r| r.losses.err_g_adv),
+        ("err_g_con (L1 recon)", |r| r.losses.err_g_con),
+        ("err_g_enc (latent L2)", |r| r.losses.err_g_enc),
+        ("err_d (BCE)", |r| r.losses.err_d),
+    ];
+    let x_max = history.iter().map(|r| r.epoch).max().unwrap_or(1).max(2);
+    for (panel, (name, f)) in panels.iter().zip(series) {
+        let (lo, hi) = finite_range(history.iter().map(f));
+        let mut chart = ChartBuilder::on(panel)
+            .caption(name, ("sans-serif", 18))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(1u32..x_max, lo..hi)?;
+        chart.configure_mesh().x_desc("epoch").draw()?;
+        chart.draw_series(LineSeries::new(history.iter().map(|r| (r.epoch, f(r))), &BLUE))?;
+        chart.draw_series(history.iter().map(|r| Circle::new((r.epoch, f(r)), 3, BLUE.filled())))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Test AUROC per epoch, one line per score kind.
+pub fn plot_auroc(path: &Path, history: &[EpochRecord]) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = history.iter().map(|r| r.epoch).max().unwrap_or(1).max(2);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("test AUROC per epoch", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1u32..x_max, 0.0f64..1.0)?;
+    chart.configure_mesh().x_desc("epoch").y_desc("AUROC").draw()?;
+    for kind in ScoreKind::ALL {
+        let pts: Vec<(u32, f64)> =
+            history.iter().filter_map(|r| r.auroc.get(kind.as_str()).map(|&a| (r.epoch, a))).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let c = kind_color(kind);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(kind.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Normal-vs-defect histogram of one score with the calibrated (solid) and
+/// best-F1 (dashed grey) thresholds.
+pub fn plot_histogram(path: &Path, e: &KindEval) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let h = &e.histogram;
+    let (x0, x1) = (h.edges[0], h.edges[h.edges.len() - 1]);
+    let (x0, x1) = match &e.calibrated {
+        Some(c) if c.threshold.is_finite() => (x0.min(c.threshold), x1.max(c.threshold) + (x1 - x0) * 0.02),
+        _ => (x0, x1),
+    };
+    let y_max = h.normal.iter().chain(&h.defect).copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{} score: test/good vs defects (AUROC {:.3})", e.kind.as_str(), e.auroc), ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x0..x1, 0.0..y_max)?;
+    chart.configure_mesh().x_desc("raw score").y_desc("images").draw()?;
+    let bars = |counts: &[u32], color: RGBColor| {
+        counts
+            .iter()
+            .enumerate()
+            .map(move |(i, &c)| Rectangle::new([(h.edges[i], 0.0), (h.edges[i + 1], f64::from(c))], color.mix(0.45).filled()))
+            .collect::<Vec<_>>()
+    };
+    let green = RGBColor(44, 160, 44);
+    chart
+        .draw_series(bars(&h.normal, green))?
+        .label("good")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], green.mix(0.45).filled()));
+    chart
+        .draw_series(bars(&h.defect, RED))?
+        .label("defect")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], RED.mix(0.45).filled()));
+    if let Some(c) = &e.calibrated {
+        chart
+            .draw_series(LineSeries::new([(c.threshold, 0.0), (c.threshold, y_max)], BLACK.stroke_width(2)))?
+            .label(format!("calibrated threshold {:.4e}", c.threshold))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    }
+    if e.threshold.is_finite() {
+        let t = e.threshold;
+        chart
+            .draw_series(DashedLineSeries::new([(t, 0.0), (t, y_max)], 6, 4, RGBColor(120, 120, 120).stroke_width(2)))?
+            .label(format!("best-F1 threshold {t:.4e} (optimistic)"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(120, 120, 120).stroke_width(2)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// ROC curves of every score kind.
+pub fn plot_roc(path: &Path, evals: &BTreeMap<ScoreKind, KindEval>) -> PlotResult {
+    let root = BitMapBackend::new(path, (640, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("ROC (defect = positive)", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0f64..1.0, 0.0f64..1.0)?;
+    chart.configure_mesh().x_desc("false-positive rate").y_desc("true-positive rate").draw()?;
+    chart.draw_series(DashedLineSeries::new([(0.0, 0.0), (1.0, 1.0)], 5, 5, RGBColor(160, 160, 160).into()))?;
+    for (kind, e) in evals {
+        let c = kind_color(*kind);
+        chart
+            .draw_series(LineSeries::new(e.roc.clone(), c.stroke_width(2)))?
+            .label(format!("{} (AUROC {:.3})", kind.as_str(), e.auroc))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes every plot that the inputs allow into `dir`; returns the files written.
+pub fn write_plots(
+    dir: &Path,
+    history: Option<&[EpochRecord]>,
+    evals: Option<&BTreeMap<ScoreKind, KindEval>>,
+) -> Result<Vec<PathBuf>, ReportError> {
+    std::fs::create_dir_all(dir).map_err(|e| ReportError { path: dir.to_path_buf(), reason: e.to_string() })?;
+    let mut written = Vec::new();
+    let mut go = |name: String, f: &dyn Fn(&Path) -> PlotResult| -> Result<(), ReportError> {
+        let path = dir.join(name);
+        f(&path).map_err(|e| ReportError { path: path.clone(), reason: e.to_string() })?;
+        written.push(path);
+        Ok(())
+    };
+    if let Some(h) = history.filter(|h| !h.is_empty()) {
+        go("losses.png".into(), &|p| plot_losses(p, h))?;
+        if h.iter().any(|r| !r.auroc.is_empty()) {
+            go("auroc_per_epoch.png".into(), &|p| plot_auroc(p, h))?;
+        }
+    }
+    if let Some(evals) = evals.filter(|e| e.values().any(|k| !k.defect.is_empty())) {
+        for (kind, e) in evals {
+            go(format!("hist_{}.png", kind.as_str()), &|p| plot_histogram(p, e))?;
+        }
+        go("roc.png".into(), &|p| plot_roc(p, evals))?;
+    }
+    Ok(written)
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ReportError> {
+    let err = |reason: String| ReportError { path: path.to_path_buf(), reason };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| err(e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,195 @@
+//! The commands end to end on data written by core's synthetic generator:
+//! a short CPU run learns strong defects (AUROC ≥ 0.95), exports a model whose
+//! metadata the daemon accepts, `eval` reproduces the training report's figures
+//! from the ONNX file, resume continues a run; bad input fails with an error that
+//! names the problem.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Parser;
+use ganomaly_core::metadata::{CalibrationMethod, ScoreKind};
+use ganomaly_train::cli::{self, Cli};
+
+fn parse(args: &[&str]) -> cli::Command {
+    Cli::try_parse_from(std::iter::once("ganomaly-train").chain(args.iter().copied())).expect("command line").command
+}
+
+fn train_args(args: &[&str]) -> cli::TrainArgs {
+    match parse(&[&["train"], args].concat()) {
+        cli::Command::Train(a) => *a,
+        _ => unreachable!(),
+    }
+}
+
+fn datagen(dir: &Path, extra: &[&str]) {
+    let d = dir.to_str().unwrap();
+    match parse(&[&["datagen", "--out", d], extra].concat()) {
+        cli::Command::Datagen(a) => {
+            cli::datagen(&a).unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn short_cpu_run_learns_strong_defects_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    datagen(
+        &data,
+        &["--texture", "brushed_metal", "--size", "64", "--seed", "1", "--train-good", "240", "--test-good", "40",
+          "--test-per-defect", "20", "--strength", "1.0"],
+    );
+    let model = tmp.path().join("m.onnx");
+    let report_dir = tmp.path().join("report");
+    let a = train_args(&[
+        "--data", s(&data), "--out", s(&model), "--isize", "32", "--nz", "64", "--ngf", "32", "--ndf", "32",
+        "--epochs", "12", "--batch", "32", "--seed", "0", "--threads", "2", "--device", "cpu", "--map-kernel", "5",
+        "--default-score", "auto", "--eval-every", "4", "--report", s(&report_dir), "--quiet",
+    ]);
+    let report = cli::train(&a).unwrap();
+    let last = report.last_epoch.as_ref().expect("test figures");
+    let best = last.scores.values().map(|e| e.auroc).fold(0.0, f64::max);
+    let table: Vec<String> = last.scores.values().map(|e| format!("{} {:.3} {:?}", e.kind.as_str(), e.auroc, e.per_defect)).collect();
+    assert!(best >= 0.95, "best image AUROC {best} < 0.95: {table:?}");
+    assert_eq!(last.scores[&last.best_score].auroc, best);
+    // auto picks the best-separating kind and says so.
+    assert_eq!(report.default_score, Some(last.best_score));
+
+    // The model file: metadata the daemon reads, a calibration per kind from the held-out slice.
+    let bytes = std::fs::read(&model).unwrap();
+    let meta = ganomaly_core::onnx::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.arch.isize, 32);
+    assert_eq!(meta.map_kernel(), Some(5));
+    for kind in ScoreKind::ALL {
+        let c = &meta.score(kind).unwrap().calibration;
+        assert_eq!(c.method, CalibrationMethod::NormalQuantile);
+        assert_eq!(c.target_false_alarm_rate, Some(0.01));
+        assert_eq!(c.normal_stats.as_ref().unwrap().n, 24, "10% of 240 held out");
+        assert!(c.val_auroc.is_some());
+    }
+    assert!(meta.provenance.data_digest.starts_with("sha256:"));
+    assert_eq!(meta.provenance.epochs, 12);
+    assert!(meta.provenance.score_choice.as_deref().unwrap_or("").contains("auto"));
+
+    // Report: JSON and plots.
+    for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png"] {
+        assert!(report_dir.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(report.history.len(), 12);
+    assert!(report.best_epoch_optimistic.as_ref().is_some_and(|b| b.note.contains("optimistic")));
+
+    // eval from the ONNX file gives the training report's figures (same weights, same preprocessing).
+    let e = match parse(&["eval", "--model", s(&model), "--data", s(&data), "--json", "--threads", "2"]) {
+        cli::Command::Eval(a) => cli::eval(&a).unwrap(),
+        _ => unreachable!(),
+    };
+    for kind in ScoreKind::ALL {
+        assert!((e.scores[&kind].auroc - last.scores[&kind].auroc).abs() < 1e-9, "{kind:?}");
+    }
+    let json = serde_json::to_value(&e).unwrap();
+    for key in ["auroc", "f1", "threshold", "per_defect"] {
+        assert!(json.get(key).is_some(), "eval --json lacks `{key}`");
+    }
+    assert_eq!(json["per_defect"].as_object().unwrap().len(), 4);
+
+    // The binary prints one JSON object with --json.
+    let out = Command::new(env!("CARGO_BIN_EXE_ganomaly-train"))
+        .args(["eval", "--model", s(&model), "--data", s(&data), "--json", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert!((v["auroc"].as_f64().unwrap() - e.auroc).abs() < 1e-9);
+}
+
+#[test]
+fn resume_continues_where_the_checkpoint_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    datagen(&data, &["--size", "32", "--train-good", "40", "--test-good", "8", "--test-per-defect", "4", "--defects", "hole,stain"]);
+    let common = |out: &Path, epochs: &str, ckpt: &Path| {
+        train_args(&[
+            "--data", s(&data), "--out", s(out), "--isize", "16", "--nz", "8", "--ngf", "8", "--ndf", "8", "--epochs",
+            epochs, "--batch", "8", "--threads", "1", "--device", "cpu", "--checkpoint-dir", s(ckpt), "--quiet",
+        ])
+    };
+    let (m1, c1) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
+    cli::train(&common(&m1, "3", &c1)).unwrap();
+    let (m2, c2) = (tmp.path().join("b.onnx"), tmp.path().join("b.ckpt"));
+    cli::train(&common(&m2, "2", &c2)).unwrap();
+    let mut a = common(&m2, "3", &c2);
+    a.resume = true;
+    let r = cli::train(&a).unwrap();
+    assert_eq!(r.history.len(), 3);
+    // 2 epochs + resume for 1 = 3 epochs straight: the same weights.
+    let w = |p: &PathBuf| ganomaly_core::onnx::read_model(&std::fs::read(p).unwrap()).unwrap().1;
+    assert_eq!(w(&m1), w(&m2));
+}
+
+fn train_err(data: &Path, extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.onnx");
+    let a = train_args(&[&["--data", s(data), "--out", s(&out), "--epochs", "1", "--quiet", "--threads", "1"], extra].concat());
+    format!("{:#}", cli::train(&a).unwrap_err())
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+
+    let err = train_err(&root.join("missing"), &[]);
+    assert!(err.contains("does not exist") && err.contains("missing"), "{err}");
+
+    std::fs::create_dir_all(root.join("empty/train/good")).unwrap();
+    let err = train_err(&root.join("empty"), &[]);
+    assert!(err.contains("holds no images") && err.contains("train/good"), "{err}");
+
+    let mixed = root.join("mixed/train/good");
+    std::fs::create_dir_all(&mixed).unwrap();
+    image::RgbImage::new(32, 32).save(mixed.join("a.png")).unwrap();
+    image::RgbImage::new(48, 32).save(mixed.join("b.png")).unwrap();
+    let err = train_err(&root.join("mixed"), &[]);
+    assert!(err.contains("mixed sizes") && err.contains("b.png"), "{err}");
+
+    image::GrayImage::new(32, 32).save(mixed.join("b.png")).unwrap();
+    let err = train_err(&root.join("mixed"), &[]);
+    assert!(err.contains("mixed colour modes") && err.contains("gray"), "{err}");
+
+    let good = root.join("good/train/good");
+    std::fs::create_dir_all(&good).unwrap();
+    for i in 0..4 {
+        image::RgbImage::new(32, 32).save(good.join(format!("{i}.png"))).unwrap();
+    }
+    let err = train_err(&root.join("good"), &["--isize", "40"]);
+    assert!(err.contains("multiple of 16") && err.contains("40"), "{err}");
+
+    let ckpt = root.join("bad.ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("state.json"), b"{ not json").unwrap();
+    let err = train_err(&root.join("good"), &["--resume", "--checkpoint-dir", s(&ckpt)]);
+    assert!(err.contains("unreadable") && err.contains("state.json"), "{err}");
+    let err = train_err(&root.join("good"), &["--resume", "--checkpoint-dir", s(&root.join("nockpt"))]);
+    assert!(err.contains("unreadable") && err.contains("nockpt"), "{err}");
+
+    // The binary exits non-zero and says why on stderr.
+    let out = Command::new(env!("CARGO_BIN_EXE_ganomaly-train"))
+        .args(["train", "--data", s(&root.join("good")), "--out", s(&root.join("x.onnx")), "--isize", "20"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 16"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ganomaly-train"))
+        .args(["eval", "--model", s(&root.join("nope.onnx")), "--data", s(&root.join("good"))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.onnx"));
+}

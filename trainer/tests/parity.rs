@@ -1,0 +1,120 @@
+//! Parity: the ONNX file the trainer exports, run through ONNX Runtime as the
+//! daemon runs it, agrees with the tch model in eval mode on every output
+//! (`score`, `score_recon`, `score_map`, `recon`, `anomaly_map`) for a batch of
+//! real (synthetic-texture) images, within 1e-4.
+//!
+//! Needs ONNX Runtime: `ORT_DYLIB_PATH`, else the onnxruntime wheel in `.venv`.
+
+use std::path::PathBuf;
+
+use ganomaly_core::arch::ArchSpec;
+use ganomaly_core::metadata::{ColorMode, ModelMetadata};
+use ganomaly_core::preprocess::Preprocessor;
+use ganomaly_core::synth::{self, Defect, Texture};
+use ganomaly_core::weights::Weights;
+use ganomaly_train::net::{seeded, NetG};
+use ganomaly_train::score::outputs;
+use ganomaly_train::train::{Hyper, Model};
+use ort::session::Session;
+use ort::value::TensorRef;
+use tch::{Device, Kind, Tensor};
+
+const TOL: f32 = 1e-4;
+
+fn ort_library() -> PathBuf {
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let capi = root.join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
+    std::fs::read_dir(&capi)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+        })
+        .unwrap_or_else(|| panic!("ONNX Runtime not found: set ORT_DYLIB_PATH or install onnxruntime into {}", capi.display()))
+}
+
+fn session(bytes: &[u8]) -> Session {
+    static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        ort::init_from(ort_library()).expect("load ONNX Runtime").with_name("parity").build().expect("ORT environment")
+    });
+    Session::builder(env).unwrap().with_intra_threads(1).unwrap().commit_from_memory(bytes).unwrap()
+}
+
+/// Good and defective synthetic images, preprocessed by core's function.
+fn images(arch: &ArchSpec, n: usize) -> (Vec<f32>, Tensor) {
+    let color = ColorMode::from_channels(arch.nc).unwrap();
+    let mut pre = Preprocessor::new(color, arch.isize);
+    let len = pre.tensor_len();
+    let mut buf = vec![0f32; n * len];
+    for (i, out) in buf.chunks_exact_mut(len).enumerate() {
+        let defect = [None, Some(Defect::Scratch), Some(Defect::Hole), Some(Defect::Stain)][i % 4];
+        let img = synth::sample(Texture::BrushedMetal, defect, 1.0, 96, 3, i as u64).image;
+        pre.run_image(&image::DynamicImage::ImageRgb8(img), None, out).unwrap();
+    }
+    let s = i64::from(arch.isize);
+    let t = Tensor::from_slice(&buf).reshape([n as i64, i64::from(arch.nc), s, s]);
+    (buf, t)
+}
+
+fn assert_close(name: &str, onnx: &[f32], torch: &Tensor) {
+    let torch = Vec::<f32>::try_from(torch.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+    assert_eq!(onnx.len(), torch.len(), "{name}: lengths");
+    let (worst, at) = onnx
+        .iter()
+        .zip(&torch)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold((0f32, 0), |(w, wi), (i, d)| if d > w { (d, i) } else { (w, wi) });
+    assert!(worst <= TOL, "{name}: |onnx − tch| = {worst} at {at} (onnx {}, tch {})", onnx[at], torch[at]);
+}
+
+fn check(g: &NetG, kernel: u32, n: usize) {
+    let arch = g.arch;
+    let (buf, x) = images(&arch, n);
+    let meta = ModelMetadata::uncalibrated(arch, kernel);
+    let bytes = ganomaly_core::onnx::write_model(&arch, &g.to_weights().unwrap(), &meta).unwrap();
+    let mut sess = session(&bytes);
+    let s = arch.isize as usize;
+    let input = TensorRef::from_array_view(([n, arch.nc as usize, s, s], &buf[..])).unwrap();
+    let out = sess.run(ort::inputs!["image" => input]).unwrap();
+    let want = outputs(g, &x, kernel);
+    for (name, t) in [
+        ("score", &want.score),
+        ("score_recon", &want.score_recon),
+        ("score_map", &want.score_map),
+        ("recon", &want.recon),
+        ("anomaly_map", &want.anomaly_map),
+    ] {
+        let (_, v) = out[name].try_extract_tensor::<f32>().unwrap();
+        assert_close(name, v, t);
+    }
+    // The check must have teeth: scores differ between images.
+    let sc = Vec::<f32>::try_from(&want.score).unwrap();
+    assert!(sc.iter().any(|&v| (v - sc[0]).abs() > 1e-6), "degenerate scores {sc:?}");
+}
+
+#[test]
+fn onnx_matches_tch_with_nontrivial_batchnorm_statistics() {
+    // Random weights with non-trivial BN beta and running statistics (a fresh
+    // network's are 0/1 and would hide a writer that swaps them).
+    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 1, ..Default::default() };
+    let mut g = seeded(0, || NetG::new(&arch, Device::Cpu));
+    g.load_weights(&Weights::random_generator(&arch, 11)).unwrap();
+    check(&g, 5, 6);
+}
+
+#[test]
+fn onnx_matches_tch_after_training_steps() {
+    // A trained state: running statistics and weights moved by real updates.
+    let arch = ArchSpec { isize: 32, nc: 1, nz: 32, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
+    let mut m = Model::new(&arch, Hyper::default(), 4, Device::Cpu);
+    let (_, x) = images(&arch, 8);
+    for _ in 0..5 {
+        m.step(&x);
+    }
+    check(&m.g, 7, 8);
+}
