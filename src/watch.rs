@@ -50,12 +50,11 @@ pub struct WatchArgs {
 
 /// Runs until Ctrl-C (or `--count` messages), printing to stdout.
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let stdout = std::io::stdout();
-    run_to(args, &mut stdout.lock()).await
+    run_to(args, &mut std::io::stdout()).await
 }
 
 /// [`run`] writing to `out` (tests capture it).
-pub async fn run_to(args: WatchArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(path) => mqtt_section(path)?,
         None => MqttConfig { node_id: "+".into(), ..MqttConfig::default() },

@@ -19,14 +19,22 @@ fn embedded() -> (String, u16) {
     (b.addr().ip().to_string(), b.addr().port())
 }
 
-/// Every broker this run tests against.
-fn brokers() -> Vec<(&'static str, String, u16)> {
+/// Every broker this run tests against: (name, host, port, strict QoS), and
+/// what keeps a test-started Mosquitto alive. rumqttd 0.20 forwards every
+/// message at the subscription's QoS (router/routing.rs), not min(publish,
+/// subscription) as MQTT says, so a subscriber on it cannot see the QoS the
+/// daemon used: QoS is asserted on the Mosquitto brokers only.
+fn brokers(dir: &std::path::Path) -> (Vec<(&'static str, String, u16, bool)>, Option<Mosquitto>) {
     let (h, p) = embedded();
-    let mut v = vec![("embedded rumqttd", h, p)];
-    if let Some((h, p)) = external_broker() {
-        v.push(("MQTT_TEST_URL", h, p));
+    let mut v = vec![("embedded rumqttd", h, p, false)];
+    let m = Mosquitto::start(dir, "");
+    if let Some(m) = &m {
+        v.push(("mosquitto started by the test", "127.0.0.1".into(), m.port, true));
     }
-    v
+    if let Some((h, p)) = external_broker() {
+        v.push(("MQTT_TEST_URL", h, p, true));
+    }
+    (v, m)
 }
 
 fn score(camera: &str, seq: u64) -> ScoreEvent {
@@ -47,7 +55,7 @@ fn one<'a>(msgs: &'a [Msg], topic: &str) -> &'a Msg {
     msgs.iter().find(|m| m.topic == topic).unwrap_or_else(|| panic!("no message on {topic}"))
 }
 
-async fn topics_scenario(broker: &str, host: &str, port: u16) {
+async fn topics_scenario(broker: &str, host: &str, port: u16, strict_qos: bool) {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("topics");
     let base = format!("{prefix}/box1");
@@ -88,26 +96,36 @@ async fn topics_scenario(broker: &str, host: &str, port: u16) {
     let want = [t("camera"), t("state"), t("alarm"), t("score"), t("snapshot"), format!("{base}/stats")];
     let msgs = sub.wait(Duration::from_secs(10), "every topic", |m| want.iter().all(|w| m.iter().any(|m| &m.topic == w))).await;
 
+    // The QoS a subscriber sees, where the broker lets it see the publisher's.
+    let qos = |m: &Msg, want: QoS| {
+        if strict_qos {
+            assert_eq!(m.qos, want, "{broker}: QoS of {}", m.topic);
+        }
+    };
     let st = one(&msgs, &status);
-    assert_eq!((st.text().as_str(), st.qos), ("online", QoS::AtLeastOnce), "{broker}");
+    assert_eq!(st.text(), "online");
+    qos(st, QoS::AtLeastOnce);
     let cam = one(&msgs, &t("camera"));
-    assert_eq!((cam.text().as_str(), cam.qos), ("online", QoS::AtLeastOnce), "{broker}");
+    assert_eq!(cam.text(), "online");
+    qos(cam, QoS::AtLeastOnce);
     let state = one(&msgs, &t("state"));
-    assert_eq!((state.text().as_str(), state.qos), ("ON", QoS::AtLeastOnce), "{broker}");
+    assert_eq!(state.text(), "ON");
+    qos(state, QoS::AtLeastOnce);
     let a = one(&msgs, &t("alarm"));
-    assert_eq!(a.qos, QoS::AtLeastOnce, "{broker}");
+    qos(a, QoS::AtLeastOnce);
     assert_eq!(serde_json::from_slice::<ganomalyd::events::AlarmEvent>(&a.payload).unwrap(), ev);
     let v: serde_json::Value = serde_json::from_slice(&a.payload).unwrap();
     assert_eq!((v["schema"].as_u64(), v["type"].as_str()), (Some(1), Some("start")));
     let s = one(&msgs, &t("score"));
-    assert_eq!(s.qos, QoS::AtMostOnce, "{broker}");
+    qos(s, QoS::AtMostOnce);
     let got: ScoreEvent = serde_json::from_slice(&s.payload).unwrap();
     assert_eq!(got, ScoreEvent { ts: got.ts, ..score("cam1", 0) }, "{broker}: the first score goes out, whole");
     let snap = one(&msgs, &t("snapshot"));
-    assert_eq!((snap.payload.len(), snap.qos), (jpeg.len(), QoS::AtMostOnce));
+    assert_eq!(snap.payload.len(), jpeg.len());
+    qos(snap, QoS::AtMostOnce);
     assert!(snap.payload == jpeg);
     let stats = one(&msgs, &format!("{base}/stats"));
-    assert_eq!(stats.qos, QoS::AtMostOnce);
+    qos(stats, QoS::AtMostOnce);
     let sv: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(serde_json::from_value::<StatsReport>(sv.clone()).unwrap(), report);
     assert!(sv["mqtt"]["connected"].as_bool().unwrap());
@@ -125,7 +143,7 @@ async fn topics_scenario(broker: &str, host: &str, port: u16) {
     let ha: Vec<&Msg> = msgs.iter().filter(|m| m.topic.starts_with(&format!("{prefix}/ha/"))).collect();
     assert_eq!(ha.len(), 3, "{:?}", ha.iter().map(|m| &m.topic).collect::<Vec<_>>());
     for m in &ha {
-        assert_eq!(m.qos, QoS::AtLeastOnce);
+        qos(m, QoS::AtLeastOnce);
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v["availability_topic"], status.as_str());
     }
@@ -150,7 +168,8 @@ async fn topics_scenario(broker: &str, host: &str, port: u16) {
     })
     .await;
     let off = msgs.iter().rev().find(|m| m.topic == status).unwrap();
-    assert_eq!((off.text().as_str(), off.qos), ("offline", QoS::AtLeastOnce));
+    assert_eq!(off.text(), "offline");
+    qos(off, QoS::AtLeastOnce);
     let late = Sub::start(host, port, &status, false).await;
     let lm = late.wait(Duration::from_secs(5), "retained offline", |m| !m.is_empty()).await;
     assert_eq!((lm[0].text().as_str(), lm[0].retain), ("offline", true), "{broker}");
@@ -164,15 +183,19 @@ async fn topics_scenario(broker: &str, host: &str, port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_payloads_qos_and_retain_flags() {
-    for (name, host, port) in brokers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (brokers, _mosquitto) = brokers(dir.path());
+    for (name, host, port, strict_qos) in brokers {
         eprintln!("broker: {name} {host}:{port}");
-        topics_scenario(name, &host, port).await;
+        topics_scenario(name, &host, port, strict_qos).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_will_fires_when_the_daemon_is_killed() {
-    for (name, host, port) in brokers() {
+    let bdir = tempfile::tempdir().unwrap();
+    let (brokers, _mosquitto) = brokers(bdir.path());
+    for (name, host, port, strict_qos) in brokers {
         let dir = tempfile::tempdir().unwrap();
         let prefix = unique("will");
         let status = format!("{prefix}/box1/status");
@@ -188,7 +211,9 @@ async fn last_will_fires_when_the_daemon_is_killed() {
         drop(handle);
         let msgs = sub.wait(Duration::from_secs(cfg.keep_alive_s * 2 + 5), "last will", |m| m.last().is_some_and(|m| m.text() == "offline")).await;
         let will = msgs.last().unwrap();
-        assert_eq!(will.qos, QoS::AtLeastOnce, "{name}");
+        if strict_qos {
+            assert_eq!(will.qos, QoS::AtLeastOnce, "{name}");
+        }
         eprintln!("{name}: last will `offline` {} ms after the kill", killed.elapsed().as_millis());
         let late = Sub::start(&host, port, &status, false).await;
         let lm = late.wait(Duration::from_secs(5), "retained will", |m| !m.is_empty()).await;

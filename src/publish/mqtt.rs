@@ -436,8 +436,12 @@ struct Conn {
     client: AsyncClient,
     /// Publishes handed to rumqttc whose packet id we have not seen yet.
     unnumbered: VecDeque<Tag>,
-    /// A publish rumqttc parked on a packet-id collision, sent on a later ack.
+    /// A publish rumqttc parked on a packet-id collision (its id still held by
+    /// an unacknowledged one); rumqttc sends it when that id's PUBACK comes.
     collided: Option<(u16, Tag)>,
+    /// The parked publish, now sent. rumqttc reports it *before* the PUBACK
+    /// that freed its id, so it is mapped only after that PUBACK is handled.
+    resent: Option<(u16, Tag)>,
     /// Packet id → outbox row, for alarms awaiting their PUBACK.
     awaiting_ack: HashMap<u16, i64>,
     alarms_in_flight: usize,
@@ -445,6 +449,19 @@ struct Conn {
     last_sent: i64,
     offline_pkid: Option<u16>,
     offline_acked: bool,
+}
+
+impl Conn {
+    /// `tag`'s publish went out with packet id `pkid`.
+    fn number(&mut self, pkid: u16, tag: Tag) {
+        match tag {
+            Tag::Alarm(row) => {
+                self.awaiting_ack.insert(pkid, row);
+            }
+            Tag::Offline => self.offline_pkid = Some(pkid),
+            Tag::Other => {}
+        }
+    }
 }
 
 struct Task {
@@ -535,6 +552,7 @@ impl Task {
                     client,
                     unnumbered: VecDeque::new(),
                     collided: None,
+                    resent: None,
                     awaiting_ack: HashMap::new(),
                     alarms_in_flight: 0,
                     last_sent: 0,
@@ -558,23 +576,16 @@ impl Task {
             Link::Event { gen, event } => {
                 let Some(c) = self.conn.as_mut().filter(|c| c.gen == gen) else { return };
                 match event {
-                    Event::Outgoing(Outgoing::Publish(pkid)) => {
-                        let tag = match c.collided.take() {
-                            Some((p, tag)) if p == pkid => Some(tag),
-                            other => {
-                                c.collided = other;
-                                c.unnumbered.pop_front()
+                    Event::Outgoing(Outgoing::Publish(pkid)) => match c.collided.take() {
+                        Some((p, tag)) if p == pkid => c.resent = Some((pkid, tag)),
+                        other => {
+                            c.collided = other;
+                            match c.unnumbered.pop_front() {
+                                Some(tag) => c.number(pkid, tag),
+                                None => tracing::debug!(pkid, "publish event without a matching request"),
                             }
-                        };
-                        match tag {
-                            Some(Tag::Alarm(row)) => {
-                                c.awaiting_ack.insert(pkid, row);
-                            }
-                            Some(Tag::Offline) => c.offline_pkid = Some(pkid),
-                            Some(Tag::Other) => {}
-                            None => tracing::debug!(pkid, "publish event without a matching request"),
                         }
-                    }
+                    },
                     Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
                         if let Some(tag) = c.unnumbered.pop_front() {
                             c.collided = Some((pkid, tag));
@@ -584,7 +595,11 @@ impl Task {
                         if c.offline_pkid == Some(ack.pkid) {
                             c.offline_acked = true;
                         }
-                        if let Some(row) = c.awaiting_ack.remove(&ack.pkid) {
+                        let acked = c.awaiting_ack.remove(&ack.pkid);
+                        if let Some((pkid, tag)) = c.resent.take_if(|(p, _)| *p == ack.pkid) {
+                            c.number(pkid, tag);
+                        }
+                        if let Some(row) = acked {
                             c.alarms_in_flight = c.alarms_in_flight.saturating_sub(1);
                             inc(&self.shared.counters.alarms_acked);
                             if let Err(e) = self.shared.outbox.ack(row) {
@@ -772,5 +787,98 @@ impl Task {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::PubAck;
+
+    /// A task with a live-looking connection whose requests nobody sends: the
+    /// events rumqttc would report are fed in by hand.
+    fn task(dir: &std::path::Path, inflight: usize) -> (Task, rumqttc::EventLoop) {
+        let (scores_tx, _) = mpsc::channel(4);
+        let shared = Arc::new(Shared {
+            topics: Topics::new("t", "n"),
+            scores_tx,
+            score_interval: None,
+            last_score: Mutex::new(HashMap::new()),
+            snapshots: true,
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+            outbox: Outbox::open(&dir.join("o.sqlite"), 100, Duration::from_secs(3600)).unwrap(),
+            counters: Counters::default(),
+        });
+        let mut t = Task { shared, alarm_inflight: inflight, discovery: None, stats_interval: Duration::from_secs(10), conn: None, discovered: HashSet::new() };
+        let (client, el) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
+        t.on_link(Link::Up { gen: 1, client });
+        (t, el)
+    }
+
+    fn ev(t: &mut Task, gen: u64, event: Event) {
+        t.on_link(Link::Event { gen, event });
+    }
+
+    fn puback(pkid: u16) -> Event {
+        Event::Incoming(Packet::PubAck(PubAck::new(pkid)))
+    }
+
+    fn pending_ids(t: &Task) -> Vec<i64> {
+        t.shared.outbox.next_after(0, 100).unwrap().iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn rows_are_deleted_on_their_own_puback_even_across_a_pkid_collision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, _el) = task(dir.path(), 10);
+        let ids: Vec<i64> = (0..3).map(|_| t.shared.outbox.push("cam", b"{}", now_ms()).unwrap()).collect();
+        t.flush();
+        assert_eq!(t.conn.as_ref().unwrap().alarms_in_flight, 3);
+        // `online` went first (republish on connect), untagged.
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(1)));
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2))); // row 0
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(3))); // row 1
+        // Row 2 collides on id 2 (the broker acked out of order).
+        ev(&mut t, 1, Event::Outgoing(Outgoing::AwaitAck(2)));
+        ev(&mut t, 1, puback(3));
+        assert_eq!(pending_ids(&t), [ids[0], ids[2]]);
+        // rumqttc reports the parked publish before the PUBACK that freed id 2...
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2)));
+        ev(&mut t, 1, puback(2));
+        assert_eq!(pending_ids(&t), [ids[2]], "that PUBACK was row 0's, not row 2's");
+        ev(&mut t, 1, puback(2));
+        assert!(pending_ids(&t).is_empty());
+        ev(&mut t, 1, puback(1)); // `online`
+        assert_eq!(t.shared.counters().alarms_acked, 3);
+        assert_eq!(t.conn.as_ref().unwrap().alarms_in_flight, 0);
+    }
+
+    #[test]
+    fn window_limits_in_flight_and_a_reconnect_resends_unacked_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, _el) = task(dir.path(), 2);
+        let ids: Vec<i64> = (0..5).map(|_| t.shared.outbox.push("cam", b"{}", now_ms()).unwrap()).collect();
+        t.flush();
+        let c = t.conn.as_ref().unwrap();
+        assert_eq!((c.alarms_in_flight, c.last_sent), (2, ids[1]), "window of 2");
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(1))); // online
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2))); // row 0
+        ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(3))); // row 1
+        ev(&mut t, 1, puback(2));
+        assert_eq!(t.conn.as_ref().unwrap().last_sent, ids[2], "an ack opens the window");
+        // Connection lost before row 1's ack; events of the dead connection are ignored.
+        t.on_link(Link::Down { gen: 1, error: "eof".into(), retry_in: Duration::from_millis(1) });
+        ev(&mut t, 1, puback(3));
+        assert_eq!(pending_ids(&t), ids[1..]);
+        let (client, _el2) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
+        t.on_link(Link::Up { gen: 2, client });
+        let c = t.conn.as_ref().unwrap();
+        assert_eq!((c.alarms_in_flight, c.last_sent), (2, ids[2]), "resent from the oldest unacked row");
+        // New connection: online, camera states (none), then rows 1 and 2.
+        ev(&mut t, 2, Event::Outgoing(Outgoing::Publish(1)));
+        ev(&mut t, 2, Event::Outgoing(Outgoing::Publish(2)));
+        ev(&mut t, 2, puback(2));
+        assert_eq!(pending_ids(&t), ids[2..]);
     }
 }
