@@ -98,9 +98,11 @@ async fn outage_scenario(name: &str, mut broker: Broker, daemon_port: u16, sub: 
             kind: "latent".into(),
             latency_ms: 1.0,
         });
+        // Past the test config's 1000/s rate limit: dropped, not throttled.
+        std::thread::sleep(Duration::from_millis(3));
     }
-    let queued_in_outage = publisher.counters().alarms_pending;
     tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
+    let queued_in_outage = publisher.counters().alarms_pending;
     broker.up().await;
     let outage = down.elapsed();
     raising.await.unwrap();
@@ -121,7 +123,7 @@ async fn outage_scenario(name: &str, mut broker: Broker, daemon_port: u16, sub: 
     }
     assert_eq!(publisher.counters().alarms_pending, 0);
     eprintln!(
-        "{name}: {ALARMS} alarms, outage {:.1} s, {queued_in_outage} queued in the outbox mid-outage, {received} received, {dups} duplicates, all in order; caught up {:.2} s after the broker returned; counters {c:?}",
+        "{name}: {ALARMS} alarms, outage {:.1} s, {queued_in_outage} waiting in the outbox when it returned, {received} received, {dups} duplicates, all in order; caught up {:.2} s after the broker returned; counters {c:?}",
         outage.as_secs_f64(),
         catch_up.as_secs_f64()
     );
