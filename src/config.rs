@@ -451,13 +451,17 @@ impl InferenceConfig {
             problems.push(format!("{p}.providers: list at least one of tensorrt, cuda, cpu"));
         }
         if self.require_accelerator && self.providers.iter().all(|x| *x == Provider::Cpu) {
-            problems.push(format!("{p}.require_accelerator: true, but providers lists no accelerator (tensorrt, cuda)"));
+            problems
+                .push(format!("{p}.require_accelerator: true, but providers lists no accelerator (tensorrt, cuda)"));
         }
         if !(1..=256).contains(&self.max_batch) {
             problems.push(format!("{p}.max_batch: must be between 1 and 256 (got {})", self.max_batch));
         }
         if self.max_wait_ms > 1000 {
-            problems.push(format!("{p}.max_wait_ms: must be ≤ 1000 (got {}): it is latency added to every frame", self.max_wait_ms));
+            problems.push(format!(
+                "{p}.max_wait_ms: must be ≤ 1000 (got {}): it is latency added to every frame",
+                self.max_wait_ms
+            ));
         }
         if self.intra_threads > 1024 {
             problems.push(format!("{p}.intra_threads: must be ≤ 1024 (got {})", self.intra_threads));
@@ -474,7 +478,8 @@ impl InferenceConfig {
 impl PipelineConfig {
     fn validate(&self, p: &str, problems: &mut Vec<String>) {
         if !(1..=64).contains(&self.preprocess_threads) {
-            problems.push(format!("{p}.preprocess_threads: must be between 1 and 64 (got {})", self.preprocess_threads));
+            problems
+                .push(format!("{p}.preprocess_threads: must be between 1 and 64 (got {})", self.preprocess_threads));
         }
         if !(1..=64).contains(&self.frame_queue) {
             problems.push(format!("{p}.frame_queue: must be between 1 and 64 (got {})", self.frame_queue));
@@ -601,7 +606,9 @@ impl SourceConfig {
                     ));
                 }
                 if s.defect_every > 0 && (s.defect_frames == 0 || s.defects.is_empty()) {
-                    problems.push(format!("{p}.defect_frames: must be ≥ 1 (and defects non-empty) when defect_every is set"));
+                    problems.push(format!(
+                        "{p}.defect_frames: must be ≥ 1 (and defects non-empty) when defect_every is set"
+                    ));
                 }
                 if !(s.strength > 0.0 && s.strength <= 1.0) {
                     problems.push(format!("{p}.strength: must be in (0, 1] (got {})", s.strength));
@@ -623,6 +630,23 @@ impl CameraConfig {
         }
         if !self.model.is_file() {
             problems.push(format!("{p}.model: {} does not exist", self.model.display()));
+        } else {
+            // The model's own metadata must be readable, and carry the score
+            // this camera wants: caught here rather than at the first frame.
+            match ganomaly_core::onnx::read_metadata_file(&self.model) {
+                Ok(meta) => {
+                    if let ScoreChoice::Kind(k) = self.score {
+                        if meta.score(k).is_none() {
+                            problems.push(format!(
+                                "{p}.score: model {} has no `{}` score",
+                                self.model.display(),
+                                k.as_str()
+                            ));
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("{p}.model: {}: {e}", self.model.display())),
+            }
         }
         match &self.source {
             SourceConfig::V4l2(v) => {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ganomaly_core::metadata::ColorMode;
 use ganomaly_core::{Calibration, ModelMetadata, ScoreKind};
-use ort::ep::{ExecutionProvider, CUDA, TensorRT};
+use ort::ep::{ExecutionProvider, TensorRT, CUDA};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -49,8 +49,8 @@ pub enum InferError {
     Metadata { path: PathBuf, reason: String },
     #[error("model {path}: {reason}")]
     Shape { path: PathBuf, reason: String },
-    #[error("{0}")]
-    Runtime(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
     #[error("ONNX Runtime could not load model {path}: {reason}")]
     Session { path: PathBuf, reason: String },
     #[error(
@@ -108,8 +108,8 @@ impl Model {
     pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<Model, InferError> {
         let meta = ganomaly_core::onnx::read_metadata(bytes)
             .map_err(|e| InferError::Metadata { path: path.into(), reason: e.to_string() })?;
-        ort_env::init(cfg.ort_library.as_ref().map(|p| resolve(base, p)).as_deref())?;
-        let (session, provider) = build_session(bytes, path, cfg, base)?;
+        let env = crate::runtime::environment(cfg.ort_library.as_ref().map(|p| resolve(base, p)).as_deref())?;
+        let (session, provider) = build_session(env, bytes, path, cfg, base)?;
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
@@ -179,7 +179,8 @@ impl Model {
     /// Runs `n` images laid out back to back in `input`.
     pub fn run(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), InferError> {
         let len = self.tensor_len();
-        let data = input.get(..n * len).ok_or_else(|| InferError::Run(format!("batch of {n} needs {} floats", n * len)))?;
+        let data =
+            input.get(..n * len).ok_or_else(|| InferError::Run(format!("batch of {n} needs {} floats", n * len)))?;
         let tensor = TensorRef::from_array_view(([n, self.channels, self.side, self.side], data))
             .map_err(|e| InferError::Run(e.to_string()))?;
         let outputs = self.session.run(ort::inputs!["image" => tensor]).map_err(|e| InferError::Run(e.to_string()))?;
@@ -189,13 +190,19 @@ impl Model {
             if !self.kinds.contains(&kind) {
                 continue;
             }
-            let (_, v) = outputs[kind.output()].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+            let (_, v) =
+                outputs[kind.output()].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
             if v.len() != n {
-                return Err(InferError::Run(format!("output `{}` has {} values for {n} images", kind.output(), v.len())));
+                return Err(InferError::Run(format!(
+                    "output `{}` has {} values for {n} images",
+                    kind.output(),
+                    v.len()
+                )));
             }
             out.scores[i].extend_from_slice(v);
         }
-        let (_, maps) = outputs["anomaly_map"].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+        let (_, maps) =
+            outputs["anomaly_map"].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
         if maps.len() != n * self.side * self.side {
             return Err(InferError::Run(format!("output `anomaly_map` has {} values for {n} images", maps.len())));
         }
@@ -214,9 +221,15 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 /// Builds the session with the configured providers; returns the one in use.
-fn build_session(bytes: &[u8], path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<(Session, Provider), InferError> {
+fn build_session(
+    env: &ort::environment::Environment,
+    bytes: &[u8],
+    path: &Path,
+    cfg: &InferenceConfig,
+    base: &Path,
+) -> Result<(Session, Provider), InferError> {
     let serr = |e: &dyn std::fmt::Display| InferError::Session { path: path.into(), reason: e.to_string() };
-    let mut builder = Session::builder(ort_env::environment()?)
+    let mut builder = Session::builder(env)
         .map_err(|e| serr(&e))?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| serr(&e))?;
@@ -295,6 +308,13 @@ pub struct InferCamera {
     pub recycle: Sender<FrameData>,
 }
 
+/// Run-time changes for the inference thread.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// New alarm thresholds/timing for the camera at this pipeline index.
+    Alarm { camera: usize, cfg: crate::config::AlarmConfig },
+}
+
 /// Inputs and outputs of the inference thread.
 pub struct InferThread {
     pub model: Model,
@@ -307,6 +327,8 @@ pub struct InferThread {
     pub max_wait: Duration,
     pub publisher: Arc<dyn Publisher>,
     pub snapshots: Option<SnapshotQueue>,
+    /// Settings changed at run time (SIGHUP), applied between batches.
+    pub control: Receiver<Control>,
     /// Milliseconds since `epoch` of the last sign of life (watchdog).
     pub heartbeat: Arc<AtomicU64>,
     pub epoch: Instant,
@@ -335,6 +357,16 @@ fn run(mut t: InferThread) {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         batch.push(first);
+        while let Ok(c) = t.control.try_recv() {
+            match c {
+                Control::Alarm { camera, cfg } => {
+                    if let Some(cam) = t.cameras.get_mut(camera).and_then(Option::as_mut) {
+                        cam.alarm.reconfigure(cfg);
+                        tracing::info!(camera = %cam.name, ?cfg, "alarm settings reloaded");
+                    }
+                }
+            }
+        }
         let deadline = Instant::now() + t.max_wait;
         while batch.len() < t.max_batch {
             // Whatever is already queued joins without waiting.
@@ -417,64 +449,6 @@ fn run(mut t: InferThread) {
         }
     }
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");
-}
-
-/// TODO(runtime): temporary stand-in until `src/runtime.rs` (lead) lands;
-/// then `init`/`environment` come from there.
-mod ort_env {
-    use std::path::{Path, PathBuf};
-    use std::sync::OnceLock;
-
-    use ort::environment::Environment;
-
-    use super::InferError;
-
-    static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
-
-    fn find(explicit: Option<&Path>) -> Option<PathBuf> {
-        if let Some(p) = explicit {
-            return Some(p.to_path_buf());
-        }
-        if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-            return Some(PathBuf::from(p));
-        }
-        let mut roots: Vec<PathBuf> = Vec::new();
-        if let Ok(cwd) = std::env::current_dir() {
-            roots.extend(cwd.ancestors().map(Path::to_path_buf));
-        }
-        if let Ok(exe) = std::env::current_exe() {
-            roots.extend(exe.ancestors().map(Path::to_path_buf));
-        }
-        for r in roots {
-            let pattern = r.join(".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*");
-            if let Some(p) = glob::glob(&pattern.to_string_lossy()).ok().and_then(|mut g| g.find_map(Result::ok)) {
-                return Some(p);
-            }
-        }
-        None
-    }
-
-    pub fn init(explicit: Option<&Path>) -> Result<(), InferError> {
-        environment_with(explicit).map(|_| ())
-    }
-
-    pub fn environment() -> Result<&'static Environment, InferError> {
-        environment_with(None)
-    }
-
-    fn environment_with(explicit: Option<&Path>) -> Result<&'static Environment, InferError> {
-        ENV.get_or_init(|| {
-            let lib = find(explicit).ok_or_else(|| {
-                "ONNX Runtime library not found: set inference.ort_library or ORT_DYLIB_PATH, \
-                 or run `make venv` (pip install onnxruntime==1.31.1)"
-                    .to_string()
-            })?;
-            let b = ort::init_from(&lib).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?;
-            b.with_name("ganomalyd").build().map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| InferError::Runtime(e.clone()))
-    }
 }
 
 #[cfg(test)]

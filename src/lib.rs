@@ -12,4 +12,19 @@
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
 //! - [`pipeline`]: wires the stages together and owns shutdown.
 
+pub mod alarm;
+pub mod bench;
+pub mod capture;
+pub mod config;
+pub mod daemon;
 pub mod events;
+pub mod infer;
+pub mod metrics;
+pub mod pipeline;
+pub mod preprocess;
+pub mod publish;
+pub mod runtime;
+pub mod score;
+pub mod snapshot;
+pub mod systemd;
+pub mod watch;

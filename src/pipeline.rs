@@ -100,6 +100,8 @@ pub struct Pipeline {
     pub providers: Vec<(PathBuf, Provider)>,
     heartbeat: Arc<AtomicU64>,
     epoch: Instant,
+    /// Camera names in pipeline order, with the control channel of their model's inference thread.
+    control: Vec<(String, crossbeam_channel::Sender<infer::Control>)>,
 }
 
 /// Builds the source a camera's config describes.
@@ -109,7 +111,9 @@ pub fn source_from_config(cfg: &Config, cam: &CameraConfig) -> SourceFactory {
             let spec = capture::v4l2::DeviceSpec::parse(&v.device).unwrap_or(capture::v4l2::DeviceSpec::Index(0));
             let format = capture::v4l2::frame_format(&v.format).unwrap_or(nokhwa::utils::FrameFormat::MJPEG);
             let (w, h, fps) = (cam.width, cam.height, cam.fps);
-            Box::new(move || Box::new(capture::v4l2::V4l2Camera::new(spec, format, w, h, fps)) as Box<dyn capture::FrameSource>)
+            Box::new(move || {
+                Box::new(capture::v4l2::V4l2Camera::new(spec, format, w, h, fps)) as Box<dyn capture::FrameSource>
+            })
         }
         SourceConfig::Replay(r) => {
             capture::factory(capture::replay::ReplaySource::new(cfg.resolve(std::path::Path::new(&r.path)), r.looped))
@@ -125,7 +129,11 @@ pub fn source_from_config(cfg: &Config, cam: &CameraConfig) -> SourceFactory {
 impl Pipeline {
     /// Loads the models and starts every stage. `cfg` must have passed
     /// validation.
-    pub fn start(cfg: &Config, publisher: Arc<dyn Publisher>, mut opts: StartOptions) -> Result<Pipeline, PipelineError> {
+    pub fn start(
+        cfg: &Config,
+        publisher: Arc<dyn Publisher>,
+        mut opts: StartOptions,
+    ) -> Result<Pipeline, PipelineError> {
         let cams = cfg.cameras();
         if cams.is_empty() {
             return Err(PipelineError::NoCameras);
@@ -199,6 +207,8 @@ impl Pipeline {
         let providers: Vec<(PathBuf, Provider)> = models.iter().map(|m| (m.path.clone(), m.provider)).collect();
 
         let mut inference = Vec::new();
+        let controls: Vec<_> = (0..models.len()).map(|_| crossbeam_channel::unbounded()).collect();
+        let control = cams.iter().zip(&cam_model).map(|(c, &m)| (c.name.clone(), controls[m].0.clone())).collect();
         for (m, model) in models.into_iter().enumerate() {
             let cameras = cams
                 .iter()
@@ -207,7 +217,10 @@ impl Pipeline {
                     (cam_model[i] == m).then(|| InferCamera {
                         name: c.name.clone(),
                         kind: kinds[i],
-                        calibration: model.calibration(kinds[i]).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated),
+                        calibration: model
+                            .calibration(kinds[i])
+                            .cloned()
+                            .unwrap_or_else(ganomaly_core::Calibration::uncalibrated),
                         alarm: AlarmMachine::new(&c.name, c.alarm),
                         roi: c.roi,
                         counters: counters[i].clone(),
@@ -224,6 +237,7 @@ impl Pipeline {
                 max_wait: Duration::from_millis(cfg.inference.max_wait_ms),
                 publisher: publisher.clone(),
                 snapshots: snap_queue.clone(),
+                control: controls[m].1.clone(),
                 heartbeat: heartbeat.clone(),
                 epoch,
             })?);
@@ -284,7 +298,26 @@ impl Pipeline {
             providers,
             heartbeat,
             epoch,
+            control,
         })
+    }
+
+    /// Applies the alarm settings of `cfg` (already validated) to the running
+    /// cameras without touching the frame path (SIGHUP). Other changes need a
+    /// restart; the cameras they concern are returned so they can be logged.
+    pub fn reload_alarms(&self, cfg: &Config) -> Vec<String> {
+        let new: BTreeMap<String, CameraConfig> = cfg.cameras().into_iter().map(|c| (c.name.clone(), c)).collect();
+        let mut not_applied = Vec::new();
+        for (i, (name, tx)) in self.control.iter().enumerate() {
+            match new.get(name) {
+                Some(c) => {
+                    let _ = tx.send(infer::Control::Alarm { camera: i, cfg: c.alarm });
+                }
+                None => not_applied.push(name.clone()),
+            }
+        }
+        not_applied.extend(new.keys().filter(|n| !self.control.iter().any(|(c, _)| c == *n)).cloned());
+        not_applied
     }
 
     /// Asks the sources to stop; the rest drains (see the module doc).

@@ -48,7 +48,13 @@ pub fn file_name(ts_ms: u64, alarm_id: &str) -> String {
 }
 
 /// Draws the frame with the heat overlay.
-pub fn render(frame: &FrameData, roi: Option<Roi>, map: &[f32], side: usize, alpha: f32) -> Result<RgbImage, SnapshotError> {
+pub fn render(
+    frame: &FrameData,
+    roi: Option<Roi>,
+    map: &[f32],
+    side: usize,
+    alpha: f32,
+) -> Result<RgbImage, SnapshotError> {
     let (w, h) = (frame.width, frame.height);
     let bad = || SnapshotError::BadFrame { width: w, height: h };
     let mut img = match frame.format {
@@ -203,8 +209,10 @@ mod tests {
         }
         std::fs::write(dir.path().join("keep.txt"), b"x").expect("write");
         assert_eq!(enforce_retention(dir.path(), 2).expect("retention"), 2);
-        let mut left: Vec<String> =
-            std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name().into_string().expect("utf8")).collect();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+            .collect();
         left.sort();
         assert_eq!(left, vec![file_name(3, "a"), file_name(4, "a"), "keep.txt".to_string()]);
     }

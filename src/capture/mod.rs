@@ -188,8 +188,12 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
     let mut opened = false;
     let mut seq: u64 = 0;
     let mut broken_run = 0u32;
-    let period = if cam.fps > 0.0 && !source.self_paced() { Some(Duration::from_secs_f64(1.0 / cam.fps)) } else { None };
+    let period =
+        if cam.fps > 0.0 && !source.self_paced() { Some(Duration::from_secs_f64(1.0 / cam.fps)) } else { None };
     let mut next_due = Instant::now();
+    // A buffer back from a dropped or broken frame, reused before asking the
+    // recycle channel: under overload most buffers come back this way.
+    let mut spare: Option<FrameData> = None;
     let set_online = |online: &mut Option<bool>, now: bool| {
         if *online != Some(now) {
             *online = Some(now);
@@ -213,7 +217,7 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 }
             }
         }
-        let mut pixels = cam.recycle.try_recv().unwrap_or_default();
+        let mut pixels = spare.take().or_else(|| cam.recycle.try_recv().ok()).unwrap_or_default();
         match source.next_frame(&mut pixels) {
             Ok(()) => {
                 broken_run = 0;
@@ -222,9 +226,10 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 let frame = Frame { camera: cam.index, seq, captured: Instant::now(), ts_ms: now_ms(), pixels };
                 seq += 1;
                 CameraCounters::add(&cam.counters.captured, 1);
-                push_drop_oldest(&cam.tx, &cam.rx_for_drops, frame, &cam.counters);
+                spare = push_drop_oldest(&cam.tx, &cam.rx_for_drops, frame, &cam.counters);
             }
             Err(CaptureError::BrokenFrame { reason, .. }) => {
+                spare = Some(pixels);
                 seq += 1;
                 CameraCounters::add(&cam.counters.broken, 1);
                 tracing::debug!(camera = %cam.name, %reason, "broken frame skipped");
@@ -241,6 +246,7 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 break;
             }
             Err(e) => {
+                spare = Some(pixels);
                 source.close();
                 opened = false;
                 set_online(&mut online, false);
@@ -266,18 +272,25 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
 }
 
 /// Sends `frame`, dropping the oldest queued frame of this camera while the
-/// queue is full. Never blocks.
-pub fn push_drop_oldest(tx: &Sender<Frame>, rx: &Receiver<Frame>, mut frame: Frame, counters: &CameraCounters) {
+/// queue is full. Never blocks. Returns the pixels of a dropped frame for reuse.
+pub fn push_drop_oldest(
+    tx: &Sender<Frame>,
+    rx: &Receiver<Frame>,
+    mut frame: Frame,
+    counters: &CameraCounters,
+) -> Option<FrameData> {
+    let mut freed = None;
     loop {
         match tx.try_send(frame) {
-            Ok(()) => return,
+            Ok(()) => return freed,
             Err(TrySendError::Full(f)) => {
-                if rx.try_recv().is_ok() {
+                if let Ok(old) = rx.try_recv() {
                     CameraCounters::add(&counters.dropped, 1);
+                    freed = Some(old.pixels);
                 }
                 frame = f;
             }
-            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Disconnected(f)) => return Some(f.pixels),
         }
     }
 }
@@ -309,9 +322,8 @@ mod tests {
     fn full_queue_drops_the_oldest_and_counts_it() {
         let (tx, rx) = crossbeam_channel::bounded(2);
         let c = CameraCounters::default();
-        for s in 0..5 {
-            push_drop_oldest(&tx, &rx, frame(s), &c);
-        }
+        let freed: Vec<bool> = (0..5).map(|s| push_drop_oldest(&tx, &rx, frame(s), &c).is_some()).collect();
+        assert_eq!(freed, [false, false, true, true, true], "dropped frames hand their buffer back");
         assert_eq!(CameraCounters::get(&c.dropped), 3);
         let kept: Vec<u64> = rx.try_iter().map(|f| f.seq).collect();
         assert_eq!(kept, vec![3, 4]);

@@ -119,13 +119,12 @@ impl FrameSource for V4l2Camera {
 
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
         let name = self.name();
-        let cam = self.camera.as_mut().ok_or_else(|| CaptureError::Disconnected {
-            source_name: name.clone(),
-            reason: "not open".into(),
-        })?;
-        let buf = cam
-            .frame()
-            .map_err(|e| CaptureError::Disconnected { source_name: name.clone(), reason: e.to_string() })?;
+        let cam = self
+            .camera
+            .as_mut()
+            .ok_or_else(|| CaptureError::Disconnected { source_name: name.clone(), reason: "not open".into() })?;
+        let buf =
+            cam.frame().map_err(|e| CaptureError::Disconnected { source_name: name.clone(), reason: e.to_string() })?;
         let res = buf.resolution();
         convert(buf.source_frame_format(), res.width_x, res.height_y, buf.buffer(), out)
             .map_err(|reason| CaptureError::BrokenFrame { source_name: name, reason })

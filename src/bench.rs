@@ -1,0 +1,332 @@
+//! `ganomalyd bench`: how much the daemon adds around the model.
+//!
+//! In one run, on this machine:
+//! 1. **raw ORT**: the model's session alone (same batch size, same threads,
+//!    same session code) on preprocessed synthetic frames → `raw_ort_fps`;
+//! 2. **pipeline**: the real pipeline (camera threads, preprocess pool,
+//!    batching inference thread, alarm machines) with N synthetic cameras
+//!    together offering a little more than the raw rate (`--offer`, default
+//!    1.1×), so the model is the bottleneck and the figure says what the
+//!    rest of the pipeline costs → `pipeline_fps`, `ratio`, capture→decision
+//!    latency p50/p99, frames dropped at the cameras, peak RSS.
+//!
+//! Figures from noisy shared machines vary run to run; that is why speed is
+//! measured here and never asserted in tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ganomaly_core::preprocess::Preprocessor;
+use ganomaly_core::synth::{self, Texture};
+use serde::Serialize;
+
+use crate::capture::{self, CaptureError, FrameData, FrameSource, PixelFormat};
+use crate::config::{
+    CameraTable, Config, InferenceConfig, PipelineConfig, Provider, SnapshotConfig, SourceConfig, SyntheticSource,
+};
+use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
+use crate::infer::{BatchOutput, InferError, Model};
+use crate::metrics::{peak_rss_mb, CameraCounters, LatencyHistogram};
+use crate::pipeline::{Pipeline, PipelineError, StartOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] InferError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("cannot write the fixture model: {0}")]
+    Fixture(String),
+    #[error("the pipeline decided no frame within {0:?}")]
+    Stalled(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: Option<PathBuf>,
+    pub cameras: usize,
+    /// Frames measured (raw ORT and pipeline alike).
+    pub frames: u64,
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
+    pub intra_threads: usize,
+    pub preprocess_threads: usize,
+    /// Camera frame size (synthetic texture resized to it).
+    pub width: u32,
+    pub height: u32,
+    /// Offered load as a multiple of the raw ORT rate.
+    pub offer: f64,
+    pub ort_library: Option<PathBuf>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            model: None,
+            cameras: 1,
+            frames: 2000,
+            max_batch: 8,
+            max_wait_ms: 5,
+            intra_threads: 0,
+            preprocess_threads: 1,
+            width: 640,
+            height: 480,
+            offer: 1.1,
+            ort_library: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub provider: String,
+    pub cameras: usize,
+    pub frames: u64,
+    pub batch: usize,
+    pub intra_threads: usize,
+    pub frame_size: String,
+    pub raw_ort_fps: f64,
+    pub offered_fps: f64,
+    pub pipeline_fps: f64,
+    pub ratio: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub dropped: u64,
+    pub broken: u64,
+    pub peak_rss_mb: f64,
+}
+
+/// Publisher that only counts: the bench measures the frame path, not MQTT.
+#[derive(Default)]
+struct Discard;
+
+impl Publisher for Discard {
+    fn score(&self, _: &ScoreEvent) {}
+    fn alarm(&self, _: &AlarmEvent) {}
+    fn camera_online(&self, _: &str, _: bool) {}
+    fn alarm_state(&self, _: &str, _: bool) {}
+    fn snapshot(&self, _: &Snapshot) {}
+    fn stats(&self, _: &StatsReport) {}
+}
+
+/// Cycles pre-made frames: costs a copy per frame, like a camera driver's.
+struct BenchSource {
+    frames: Arc<Vec<FrameData>>,
+    next: usize,
+}
+
+impl FrameSource for BenchSource {
+    fn describe(&self) -> String {
+        "bench frames".into()
+    }
+    fn open(&mut self) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
+        let f = &self.frames[self.next % self.frames.len()];
+        self.next += 1;
+        out.reshape(f.width, f.height, f.format).copy_from_slice(&f.data);
+        Ok(())
+    }
+}
+
+fn frames(width: u32, height: u32) -> Vec<FrameData> {
+    (0..4u64)
+        .map(|i| {
+            let sq = synth::good(Texture::BrushedMetal, width.max(height).min(1024), 7, i);
+            let img = image::imageops::resize(&sq, width, height, image::imageops::FilterType::Triangle);
+            FrameData { width, height, format: PixelFormat::Rgb8, data: img.into_raw() }
+        })
+        .collect()
+}
+
+/// The model to bench: the given one, the bundled demo model, or a
+/// random-weights fixture of the demo's shape (64×64 RGB, ngf 32).
+fn model_path(opts: &BenchOptions, tmp: &Path) -> Result<PathBuf, BenchError> {
+    if let Some(m) = &opts.model {
+        return Ok(m.clone());
+    }
+    let demo = PathBuf::from("models/demo.onnx");
+    if demo.is_file() {
+        return Ok(demo);
+    }
+    let arch =
+        ganomaly_core::ArchSpec { isize: 64, nc: 3, nz: 100, ngf: 32, ndf: 32, extralayers: 0, ..Default::default() };
+    let bytes = ganomaly_core::onnx::write_model(
+        &arch,
+        &ganomaly_core::Weights::random_generator(&arch, 1),
+        &ganomaly_core::ModelMetadata::uncalibrated(arch, 5),
+    )
+    .map_err(|e| BenchError::Fixture(e.to_string()))?;
+    let p = tmp.join("bench-fixture.onnx");
+    std::fs::write(&p, bytes).map_err(|e| BenchError::Fixture(e.to_string()))?;
+    tracing::warn!("models/demo.onnx not found: benchmarking a random-weights 64x64x3 ngf 32 fixture");
+    Ok(p)
+}
+
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    let model = model_path(opts, &tmp)?;
+    let infer = InferenceConfig {
+        providers: vec![Provider::Cpu],
+        max_batch: opts.max_batch.max(1),
+        max_wait_ms: opts.max_wait_ms,
+        intra_threads: opts.intra_threads,
+        ort_library: opts.ort_library.clone(),
+        ..InferenceConfig::default()
+    };
+    let base = std::env::current_dir().unwrap_or_default();
+    let frames = Arc::new(frames(opts.width, opts.height));
+
+    // 1. Raw ORT: the session alone, full batches.
+    let (raw_fps, provider) = {
+        let mut m = Model::load(&model, &infer, &base)?;
+        let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
+        let len = m.tensor_len();
+        let b = infer.max_batch;
+        let mut input = vec![0.0f32; len * b];
+        for i in 0..b {
+            let f = &frames[i % frames.len()];
+            let fr = ganomaly_core::preprocess::FrameRef {
+                width: f.width,
+                height: f.height,
+                layout: crate::preprocess::layout(f.format),
+                data: &f.data,
+            };
+            prep.run(&fr, None, &mut input[i * len..(i + 1) * len]).map_err(|e| InferError::Run(e.to_string()))?;
+        }
+        let mut out = BatchOutput::default();
+        for _ in 0..3 {
+            m.run(&input, b, &mut out)?;
+        }
+        let batches = opts.frames.div_ceil(b as u64).max(1);
+        let t = Instant::now();
+        for _ in 0..batches {
+            m.run(&input, b, &mut out)?;
+        }
+        ((batches * b as u64) as f64 / t.elapsed().as_secs_f64(), m.provider.as_str().to_string())
+    };
+
+    // 2. The pipeline, offered a little more than the model can take.
+    let n = opts.cameras.max(1);
+    let offered = raw_fps * opts.offer;
+    let mut cfg = Config {
+        inference: infer,
+        pipeline: PipelineConfig {
+            preprocess_threads: opts.preprocess_threads.max(1),
+            frame_queue: 2,
+            stats_interval_s: 3600.0,
+        },
+        snapshots: SnapshotConfig { enabled: false, ..SnapshotConfig::default() },
+        base_dir: base,
+        ..Config::default()
+    };
+    cfg.defaults = CameraTable {
+        model: Some(model.clone()),
+        fps: Some(offered / n as f64),
+        // Replaced by the bench source below; only there to make the config complete.
+        source: Some(SourceConfig::Synthetic(SyntheticSource {
+            texture: "noise".into(),
+            size: 64,
+            seed: 0,
+            variations: 1,
+            defect_every: 0,
+            defect_frames: 0,
+            defects: Vec::new(),
+            strength: 1.0,
+        })),
+        ..CameraTable::default()
+    };
+    let mut sources = BTreeMap::new();
+    for i in 0..n {
+        let name = format!("bench{i}");
+        cfg.cameras.insert(name.clone(), CameraTable::default());
+        sources.insert(name, capture::factory(BenchSource { frames: frames.clone(), next: i }));
+    }
+    let pipeline =
+        Pipeline::start(&cfg, Arc::new(Discard), StartOptions { sources, stats: false, ..StartOptions::default() })?;
+    let warmup = (opts.max_batch as u64 * 4).max(16);
+    let limit = Duration::from_secs(60);
+    wait_for(&pipeline, warmup, limit)?;
+    for (_, c) in pipeline.counters() {
+        if let Ok(mut h) = c.latency.lock() {
+            *h = LatencyHistogram::default();
+        }
+    }
+    let sum = |f: fn(&CameraCounters) -> u64| -> u64 { pipeline.counters().iter().map(|(_, c)| f(c)).sum() };
+    let d0 = pipeline.decided();
+    let drops0 = sum(|c| CameraCounters::get(&c.dropped));
+    let t0 = Instant::now();
+    wait_for(
+        &pipeline,
+        d0 + opts.frames,
+        limit + Duration::from_secs_f64(opts.frames as f64 / raw_fps.max(1.0) * 4.0),
+    )?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let d1 = pipeline.decided();
+    let dropped = sum(|c| CameraCounters::get(&c.dropped)) - drops0;
+    let report = pipeline.shutdown();
+    let pipeline_fps = (d1 - d0) as f64 / elapsed;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(BenchReport {
+        model: model.display().to_string(),
+        provider,
+        cameras: n,
+        frames: opts.frames,
+        batch: opts.max_batch,
+        intra_threads: opts.intra_threads,
+        frame_size: format!("{}x{}", opts.width, opts.height),
+        raw_ort_fps: raw_fps,
+        offered_fps: offered,
+        pipeline_fps,
+        ratio: pipeline_fps / raw_fps,
+        p50_ms: report.latency.quantile(0.5),
+        p99_ms: report.latency.quantile(0.99),
+        dropped,
+        broken: report.cameras.iter().map(|c| c.broken).sum(),
+        peak_rss_mb: peak_rss_mb().unwrap_or(0.0),
+    })
+}
+
+fn wait_for(p: &Pipeline, decided: u64, limit: Duration) -> Result<(), BenchError> {
+    let t = Instant::now();
+    while p.decided() < decided {
+        if t.elapsed() > limit {
+            return Err(BenchError::Stalled(limit));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+impl BenchReport {
+    pub fn text(&self) -> String {
+        format!(
+            "model {} on {} ({} camera(s) of {}, batch {}, {} intra threads)\n\
+             raw ORT         {:>8.1} fps\n\
+             pipeline        {:>8.1} fps (offered {:.1})\n\
+             ratio           {:>8.3}\n\
+             latency p50/p99 {:>8.2} / {:.2} ms (capture → alarm decision)\n\
+             dropped         {:>8} frames at the cameras (load above capacity, by design)\n\
+             peak RSS        {:>8.1} MiB",
+            self.model,
+            self.provider,
+            self.cameras,
+            self.frame_size,
+            self.batch,
+            if self.intra_threads == 0 { "auto".to_string() } else { self.intra_threads.to_string() },
+            self.raw_ort_fps,
+            self.pipeline_fps,
+            self.offered_fps,
+            self.ratio,
+            self.p50_ms,
+            self.p99_ms,
+            self.dropped,
+            self.peak_rss_mb
+        )
+    }
+}
