@@ -828,6 +828,52 @@ mod tests {
         t.shared.outbox.next_after(0, 100).unwrap().iter().map(|r| r.id).collect()
     }
 
+    /// A log sink for one test.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_password_never_reaches_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let var = "GANOMALYD_TEST_MQTT_LOG_PW";
+        std::env::set_var(var, "pa55-w0rd-xyz");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cfg = MqttConfig {
+            port, // nobody listens: connect failures get logged too
+            username: Some("box".into()),
+            password_env: Some(var.into()),
+            reconnect_min_ms: 10,
+            reconnect_max_ms: 20,
+            outbox_path: dir.path().join("o.sqlite"),
+            ..MqttConfig::default()
+        };
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_max_level(tracing::Level::TRACE).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (p, h) = MqttPublisher::start(&cfg, &tokio::runtime::Handle::current()).unwrap();
+                tracing::info!(?cfg, "config");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert!(!p.counters().connected);
+                h.shutdown().await;
+            });
+        });
+        let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("MQTT publisher starting") && log.contains("MQTT connect failed"), "{log}");
+        assert!(!log.contains("pa55-w0rd-xyz"), "password in the log:\n{log}");
+    }
+
     #[test]
     fn rows_are_deleted_on_their_own_puback_even_across_a_pkid_collision() {
         let dir = tempfile::tempdir().unwrap();
