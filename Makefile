@@ -1,0 +1,93 @@
+# ganomalyd: set-up, tests, demo, benchmarks.
+#
+#   make demo    run the daemon on the demo config (synthetic camera, bundled
+#                model, embedded MQTT broker); Ctrl-C stops it
+#   make test    install what the tests need, then run every test of the workspace
+#   make bench   pipeline and training benchmarks (figures, not pass/fail)
+#
+# Everything the tests need is installed here, idempotently: a Python venv
+# (.venv) with ONNX Runtime, onnx and torch (CPU), and Debian's libclang (the
+# V4L2 camera bindings are generated with bindgen at build time).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON    ?= python3
+VENV      := $(CURDIR)/.venv
+VPY       := $(VENV)/bin/python
+PYVER     := $(shell $(PYTHON) -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')
+SITE      := $(VENV)/lib/$(PYVER)/site-packages
+ORT_LIB   := $(SITE)/onnxruntime/capi/libonnxruntime.so.1.31.1
+TORCH_VER := 2.13.0
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# libtorch from the torch wheel (tch 0.26 expects PyTorch 2.13.0).
+export LIBTORCH            := $(SITE)/torch
+export ORT_DYLIB_PATH      := $(ORT_LIB)
+export GANOMALY_PYTHON     := $(VPY)
+# Tests that need the venv fail instead of skipping when run from make.
+export GANOMALY_REQUIRE_PYTHON := 1
+
+STAMP_ORT   := $(VENV)/.stamp-ort
+STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
+STAMP_APT   := $(CURDIR)/target/.stamp-apt
+
+.PHONY: help venv deps test test-core test-daemon test-trainer demo bench build release install clean-venv
+
+help:
+	@sed -n '2,12p' Makefile
+
+$(STAMP_ORT): scripts/requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+	test -f $(ORT_LIB) || { echo "ONNX Runtime library missing at $(ORT_LIB)"; exit 1; }
+	touch $@
+
+# torch's CUDA wheel without its CUDA dependencies: the CPU half of libtorch is
+# all the trainer needs here; nvidia-cuda-runtime/cupti satisfy libtorch's
+# link-time references. On a GPU box, `pip install torch==$(TORCH_VER)` instead.
+$(STAMP_TORCH): $(STAMP_ORT) scripts/requirements-torch.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps torch==$(TORCH_VER) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+	$(VPY) -m pip install -q --disable-pip-version-check -r scripts/requirements-torch.txt
+	touch $@
+
+$(STAMP_APT):
+	@mkdir -p $(dir $@)
+	if ! ldconfig -p | grep -q 'libclang-1[0-9]*\.so\|libclang\.so'; then \
+	  $(SUDO) apt-get install -y --no-install-recommends libclang1-14 || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang1-14; }; \
+	fi
+	touch $@
+
+venv: $(STAMP_ORT) $(STAMP_TORCH)
+
+deps: venv $(STAMP_APT)
+
+build: $(STAMP_APT)
+	cargo build
+
+release: $(STAMP_APT)
+	cargo build --release
+
+test: deps
+	cargo test --workspace --no-fail-fast
+
+test-core:
+	cargo test -p ganomaly-core
+
+test-daemon: $(STAMP_ORT) $(STAMP_APT)
+	cargo test -p ganomalyd
+
+test-trainer: $(STAMP_TORCH)
+	cargo test -p ganomaly-train
+
+demo: $(STAMP_ORT) $(STAMP_APT)
+	cargo run --release --bin ganomalyd -- run --config config/demo.toml
+
+bench: deps
+	cargo run --release --bin ganomalyd -- bench --cameras 1
+	cargo run --release --bin ganomalyd -- bench --cameras 4
+
+clean-venv:
+	rm -rf $(VENV)
