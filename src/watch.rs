@@ -122,13 +122,13 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
     Ok(())
 }
 
-/// The `[mqtt]` table of a daemon config, without depending on the rest of it.
+/// The `[mqtt]` section of a daemon config, relative paths resolved as the
+/// daemon resolves them (against the config file's directory).
 fn mqtt_section(path: &std::path::Path) -> anyhow::Result<MqttConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let doc: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let section = doc.get("mqtt").cloned().unwrap_or(toml::Value::Table(Default::default()));
-    let cfg: MqttConfig = section.try_into().with_context(|| format!("{}: [mqtt]", path.display()))?;
-    Ok(cfg)
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let cfg = crate::config::Config::parse(&text, base).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg.mqtt.unwrap_or_default())
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a ms timestamp.
@@ -243,6 +243,18 @@ mod tests {
         quiet.camera = Some("other".into());
         assert!(format_message("g/box1/line3/score", b"{}", false, &quiet).is_none());
         assert!(format_message("g/box1/line3/state", b"ON", false, &quiet).is_none());
+    }
+
+    #[test]
+    fn config_file_gives_the_mqtt_section_with_paths_resolved_like_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ganomalyd.toml");
+        std::fs::write(&path, "[mqtt]\nhost = '10.1.2.3'\nport = 8883\nnode_id = 'box9'\n[mqtt.tls]\nca_file = 'certs/ca.pem'\n").unwrap();
+        let m = mqtt_section(&path).unwrap();
+        assert_eq!((m.host.as_str(), m.port, m.node_id.as_str()), ("10.1.2.3", 8883, "box9"));
+        assert_eq!(m.tls.unwrap().ca_file, dir.path().join("certs/ca.pem"));
+        std::fs::write(&path, "[mqtt]\nhots = 'x'\n").unwrap();
+        assert!(mqtt_section(&path).unwrap_err().to_string().contains("hots"));
     }
 
     #[test]
