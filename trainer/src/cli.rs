@@ -18,6 +18,7 @@ use crate::evaluate::{evaluate, KindEval};
 use crate::export::{self, ExportSettings, ScoreChoice};
 use crate::net::NetG;
 use crate::report;
+use crate::select;
 use crate::score::{score_all, Scores};
 use crate::train::{self, CheckpointState, EpochRecord, Hyper, Model};
 
@@ -133,8 +134,9 @@ pub struct CalibArgs {
     /// Side (odd) of the box filter applied to the anomaly map before `score_map` takes its max.
     #[arg(long, default_value_t = 7)]
     pub map_kernel: u32,
-    /// The score the daemon uses unless its config says otherwise.
-    #[arg(long, value_enum, default_value_t = ScoreChoice::Latent)]
+    /// The score the daemon uses unless its config says otherwise. `auto`: the best
+    /// validation AUROC when DIR/val/<defect> exists, else the benchmark's default.
+    #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Latent)]
     pub default_score: ScoreChoice,
 }
 
@@ -201,6 +203,8 @@ pub struct TrainArgs {
     pub holdout: f64,
     #[command(flatten)]
     pub calib: CalibArgs,
+    #[command(flatten)]
+    pub select: crate::select::SelectArgs,
     #[command(flatten)]
     pub run: RunArgs,
     /// Evaluate on test/ every N epochs (0: only at the end). Feeds the AUROC-per-epoch plot.
@@ -449,6 +453,8 @@ pub struct TrainReport {
     pub thresholds: BTreeMap<ScoreKind, f64>,
     pub default_score: Option<ScoreKind>,
     pub plots: Vec<String>,
+    /// Which epoch's generator (raw or weight average) was evaluated and exported.
+    pub selection: select::SelectionSummary,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -479,6 +485,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     if a.holdout == 0.0 && !a.no_export {
         bail!("--holdout 0 leaves no normal images to calibrate the exported model on; use --no-export for a run without a model file");
     }
+    a.select.validate(a.holdout)?;
     let device = a.run.setup()?;
     let hyper = Hyper { lr: a.lr, beta1: a.beta1, beta2: a.beta2, w_adv: a.w_adv, w_con: a.w_con, w_enc: a.w_enc };
 
@@ -490,6 +497,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     let x_hold = data::load(&hold, &mut pre)?;
     let x_test = load_test(&files, &mut pre)?;
     let has_defects = !files.defect_types().is_empty();
+    let val = select::ValSet::load(&files.root, &mut pre)?;
     let batch = if a.batch > fit.len() {
         eprintln!("note: --batch {} exceeds the {} training images; using {}", a.batch, fit.len(), fit.len());
         fit.len()
@@ -525,6 +533,10 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         (model, state)
     };
     let seed = state.seed;
+    if a.resume && a.select.ema_decay > 0.0 {
+        eprintln!("note: --resume restarts the weight average (--ema-decay) from the checkpoint's weights");
+    }
+    let mut tracker = select::Tracker::new(&a.select, &mut model);
     eprintln!(
         "training {}×{}×{} ngf {} on {} images ({} held out, {} test) on {:?}, {} threads",
         arch.nc,
@@ -548,6 +560,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
         let t0 = std::time::Instant::now();
+        select::set_lr(&mut model, a.select.lr_schedule, hyper.lr, epoch, a.epochs);
         let mut rec = train::run_epoch(&mut model, &x_fit, batch, seed, epoch, device, |l, done| {
             bar.set_position(done as u64);
             bar.set_message(format!(
@@ -568,6 +581,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
                 rec.auroc.insert(kind.as_str().to_string(), e.auroc);
             }
         }
+        let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
+        tracker.after_epoch(&model, epoch + 1, &x_hold, test, settings.map_kernel, device, &mut rec);
         let aurocs: Vec<String> = rec.auroc.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         eprintln!(
             "epoch {}/{}: err_g {:.4} (adv {:.4} con {:.4} enc {:.4}) err_d {:.4}, {:.1} img/s, {:.1} s{}{}",
@@ -611,11 +626,12 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
             hyper.w_enc
         ),
     };
-    let finished = finish(&model.g, &files, &x_hold, x_test.as_ref(), &settings, provenance, device)?;
+    let (g_out, selection) = tracker.chosen(&model);
+    let finished = finish(g_out, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
         (Some(meta), false) => {
-            export::write_onnx(&a.out, &model.g, meta)?;
+            export::write_onnx(&a.out, g_out, meta)?;
             eprintln!("wrote {}", a.out.display());
             Some(a.out.display().to_string())
         }
@@ -657,6 +673,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         thresholds: finished.meta.as_ref().map(thresholds).unwrap_or_default(),
         default_score: Some(default),
         plots,
+        selection,
     };
     report::write_json(&report_dir.join("report.json"), &report)?;
     if let Some(s) = &report.last_epoch {
@@ -673,13 +690,15 @@ struct Finished {
     evals: Option<BTreeMap<ScoreKind, KindEval>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     g: &NetG,
     files: &DataFiles,
     x_hold: &Tensor,
     x_test: Option<&Tensor>,
+    val: Option<&select::ValSet>,
     settings: &ExportSettings,
-    provenance: Provenance,
+    mut provenance: Provenance,
     device: Device,
 ) -> Result<Finished> {
     let raw_evals = match (x_test, files.defect_types().is_empty()) {
@@ -688,7 +707,14 @@ fn finish(
     };
     let meta = if x_hold.size()[0] > 0 {
         let hold_scores: Scores = score_all(g, x_hold, settings.map_kernel, 64, device);
-        Some(export::build_metadata(g, &hold_scores, raw_evals.as_ref(), settings, provenance)?)
+        let mut settings = settings.clone();
+        if settings.default_score == ScoreChoice::Auto {
+            let (kind, evidence) = select::choose_score(g, &hold_scores, val, settings.map_kernel, device);
+            eprintln!("default score `{}`: {evidence}", kind.as_str());
+            settings.default_score = select::as_choice(kind);
+            provenance.score_choice = Some(evidence);
+        }
+        Some(export::build_metadata(g, &hold_scores, raw_evals.as_ref(), &settings, provenance)?)
     } else {
         None
     };
@@ -727,7 +753,8 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
         score_choice: None,
         notes: format!("ganomaly-train export of {}", a.checkpoint.display()),
     };
-    let finished = finish(&model.g, &files, &x_hold, x_test.as_ref(), &settings, provenance, device)?;
+    let val = select::ValSet::load(&files.root, &mut pre)?;
+    let finished = finish(&model.g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let meta = finished.meta.context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
     export::write_onnx(&a.out, &model.g, &meta)?;
     eprintln!("wrote {}", a.out.display());

@@ -62,7 +62,7 @@ impl DataFiles {
     }
 }
 
-fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.to_path_buf(), source })?;
     let mut v = Vec::new();
     for e in rd {

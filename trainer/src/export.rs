@@ -36,6 +36,7 @@ pub enum ScoreChoice {
     /// Mean absolute reconstruction error.
     Recon,
     /// Peak of the box-filtered anomaly map.
+    #[value(name = "map_max")]
     MapMax,
     /// The kind with the highest AUROC on test/ (needs defect images; the choice
     /// and its evidence are written into the provenance).

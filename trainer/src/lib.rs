@@ -13,6 +13,8 @@
 //! - [`evaluate`]: AUROC, F1, per-defect figures, histograms, ROC.
 //! - [`export`]: calibration + provenance → metadata → core's ONNX writer.
 //! - [`report`]: PNG plots and the JSON report.
+//! - [`select`]: which generator is exported (weight average, epoch chosen on
+//!   held-out good images, learning-rate schedule) and `--score auto`.
 //! - [`cli`]: the command line (`datagen`, `train`, `eval`, `export`).
 
 pub mod adam;
@@ -23,4 +25,5 @@ pub mod export;
 pub mod net;
 pub mod report;
 pub mod score;
+pub mod select;
 pub mod train;

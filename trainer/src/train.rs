@@ -69,6 +69,8 @@ pub struct Model {
     d_params: Vec<(String, Tensor)>,
     /// How often NetD was re-initialised (a sign of a collapsed discriminator).
     pub d_reinits: u64,
+    /// Moving average of NetG's weights, updated after every step (`--ema-decay`).
+    pub ema: Option<crate::select::Ema>,
 }
 
 impl Model {
@@ -80,7 +82,7 @@ impl Model {
         let d_params = d.trainable();
         let opt_g = Adam::new(cfg, &g_params);
         let opt_d = Adam::new(cfg, &d_params);
-        Model { g, d, opt_g, opt_d, hyper, g_params, d_params, d_reinits: 0 }
+        Model { g, d, opt_g, opt_d, hyper, g_params, d_params, d_reinits: 0, ema: None }
     }
 
     /// One optimisation step on batch `x` (on the model's device), as the reference's
@@ -127,6 +129,9 @@ impl Model {
         if losses.err_d < D_REINIT_BELOW {
             self.d.reinit();
             self.d_reinits += 1;
+        }
+        if let Some(ema) = &mut self.ema {
+            ema.update();
         }
         losses
     }
@@ -203,6 +208,19 @@ pub struct EpochRecord {
     /// Test-set AUROC per score kind after this epoch (`latent`, `recon`, `map_max`).
     #[serde(default)]
     pub auroc: std::collections::BTreeMap<String, f64>,
+    /// Test-set AUROC per score kind of the weight average (`--ema-decay`).
+    #[serde(default)]
+    pub auroc_ema: std::collections::BTreeMap<String, f64>,
+    /// Mean reconstruction error on the held-out good images (`recon`, and
+    /// `recon_ema` for the weight average): what `--select val-recon` minimises.
+    #[serde(default)]
+    pub val: std::collections::BTreeMap<String, f64>,
+    /// Test-set AUROC per defect type: `raw`/`ema` → score kind → defect type.
+    #[serde(default)]
+    pub per_defect: std::collections::BTreeMap<String, std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>>,
+    /// Learning rate of this epoch.
+    #[serde(default)]
+    pub lr: f64,
 }
 
 /// The JSON half of a checkpoint: where training stands.
@@ -309,7 +327,8 @@ pub fn run_epoch(
         images_per_s: (batches.len() * batch) as f64 / seconds.max(1e-9),
         seconds,
         d_reinits: model.d_reinits - reinits0,
-        auroc: Default::default(),
+        lr: model.opt_g.config.lr,
+        ..Default::default()
     }
 }
 

@@ -42,15 +42,16 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     let data = tmp.path().join("data");
     datagen(
         &data,
+        // Strong defects: obvious holes and stains at full strength, at the model's own size.
         &["--texture", "brushed_metal", "--size", "64", "--seed", "1", "--train-good", "240", "--test-good", "40",
-          "--test-per-defect", "20", "--strength", "1.0"],
+          "--test-per-defect", "20", "--defects", "hole,stain", "--strength", "1.0"],
     );
     let model = tmp.path().join("m.onnx");
     let report_dir = tmp.path().join("report");
     let a = train_args(&[
-        "--data", s(&data), "--out", s(&model), "--isize", "32", "--nz", "64", "--ngf", "32", "--ndf", "32",
-        "--epochs", "12", "--batch", "32", "--seed", "0", "--threads", "2", "--device", "cpu", "--map-kernel", "5",
-        "--default-score", "auto", "--eval-every", "4", "--report", s(&report_dir), "--quiet",
+        "--data", s(&data), "--out", s(&model), "--isize", "64", "--nz", "100", "--ngf", "16", "--ndf", "16",
+        "--epochs", "15", "--batch", "32", "--seed", "0", "--threads", "2", "--device", "cpu", "--map-kernel", "5",
+        "--default-score", "auto", "--eval-every", "5", "--report", s(&report_dir), "--quiet",
     ]);
     let report = cli::train(&a).unwrap();
     let last = report.last_epoch.as_ref().expect("test figures");
@@ -64,7 +65,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     // The model file: metadata the daemon reads, a calibration per kind from the held-out slice.
     let bytes = std::fs::read(&model).unwrap();
     let meta = ganomaly_core::onnx::read_metadata(&bytes).unwrap();
-    assert_eq!(meta.arch.isize, 32);
+    assert_eq!(meta.arch.isize, 64);
     assert_eq!(meta.map_kernel(), Some(5));
     for kind in ScoreKind::ALL {
         let c = &meta.score(kind).unwrap().calibration;
@@ -74,14 +75,14 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
         assert!(c.val_auroc.is_some());
     }
     assert!(meta.provenance.data_digest.starts_with("sha256:"));
-    assert_eq!(meta.provenance.epochs, 12);
+    assert_eq!(meta.provenance.epochs, 15);
     assert!(meta.provenance.score_choice.as_deref().unwrap_or("").contains("auto"));
 
     // Report: JSON and plots.
     for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png"] {
         assert!(report_dir.join(f).is_file(), "{f} missing");
     }
-    assert_eq!(report.history.len(), 12);
+    assert_eq!(report.history.len(), 15);
     assert!(report.best_epoch_optimistic.as_ref().is_some_and(|b| b.note.contains("optimistic")));
 
     // eval from the ONNX file gives the training report's figures (same weights, same preprocessing).
@@ -96,7 +97,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     for key in ["auroc", "f1", "threshold", "per_defect"] {
         assert!(json.get(key).is_some(), "eval --json lacks `{key}`");
     }
-    assert_eq!(json["per_defect"].as_object().unwrap().len(), 4);
+    assert_eq!(json["per_defect"].as_object().unwrap().len(), 2);
 
     // The binary prints one JSON object with --json.
     let out = Command::new(env!("CARGO_BIN_EXE_ganomaly-train"))
