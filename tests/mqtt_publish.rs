@@ -24,7 +24,10 @@ fn embedded() -> (String, u16) {
 /// message at the subscription's QoS (router/routing.rs), not min(publish,
 /// subscription) as MQTT says, so a subscriber on it cannot see the QoS the
 /// daemon used: QoS is asserted on the Mosquitto brokers only.
-fn brokers(dir: &std::path::Path) -> (Vec<(&'static str, String, u16, bool)>, Option<Mosquitto>) {
+/// (name, host, port, strict QoS)
+type Target = (&'static str, String, u16, bool);
+
+fn brokers(dir: &std::path::Path) -> (Vec<Target>, Option<Mosquitto>) {
     let (h, p) = embedded();
     let mut v = vec![("embedded rumqttd", h, p, false)];
     let m = Mosquitto::start(dir, "");
