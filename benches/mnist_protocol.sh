@@ -11,6 +11,9 @@
 #
 # Usage: benches/mnist_protocol.sh [-d "0 1 2 3 4 5 6 7 8 9"] [-s "0 1 2"] [-e 15] [-t THREADS] [-o OUTDIR]
 # Cost on a 2-core box: roughly 10 minutes per digit and seed at 15 epochs.
+# Environment: TRAIN_ARGS (extra `ganomaly-train train` flags) and HOLDOUT (the
+# held-out fraction of train/good, default 0) let benches/quality.sh reuse this
+# protocol with its own settings.
 set -euo pipefail
 
 DIGITS="0 1 2 3 4 5 6 7 8 9"
@@ -75,8 +78,8 @@ for sub, items in (("train/good", normal[:cut]), ("test/good", normal[cut:]), (f
 print(f"digit {abnormal} seed {seed}: {cut} train, {len(normal) - cut} test/good, {len(anomalous)} abnormal")
 PY
     "$BIN" train --data "$RUN/data" --out "$RUN/model.onnx" --isize 32 --nc 1 --epochs "$EPOCHS" \
-      --batch 64 --seed "$s" --holdout 0 --no-export --eval-every 1 --threads "$THREADS" --device cpu \
-      --checkpoint-dir "$RUN/ckpt" --report "$RUN/report" --quiet 2> "$RUN/train.log" || { tail -5 "$RUN/train.log"; exit 1; }
+      --batch 64 --seed "$s" --holdout "${HOLDOUT:-0}" --no-export --eval-every 1 --threads "$THREADS" --device cpu \
+      --checkpoint-dir "$RUN/ckpt" --report "$RUN/report" --quiet ${TRAIN_ARGS:-} 2> "$RUN/train.log" || { tail -5 "$RUN/train.log"; exit 1; }
     rm -rf "$RUN/data" "$RUN/ckpt"
     tail -1 "$RUN/train.log"
   done
