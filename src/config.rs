@@ -351,6 +351,27 @@ impl Config {
     pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.base_dir = base.to_path_buf();
+        // The [mqtt] files follow the same rule as every other path here.
+        if let Some(m) = cfg.mqtt.as_mut() {
+            let rel = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            };
+            rel(&mut m.outbox_path);
+            if let Some(p) = m.password_file.as_mut() {
+                rel(p);
+            }
+            if let Some(t) = m.tls.as_mut() {
+                rel(&mut t.ca_file);
+                if let Some(p) = t.cert_file.as_mut() {
+                    rel(p);
+                }
+                if let Some(p) = t.key_file.as_mut() {
+                    rel(p);
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -810,6 +831,25 @@ mod tests {
             problems.iter().any(|p| p.starts_with("cameras.cam1.source.device:") && p.contains("/dev/video97")),
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn shipped_configs_use_only_known_keys_and_sane_values() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        // On a dev machine the example's models, devices and files don't
+        // exist; anything else it reports is a mistake in the example.
+        let example = Config::parse(include_str!("../config/ganomalyd.toml"), &dir).expect("example parses");
+        for p in example.validate() {
+            assert!(p.contains("does not exist") || p.starts_with("mqtt."), "example config: {p}");
+        }
+        assert_eq!(example.cameras().len(), 2);
+        let demo = Config::parse(include_str!("../config/demo.toml"), &dir).expect("demo parses");
+        for p in demo.validate() {
+            assert!(p.contains("models/demo.onnx"), "demo config: {p}");
+        }
+        let cams = demo.cameras();
+        assert!(matches!(cams[0].source, SourceConfig::Synthetic(ref s) if s.defect_every > 0));
+        assert_eq!(cams[0].model, dir.join("../models/demo.onnx"));
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! The `ganomalyd` binary as an ops engineer meets it: `check-config` on
+//! broken files, `run` on broken models and impossible provider demands,
+//! `score` on images, and a clean SIGTERM shutdown. Every failure must be a
+//! clear message naming the field, key or tensor, and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ganomaly_core::{ArchSpec, ModelMetadata, Weights};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ganomalyd");
+
+/// Runs the binary from the package root (where `make venv` puts ONNX Runtime).
+fn ganomalyd(args: &[&str], _dir: &Path) -> Output {
+    Command::new(BIN).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("RUST_LOG", "info").output().expect("run ganomalyd")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn fixture_model(dir: &Path) -> PathBuf {
+    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
+    let bytes = ganomaly_core::onnx::write_model(&arch, &Weights::random_generator(&arch, 3), &ModelMetadata::uncalibrated(arch, 5))
+        .expect("write model");
+    let p = dir.join("m.onnx");
+    std::fs::write(&p, bytes).expect("write");
+    p
+}
+
+/// A valid config with one synthetic camera, plus `extra` appended.
+fn write_config(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let body = format!(
+        r#"
+[inference]
+providers = ["cpu"]
+[snapshots]
+dir = "snaps"
+[defaults]
+model = "{}"
+fps = 20
+[cameras.cam]
+source = {{ kind = "synthetic", size = 48, variations = 2 }}
+{extra}
+"#,
+        model.display()
+    );
+    let p = dir.join("ganomalyd.toml");
+    std::fs::write(&p, body).expect("write config");
+    p
+}
+
+fn check(dir: &Path, cfg: &Path) -> Output {
+    ganomalyd(&["check-config", cfg.to_str().expect("utf8")], dir)
+}
+
+#[test]
+fn a_valid_config_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "");
+    let o = check(dir.path(), &cfg);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ok (1 camera(s))"), "{}", text(&o));
+}
+
+#[test]
+fn unknown_keys_fail_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "[cameras.cam.alarm]\nmin_frame = 3\n");
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("min_frame") && t.contains("unknown field"), "{t}");
+}
+
+#[test]
+fn wrong_types_fail_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture_model(dir.path());
+    let cfg = write_config(dir.path(), &model, "");
+    let body = std::fs::read_to_string(&cfg).expect("read").replace("fps = 20", "fps = \"twenty\"");
+    std::fs::write(&cfg, body).expect("write");
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("fps"), "{}", text(&o));
+}
+
+#[test]
+fn every_bad_range_is_reported_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture_model(dir.path());
+    let cfg = write_config(
+        dir.path(),
+        &model,
+        "[cameras.cam.alarm]\nmin_frames = 0\nclear_frames = 0\nthreshold = 1.5\n[cameras.other]\nscore = \"psnr\"\n",
+    );
+    let body = std::fs::read_to_string(&cfg).expect("read").replace("providers = [\"cpu\"]", "providers = [\"cpu\"]\nmax_batch = 0");
+    std::fs::write(&cfg, body).expect("write");
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    let t = text(&o);
+    for want in [
+        "inference.max_batch: must be between 1 and 256",
+        "cameras.cam.alarm.min_frames: must be ≥ 1",
+        "cameras.cam.alarm.clear_frames: must be ≥ 1",
+        "cameras.cam.alarm.threshold: must be between 0 and 1",
+        "cameras.other.score: `psnr`",
+        "cameras.other.source: missing",
+    ] {
+        assert!(t.contains(want), "missing `{want}` in:\n{t}");
+    }
+}
+
+#[test]
+fn an_unknown_camera_device_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        dir.path(),
+        &fixture_model(dir.path()),
+        "[cameras.line3]\nsource = { kind = \"v4l2\", device = \"/dev/video42\" }\n",
+    );
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("cameras.line3.source.device: /dev/video42 does not exist"), "{t}");
+}
+
+#[test]
+fn broken_models_fail_check_config_and_run_naming_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_onnx = dir.path().join("junk.onnx");
+    std::fs::write(&not_onnx, b"\xff\xfe definitely not protobuf").expect("write");
+    let cfg = write_config(dir.path(), &not_onnx, "");
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cameras.cam.model") && text(&o).contains("not an ONNX model"), "{}", text(&o));
+
+    // A model without its metadata: `run` itself refuses it too.
+    let good = std::fs::read(fixture_model(dir.path())).expect("read");
+    let from = b"ganomaly.preprocess";
+    let pos = good.windows(from.len()).position(|w| w == from).expect("key present");
+    let mut stripped = good.clone();
+    stripped[pos..pos + from.len()].copy_from_slice(b"ganomaly.xxxxxxxxxx");
+    let no_meta = dir.path().join("nometa.onnx");
+    std::fs::write(&no_meta, stripped).expect("write");
+    let cfg = write_config(dir.path(), &no_meta, "");
+    let o = ganomalyd(&["run", "--config", cfg.to_str().expect("utf8")], dir.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("ganomaly.preprocess") && text(&o).contains("missing"), "{}", text(&o));
+}
+
+#[test]
+fn require_accelerator_fails_start_up_on_a_cpu_only_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "");
+    let body = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("providers = [\"cpu\"]", "providers = [\"tensorrt\", \"cuda\"]\nrequire_accelerator = true");
+    std::fs::write(&cfg, body).expect("write");
+    let o = ganomalyd(&["run", "--config", cfg.to_str().expect("utf8")], dir.path());
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("require_accelerator") && t.contains("tensorrt") && t.contains("cuda"), "{t}");
+}
+
+#[test]
+fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture_model(dir.path());
+    let img = dir.path().join("part.png");
+    image::RgbImage::from_pixel(50, 40, image::Rgb([90, 100, 110])).save(&img).expect("png");
+    let missing = dir.path().join("missing.png");
+    let o = ganomalyd(
+        &["score", "--model", model.to_str().expect("utf8"), "--json", img.to_str().expect("utf8"), missing.to_str().expect("utf8")],
+        dir.path(),
+    );
+    // One image could not be read: reported on its line, and the exit says so.
+    assert!(!o.status.success());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let first = &lines[0];
+    assert_eq!(first["path"], img.display().to_string());
+    let kinds: Vec<&str> = first["scores"].as_array().expect("scores").iter().map(|k| k["kind"].as_str().expect("kind")).collect();
+    assert_eq!(kinds, ["latent", "recon", "map_max"]);
+    for k in first["scores"].as_array().expect("scores") {
+        let (raw, norm) = (k["raw"].as_f64().expect("raw"), k["normalized"].as_f64().expect("normalized"));
+        assert!(raw.is_finite() && (0.0..=1.0).contains(&norm), "{k}");
+        assert_eq!(k["anomalous"].as_bool(), Some(raw >= k["threshold"].as_f64().expect("threshold")));
+    }
+    assert!(lines[1]["error"].is_string(), "{}", lines[1]);
+    // Default providers (tensorrt, cuda, cpu) on a CPU-only ONNX Runtime.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("falling back to the CPU"), "{stderr}");
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "");
+    let log = dir.path().join("log.txt");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().expect("utf8")])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn daemon");
+    let t = Instant::now();
+    loop {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        if l.contains("ganomalyd running") && l.contains("online=true") {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            panic!("daemon did not come up:\n{l}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("daemon did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status:?}\n{l}");
+    assert!(l.contains("camera totals") && l.contains("stopped"), "{l}");
+}
