@@ -131,6 +131,20 @@ fn resume_continues_where_the_checkpoint_stopped() {
     // 2 epochs + resume for 1 = 3 epochs straight: the same weights.
     let w = |p: &PathBuf| ganomaly_core::onnx::read_model(&std::fs::read(p).unwrap()).unwrap().1;
     assert_eq!(w(&m1), w(&m2));
+
+    // `export` of the checkpoint writes the trained weights with the same calibration.
+    let m3 = tmp.path().join("c.onnx");
+    match parse(&["export", "--checkpoint", s(&c1), "--data", s(&data), "--out", s(&m3), "--threads", "1"]) {
+        cli::Command::Export(a) => cli::export_cmd(&a).unwrap(),
+        _ => unreachable!(),
+    }
+    assert_eq!(w(&m3), w(&m1));
+    let meta = |p: &PathBuf| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap();
+    for kind in ScoreKind::ALL {
+        let (a, b) = (meta(&m1), meta(&m3));
+        assert_eq!(a.score(kind).unwrap().calibration.threshold, b.score(kind).unwrap().calibration.threshold);
+    }
+    assert_eq!(meta(&m3).provenance.epochs, 3);
 }
 
 fn train_err(data: &Path, extra: &[&str]) -> String {
