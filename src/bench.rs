@@ -88,7 +88,12 @@ pub struct BenchReport {
     pub batch: usize,
     pub intra_threads: usize,
     pub frame_size: String,
+    /// Mean of the raw runs before and after the pipeline run.
     pub raw_ort_fps: f64,
+    pub raw_ort_fps_before: f64,
+    pub raw_ort_fps_after: f64,
+    /// One thread of core preprocessing alone, frames per second.
+    pub preprocess_fps: f64,
     pub offered_fps: f64,
     pub pipeline_fps: f64,
     pub ratio: f64,
@@ -183,33 +188,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let frames = Arc::new(frames(opts.width, opts.height));
 
     // 1. Raw ORT: the session alone, full batches.
-    let (raw_fps, provider) = {
-        let mut m = Model::load(&model, &infer, &base)?;
-        let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
-        let len = m.tensor_len();
-        let b = infer.max_batch;
-        let mut input = vec![0.0f32; len * b];
-        for i in 0..b {
-            let f = &frames[i % frames.len()];
-            let fr = ganomaly_core::preprocess::FrameRef {
-                width: f.width,
-                height: f.height,
-                layout: crate::preprocess::layout(f.format),
-                data: &f.data,
-            };
-            prep.run(&fr, None, &mut input[i * len..(i + 1) * len]).map_err(|e| InferError::Run(e.to_string()))?;
-        }
-        let mut out = BatchOutput::default();
-        for _ in 0..3 {
-            m.run(&input, b, &mut out)?;
-        }
-        let batches = opts.frames.div_ceil(b as u64).max(1);
-        let t = Instant::now();
-        for _ in 0..batches {
-            m.run(&input, b, &mut out)?;
-        }
-        ((batches * b as u64) as f64 / t.elapsed().as_secs_f64(), m.provider.as_str().to_string())
+    // Dropped before the pipeline starts so that its threads and memory do
+    // not count against the pipeline; loaded again for the second raw run.
+    let (raw_before, provider, preprocess_fps) = {
+        let mut raw = RawRun::new(&model, &infer, &base, &frames)?;
+        (raw.measure(opts.frames)?, raw.provider(), raw.preprocess_fps(&frames)?)
     };
+    let raw_fps = raw_before;
 
     // 2. The pipeline, offered a little more than the model can take.
     let n = opts.cameras.max(1);
@@ -271,6 +256,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let dropped = sum(|c| CameraCounters::get(&c.dropped)) - drops0;
     let report = pipeline.shutdown();
     let pipeline_fps = (d1 - d0) as f64 / elapsed;
+    // Raw ORT again, after: on a shared machine the load drifts, and the
+    // ratio should compare like with like.
+    let raw_after = RawRun::new(&model, &cfg.inference, &cfg.base_dir, &frames)?.measure(opts.frames)?;
+    let raw_fps = (raw_before + raw_after) / 2.0;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(BenchReport {
         model: model.display().to_string(),
@@ -281,6 +270,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         intra_threads: opts.intra_threads,
         frame_size: format!("{}x{}", opts.width, opts.height),
         raw_ort_fps: raw_fps,
+        raw_ort_fps_before: raw_before,
+        raw_ort_fps_after: raw_after,
+        preprocess_fps,
         offered_fps: offered,
         pipeline_fps,
         ratio: pipeline_fps / raw_fps,
@@ -290,6 +282,67 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         broken: report.cameras.iter().map(|c| c.broken).sum(),
         peak_rss_mb: peak_rss_mb().unwrap_or(0.0),
     })
+}
+
+/// The session alone, on full batches of preprocessed frames.
+struct RawRun {
+    model: Model,
+    input: Vec<f32>,
+    batch: usize,
+}
+
+impl RawRun {
+    fn new(path: &Path, infer: &InferenceConfig, base: &Path, frames: &[FrameData]) -> Result<RawRun, BenchError> {
+        let m = Model::load(path, infer, base)?;
+        let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
+        let len = m.tensor_len();
+        let b = infer.max_batch;
+        let mut input = vec![0.0f32; len * b];
+        for i in 0..b {
+            let f = &frames[i % frames.len()];
+            prep.run(&frame_ref(f), None, &mut input[i * len..(i + 1) * len]).map_err(|e| InferError::Run(e.to_string()))?;
+        }
+        Ok(RawRun { model: m, input, batch: b })
+    }
+
+    fn provider(&self) -> String {
+        self.model.provider.as_str().to_string()
+    }
+
+    fn measure(&mut self, frames: u64) -> Result<f64, BenchError> {
+        let m = &mut self.model;
+        let mut out = BatchOutput::default();
+        for _ in 0..3 {
+            m.run(&self.input, self.batch, &mut out)?;
+        }
+        let batches = frames.div_ceil(self.batch as u64).max(1);
+        let t = Instant::now();
+        for _ in 0..batches {
+            m.run(&self.input, self.batch, &mut out)?;
+        }
+        Ok((batches * self.batch as u64) as f64 / t.elapsed().as_secs_f64())
+    }
+
+    fn preprocess_fps(&self, frames: &[FrameData]) -> Result<f64, BenchError> {
+        let m = &self.model;
+        let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
+        let mut out = vec![0.0f32; m.tensor_len()];
+        let n = 500;
+        let t = Instant::now();
+        for i in 0..n {
+            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out).map_err(|e| InferError::Run(e.to_string()))?;
+        }
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    }
+}
+
+fn frame_ref(f: &FrameData) -> ganomaly_core::preprocess::FrameRef<'_> {
+    ganomaly_core::preprocess::FrameRef {
+        width: f.width,
+        height: f.height,
+        layout: crate::preprocess::layout(f.format),
+        data: &f.data,
+    }
 }
 
 fn wait_for(p: &Pipeline, decided: u64, limit: Duration) -> Result<(), BenchError> {
@@ -307,7 +360,8 @@ impl BenchReport {
     pub fn text(&self) -> String {
         format!(
             "model {} on {} ({} camera(s) of {}, batch {}, {} intra threads)\n\
-             raw ORT         {:>8.1} fps\n\
+             raw ORT         {:>8.1} fps (before {:.1}, after {:.1})\n\
+             preprocess      {:>8.1} fps (one thread)\n\
              pipeline        {:>8.1} fps (offered {:.1})\n\
              ratio           {:>8.3}\n\
              latency p50/p99 {:>8.2} / {:.2} ms (capture → alarm decision)\n\
@@ -320,6 +374,9 @@ impl BenchReport {
             self.batch,
             if self.intra_threads == 0 { "auto".to_string() } else { self.intra_threads.to_string() },
             self.raw_ort_fps,
+            self.raw_ort_fps_before,
+            self.raw_ort_fps_after,
+            self.preprocess_fps,
             self.pipeline_fps,
             self.offered_fps,
             self.ratio,

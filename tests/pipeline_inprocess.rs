@@ -524,3 +524,85 @@ fn broken_models_are_refused_naming_what_is_wrong() {
     let e = Model::load(&wrong, &cpu(), dir.path()).err().expect("refused").to_string();
     assert!(e.contains("`image`") && e.contains("64"), "{e}");
 }
+
+/// The first `n` frames of a source, then the end.
+struct Take<S> {
+    inner: S,
+    left: u64,
+}
+
+impl<S: FrameSource> FrameSource for Take<S> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn open(&mut self) -> Result<(), CaptureError> {
+        self.inner.open()
+    }
+    fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
+        if self.left == 0 {
+            return Err(CaptureError::Ended("take".into()));
+        }
+        self.left -= 1;
+        self.inner.next_frame(out)
+    }
+}
+
+#[test]
+fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx");
+    assert!(model.is_file(), "models/demo.onnx is part of the repository");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Brushed metal at 64 px, seed 0: the demo model's training distribution.
+    // In every 40 frames the last 10 are defective: episodes at 30-39, 70-79, 110-119.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            r#"
+            [inference]
+            providers = ["cpu"]
+            [pipeline]
+            frame_queue = 64
+            [snapshots]
+            dir = "{snaps}"
+            [defaults]
+            model = "{model}"
+            fps = 50
+            [cameras.demo]
+            source = {{ kind = "synthetic", texture = "brushed_metal", size = 64, seed = 0, variations = 16, defect_every = 40, defect_frames = 10, strength = 1.0 }}
+            [cameras.demo.alarm]
+            min_frames = 3
+            clear_frames = 3
+            "#,
+            snaps = dir.path().join("snaps").display(),
+            model = model.display()
+        ),
+    );
+    let synthetic = match &cfg.cameras()[0].source {
+        ganomalyd::config::SourceConfig::Synthetic(s) => s.clone(),
+        other => panic!("{other:?}"),
+    };
+    let mut sources = BTreeMap::new();
+    sources.insert(
+        "demo".to_string(),
+        capture::factory(Take { inner: capture::synthetic::SyntheticCamera::new(&synthetic), left: 120 }),
+    );
+    let rec = Recorder::default();
+    let p = Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { sources, stats: false, ..StartOptions::default() })
+        .expect("pipeline starts");
+    let t = Instant::now();
+    while !p.sources_done() {
+        assert!(t.elapsed() < Duration::from_secs(120), "source never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = p.join();
+    assert_eq!(report.cameras[0].dropped, 0, "{report:?}");
+    let episodes = [30..40u64, 70..80, 110..120];
+    let starts: Vec<AlarmEvent> = rec.alarms().into_iter().filter(|a| a.kind == AlarmKind::Start).collect();
+    assert_eq!(starts.len(), 3, "{:#?}", rec.alarms());
+    for (a, ep) in starts.iter().zip(&episodes) {
+        assert!(ep.contains(&a.first_seq) && ep.contains(&a.seq), "alarm {}..{} outside episode {ep:?}", a.first_seq, a.seq);
+        assert!(a.snapshot.is_some());
+    }
+    // The model's default score (map_max) drives the decisions.
+    assert!(rec.scores().iter().all(|s| s.kind == "map_max"));
+}
