@@ -11,17 +11,23 @@
 #                    by benches/quality_data.py (train and test from disjoint rows)
 #   mnist-<d>        the paper's MNIST protocol through benches/mnist_protocol.sh
 #                    (abnormal digit d, 80/20 split of the others, seeded)
+# Synthetic and texture sets also get a validation split DIR/val/ (30 good, 10 per
+# defect type, drawn like the test images but disjoint from them) that
+# `--score auto` chooses the score with; MNIST has none, so there `auto` falls back
+# to the trainer's built-in default.
 # Recipes (trainer flags on top of the common ones below):
-#   reference   the paper's training (constant lr); a weight average (EMA) runs
-#               alongside for measurement only
+#   final       what ganomaly-train does by default: constant lr (the paper's
+#               training), weight average (EMA), epoch chosen on held-out good images
+#   reference   the paper's training; an EMA runs alongside for measurement only
 #   cosine      half-cosine learning-rate decay, same EMA alongside
 # Each run records per-epoch test AUROC of the raw and averaged generators and
 # their reconstruction error on held-out *good* images, so one run yields four
-# variants: raw/last epoch (the reference), EMA/last, raw/selected, EMA/selected
-# (selected = lowest held-out reconstruction error; test defects never choose).
-# benches/quality_report.py turns the runs into quality.md, quality.json and plots.
+# variants: raw/last epoch (the paper's reference when the lr is constant),
+# EMA/last, raw/selected, EMA/selected (selected = lowest held-out reconstruction
+# error; test defects never choose), plus what the run exports.
+# benches/quality_report.py turns the runs into quality.md, quality.json and SVG plots.
 #
-# Usage: benches/quality.sh [-s "0 1 2"] [-r "reference cosine"] [-j JOBS] [-t THREADS] [-o OUTDIR] [-q]
+# Usage: benches/quality.sh [-s "0 1 2"] [-r "final"] [-j JOBS] [-t THREADS] [-o OUTDIR] [-q]
 #   -j parallel training runs (default 2), -t libtorch threads per run (default 1),
 #   -q quick smoke run (1 seed, 3 epochs, fewer data sets).
 # Entry point for `make bench-quality`. Runtime on a 2-core box: see benches/README.md.
@@ -29,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SEEDS="0 1 2"
-RECIPES="reference cosine"
+RECIPES="final"
 JOBS=2
 THREADS=1
 OUT=target/quality
@@ -67,6 +73,7 @@ BIN=$OUT/bin/ganomaly-train
 
 recipe_flags() {
   case $1 in
+    final) echo "--lr-schedule constant --ema-decay $EMA --select val-recon" ;;
     reference) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
     cosine) echo "--lr-schedule cosine --ema-decay $EMA --select last" ;;
     *) echo "unknown recipe $1" >&2; exit 2 ;;
@@ -78,7 +85,8 @@ COMMON="--isize $ISIZE --ngf $NGF --ndf $NGF --nz $NZ --eval-every 1 --map-kerne
 DATA=$OUT/data
 for t in $SYNTH_TEXTURES; do
   [ -d "$DATA/synth-$t/test" ] || "$BIN" datagen --out "$DATA/synth-$t" --texture "$t" --size 64 --seed 0 \
-    --train-good 400 --test-good 100 --test-per-defect 50 --strength "$SYNTH_STRENGTH" 2>/dev/null
+    --train-good 400 --test-good 130 --test-per-defect 60 --strength "$SYNTH_STRENGTH" 2>/dev/null
+  [ -d "$DATA/synth-$t/val" ] || "$PY" benches/quality_data.py split-val --data "$DATA/synth-$t" --good 30 --per-defect 10
 done
 if [ -n "$TEXTURES" ]; then
   if ! ls "$CACHE"/skimage/scikit_image-*.whl >/dev/null 2>&1; then
@@ -87,8 +95,9 @@ if [ -n "$TEXTURES" ]; then
   fi
   for t in $TEXTURES; do
     [ -d "$DATA/tex-$t/test" ] || "$PY" benches/quality_data.py textures --wheel-dir "$CACHE/skimage" \
-      --out "$DATA/tex-stage" --textures "$t" --patch 32 --train 400 --test-good 100 --test-per-defect 40
+      --out "$DATA/tex-stage" --textures "$t" --patch 32 --train 400 --test-good 130 --test-per-defect 50
     [ -d "$DATA/tex-$t/test" ] || mv "$DATA/tex-stage/$t" "$DATA/tex-$t"
+    [ -d "$DATA/tex-$t/val" ] || "$PY" benches/quality_data.py split-val --data "$DATA/tex-$t" --good 30 --per-defect 10
   done
 fi
 if [ -n "$MNIST_DIGITS" ] && [ ! -d "$CACHE/mnist/package/src/digits" ]; then
@@ -100,7 +109,8 @@ cat > "$OUT/settings.json" <<EOF
 {"isize": $ISIZE, "ngf": $NGF, "ndf": $NGF, "nz": $NZ, "batch": $BATCH, "epochs": $EPOCHS, "ema_decay": $EMA,
  "holdout": $HOLDOUT, "map_kernel": $KERNEL, "synth_strength": $SYNTH_STRENGTH, "mnist_epochs": $MNIST_EPOCHS,
  "mnist_batch": 64, "seeds": "$SEEDS", "recipes": "$RECIPES", "threads_per_run": $THREADS, "parallel_runs": $JOBS,
- "train_good": 400, "synth_test": "100 good + 50 per defect", "tex_test": "100 good + 40 per defect"}
+ "train_good": 400, "synth_test": "100 good + 50 per defect", "tex_test": "100 good + 40 per defect",
+ "val": "30 good + 10 per defect (synth, tex); none (mnist)"}
 EOF
 
 # --- the job list: one line per training run, longest first ---

@@ -3,7 +3,8 @@
 textures (brick, grass, gravel) cut into patches, with defects pasted in, written
 as MVTec-style folders that ganomaly-train reads with its normal loader.
 
-    quality_data.py textures --wheel-dir DIR --out DIR [--patch 64] [--train 400] ...
+    quality_data.py textures --wheel-dir DIR --out DIR [--patch 32] [--train 400] ...
+    quality_data.py split-val --data DIR [--good 30] [--per-defect 10]
 
 The 512×512 texture is split by rows: training patches come from the top three
 quarters, every test patch (good or defective) from the bottom quarter, so no
@@ -169,6 +170,22 @@ def textures(a):
             print(f"{root}: {a.train} train/good, {a.test_good} test/good, {a.test_per_defect} × {len(DEFECTS)} defective")
 
 
+def split_val(a):
+    """Moves the first files of DIR/test/good and of each DIR/test/<defect> into DIR/val/:
+    the validation split that `ganomaly-train train --score auto` chooses the score with."""
+    import shutil
+    test = os.path.join(a.data, "test")
+    for kind in sorted(os.listdir(test)):
+        n = a.good if kind == "good" else a.per_defect
+        files = sorted(f for f in os.listdir(os.path.join(test, kind)) if f.endswith(".png"))
+        if len(files) <= n:
+            sys.exit(f"{test}/{kind} has {len(files)} images: too few to move {n} into val/")
+        os.makedirs(os.path.join(a.data, "val", kind), exist_ok=True)
+        for f in files[:n]:
+            shutil.move(os.path.join(test, kind, f), os.path.join(a.data, "val", kind, f))
+    print(f"{a.data}/val: {a.good} good, {a.per_defect} per defect type (moved from test/)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -176,14 +193,20 @@ def main():
     t.add_argument("--wheel-dir", required=True, help="folder holding the scikit_image wheel")
     t.add_argument("--out", required=True)
     t.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES)
-    t.add_argument("--patch", type=int, default=64)
+    t.add_argument("--patch", type=int, default=32)
     t.add_argument("--train", type=int, default=400)
     t.add_argument("--test-good", type=int, default=100)
     t.add_argument("--test-per-defect", type=int, default=40)
     t.add_argument("--seed", type=int, default=0, help="data seed (fixed across training seeds)")
+    v = sub.add_parser("split-val", help="move part of test/ into val/ (for --score auto)")
+    v.add_argument("--data", required=True)
+    v.add_argument("--good", type=int, default=30)
+    v.add_argument("--per-defect", type=int, default=10)
     a = ap.parse_args()
     if a.cmd == "textures":
         textures(a)
+    elif a.cmd == "split-val":
+        split_val(a)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@
 
 Reads every OUTDIR/<recipe>/<dataset>/seed<s>/report/report.json and
 OUTDIR/<recipe>/mnist/digit<d>-seed<s>/report/report.json written by
-`ganomaly-train train`, and writes OUTDIR/quality.md, OUTDIR/quality.json and,
-when matplotlib is importable, OUTDIR/quality_*.png.
+`ganomaly-train train`, and writes OUTDIR/quality.md, OUTDIR/quality.json and
+bar charts OUTDIR/quality_<recipe>_<variant>.svg.
 
 Variants of one run (from its per-epoch history):
   raw/last  the last epoch's generator: the paper's reference training
   ema/last  the weight average after the last epoch
   raw/sel   the epoch with the lowest reconstruction error on held-out good images
   ema/sel   the same criterion on the weight average
-No variant is ever chosen by test AUROC.
+  exported  what the run's flags export (report.json's last_epoch), with an extra
+            column `auto`: the AUROC of the score `--score auto` chose (on DIR/val/
+            when the data set has one, else the built-in default)
+No variant and no score is ever chosen by test AUROC.
 """
 import glob
 import json
@@ -22,14 +25,14 @@ import statistics
 import sys
 
 KINDS = ("latent", "recon", "map_max")
-VARIANTS = ("raw/last", "ema/last", "raw/sel", "ema/sel")
+VARIANTS = ("raw/last", "ema/last", "raw/sel", "ema/sel", "exported")
 
 
 def variant_figures(report):
     """{variant: ({kind: auroc}, {kind: {defect: auroc}}, epoch)} of one run."""
     hist = report["history"]
     out = {}
-    for v in VARIANTS:
+    for v in VARIANTS[:4]:
         src, how = v.split("/")
         auroc_key = "auroc" if src == "raw" else "auroc_ema"
         val_key = "recon" if src == "raw" else "recon_ema"
@@ -45,22 +48,34 @@ def variant_figures(report):
             h = min(scored, key=lambda h: h["val"][val_key])
         per_defect = h.get("per_defect", {}).get(src, {})
         out[v] = ({k: h[auroc_key][k] for k in KINDS}, per_defect, h["epoch"])
+    le = report.get("last_epoch")
+    if le:
+        chosen = le["default_score"]
+        figs = {k: le["scores"][k]["auroc"] for k in KINDS}
+        figs["auto"] = figs[chosen]
+        per_defect = {k: le["scores"][k]["per_defect"] for k in KINDS}
+        per_defect["auto"] = per_defect[chosen]
+        figs["chosen"] = chosen
+        out["exported"] = (figs, per_defect, report.get("selection", {}).get("epoch"))
     return out
 
 
 def collect(out):
-    """rows[(recipe, dataset)][seed] = variant figures; dataset names carry the defect type."""
+    """rows[(recipe, dataset)][seed][variant] = {kind: auroc} (and `chosen` for `exported`);
+    a data set with several defect types also gets one row per type, `<dataset>/<defect>`."""
     rows = {}
     for path in sorted(glob.glob(os.path.join(out, "*", "*", "seed*", "report", "report.json"))):
         parts = path.split(os.sep)
         recipe, ds, seed = parts[-5], parts[-4], int(parts[-3][len("seed"):])
         figs = variant_figures(json.load(open(path)))
-        # The pooled AUROC over all defect types, then one row per defect type.
         rows.setdefault((recipe, ds), {})[seed] = {v: f[0] for v, f in figs.items()}
-        for v, (_, per_defect, _) in figs.items():
+        for v, (f, per_defect, _) in figs.items():
             for kind, by_defect in per_defect.items():
                 for defect, a in by_defect.items():
-                    rows.setdefault((recipe, f"{ds}/{defect}"), {}).setdefault(seed, {}).setdefault(v, {})[kind] = a
+                    cell = rows.setdefault((recipe, f"{ds}/{defect}"), {}).setdefault(seed, {}).setdefault(v, {})
+                    cell[kind] = a
+                    if "chosen" in f:
+                        cell["chosen"] = f["chosen"]
     for path in sorted(glob.glob(os.path.join(out, "*", "mnist", "digit*-seed*", "report", "report.json"))):
         parts = path.split(os.sep)
         recipe = parts[-5]
@@ -88,11 +103,13 @@ def main():
     summary = {}
     for (recipe, ds), seeds in rows.items():
         for v in VARIANTS:
-            for k in KINDS:
+            for k in KINDS + ("auto",):
                 vals = [seeds[s][v][k] for s in sorted(seeds) if v in seeds[s] and k in seeds[s][v]]
                 st = stats(vals)
                 if st:
                     st["seeds"] = sorted(s for s in seeds if v in seeds[s])
+                    if k == "auto":
+                        st["chosen"] = [seeds[s][v].get("chosen") for s in sorted(seeds) if v in seeds[s]]
                     summary.setdefault(recipe, {}).setdefault(v, {}).setdefault(ds, {})[k] = st
 
     # Which (recipe, variant, kind) generalises best: mean over pooled data sets of the
@@ -102,7 +119,7 @@ def main():
     ranking = []
     for recipe in recipes:
         for v in VARIANTS:
-            for k in KINDS:
+            for k in KINDS + (("auto",) if v == "exported" else ()):
                 ms = [summary[recipe][v][d][k]["mean"] for d in pooled if d in summary.get(recipe, {}).get(v, {})]
                 if len(ms) == len(pooled) and ms:
                     sp = [summary[recipe][v][d][k]["spread"] for d in pooled if d.startswith("tex-")]
@@ -116,21 +133,45 @@ def main():
         lines.append("")
     lines.append("Cells: mean over seeds, and (spread = max − min). `latent` is the paper's score.")
     lines.append("")
+    # Headline: the paper's reference (raw weights, last epoch, latent score) against
+    # every score of what the `final` recipe exports, and the score `auto` chose.
+    if "exported" in summary.get("final", {}):
+        # The `final` recipe trains as the paper does (constant lr): its raw weights at
+        # the last epoch are the paper's reference model, from the very same runs.
+        base = summary.get("reference", summary["final"]).get("raw/last", {})
+        fin = summary["final"]["exported"]
+        lines.append("## Headline: paper reference vs. the `final` recipe's exported model")
+        lines.append("")
+        lines.append("| data set | paper: latent, raw, last epoch | final: latent | recon | map_max | auto (chosen per seed) |")
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        for d in datasets:
+            if d not in fin:
+                continue
+            b = base.get(d, {}).get("latent")
+            bs = f"{b['mean']:.3f} ({b['spread']:.3f})" if b else "–"
+            c = fin[d]
+            auto = c.get("auto")
+            au = f"{auto['mean']:.3f} ({auto['spread']:.3f}) {'/'.join(auto['chosen'])}" if auto else "–"
+            lines.append(f"| {d} | {bs} | " + " | ".join(f"{c[k]['mean']:.3f} ({c[k]['spread']:.3f})" for k in KINDS)
+                         + f" | {au} |")
+        lines.append("")
     for recipe in recipes:
         for v in VARIANTS:
             if v not in summary.get(recipe, {}):
                 continue
             lines.append(f"## recipe `{recipe}`, variant `{v}`")
             lines.append("")
-            lines.append("| data set | seeds | " + " | ".join(KINDS) + " |")
-            lines.append("| --- | --- | " + " | ".join("---" for _ in KINDS) + " |")
+            cols = KINDS + (("auto",) if v == "exported" else ())
+            lines.append("| data set | seeds | " + " | ".join(cols) + " |")
+            lines.append("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
             for d in datasets:
                 cell = summary[recipe][v].get(d)
                 if not cell:
                     continue
                 seeds = cell[KINDS[0]]["seeds"]
                 lines.append(f"| {d} | {','.join(map(str, seeds))} | " + " | ".join(
-                    f"{cell[k]['mean']:.3f} ({cell[k]['spread']:.3f})" for k in KINDS) + " |")
+                    f"{cell[k]['mean']:.3f} ({cell[k]['spread']:.3f})" + (f" {'/'.join(cell[k]['chosen'])}" if k == "auto" else "")
+                    for k in cols) + " |")
             lines.append("")
     lines.append("## Ranking (mean over pooled data sets of the mean AUROC)")
     lines.append("")
@@ -150,36 +191,41 @@ def main():
 
 
 def plots(out, summary, recipes, pooled):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
-        return
+    """One SVG bar chart per recipe and variant (hand-written SVG: no plotting library in the venv)."""
+    colors = {"latent": "#d62728", "recon": "#1f77b4", "map_max": "#2ca02c"}
     for recipe in recipes:
         for v in ("raw/last", "ema/sel"):
             cells = summary.get(recipe, {}).get(v)
             if not cells:
                 continue
-            fig, ax = plt.subplots(figsize=(1.2 * len(pooled) + 2, 4))
-            w = 0.27
-            for i, k in enumerate(KINDS):
-                xs = [j + (i - 1) * w for j in range(len(pooled))]
-                means = [cells[d][k]["mean"] if d in cells else 0 for d in pooled]
-                errs = [[cells[d][k]["mean"] - cells[d][k]["min"] if d in cells else 0 for d in pooled],
-                        [cells[d][k]["spread"] - (cells[d][k]["mean"] - cells[d][k]["min"]) if d in cells else 0
-                         for d in pooled]]
-                ax.bar(xs, means, w, yerr=errs, label=k, capsize=2)
-            ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-            ax.set_xticks(range(len(pooled)), pooled, rotation=30, ha="right")
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("image AUROC")
-            ax.set_title(f"{recipe}, {v} (bars: min..max over seeds)")
-            ax.legend(loc="lower right")
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"quality_{recipe}_{v.replace('/', '_')}.png"), dpi=100)
-            plt.close(fig)
+            ds = [d for d in pooled if d in cells]
+            bw, gap, h, left, top = 14, 16, 220, 40, 30
+            width = left + len(ds) * (3 * bw + gap) + 120
+            y = lambda a: top + h * (1 - a)
+            el = [f'<text x="{left}" y="18" font-size="13">{recipe}, {v}: image AUROC, mean over seeds '
+                  f'(whiskers: min..max)</text>']
+            for a in (0, 0.25, 0.5, 0.75, 1.0):
+                dash = ' stroke-dasharray="4,3"' if a == 0.5 else ""
+                el.append(f'<line x1="{left}" x2="{width - 120}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#bbb"{dash}/>')
+                el.append(f'<text x="{left - 30}" y="{y(a) + 4:.1f}" font-size="10">{a:.2f}</text>')
+            for j, d in enumerate(ds):
+                x0 = left + gap / 2 + j * (3 * bw + gap)
+                for i, k in enumerate(("latent", "recon", "map_max")):
+                    c = cells[d][k]
+                    x = x0 + i * bw
+                    el.append(f'<rect x="{x:.1f}" y="{y(c["mean"]):.1f}" width="{bw - 2}" height="{h * c["mean"]:.1f}" '
+                              f'fill="{colors[k]}"/>')
+                    xm = x + (bw - 2) / 2
+                    el.append(f'<line x1="{xm:.1f}" x2="{xm:.1f}" y1="{y(c["min"]):.1f}" '
+                              f'y2="{y(c["min"] + c["spread"]):.1f}" stroke="black"/>')
+                el.append(f'<text x="{x0:.1f}" y="{top + h + 14}" font-size="10">{d}</text>')
+            for i, k in enumerate(colors):
+                el.append(f'<rect x="{width - 110}" y="{top + 14 * i}" width="10" height="10" fill="{colors[k]}"/>')
+                el.append(f'<text x="{width - 95}" y="{top + 9 + 14 * i}" font-size="11">{k}</text>')
+            svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + h + 30}" '
+                   f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>' + "".join(el) + "</svg>")
+            path = os.path.join(out, f"quality_{recipe}_{v.replace('/', '_')}.svg")
+            open(path, "w").write(svg)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,17 @@ fn onnx_matches_tch_after_training_steps() {
     }
     check(&m.g, 7, 8);
 }
+
+#[test]
+fn onnx_matches_tch_for_the_weight_average() {
+    // `--ema-decay` exports the averaged generator (running statistics averaged too):
+    // it must go through the writer as faithfully as the raw one.
+    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
+    let mut m = Model::new(&arch, Hyper::default(), 6, Device::Cpu);
+    m.ema = Some(ganomaly_train::select::Ema::new(&m.g, 0.9));
+    let (_, x) = images(&arch, 8);
+    for _ in 0..5 {
+        m.step(&x);
+    }
+    check(&m.ema.as_ref().unwrap().g, 5, 8);
+}
