@@ -223,7 +223,7 @@ pub fn split_holdout(train: &[PathBuf], fraction: f64, seed: u64) -> Result<(Vec
         )));
     }
     let mut idx: Vec<usize> = (0..n).collect();
-    SplitMix::new(seed ^ 0x5EED_0F_4E1D).shuffle(&mut idx);
+    SplitMix::new(seed ^ 0x005E_ED0F_4E1D).shuffle(&mut idx);
     let mut hold: Vec<usize> = idx[..n_hold].to_vec();
     let mut fit: Vec<usize> = idx[n_hold..].to_vec();
     hold.sort_unstable();

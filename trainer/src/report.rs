@@ -21,6 +21,9 @@ pub struct ReportError {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A named per-epoch series of the loss plot.
+type Series = (&'static str, fn(&EpochRecord) -> f64);
+
 const SIZE: (u32, u32) = (900, 560);
 const KIND_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
 
@@ -45,7 +48,7 @@ pub fn plot_losses(path: &Path, history: &[EpochRecord]) -> PlotResult {
     let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 3));
-    let series: [(&str, fn(&EpochRecord) -> f64); 5] = [
+    let series: [Series; 5] = [
         ("err_g (total)", |r| r.losses.err_g),
         ("err_g_adv (feature L2)", |r| r.losses.err_g_adv),
         ("err_g_con (L1 recon)", |r| r.losses.err_g_con),
