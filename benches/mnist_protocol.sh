@@ -11,9 +11,10 @@
 #
 # Usage: benches/mnist_protocol.sh [-d "0 1 2 3 4 5 6 7 8 9"] [-s "0 1 2"] [-e 15] [-t THREADS] [-o OUTDIR]
 # Cost on a 2-core box: roughly 10 minutes per digit and seed at 15 epochs.
-# Environment: TRAIN_ARGS (extra `ganomaly-train train` flags) and HOLDOUT (the
-# held-out fraction of train/good, default 0) let benches/quality.sh reuse this
-# protocol with its own settings.
+# Environment: TRAIN_ARGS (extra `ganomaly-train train` flags), HOLDOUT (the
+# held-out fraction of train/good, default 0) and PREP_HOOK (a command run with the
+# prepared data folder as its last argument, before training) let
+# benches/quality.sh reuse this protocol with its own settings.
 set -euo pipefail
 
 DIGITS="0 1 2 3 4 5 6 7 8 9"
@@ -77,6 +78,7 @@ for sub, items in (("train/good", normal[:cut]), ("test/good", normal[cut:]), (f
         png_gray(os.path.join(dst, sub, f"{digit}_{i:04}.png"), 28, 28, img)
 print(f"digit {abnormal} seed {seed}: {cut} train, {len(normal) - cut} test/good, {len(anomalous)} abnormal")
 PY
+    if [ -n "${PREP_HOOK:-}" ]; then $PREP_HOOK "$RUN/data"; fi
     "$BIN" train --data "$RUN/data" --out "$RUN/model.onnx" --isize 32 --nc 1 --epochs "$EPOCHS" \
       --batch 64 --seed "$s" --holdout "${HOLDOUT:-0}" --no-export --eval-every 1 --threads "$THREADS" --device cpu \
       --checkpoint-dir "$RUN/ckpt" --report "$RUN/report" --quiet ${TRAIN_ARGS:-} 2> "$RUN/train.log" || { tail -5 "$RUN/train.log"; exit 1; }

@@ -11,10 +11,9 @@
 #                    by benches/quality_data.py (train and test from disjoint rows)
 #   mnist-<d>        the paper's MNIST protocol through benches/mnist_protocol.sh
 #                    (abnormal digit d, 80/20 split of the others, seeded)
-# Synthetic and texture sets also get a validation split DIR/val/ (30 good, 10 per
-# defect type, drawn like the test images but disjoint from them) that
-# `--score auto` chooses the score with; MNIST has none, so there `auto` falls back
-# to the trainer's built-in default.
+# Every data set also gets a validation split DIR/val/ (30 good, 10 per defect
+# type, drawn like the test images but disjoint from them; for MNIST moved out of
+# the protocol's test split) that `--score auto` chooses the score with.
 # Recipes (trainer flags on top of the common ones below):
 #   final       what ganomaly-train does by default: constant lr (the paper's
 #               training), weight average (EMA), epoch chosen on held-out good images
@@ -110,7 +109,7 @@ cat > "$OUT/settings.json" <<EOF
  "holdout": $HOLDOUT, "map_kernel": $KERNEL, "synth_strength": $SYNTH_STRENGTH, "mnist_epochs": $MNIST_EPOCHS,
  "mnist_batch": 64, "seeds": "$SEEDS", "recipes": "$RECIPES", "threads_per_run": $THREADS, "parallel_runs": $JOBS,
  "train_good": 400, "synth_test": "100 good + 50 per defect", "tex_test": "100 good + 40 per defect",
- "val": "30 good + 10 per defect (synth, tex); none (mnist)"}
+ "val": "30 good + 10 per defect type, disjoint from test (mnist: moved out of the protocol's test split)"}
 EOF
 
 # --- the job list: one line per training run, longest first ---
@@ -122,7 +121,7 @@ for r in $RECIPES; do
     for s in $SEEDS; do
       mkdir -p "$OUT/$r/mnist"
       ln -sfn "$(realpath "$CACHE/mnist")" "$OUT/$r/mnist/mnist"
-      echo "TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto $flags' \
+      echo "TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT PREP_HOOK='$PY benches/quality_data.py split-val --good 30 --per-defect 10 --data' TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto $flags' \
 benches/mnist_protocol.sh -d $d -s $s -e $MNIST_EPOCHS -t $THREADS -o $OUT/$r/mnist > $OUT/$r/mnist/log-$d-$s.txt 2>&1" >> "$JOBLIST"
     done
   done
