@@ -79,7 +79,8 @@ impl Default for LatencyHistogram {
 
 impl LatencyHistogram {
     fn bucket(ms: f64) -> usize {
-        if !(ms > LOWEST_MS) {
+        // NaN and anything at or below the floor land in the first bucket.
+        if ms.is_nan() || ms <= LOWEST_MS {
             return 0;
         }
         (((ms / LOWEST_MS).ln() / GROWTH.ln()).ceil() as usize).min(BUCKETS - 1)

@@ -78,8 +78,8 @@ pub fn render(
             let mx = ((x - r.x) as usize * side / r.width as usize).min(side - 1);
             let heat = jet(map[my * side + mx] / max);
             let p = img.get_pixel_mut(x, y);
-            for c in 0..3 {
-                p.0[c] = (p.0[c] as f32 * (1.0 - alpha) + heat[c] as f32 * alpha).round() as u8;
+            for (v, h) in p.0.iter_mut().zip(heat) {
+                *v = (*v as f32 * (1.0 - alpha) + h as f32 * alpha).round() as u8;
             }
         }
     }
