@@ -11,6 +11,10 @@
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
 //! - [`pipeline`]: wires the stages together and owns shutdown.
+//! - [`daemon`]: `ganomalyd run` around the pipeline: publisher, systemd, SIGHUP, shutdown.
+//! - [`metrics`]: per-camera counters and latency histograms.
+//! - [`systemd`]: READY/STOPPING/watchdog notifications.
+//! - [`score`], [`bench`]: the `score` and `bench` commands.
 
 pub mod alarm;
 pub mod bench;
