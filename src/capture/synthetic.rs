@@ -29,7 +29,10 @@ impl SyntheticCamera {
     pub fn new(cfg: &SyntheticSource) -> SyntheticCamera {
         let texture = Texture::parse(&cfg.texture).unwrap_or(Texture::BrushedMetal);
         let n = cfg.variations.max(1) as u64;
-        let good = (0..n).map(|i| synth::good(texture, cfg.size, cfg.seed, i).into_raw()).collect();
+        // Test-split indices: with the training seed, the camera still never shows
+        // the model an image it was trained on (a demo that replays the training
+        // set would flatter the model).
+        let good = (0..n).map(|i| synth::good(texture, cfg.size, cfg.seed, synth::test_index(None, i)).into_raw()).collect();
         let per_defect = n.min(cfg.defect_frames.max(1));
         let defective = if cfg.defect_every == 0 {
             Vec::new()
@@ -39,7 +42,9 @@ impl SyntheticCamera {
                 .filter_map(|d| Defect::parse(d))
                 .map(|d| {
                     (0..per_defect)
-                        .map(|i| synth::defective(texture, d, cfg.strength, cfg.size, cfg.seed, i).0.into_raw())
+                        .map(|i| {
+                            synth::defective(texture, d, cfg.strength, cfg.size, cfg.seed, synth::test_index(Some(d), i)).0.into_raw()
+                        })
                         .collect()
                 })
                 .collect()
