@@ -3,7 +3,10 @@
 #   make demo    run the daemon on the demo config (synthetic camera, bundled
 #                model, embedded MQTT broker); Ctrl-C stops it
 #   make test    install what the tests need, then run every test of the workspace
-#   make bench   pipeline and training benchmarks (figures, not pass/fail)
+#   make bench   pipeline benchmark, 1 and 4 cameras (figures, not pass/fail)
+#   make bench-train     training speed, ganomaly-train vs PyTorch side by side
+#   make bench-quality   detection quality: AUROC per data set x score x seed
+#   make bench-mnist     the paper's MNIST protocol (hours at full size)
 #
 # Everything the tests need is installed here, idempotently: a Python venv
 # (.venv) with ONNX Runtime, onnx and torch (CPU), and Debian's libclang (the
@@ -31,12 +34,13 @@ export GANOMALY_REQUIRE_PYTHON := 1
 
 STAMP_ORT   := $(VENV)/.stamp-ort
 STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
+STAMP_TORCH_PY := $(VENV)/.stamp-torch-full-$(TORCH_VER)
 STAMP_APT   := $(CURDIR)/target/.stamp-apt
 
-.PHONY: help venv deps test test-core test-daemon test-trainer demo bench build release install clean-venv
+.PHONY: trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
-	@sed -n '2,12p' Makefile
+	@sed -n '2,15p' Makefile
 
 $(STAMP_ORT): scripts/requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -44,12 +48,18 @@ $(STAMP_ORT): scripts/requirements.txt
 	test -f $(ORT_LIB) || { echo "ONNX Runtime library missing at $(ORT_LIB)"; exit 1; }
 	touch $@
 
-# torch's CUDA wheel without its CUDA dependencies: the CPU half of libtorch is
-# all the trainer needs here; nvidia-cuda-runtime/cupti satisfy libtorch's
-# link-time references. On a GPU box, `pip install torch==$(TORCH_VER)` instead.
+# torch's CUDA wheel without its CUDA dependencies (1.25 GB instead of 4.8): the
+# trainer links only libtorch_cpu and libc10, whose references to the CUDA
+# runtime and CUPTI the two small nvidia wheels satisfy. Python's `import torch`
+# needs the full set: $(STAMP_TORCH_PY) below, for the side-by-side benchmarks.
+# On a GPU box, `pip install torch==$(TORCH_VER)` gives the trainer CUDA too.
 $(STAMP_TORCH): $(STAMP_ORT) scripts/requirements-torch.txt
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps torch==$(TORCH_VER) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 	$(VPY) -m pip install -q --disable-pip-version-check -r scripts/requirements-torch.txt
+	touch $@
+
+$(STAMP_TORCH_PY): $(STAMP_TORCH)
+	$(VPY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VER)
 	touch $@
 
 $(STAMP_APT):
@@ -85,9 +95,21 @@ test-trainer: $(STAMP_TORCH)
 demo: $(STAMP_ORT) $(STAMP_APT)
 	cargo run --release --bin ganomalyd -- run --config config/demo.toml
 
-bench: deps
+bench: $(STAMP_ORT) $(STAMP_APT)
 	cargo run --release --bin ganomalyd -- bench --cameras 1
 	cargo run --release --bin ganomalyd -- bench --cameras 4
+
+trainer-release: $(STAMP_TORCH)
+	cargo build --release -p ganomaly-train
+
+bench-train: $(STAMP_TORCH_PY) trainer-release
+	$(VPY) benches/train_speed.py --bin target/release/ganomaly-train
+
+bench-quality: deps trainer-release
+	benches/quality.sh
+
+bench-mnist: deps trainer-release
+	benches/mnist_protocol.sh
 
 clean-venv:
 	rm -rf $(VENV)
