@@ -103,18 +103,13 @@ pub fn auroc(normal: &[f64], defect: &[f64]) -> f64 {
     (rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
 }
 
-/// The best F1 over all thresholds `score >= t`, and the threshold that reaches it
-/// (the lowest such score). `(0, +inf)` when there are no defects.
-pub fn best_f1(normal: &[f64], defect: &[f64]) -> (f64, f64) {
-    if defect.is_empty() {
-        return (0.0, f64::INFINITY);
-    }
+/// Lowers a threshold from the highest score down, one group of equal scores at
+/// a time: `(threshold, true positives, false positives)` at `score >= threshold`.
+fn sweep(normal: &[f64], defect: &[f64]) -> Vec<(f64, f64, f64)> {
     let mut all: Vec<(f64, bool)> = normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
-    // Descending: lowering the threshold past each group of equal scores.
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let total_pos = defect.len() as f64;
     let (mut tp, mut fp) = (0.0, 0.0);
-    let (mut best, mut best_t) = (0.0, f64::INFINITY);
+    let mut steps = Vec::new();
     let mut i = 0;
     while i < all.len() {
         let t = all[i].0;
@@ -126,6 +121,20 @@ pub fn best_f1(normal: &[f64], defect: &[f64]) -> (f64, f64) {
             }
             i += 1;
         }
+        steps.push((t, tp, fp));
+    }
+    steps
+}
+
+/// The best F1 over all thresholds `score >= t`, and the threshold that reaches it
+/// (the lowest such score). `(0, +inf)` when there are no defects.
+pub fn best_f1(normal: &[f64], defect: &[f64]) -> (f64, f64) {
+    let total_pos = defect.len() as f64;
+    let (mut best, mut best_t) = (0.0, f64::INFINITY);
+    if defect.is_empty() {
+        return (best, best_t);
+    }
+    for (t, tp, fp) in sweep(normal, defect) {
         let f1 = 2.0 * tp / (tp + fp + total_pos);
         if f1 > best {
             best = f1;
@@ -137,25 +146,8 @@ pub fn best_f1(normal: &[f64], defect: &[f64]) -> (f64, f64) {
 
 /// ROC curve points (false-positive rate, true-positive rate), from (0,0) to (1,1).
 pub fn roc_curve(normal: &[f64], defect: &[f64]) -> Vec<(f64, f64)> {
-    let mut all: Vec<(f64, bool)> = normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (np, nn) = (defect.len().max(1) as f64, normal.len().max(1) as f64);
-    let (mut tp, mut fp) = (0.0, 0.0);
-    let mut pts = vec![(0.0, 0.0)];
-    let mut i = 0;
-    while i < all.len() {
-        let t = all[i].0;
-        while i < all.len() && all[i].0 == t {
-            if all[i].1 {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            i += 1;
-        }
-        pts.push((fp / nn, tp / np));
-    }
-    pts
+    std::iter::once((0.0, 0.0)).chain(sweep(normal, defect).into_iter().map(|(_, tp, fp)| (fp / nn, tp / np))).collect()
 }
 
 #[cfg(test)]

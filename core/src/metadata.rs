@@ -77,6 +77,19 @@ pub struct PreprocessMeta {
     pub value_range: [f32; 2],
 }
 
+impl PreprocessMeta {
+    /// The preprocessing every model of `arch` uses today: the architecture's
+    /// colour mode and size, bilinear resize, values in [-1, 1].
+    pub fn for_arch(arch: &ArchSpec) -> PreprocessMeta {
+        PreprocessMeta {
+            color: ColorMode::from_channels(arch.nc).unwrap_or(ColorMode::Rgb),
+            size: arch.isize,
+            resize: ResizeFilter::Bilinear,
+            value_range: [-1.0, 1.0],
+        }
+    }
+}
+
 /// The image-level scores the exported graph computes. The output tensor of each
 /// is named by [`ScoreKind::output`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -232,12 +245,7 @@ impl ModelMetadata {
     pub fn uncalibrated(arch: ArchSpec, map_kernel: u32) -> ModelMetadata {
         ModelMetadata {
             arch,
-            preprocess: PreprocessMeta {
-                color: ColorMode::from_channels(arch.nc).unwrap_or(ColorMode::Rgb),
-                size: arch.isize,
-                resize: ResizeFilter::Bilinear,
-                value_range: [-1.0, 1.0],
-            },
+            preprocess: PreprocessMeta::for_arch(&arch),
             scores: ScoreKind::ALL
                 .into_iter()
                 .map(|kind| ScoreMeta {
