@@ -136,7 +136,7 @@ pub struct CalibArgs {
     pub map_kernel: u32,
     /// The score the daemon uses unless its config says otherwise. `auto`: the best
     /// validation AUROC when DIR/val/<defect> exists, else the benchmark's default.
-    #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Latent)]
+    #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Auto)]
     pub default_score: ScoreChoice,
 }
 
@@ -529,12 +529,14 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
             d_reinits: 0,
             data_digest: digest.clone(),
             history: vec![],
+            ema_decay: 0.0,
+            ema_updates: 0,
         };
         (model, state)
     };
     let seed = state.seed;
-    if a.resume && a.select.ema_decay > 0.0 {
-        eprintln!("note: --resume restarts the weight average (--ema-decay) from the checkpoint's weights");
+    if a.resume && a.select.ema_decay > 0.0 && model.ema.is_none() {
+        eprintln!("note: the checkpoint holds no weight average; --ema-decay starts one from its weights");
     }
     let mut tracker = select::Tracker::new(&a.select, &mut model);
     eprintln!(
@@ -603,6 +605,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         state.opt_g_step = model.opt_g.step;
         state.opt_d_step = model.opt_d.step;
         state.d_reinits = model.d_reinits;
+        (state.ema_decay, state.ema_updates) = model.ema.as_ref().map_or((0.0, 0), |e| (e.decay, e.updates));
         train::save_checkpoint(&ckpt_dir, &model, &state)?;
     }
 
@@ -754,9 +757,11 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
         notes: format!("ganomaly-train export of {}", a.checkpoint.display()),
     };
     let val = select::ValSet::load(&files.root, &mut pre)?;
-    let finished = finish(&model.g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
+    // The weight average when the checkpoint has one: what `train` exports too.
+    let g = select::Tracker::candidate(&model);
+    let finished = finish(g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let meta = finished.meta.context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
-    export::write_onnx(&a.out, &model.g, &meta)?;
+    export::write_onnx(&a.out, g, &meta)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ganomaly_core::calibrate::quantile_calibration;
-use ganomaly_core::metadata::{ColorMode, ModelMetadata, PreprocessMeta, Provenance, ResizeFilter, ScoreKind, ScoreMeta};
+use ganomaly_core::metadata::{ModelMetadata, PreprocessMeta, Provenance, ScoreKind, ScoreMeta};
 use ganomaly_core::onnx::{write_model, OnnxError};
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +38,9 @@ pub enum ScoreChoice {
     /// Peak of the box-filtered anomaly map.
     #[value(name = "map_max")]
     MapMax,
-    /// The kind with the highest AUROC on test/ (needs defect images; the choice
-    /// and its evidence are written into the provenance).
+    /// The kind with the highest validation AUROC when DIR/val/<defect> exists,
+    /// else the quality benchmark's default (`select::choose_score`, which resolves
+    /// it before [`build_metadata`]; never chosen on test/).
     Auto,
 }
 
@@ -86,28 +87,14 @@ pub fn build_metadata(
         ScoreChoice::Latent => ScoreKind::Latent,
         ScoreChoice::Recon => ScoreKind::Recon,
         ScoreChoice::MapMax => ScoreKind::MapMax,
+        // Resolved by the caller (`select::choose_score`) where validation images are
+        // at hand; a caller that has none gets the benchmark's default.
         ScoreChoice::Auto => {
-            let ranked = test.map(|t| {
-                let mut v: Vec<(ScoreKind, f64)> =
-                    t.values().filter(|e| e.auroc.is_finite()).map(|e| (e.kind, e.auroc)).collect();
-                v.sort_by(|a, b| b.1.total_cmp(&a.1));
-                v
-            });
-            match ranked.as_deref() {
-                Some([(best, _), ..]) => {
-                    let evidence: Vec<String> =
-                        ranked.iter().flatten().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
-                    provenance.score_choice = Some(format!(
-                        "auto: highest test AUROC ({}); chosen on the test images, so optimistic",
-                        evidence.join(", ")
-                    ));
-                    *best
-                }
-                _ => {
-                    provenance.score_choice = Some("auto: no defect images to choose with; the paper's latent score".into());
-                    ScoreKind::Latent
-                }
-            }
+            provenance.score_choice = Some(format!(
+                "auto: no validation defects; {}",
+                crate::select::BENCH_EVIDENCE
+            ));
+            crate::select::BENCH_DEFAULT_SCORE
         }
     };
     if provenance.score_choice.is_none() {
@@ -115,12 +102,7 @@ pub fn build_metadata(
     }
     Ok(ModelMetadata {
         arch,
-        preprocess: PreprocessMeta {
-            color: ColorMode::from_channels(arch.nc).unwrap_or(ColorMode::Rgb),
-            size: arch.isize,
-            resize: ResizeFilter::Bilinear,
-            value_range: [-1.0, 1.0],
-        },
+        preprocess: PreprocessMeta::for_arch(&arch),
         scores,
         default_score,
         provenance,

@@ -23,12 +23,17 @@ use crate::score::{score_all, Scores};
 use crate::train::{EpochRecord, Model};
 
 /// The score `--score auto` picks when there are no defect images to choose with:
-/// the one that generalised best across the quality benchmark's data sets.
-pub const BENCH_DEFAULT_SCORE: ScoreKind = ScoreKind::MapMax;
+/// the one that generalised best across the quality benchmark's data sets. No
+/// score wins everywhere there: the pixel scores lead on four of the seven sets
+/// but fall far below chance on MNIST's digit 1 (an anomaly with less ink is
+/// reconstructed *better*), so the only score that is never below 0.5 is the
+/// paper's, which also has the highest mean.
+pub const BENCH_DEFAULT_SCORE: ScoreKind = ScoreKind::Latent;
 
 /// Where [`BENCH_DEFAULT_SCORE`] comes from, written into the model's provenance.
-pub const BENCH_EVIDENCE: &str = "quality benchmark (benches/README.md): highest mean image AUROC over synthetic, \
-     scikit-image texture and MNIST data sets, and the only score above the latent score on each of them";
+pub const BENCH_EVIDENCE: &str = "quality benchmark (benches/README.md, weight-averaged generator, 7 data sets x 3 seeds): \
+     latent has the highest mean image AUROC (0.727; recon 0.654, map_max 0.657) and is the only score never below 0.5 \
+     (worst 0.580; recon 0.082 and map_max 0.278 on MNIST digit 1); give DIR/val/<defect> images to choose per data set";
 
 /// How the exported generator is chosen among the epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -53,13 +58,17 @@ pub enum LrSchedule {
 /// The `train` flags of this module.
 #[derive(Debug, Clone, Args)]
 pub struct SelectArgs {
-    /// Decay of the exponential moving average of NetG's weights (0: no averaging).
-    /// The average, not the raw weights, is then evaluated, selected and exported.
-    #[arg(long, default_value_t = 0.0)]
+    /// Decay of the exponential moving average of NetG's weights (0: none, the
+    /// paper). The average, not the raw weights, is then evaluated, selected and
+    /// exported. On by default: the quality benchmark's mean AUROC rose on every score.
+    #[arg(long, default_value_t = 0.99)]
     pub ema_decay: f64,
     /// Which epoch's generator to export (chosen on held-out good images only).
+    /// `last` by default: `val-recon` made no measurable difference in the benchmark.
     #[arg(long, value_enum, default_value_t = Select::Last)]
     pub select: Select,
+    /// `constant` (the paper) by default: cosine helped the pixel scores and hurt
+    /// the latent one in the benchmark, a trade, not a gain.
     #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
     pub lr_schedule: LrSchedule,
 }
@@ -173,9 +182,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Installs the EMA on `model` when asked for.
+    /// Installs the EMA on `model` when asked for (keeping one restored from a checkpoint).
     pub fn new(args: &SelectArgs, model: &mut Model) -> Tracker {
-        if args.ema_decay > 0.0 {
+        if args.ema_decay == 0.0 {
+            model.ema = None;
+        } else if model.ema.is_none() {
             model.ema = Some(Ema::new(&model.g, args.ema_decay));
         }
         Tracker { args: args.clone(), kept: None, last_epoch: 0, last_val: None }
@@ -307,8 +318,48 @@ pub fn as_choice(kind: ScoreKind) -> ScoreChoice {
     }
 }
 
-/// Resolves `--score auto`. With a validation split: the kind with the highest
-/// validation AUROC (normals: the held-out good slice plus `val/good`). Without:
+/// Hanley & McNeil's (1982) standard error of an AUROC `a` measured on `n_pos`
+/// defective and `n_neg` good images.
+pub fn auroc_se(a: f64, n_pos: usize, n_neg: usize) -> f64 {
+    if n_pos == 0 || n_neg == 0 || !a.is_finite() {
+        return f64::INFINITY;
+    }
+    let (p, n) = (n_pos as f64, n_neg as f64);
+    let q1 = a / (2.0 - a);
+    let q2 = 2.0 * a * a / (1.0 + a);
+    ((a * (1.0 - a) + (p - 1.0) * (q1 - a * a) + (n - 1.0) * (q2 - a * a)) / (p * n)).max(0.0).sqrt()
+}
+
+/// The `--score auto` rule on validation AUROCs: the benchmark's default, unless
+/// another kind beats it by more than one standard error of the default's AUROC.
+/// A validation split is small (ten defects of a kind are typical): the quality
+/// benchmark saw a plain arg-max follow noise away from the better score.
+pub fn auto_rule(aurocs: &BTreeMap<ScoreKind, f64>, n_def: usize, n_good: usize) -> (ScoreKind, String) {
+    let mut ranked: Vec<(ScoreKind, f64)> = aurocs.iter().filter(|(_, a)| a.is_finite()).map(|(&k, &a)| (k, a)).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| (b.0 == BENCH_DEFAULT_SCORE).cmp(&(a.0 == BENCH_DEFAULT_SCORE))));
+    let listed: Vec<String> = ranked.iter().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
+    let base = BENCH_DEFAULT_SCORE;
+    let (Some(&(best, best_a)), Some(&base_a)) = (ranked.first(), aurocs.get(&base).filter(|a| a.is_finite())) else {
+        return (base, format!("auto: validation AUROC undefined; {BENCH_EVIDENCE}"));
+    };
+    let se = auroc_se(base_a, n_def, n_good);
+    let lead = best_a - base_a;
+    let on = format!("on {n_good} good and {n_def} defective validation images (val/ and the held-out slice; never test/)");
+    if best != base && lead > se {
+        let why = format!("beats the default {} by {lead:.4} > one standard error {se:.4}", base.as_str());
+        (best, format!("auto: {} (validation AUROC {}; {why}) {on}", best.as_str(), listed.join(", ")))
+    } else {
+        let why = if best == base {
+            "the benchmark default leads".to_string()
+        } else {
+            format!("{} leads by {lead:.4}, within one standard error {se:.4}", best.as_str())
+        };
+        (base, format!("auto: {} (validation AUROC {}; {why}) {on}", base.as_str(), listed.join(", ")))
+    }
+}
+
+/// Resolves `--score auto`. With a validation split: [`auto_rule`] on validation
+/// AUROCs (normals: the held-out good slice plus `val/good`). Without:
 /// [`BENCH_DEFAULT_SCORE`]. Returns the kind and the evidence for the provenance.
 pub fn choose_score(g: &NetG, hold: &Scores, val: Option<&ValSet>, kernel: u32, device: Device) -> (ScoreKind, String) {
     let Some(val) = val else {
@@ -325,25 +376,43 @@ pub fn choose_score(g: &NetG, hold: &Scores, val: Option<&ValSet>, kernel: u32, 
         map_max: cat(&hold.map_max, &vs.map_max),
     };
     let evals: BTreeMap<ScoreKind, KindEval> = evaluate(&items, &all, &BTreeMap::new());
-    let mut ranked: Vec<(ScoreKind, f64)> = evals.values().filter(|e| e.auroc.is_finite()).map(|e| (e.kind, e.auroc)).collect();
-    // Ties go to the benchmark's default.
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| (b.0 == BENCH_DEFAULT_SCORE).cmp(&(a.0 == BENCH_DEFAULT_SCORE))));
+    let aurocs: BTreeMap<ScoreKind, f64> = evals.iter().map(|(&k, e)| (k, e.auroc)).collect();
     let n_def = val.items.iter().filter(|i| i.defect.is_some()).count();
-    let n_good = items.len() - n_def;
-    let evidence: Vec<String> = ranked.iter().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
-    match ranked.first() {
-        Some(&(best, _)) => (
-            best,
-            format!("auto: highest validation AUROC ({}) on {n_good} good and {n_def} defective validation images (val/ and the held-out slice; not test/)", evidence.join(", ")),
-        ),
-        None => (BENCH_DEFAULT_SCORE, format!("auto: validation AUROC undefined; {BENCH_EVIDENCE}")),
-    }
+    auto_rule(&aurocs, n_def, items.len() - n_def)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::train::{run_epoch, Hyper};
+
+    #[test]
+    fn auto_leaves_the_default_only_for_a_lead_beyond_one_standard_error() {
+        // A 0.9 on 10 defective and 740 good images: 0.066 by the formula worked by hand.
+        let se = auroc_se(0.9, 10, 740);
+        assert!((se - 0.066).abs() < 0.002, "{se}");
+        assert!(auroc_se(0.9, 100, 740) < se / 2.0 && auroc_se(0.9, 0, 10).is_infinite());
+        let other = if BENCH_DEFAULT_SCORE == ScoreKind::Recon { ScoreKind::MapMax } else { ScoreKind::Recon };
+        let with = |lead: f64| BTreeMap::from([(BENCH_DEFAULT_SCORE, 0.80), (other, 0.80 + lead)]);
+        let (k, why) = auto_rule(&with(0.03), 20, 50);
+        assert_eq!(k, BENCH_DEFAULT_SCORE, "{why}");
+        assert!(why.contains("within one standard error"), "{why}");
+        let (k, why) = auto_rule(&with(0.15), 20, 50);
+        assert_eq!(k, other, "{why}");
+        assert!(why.starts_with(&format!("auto: {} (validation AUROC", other.as_str())) && why.contains("never test/"), "{why}");
+        // Many validation images make a small lead significant.
+        assert_eq!(auto_rule(&with(0.03), 2000, 5000).0, other);
+    }
+
+    #[test]
+    fn auto_without_validation_defects_falls_back_to_the_benchmark_default() {
+        let g = crate::net::seeded(1, || NetG::new(&tiny(), Device::Cpu));
+        let hold = Scores { latent: vec![0.1, 0.2], recon: vec![0.3, 0.4], map_max: vec![0.5, 0.6] };
+        let (kind, evidence) = choose_score(&g, &hold, None, 3, Device::Cpu);
+        assert_eq!(kind, BENCH_DEFAULT_SCORE);
+        assert!(evidence.starts_with("auto: no validation defects") && evidence.contains("benches/README.md"), "{evidence}");
+        assert_eq!(as_choice(kind), ScoreChoice::Latent);
+    }
     use ganomaly_core::arch::ArchSpec;
     use tch::Kind;
 

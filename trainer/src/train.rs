@@ -150,6 +150,11 @@ impl Model {
                 v.push((format!("{prefix}.v.{name}"), opt.exp_avg_sq[i].to_device(Device::Cpu)));
             }
         }
+        if let Some(ema) = &self.ema {
+            for (name, t) in ema.g.vs.variables() {
+                v.push((format!("ema.{name}"), t.detach().to_device(Device::Cpu)));
+            }
+        }
         v
     }
 
@@ -179,6 +184,12 @@ impl Model {
                 for (i, (name, p)) in params.iter().enumerate() {
                     opt.exp_avg[i].copy_(&get(&format!("{prefix}.m.{name}"), p)?);
                     opt.exp_avg_sq[i].copy_(&get(&format!("{prefix}.v.{name}"), p)?);
+                }
+            }
+            if let Some(ema) = &self.ema {
+                for (name, mut t) in ema.g.vs.variables() {
+                    let src = get(&format!("ema.{name}"), &t)?;
+                    t.copy_(&src);
                 }
             }
             Ok(())
@@ -238,6 +249,11 @@ pub struct CheckpointState {
     pub d_reinits: u64,
     pub data_digest: String,
     pub history: Vec<EpochRecord>,
+    /// Decay of the weight average saved with the weights (0: none saved).
+    #[serde(default)]
+    pub ema_decay: f64,
+    #[serde(default)]
+    pub ema_updates: u64,
 }
 
 pub const CKPT_TENSORS: &str = "last.safetensors";
@@ -278,6 +294,11 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Model, CheckpointS
     let tensors = Tensor::read_safetensors(&path)
         .map_err(|e| CheckpointError::Unreadable { path: path.clone(), reason: e.to_string() })?;
     let mut model = Model::new(&state.arch, state.hyper, state.seed, device);
+    if state.ema_decay > 0.0 {
+        let mut ema = crate::select::Ema::new(&model.g, state.ema_decay);
+        ema.updates = state.ema_updates;
+        model.ema = Some(ema);
+    }
     model.load_state(tensors)?;
     model.opt_g.step = state.opt_g_step;
     model.opt_d.step = state.opt_d_step;
@@ -381,6 +402,8 @@ mod tests {
             d_reinits: a.d_reinits,
             data_digest: "x".into(),
             history: vec![],
+            ema_decay: 0.0,
+            ema_updates: 0,
         };
         save_checkpoint(dir.path(), &a, &state).unwrap();
         let (mut b, st) = load_checkpoint(dir.path(), Device::Cpu).unwrap();

@@ -46,6 +46,16 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
         &["--texture", "brushed_metal", "--size", "64", "--seed", "1", "--train-good", "240", "--test-good", "40",
           "--test-per-defect", "20", "--defects", "hole,stain", "--strength", "1.0"],
     );
+    // A validation split for `--default-score auto`: a few test images move to val/.
+    for (kind, n) in [("good", 8), ("hole", 4), ("stain", 4)] {
+        let (from, to) = (data.join("test").join(kind), data.join("val").join(kind));
+        std::fs::create_dir_all(&to).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&from).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in &files[..n] {
+            std::fs::rename(f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
     let model = tmp.path().join("m.onnx");
     let report_dir = tmp.path().join("report");
     let a = train_args(&[
@@ -59,8 +69,8 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     let table: Vec<String> = last.scores.values().map(|e| format!("{} {:.3} {:?}", e.kind.as_str(), e.auroc, e.per_defect)).collect();
     assert!(best >= 0.95, "best image AUROC {best} < 0.95: {table:?}");
     assert_eq!(last.scores[&last.best_score].auroc, best);
-    // auto picks the best-separating kind and says so.
-    assert_eq!(report.default_score, Some(last.best_score));
+    // auto chooses on val/ (never test/) and says why.
+    let chosen = report.default_score.expect("a default score");
 
     // The model file: metadata the daemon reads, a calibration per kind from the held-out slice.
     let bytes = std::fs::read(&model).unwrap();
@@ -76,7 +86,10 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     }
     assert!(meta.provenance.data_digest.starts_with("sha256:"));
     assert_eq!(meta.provenance.epochs, 15);
-    assert!(meta.provenance.score_choice.as_deref().unwrap_or("").contains("auto"));
+    let why = meta.provenance.score_choice.as_deref().unwrap_or("");
+    assert!(why.starts_with(&format!("auto: {} (validation AUROC ", chosen.as_str())), "{why}");
+    assert!(why.contains("on 32 good and 8 defective validation images"), "24 held out + 8 val/good: {why}");
+    assert_eq!(meta.default_score, chosen);
 
     // Report: JSON and plots.
     for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png"] {
