@@ -16,7 +16,7 @@
 # the protocol's test split) that `--score auto` chooses the score with.
 # Recipes (trainer flags on top of the common ones below):
 #   final       what ganomaly-train does by default: constant lr (the paper's
-#               training), weight average (EMA), epoch chosen on held-out good images
+#               training), weight average (EMA) exported after the last epoch
 #   reference   the paper's training; an EMA runs alongside for measurement only
 #   cosine      half-cosine learning-rate decay, same EMA alongside
 # Each run records per-epoch test AUROC of the raw and averaged generators and
@@ -72,7 +72,7 @@ BIN=$OUT/bin/ganomaly-train
 
 recipe_flags() {
   case $1 in
-    final) echo "--lr-schedule constant --ema-decay $EMA --select val-recon" ;;
+    final) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
     reference) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
     cosine) echo "--lr-schedule cosine --ema-decay $EMA --select last" ;;
     *) echo "unknown recipe $1" >&2; exit 2 ;;
