@@ -150,6 +150,7 @@ fn official_checker_and_python_onnxruntime_agree() {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{arch:?}: onnx checker / python onnxruntime failed:\n{text}");
         assert!(text.contains("checker OK"), "{text}");
+        eprintln!("isize {} nc {} extra {}: {}", arch.isize, arch.nc, arch.extralayers, text.lines().last().unwrap_or(""));
     }
 }
 
