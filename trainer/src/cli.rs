@@ -134,8 +134,9 @@ pub struct CalibArgs {
     /// Side (odd) of the box filter applied to the anomaly map before `score_map` takes its max.
     #[arg(long, default_value_t = 7)]
     pub map_kernel: u32,
-    /// The score the daemon uses unless its config says otherwise. `auto`: the best
-    /// validation AUROC when DIR/val/<defect> exists, else the benchmark's default.
+    /// The score the daemon uses unless its config says otherwise. `auto`: chosen on
+    /// DIR/val/<defect> when it exists (the benchmark's default, latent, unless another
+    /// score leads it by more than one standard error), else that default.
     #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Auto)]
     pub default_score: ScoreChoice,
 }
