@@ -9,8 +9,9 @@
 #   make bench-mnist     the paper's MNIST protocol (hours at full size)
 #
 # Everything the tests need is installed here, idempotently: a Python venv
-# (.venv) with ONNX Runtime, onnx and torch (CPU), and Debian's libclang (the
-# V4L2 camera bindings are generated with bindgen at build time).
+# (.venv) with ONNX Runtime, onnx and torch (CPU), Debian's libclang (the
+# V4L2 camera bindings are generated with bindgen at build time) and Debian's
+# mosquitto (a broker the MQTT tests start and stop themselves).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -31,6 +32,8 @@ export ORT_DYLIB_PATH      := $(ORT_LIB)
 export GANOMALY_PYTHON     := $(VPY)
 # Tests that need the venv fail instead of skipping when run from make.
 export GANOMALY_REQUIRE_PYTHON := 1
+# Likewise the TLS and broker-restart tests, which start their own Mosquitto.
+export GANOMALY_REQUIRE_MOSQUITTO := 1
 
 STAMP_ORT   := $(VENV)/.stamp-ort
 STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
@@ -67,6 +70,11 @@ $(STAMP_APT):
 	if ! ldconfig -p | grep -q 'libclang-1[0-9]*\.so\|libclang\.so'; then \
 	  $(SUDO) apt-get install -y --no-install-recommends libclang1-14 || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang1-14; }; \
+	fi
+	# The TLS and broker-restart tests start their own Mosquitto (and mosquitto_passwd).
+	if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto; then \
+	  $(SUDO) apt-get install -y --no-install-recommends mosquitto || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends mosquitto; }; \
 	fi
 	touch $@
 

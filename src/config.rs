@@ -649,6 +649,16 @@ impl CameraConfig {
                 a.clear_threshold, a.threshold
             ));
         }
+        // Normalized scores never go below 0: a clear threshold at or under 0
+        // (set, or derived as threshold − 0.05 from a tiny threshold) would
+        // keep an alarm active forever.
+        if a.clear_threshold <= 0.0 {
+            problems.push(format!(
+                "{p}.alarm.clear_threshold: must be > 0 (got {}; it defaults to threshold − 0.05, so set it when threshold is below 0.05): \
+                 a normalized score never falls below 0, so the alarm would never end",
+                a.clear_threshold
+            ));
+        }
         if !self.model.is_file() {
             problems.push(format!("{p}.model: {} does not exist", self.model.display()));
         } else {

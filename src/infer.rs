@@ -138,10 +138,13 @@ impl Model {
             return Err(err(format!("has {} inputs; only `image` is expected", inputs.len())));
         }
         let shape: Vec<i64> = input.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-        let fits = shape.len() == 4 && shape[1..] == want[1..] && (shape[0] == -1 || shape[0] > 0);
+        // The batch dimension must be dynamic: frames from several cameras are
+        // batched up to `max_batch`, and a fixed-batch graph would fail only
+        // under load, exactly when the line is busy.
+        let fits = shape.len() == 4 && shape[1..] == want[1..] && shape[0] == -1;
         if !fits || input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
             return Err(err(format!(
-                "input tensor `image` is {:?} {shape:?}; its metadata (ganomaly.preprocess) needs f32 {want:?}",
+                "input tensor `image` is {:?} {shape:?}; its metadata (ganomaly.preprocess) needs f32 {want:?} (-1: a dynamic batch dimension)",
                 input.dtype().tensor_type()
             )));
         }
@@ -345,6 +348,11 @@ fn run(mut t: InferThread) {
     let mut input = vec![0.0f32; len * t.max_batch];
     let mut out = BatchOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
+    // Every alarm machine starts idle: say so, so that a retained `ON` left by a
+    // previous run that died mid-alarm does not stay on the broker.
+    for cam in t.cameras.iter().flatten() {
+        t.publisher.alarm_state(&cam.name, false);
+    }
     loop {
         // Wake at least every second so the watchdog sees a live thread even
         // when no camera delivers.
@@ -402,6 +410,15 @@ fn run(mut t: InferThread) {
                 continue;
             }
             let raw = out.score(cam.kind, i).unwrap_or(f32::NAN) as f64;
+            if !raw.is_finite() {
+                // A NaN would never fall below the clear threshold and would hold
+                // an active alarm forever (FP16 engines can overflow): count it
+                // as a broken frame instead of deciding on it.
+                CameraCounters::add(&cam.counters.broken, 1);
+                tracing::debug!(camera = %cam.name, seq = frame.seq, raw, "non-finite score: frame counted as broken");
+                let _ = cam.recycle.try_send(frame.pixels);
+                continue;
+            }
             let score = cam.calibration.normalize(raw);
             let event = cam.alarm.observe(Scored { seq: frame.seq, ts_ms: frame.ts_ms, score, raw });
             let latency_ms = frame.captured.elapsed().as_secs_f64() * 1000.0;

@@ -113,6 +113,18 @@ fn every_bad_range_is_reported_at_once() {
 }
 
 #[test]
+fn a_clear_threshold_that_can_never_be_reached_is_refused() {
+    // threshold 0.03 derives clear_threshold −0.02: normalized scores never go
+    // that low, so an alarm would never end.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture_model(dir.path());
+    let cfg = write_config(dir.path(), &model, "[cameras.cam.alarm]\nthreshold = 0.03\n");
+    let o = check(dir.path(), &cfg);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cameras.cam.alarm.clear_threshold: must be > 0"), "{}", text(&o));
+}
+
+#[test]
 fn an_unknown_camera_device_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write_config(

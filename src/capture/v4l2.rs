@@ -113,6 +113,17 @@ impl FrameSource for V4l2Camera {
         cam.open_stream().map_err(|e| err(e.to_string()))?;
         let got = cam.camera_format();
         tracing::info!(device = %self.name(), format = %got, "camera opened");
+        if got.resolution() != Resolution::new(self.width, self.height) {
+            // The ROI was checked against the configured size: a camera that grants
+            // another one can push the ROI off the frame (every frame then counts
+            // as broken), so say it loudly.
+            tracing::warn!(
+                device = %self.name(),
+                wanted = %format!("{}x{}", self.width, self.height),
+                granted = %got.resolution(),
+                "camera granted a different resolution than configured; check `width`/`height` and the ROI"
+            );
+        }
         self.camera = Some(cam);
         Ok(())
     }

@@ -305,8 +305,10 @@ impl MqttConfig {
                 bad("tls.cert_file", "cert_file and key_file go together (mutual TLS needs both)".into());
             }
         }
-        if !self.score_max_rate_hz.is_finite() || self.score_max_rate_hz < 0.0 || self.score_max_rate_hz > 1000.0 {
-            bad("score_max_rate_hz", format!("{} must be 0..=1000 (0 turns scores off)", self.score_max_rate_hz));
+        // Below 0.001 Hz (one score in 17 minutes) the interval would overflow a Duration.
+        let hz = self.score_max_rate_hz;
+        if !hz.is_finite() || !(hz == 0.0 || (0.001..=1000.0).contains(&hz)) {
+            bad("score_max_rate_hz", format!("{hz} must be 0 (scores off) or between 0.001 and 1000"));
         }
         if self.stats_interval_s == 0 {
             bad("stats_interval_s", "must be at least 1".into());
