@@ -80,9 +80,10 @@ print(f"digit {abnormal} seed {seed}: {cut} train, {len(normal) - cut} test/good
 PY
     if [ -n "${PREP_HOOK:-}" ]; then $PREP_HOOK "$RUN/data"; fi
     "$BIN" train --data "$RUN/data" --out "$RUN/model.onnx" --isize 32 --nc 1 --epochs "$EPOCHS" \
-      --batch 64 --seed "$s" --holdout "${HOLDOUT:-0}" --no-export --eval-every 1 --threads "$THREADS" --device cpu \
+      --batch 64 --seed "$s" --holdout "${HOLDOUT:-0}" ${EXPORT_FLAG---no-export} --eval-every 1 --threads "$THREADS" --device cpu \
       --checkpoint-dir "$RUN/ckpt" --report "$RUN/report" --quiet ${TRAIN_ARGS:-} 2> "$RUN/train.log" || { tail -5 "$RUN/train.log"; exit 1; }
-    rm -rf "$RUN/data" "$RUN/ckpt"
+    rm -rf "$RUN/ckpt"
+    [ -n "${KEEP_DATA:-}" ] || rm -rf "$RUN/data"
     tail -1 "$RUN/train.log"
   done
 done

@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 
-KINDS = ("latent", "recon", "map_max")
+KINDS = ("latent", "recon", "map_max", "mahalanobis")
 VARIANTS = ("raw/last", "ema/last", "raw/sel", "ema/sel", "exported")
 
 
@@ -47,13 +47,13 @@ def variant_figures(report):
                 continue
             h = min(scored, key=lambda h: h["val"][val_key])
         per_defect = h.get("per_defect", {}).get(src, {})
-        out[v] = ({k: h[auroc_key][k] for k in KINDS}, per_defect, h["epoch"])
+        out[v] = ({k: h[auroc_key][k] for k in KINDS if k in h[auroc_key]}, per_defect, h["epoch"])
     le = report.get("last_epoch")
     if le:
         chosen = le["default_score"]
-        figs = {k: le["scores"][k]["auroc"] for k in KINDS}
+        figs = {k: le["scores"][k]["auroc"] for k in KINDS if k in le["scores"]}
         figs["auto"] = figs[chosen]
-        per_defect = {k: le["scores"][k]["per_defect"] for k in KINDS}
+        per_defect = {k: le["scores"][k]["per_defect"] for k in KINDS if k in le["scores"]}
         per_defect["auto"] = per_defect[chosen]
         figs["chosen"] = chosen
         out["exported"] = (figs, per_defect, report.get("selection", {}).get("epoch"))
@@ -142,8 +142,9 @@ def main():
         fin = summary["final"]["exported"]
         lines.append("## Headline: paper reference vs. the `final` recipe's exported model")
         lines.append("")
-        lines.append("| data set | paper: latent, raw, last epoch | final: latent | recon | map_max | auto (chosen per seed) |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines.append("| data set | paper: latent, raw, last epoch | " + " | ".join(f"final: {k}" for k in KINDS)
+                     + " | **default** (`auto`, chosen per seed) | default − paper |")
+        lines.append("| --- " * (len(KINDS) + 4) + "|")
         for d in datasets:
             if d not in fin:
                 continue
@@ -151,9 +152,10 @@ def main():
             bs = f"{b['mean']:.3f} ({b['spread']:.3f})" if b else "–"
             c = fin[d]
             auto = c.get("auto")
-            au = f"{auto['mean']:.3f} ({auto['spread']:.3f}) {'/'.join(auto['chosen'])}" if auto else "–"
-            lines.append(f"| {d} | {bs} | " + " | ".join(f"{c[k]['mean']:.3f} ({c[k]['spread']:.3f})" for k in KINDS)
-                         + f" | {au} |")
+            au = f"**{auto['mean']:.3f}** ({auto['spread']:.3f}) {'/'.join(auto['chosen'])}" if auto else "–"
+            diff = f"{auto['mean'] - b['mean']:+.3f}" if auto and b else "–"
+            cell = lambda k: f"{c[k]['mean']:.3f} ({c[k]['spread']:.3f})" if k in c else "–"
+            lines.append(f"| {d} | {bs} | " + " | ".join(cell(k) for k in KINDS) + f" | {au} | {diff} |")
         lines.append("")
     for recipe in recipes:
         for v in VARIANTS:
@@ -170,8 +172,8 @@ def main():
                     continue
                 seeds = cell[KINDS[0]]["seeds"]
                 lines.append(f"| {d} | {','.join(map(str, seeds))} | " + " | ".join(
-                    f"{cell[k]['mean']:.3f} ({cell[k]['spread']:.3f})" + (f" {'/'.join(cell[k]['chosen'])}" if k == "auto" else "")
-                    for k in cols) + " |")
+                    (f"{cell[k]['mean']:.3f} ({cell[k]['spread']:.3f})" + (f" {'/'.join(cell[k]['chosen'])}" if k == "auto" else ""))
+                    if k in cell else "–" for k in cols) + " |")
             lines.append("")
     lines.append("## Ranking (mean over pooled data sets of the mean AUROC)")
     lines.append("")
@@ -192,7 +194,7 @@ def main():
 
 def plots(out, summary, recipes, pooled):
     """One SVG bar chart per recipe and variant (hand-written SVG: no plotting library in the venv)."""
-    colors = {"latent": "#d62728", "recon": "#1f77b4", "map_max": "#2ca02c"}
+    colors = {"latent": "#d62728", "recon": "#1f77b4", "map_max": "#2ca02c", "mahalanobis": "#9467bd"}
     for recipe in recipes:
         for v in ("raw/last", "ema/sel"):
             cells = summary.get(recipe, {}).get(v)
@@ -200,7 +202,7 @@ def plots(out, summary, recipes, pooled):
                 continue
             ds = [d for d in pooled if d in cells]
             bw, gap, h, left, top = 14, 16, 220, 40, 30
-            width = left + len(ds) * (3 * bw + gap) + 120
+            width = left + len(ds) * (len(colors) * bw + gap) + 120
             y = lambda a: top + h * (1 - a)
             el = [f'<text x="{left}" y="18" font-size="13">{recipe}, {v}: image AUROC, mean over seeds '
                   f'(whiskers: min..max)</text>']
@@ -209,9 +211,11 @@ def plots(out, summary, recipes, pooled):
                 el.append(f'<line x1="{left}" x2="{width - 120}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#bbb"{dash}/>')
                 el.append(f'<text x="{left - 30}" y="{y(a) + 4:.1f}" font-size="10">{a:.2f}</text>')
             for j, d in enumerate(ds):
-                x0 = left + gap / 2 + j * (3 * bw + gap)
-                for i, k in enumerate(("latent", "recon", "map_max")):
-                    c = cells[d][k]
+                x0 = left + gap / 2 + j * (len(colors) * bw + gap)
+                for i, k in enumerate(colors):
+                    c = cells[d].get(k)
+                    if not c:
+                        continue
                     x = x0 + i * bw
                     el.append(f'<rect x="{x:.1f}" y="{y(c["mean"]):.1f}" width="{bw - 2}" height="{h * c["mean"]:.1f}" '
                               f'fill="{colors[k]}"/>')

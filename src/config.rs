@@ -173,7 +173,7 @@ impl Default for SnapshotConfig {
 pub struct CameraTable {
     pub source: Option<SourceConfig>,
     pub model: Option<PathBuf>,
-    /// `latent`, `recon`, `map_max` or `model-default`.
+    /// `latent`, `recon`, `map_max`, `mahalanobis` or `model-default`.
     pub score: Option<String>,
     pub width: Option<u32>,
     pub height: Option<u32>,
@@ -533,7 +533,7 @@ impl CameraTable {
     fn validate_fields(&self, p: &str, problems: &mut Vec<String>) {
         if let Some(s) = &self.score {
             if ScoreChoice::parse(s).is_none() {
-                problems.push(format!("{p}.score: `{s}` is not one of latent, recon, map_max, model-default"));
+                problems.push(format!("{p}.score: `{s}` is not one of latent, recon, map_max, mahalanobis, model-default"));
             }
         }
         if self.width == Some(0) {

@@ -32,7 +32,7 @@ pub struct ScoreEvent {
     pub raw_score: f64,
     /// Raw-score threshold in force for this camera.
     pub threshold: f64,
-    /// Which model score this is (`latent`, `recon`, `map_max`).
+    /// Which model score this is (`latent`, `recon`, `map_max`, `mahalanobis`).
     pub kind: String,
     /// Capture → alarm decision.
     pub latency_ms: f64,

@@ -69,7 +69,7 @@ pub struct BatchOutput {
     pub n: usize,
     /// Raw scores per kind, indexed like [`ScoreKind::ALL`]; empty for kinds
     /// the model does not export.
-    pub scores: [Vec<f32>; 3],
+    pub scores: [Vec<f32>; ScoreKind::ALL.len()],
     /// `n × side × side` anomaly maps.
     pub maps: Vec<f32>,
 }

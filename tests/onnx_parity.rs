@@ -92,6 +92,7 @@ fn onnx_graph_matches_reference_forward_pass() {
         assert_eq!(got.shape("score"), [BATCH as i64]);
         assert_eq!(got.shape("score_recon"), [BATCH as i64]);
         assert_eq!(got.shape("score_map"), [BATCH as i64]);
+        assert_eq!(got.shape("score_mahalanobis"), [BATCH as i64]);
         assert_eq!(got.shape("recon"), [BATCH as i64, arch.nc as i64, s, s]);
         assert_eq!(got.shape("anomaly_map"), [BATCH as i64, 1, s, s]);
 
@@ -100,16 +101,26 @@ fn onnx_graph_matches_reference_forward_pass() {
         let d_map = max_abs_diff(got.get("anomaly_map"), &want.anomaly_map.data);
         let d_srecon = max_abs_diff(got.get("score_recon"), &want.score_recon);
         let d_smap = max_abs_diff(got.get("score_map"), &want.score_map);
+        let want_mahal = want.score_mahalanobis.as_ref().expect("fixture weights carry code statistics");
+        let d_mahal = max_abs_diff(got.get("score_mahalanobis"), want_mahal);
         report.push(format!(
-            "isize {:3} nc {} extra {}: score {:.1e} (|score| ≈ {:.3}) recon {:.1e} map {:.1e} score_recon {:.1e} score_map {:.1e}",
-            arch.isize, arch.nc, arch.extralayers, d_score, want.score[0], d_recon, d_map, d_srecon, d_smap
+            "isize {:3} nc {} extra {}: score {:.1e} (|score| ≈ {:.3}) recon {:.1e} map {:.1e} score_recon {:.1e} score_map {:.1e} score_mahalanobis {:.1e} (≈ {:.3})",
+            arch.isize, arch.nc, arch.extralayers, d_score, want.score[0], d_recon, d_map, d_srecon, d_smap, d_mahal, want_mahal[0]
         ));
-        for (name, d) in [("score", d_score), ("recon", d_recon), ("anomaly_map", d_map), ("score_recon", d_srecon), ("score_map", d_smap)] {
+        for (name, d) in [
+            ("score", d_score),
+            ("recon", d_recon),
+            ("anomaly_map", d_map),
+            ("score_recon", d_srecon),
+            ("score_map", d_smap),
+            ("score_mahalanobis", d_mahal),
+        ] {
             assert!(d <= 1e-4, "{arch:?}: `{name}` differs by {d:e} from the reference\n{}", report.join("\n"));
         }
         // The two images differ, and so must their scores: a graph that ignored its
         // input (or the batch dimension) would pass the diff checks above only by luck.
         assert_ne!(got.get("score")[0], got.get("score")[1], "{arch:?}");
+        assert_ne!(got.get("score_mahalanobis")[0], got.get("score_mahalanobis")[1], "{arch:?}");
     }
     eprintln!("{}", report.join("\n"));
 }

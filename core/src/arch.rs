@@ -74,6 +74,11 @@ pub enum Op {
 /// BatchNorm epsilon of PyTorch's default, which every implementation must use.
 pub const BN_EPS: f32 = 1e-5;
 
+/// Initializer of the mean latent code of the training images.
+pub const CODE_MEAN: &str = "score.code_mean";
+/// Initializer of the whitening matrix of the training images' latent codes.
+pub const CODE_WHITEN: &str = "score.code_whiten";
+
 /// A module with its position in its sequential part.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layer {
@@ -158,6 +163,17 @@ impl ArchSpec {
     /// All NetG parameters in a stable order.
     pub fn generator_params(&self) -> Vec<ParamSpec> {
         params_of(self.encoder1().iter().chain(self.decoder().iter()).chain(self.encoder2().iter()))
+    }
+
+    /// Statistics of the training images' latent codes that the `mahalanobis`
+    /// score needs: the mean code `score.code_mean` `[nz]` and the whitening
+    /// matrix `score.code_whiten` `[nz, nz]` (`WWᵀ` = inverse covariance).
+    pub fn code_stats_params(&self) -> Vec<ParamSpec> {
+        let nz = self.nz as usize;
+        vec![
+            ParamSpec { name: CODE_MEAN.into(), shape: vec![nz] },
+            ParamSpec { name: CODE_WHITEN.into(), shape: vec![nz, nz] },
+        ]
     }
 
     /// All NetD parameters in a stable order.

@@ -101,10 +101,16 @@ pub enum ScoreKind {
     Recon,
     /// Maximum of the anomaly map after a k×k box filter.
     MapMax,
+    /// How far the image's latent code z_i lies from the training images' codes:
+    /// mean(((z_i − μ)ᵀW)²), the squared Mahalanobis distance divided by nz, with
+    /// μ the mean code and WWᵀ the inverse of their (Ledoit–Wolf shrunk)
+    /// covariance. The graph carries μ and W as `score.code_mean` and
+    /// `score.code_whiten`. About 1 on typical training images.
+    Mahalanobis,
 }
 
 impl ScoreKind {
-    pub const ALL: [ScoreKind; 3] = [ScoreKind::Latent, ScoreKind::Recon, ScoreKind::MapMax];
+    pub const ALL: [ScoreKind; 4] = [ScoreKind::Latent, ScoreKind::Recon, ScoreKind::MapMax, ScoreKind::Mahalanobis];
 
     /// Name of the graph output that carries this score.
     pub fn output(self) -> &'static str {
@@ -112,6 +118,7 @@ impl ScoreKind {
             ScoreKind::Latent => "score",
             ScoreKind::Recon => "score_recon",
             ScoreKind::MapMax => "score_map",
+            ScoreKind::Mahalanobis => "score_mahalanobis",
         }
     }
 
@@ -120,6 +127,7 @@ impl ScoreKind {
             ScoreKind::Latent => "latent",
             ScoreKind::Recon => "recon",
             ScoreKind::MapMax => "map_max",
+            ScoreKind::Mahalanobis => "mahalanobis",
         }
     }
 

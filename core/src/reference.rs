@@ -3,7 +3,7 @@
 //! the trainer against something that shares none of their code paths; never
 //! use it on the hot path.
 
-use crate::arch::{ArchSpec, Layer, Op, BN_EPS};
+use crate::arch::{ArchSpec, Layer, Op, BN_EPS, CODE_MEAN, CODE_WHITEN};
 use crate::weights::{Weights, WeightsError};
 
 /// A dense `[N, C, H, W]` tensor.
@@ -36,6 +36,8 @@ pub struct Outputs {
     pub score: Vec<f32>,
     pub score_recon: Vec<f32>,
     pub score_map: Vec<f32>,
+    /// `score_mahalanobis`, when the weights carry the code statistics.
+    pub score_mahalanobis: Option<Vec<f32>>,
     pub recon: Nchw,
     pub anomaly_map: Nchw,
 }
@@ -88,7 +90,21 @@ pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Res
             best
         })
         .collect();
-    Ok(Outputs { score, score_recon, score_map, recon, anomaly_map: map })
+    let score_mahalanobis = match (w.get(CODE_MEAN), w.get(CODE_WHITEN)) {
+        (Ok(mean), Ok(whiten)) => Some(
+            (0..n)
+                .map(|b| {
+                    let centred: Vec<f64> = (0..nz).map(|c| z_i.at(b, c, 0, 0) as f64 - mean.data[c] as f64).collect();
+                    let s: f64 = (0..nz)
+                        .map(|j| (0..nz).map(|i| centred[i] * whiten.data[i * nz + j] as f64).sum::<f64>().powi(2))
+                        .sum();
+                    (s / nz as f64) as f32
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    Ok(Outputs { score, score_recon, score_map, score_mahalanobis, recon, anomaly_map: map })
 }
 
 /// Applies one `nn.Sequential` part.
@@ -235,5 +251,22 @@ mod tests {
             let mx = o.anomaly_map.data[b * 1024..(b + 1) * 1024].iter().cloned().fold(f32::MIN, f32::max);
             assert!(o.score_map[b] <= mx + 1e-6 && o.score_recon[b] <= o.score_map[b] + 1e-6);
         }
+    }
+
+    #[test]
+    fn mahalanobis_by_hand_and_only_with_code_statistics() {
+        let arch = ArchSpec { isize: 16, nc: 1, nz: 2, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() };
+        let mut w = Weights::random_generator(&arch, 2);
+        let x = Nchw { n: 1, c: 1, h: 16, w: 16, data: (0..256).map(|i| ((i % 7) as f32 / 3.0) - 1.0).collect() };
+        let z = sequential(&arch.encoder1(), &w, &x).unwrap();
+        // μ = (0.5, −1), W = [[2, 1], [0, 3]] (row-major, applied as (z − μ)ᵀW).
+        w.insert(CODE_MEAN, vec![2], vec![0.5, -1.0]);
+        w.insert(CODE_WHITEN, vec![2, 2], vec![2.0, 1.0, 0.0, 3.0]);
+        let (a, b) = (z.data[0] as f64 - 0.5, z.data[1] as f64 + 1.0);
+        let want = ((2.0 * a).powi(2) + (a + 3.0 * b).powi(2)) / 2.0;
+        let got = forward(&arch, &w, &x, 3).unwrap().score_mahalanobis.unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
+        w.tensors.remove(CODE_WHITEN);
+        assert!(forward(&arch, &w, &x, 3).unwrap().score_mahalanobis.is_none());
     }
 }

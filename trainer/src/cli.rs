@@ -19,7 +19,7 @@ use crate::export::{self, ExportSettings, ScoreChoice};
 use crate::net::NetG;
 use crate::report;
 use crate::select;
-use crate::score::{score_all, Scores};
+use crate::score::{score_all, CodeStats, Scores};
 use crate::train::{self, CheckpointState, EpochRecord, Hyper, Model};
 
 #[derive(Debug, Parser)]
@@ -374,14 +374,14 @@ impl EvalSummary {
 fn print_summary(s: &EvalSummary) {
     println!("{} good, {} defective test images; default score `{}`", s.n_good, s.n_defect, s.default_score.as_str());
     let defects: Vec<&String> = s.per_defect.keys().collect();
-    print!("{:<8} {:>7} {:>7} {:>10} {:>10} {:>8}", "score", "AUROC", "bestF1", "F1@calib", "FAR@calib", "recall");
+    print!("{:<11} {:>7} {:>7} {:>10} {:>10} {:>8}", "score", "AUROC", "bestF1", "F1@calib", "FAR@calib", "recall");
     for d in &defects {
         print!(" {:>9}", d);
     }
     println!();
     for (kind, e) in &s.scores {
         let (f1c, far, rec) = e.calibrated.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |c| (c.f1, c.false_alarm_rate, c.recall));
-        print!("{:<8} {:>7.4} {:>7.4} {:>10.4} {:>10.4} {:>8.4}", kind.as_str(), e.auroc, e.f1, f1c, far, rec);
+        print!("{:<11} {:>7.4} {:>7.4} {:>10.4} {:>10.4} {:>8.4}", kind.as_str(), e.auroc, e.f1, f1c, far, rec);
         for d in &defects {
             print!(" {:>9.4}", e.per_defect.get(*d).copied().unwrap_or(f64::NAN));
         }
@@ -578,13 +578,20 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         });
         bar.finish_and_clear();
         let last = epoch + 1 == a.epochs;
+        let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
+        if test.is_some() {
+            // The `mahalanobis` score of this epoch's generators needs their code statistics.
+            model.g.code_stats = Some(CodeStats::fit(&model.g, &x_fit, 256, device)?);
+            if let Some(ema) = model.ema.as_mut() {
+                ema.g.code_stats = Some(CodeStats::fit(&ema.g, &x_fit, 256, device)?);
+            }
+        }
         if let (Some(xt), true) = (&x_test, has_defects && a.eval_every > 0 && ((epoch + 1) % a.eval_every == 0 || last)) {
             let s = score_all(&model.g, xt, settings.map_kernel, 64, device);
             for (kind, e) in evaluate(&files.test, &s, &BTreeMap::new()) {
                 rec.auroc.insert(kind.as_str().to_string(), e.auroc);
             }
         }
-        let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
         tracker.after_epoch(&model, epoch + 1, &x_hold, test, settings.map_kernel, device, &mut rec);
         let aurocs: Vec<String> = rec.auroc.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         eprintln!(
@@ -631,6 +638,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         ),
     };
     let (g_out, selection) = tracker.chosen(&model);
+    let g_out = &with_code_stats(g_out, &x_fit, device)?;
     let finished = finish(g_out, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
@@ -685,6 +693,16 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     }
     eprintln!("report in {}", report_dir.display());
     Ok(report)
+}
+
+/// A copy of `g` with its code statistics (the `mahalanobis` score) fitted on the
+/// training images `x_fit` (never the held-out slice, which calibrates).
+fn with_code_stats(g: &NetG, x_fit: &Tensor, device: Device) -> Result<NetG> {
+    let mut c = select::copy_net(g);
+    let stats = CodeStats::fit(&c, x_fit, 256, device)?;
+    eprintln!("code statistics for the mahalanobis score: {} images, Ledoit-Wolf shrinkage {:.3}", x_fit.size()[0], stats.shrinkage);
+    c.code_stats = Some(stats);
+    Ok(c)
 }
 
 /// Calibration (held-out normals) and test evaluation of a trained NetG.
@@ -743,9 +761,10 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     if digest != state.data_digest {
         eprintln!("warning: {} is not the data the checkpoint was trained on; the held-out slice may overlap training", a.data.display());
     }
-    let (_, hold) = data::split_holdout(&files.train, state.holdout, state.seed)?;
+    let (fit, hold) = data::split_holdout(&files.train, state.holdout, state.seed)?;
     let color = ColorMode::from_channels(state.arch.nc).context("nc")?;
     let mut pre = Preprocessor::new(color, state.arch.isize);
+    let x_fit = data::load(&fit, &mut pre)?;
     let x_hold = data::load(&hold, &mut pre)?;
     let x_test = load_test(&files, &mut pre)?;
     let provenance = Provenance {
@@ -759,7 +778,7 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     };
     let val = select::ValSet::load(&files.root, &mut pre)?;
     // The weight average when the checkpoint has one: what `train` exports too.
-    let g = select::Tracker::candidate(&model);
+    let g = &with_code_stats(select::Tracker::candidate(&model), &x_fit, device)?;
     let finished = finish(g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let meta = finished.meta.context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
     export::write_onnx(&a.out, g, &meta)?;

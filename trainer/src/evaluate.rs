@@ -95,12 +95,16 @@ impl AtThreshold {
     }
 }
 
-/// Evaluates every kind of `scores` (aligned with `items`). `thresholds` holds the
+/// Evaluates every kind of `scores` (aligned with `items`); kinds without scores
+/// (`mahalanobis` of a generator without code statistics) are left out. `thresholds` holds the
 /// model's calibrated threshold per kind where one exists.
 pub fn evaluate(items: &[TestItem], scores: &Scores, thresholds: &BTreeMap<ScoreKind, f64>) -> BTreeMap<ScoreKind, KindEval> {
     let mut out = BTreeMap::new();
     for kind in ScoreKind::ALL {
         let s = scores.get(kind);
+        if s.len() != items.len() {
+            continue;
+        }
         let pick = |want: &dyn Fn(&TestItem) -> bool| -> Vec<f64> {
             items.iter().zip(s).filter(|(i, _)| want(i)).map(|(_, &v)| v).collect()
         };
@@ -147,7 +151,7 @@ mod tests {
         let item = |d: Option<&str>| TestItem { path: PathBuf::new(), defect: d.map(String::from) };
         let items = vec![item(None), item(None), item(Some("a")), item(Some("b")), item(Some("b"))];
         let v = vec![0.1, 0.2, 0.15, 0.9, 0.8];
-        let scores = Scores { latent: v.clone(), recon: v.clone(), map_max: v };
+        let scores = Scores { latent: v.clone(), recon: v.clone(), map_max: v, mahalanobis: vec![] };
         let th = BTreeMap::from([(ScoreKind::Latent, 0.5)]);
         let e = evaluate(&items, &scores, &th);
         let l = &e[&ScoreKind::Latent];
@@ -157,6 +161,7 @@ mod tests {
         let c = l.calibrated.as_ref().unwrap();
         assert_eq!((c.recall, c.false_alarm_rate, c.precision), (2.0 / 3.0, 0.0, 1.0));
         assert!(e[&ScoreKind::Recon].calibrated.is_none());
+        assert!(!e.contains_key(&ScoreKind::Mahalanobis), "no scores, no entry");
         assert_eq!(l.histogram.normal.iter().sum::<u32>(), 2);
         assert_eq!(l.histogram.defect.iter().sum::<u32>(), 3);
     }

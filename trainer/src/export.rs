@@ -38,6 +38,8 @@ pub enum ScoreChoice {
     /// Peak of the box-filtered anomaly map.
     #[value(name = "map_max")]
     MapMax,
+    /// Mahalanobis distance of the latent code from the training codes.
+    Mahalanobis,
     /// The kind with the highest validation AUROC when DIR/val/<defect> exists,
     /// else the quality benchmark's default (`select::choose_score`, which resolves
     /// it before [`build_metadata`]; never chosen on test/).
@@ -70,8 +72,10 @@ pub fn build_metadata(
         return Err(ExportError::Calibration(format!("--map-kernel must be odd, got {}", settings.map_kernel)));
     }
     let arch = g.arch;
+    // Every kind the generator scores (`mahalanobis` needs its code statistics).
     let scores = ScoreKind::ALL
         .into_iter()
+        .filter(|&kind| holdout.get(kind).len() == holdout.len())
         .map(|kind| {
             let mut calibration = quantile_calibration(holdout.get(kind), settings.target_far);
             if let Some(e) = test.and_then(|t| t.get(&kind)) {
@@ -87,6 +91,7 @@ pub fn build_metadata(
         ScoreChoice::Latent => ScoreKind::Latent,
         ScoreChoice::Recon => ScoreKind::Recon,
         ScoreChoice::MapMax => ScoreKind::MapMax,
+        ScoreChoice::Mahalanobis => ScoreKind::Mahalanobis,
         // Resolved by the caller (`select::choose_score`) where validation images are
         // at hand; a caller that has none gets the benchmark's default.
         ScoreChoice::Auto => {
@@ -97,6 +102,12 @@ pub fn build_metadata(
             crate::select::BENCH_DEFAULT_SCORE
         }
     };
+    if scores.iter().all(|s| s.kind != default_score) {
+        return Err(ExportError::Calibration(format!(
+            "the default score `{}` is not exported by this generator (no code statistics fitted)",
+            default_score.as_str()
+        )));
+    }
     if provenance.score_choice.is_none() {
         provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
     }

@@ -30,6 +30,8 @@ pub enum NetError {
     Weights(#[from] WeightsError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("code statistics (mahalanobis score): {0}")]
+    Stats(String),
 }
 
 /// One module of a sequential part; tensors are shared with the owning VarStore.
@@ -141,6 +143,10 @@ pub struct NetG {
     enc1: Seq,
     dec: Seq,
     enc2: Seq,
+    /// Statistics of the training images' codes for the `mahalanobis` score,
+    /// once fitted (`CodeStats::fit`); outside the VarStore, so neither the
+    /// optimiser nor the weight average touches them.
+    pub code_stats: Option<crate::score::CodeStats>,
 }
 
 /// What NetG computes for a batch.
@@ -164,6 +170,7 @@ impl NetG {
             dec: Seq::new(&root, &arch.decoder()),
             enc2: Seq::new(&root, &arch.encoder2()),
             vs,
+            code_stats: None,
         };
         // Module order of the reference: encoder1, decoder, encoder2.
         g.enc1.init();
@@ -193,10 +200,19 @@ impl NetG {
             let data = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?;
             w.insert(spec.name, spec.shape, data);
         }
+        if let Some(stats) = &self.code_stats {
+            stats.insert_into(&mut w)?;
+        }
         Ok(w)
     }
 
-    /// Overwrites every NetG tensor from `weights` (checked against the architecture first).
+    /// z_i = E1(x) in eval mode, `[N, nz]`.
+    pub fn encode(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.enc1.forward(x, false, 0..self.enc1.len()).flatten(1, -1))
+    }
+
+    /// Overwrites every NetG tensor from `weights` (checked against the architecture
+    /// first); the code statistics too when `weights` carries them.
     pub fn load_weights(&mut self, weights: &Weights) -> Result<(), NetError> {
         let specs = self.arch.generator_params();
         weights.check(&specs)?;
@@ -210,7 +226,9 @@ impl NetG {
                 dst.f_copy_(&src)?;
             }
             Ok(())
-        })
+        })?;
+        self.code_stats = crate::score::CodeStats::from_weights(&self.arch, weights, self.vs.device())?;
+        Ok(())
     }
 }
 

@@ -25,10 +25,11 @@ type PlotResult = Result<(), Box<dyn std::error::Error>>;
 type Series = (&'static str, fn(&EpochRecord) -> f64);
 
 const SIZE: (u32, u32) = (900, 560);
-const KIND_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
+const KIND_COLORS: [RGBColor; ScoreKind::ALL.len()] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
 
 fn kind_color(kind: ScoreKind) -> RGBColor {
-    KIND_COLORS[ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0)]
+    KIND_COLORS[ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) % KIND_COLORS.len()]
 }
 
 fn finite_range(values: impl Iterator<Item = f64>) -> (f64, f64) {

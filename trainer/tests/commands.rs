@@ -92,7 +92,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     assert_eq!(meta.default_score, chosen);
 
     // Report: JSON and plots.
-    for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png"] {
+    for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png", "hist_mahalanobis.png"] {
         assert!(report_dir.join(f).is_file(), "{f} missing");
     }
     assert_eq!(report.history.len(), 15);

@@ -1,7 +1,7 @@
 //! Parity: the ONNX file the trainer exports, run through ONNX Runtime as the
 //! daemon runs it, agrees with the tch model in eval mode on every output
-//! (`score`, `score_recon`, `score_map`, `recon`, `anomaly_map`) for a batch of
-//! real (synthetic-texture) images, within 1e-4.
+//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `recon`,
+//! `anomaly_map`) for a batch of real (synthetic-texture) images, within 1e-4.
 //!
 //! Needs ONNX Runtime: `ORT_DYLIB_PATH`, else the onnxruntime wheel in `.venv`.
 
@@ -13,7 +13,7 @@ use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Defect, Texture};
 use ganomaly_core::weights::Weights;
 use ganomaly_train::net::{seeded, NetG};
-use ganomaly_train::score::outputs;
+use ganomaly_train::score::{outputs, CodeStats};
 use ganomaly_train::train::{Hyper, Model};
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -82,7 +82,9 @@ fn check(g: &NetG, kernel: u32, n: usize) {
     let input = TensorRef::from_array_view(([n, arch.nc as usize, s, s], &buf[..])).unwrap();
     let out = sess.run(ort::inputs!["image" => input]).unwrap();
     let want = outputs(g, &x, kernel);
+    let mahal = want.score_mahalanobis.as_ref().expect("the generator has code statistics");
     for (name, t) in [
+        ("score_mahalanobis", mahal),
         ("score", &want.score),
         ("score_recon", &want.score_recon),
         ("score_map", &want.score_map),
@@ -93,8 +95,10 @@ fn check(g: &NetG, kernel: u32, n: usize) {
         assert_close(name, v, t);
     }
     // The check must have teeth: scores differ between images.
-    let sc = Vec::<f32>::try_from(&want.score).unwrap();
-    assert!(sc.iter().any(|&v| (v - sc[0]).abs() > 1e-6), "degenerate scores {sc:?}");
+    for t in [&want.score, mahal] {
+        let sc = Vec::<f32>::try_from(t).unwrap();
+        assert!(sc.iter().any(|&v| (v - sc[0]).abs() > 1e-6), "degenerate scores {sc:?}");
+    }
 }
 
 #[test]
@@ -116,6 +120,9 @@ fn onnx_matches_tch_after_training_steps() {
     for _ in 0..5 {
         m.step(&x);
     }
+    // Code statistics fitted as the trainer does (here on the batch itself: 8 codes of
+    // 32 dimensions, so the shrinkage must carry the covariance).
+    m.g.code_stats = Some(CodeStats::fit(&m.g, &x, 3, Device::Cpu).unwrap());
     check(&m.g, 7, 8);
 }
 
@@ -130,5 +137,7 @@ fn onnx_matches_tch_for_the_weight_average() {
     for _ in 0..5 {
         m.step(&x);
     }
+    let ema = &mut m.ema.as_mut().unwrap().g;
+    ema.code_stats = Some(CodeStats::fit(ema, &x, 64, Device::Cpu).unwrap());
     check(&m.ema.as_ref().unwrap().g, 5, 8);
 }

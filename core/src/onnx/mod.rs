@@ -9,7 +9,10 @@
 //! - `score_recon` `[N]` = mean of `anomaly_map`;
 //! - `score_map` `[N]` = max of `anomaly_map` after a k×k box filter
 //!   (AveragePool, stride 1, pad k/2, padding excluded from the mean);
-//! - `recon` `[N, C, S, S]`.
+//! - `recon` `[N, C, S, S]`;
+//! - `score_mahalanobis` `[N]` = mean over nz of ((z_i − μ)ᵀW)², only when the
+//!   metadata lists the `mahalanobis` score; μ and W are the initializers
+//!   `score.code_mean` and `score.code_whiten` (statistics of the training codes).
 //!
 //! BatchNorm is written as `BatchNormalization` with the running statistics
 //! (inference mode); ONNX Runtime folds it into the convolutions itself.
@@ -20,7 +23,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
-use crate::arch::{ArchSpec, Layer, Op, BN_EPS};
+use crate::arch::{ArchSpec, Layer, Op, BN_EPS, CODE_MEAN, CODE_WHITEN};
 use crate::metadata::{MetadataError, ModelMetadata, ScoreKind};
 use crate::weights::{Tensor, Weights, WeightsError};
 use proto::*;
@@ -75,6 +78,10 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
         return Err(OnnxError::Mismatch(format!("map_max kernel {kernel} is larger than the image ({})", arch.isize)));
     }
     weights.check(&arch.generator_params())?;
+    let mahalanobis = meta.score(ScoreKind::Mahalanobis).is_some();
+    if mahalanobis {
+        weights.check(&arch.code_stats_params())?;
+    }
 
     let mut g = GraphBuilder::default();
     let z_i = g.sequential(&arch.encoder1(), INPUT, weights)?;
@@ -105,6 +112,19 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
     );
     g.node("ReduceMax", &[&smooth], ScoreKind::MapMax.output(), vec![ints("axes", &[1, 2, 3]), int("keepdims", 0)]);
 
+    if mahalanobis {
+        // z_i is [N, nz, 1, 1]: flatten, centre on the training mean, whiten, and
+        // average the squares (squared Mahalanobis distance / nz).
+        for p in arch.code_stats_params() {
+            g.init(&p.name, weights.get(&p.name)?);
+        }
+        let flat = g.tmp("Flatten", &[&z_i], vec![int("axis", 1)]);
+        let centred = g.tmp("Sub", &[&flat, CODE_MEAN], vec![]);
+        let white = g.tmp("MatMul", &[&centred, CODE_WHITEN], vec![]);
+        let sq = g.tmp("Mul", &[&white, &white], vec![]);
+        g.node("ReduceMean", &[&sq], ScoreKind::Mahalanobis.output(), vec![ints("axes", &[1]), int("keepdims", 0)]);
+    }
+
     let (c, s) = (arch.nc as i64, arch.isize as i64);
     let n = || Dim::Param("N");
     let graph = GraphProto {
@@ -119,7 +139,10 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
             value_info(OUTPUT_MAP, &[n(), Dim::Fixed(1), Dim::Fixed(s), Dim::Fixed(s)]),
             value_info(ScoreKind::Recon.output(), &[n()]),
             value_info(ScoreKind::MapMax.output(), &[n()]),
-        ],
+        ]
+        .into_iter()
+        .chain(mahalanobis.then(|| value_info(ScoreKind::Mahalanobis.output(), &[n()])))
+        .collect(),
     };
     let model = ModelProto {
         ir_version: Some(IR_VERSION),
@@ -341,7 +364,7 @@ mod tests {
         let bytes = write_model(&arch, &w, &meta).unwrap();
         let (m2, w2) = read_model(&bytes).unwrap();
         assert_eq!(m2, meta);
-        for spec in arch.generator_params() {
+        for spec in arch.generator_params().into_iter().chain(arch.code_stats_params()) {
             assert_eq!(w2.tensors[&spec.name], w.tensors[&spec.name], "{}", spec.name);
         }
         let (inputs, outputs) = describe(&bytes).unwrap();
@@ -349,10 +372,24 @@ mod tests {
         assert_eq!(inputs[0].name, "image");
         assert_eq!(inputs[0].dims, vec![None, Some(1), Some(32), Some(32)]);
         let names: Vec<_> = outputs.iter().map(|o| o.name.as_str()).collect();
-        assert_eq!(names, ["score", "recon", "anomaly_map", "score_recon", "score_map"]);
+        assert_eq!(names, ["score", "recon", "anomaly_map", "score_recon", "score_map", "score_mahalanobis"]);
         let model = ModelProto::decode(bytes.as_slice()).unwrap();
         assert_eq!(model.ir_version, Some(IR_VERSION));
         assert_eq!(model.opset_import[0].version, Some(OPSET));
+    }
+
+    #[test]
+    fn mahalanobis_output_only_when_listed_and_needs_its_statistics() {
+        let arch = small();
+        let mut w = Weights::random_generator(&arch, 3);
+        let mut meta = ModelMetadata::uncalibrated(arch, 5);
+        meta.scores.retain(|s| s.kind != ScoreKind::Mahalanobis);
+        let (_, outputs) = describe(&write_model(&arch, &w, &meta).unwrap()).unwrap();
+        assert!(outputs.iter().all(|o| o.name != "score_mahalanobis"));
+        w.tensors.remove(CODE_WHITEN);
+        write_model(&arch, &w, &meta).expect("statistics are not needed without the score");
+        let err = write_model(&arch, &w, &ModelMetadata::uncalibrated(arch, 5)).unwrap_err();
+        assert!(err.to_string().contains(CODE_WHITEN), "{err}");
     }
 
     #[test]
