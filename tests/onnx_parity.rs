@@ -74,6 +74,8 @@ fn archs() -> Vec<ArchSpec> {
             }
         }
     }
+    // ngf 32: the feature map has 128 channels, so the `mahalanobis` score pools it 2×2.
+    v.push(ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 32, ndf: 4, extralayers: 0, ..Default::default() });
     v
 }
 
@@ -101,7 +103,7 @@ fn onnx_graph_matches_reference_forward_pass() {
         let d_map = max_abs_diff(got.get("anomaly_map"), &want.anomaly_map.data);
         let d_srecon = max_abs_diff(got.get("score_recon"), &want.score_recon);
         let d_smap = max_abs_diff(got.get("score_map"), &want.score_map);
-        let want_mahal = want.score_mahalanobis.as_ref().expect("fixture weights carry code statistics");
+        let want_mahal = want.score_mahalanobis.as_ref().expect("fixture weights carry feature statistics");
         let d_mahal = max_abs_diff(got.get("score_mahalanobis"), want_mahal);
         report.push(format!(
             "isize {:3} nc {} extra {}: score {:.1e} (|score| ≈ {:.3}) recon {:.1e} map {:.1e} score_recon {:.1e} score_map {:.1e} score_mahalanobis {:.1e} (≈ {:.3})",

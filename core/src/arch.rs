@@ -74,10 +74,13 @@ pub enum Op {
 /// BatchNorm epsilon of PyTorch's default, which every implementation must use.
 pub const BN_EPS: f32 = 1e-5;
 
-/// Initializer of the mean latent code of the training images.
-pub const CODE_MEAN: &str = "score.code_mean";
-/// Initializer of the whitening matrix of the training images' latent codes.
-pub const CODE_WHITEN: &str = "score.code_whiten";
+/// Initializer of the training images' mean feature vector (`mahalanobis` score).
+pub const FEATURE_MEAN: &str = "score.feature_mean";
+/// Initializer of the whitening matrix of the training images' feature vectors.
+pub const FEATURE_WHITEN: &str = "score.feature_whiten";
+/// Most values in the `mahalanobis` feature vector: the whitening matrix is its
+/// square (1024² f32 = 4 MiB in the model file).
+pub const FEATURE_DIM_MAX: u32 = 1024;
 
 /// A module with its position in its sequential part.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,14 +168,42 @@ impl ArchSpec {
         params_of(self.encoder1().iter().chain(self.decoder().iter()).chain(self.encoder2().iter()))
     }
 
-    /// Statistics of the training images' latent codes that the `mahalanobis`
-    /// score needs: the mean code `score.code_mean` `[nz]` and the whitening
-    /// matrix `score.code_whiten` `[nz, nz]` (`WWᵀ` = inverse covariance).
-    pub fn code_stats_params(&self) -> Vec<ParamSpec> {
-        let nz = self.nz as usize;
+    /// Index in `encoder1()` of the layer whose output the `mahalanobis` score
+    /// reads: the last activation, the 4×4×C map just before the final conv
+    /// that makes z_i (`encoder1.{i}.out`).
+    pub fn feature_layer(&self) -> usize {
+        self.encoder1().len() - 2
+    }
+
+    /// Channels C of that 4×4 map.
+    pub fn feature_channels(&self) -> u32 {
+        match self.encoder1().last().map(|l| l.op) {
+            Some(Op::Conv { cin, .. }) => cin,
+            _ => self.ngf,
+        }
+    }
+
+    /// Side of the average-pooling window (1, 2 or 4) that brings the 4×4×C map
+    /// down to at most [`FEATURE_DIM_MAX`] values.
+    pub fn feature_pool(&self) -> u32 {
+        let c = self.feature_channels();
+        [1, 2, 4].into_iter().find(|p| c * (4 / p) * (4 / p) <= FEATURE_DIM_MAX).unwrap_or(4)
+    }
+
+    /// Length D of the feature vector: C × (4 / pool)².
+    pub fn feature_dim(&self) -> usize {
+        let side = 4 / self.feature_pool();
+        (self.feature_channels() * side * side) as usize
+    }
+
+    /// Statistics of the training images' feature vectors that the `mahalanobis`
+    /// score needs: their mean `score.feature_mean` `[D]` and the whitening matrix
+    /// `score.feature_whiten` `[D, D]` (`WWᵀ` = inverse covariance).
+    pub fn feature_stats_params(&self) -> Vec<ParamSpec> {
+        let d = self.feature_dim();
         vec![
-            ParamSpec { name: CODE_MEAN.into(), shape: vec![nz] },
-            ParamSpec { name: CODE_WHITEN.into(), shape: vec![nz, nz] },
+            ParamSpec { name: FEATURE_MEAN.into(), shape: vec![d] },
+            ParamSpec { name: FEATURE_WHITEN.into(), shape: vec![d, d] },
         ]
     }
 
@@ -301,6 +332,21 @@ mod tests {
         assert!(errs.contains(&ArchError::Channels(2)));
         assert!(errs.iter().any(|e| matches!(e, ArchError::Range { name: "nz", .. })));
         assert_eq!(errs.len(), 3);
+    }
+
+    #[test]
+    fn feature_vector_of_the_mahalanobis_score_stays_bounded() {
+        let at = |isize, ngf| ArchSpec { isize, ngf, ..Default::default() };
+        // isize 32: 4×4 map of 4·ngf channels.
+        let a = at(32, 16);
+        assert_eq!((a.feature_channels(), a.feature_pool(), a.feature_dim()), (64, 1, 1024));
+        assert_eq!(a.encoder1()[a.feature_layer()].op, Op::LeakyRelu { slope: 0.2 });
+        let a = at(32, 64);
+        assert_eq!((a.feature_channels(), a.feature_pool(), a.feature_dim()), (256, 2, 1024));
+        let a = at(64, 64);
+        assert_eq!((a.feature_channels(), a.feature_pool(), a.feature_dim()), (512, 4, 512));
+        let a = at(256, 64);
+        assert_eq!((a.feature_pool(), a.feature_dim()), (4, 2048), "C > 1024: global pooling is the floor");
     }
 
     #[test]

@@ -101,11 +101,12 @@ pub enum ScoreKind {
     Recon,
     /// Maximum of the anomaly map after a k×k box filter.
     MapMax,
-    /// How far the image's latent code z_i lies from the training images' codes:
-    /// mean(((z_i − μ)ᵀW)²), the squared Mahalanobis distance divided by nz, with
-    /// μ the mean code and WWᵀ the inverse of their (Ledoit–Wolf shrunk)
-    /// covariance. The graph carries μ and W as `score.code_mean` and
-    /// `score.code_whiten`. About 1 on typical training images.
+    /// How far the image's encoder features lie from the training images': f is
+    /// encoder1's last 4×4×C activation (average-pooled to at most 1024 values),
+    /// the score mean(((f − μ)ᵀW)²) is the squared Mahalanobis distance divided by
+    /// D, with μ the training mean and WWᵀ the inverse of their (Ledoit–Wolf
+    /// shrunk) covariance. The graph carries μ and W as `score.feature_mean` and
+    /// `score.feature_whiten`. About 1 on typical training images.
     Mahalanobis,
 }
 

@@ -3,7 +3,7 @@
 //! the trainer against something that shares none of their code paths; never
 //! use it on the hot path.
 
-use crate::arch::{ArchSpec, Layer, Op, BN_EPS, CODE_MEAN, CODE_WHITEN};
+use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
 use crate::weights::{Weights, WeightsError};
 
 /// A dense `[N, C, H, W]` tensor.
@@ -36,7 +36,7 @@ pub struct Outputs {
     pub score: Vec<f32>,
     pub score_recon: Vec<f32>,
     pub score_map: Vec<f32>,
-    /// `score_mahalanobis`, when the weights carry the code statistics.
+    /// `score_mahalanobis`, when the weights carry the feature statistics.
     pub score_mahalanobis: Option<Vec<f32>>,
     pub recon: Nchw,
     pub anomaly_map: Nchw,
@@ -90,18 +90,38 @@ pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Res
             best
         })
         .collect();
-    let score_mahalanobis = match (w.get(CODE_MEAN), w.get(CODE_WHITEN)) {
-        (Ok(mean), Ok(whiten)) => Some(
-            (0..n)
-                .map(|b| {
-                    let centred: Vec<f64> = (0..nz).map(|c| z_i.at(b, c, 0, 0) as f64 - mean.data[c] as f64).collect();
-                    let s: f64 = (0..nz)
-                        .map(|j| (0..nz).map(|i| centred[i] * whiten.data[i * nz + j] as f64).sum::<f64>().powi(2))
-                        .sum();
-                    (s / nz as f64) as f32
-                })
-                .collect(),
-        ),
+    let score_mahalanobis = match (w.get(FEATURE_MEAN), w.get(FEATURE_WHITEN)) {
+        (Ok(mean), Ok(whiten)) => {
+            let enc = arch.encoder1();
+            let f = sequential(&enc[..=arch.feature_layer()], w, x)?;
+            let p = arch.feature_pool() as usize;
+            let (fh, fw) = (f.h / p, f.w / p);
+            let d = f.c * fh * fw;
+            Some(
+                (0..n)
+                    .map(|b| {
+                        // Average-pool p×p windows, flatten in (c, y, x) order, centre.
+                        let mut v = Vec::with_capacity(d);
+                        for c in 0..f.c {
+                            for y in 0..fh {
+                                for xx in 0..fw {
+                                    let mut s = 0.0f64;
+                                    for dy in 0..p {
+                                        for dx in 0..p {
+                                            s += f.at(b, c, y * p + dy, xx * p + dx) as f64;
+                                        }
+                                    }
+                                    v.push(s / (p * p) as f64 - mean.data[v.len()] as f64);
+                                }
+                            }
+                        }
+                        let s: f64 =
+                            (0..d).map(|j| (0..d).map(|i| v[i] * whiten.data[i * d + j] as f64).sum::<f64>().powi(2)).sum();
+                        (s / d as f64) as f32
+                    })
+                    .collect(),
+            )
+        }
         _ => None,
     };
     Ok(Outputs { score, score_recon, score_map, score_mahalanobis, recon, anomaly_map: map })
@@ -254,19 +274,32 @@ mod tests {
     }
 
     #[test]
-    fn mahalanobis_by_hand_and_only_with_code_statistics() {
+    fn mahalanobis_by_hand_and_only_with_feature_statistics() {
+        // isize 16, ngf 4: encoder1 is conv(1→4) 8×8, lrelu, conv(4→8) 4×4, bn, lrelu,
+        // conv(8→nz). Feature vector: the 4×4×8 map, D = 128 (no pooling).
         let arch = ArchSpec { isize: 16, nc: 1, nz: 2, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() };
+        assert_eq!((arch.feature_pool(), arch.feature_dim()), (1, 128));
         let mut w = Weights::random_generator(&arch, 2);
         let x = Nchw { n: 1, c: 1, h: 16, w: 16, data: (0..256).map(|i| ((i % 7) as f32 / 3.0) - 1.0).collect() };
-        let z = sequential(&arch.encoder1(), &w, &x).unwrap();
-        // μ = (0.5, −1), W = [[2, 1], [0, 3]] (row-major, applied as (z − μ)ᵀW).
-        w.insert(CODE_MEAN, vec![2], vec![0.5, -1.0]);
-        w.insert(CODE_WHITEN, vec![2, 2], vec![2.0, 1.0, 0.0, 3.0]);
-        let (a, b) = (z.data[0] as f64 - 0.5, z.data[1] as f64 + 1.0);
-        let want = ((2.0 * a).powi(2) + (a + 3.0 * b).powi(2)) / 2.0;
+        let f = sequential(&arch.encoder1()[..5], &w, &x).unwrap();
+        assert_eq!((f.c, f.h, f.w), (8, 4, 4));
+        // μ = 0.5 everywhere; W = 2·I except W[0][1] = 1 (row-major, applied as (f − μ)ᵀW):
+        // column 0 is 2·v0, column 1 is v0 + 2·v1, the rest 2·vj.
+        let d = 128;
+        let mut whiten = vec![0.0f32; d * d];
+        (0..d).for_each(|i| whiten[i * d + i] = 2.0);
+        whiten[1] = 1.0;
+        w.insert(FEATURE_MEAN, vec![d], vec![0.5; d]);
+        w.insert(FEATURE_WHITEN, vec![d, d], whiten);
+        let v: Vec<f64> = f.data.iter().map(|&a| a as f64 - 0.5).collect();
+        let want = (v.iter().map(|a| (2.0 * a).powi(2)).sum::<f64>() - (2.0 * v[1]).powi(2) + (v[0] + 2.0 * v[1]).powi(2)) / d as f64;
         let got = forward(&arch, &w, &x, 3).unwrap().score_mahalanobis.unwrap()[0] as f64;
         assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
-        w.tensors.remove(CODE_WHITEN);
+        w.tensors.remove(FEATURE_WHITEN);
         assert!(forward(&arch, &w, &x, 3).unwrap().score_mahalanobis.is_none());
+        // With pooling (C = 256 > 64): 2×2 windows, D = 1024; checked against ONNX
+        // Runtime in tests/onnx_parity.rs.
+        let big = ArchSpec { isize: 32, ngf: 64, ..Default::default() };
+        assert_eq!((big.feature_pool(), big.feature_dim()), (2, 1024));
     }
 }

@@ -62,7 +62,7 @@ impl Weights {
         Ok(())
     }
 
-    /// Random generator weights (and `mahalanobis` code statistics) for tests and fixtures: conv weights N(0, 0.02) as the
+    /// Random generator weights (and `mahalanobis` feature statistics) for tests and fixtures: conv weights N(0, 0.02) as the
     /// DCGAN init, BatchNorm gamma N(1, 0.02), and — unlike a fresh network — non-trivial
     /// beta and running statistics, so that a writer that mixes them up is caught.
     pub fn random_generator(arch: &ArchSpec, seed: u64) -> Weights {
@@ -86,14 +86,14 @@ impl Weights {
             };
             w.insert(spec.name, spec.shape, data);
         }
-        // Code statistics for the `mahalanobis` score: a mean near the codes'
-        // scale and a dense whitening matrix (every entry matters, so a writer
-        // that transposes it is caught).
-        let nz = arch.nz as usize;
-        let mean = (0..nz).map(|_| normal(&mut rng) * 0.1).collect();
-        let whiten = (0..nz * nz).map(|i| if i % (nz + 1) == 0 { 1.0 } else { 0.0 } + normal(&mut rng) * 0.3).collect();
-        w.insert(crate::arch::CODE_MEAN, vec![nz], mean);
-        w.insert(crate::arch::CODE_WHITEN, vec![nz, nz], whiten);
+        // Feature statistics for the `mahalanobis` score: a mean near the
+        // features' scale and a dense whitening matrix (every entry matters, so a
+        // writer that transposes it is caught).
+        let d = arch.feature_dim();
+        let mean = (0..d).map(|_| normal(&mut rng) * 0.1).collect();
+        let whiten = (0..d * d).map(|i| if i % (d + 1) == 0 { 1.0 } else { 0.0 } + normal(&mut rng) * 0.3 / (d as f32).sqrt()).collect();
+        w.insert(crate::arch::FEATURE_MEAN, vec![d], mean);
+        w.insert(crate::arch::FEATURE_WHITEN, vec![d, d], whiten);
         w
     }
 }

@@ -19,7 +19,7 @@ use crate::export::{self, ExportSettings, ScoreChoice};
 use crate::net::NetG;
 use crate::report;
 use crate::select;
-use crate::score::{score_all, CodeStats, Scores};
+use crate::score::{score_all, FeatureStats, Scores};
 use crate::train::{self, CheckpointState, EpochRecord, Hyper, Model};
 
 #[derive(Debug, Parser)]
@@ -580,10 +580,10 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         let last = epoch + 1 == a.epochs;
         let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
         if test.is_some() {
-            // The `mahalanobis` score of this epoch's generators needs their code statistics.
-            model.g.code_stats = Some(CodeStats::fit(&model.g, &x_fit, 256, device)?);
+            // The `mahalanobis` score of this epoch's generators needs their feature statistics.
+            model.g.feature_stats = Some(FeatureStats::fit(&model.g, &x_fit, 256, device)?);
             if let Some(ema) = model.ema.as_mut() {
-                ema.g.code_stats = Some(CodeStats::fit(&ema.g, &x_fit, 256, device)?);
+                ema.g.feature_stats = Some(FeatureStats::fit(&ema.g, &x_fit, 256, device)?);
             }
         }
         if let (Some(xt), true) = (&x_test, has_defects && a.eval_every > 0 && ((epoch + 1) % a.eval_every == 0 || last)) {
@@ -638,7 +638,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         ),
     };
     let (g_out, selection) = tracker.chosen(&model);
-    let g_out = &with_code_stats(g_out, &x_fit, device)?;
+    let g_out = &with_feature_stats(g_out, &x_fit, device)?;
     let finished = finish(g_out, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
@@ -695,13 +695,18 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     Ok(report)
 }
 
-/// A copy of `g` with its code statistics (the `mahalanobis` score) fitted on the
+/// A copy of `g` with its feature statistics (the `mahalanobis` score) fitted on the
 /// training images `x_fit` (never the held-out slice, which calibrates).
-fn with_code_stats(g: &NetG, x_fit: &Tensor, device: Device) -> Result<NetG> {
+fn with_feature_stats(g: &NetG, x_fit: &Tensor, device: Device) -> Result<NetG> {
     let mut c = select::copy_net(g);
-    let stats = CodeStats::fit(&c, x_fit, 256, device)?;
-    eprintln!("code statistics for the mahalanobis score: {} images, Ledoit-Wolf shrinkage {:.3}", x_fit.size()[0], stats.shrinkage);
-    c.code_stats = Some(stats);
+    let stats = FeatureStats::fit(&c, x_fit, 256, device)?;
+    eprintln!(
+        "feature statistics for the mahalanobis score: {} values from {} images, Ledoit-Wolf shrinkage {:.3}",
+        g.arch.feature_dim(),
+        x_fit.size()[0],
+        stats.shrinkage
+    );
+    c.feature_stats = Some(stats);
     Ok(c)
 }
 
@@ -778,7 +783,7 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     };
     let val = select::ValSet::load(&files.root, &mut pre)?;
     // The weight average when the checkpoint has one: what `train` exports too.
-    let g = &with_code_stats(select::Tracker::candidate(&model), &x_fit, device)?;
+    let g = &with_feature_stats(select::Tracker::candidate(&model), &x_fit, device)?;
     let finished = finish(g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let meta = finished.meta.context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
     export::write_onnx(&a.out, g, &meta)?;

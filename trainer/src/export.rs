@@ -38,7 +38,7 @@ pub enum ScoreChoice {
     /// Peak of the box-filtered anomaly map.
     #[value(name = "map_max")]
     MapMax,
-    /// Mahalanobis distance of the latent code from the training codes.
+    /// Mahalanobis distance of the encoder features from the training images'.
     Mahalanobis,
     /// The kind with the highest validation AUROC when DIR/val/<defect> exists,
     /// else the quality benchmark's default (`select::choose_score`, which resolves
@@ -72,7 +72,7 @@ pub fn build_metadata(
         return Err(ExportError::Calibration(format!("--map-kernel must be odd, got {}", settings.map_kernel)));
     }
     let arch = g.arch;
-    // Every kind the generator scores (`mahalanobis` needs its code statistics).
+    // Every kind the generator scores (`mahalanobis` needs its feature statistics).
     let scores = ScoreKind::ALL
         .into_iter()
         .filter(|&kind| holdout.get(kind).len() == holdout.len())
@@ -104,7 +104,7 @@ pub fn build_metadata(
     };
     if scores.iter().all(|s| s.kind != default_score) {
         return Err(ExportError::Calibration(format!(
-            "the default score `{}` is not exported by this generator (no code statistics fitted)",
+            "the default score `{}` is not exported by this generator (no feature statistics fitted)",
             default_score.as_str()
         )));
     }

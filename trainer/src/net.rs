@@ -30,7 +30,7 @@ pub enum NetError {
     Weights(#[from] WeightsError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("code statistics (mahalanobis score): {0}")]
+    #[error("feature statistics (mahalanobis score): {0}")]
     Stats(String),
 }
 
@@ -144,9 +144,9 @@ pub struct NetG {
     dec: Seq,
     enc2: Seq,
     /// Statistics of the training images' codes for the `mahalanobis` score,
-    /// once fitted (`CodeStats::fit`); outside the VarStore, so neither the
+    /// once fitted (`FeatureStats::fit`); outside the VarStore, so neither the
     /// optimiser nor the weight average touches them.
-    pub code_stats: Option<crate::score::CodeStats>,
+    pub feature_stats: Option<crate::score::FeatureStats>,
 }
 
 /// What NetG computes for a batch.
@@ -170,7 +170,7 @@ impl NetG {
             dec: Seq::new(&root, &arch.decoder()),
             enc2: Seq::new(&root, &arch.encoder2()),
             vs,
-            code_stats: None,
+            feature_stats: None,
         };
         // Module order of the reference: encoder1, decoder, encoder2.
         g.enc1.init();
@@ -200,19 +200,25 @@ impl NetG {
             let data = Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?;
             w.insert(spec.name, spec.shape, data);
         }
-        if let Some(stats) = &self.code_stats {
+        if let Some(stats) = &self.feature_stats {
             stats.insert_into(&mut w)?;
         }
         Ok(w)
     }
 
-    /// z_i = E1(x) in eval mode, `[N, nz]`.
-    pub fn encode(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| self.enc1.forward(x, false, 0..self.enc1.len()).flatten(1, -1))
+    /// The `mahalanobis` score's feature vectors in eval mode, `[N, D]`: encoder1's
+    /// last 4×4×C activation, average-pooled by `arch.feature_pool()`, flattened.
+    pub fn features(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let f = self.enc1.forward(x, false, 0..self.arch.feature_layer() + 1);
+            let p = i64::from(self.arch.feature_pool());
+            let f = if p > 1 { f.avg_pool2d([p, p], [p, p], [0, 0], false, true, None::<i64>) } else { f };
+            f.flatten(1, -1)
+        })
     }
 
     /// Overwrites every NetG tensor from `weights` (checked against the architecture
-    /// first); the code statistics too when `weights` carries them.
+    /// first); the feature statistics too when `weights` carries them.
     pub fn load_weights(&mut self, weights: &Weights) -> Result<(), NetError> {
         let specs = self.arch.generator_params();
         weights.check(&specs)?;
@@ -227,7 +233,7 @@ impl NetG {
             }
             Ok(())
         })?;
-        self.code_stats = crate::score::CodeStats::from_weights(&self.arch, weights, self.vs.device())?;
+        self.feature_stats = crate::score::FeatureStats::from_weights(&self.arch, weights, self.vs.device())?;
         Ok(())
     }
 }

@@ -2,43 +2,44 @@
 //! (`score`, `score_recon`, `score_map`, `anomaly_map`), so that figures measured
 //! here are the figures the daemon will see.
 
-use ganomaly_core::arch::{ArchSpec, CODE_MEAN, CODE_WHITEN};
+use ganomaly_core::arch::{ArchSpec, FEATURE_MEAN, FEATURE_WHITEN};
 use ganomaly_core::metadata::ScoreKind;
 use ganomaly_core::weights::{Weights, WeightsError};
 use tch::{Device, Kind, Tensor};
 
 use crate::net::{NetError, NetG};
 
-/// Statistics of the latent codes z_i = E1(x) of the training images, for the
-/// `mahalanobis` score: mean μ `[nz]` and whitening matrix W `[nz, nz]` with
-/// WWᵀ = Σ⁻¹, Σ the Ledoit–Wolf shrunk covariance (nz = 100 dimensions from a
-/// few hundred images: the plain sample covariance is near-singular).
+/// Statistics of the training images' feature vectors f (`NetG::features`: the
+/// encoder's last 4×4×C activation, pooled to D ≤ 1024 values) for the
+/// `mahalanobis` score: mean μ `[D]` and whitening matrix W `[D, D]` with
+/// WWᵀ = Σ⁻¹, Σ the Ledoit–Wolf shrunk covariance (a thousand dimensions from a
+/// few hundred images: the plain sample covariance is singular).
 #[derive(Debug)]
-pub struct CodeStats {
+pub struct FeatureStats {
     pub mean: Tensor,
     pub whiten: Tensor,
     /// Ledoit–Wolf shrinkage intensity in [0, 1] (0: sample covariance).
     pub shrinkage: f64,
 }
 
-impl Clone for CodeStats {
+impl Clone for FeatureStats {
     fn clone(&self) -> Self {
-        CodeStats { mean: self.mean.copy(), whiten: self.whiten.copy(), shrinkage: self.shrinkage }
+        FeatureStats { mean: self.mean.copy(), whiten: self.whiten.copy(), shrinkage: self.shrinkage }
     }
 }
 
-impl CodeStats {
-    /// Fits the statistics on the codes of `x` (CPU tensor of training images).
-    pub fn fit(g: &NetG, x: &Tensor, batch: i64, device: Device) -> Result<CodeStats, NetError> {
+impl FeatureStats {
+    /// Fits the statistics on the features of `x` (CPU tensor of training images).
+    pub fn fit(g: &NetG, x: &Tensor, batch: i64, device: Device) -> Result<FeatureStats, NetError> {
         let n = x.size()[0];
         if n < 2 {
-            return Err(NetError::Stats(format!("{n} training image(s): the code covariance needs at least 2")));
+            return Err(NetError::Stats(format!("{n} training image(s): the feature covariance needs at least 2")));
         }
         let mut codes = Vec::new();
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            codes.push(g.encode(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double));
+            codes.push(g.features(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double));
             start += len;
         }
         let z = Tensor::cat(&codes, 0);
@@ -48,18 +49,18 @@ impl CodeStats {
         let precision = Tensor::f_linalg_inv(&cov)?;
         let precision = (&precision + precision.transpose(0, 1)) * 0.5;
         let whiten = precision.f_linalg_cholesky(false).map_err(|e| {
-            NetError::Stats(format!("the code covariance of {n} images is not positive definite ({e}); are the training images all alike?"))
+            NetError::Stats(format!("the feature covariance of {n} images is not positive definite ({e}); are the training images all alike?"))
         })?;
-        let stats = CodeStats { mean: mean.to_kind(Kind::Float), whiten: whiten.to_kind(Kind::Float), shrinkage };
+        let stats = FeatureStats { mean: mean.to_kind(Kind::Float), whiten: whiten.to_kind(Kind::Float), shrinkage };
         if !bool::try_from(stats.whiten.isfinite().all())? {
             return Err(NetError::Stats(format!("non-finite whitening matrix from {n} images")));
         }
         Ok(stats)
     }
 
-    /// Adds `score.code_mean` and `score.code_whiten` to `w`.
+    /// Adds `score.feature_mean` and `score.feature_whiten` to `w`.
     pub fn insert_into(&self, w: &mut Weights) -> Result<(), NetError> {
-        for (name, t) in [(CODE_MEAN, &self.mean), (CODE_WHITEN, &self.whiten)] {
+        for (name, t) in [(FEATURE_MEAN, &self.mean), (FEATURE_WHITEN, &self.whiten)] {
             let shape = t.size().iter().map(|&d| d as usize).collect();
             w.insert(name, shape, Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?);
         }
@@ -67,21 +68,22 @@ impl CodeStats {
     }
 
     /// The statistics `w` carries, checked against `arch`; `None` when it has none.
-    pub fn from_weights(arch: &ArchSpec, w: &Weights, device: Device) -> Result<Option<CodeStats>, NetError> {
-        if !w.tensors.contains_key(CODE_MEAN) && !w.tensors.contains_key(CODE_WHITEN) {
+    pub fn from_weights(arch: &ArchSpec, w: &Weights, device: Device) -> Result<Option<FeatureStats>, NetError> {
+        if !w.tensors.contains_key(FEATURE_MEAN) && !w.tensors.contains_key(FEATURE_WHITEN) {
             return Ok(None);
         }
-        let specs = arch.code_stats_params();
+        let specs = arch.feature_stats_params();
+        // A model whose statistics do not fit its architecture is refused by name.
         w.check(&specs)?;
         let t = |name: &str| -> Result<Tensor, WeightsError> {
             let v = w.get(name)?;
             let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
             Ok(Tensor::from_slice(&v.data).reshape(&shape).to_device(device))
         };
-        Ok(Some(CodeStats { mean: t(CODE_MEAN)?, whiten: t(CODE_WHITEN)?, shrinkage: f64::NAN }))
+        Ok(Some(FeatureStats { mean: t(FEATURE_MEAN)?, whiten: t(FEATURE_WHITEN)?, shrinkage: f64::NAN }))
     }
 
-    /// mean(((z − μ)ᵀW)²) per row of `z` `[N, nz]`: what `score_mahalanobis` computes.
+    /// mean(((f − μ)ᵀW)²) per row of `f` `[N, D]`: what `score_mahalanobis` computes.
     pub fn score(&self, z: &Tensor) -> Tensor {
         let white = (z - self.mean.to_device(z.device())).matmul(&self.whiten.to_device(z.device()));
         white.square().mean_dim(&[1i64][..], false, Kind::Float)
@@ -113,7 +115,7 @@ pub struct Scores {
     pub latent: Vec<f64>,
     pub recon: Vec<f64>,
     pub map_max: Vec<f64>,
-    /// Empty when the generator has no code statistics.
+    /// Empty when the generator has no feature statistics.
     pub mahalanobis: Vec<f64>,
 }
 
@@ -139,7 +141,7 @@ pub struct Outputs {
     pub score: Tensor,
     pub score_recon: Tensor,
     pub score_map: Tensor,
-    /// `None` without code statistics.
+    /// `None` without feature statistics.
     pub score_mahalanobis: Option<Tensor>,
     pub recon: Tensor,
     pub anomaly_map: Tensor,
@@ -157,7 +159,7 @@ pub fn outputs(g: &NetG, x: &Tensor, kernel: u32) -> Outputs {
         let k = i64::from(kernel);
         let smoothed = anomaly_map.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>);
         let score_map = smoothed.amax(&[1i64, 2, 3][..], false);
-        let score_mahalanobis = g.code_stats.as_ref().map(|c| c.score(&out.latent_i.flatten(1, -1)));
+        let score_mahalanobis = g.feature_stats.as_ref().map(|c| c.score(&g.features(x)));
         Outputs { score, score_recon, score_map, score_mahalanobis, recon: out.fake, anomaly_map }
     })
 }
@@ -202,20 +204,22 @@ mod tests {
 
     #[test]
     fn code_statistics_whiten_the_training_codes() {
-        let a = ArchSpec { isize: 16, nc: 1, nz: 4, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() };
+        // isize 16, ngf 2: the feature map is 4×4×4, D = 64.
+        let a = ArchSpec { isize: 16, nc: 1, nz: 4, ngf: 2, ndf: 2, extralayers: 0, ..Default::default() };
         let (g, x) = crate::net::seeded(5, || {
-            (NetG::new(&a, Device::Cpu), Tensor::rand([200, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+            (NetG::new(&a, Device::Cpu), Tensor::rand([300, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
         });
-        let stats = CodeStats::fit(&g, &x, 64, Device::Cpu).unwrap();
+        let stats = FeatureStats::fit(&g, &x, 64, Device::Cpu).unwrap();
         assert!((0.0..=1.0).contains(&stats.shrinkage), "{}", stats.shrinkage);
         // W whitens the shrunk covariance: WWᵀΣ = I.
-        let z = g.encode(&x);
+        let z = g.features(&x);
+        assert_eq!(z.size(), [300, 64]);
         let zd = z.to_kind(Kind::Double);
         let (cov, shrink) = ledoit_wolf(&(&zd - zd.mean_dim(&[0i64][..], true, Kind::Double)));
         assert!((shrink - stats.shrinkage).abs() < 1e-9);
         let w = stats.whiten.to_kind(Kind::Double);
         let eye = w.matmul(&w.transpose(0, 1)).matmul(&cov);
-        let err = (eye - Tensor::eye(4, (Kind::Double, Device::Cpu))).abs().max().double_value(&[]);
+        let err = (eye - Tensor::eye(64, (Kind::Double, Device::Cpu))).abs().max().double_value(&[]);
         assert!(err < 1e-4, "WWᵀΣ − I: {err}");
         let s = stats.score(&z);
         // Far from the training codes scores higher than any training image.
@@ -224,14 +228,14 @@ mod tests {
         // Round trip through the model file's tensors.
         let mut w = Weights::default();
         stats.insert_into(&mut w).unwrap();
-        let back = CodeStats::from_weights(&a, &w, Device::Cpu).unwrap().unwrap();
+        let back = FeatureStats::from_weights(&a, &w, Device::Cpu).unwrap().unwrap();
         assert!(bool::try_from(back.score(&z).allclose(&s, 1e-6, 1e-6, false)).unwrap());
-        assert!(CodeStats::from_weights(&a, &Weights::default(), Device::Cpu).unwrap().is_none());
-        w.tensors.remove(CODE_MEAN);
-        assert!(CodeStats::from_weights(&a, &w, Device::Cpu).unwrap_err().to_string().contains(CODE_MEAN));
+        assert!(FeatureStats::from_weights(&a, &Weights::default(), Device::Cpu).unwrap().is_none());
+        w.tensors.remove(FEATURE_MEAN);
+        assert!(FeatureStats::from_weights(&a, &w, Device::Cpu).unwrap_err().to_string().contains(FEATURE_MEAN));
         // Two images cannot make a covariance: the error says so.
         let one = x.narrow(0, 0, 1);
-        assert!(CodeStats::fit(&g, &one, 8, Device::Cpu).unwrap_err().to_string().contains("at least 2"));
+        assert!(FeatureStats::fit(&g, &one, 8, Device::Cpu).unwrap_err().to_string().contains("at least 2"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::train::{EpochRecord, Model};
 /// The score `--score auto` picks when there are no defect images to choose with,
 /// and the incumbent that validation must beat otherwise: the one that
 /// generalised best across the quality benchmark's data sets. No score wins
-/// everywhere there, but the Mahalanobis distance of the latent code has the
+/// everywhere there, but the Mahalanobis distance of the encoder features has the
 /// highest mean and the best worst case; the pixel scores fall far below chance
 /// on MNIST's digit 1 (an anomaly with less ink is reconstructed *better*).
 pub const BENCH_DEFAULT_SCORE: ScoreKind = ScoreKind::Mahalanobis;
@@ -106,7 +106,7 @@ pub fn set_lr(model: &mut Model, schedule: LrSchedule, base: f64, epoch: u32, ep
 pub fn copy_net(g: &NetG) -> NetG {
     let mut c = NetG::new(&g.arch, g.vs.device());
     tch::no_grad(|| c.vs.copy(&g.vs)).expect("same architecture, same variables");
-    c.code_stats = g.code_stats.clone();
+    c.feature_stats = g.feature_stats.clone();
     c
 }
 
@@ -427,7 +427,7 @@ mod tests {
         assert_eq!(kind, BENCH_DEFAULT_SCORE);
         assert!(evidence.starts_with("auto: no validation defects") && evidence.contains("benches/README.md"), "{evidence}");
         assert_eq!(as_choice(kind), ScoreChoice::Mahalanobis);
-        // A generator without code statistics has no mahalanobis score: the paper's.
+        // A generator without feature statistics has no mahalanobis score: the paper's.
         hold.mahalanobis.clear();
         assert_eq!(choose_score(&g, &hold, None, 3, Device::Cpu).0, ScoreKind::Latent);
     }

@@ -13,7 +13,7 @@ use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Defect, Texture};
 use ganomaly_core::weights::Weights;
 use ganomaly_train::net::{seeded, NetG};
-use ganomaly_train::score::{outputs, CodeStats};
+use ganomaly_train::score::{outputs, FeatureStats};
 use ganomaly_train::train::{Hyper, Model};
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -82,7 +82,7 @@ fn check(g: &NetG, kernel: u32, n: usize) {
     let input = TensorRef::from_array_view(([n, arch.nc as usize, s, s], &buf[..])).unwrap();
     let out = sess.run(ort::inputs!["image" => input]).unwrap();
     let want = outputs(g, &x, kernel);
-    let mahal = want.score_mahalanobis.as_ref().expect("the generator has code statistics");
+    let mahal = want.score_mahalanobis.as_ref().expect("the generator has feature statistics");
     for (name, t) in [
         ("score_mahalanobis", mahal),
         ("score", &want.score),
@@ -122,7 +122,7 @@ fn onnx_matches_tch_after_training_steps() {
     }
     // Code statistics fitted as the trainer does (here on the batch itself: 8 codes of
     // 32 dimensions, so the shrinkage must carry the covariance).
-    m.g.code_stats = Some(CodeStats::fit(&m.g, &x, 3, Device::Cpu).unwrap());
+    m.g.feature_stats = Some(FeatureStats::fit(&m.g, &x, 3, Device::Cpu).unwrap());
     check(&m.g, 7, 8);
 }
 
@@ -138,6 +138,6 @@ fn onnx_matches_tch_for_the_weight_average() {
         m.step(&x);
     }
     let ema = &mut m.ema.as_mut().unwrap().g;
-    ema.code_stats = Some(CodeStats::fit(ema, &x, 64, Device::Cpu).unwrap());
+    ema.feature_stats = Some(FeatureStats::fit(ema, &x, 64, Device::Cpu).unwrap());
     check(&m.ema.as_ref().unwrap().g, 5, 8);
 }

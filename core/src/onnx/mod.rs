@@ -10,9 +10,11 @@
 //! - `score_map` `[N]` = max of `anomaly_map` after a k×k box filter
 //!   (AveragePool, stride 1, pad k/2, padding excluded from the mean);
 //! - `recon` `[N, C, S, S]`;
-//! - `score_mahalanobis` `[N]` = mean over nz of ((z_i − μ)ᵀW)², only when the
-//!   metadata lists the `mahalanobis` score; μ and W are the initializers
-//!   `score.code_mean` and `score.code_whiten` (statistics of the training codes).
+//! - `score_mahalanobis` `[N]` = mean over D of ((f − μ)ᵀW)², only when the
+//!   metadata lists the `mahalanobis` score; f is encoder1's last 4×4×C
+//!   activation, average-pooled to D ≤ 1024 values and flattened; μ and W are the
+//!   initializers `score.feature_mean` and `score.feature_whiten` (statistics of
+//!   the training images' f).
 //!
 //! BatchNorm is written as `BatchNormalization` with the running statistics
 //! (inference mode); ONNX Runtime folds it into the convolutions itself.
@@ -23,7 +25,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
-use crate::arch::{ArchSpec, Layer, Op, BN_EPS, CODE_MEAN, CODE_WHITEN};
+use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
 use crate::metadata::{MetadataError, ModelMetadata, ScoreKind};
 use crate::weights::{Tensor, Weights, WeightsError};
 use proto::*;
@@ -80,11 +82,12 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
     weights.check(&arch.generator_params())?;
     let mahalanobis = meta.score(ScoreKind::Mahalanobis).is_some();
     if mahalanobis {
-        weights.check(&arch.code_stats_params())?;
+        weights.check(&arch.feature_stats_params())?;
     }
 
     let mut g = GraphBuilder::default();
     let z_i = g.sequential(&arch.encoder1(), INPUT, weights)?;
+    debug_assert!(arch.feature_layer() + 2 == arch.encoder1().len());
     let recon_pre = g.sequential(&arch.decoder(), &z_i, weights)?;
     // Give the reconstruction its public name with an Identity so every output
     // name is stable whatever the layer count.
@@ -113,14 +116,23 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
     g.node("ReduceMax", &[&smooth], ScoreKind::MapMax.output(), vec![ints("axes", &[1, 2, 3]), int("keepdims", 0)]);
 
     if mahalanobis {
-        // z_i is [N, nz, 1, 1]: flatten, centre on the training mean, whiten, and
-        // average the squares (squared Mahalanobis distance / nz).
-        for p in arch.code_stats_params() {
+        // The last 4×4×C activation of encoder1 (the input of the conv that makes
+        // z_i), pooled to at most FEATURE_DIM_MAX values, flattened, centred on
+        // the training mean, whitened; the mean of the squares is the squared
+        // Mahalanobis distance / D.
+        for p in arch.feature_stats_params() {
             g.init(&p.name, weights.get(&p.name)?);
         }
-        let flat = g.tmp("Flatten", &[&z_i], vec![int("axis", 1)]);
-        let centred = g.tmp("Sub", &[&flat, CODE_MEAN], vec![]);
-        let white = g.tmp("MatMul", &[&centred, CODE_WHITEN], vec![]);
+        let feat = format!("{}.out", arch.encoder1()[arch.feature_layer()].name);
+        let pool = arch.feature_pool() as i64;
+        let pooled = if pool > 1 {
+            g.tmp("AveragePool", &[&feat], vec![ints("kernel_shape", &[pool, pool]), ints("strides", &[pool, pool])])
+        } else {
+            feat
+        };
+        let flat = g.tmp("Flatten", &[&pooled], vec![int("axis", 1)]);
+        let centred = g.tmp("Sub", &[&flat, FEATURE_MEAN], vec![]);
+        let white = g.tmp("MatMul", &[&centred, FEATURE_WHITEN], vec![]);
         let sq = g.tmp("Mul", &[&white, &white], vec![]);
         g.node("ReduceMean", &[&sq], ScoreKind::Mahalanobis.output(), vec![ints("axes", &[1]), int("keepdims", 0)]);
     }
@@ -364,7 +376,7 @@ mod tests {
         let bytes = write_model(&arch, &w, &meta).unwrap();
         let (m2, w2) = read_model(&bytes).unwrap();
         assert_eq!(m2, meta);
-        for spec in arch.generator_params().into_iter().chain(arch.code_stats_params()) {
+        for spec in arch.generator_params().into_iter().chain(arch.feature_stats_params()) {
             assert_eq!(w2.tensors[&spec.name], w.tensors[&spec.name], "{}", spec.name);
         }
         let (inputs, outputs) = describe(&bytes).unwrap();
@@ -386,10 +398,10 @@ mod tests {
         meta.scores.retain(|s| s.kind != ScoreKind::Mahalanobis);
         let (_, outputs) = describe(&write_model(&arch, &w, &meta).unwrap()).unwrap();
         assert!(outputs.iter().all(|o| o.name != "score_mahalanobis"));
-        w.tensors.remove(CODE_WHITEN);
+        w.tensors.remove(FEATURE_WHITEN);
         write_model(&arch, &w, &meta).expect("statistics are not needed without the score");
         let err = write_model(&arch, &w, &ModelMetadata::uncalibrated(arch, 5)).unwrap_err();
-        assert!(err.to_string().contains(CODE_WHITEN), "{err}");
+        assert!(err.to_string().contains(FEATURE_WHITEN), "{err}");
     }
 
     #[test]
