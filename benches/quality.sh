@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Detection-quality benchmark (issue 6): image AUROC of every exported score
-# (latent = the paper's, recon, map_max) per data set × seed, for training
+# (latent = the paper's, recon, map_max, mahalanobis) per data set × seed, for training
 # recipes that differ only in what the benchmark is meant to decide.
 #
 # Data sets (all generated or fetched here, none committed):

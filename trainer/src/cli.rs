@@ -135,7 +135,7 @@ pub struct CalibArgs {
     #[arg(long, default_value_t = 7)]
     pub map_kernel: u32,
     /// The score the daemon uses unless its config says otherwise. `auto`: chosen on
-    /// DIR/val/<defect> when it exists (the benchmark's default, latent, unless another
+    /// DIR/val/<defect> when it exists (the benchmark's default, mahalanobis, unless another
     /// score leads it by more than one standard error), else that default.
     #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Auto)]
     pub default_score: ScoreChoice,
