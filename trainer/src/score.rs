@@ -1,5 +1,5 @@
 //! Eval-mode scoring in libtorch, op for op what the exported ONNX graph computes
-//! (`score`, `score_recon`, `score_map`, `anomaly_map`), so that figures measured
+//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `anomaly_map`), so that figures measured
 //! here are the figures the daemon will see.
 
 use ganomaly_core::arch::{ArchSpec, FEATURE_MEAN, FEATURE_WHITEN};
@@ -35,17 +35,17 @@ impl FeatureStats {
         if n < 2 {
             return Err(NetError::Stats(format!("{n} training image(s): the feature covariance needs at least 2")));
         }
-        let mut codes = Vec::new();
+        let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            codes.push(g.features(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double));
+            parts.push(g.features(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double));
             start += len;
         }
-        let z = Tensor::cat(&codes, 0);
-        let mean = z.mean_dim(&[0i64][..], false, Kind::Double);
-        let (cov, shrinkage) = ledoit_wolf(&(&z - &mean));
-        // Σ⁻¹ = L Lᵀ (Cholesky), so ‖(z − μ)ᵀL‖² is the squared Mahalanobis distance.
+        let f = Tensor::cat(&parts, 0);
+        let mean = f.mean_dim(&[0i64][..], false, Kind::Double);
+        let (cov, shrinkage) = ledoit_wolf(&(&f - &mean));
+        // Σ⁻¹ = L Lᵀ (Cholesky), so ‖(f − μ)ᵀL‖² is the squared Mahalanobis distance.
         let precision = Tensor::f_linalg_inv(&cov)?;
         let precision = (&precision + precision.transpose(0, 1)) * 0.5;
         let whiten = precision.f_linalg_cholesky(false).map_err(|e| {
@@ -84,8 +84,8 @@ impl FeatureStats {
     }
 
     /// mean(((f − μ)ᵀW)²) per row of `f` `[N, D]`: what `score_mahalanobis` computes.
-    pub fn score(&self, z: &Tensor) -> Tensor {
-        let white = (z - self.mean.to_device(z.device())).matmul(&self.whiten.to_device(z.device()));
+    pub fn score(&self, f: &Tensor) -> Tensor {
+        let white = (f - self.mean.to_device(f.device())).matmul(&self.whiten.to_device(f.device()));
         white.square().mean_dim(&[1i64][..], false, Kind::Float)
     }
 }
@@ -104,7 +104,7 @@ pub fn ledoit_wolf(x: &Tensor) -> (Tensor, f64) {
     let s2 = s.square().sum(Kind::Double).double_value(&[]);
     let beta = ((norms4 - n * s2) / (n * n * p as f64)).max(0.0);
     let shrinkage = if delta > 0.0 { beta.min(delta) / delta } else { 1.0 };
-    // A tiny ridge keeps a degenerate set (all codes equal: μ = 0) invertible.
+    // A tiny ridge keeps a degenerate set (all features equal: μ = 0) invertible.
     let ridge = 1e-9 * (mu.abs() + 1e-12);
     (&s * (1.0 - shrinkage) + &eye * (shrinkage * mu + ridge), shrinkage)
 }
