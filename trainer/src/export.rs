@@ -75,7 +75,7 @@ pub fn build_metadata(
     // Every kind the generator scores (`mahalanobis` needs its feature statistics).
     let scores = ScoreKind::ALL
         .into_iter()
-        .filter(|&kind| holdout.get(kind).len() == holdout.len())
+        .filter(|&kind| holdout.has(kind))
         .map(|kind| {
             let mut calibration = quantile_calibration(holdout.get(kind), settings.target_far);
             if let Some(e) = test.and_then(|t| t.get(&kind)) {

@@ -143,7 +143,7 @@ pub struct NetG {
     enc1: Seq,
     dec: Seq,
     enc2: Seq,
-    /// Statistics of the training images' codes for the `mahalanobis` score,
+    /// Statistics of the training images' feature vectors for the `mahalanobis` score,
     /// once fitted (`FeatureStats::fit`); outside the VarStore, so neither the
     /// optimiser nor the weight average touches them.
     pub feature_stats: Option<crate::score::FeatureStats>,
@@ -157,6 +157,8 @@ pub struct GOut {
     pub latent_i: Tensor,
     /// z_o = E2(x̂), `[N, nz, 1, 1]`.
     pub latent_o: Tensor,
+    /// encoder1's last activation, `[N, C, 4, 4]`: the `mahalanobis` score's input.
+    pub feature_map: Tensor,
 }
 
 impl NetG {
@@ -180,10 +182,14 @@ impl NetG {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> GOut {
-        let latent_i = self.enc1.forward(x, train, 0..self.enc1.len());
+        // encoder1 in two ranges, so the `mahalanobis` score reads the feature map
+        // without running the encoder a second time.
+        let split = self.arch.feature_layer() + 1;
+        let feature_map = self.enc1.forward(x, train, 0..split);
+        let latent_i = self.enc1.forward(&feature_map, train, split..self.enc1.len());
         let fake = self.dec.forward(&latent_i, train, 0..self.dec.len());
         let latent_o = self.enc2.forward(&fake, train, 0..self.enc2.len());
-        GOut { fake, latent_i, latent_o }
+        GOut { fake, latent_i, latent_o, feature_map }
     }
 
     /// Trainable parameters in `arch.generator_params()` order (running stats excluded).
@@ -209,12 +215,14 @@ impl NetG {
     /// The `mahalanobis` score's feature vectors in eval mode, `[N, D]`: encoder1's
     /// last 4×4×C activation, average-pooled by `arch.feature_pool()`, flattened.
     pub fn features(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| {
-            let f = self.enc1.forward(x, false, 0..self.arch.feature_layer() + 1);
-            let p = i64::from(self.arch.feature_pool());
-            let f = if p > 1 { f.avg_pool2d([p, p], [p, p], [0, 0], false, true, None::<i64>) } else { f };
-            f.flatten(1, -1)
-        })
+        tch::no_grad(|| self.pool_features(&self.enc1.forward(x, false, 0..self.arch.feature_layer() + 1)))
+    }
+
+    /// [`GOut::feature_map`] → the `mahalanobis` feature vectors `[N, D]`.
+    pub fn pool_features(&self, feature_map: &Tensor) -> Tensor {
+        let p = i64::from(self.arch.feature_pool());
+        let f = if p > 1 { feature_map.avg_pool2d([p, p], [p, p], [0, 0], false, true, None::<i64>) } else { feature_map.shallow_clone() };
+        f.flatten(1, -1)
     }
 
     /// Overwrites every NetG tensor from `weights` (checked against the architecture

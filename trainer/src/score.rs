@@ -131,6 +131,10 @@ impl Scores {
     pub fn len(&self) -> usize {
         self.latent.len()
     }
+    /// Whether `kind` was scored (`mahalanobis` needs feature statistics).
+    pub fn has(&self, kind: ScoreKind) -> bool {
+        self.get(kind).len() == self.len()
+    }
     pub fn is_empty(&self) -> bool {
         self.latent.is_empty()
     }
@@ -159,7 +163,7 @@ pub fn outputs(g: &NetG, x: &Tensor, kernel: u32) -> Outputs {
         let k = i64::from(kernel);
         let smoothed = anomaly_map.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>);
         let score_map = smoothed.amax(&[1i64, 2, 3][..], false);
-        let score_mahalanobis = g.feature_stats.as_ref().map(|c| c.score(&g.features(x)));
+        let score_mahalanobis = g.feature_stats.as_ref().map(|c| c.score(&g.pool_features(&out.feature_map)));
         Outputs { score, score_recon, score_map, score_mahalanobis, recon: out.fake, anomaly_map }
     })
 }

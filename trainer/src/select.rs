@@ -361,7 +361,7 @@ pub fn auto_rule(aurocs: &BTreeMap<ScoreKind, f64>, n_def: usize, n_good: usize)
     }
 }
 
-/// [`BENCH_DEFAULT_SCORE`] when the generator has it (`mahalanobis` needs code
+/// [`BENCH_DEFAULT_SCORE`] when the generator has it (`mahalanobis` needs feature
 /// statistics), else the paper's latent score, which every generator has.
 fn incumbent(has: impl Fn(ScoreKind) -> bool) -> ScoreKind {
     if has(BENCH_DEFAULT_SCORE) {
@@ -376,7 +376,7 @@ fn incumbent(has: impl Fn(ScoreKind) -> bool) -> ScoreKind {
 /// [`BENCH_DEFAULT_SCORE`]. Returns the kind and the evidence for the provenance.
 pub fn choose_score(g: &NetG, hold: &Scores, val: Option<&ValSet>, kernel: u32, device: Device) -> (ScoreKind, String) {
     let Some(val) = val else {
-        let kind = incumbent(|k| hold.get(k).len() == hold.len());
+        let kind = incumbent(|k| hold.has(k));
         return (kind, format!("auto: no validation defects (DIR/val/<defect>); {BENCH_EVIDENCE}"));
     };
     let vs = score_all(g, &val.x, kernel, 64, device);

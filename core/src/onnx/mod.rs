@@ -87,7 +87,6 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
 
     let mut g = GraphBuilder::default();
     let z_i = g.sequential(&arch.encoder1(), INPUT, weights)?;
-    debug_assert!(arch.feature_layer() + 2 == arch.encoder1().len());
     let recon_pre = g.sequential(&arch.decoder(), &z_i, weights)?;
     // Give the reconstruction its public name with an Identity so every output
     // name is stable whatever the layer count.
