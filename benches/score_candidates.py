@@ -91,7 +91,8 @@ def ledoit_wolf(x):
     s = x.T @ x / n
     mu = np.trace(s) / p
     delta = ((s - mu * np.eye(p)) ** 2).sum() / p
-    beta = sum(((xi[:, None] * xi[None, :] - s) ** 2).sum() for xi in x) / (n * n * p)
+    # Σ_k ‖x_k x_kᵀ − S‖²_F = Σ_k ‖x_k‖⁴ − n‖S‖²_F (as trainer/src/score.rs): no per-image p×p matrices
+    beta = max(((x * x).sum(1) ** 2).sum() - n * (s * s).sum(), 0.0) / (n * n * p)
     shrink = min(beta, delta) / delta if delta > 0 else 1.0
     return (1 - shrink) * s + shrink * mu * np.eye(p), shrink
 
