@@ -17,9 +17,12 @@
 # chooses the score with.
 # Recipes (trainer flags on top of the common ones below):
 #   final       what ganomaly-train does by default: constant lr (the paper's
-#               training), weight average (EMA) exported after the last epoch
+#               training), weight average (EMA), --select auto (here val-auroc: the
+#               epoch with the best validation AUROC if it beats the last by > 1 SE)
 #   reference   the paper's training; an EMA runs alongside for measurement only
 #   cosine      half-cosine learning-rate decay, same EMA alongside
+#   last        as final, but the last epoch's weight average is exported (the
+#               default before --select auto)
 # Each run records per-epoch test AUROC of the raw and averaged generators and
 # their reconstruction error on held-out *good* images, so one run yields four
 # variants: raw/last epoch (the paper's reference when the lr is constant),
@@ -80,9 +83,10 @@ BIN=$OUT/bin/ganomaly-train
 
 recipe_flags() {
   case $1 in
-    final) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
+    final) echo "--lr-schedule constant --ema-decay $EMA --select auto" ;;
     reference) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
     cosine) echo "--lr-schedule cosine --ema-decay $EMA --select last" ;;
+    last) echo "--lr-schedule constant --ema-decay $EMA --select last" ;;
     *) echo "unknown recipe $1" >&2; exit 2 ;;
   esac
 }

@@ -499,6 +499,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     let x_test = load_test(&files, &mut pre)?;
     let has_defects = !files.defect_types().is_empty();
     let val = select::ValSet::load(&files.root, &mut pre)?;
+    let select_args = a.select.resolve(val.as_ref(), &files.root)?;
     let batch = if a.batch > fit.len() {
         eprintln!("note: --batch {} exceeds the {} training images; using {}", a.batch, fit.len(), fit.len());
         fit.len()
@@ -536,10 +537,13 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         (model, state)
     };
     let seed = state.seed;
-    if a.resume && a.select.ema_decay > 0.0 && model.ema.is_none() {
+    if a.resume && select_args.ema_decay > 0.0 && model.ema.is_none() {
         eprintln!("note: the checkpoint holds no weight average; --ema-decay starts one from its weights");
     }
-    let mut tracker = select::Tracker::new(&a.select, &mut model);
+    if a.resume && select_args.select == select::Select::ValAuroc && state.epoch > 0 {
+        eprintln!("note: --select val-auroc chooses among the epochs trained from here on; the checkpoint keeps no earlier candidates");
+    }
+    let mut tracker = select::Tracker::new(&select_args, &mut model);
     eprintln!(
         "training {}×{}×{} ngf {} on {} images ({} held out, {} test) on {:?}, {} threads",
         arch.nc,
@@ -563,7 +567,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
         let t0 = std::time::Instant::now();
-        select::set_lr(&mut model, a.select.lr_schedule, hyper.lr, epoch, a.epochs);
+        select::set_lr(&mut model, select_args.lr_schedule, hyper.lr, epoch, a.epochs);
         let mut rec = train::run_epoch(&mut model, &x_fit, batch, seed, epoch, device, |l, done| {
             bar.set_position(done as u64);
             bar.set_message(format!(
@@ -579,7 +583,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         bar.finish_and_clear();
         let last = epoch + 1 == a.epochs;
         let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
-        if test.is_some() {
+        if test.is_some() || (tracker.needs_feature_stats() && val.is_some()) {
             // The `mahalanobis` score of this epoch's generators needs their feature statistics.
             model.g.feature_stats = Some(FeatureStats::fit(&model.g, &x_fit, 256, device)?);
             if let Some(ema) = model.ema.as_mut() {
@@ -592,7 +596,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
                 rec.auroc.insert(kind.as_str().to_string(), e.auroc);
             }
         }
-        tracker.after_epoch(&model, epoch + 1, &x_hold, test, settings.map_kernel, device, &mut rec);
+        tracker.after_epoch(&model, epoch + 1, &x_hold, val.as_ref(), test, settings.map_kernel, device, &mut rec);
         let aurocs: Vec<String> = rec.auroc.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         eprintln!(
             "epoch {}/{}: err_g {:.4} (adv {:.4} con {:.4} enc {:.4}) err_d {:.4}, {:.1} img/s, {:.1} s{}{}",

@@ -198,6 +198,9 @@ fn bad_input_gets_a_clear_error() {
     let err = train_err(&root.join("good"), &["--isize", "40"]);
     assert!(err.contains("multiple of 16") && err.contains("40"), "{err}");
 
+    let err = train_err(&root.join("good"), &["--select", "val-auroc"]);
+    assert!(err.contains("--select val-auroc needs validation images") && err.contains("val/good"), "{err}");
+
     let ckpt = root.join("bad.ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
     std::fs::write(ckpt.join("state.json"), b"{ not json").unwrap();
