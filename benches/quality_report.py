@@ -55,8 +55,10 @@ def variant_figures(report):
         figs["auto"] = figs[chosen]
         per_defect = {k: le["scores"][k]["per_defect"] for k in KINDS if k in le["scores"]}
         per_defect["auto"] = per_defect[chosen]
-        figs["chosen"] = chosen
-        out["exported"] = (figs, per_defect, report.get("selection", {}).get("epoch"))
+        epoch = report.get("selection", {}).get("epoch")
+        # "latent@1": --select chose epoch 1 instead of the last.
+        figs["chosen"] = chosen if epoch in (None, report.get("epochs")) else f"{chosen}@{epoch}"
+        out["exported"] = (figs, per_defect, epoch)
     return out
 
 

@@ -621,7 +621,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         train::save_checkpoint(&ckpt_dir, &model, &state)?;
     }
 
-    let provenance = Provenance {
+    let mut provenance = Provenance {
         data_digest: digest.clone(),
         epochs: state.epoch,
         seed,
@@ -642,6 +642,11 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         ),
     };
     let (g_out, selection) = tracker.chosen(&model);
+    if let Some(reason) = &selection.reason {
+        // The exported epoch and why, in the log and in the model itself.
+        eprintln!("exporting epoch {}: {reason}", selection.epoch);
+        provenance.notes.push_str(&format!("; exported epoch {}: {reason}", selection.epoch));
+    }
     let g_out = &with_feature_stats(g_out, &x_fit, device)?;
     let finished = finish(g_out, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
     let mut plots = Vec::new();

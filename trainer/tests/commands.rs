@@ -90,6 +90,11 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     assert!(why.starts_with(&format!("auto: {} (validation AUROC ", chosen.as_str())), "{why}");
     assert!(why.contains("on 32 good and 8 defective validation images"), "24 held out + 8 val/good: {why}");
     assert_eq!(meta.default_score, chosen);
+    // --select auto with val/ defects: val-auroc, and the exported epoch is explained.
+    assert_eq!(report.selection.select, ganomaly_train::select::Select::ValAuroc);
+    let reason = report.selection.reason.as_deref().expect("a reason for the exported epoch");
+    assert!(reason.starts_with("val-auroc: "), "{reason}");
+    assert!(meta.provenance.notes.contains(&format!("exported epoch {}: {reason}", report.selection.epoch)), "{}", meta.provenance.notes);
 
     // Report: JSON and plots.
     for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png", "hist_mahalanobis.png"] {
