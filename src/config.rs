@@ -52,6 +52,9 @@ pub struct Config {
     /// MQTT publisher; absent means scores and alarms are only logged.
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// Prometheus `/metrics` and `/healthz` over HTTP (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Directory the relative paths were resolved against (not a TOML key).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -117,6 +120,42 @@ impl Default for InferenceConfig {
             trt_cache_dir: None,
             trt_fp16: true,
             ort_library: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Off unless asked for: an edge box should not open a port nobody uses.
+    pub enabled: bool,
+    /// `host:port` to listen on; loopback by default (put a reverse proxy or
+    /// `0.0.0.0:PORT` behind a firewall in front of it to scrape from afar).
+    pub listen: String,
+    /// `/healthz` answers 503 once the inference threads have shown no life for
+    /// this long (they beat at least once a second, frames or not).
+    pub stale_after_s: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: false, listen: "127.0.0.1:9464".into(), stale_after_s: 10.0 }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self, p: &str, problems: &mut Vec<String>) {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "{p}.listen: `{}` is not an address and port like 127.0.0.1:9464 or [::1]:9464",
+                self.listen
+            ));
+        }
+        if !(self.stale_after_s.is_finite() && self.stale_after_s >= 2.0) {
+            problems.push(format!(
+                "{p}.stale_after_s: must be ≥ 2 (got {}): an idle inference thread beats once a second",
+                self.stale_after_s
+            ));
         }
     }
 }
@@ -443,6 +482,7 @@ impl Config {
         self.inference.validate("inference", self, &mut problems);
         self.pipeline.validate("pipeline", &mut problems);
         self.snapshots.validate("snapshots", &mut problems);
+        self.metrics.validate("metrics", &mut problems);
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate("mqtt", &mut problems);
         }

@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::config::{Config, ConfigError};
 use crate::events::Publisher;
+use crate::exporter::{self, Exporter, ExporterError};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
 use crate::publish::NullPublisher;
@@ -24,6 +25,8 @@ pub enum DaemonError {
     Publish(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Exporter(#[from] ExporterError),
 }
 
 /// What the signal handler asks for.
@@ -51,16 +54,20 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let (publisher, handle): (Arc<dyn Publisher>, _) = match cfg.mqtt.as_ref().filter(|m| m.enabled) {
-        Some(m) => {
-            let (p, h) = MqttPublisher::start(m, rt.handle()).map_err(|e| DaemonError::Publish(e.to_string()))?;
-            (p, Some(h))
-        }
-        None => {
-            tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
-            (Arc::new(NullPublisher), None)
-        }
-    };
+    // Bound first: a taken port fails start-up before any thread runs.
+    let metrics_socket = cfg.metrics.enabled.then(|| exporter::bind(&cfg.metrics)).transpose()?;
+    let (publisher, handle, publisher_counters): (Arc<dyn Publisher>, _, Option<exporter::CountersFn>) =
+        match cfg.mqtt.as_ref().filter(|m| m.enabled) {
+            Some(m) => {
+                let (p, h) = MqttPublisher::start(m, rt.handle()).map_err(|e| DaemonError::Publish(e.to_string()))?;
+                let counters = p.clone();
+                (p, Some(h), Some(Arc::new(move || counters.counters())))
+            }
+            None => {
+                tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
+                (Arc::new(NullPublisher), None, None)
+            }
+        };
     let pipeline = match Pipeline::start(&cfg, publisher, StartOptions::default()) {
         Ok(p) => p,
         Err(e) => {
@@ -72,6 +79,28 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
     };
     let providers: Vec<String> =
         pipeline.providers.iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
+    let exporter = match metrics_socket {
+        Some(socket) => {
+            let sources = exporter::Sources {
+                cameras: pipeline.counters().to_vec(),
+                publisher: publisher_counters,
+                liveness: pipeline.liveness(),
+                models: pipeline.providers.iter().map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string())).collect(),
+            };
+            let stale = Duration::from_secs_f64(cfg.metrics.stale_after_s);
+            match Exporter::start(socket, sources, stale, rt.handle()) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    pipeline.shutdown();
+                    if let Some(h) = handle {
+                        h.shutdown_blocking(PUBLISHER_FLUSH);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(cameras = cfg.cameras.len(), models = %providers.join(", "), "ganomalyd running");
 
     let started = Instant::now();
@@ -104,6 +133,10 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
             camera = %c.name, captured = c.captured, decided = c.decided, dropped = c.dropped, broken = c.broken,
             "camera totals"
         );
+    }
+    if let Some(e) = exporter {
+        // Last: /healthz and /metrics answer while the pipeline drains.
+        e.shutdown(rt.handle(), Duration::from_secs(2));
     }
     if let Some(h) = handle {
         h.shutdown_blocking(PUBLISHER_FLUSH);

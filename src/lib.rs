@@ -13,6 +13,7 @@
 //! - [`pipeline`]: wires the stages together and owns shutdown.
 //! - [`daemon`]: `ganomalyd run` around the pipeline: publisher, systemd, SIGHUP, shutdown.
 //! - [`metrics`]: per-camera counters and latency histograms.
+//! - [`exporter`]: the `[metrics]` HTTP endpoint, Prometheus `/metrics` and `/healthz`.
 //! - [`systemd`]: READY/STOPPING/watchdog notifications.
 //! - [`score`], [`bench`]: the `score` and `bench` commands.
 
@@ -22,6 +23,7 @@ pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod exporter;
 pub mod infer;
 pub mod metrics;
 pub mod pipeline;

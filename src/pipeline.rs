@@ -85,6 +85,28 @@ pub struct Report {
     pub snapshots_skipped: u64,
 }
 
+/// When the inference threads last showed life: they store the milliseconds
+/// since `epoch` after every batch and at least once a second when idle.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    heartbeat: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Liveness {
+    pub fn silent_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.heartbeat.load(Ordering::Relaxed))
+    }
+
+    /// A heartbeat last seen about `silent_ms` ago.
+    #[cfg(test)]
+    pub fn new_for_test(silent_ms: u64) -> Liveness {
+        let now = Instant::now();
+        let epoch = now.checked_sub(Duration::from_millis(silent_ms)).unwrap_or(now);
+        Liveness { heartbeat: Arc::new(AtomicU64::new(0)), epoch }
+    }
+}
+
 /// A running pipeline.
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
@@ -341,7 +363,13 @@ impl Pipeline {
 
     /// Milliseconds since the inference threads last showed life.
     pub fn inference_silent_ms(&self) -> u64 {
-        (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.heartbeat.load(Ordering::Relaxed))
+        self.liveness().silent_ms()
+    }
+
+    /// A handle on the inference heartbeat for readers outside the pipeline
+    /// (the `/healthz` endpoint).
+    pub fn liveness(&self) -> Liveness {
+        Liveness { heartbeat: self.heartbeat.clone(), epoch: self.epoch }
     }
 
     /// Waits for every stage to finish (after [`stop`](Self::stop), or when

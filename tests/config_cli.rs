@@ -93,7 +93,8 @@ fn every_bad_range_is_reported_at_once() {
     let cfg = write_config(
         dir.path(),
         &model,
-        "[cameras.cam.alarm]\nmin_frames = 0\nclear_frames = 0\nthreshold = 1.5\n[cameras.other]\nscore = \"psnr\"\n",
+        "[cameras.cam.alarm]\nmin_frames = 0\nclear_frames = 0\nthreshold = 1.5\n[cameras.other]\nscore = \"psnr\"\n\
+         [metrics]\nenabled = true\nlisten = \"localhost\"\nstale_after_s = 0.5\n",
     );
     let body = std::fs::read_to_string(&cfg).expect("read").replace("providers = [\"cpu\"]", "providers = [\"cpu\"]\nmax_batch = 0");
     std::fs::write(&cfg, body).expect("write");
@@ -107,6 +108,8 @@ fn every_bad_range_is_reported_at_once() {
         "cameras.cam.alarm.threshold: must be between 0 and 1",
         "cameras.other.score: `psnr`",
         "cameras.other.source: missing",
+        "metrics.listen: `localhost` is not an address and port",
+        "metrics.stale_after_s: must be ≥ 2",
     ] {
         assert!(t.contains(want), "missing `{want}` in:\n{t}");
     }
@@ -207,23 +210,21 @@ fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
     assert!(stderr.contains("falling back to the CPU"), "{stderr}");
 }
 
-#[test]
-fn sigterm_stops_the_daemon_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "");
-    let log = dir.path().join("log.txt");
+/// Starts `ganomalyd run` on `cfg`, logging to `log`, and waits until it runs
+/// with its camera online.
+fn start_daemon(cfg: &Path, log: &Path) -> std::process::Child {
     let mut child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().expect("utf8")])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("spawn daemon");
     let t = Instant::now();
     loop {
-        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        let l = std::fs::read_to_string(log).unwrap_or_default();
         if l.contains("ganomalyd running") && l.contains("online=true") {
-            break;
+            return child;
         }
         if t.elapsed() > Duration::from_secs(60) || child.try_wait().ok().flatten().is_some() {
             let _ = child.kill();
@@ -231,20 +232,80 @@ fn sigterm_stops_the_daemon_cleanly() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// SIGTERM, then the exit status once the daemon has stopped.
+fn stop_daemon(mut child: std::process::Child) -> std::process::ExitStatus {
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(killed.success());
     let t = Instant::now();
-    let status = loop {
+    loop {
         if let Some(s) = child.try_wait().expect("wait") {
-            break s;
+            return s;
         }
         if t.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
             panic!("daemon did not stop on SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "");
+    let log = dir.path().join("log.txt");
+    let status = stop_daemon(start_daemon(&cfg, &log));
     let l = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{status:?}\n{l}");
     assert!(l.contains("camera totals") && l.contains("stopped"), "{l}");
+}
+
+#[test]
+fn metrics_and_healthz_answer_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Port 0: the system picks a free one, and the log says which.
+    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n");
+    let log = dir.path().join("log.txt");
+    let child = start_daemon(&cfg, &log);
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    let addr = l.split("metrics on http://").nth(1).and_then(|r| r.split("/metrics").next()).map(str::to_string);
+    let Some(addr) = addr else {
+        stop_daemon(child);
+        panic!("no metrics address in the log:\n{l}");
+    };
+    let get = |path: &str| {
+        let mut r = ureq::get(&format!("http://{addr}{path}")).config().http_status_as_error(false).build().call().expect("GET");
+        (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
+    };
+    // Frames keep flowing: a later scrape counts more decided frames.
+    let decided = |body: &str| -> u64 {
+        body.lines()
+            .find_map(|x| x.strip_prefix("ganomalyd_frames_decided_total{camera=\"cam\"} "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no decided counter in\n{body}"))
+    };
+    let (code, first) = get("/metrics");
+    assert_eq!(code, 200, "{first}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, second) = get("/metrics");
+    assert!(decided(&second) > decided(&first), "{first}\n---\n{second}");
+    assert!(second.contains("ganomalyd_camera_online{camera=\"cam\"} 1"), "{second}");
+    assert!(second.contains("provider=\"cpu\"} 1") && second.ends_with("# EOF\n"), "{second}");
+    let (code, health) = get("/healthz");
+    assert_eq!(code, 200, "{health}");
+    let h: serde_json::Value = serde_json::from_str(&health).expect("healthz is JSON");
+    assert_eq!((h["status"].as_str(), h["cameras"]["cam"].as_bool()), (Some("ok"), Some(true)), "{h}");
+    assert_eq!(get("/nothing").0, 404);
+
+    // A second daemon on the same port refuses to start, naming the key.
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(&second).expect("mkdir");
+    let taken = write_config(&second, &fixture_model(&second), &format!("[metrics]\nenabled = true\nlisten = \"{addr}\"\n"));
+    let o = ganomalyd(&["run", "--config", taken.to_str().expect("utf8")], &second);
+    let status = stop_daemon(child);
+    assert!(!o.status.success());
+    assert!(text(&o).contains(&format!("metrics.listen {addr}: cannot listen")), "{}", text(&o));
+    assert!(status.success(), "{status:?}");
 }

@@ -1,0 +1,376 @@
+//! The `[metrics]` HTTP endpoint: Prometheus `/metrics` and a `/healthz` for
+//! load balancers, container probes and monitoring.
+//!
+//! It only *reads* what the stages count already (`metrics::CameraCounters`,
+//! the publisher's counters, the inference heartbeat): a scrape takes no lock
+//! on the frame path and a slow scraper cannot slow a camera. It runs on the
+//! tokio runtime that does the network I/O, never on a pipeline thread.
+//!
+//! `/healthz` answers 200 while the inference threads show life (they beat at
+//! least once a second, frames or not) and 503 once they have been silent for
+//! `stale_after_s`: the same judgement the systemd watchdog makes. Cameras that
+//! are offline or a broker that is down do not make the daemon unhealthy (a
+//! restart would not fix them, and alarms wait in the outbox); the JSON body
+//! says which.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+
+use crate::config::MetricsConfig;
+use crate::metrics::CameraCounters;
+use crate::pipeline::Liveness;
+use crate::publish::mqtt::PublisherCounters;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterError {
+    #[error("metrics.listen {addr}: cannot listen: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Reads the publisher's counters.
+pub type CountersFn = Arc<dyn Fn() -> PublisherCounters + Send + Sync>;
+
+/// What a scrape reads. Cheap to clone; every part is shared with its stage.
+#[derive(Clone)]
+pub struct Sources {
+    pub cameras: Vec<(String, Arc<CameraCounters>)>,
+    /// The MQTT publisher's counters; `None` without `[mqtt]`.
+    pub publisher: Option<CountersFn>,
+    pub liveness: Liveness,
+    /// (model path, execution provider in use) of each loaded model.
+    pub models: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("cameras", &self.cameras.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("publisher", &self.publisher.is_some())
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+/// A listening socket, bound before the pipeline starts so that a taken port
+/// fails start-up with a clear error instead of a half-started daemon.
+pub struct Bound {
+    listener: std::net::TcpListener,
+    pub addr: SocketAddr,
+}
+
+/// Binds `cfg.listen`.
+pub fn bind(cfg: &MetricsConfig) -> Result<Bound, ExporterError> {
+    let err = |source| ExporterError::Bind { addr: cfg.listen.clone(), source };
+    let listener = std::net::TcpListener::bind(&cfg.listen).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok(Bound { listener, addr })
+}
+
+/// The running endpoint; [`Exporter::shutdown`] stops it.
+pub struct Exporter {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub addr: SocketAddr,
+}
+
+impl Exporter {
+    /// Serves `bound` on `rt` until [`shutdown`](Self::shutdown).
+    pub fn start(bound: Bound, sources: Sources, stale_after: Duration, rt: &tokio::runtime::Handle) -> Result<Exporter, ExporterError> {
+        let addr = bound.addr;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(bound.listener)
+                .map_err(|source| ExporterError::Bind { addr: addr.to_string(), source })?
+        };
+        let mut registry = Registry::with_prefix("ganomalyd");
+        registry.register_collector(Box::new(DaemonCollector(sources.clone())));
+        let state = Arc::new(AppState { registry, sources, stale_after });
+        let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = rt.spawn(async move {
+            let until = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(until).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/healthz");
+        Ok(Exporter { stop, task, addr })
+    }
+
+    /// Stops serving (in-flight requests finish) and waits up to `timeout`.
+    pub fn shutdown(self, rt: &tokio::runtime::Handle, timeout: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.task;
+        let _ = rt.block_on(async move { tokio::time::timeout(timeout, task).await });
+    }
+}
+
+struct AppState {
+    registry: Registry,
+    sources: Sources,
+    stale_after: Duration,
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "metrics encoding failed\n".to_string(),
+        ),
+    }
+}
+
+/// The `/healthz` body.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    /// Why it is unhealthy, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub inference_silent_ms: u64,
+    /// Camera name → online.
+    pub cameras: std::collections::BTreeMap<String, bool>,
+    /// `None` without `[mqtt]`.
+    pub mqtt_connected: Option<bool>,
+    pub alarms_pending: Option<u64>,
+}
+
+/// Judges health from the sources (see the module doc).
+pub fn health(sources: &Sources, stale_after: Duration) -> Health {
+    let silent = sources.liveness.silent_ms();
+    let stale = u128::from(silent) >= stale_after.as_millis();
+    let publisher = sources.publisher.as_ref().map(|p| p());
+    Health {
+        status: if stale { "unhealthy" } else { "ok" },
+        reason: stale.then(|| format!("inference silent for {:.1} s (limit {:.1} s)", silent as f64 / 1e3, stale_after.as_secs_f64())),
+        inference_silent_ms: silent,
+        cameras: sources.cameras.iter().map(|(n, c)| (n.clone(), c.online.load(std::sync::atomic::Ordering::Relaxed))).collect(),
+        mqtt_connected: publisher.map(|p| p.connected),
+        alarms_pending: publisher.map(|p| p.alarms_pending),
+    }
+}
+
+async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    let h = health(&s.sources, s.stale_after);
+    let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&h).unwrap_or_default())
+}
+
+/// Reads the counters at scrape time.
+#[derive(Debug)]
+struct DaemonCollector(Sources);
+
+/// One metric without labels.
+fn single<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    kind: MetricType,
+    metric: M,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(enc.encode_descriptor(name, help, unit, kind)?)
+}
+
+/// One metric family: a descriptor, then one sample per label set.
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, kind)?;
+    for (labels, metric) in samples {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let cam = |name: &String| vec![("camera", name.clone())];
+        let per_camera = |f: fn(&CameraCounters) -> u64| {
+            s.cameras.iter().map(move |(n, c)| (cam(n), ConstCounter::new(f(c)))).collect::<Vec<_>>()
+        };
+        type Count = fn(&CameraCounters) -> u64;
+        let frames: [(&str, &str, Count); 4] = [
+            ("frames_captured", "Frames the camera source delivered.", |c| CameraCounters::get(&c.captured)),
+            (
+                "frames_dropped",
+                "Frames dropped because preprocessing was behind (drop-oldest, by design).",
+                |c| CameraCounters::get(&c.dropped),
+            ),
+            ("frames_broken", "Frames that could not be read, decoded or preprocessed, skipped.", |c| {
+                CameraCounters::get(&c.broken)
+            }),
+            ("frames_decided", "Frames scored and passed through the alarm state machine.", |c| {
+                CameraCounters::get(&c.decided)
+            }),
+        ];
+        for (name, help, f) in frames {
+            family(&mut enc, name, help, None, MetricType::Counter, per_camera(f))?;
+        }
+        let online = s.cameras.iter().map(|(n, c)| (cam(n), ConstGauge::new(i64::from(c.online.load(std::sync::atomic::Ordering::Relaxed)))));
+        family(&mut enc, "camera_online", "1 while the camera delivers frames.", None, MetricType::Gauge, online)?;
+        let mut latency = Vec::new();
+        for (n, c) in &s.cameras {
+            let (p50, p99) = c.latency.lock().map(|h| (h.quantile(0.5), h.quantile(0.99))).unwrap_or((0.0, 0.0));
+            for (q, ms) in [("0.5", p50), ("0.99", p99)] {
+                latency.push((vec![("camera", n.clone()), ("quantile", q.to_string())], ConstGauge::new(ms / 1e3)));
+            }
+        }
+        family(
+            &mut enc,
+            "decision_latency",
+            "Capture to alarm decision, quantiles since start.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+            latency,
+        )?;
+        let silent = ConstGauge::new(s.liveness.silent_ms() as f64 / 1e3);
+        single(
+            &mut enc,
+            "inference_silent",
+            "Time since the inference threads last showed life (they beat at least once a second).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+            silent,
+        )?;
+        let models = s.models.iter().map(|(m, p)| (vec![("model", m.clone()), ("provider", p.clone())], ConstGauge::new(1i64)));
+        family(&mut enc, "model", "Loaded models and the execution provider each runs on.", None, MetricType::Gauge, models)?;
+        let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]);
+        info.encode(enc.encode_descriptor("build", "ganomalyd build.", None, MetricType::Info)?)?;
+        if let Some(p) = s.publisher.as_ref().map(|p| p()) {
+            let connected = ConstGauge::new(i64::from(p.connected));
+            single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
+            let counters: [(&str, &str, u64); 8] = [
+                ("mqtt_connects", "Successful broker connections, the first one included.", p.connects),
+                ("scores_published", "Score messages published.", p.scores_published),
+                ("scores_throttled", "Score messages skipped by the per-camera rate limit (by design).", p.scores_throttled),
+                ("scores_dropped", "Score messages lost to a full queue or a broker that was down.", p.scores_dropped),
+                ("alarms_queued", "Alarm events written to the outbox.", p.alarms_queued),
+                ("alarms_acked", "Alarm events the broker acknowledged.", p.alarms_acked),
+                ("alarms_dropped", "Alarm events dropped undelivered by the outbox's size and age bounds.", p.alarms_dropped),
+                ("outbox_errors", "Alarm events the outbox could not store (disk trouble), sent from memory.", p.outbox_errors),
+            ];
+            for (name, help, v) in counters {
+                single(&mut enc, name, help, None, MetricType::Counter, ConstCounter::new(v))?;
+            }
+            let pending = ConstGauge::new(p.alarms_pending as i64);
+            single(&mut enc, "alarms_pending", "Alarm events waiting in the outbox for the broker.", None, MetricType::Gauge, pending)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::CameraCounters;
+
+    fn sources(publisher: bool) -> Sources {
+        let c = Arc::new(CameraCounters::default());
+        CameraCounters::add(&c.captured, 12);
+        CameraCounters::add(&c.dropped, 2);
+        CameraCounters::add(&c.decided, 9);
+        c.online.store(true, std::sync::atomic::Ordering::Relaxed);
+        c.record_latency(20.0);
+        let p = PublisherCounters { connected: true, alarms_pending: 3, alarms_queued: 5, ..Default::default() };
+        Sources {
+            cameras: vec![("line-1".into(), c), ("line-2".into(), Arc::new(CameraCounters::default()))],
+            publisher: publisher.then(|| Arc::new(move || p) as CountersFn),
+            liveness: Liveness::new_for_test(250),
+            models: vec![("models/demo.onnx".into(), "cpu".into())],
+        }
+    }
+
+    fn scrape(s: Sources) -> String {
+        let mut registry = Registry::with_prefix("ganomalyd");
+        registry.register_collector(Box::new(DaemonCollector(s)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn scrape_reports_every_counter_by_camera() {
+        let text = scrape(sources(true));
+        for line in [
+            "# TYPE ganomalyd_frames_captured counter",
+            "ganomalyd_frames_captured_total{camera=\"line-1\"} 12",
+            "ganomalyd_frames_captured_total{camera=\"line-2\"} 0",
+            "ganomalyd_frames_dropped_total{camera=\"line-1\"} 2",
+            "ganomalyd_frames_decided_total{camera=\"line-1\"} 9",
+            "ganomalyd_camera_online{camera=\"line-1\"} 1",
+            "ganomalyd_camera_online{camera=\"line-2\"} 0",
+            "ganomalyd_model{model=\"models/demo.onnx\",provider=\"cpu\"} 1",
+            "ganomalyd_mqtt_connected 1",
+            "ganomalyd_alarms_queued_total 5",
+            "ganomalyd_alarms_pending 3",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        let p50 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ganomalyd_decision_latency_seconds{camera=\"line-1\",quantile=\"0.5\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("latency p50");
+        // 20 ms recorded; the histogram's resolution is about 2 %.
+        assert!((p50 - 0.020).abs() < 0.001, "{p50}");
+        assert!(text.contains("ganomalyd_build_info{version=\""), "{text}");
+        let silent = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ganomalyd_inference_silent_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("inference_silent_seconds, without labels");
+        assert!((0.25..5.0).contains(&silent), "{silent}");
+    }
+
+    #[test]
+    fn without_mqtt_there_are_no_publisher_metrics() {
+        let text = scrape(sources(false));
+        assert!(!text.contains("mqtt") && !text.contains("alarms_"), "{text}");
+        assert!(text.contains("ganomalyd_frames_captured_total"), "{text}");
+    }
+
+    #[test]
+    fn health_turns_unhealthy_only_when_inference_is_silent() {
+        let s = sources(true);
+        let h = health(&s, Duration::from_secs(10));
+        assert_eq!((h.status, h.reason.as_deref()), ("ok", None));
+        assert!(!h.cameras["line-2"] && h.cameras["line-1"]);
+        assert_eq!((h.mqtt_connected, h.alarms_pending), (Some(true), Some(3)));
+        let h = health(&s, Duration::from_millis(100));
+        assert_eq!(h.status, "unhealthy");
+        assert!(h.reason.as_deref().is_some_and(|r| r.contains("inference silent")), "{h:?}");
+    }
+}
