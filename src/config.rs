@@ -240,6 +240,25 @@ pub enum SourceConfig {
     V4l2(V4l2Source),
     Replay(ReplaySource),
     Synthetic(SyntheticSource),
+    #[serde(rename = "http-mjpeg")]
+    HttpMjpeg(HttpMjpegSource),
+}
+
+/// An IP camera's MJPEG stream over plain HTTP (`multipart/x-mixed-replace`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMjpegSource {
+    /// `http://host[:port]/path`; `http://user:password@host/...` for basic
+    /// authentication (the password is never logged).
+    pub url: String,
+    /// Seconds to connect, and the longest silence inside the stream, before the
+    /// camera counts as lost and is reopened with backoff.
+    #[serde(default = "default_http_timeout")]
+    pub timeout_s: f64,
+}
+
+fn default_http_timeout() -> f64 {
+    5.0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -625,6 +644,7 @@ impl SourceConfig {
             SourceConfig::V4l2(_) => "v4l2",
             SourceConfig::Replay(_) => "replay",
             SourceConfig::Synthetic(_) => "synthetic",
+            SourceConfig::HttpMjpeg(_) => "http-mjpeg",
         }
     }
 
@@ -641,6 +661,19 @@ impl SourceConfig {
             SourceConfig::Replay(r) => {
                 if r.path.trim().is_empty() {
                     problems.push(format!("{p}.path: must not be empty"));
+                }
+            }
+            SourceConfig::HttpMjpeg(h) => {
+                let shown = crate::capture::http_mjpeg::redact(&h.url);
+                match h.url.split_once("://") {
+                    Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") && !rest.is_empty() => {}
+                    Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => problems.push(format!(
+                        "{p}.url: `{shown}`: https is not supported (cameras on a plant network serve plain http; put a TLS proxy in front otherwise)"
+                    )),
+                    _ => problems.push(format!("{p}.url: `{shown}` is not an http:// URL")),
+                }
+                if !(h.timeout_s.is_finite() && (0.1..=300.0).contains(&h.timeout_s)) {
+                    problems.push(format!("{p}.timeout_s: must be between 0.1 and 300 (got {})", h.timeout_s));
                 }
             }
             SourceConfig::Synthetic(s) => {
@@ -740,14 +773,14 @@ impl CameraConfig {
                     Err(e) => problems.push(format!("{p}.source.path: {e}")),
                 }
             }
-            SourceConfig::Synthetic(_) => {}
+            SourceConfig::Synthetic(_) | SourceConfig::HttpMjpeg(_) => {}
         }
         // Frame size is known up front for cameras and synthetic frames; a
         // replay image's size is only known when it is read.
         let frame = match &self.source {
             SourceConfig::V4l2(_) => Some((self.width, self.height)),
             SourceConfig::Synthetic(s) => Some((s.size, s.size)),
-            SourceConfig::Replay(_) => None,
+            SourceConfig::Replay(_) | SourceConfig::HttpMjpeg(_) => None,
         };
         if let (Some(r), Some((w, h))) = (&self.roi, frame) {
             if r.x.saturating_add(r.width) > w || r.y.saturating_add(r.height) > h {

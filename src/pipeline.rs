@@ -140,6 +140,10 @@ pub fn source_from_config(cfg: &Config, cam: &CameraConfig) -> SourceFactory {
         SourceConfig::Replay(r) => {
             capture::factory(capture::replay::ReplaySource::new(cfg.resolve(std::path::Path::new(&r.path)), r.looped))
         }
+        SourceConfig::HttpMjpeg(h) => capture::factory(capture::http_mjpeg::HttpMjpegSource::new(
+            h.url.clone(),
+            std::time::Duration::from_secs_f64(h.timeout_s),
+        )),
         SourceConfig::Synthetic(s) => {
             let s = s.clone();
             // Generated on the camera thread: it takes a while for large frames.

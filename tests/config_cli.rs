@@ -94,6 +94,8 @@ fn every_bad_range_is_reported_at_once() {
         dir.path(),
         &model,
         "[cameras.cam.alarm]\nmin_frames = 0\nclear_frames = 0\nthreshold = 1.5\n[cameras.other]\nscore = \"psnr\"\n\
+         [cameras.ip]\nsource = { kind = \"http-mjpeg\", url = \"https://cam/mjpg\", timeout_s = 0 }\n\
+         [cameras.ip2]\nsource = { kind = \"http-mjpeg\", url = \"cam:80/mjpg\" }\n\
          [metrics]\nenabled = true\nlisten = \"localhost\"\nstale_after_s = 0.5\n",
     );
     let body = std::fs::read_to_string(&cfg).expect("read").replace("providers = [\"cpu\"]", "providers = [\"cpu\"]\nmax_batch = 0");
@@ -109,6 +111,9 @@ fn every_bad_range_is_reported_at_once() {
         "cameras.other.score: `psnr`",
         "cameras.other.source: missing",
         "metrics.listen: `localhost` is not an address and port",
+        "cameras.ip.source.url: `https://cam/mjpg`: https is not supported",
+        "cameras.ip.source.timeout_s: must be between 0.1 and 300",
+        "cameras.ip2.source.url: `cam:80/mjpg` is not an http:// URL",
         "metrics.stale_after_s: must be ≥ 2",
     ] {
         assert!(t.contains(want), "missing `{want}` in:\n{t}");

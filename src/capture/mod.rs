@@ -2,7 +2,7 @@
 //!
 //! Hardware sits behind [`FrameSource`] so that tests and the demo drive the
 //! real pipeline with [`replay`] and [`synthetic`] sources; [`v4l2`] is the
-//! real camera. Each camera runs on its own thread ([`spawn_camera`]), which
+//! real camera, [`http_mjpeg`] an IP camera's MJPEG stream. Each camera runs on its own thread ([`spawn_camera`]), which
 //! - opens its source, retrying forever with exponential backoff while it
 //!   fails, and reports the camera `offline`/`online` through the publisher
 //!   (other cameras are untouched: they have their own threads);
@@ -15,6 +15,7 @@
 //! Frame buffers come back from the end of the pipeline through a recycle
 //! channel, so a steady-state camera allocates nothing per frame.
 
+pub mod http_mjpeg;
 pub mod replay;
 pub mod synthetic;
 pub mod v4l2;

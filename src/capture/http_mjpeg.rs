@@ -1,0 +1,322 @@
+//! HTTP MJPEG source: the `multipart/x-mixed-replace` JPEG stream that IP
+//! cameras (and `mjpg-streamer`, `ffmpeg`, OctoPrint...) serve over plain HTTP.
+//!
+//! HTTP itself is ureq's; what is ours is reading the parts of the stream.
+//! Cameras are lax about the multipart rules, so the reader is tolerant: the
+//! boundary may come with or without its leading `--` and with or without a
+//! CRLF before it, `Content-Length` per part is used when given and otherwise
+//! the part runs to the next boundary line. A part that is not a decodable JPEG
+//! is a broken frame (counted and skipped by the camera thread); a stream that
+//! ends or stalls past `timeout_s` is a lost camera (offline, reopened with
+//! backoff). The camera paces itself: frames are read as they arrive.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::Duration;
+
+use super::{CaptureError, FrameData, FrameSource, PixelFormat};
+
+/// Largest part accepted: a 4K JPEG at high quality is a few MB; a part that
+/// runs past this is a broken stream, not a frame.
+const MAX_PART_BYTES: usize = 32 << 20;
+/// Longest header or boundary line accepted.
+const MAX_LINE_BYTES: usize = 8 << 10;
+
+/// Reads JPEG frames from an MJPEG-over-HTTP URL.
+pub struct HttpMjpegSource {
+    url: String,
+    timeout: Duration,
+    stream: Option<PartReader<Box<dyn Read + Send>>>,
+    part: Vec<u8>,
+}
+
+impl HttpMjpegSource {
+    pub fn new(url: String, timeout: Duration) -> Self {
+        HttpMjpegSource { url, timeout, stream: None, part: Vec::new() }
+    }
+}
+
+/// `url` without a `user:password@`, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The `boundary` parameter of a `multipart/x-mixed-replace` content type.
+pub fn boundary_of(content_type: &str) -> Option<String> {
+    let (mime, params) = content_type.split_once(';').unwrap_or((content_type, ""));
+    if !mime.trim().eq_ignore_ascii_case("multipart/x-mixed-replace") {
+        return None;
+    }
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').trim_start_matches("--").to_string())
+    })
+}
+
+impl FrameSource for HttpMjpegSource {
+    fn describe(&self) -> String {
+        format!("http-mjpeg {}", redact(&self.url))
+    }
+
+    fn open(&mut self) -> Result<(), CaptureError> {
+        let fail = |reason: String| CaptureError::Open { source_name: format!("http-mjpeg {}", redact(&self.url)), reason };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(self.timeout))
+            .timeout_recv_response(Some(self.timeout))
+            // Per read, not for the whole body: the stream never ends.
+            .timeout_per_read(Some(self.timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = agent.get(&self.url).call().map_err(|e| fail(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(fail(format!("HTTP {status}")));
+        }
+        let content_type =
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let boundary = boundary_of(&content_type).ok_or_else(|| {
+            fail(format!("content type `{content_type}` is not multipart/x-mixed-replace with a boundary: not an MJPEG stream"))
+        })?;
+        let body: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
+        self.stream = Some(PartReader::new(body, &boundary));
+        Ok(())
+    }
+
+    fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(CaptureError::Disconnected { source_name: self.describe(), reason: "not open".into() });
+        };
+        let lost = match stream.next_part(&mut self.part) {
+            Ok(true) => None,
+            Ok(false) => Some("the stream ended".to_string()),
+            Err(PartError::Io(e)) => Some(e.to_string()),
+            // Lost our place in the stream: reconnect rather than guess.
+            Err(PartError::Malformed(reason)) => Some(reason),
+        };
+        if let Some(reason) = lost {
+            self.stream = None;
+            return Err(CaptureError::Disconnected { source_name: self.describe(), reason });
+        }
+        let img = image::load_from_memory_with_format(&self.part, image::ImageFormat::Jpeg)
+            .map_err(|e| CaptureError::BrokenFrame { source_name: self.describe(), reason: format!("not a JPEG: {e}") })?;
+        out.fill_from_image(&img, PixelFormat::Rgb8);
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        self.stream = None;
+    }
+
+    fn self_paced(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+pub enum PartError {
+    Io(std::io::Error),
+    Malformed(String),
+}
+
+impl From<std::io::Error> for PartError {
+    fn from(e: std::io::Error) -> Self {
+        PartError::Io(e)
+    }
+}
+
+/// Splits a multipart byte stream into its parts' bodies.
+pub struct PartReader<R: Read> {
+    inner: BufReader<R>,
+    /// `--boundary`.
+    delimiter: Vec<u8>,
+    /// The boundary line of the next part was already read (a part without
+    /// `Content-Length` ends where the next boundary starts).
+    at_part_headers: bool,
+    line: Vec<u8>,
+}
+
+impl<R: Read> PartReader<R> {
+    pub fn new(inner: R, boundary: &str) -> Self {
+        PartReader {
+            inner: BufReader::with_capacity(64 << 10, inner),
+            delimiter: format!("--{boundary}").into_bytes(),
+            at_part_headers: false,
+            line: Vec::new(),
+        }
+    }
+
+    /// One line without its CRLF/LF; `false` at the end of the stream.
+    fn read_line(&mut self) -> Result<bool, PartError> {
+        self.line.clear();
+        let n = (&mut self.inner).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut self.line)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if self.line.len() > MAX_LINE_BYTES {
+            return Err(PartError::Malformed(format!("a header or boundary line longer than {MAX_LINE_BYTES} bytes")));
+        }
+        while self.line.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+            self.line.pop();
+        }
+        Ok(true)
+    }
+
+    /// Whether `line` is the boundary (with or without the leading `--`).
+    fn is_boundary(&self, line: &[u8]) -> bool {
+        let line = line.trim_ascii();
+        line.starts_with(&self.delimiter) || line.starts_with(&self.delimiter[2..])
+    }
+
+    /// Reads the next part's body into `out`; `false` at the end of the stream.
+    pub fn next_part(&mut self, out: &mut Vec<u8>) -> Result<bool, PartError> {
+        out.clear();
+        if !self.at_part_headers {
+            // Skip to the boundary (a preamble, or the CRLF after the last part).
+            let mut skipped = 0usize;
+            loop {
+                if !self.read_line()? {
+                    return Ok(false);
+                }
+                if self.is_boundary(&self.line) {
+                    break;
+                }
+                skipped += self.line.len();
+                if skipped > MAX_PART_BYTES {
+                    return Err(PartError::Malformed("no boundary line in the stream".into()));
+                }
+            }
+        }
+        self.at_part_headers = false;
+        // Part headers up to the empty line.
+        let mut length: Option<usize> = None;
+        loop {
+            if !self.read_line()? {
+                return Ok(false);
+            }
+            if self.line.is_empty() {
+                break;
+            }
+            let text = String::from_utf8_lossy(&self.line);
+            if let Some((k, v)) = text.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    let n: usize =
+                        v.trim().parse().map_err(|_| PartError::Malformed(format!("Content-Length `{}`", v.trim())))?;
+                    if n > MAX_PART_BYTES {
+                        return Err(PartError::Malformed(format!("a {n}-byte part (limit {MAX_PART_BYTES})")));
+                    }
+                    length = Some(n);
+                }
+            }
+        }
+        match length {
+            Some(n) => {
+                out.resize(n, 0);
+                self.inner.read_exact(out)?;
+            }
+            None => {
+                // To the next boundary line; the CRLF before it is not data.
+                loop {
+                    if !self.read_line_raw(out)? {
+                        break;
+                    }
+                    if out.len() > MAX_PART_BYTES {
+                        return Err(PartError::Malformed(format!("a part longer than {MAX_PART_BYTES} bytes")));
+                    }
+                }
+                if out.is_empty() && !self.at_part_headers {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Appends one raw line (with its line end) to `out` unless it is the
+    /// boundary; then strips the CRLF that precedes the boundary and returns
+    /// `false`. Also `false` at the end of the stream.
+    fn read_line_raw(&mut self, out: &mut Vec<u8>) -> Result<bool, PartError> {
+        let start = out.len();
+        let n = self.inner.read_until(b'\n', out)?;
+        let boundary = n > 0 && self.is_boundary(&out[start..]);
+        if n > 0 && !boundary {
+            return Ok(true);
+        }
+        // The boundary line, or the end of the stream: neither they nor the
+        // line end before them are data.
+        out.truncate(start);
+        if out.ends_with(b"\r\n") {
+            out.truncate(out.len() - 2);
+        } else if out.ends_with(b"\n") {
+            out.truncate(out.len() - 1);
+        }
+        self.at_part_headers = boundary;
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(stream: &[u8], boundary: &str) -> Result<Vec<Vec<u8>>, PartError> {
+        let mut r = PartReader::new(stream, boundary);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while r.next_part(&mut buf)? {
+            out.push(buf.clone());
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn parts_with_content_length_keep_their_exact_bytes() {
+        // Bodies holding CRLFs and a fake boundary must come back byte for byte.
+        let a = b"\xff\xd8one\r\n--frame\r\nnot a boundary\xff\xd9".to_vec();
+        let b = b"\xff\xd8two\xff\xd9".to_vec();
+        let mut s = Vec::new();
+        for body in [&a, &b] {
+            s.extend_from_slice(format!("--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            s.extend_from_slice(body);
+            s.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(parts(&s, "frame").unwrap(), vec![a, b]);
+    }
+
+    #[test]
+    fn parts_without_content_length_run_to_the_next_boundary() {
+        // mjpg-streamer style without lengths, LF line ends, a preamble, and the
+        // boundary declared with its dashes.
+        let s = b"preamble\n--myboundary\nContent-Type: image/jpeg\n\nAAA\nBBB\n--myboundary\nContent-Type: image/jpeg\n\nCCC\n--myboundary--\n";
+        assert_eq!(parts(s, "myboundary").unwrap(), vec![b"AAA\nBBB".to_vec(), b"CCC".to_vec()]);
+        // Boundary lines without the leading dashes (some cameras).
+        let s = b"myboundary\r\nContent-Type: image/jpeg\r\n\r\nDDD\r\nmyboundary\r\n\r\nEEE\r\n";
+        assert_eq!(parts(s, "myboundary").unwrap(), vec![b"DDD".to_vec(), b"EEE".to_vec()]);
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_hang() {
+        let s = b"--b\r\nContent-Length: lots\r\n\r\nxx";
+        assert!(matches!(parts(s, "b"), Err(PartError::Malformed(m)) if m.contains("Content-Length `lots`")));
+        let s = format!("--b\r\nContent-Length: {}\r\n\r\n", MAX_PART_BYTES + 1);
+        assert!(matches!(parts(s.as_bytes(), "b"), Err(PartError::Malformed(m)) if m.contains("limit")));
+        // A truncated part is an I/O error (the camera went away mid-frame).
+        let s = b"--b\r\nContent-Length: 100\r\n\r\nshort";
+        assert!(matches!(parts(s, "b"), Err(PartError::Io(_))));
+    }
+
+    #[test]
+    fn boundary_and_redaction() {
+        assert_eq!(boundary_of("multipart/x-mixed-replace; boundary=frame").as_deref(), Some("frame"));
+        assert_eq!(boundary_of("multipart/x-mixed-replace;boundary=\"--myboundary\"").as_deref(), Some("myboundary"));
+        assert_eq!(boundary_of("Multipart/X-Mixed-Replace; charset=x; Boundary=b1").as_deref(), Some("b1"));
+        assert_eq!(boundary_of("image/jpeg"), None);
+        assert_eq!(boundary_of("multipart/x-mixed-replace"), None);
+        assert_eq!(redact("http://admin:secret@10.0.0.5/mjpg"), "http://***@10.0.0.5/mjpg");
+        assert_eq!(redact("http://10.0.0.5/a@b"), "http://10.0.0.5/a@b");
+    }
+}
