@@ -126,6 +126,41 @@ fn frames_broken_parts_and_reconnects() {
 }
 
 #[test]
+fn a_stream_that_goes_silent_is_a_lost_camera_after_the_timeout() {
+    use std::io::{Read, Write};
+    // A camera that sends one frame and then nothing, keeping the connection
+    // open (a raw socket: axum would need a streaming body for this).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().expect("accept");
+        let mut req = Vec::new();
+        let mut byte = [0u8; 1];
+        while !req.ends_with(b"\r\n\r\n") && sock.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+            req.push(byte[0]);
+        }
+        let part = jpeg(COLORS[1]);
+        let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n".to_vec();
+        out.extend_from_slice(format!("--frame\r\nContent-Length: {}\r\n\r\n", part.len()).as_bytes());
+        out.extend_from_slice(&part);
+        out.extend_from_slice(b"\r\n");
+        sock.write_all(&out).expect("write");
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let mut src = HttpMjpegSource::new(format!("http://{addr}/mjpg"), Duration::from_millis(500));
+    src.open().expect("open");
+    let mut f = FrameData::default();
+    src.next_frame(&mut f).expect("the one frame");
+    let t = Instant::now();
+    match src.next_frame(&mut f) {
+        Err(CaptureError::Disconnected { .. }) => {}
+        other => panic!("expected a lost camera, got {other:?}"),
+    }
+    // Well before the camera's 20 s of silence end.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
 fn what_is_not_an_mjpeg_stream_is_refused_with_the_reason() {
     let s = serve();
     let open = |path: &str| {
