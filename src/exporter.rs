@@ -238,8 +238,24 @@ impl Collector for DaemonCollector {
         for (name, help, f) in frames {
             family(&mut enc, name, help, None, MetricType::Counter, per_camera(f))?;
         }
-        let online = s.cameras.iter().map(|(n, c)| (cam(n), ConstGauge::new(i64::from(c.online.load(std::sync::atomic::Ordering::Relaxed)))));
+        let flag = |f: fn(&CameraCounters) -> bool| {
+            s.cameras.iter().map(move |(n, c)| (cam(n), ConstGauge::new(i64::from(f(c))))).collect::<Vec<_>>()
+        };
+        let online = flag(|c| c.online.load(std::sync::atomic::Ordering::Relaxed));
         family(&mut enc, "camera_online", "1 while the camera delivers frames.", None, MetricType::Gauge, online)?;
+        let active = flag(|c| c.alarm_active.load(std::sync::atomic::Ordering::Relaxed));
+        family(&mut enc, "alarm_active", "1 while the camera's alarm is on.", None, MetricType::Gauge, active)?;
+        let raised = per_camera(|c| CameraCounters::get(&c.alarms_raised));
+        family(&mut enc, "alarms_raised", "Alarms started (alarm `start` events).", None, MetricType::Counter, raised)?;
+        let scores = s.cameras.iter().map(|(n, c)| (cam(n), ConstGauge::new(c.last_score())));
+        family(
+            &mut enc,
+            "score",
+            "The latest normalised anomaly score (0.5 = the calibrated threshold).",
+            None,
+            MetricType::Gauge,
+            scores,
+        )?;
         let mut latency = Vec::new();
         for (n, c) in &s.cameras {
             let (p50, p99) = c.latency.lock().map(|h| (h.quantile(0.5), h.quantile(0.99))).unwrap_or((0.0, 0.0));
@@ -302,6 +318,9 @@ mod tests {
         CameraCounters::add(&c.dropped, 2);
         CameraCounters::add(&c.decided, 9);
         c.online.store(true, std::sync::atomic::Ordering::Relaxed);
+        c.alarm_active.store(true, std::sync::atomic::Ordering::Relaxed);
+        CameraCounters::add(&c.alarms_raised, 4);
+        c.set_last_score(0.75);
         c.record_latency(20.0);
         let p = PublisherCounters { connected: true, alarms_pending: 3, alarms_queued: 5, ..Default::default() };
         Sources {
@@ -331,6 +350,10 @@ mod tests {
             "ganomalyd_frames_decided_total{camera=\"line-1\"} 9",
             "ganomalyd_camera_online{camera=\"line-1\"} 1",
             "ganomalyd_camera_online{camera=\"line-2\"} 0",
+            "ganomalyd_alarm_active{camera=\"line-1\"} 1",
+            "ganomalyd_alarm_active{camera=\"line-2\"} 0",
+            "ganomalyd_alarms_raised_total{camera=\"line-1\"} 4",
+            "ganomalyd_score{camera=\"line-1\"} 0.75",
             "ganomalyd_model{model=\"models/demo.onnx\",provider=\"cpu\"} 1",
             "ganomalyd_mqtt_connected 1",
             "ganomalyd_alarms_queued_total 5",
@@ -358,7 +381,9 @@ mod tests {
     #[test]
     fn without_mqtt_there_are_no_publisher_metrics() {
         let text = scrape(sources(false));
-        assert!(!text.contains("mqtt") && !text.contains("alarms_"), "{text}");
+        for publisher_only in ["mqtt", "alarms_queued", "alarms_pending", "scores_published", "outbox"] {
+            assert!(!text.contains(publisher_only), "{publisher_only} in {text}");
+        }
         assert!(text.contains("ganomalyd_frames_captured_total"), "{text}");
     }
 

@@ -428,6 +428,7 @@ fn run(mut t: InferThread) {
             let event = cam.alarm.observe(Scored { seq: frame.seq, ts_ms: frame.ts_ms, score, raw });
             let latency_ms = frame.captured.elapsed().as_secs_f64() * 1000.0;
             cam.counters.record_latency(latency_ms);
+            cam.counters.set_last_score(score);
             CameraCounters::add(&cam.counters.decided, 1);
             tracing::trace!(camera = %cam.name, seq = frame.seq, raw, score, "scored");
             t.publisher.score(&ScoreEvent {
@@ -466,6 +467,10 @@ fn run(mut t: InferThread) {
                 );
                 t.publisher.alarm(&ev);
                 t.publisher.alarm_state(&cam.name, start);
+                cam.counters.alarm_active.store(start, std::sync::atomic::Ordering::Relaxed);
+                if start {
+                    CameraCounters::add(&cam.counters.alarms_raised, 1);
+                }
             }
             let _ = cam.recycle.try_send(frame.pixels);
         }

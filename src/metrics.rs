@@ -25,6 +25,12 @@ pub struct CameraCounters {
     pub online: AtomicBool,
     /// Capture → alarm decision.
     pub latency: Mutex<LatencyHistogram>,
+    /// The alarm state machine is in an alarm.
+    pub alarm_active: AtomicBool,
+    /// Alarm `start` events.
+    pub alarms_raised: AtomicU64,
+    /// The latest normalised score (f64 bits; 0.5 = the calibrated threshold).
+    pub last_score: AtomicU64,
 }
 
 impl CameraCounters {
@@ -34,6 +40,14 @@ impl CameraCounters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn set_last_score(&self, score: f64) {
+        self.last_score.store(score.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn last_score(&self) -> f64 {
+        f64::from_bits(self.last_score.load(Ordering::Relaxed))
     }
 
     pub fn record_latency(&self, ms: f64) {

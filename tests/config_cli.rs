@@ -297,6 +297,7 @@ fn metrics_and_healthz_answer_while_the_daemon_runs() {
     let (_, second) = get("/metrics");
     assert!(decided(&second) > decided(&first), "{first}\n---\n{second}");
     assert!(second.contains("ganomalyd_camera_online{camera=\"cam\"} 1"), "{second}");
+    assert!(second.contains("ganomalyd_alarm_active{camera=\"cam\"} ") && second.contains("ganomalyd_score{camera=\"cam\"} "), "{second}");
     assert!(second.contains("provider=\"cpu\"} 1") && second.ends_with("# EOF\n"), "{second}");
     let (code, health) = get("/healthz");
     assert_eq!(code, 200, "{health}");

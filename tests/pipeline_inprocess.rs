@@ -157,9 +157,15 @@ fn replayed_defects_raise_and_clear_alarms_on_exactly_the_expected_frames() {
         assert!(t.elapsed() < Duration::from_secs(120), "replay never ended");
         std::thread::sleep(Duration::from_millis(10));
     }
+    let counters = p.counters()[0].1.clone();
     let report = p.join();
     assert_eq!(report.cameras[0].decided, 40, "{report:?}");
     assert_eq!(report.cameras[0].dropped, 0);
+    // What /metrics reads: two alarms raised, none active after the last
+    // clear, the last frame's (good) score below the threshold.
+    assert_eq!(CameraCounters::get(&counters.alarms_raised), 2);
+    assert!(!counters.alarm_active.load(Ordering::Relaxed));
+    assert!(counters.last_score() < 0.5, "{}", counters.last_score());
 
     let seqs: Vec<u64> = rec.scores().iter().map(|s| s.seq).collect();
     assert_eq!(seqs, (0..40).collect::<Vec<u64>>(), "every frame scored once, in order");
