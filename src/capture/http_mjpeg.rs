@@ -241,7 +241,9 @@ impl<R: Read> PartReader<R> {
     /// `false`. Also `false` at the end of the stream.
     fn read_line_raw(&mut self, out: &mut Vec<u8>) -> Result<bool, PartError> {
         let start = out.len();
-        let n = self.inner.read_until(b'\n', out)?;
+        // Bounded: a stream without line ends must not grow a part forever.
+        let room = (MAX_PART_BYTES + 1).saturating_sub(start) as u64;
+        let n = (&mut self.inner).take(room).read_until(b'\n', out)?;
         let boundary = n > 0 && self.is_boundary(&out[start..]);
         if n > 0 && !boundary {
             return Ok(true);
@@ -307,6 +309,10 @@ mod tests {
         // A truncated part is an I/O error (the camera went away mid-frame).
         let s = b"--b\r\nContent-Length: 100\r\n\r\nshort";
         assert!(matches!(parts(s, "b"), Err(PartError::Io(_))));
+        // No Content-Length and no line end for longer than a part may be.
+        let mut s = b"--b\r\n\r\n".to_vec();
+        s.resize(s.len() + MAX_PART_BYTES + 10, b'x');
+        assert!(matches!(parts(&s, "b"), Err(PartError::Malformed(m)) if m.contains("longer than")));
     }
 
     #[test]
