@@ -151,9 +151,9 @@ impl MetricsConfig {
                 self.listen
             ));
         }
-        if !(self.stale_after_s.is_finite() && self.stale_after_s >= 2.0) {
+        if !(self.stale_after_s.is_finite() && (2.0..=3600.0).contains(&self.stale_after_s)) {
             problems.push(format!(
-                "{p}.stale_after_s: must be ≥ 2 (got {}): an idle inference thread beats once a second",
+                "{p}.stale_after_s: must be between 2 and 3600 (got {}): an idle inference thread beats once a second",
                 self.stale_after_s
             ));
         }
@@ -251,8 +251,10 @@ pub struct HttpMjpegSource {
     /// `http://host[:port]/path`; `http://user:password@host/...` for basic
     /// authentication (the password is never logged).
     pub url: String,
-    /// Seconds to connect, and the longest silence inside the stream, before the
-    /// camera counts as lost and is reopened with backoff.
+    /// Seconds to resolve, connect, and the longest silence inside the stream,
+    /// before the camera counts as lost and is reopened with backoff (at most 8:
+    /// a stop waits for a blocked read). A stream that sends no complete part for
+    /// twice this long is lost too.
     #[serde(default = "default_http_timeout")]
     pub timeout_s: f64,
 }
@@ -672,8 +674,10 @@ impl SourceConfig {
                     )),
                     _ => problems.push(format!("{p}.url: `{shown}` is not an http:// URL")),
                 }
-                if !(h.timeout_s.is_finite() && (0.1..=300.0).contains(&h.timeout_s)) {
-                    problems.push(format!("{p}.timeout_s: must be between 0.1 and 300 (got {})", h.timeout_s));
+                // A read blocks the camera thread for up to timeout_s, and shutdown
+                // waits for it: kept well below systemd's TimeoutStopSec (20 s).
+                if !(h.timeout_s.is_finite() && (0.1..=8.0).contains(&h.timeout_s)) {
+                    problems.push(format!("{p}.timeout_s: must be between 0.1 and 8 (got {})", h.timeout_s));
                 }
             }
             SourceConfig::Synthetic(s) => {

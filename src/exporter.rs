@@ -2,13 +2,16 @@
 //! load balancers, container probes and monitoring.
 //!
 //! It only *reads* what the stages count already (`metrics::CameraCounters`,
-//! the publisher's counters, the inference heartbeat): a scrape takes no lock
-//! on the frame path and a slow scraper cannot slow a camera. It runs on the
-//! tokio runtime that does the network I/O, never on a pipeline thread.
+//! the publisher's counters, the inference heartbeat): atomics, plus two short
+//! locks, the latency histogram's and the alarm outbox's (a SQLite row count).
+//! Those run on tokio's blocking pool, so a slow disk delays a scrape, not the
+//! MQTT connection that shares the network runtime; no frame ever waits on it.
 //!
 //! `/healthz` answers 200 while the inference threads show life (they beat at
 //! least once a second, frames or not) and 503 once they have been silent for
-//! `stale_after_s`: the same judgement the systemd watchdog makes. Cameras that
+//! `stale_after_s`: the judgement the systemd watchdog makes, with its own
+//! limit. The heartbeat is shared by all models' inference threads, so with
+//! several models one wedged model is not seen while another beats. Cameras that
 //! are offline or a broker that is down do not make the daemon unhealthy (a
 //! restart would not fix them, and alarms wait in the outbox); the JSON body
 //! says which.
@@ -130,14 +133,18 @@ struct AppState {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        Ok(()) => (
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &s.registry).map(|()| body)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(body)) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
             body,
         ),
-        Err(_) => (
+        Ok(Err(_)) | Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             "metrics encoding failed\n".to_string(),
@@ -176,9 +183,24 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
 }
 
 async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    let h = health(&s.sources, s.stale_after);
-    let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&h).unwrap_or_default())
+    match tokio::task::spawn_blocking(move || health(&s.sources, s.stale_after)).await {
+        Ok(h) => {
+            let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&h).unwrap_or_default())
+        }
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"unhealthy","reason":"health check failed"}"#.to_string(),
+        ),
+    }
+}
+
+/// A label value the text format carries as is: prometheus-client does not
+/// escape, so a quote, backslash or line end (a model path can hold them)
+/// would break the whole scrape.
+fn label_value(v: &str) -> String {
+    v.chars().map(|c| if matches!(c, '"' | '\\' | '\n' | '\r') { '_' } else { c }).collect()
 }
 
 /// Reads the counters at scrape time.
@@ -228,7 +250,7 @@ impl Collector for DaemonCollector {
                 "Frames dropped because preprocessing was behind (drop-oldest, by design).",
                 |c| CameraCounters::get(&c.dropped),
             ),
-            ("frames_broken", "Frames that could not be read, decoded or preprocessed, skipped.", |c| {
+            ("frames_broken", "Frames skipped: unreadable, undecodable, failed inference or a non-finite score.", |c| {
                 CameraCounters::get(&c.broken)
             }),
             ("frames_decided", "Frames scored and passed through the alarm state machine.", |c| {
@@ -280,7 +302,8 @@ impl Collector for DaemonCollector {
             MetricType::Gauge,
             silent,
         )?;
-        let models = s.models.iter().map(|(m, p)| (vec![("model", m.clone()), ("provider", p.clone())], ConstGauge::new(1i64)));
+        let models =
+            s.models.iter().map(|(m, p)| (vec![("model", label_value(m)), ("provider", label_value(p))], ConstGauge::new(1i64)));
         family(&mut enc, "model", "Loaded models and the execution provider each runs on.", None, MetricType::Gauge, models)?;
         let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]);
         info.encode(enc.encode_descriptor("build", "ganomalyd build.", None, MetricType::Info)?)?;
@@ -376,6 +399,14 @@ mod tests {
             .and_then(|v| v.parse::<f64>().ok())
             .expect("inference_silent_seconds, without labels");
         assert!((0.25..5.0).contains(&silent), "{silent}");
+    }
+
+    #[test]
+    fn label_values_cannot_break_the_exposition() {
+        let mut s = sources(false);
+        s.models = vec![("models/a \"b\"\\c\n.onnx".into(), "cpu".into())];
+        let text = scrape(s);
+        assert!(text.lines().any(|l| l == "ganomalyd_model{model=\"models/a _b__c_.onnx\",provider=\"cpu\"} 1"), "{text}");
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! cameras (and `mjpg-streamer`, `ffmpeg`, OctoPrint...) serve over plain HTTP.
 //!
 //! HTTP itself is ureq's; what is ours is reading the parts of the stream.
-//! Cameras are lax about the multipart rules, so the reader is tolerant: the
-//! boundary may come with or without its leading `--` and with or without a
-//! CRLF before it, `Content-Length` per part is used when given and otherwise
-//! the part runs to the next boundary line. A part that is not a decodable JPEG
-//! is a broken frame (counted and skipped by the camera thread); a stream that
-//! ends or stalls past `timeout_s` is a lost camera (offline, reopened with
+//! Cameras are lax about the multipart rules, so the reader is tolerant: a
+//! boundary line may be `--B` as the rules say or the declared `B` as written,
+//! `Content-Length` per part is used when given, and otherwise the part runs to
+//! the next line that is a boundary line (so the boundary must start a line).
+//! A part that is not a decodable JPEG is a broken frame (counted and skipped
+//! by the camera thread); a stream that ends, stalls past `timeout_s`, or sends
+//! no part for `2 × timeout_s` is a lost camera (offline, reopened with
 //! backoff). The camera paces itself: frames are read as they arrive.
 
 use std::io::{BufRead, BufReader, Read};
@@ -35,13 +36,15 @@ impl HttpMjpegSource {
     }
 }
 
-/// `url` without a `user:password@`, for logs.
+/// `url` without a `user:password@`, for logs. The user info ends at the
+/// *last* `@` of the authority (a password may hold `@`).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
+    let Some(scheme) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}://***@{}", &url[..scheme], &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -51,10 +54,13 @@ pub fn boundary_of(content_type: &str) -> Option<String> {
     if !mime.trim().eq_ignore_ascii_case("multipart/x-mixed-replace") {
         return None;
     }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').trim_start_matches("--").to_string())
-    })
+    params
+        .split(';')
+        .find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
+        })
+        .filter(|b| !b.is_empty())
 }
 
 impl FrameSource for HttpMjpegSource {
@@ -65,6 +71,7 @@ impl FrameSource for HttpMjpegSource {
     fn open(&mut self) -> Result<(), CaptureError> {
         let fail = |reason: String| CaptureError::Open { source_name: format!("http-mjpeg {}", redact(&self.url)), reason };
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_resolve(Some(self.timeout))
             .timeout_connect(Some(self.timeout))
             .timeout_recv_response(Some(self.timeout))
             // Per read, not for the whole body: the stream never ends.
@@ -83,7 +90,9 @@ impl FrameSource for HttpMjpegSource {
             fail(format!("content type `{content_type}` is not multipart/x-mixed-replace with a boundary: not an MJPEG stream"))
         })?;
         let body: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
-        self.stream = Some(PartReader::new(body, &boundary));
+        // Beyond per-read silence (ureq's timeout): a camera that keeps the
+        // connection busy without ever completing a part is lost too.
+        self.stream = Some(PartReader::new(body, &boundary, Some(self.timeout * 2)));
         Ok(())
     }
 
@@ -132,8 +141,12 @@ impl From<std::io::Error> for PartError {
 /// Splits a multipart byte stream into its parts' bodies.
 pub struct PartReader<R: Read> {
     inner: BufReader<R>,
-    /// `--boundary`.
-    delimiter: Vec<u8>,
+    /// The lines that delimit parts: `--B` (the rules) and `B` (as declared;
+    /// some cameras declare `--B` and write it so, or write `B` bare).
+    delimiters: [Vec<u8>; 2],
+    /// Longest wait for the next part to begin (a stream of blank lines or
+    /// endless headers is a lost camera, not a slow one); `None`: no limit.
+    max_wait: Option<Duration>,
     /// The boundary line of the next part was already read (a part without
     /// `Content-Length` ends where the next boundary starts).
     at_part_headers: bool,
@@ -141,10 +154,11 @@ pub struct PartReader<R: Read> {
 }
 
 impl<R: Read> PartReader<R> {
-    pub fn new(inner: R, boundary: &str) -> Self {
+    pub fn new(inner: R, boundary: &str, max_wait: Option<Duration>) -> Self {
         PartReader {
             inner: BufReader::with_capacity(64 << 10, inner),
-            delimiter: format!("--{boundary}").into_bytes(),
+            delimiters: [format!("--{boundary}").into_bytes(), boundary.as_bytes().to_vec()],
+            max_wait,
             at_part_headers: false,
             line: Vec::new(),
         }
@@ -166,15 +180,26 @@ impl<R: Read> PartReader<R> {
         Ok(true)
     }
 
-    /// Whether `line` is the boundary (with or without the leading `--`).
+    /// Whether the whole `line` is a boundary line (`D` or the closing `D--`).
     fn is_boundary(&self, line: &[u8]) -> bool {
         let line = line.trim_ascii();
-        line.starts_with(&self.delimiter) || line.starts_with(&self.delimiter[2..])
+        let line = line.strip_suffix(b"--").filter(|l| self.delimiters.iter().any(|d| d == l)).unwrap_or(line);
+        self.delimiters.iter().any(|d| d == line)
     }
 
     /// Reads the next part's body into `out`; `false` at the end of the stream.
     pub fn next_part(&mut self, out: &mut Vec<u8>) -> Result<bool, PartError> {
         out.clear();
+        let started = std::time::Instant::now();
+        let max_wait = self.max_wait;
+        let waited_too_long = |what: &str| -> Result<(), PartError> {
+            match max_wait {
+                Some(w) if started.elapsed() > w => {
+                    Err(PartError::Malformed(format!("no frame for {:.1} s: {what}", started.elapsed().as_secs_f64())))
+                }
+                _ => Ok(()),
+            }
+        };
         if !self.at_part_headers {
             // Skip to the boundary (a preamble, or the CRLF after the last part).
             let mut skipped = 0usize;
@@ -185,16 +210,21 @@ impl<R: Read> PartReader<R> {
                 if self.is_boundary(&self.line) {
                     break;
                 }
-                skipped += self.line.len();
+                skipped += self.line.len() + 1;
                 if skipped > MAX_PART_BYTES {
                     return Err(PartError::Malformed("no boundary line in the stream".into()));
                 }
+                waited_too_long("lines, but no boundary")?;
             }
         }
         self.at_part_headers = false;
         // Part headers up to the empty line.
         let mut length: Option<usize> = None;
-        loop {
+        for n in 0.. {
+            if n > 100 {
+                return Err(PartError::Malformed("more than 100 part header lines".into()));
+            }
+            waited_too_long("part headers without end")?;
             if !self.read_line()? {
                 return Ok(false);
             }
@@ -266,7 +296,7 @@ mod tests {
     use super::*;
 
     fn parts(stream: &[u8], boundary: &str) -> Result<Vec<Vec<u8>>, PartError> {
-        let mut r = PartReader::new(stream, boundary);
+        let mut r = PartReader::new(stream, boundary, None);
         let mut out = Vec::new();
         let mut buf = Vec::new();
         while r.next_part(&mut buf)? {
@@ -301,6 +331,35 @@ mod tests {
     }
 
     #[test]
+    fn boundary_lines_match_whole_lines_in_both_declared_forms() {
+        // Declared with dashes and written as declared (`--B` then `----B` would
+        // be the rules); a body line that merely starts with the boundary is data.
+        let s = b"--frame\r\n\r\nAAA\r\n--frameworks in the data\r\nBBB\r\n--frame\r\n\r\nCCC\r\n--frame--\r\n";
+        assert_eq!(parts(s, "--frame").unwrap(), vec![b"AAA\r\n--frameworks in the data\r\nBBB".to_vec(), b"CCC".to_vec()]);
+        assert_eq!(parts(s, "frame").unwrap().len(), 2);
+        // Per the rules: declared `--B`, written `----B`.
+        let s = b"----B\r\n\r\nDDD\r\n----B--\r\n";
+        assert_eq!(parts(s, "--B").unwrap(), vec![b"DDD".to_vec()]);
+    }
+
+    #[test]
+    fn a_stream_of_blank_lines_is_lost_after_the_wait() {
+        struct Blank;
+        impl Read for Blank {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(5));
+                buf[..2].copy_from_slice(b"\r\n");
+                Ok(2)
+            }
+        }
+        let mut r = PartReader::new(Blank, "frame", Some(Duration::from_millis(100)));
+        let t = std::time::Instant::now();
+        let mut out = Vec::new();
+        assert!(matches!(r.next_part(&mut out), Err(PartError::Malformed(m)) if m.contains("no frame for")));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
     fn garbage_is_malformed_not_a_hang() {
         let s = b"--b\r\nContent-Length: lots\r\n\r\nxx";
         assert!(matches!(parts(s, "b"), Err(PartError::Malformed(m)) if m.contains("Content-Length `lots`")));
@@ -318,11 +377,13 @@ mod tests {
     #[test]
     fn boundary_and_redaction() {
         assert_eq!(boundary_of("multipart/x-mixed-replace; boundary=frame").as_deref(), Some("frame"));
-        assert_eq!(boundary_of("multipart/x-mixed-replace;boundary=\"--myboundary\"").as_deref(), Some("myboundary"));
+        assert_eq!(boundary_of("multipart/x-mixed-replace;boundary=\"--myboundary\"").as_deref(), Some("--myboundary"));
+        assert_eq!(boundary_of("multipart/x-mixed-replace; boundary=\"\""), None);
         assert_eq!(boundary_of("Multipart/X-Mixed-Replace; charset=x; Boundary=b1").as_deref(), Some("b1"));
         assert_eq!(boundary_of("image/jpeg"), None);
         assert_eq!(boundary_of("multipart/x-mixed-replace"), None);
         assert_eq!(redact("http://admin:secret@10.0.0.5/mjpg"), "http://***@10.0.0.5/mjpg");
         assert_eq!(redact("http://10.0.0.5/a@b"), "http://10.0.0.5/a@b");
+        assert_eq!(redact("http://admin:p@ss@10.0.0.5/m?x=@"), "http://***@10.0.0.5/m?x=@");
     }
 }

@@ -543,7 +543,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     if a.resume && select_args.select == select::Select::ValAuroc && state.epoch > 0 {
         eprintln!("note: --select val-auroc chooses among the epochs trained from here on; the checkpoint keeps no earlier candidates");
     }
-    let mut tracker = select::Tracker::new(&select_args, &mut model);
+    let mut tracker = select::Tracker::new(&select_args, settings.default_score.fixed(), &mut model);
     eprintln!(
         "training {}×{}×{} ngf {} on {} images ({} held out, {} test) on {:?}, {} threads",
         arch.nc,

@@ -46,6 +46,19 @@ pub enum ScoreChoice {
     Auto,
 }
 
+impl ScoreChoice {
+    /// The kind a fixed choice names; `None` for `auto`.
+    pub fn fixed(self) -> Option<ScoreKind> {
+        match self {
+            ScoreChoice::Latent => Some(ScoreKind::Latent),
+            ScoreChoice::Recon => Some(ScoreKind::Recon),
+            ScoreChoice::MapMax => Some(ScoreKind::MapMax),
+            ScoreChoice::Mahalanobis => Some(ScoreKind::Mahalanobis),
+            ScoreChoice::Auto => None,
+        }
+    }
+}
+
 /// Settings that shape the exported metadata.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
@@ -87,14 +100,11 @@ pub fn build_metadata(
             ScoreMeta { kind, calibration, kernel: (kind == ScoreKind::MapMax).then_some(settings.map_kernel) }
         })
         .collect::<Vec<_>>();
-    let default_score = match settings.default_score {
-        ScoreChoice::Latent => ScoreKind::Latent,
-        ScoreChoice::Recon => ScoreKind::Recon,
-        ScoreChoice::MapMax => ScoreKind::MapMax,
-        ScoreChoice::Mahalanobis => ScoreKind::Mahalanobis,
+    let default_score = match settings.default_score.fixed() {
+        Some(kind) => kind,
         // Resolved by the caller (`select::choose_score`) where validation images are
         // at hand; a caller that has none gets the benchmark's default.
-        ScoreChoice::Auto => {
+        None => {
             provenance.score_choice = Some(format!(
                 "auto: no validation defects; {}",
                 crate::select::BENCH_EVIDENCE

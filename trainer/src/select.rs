@@ -228,17 +228,28 @@ pub struct Tracker {
     /// `val-auroc`: the best epoch so far and the last one.
     best_pick: Option<ValPick>,
     last_pick: Option<ValPick>,
+    /// `val-auroc` ranks epochs by this score when the run fixes one
+    /// (`--default-score recon`...); by `--score auto`'s pick otherwise.
+    fixed_score: Option<ScoreKind>,
 }
 
 impl Tracker {
     /// Installs the EMA on `model` when asked for (keeping one restored from a checkpoint).
-    pub fn new(args: &SelectArgs, model: &mut Model) -> Tracker {
+    pub fn new(args: &SelectArgs, fixed_score: Option<ScoreKind>, model: &mut Model) -> Tracker {
         if args.ema_decay == 0.0 {
             model.ema = None;
         } else if model.ema.is_none() {
             model.ema = Some(Ema::new(&model.g, args.ema_decay));
         }
-        Tracker { args: args.clone(), kept: None, last_epoch: 0, last_val: None, best_pick: None, last_pick: None }
+        Tracker {
+            args: args.clone(),
+            kept: None,
+            last_epoch: 0,
+            last_val: None,
+            best_pick: None,
+            last_pick: None,
+            fixed_score,
+        }
     }
 
     /// The generator that is evaluated and exported: the average when there is one.
@@ -308,7 +319,7 @@ impl Tracker {
                 for (kind, a) in &v.aurocs {
                     rec.val.insert(format!("auroc_{}", kind.as_str()), *a);
                 }
-                let (kind, _) = auto_rule(&v);
+                let kind = self.fixed_score.unwrap_or_else(|| auto_rule(&v).0);
                 let auroc = v.aurocs.get(&kind).copied().unwrap_or(f64::NAN);
                 let pick = ValPick { epoch, kind, auroc, se: auroc_se(auroc, v.n_def, v.n_good) };
                 self.last_pick = Some(pick);
@@ -659,7 +670,7 @@ mod tests {
         let run = |decay: f64| {
             let mut m = Model::new(&tiny(), Hyper::default(), 2, Device::Cpu);
             let args = SelectArgs { ema_decay: decay, select: Select::Last, lr_schedule: LrSchedule::Constant };
-            let _t = Tracker::new(&args, &mut m);
+            let _t = Tracker::new(&args, None, &mut m);
             for e in 0..3 {
                 run_epoch(&mut m, &x, 8, 2, e, Device::Cpu, |_, _| {});
             }
@@ -706,7 +717,9 @@ mod tests {
         let val = ValSet { items, x: Tensor::cat(&[good, bad], 0) };
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.9, select: Select::ValAuroc, lr_schedule: LrSchedule::Constant };
-        let mut t = Tracker::new(&args, &mut m);
+        let mut t = Tracker::new(&args, None, &mut m);
+        // A run that fixes its score ranks the epochs by that score.
+        let mut fixed = Tracker::new(&args, Some(ScoreKind::Recon), &mut m);
         assert!(t.needs_feature_stats());
         let mut recs = Vec::new();
         for e in 0..4 {
@@ -714,6 +727,7 @@ mod tests {
             let ema = m.ema.as_mut().unwrap();
             ema.g.feature_stats = Some(crate::score::FeatureStats::fit(&ema.g, &x, 64, Device::Cpu).unwrap());
             t.after_epoch(&m, e + 1, &hold, Some(&val), None, 3, Device::Cpu, &mut rec);
+            fixed.after_epoch(&m, e + 1, &hold, Some(&val), None, 3, Device::Cpu, &mut rec);
             for kind in ScoreKind::ALL {
                 assert!(rec.val.contains_key(&format!("auroc_{}", kind.as_str())), "{:?}", rec.val);
             }
@@ -730,6 +744,9 @@ mod tests {
         if s.epoch != 4 {
             assert!(reason.contains("beats the last"), "{reason}");
         }
+        let (_, f) = fixed.chosen(&m);
+        assert_eq!(f.val_score, Some(ScoreKind::Recon));
+        assert_eq!(recs[f.epoch as usize - 1].val["auroc_recon"], f.val_auroc.unwrap());
     }
 
     #[test]
@@ -738,7 +755,7 @@ mod tests {
         let hold = x.narrow(0, 0, 4);
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.0, select: Select::ValRecon, lr_schedule: LrSchedule::Constant };
-        let mut t = Tracker::new(&args, &mut m);
+        let mut t = Tracker::new(&args, None, &mut m);
         let mut vals = Vec::new();
         for e in 0..4 {
             let mut rec = run_epoch(&mut m, &x, 8, 3, e, Device::Cpu, |_, _| {});
