@@ -54,12 +54,27 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    // Bound first: a taken port fails start-up before any thread runs.
-    let metrics_socket = cfg.metrics.enabled.then(|| exporter::bind(&cfg.metrics)).transpose()?;
+    // Bound and served first: a taken port fails start-up before any thread
+    // runs, and probes get `starting` while the models load.
+    let exporter = match cfg.metrics.enabled.then(|| exporter::bind(&cfg.metrics)).transpose()? {
+        Some(socket) => Some(Exporter::start(socket, Duration::from_secs_f64(cfg.metrics.stale_after_s), rt.handle())?),
+        None => None,
+    };
+    let stop_exporter = |e: Option<Exporter>| {
+        if let Some(e) = e {
+            e.shutdown(rt.handle(), Duration::from_secs(2));
+        }
+    };
     let (publisher, handle, publisher_counters): (Arc<dyn Publisher>, _, Option<exporter::CountersFn>) =
         match cfg.mqtt.as_ref().filter(|m| m.enabled) {
             Some(m) => {
-                let (p, h) = MqttPublisher::start(m, rt.handle()).map_err(|e| DaemonError::Publish(e.to_string()))?;
+                let (p, h) = match MqttPublisher::start(m, rt.handle()) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        stop_exporter(exporter);
+                        return Err(DaemonError::Publish(e.to_string()));
+                    }
+                };
                 let counters = p.clone();
                 (p, Some(h), Some(Arc::new(move || counters.counters())))
             }
@@ -74,33 +89,20 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
             if let Some(h) = handle {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
+            stop_exporter(exporter);
             return Err(e.into());
         }
     };
     let providers: Vec<String> =
         pipeline.providers.iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
-    let exporter = match metrics_socket {
-        Some(socket) => {
-            let sources = exporter::Sources {
-                cameras: pipeline.counters().to_vec(),
-                publisher: publisher_counters,
-                liveness: pipeline.liveness(),
-                models: pipeline.providers.iter().map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string())).collect(),
-            };
-            let stale = Duration::from_secs_f64(cfg.metrics.stale_after_s);
-            match Exporter::start(socket, sources, stale, rt.handle()) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    pipeline.shutdown();
-                    if let Some(h) = handle {
-                        h.shutdown_blocking(PUBLISHER_FLUSH);
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
-        None => None,
-    };
+    if let Some(e) = &exporter {
+        e.attach(exporter::Sources {
+            cameras: pipeline.counters().to_vec(),
+            publisher: publisher_counters,
+            liveness: pipeline.liveness(),
+            models: pipeline.providers.iter().map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string())).collect(),
+        });
+    }
     tracing::info!(cameras = cfg.cameras.len(), models = %providers.join(", "), "ganomalyd running");
 
     let started = Instant::now();
@@ -134,10 +136,8 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
             "camera totals"
         );
     }
-    if let Some(e) = exporter {
-        // Last: /healthz and /metrics answer while the pipeline drains.
-        e.shutdown(rt.handle(), Duration::from_secs(2));
-    }
+    // Last: /healthz and /metrics answer while the pipeline drains.
+    stop_exporter(exporter);
     if let Some(h) = handle {
         h.shutdown_blocking(PUBLISHER_FLUSH);
     }

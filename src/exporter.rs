@@ -85,25 +85,34 @@ pub fn bind(cfg: &MetricsConfig) -> Result<Bound, ExporterError> {
     Ok(Bound { listener, addr })
 }
 
+/// The sources, once the pipeline is up. Until then (models loading, which
+/// takes minutes when TensorRT builds engines) `/healthz` answers 503
+/// `starting` and `/metrics` only the build info, instead of leaving probes
+/// hanging on a socket nobody serves.
+type Attached = Arc<std::sync::OnceLock<Sources>>;
+
 /// The running endpoint; [`Exporter::shutdown`] stops it.
 pub struct Exporter {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    sources: Attached,
     pub addr: SocketAddr,
 }
 
 impl Exporter {
-    /// Serves `bound` on `rt` until [`shutdown`](Self::shutdown).
-    pub fn start(bound: Bound, sources: Sources, stale_after: Duration, rt: &tokio::runtime::Handle) -> Result<Exporter, ExporterError> {
+    /// Serves `bound` on `rt` until [`shutdown`](Self::shutdown); the figures
+    /// come once [`attach`](Self::attach) hands over the pipeline's sources.
+    pub fn start(bound: Bound, stale_after: Duration, rt: &tokio::runtime::Handle) -> Result<Exporter, ExporterError> {
         let addr = bound.addr;
         let listener = {
             let _guard = rt.enter();
             tokio::net::TcpListener::from_std(bound.listener)
                 .map_err(|source| ExporterError::Bind { addr: addr.to_string(), source })?
         };
+        let sources: Attached = Arc::default();
         let mut registry = Registry::with_prefix("ganomalyd");
         registry.register_collector(Box::new(DaemonCollector(sources.clone())));
-        let state = Arc::new(AppState { registry, sources, stale_after });
+        let state = Arc::new(AppState { registry, sources: sources.clone(), stale_after });
         let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state);
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = rt.spawn(async move {
@@ -115,7 +124,12 @@ impl Exporter {
             }
         });
         tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/healthz");
-        Ok(Exporter { stop, task, addr })
+        Ok(Exporter { stop, task, sources, addr })
+    }
+
+    /// Starts reporting the running pipeline (once; later calls are ignored).
+    pub fn attach(&self, sources: Sources) {
+        let _ = self.sources.set(sources);
     }
 
     /// Stops serving (in-flight requests finish) and waits up to `timeout`.
@@ -128,7 +142,7 @@ impl Exporter {
 
 struct AppState {
     registry: Registry,
-    sources: Sources,
+    sources: Attached,
     stale_after: Duration,
 }
 
@@ -167,6 +181,20 @@ pub struct Health {
     pub alarms_pending: Option<u64>,
 }
 
+impl Health {
+    /// Before the pipeline is up.
+    fn starting() -> Health {
+        Health {
+            status: "starting",
+            reason: Some("loading models, starting the pipeline".into()),
+            inference_silent_ms: 0,
+            cameras: Default::default(),
+            mqtt_connected: None,
+            alarms_pending: None,
+        }
+    }
+}
+
 /// Judges health from the sources (see the module doc).
 pub fn health(sources: &Sources, stale_after: Duration) -> Health {
     let silent = sources.liveness.silent_ms();
@@ -183,7 +211,11 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
 }
 
 async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    match tokio::task::spawn_blocking(move || health(&s.sources, s.stale_after)).await {
+    let judged = tokio::task::spawn_blocking(move || match s.sources.get() {
+        Some(sources) => health(sources, s.stale_after),
+        None => Health::starting(),
+    });
+    match judged.await {
         Ok(h) => {
             let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (code, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&h).unwrap_or_default())
@@ -205,7 +237,7 @@ fn label_value(v: &str) -> String {
 
 /// Reads the counters at scrape time.
 #[derive(Debug)]
-struct DaemonCollector(Sources);
+struct DaemonCollector(Attached);
 
 /// One metric without labels.
 fn single<M: EncodeMetric>(
@@ -237,7 +269,9 @@ fn family<M: EncodeMetric>(
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = &self.0;
+        let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]);
+        info.encode(enc.encode_descriptor("build", "ganomalyd build.", None, MetricType::Info)?)?;
+        let Some(s) = self.0.get() else { return Ok(()) };
         let cam = |name: &String| vec![("camera", name.clone())];
         let per_camera = |f: fn(&CameraCounters) -> u64| {
             s.cameras.iter().map(move |(n, c)| (cam(n), ConstCounter::new(f(c)))).collect::<Vec<_>>()
@@ -269,7 +303,11 @@ impl Collector for DaemonCollector {
         family(&mut enc, "alarm_active", "1 while the camera's alarm is on.", None, MetricType::Gauge, active)?;
         let raised = per_camera(|c| CameraCounters::get(&c.alarms_raised));
         family(&mut enc, "alarms_raised", "Alarms started (alarm `start` events).", None, MetricType::Counter, raised)?;
-        let scores = s.cameras.iter().map(|(n, c)| (cam(n), ConstGauge::new(c.last_score())));
+        // NaN until the camera's first decided frame: 0 would read as "all good".
+        let scores = s.cameras.iter().map(|(n, c)| {
+            let decided = CameraCounters::get(&c.decided) > 0;
+            (cam(n), ConstGauge::new(if decided { c.last_score() } else { f64::NAN }))
+        });
         family(
             &mut enc,
             "score",
@@ -305,8 +343,6 @@ impl Collector for DaemonCollector {
         let models =
             s.models.iter().map(|(m, p)| (vec![("model", label_value(m)), ("provider", label_value(p))], ConstGauge::new(1i64)));
         family(&mut enc, "model", "Loaded models and the execution provider each runs on.", None, MetricType::Gauge, models)?;
-        let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]);
-        info.encode(enc.encode_descriptor("build", "ganomalyd build.", None, MetricType::Info)?)?;
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
@@ -355,8 +391,14 @@ mod tests {
     }
 
     fn scrape(s: Sources) -> String {
+        let attached: Attached = Arc::default();
+        let _ = attached.set(s);
+        scrape_attached(attached)
+    }
+
+    fn scrape_attached(attached: Attached) -> String {
         let mut registry = Registry::with_prefix("ganomalyd");
-        registry.register_collector(Box::new(DaemonCollector(s)));
+        registry.register_collector(Box::new(DaemonCollector(attached)));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         out
@@ -377,6 +419,7 @@ mod tests {
             "ganomalyd_alarm_active{camera=\"line-2\"} 0",
             "ganomalyd_alarms_raised_total{camera=\"line-1\"} 4",
             "ganomalyd_score{camera=\"line-1\"} 0.75",
+            "ganomalyd_score{camera=\"line-2\"} NaN",
             "ganomalyd_model{model=\"models/demo.onnx\",provider=\"cpu\"} 1",
             "ganomalyd_mqtt_connected 1",
             "ganomalyd_alarms_queued_total 5",
@@ -407,6 +450,15 @@ mod tests {
         s.models = vec![("models/a \"b\"\\c\n.onnx".into(), "cpu".into())];
         let text = scrape(s);
         assert!(text.lines().any(|l| l == "ganomalyd_model{model=\"models/a _b__c_.onnx\",provider=\"cpu\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn before_the_pipeline_is_up_only_the_build_is_reported() {
+        let text = scrape_attached(Arc::default());
+        assert!(text.contains("ganomalyd_build_info{version=\"") && !text.contains("camera"), "{text}");
+        let h = Health::starting();
+        assert_eq!(h.status, "starting");
+        assert!(h.reason.is_some(), "a reason makes it a 503");
     }
 
     #[test]
