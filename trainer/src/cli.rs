@@ -583,12 +583,15 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         bar.finish_and_clear();
         let last = epoch + 1 == a.epochs;
         let test = x_test.as_ref().filter(|_| has_defects).map(|xt| (&files.test[..], xt));
-        if test.is_some() || (tracker.needs_feature_stats() && val.is_some()) {
-            // The `mahalanobis` score of this epoch's generators needs their feature statistics.
+        // The `mahalanobis` score of a generator needs its feature statistics (one
+        // encoder pass over the training images): both generators when they are
+        // scored on test/, only the selection candidate for `val-auroc`.
+        let select_stats = tracker.needs_feature_stats() && val.is_some();
+        if test.is_some() || (select_stats && model.ema.is_none()) {
             model.g.feature_stats = Some(FeatureStats::fit(&model.g, &x_fit, 256, device)?);
-            if let Some(ema) = model.ema.as_mut() {
-                ema.g.feature_stats = Some(FeatureStats::fit(&ema.g, &x_fit, 256, device)?);
-            }
+        }
+        if let Some(ema) = model.ema.as_mut().filter(|_| test.is_some() || select_stats) {
+            ema.g.feature_stats = Some(FeatureStats::fit(&ema.g, &x_fit, 256, device)?);
         }
         if let (Some(xt), true) = (&x_test, has_defects && a.eval_every > 0 && ((epoch + 1) % a.eval_every == 0 || last)) {
             let s = score_all(&model.g, xt, settings.map_kernel, 64, device);
