@@ -120,8 +120,7 @@ pub struct Pipeline {
     snapshots_skipped: Option<Arc<AtomicU64>>,
     /// Provider of each loaded model, by model path.
     pub providers: Vec<(PathBuf, Provider)>,
-    heartbeat: Arc<AtomicU64>,
-    epoch: Instant,
+    liveness: Liveness,
     /// Camera names in pipeline order, with the control channel of their model's inference thread.
     control: Vec<(String, crossbeam_channel::Sender<infer::Control>)>,
 }
@@ -322,8 +321,7 @@ impl Pipeline {
             counters: named,
             snapshots_skipped,
             providers,
-            heartbeat,
-            epoch,
+            liveness: Liveness { heartbeat, epoch },
             control,
         })
     }
@@ -367,13 +365,13 @@ impl Pipeline {
 
     /// Milliseconds since the inference threads last showed life.
     pub fn inference_silent_ms(&self) -> u64 {
-        self.liveness().silent_ms()
+        self.liveness.silent_ms()
     }
 
     /// A handle on the inference heartbeat for readers outside the pipeline
     /// (the `/healthz` endpoint).
     pub fn liveness(&self) -> Liveness {
-        Liveness { heartbeat: self.heartbeat.clone(), epoch: self.epoch }
+        self.liveness.clone()
     }
 
     /// Waits for every stage to finish (after [`stop`](Self::stop), or when
