@@ -300,7 +300,8 @@ impl RawRun {
         let mut input = vec![0.0f32; len * b];
         for i in 0..b {
             let f = &frames[i % frames.len()];
-            prep.run(&frame_ref(f), None, &mut input[i * len..(i + 1) * len]).map_err(|e| InferError::Run(e.to_string()))?;
+            prep.run(&frame_ref(f), None, &mut input[i * len..(i + 1) * len])
+                .map_err(|e| InferError::Run(e.to_string()))?;
         }
         Ok(RawRun { model: m, input, batch: b })
     }
@@ -330,7 +331,8 @@ impl RawRun {
         let n = 500;
         let t = Instant::now();
         for i in 0..n {
-            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out).map_err(|e| InferError::Run(e.to_string()))?;
+            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out)
+                .map_err(|e| InferError::Run(e.to_string()))?;
         }
         Ok(n as f64 / t.elapsed().as_secs_f64())
     }

@@ -594,7 +594,8 @@ impl CameraTable {
     fn validate_fields(&self, p: &str, problems: &mut Vec<String>) {
         if let Some(s) = &self.score {
             if ScoreChoice::parse(s).is_none() {
-                problems.push(format!("{p}.score: `{s}` is not one of latent, recon, map_max, mahalanobis, model-default"));
+                problems
+                    .push(format!("{p}.score: `{s}` is not one of latent, recon, map_max, mahalanobis, model-default"));
             }
         }
         if self.width == Some(0) {

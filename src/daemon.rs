@@ -100,7 +100,11 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
             cameras: pipeline.counters().to_vec(),
             publisher: publisher_counters,
             liveness: pipeline.liveness(),
-            models: pipeline.providers.iter().map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string())).collect(),
+            models: pipeline
+                .providers
+                .iter()
+                .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
+                .collect(),
         });
     }
     tracing::info!(cameras = cfg.cameras.len(), models = %providers.join(", "), "ganomalyd running");

@@ -202,9 +202,15 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
     let publisher = sources.publisher.as_ref().map(|p| p());
     Health {
         status: if stale { "unhealthy" } else { "ok" },
-        reason: stale.then(|| format!("inference silent for {:.1} s (limit {:.1} s)", silent as f64 / 1e3, stale_after.as_secs_f64())),
+        reason: stale.then(|| {
+            format!("inference silent for {:.1} s (limit {:.1} s)", silent as f64 / 1e3, stale_after.as_secs_f64())
+        }),
         inference_silent_ms: silent,
-        cameras: sources.cameras.iter().map(|(n, c)| (n.clone(), c.online.load(std::sync::atomic::Ordering::Relaxed))).collect(),
+        cameras: sources
+            .cameras
+            .iter()
+            .map(|(n, c)| (n.clone(), c.online.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect(),
         mqtt_connected: publisher.map(|p| p.connected),
         alarms_pending: publisher.map(|p| p.alarms_pending),
     }
@@ -279,14 +285,14 @@ impl Collector for DaemonCollector {
         type Count = fn(&CameraCounters) -> u64;
         let frames: [(&str, &str, Count); 4] = [
             ("frames_captured", "Frames the camera source delivered.", |c| CameraCounters::get(&c.captured)),
-            (
-                "frames_dropped",
-                "Frames dropped because preprocessing was behind (drop-oldest, by design).",
-                |c| CameraCounters::get(&c.dropped),
-            ),
-            ("frames_broken", "Frames skipped: unreadable, undecodable, failed inference or a non-finite score.", |c| {
-                CameraCounters::get(&c.broken)
+            ("frames_dropped", "Frames dropped because preprocessing was behind (drop-oldest, by design).", |c| {
+                CameraCounters::get(&c.dropped)
             }),
+            (
+                "frames_broken",
+                "Frames skipped: unreadable, undecodable, failed inference or a non-finite score.",
+                |c| CameraCounters::get(&c.broken),
+            ),
             ("frames_decided", "Frames scored and passed through the alarm state machine.", |c| {
                 CameraCounters::get(&c.decided)
             }),
@@ -340,27 +346,55 @@ impl Collector for DaemonCollector {
             MetricType::Gauge,
             silent,
         )?;
-        let models =
-            s.models.iter().map(|(m, p)| (vec![("model", label_value(m)), ("provider", label_value(p))], ConstGauge::new(1i64)));
-        family(&mut enc, "model", "Loaded models and the execution provider each runs on.", None, MetricType::Gauge, models)?;
+        let models = s
+            .models
+            .iter()
+            .map(|(m, p)| (vec![("model", label_value(m)), ("provider", label_value(p))], ConstGauge::new(1i64)));
+        family(
+            &mut enc,
+            "model",
+            "Loaded models and the execution provider each runs on.",
+            None,
+            MetricType::Gauge,
+            models,
+        )?;
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
             let counters: [(&str, &str, u64); 8] = [
                 ("mqtt_connects", "Successful broker connections, the first one included.", p.connects),
                 ("scores_published", "Score messages published.", p.scores_published),
-                ("scores_throttled", "Score messages skipped by the per-camera rate limit (by design).", p.scores_throttled),
+                (
+                    "scores_throttled",
+                    "Score messages skipped by the per-camera rate limit (by design).",
+                    p.scores_throttled,
+                ),
                 ("scores_dropped", "Score messages lost to a full queue or a broker that was down.", p.scores_dropped),
                 ("alarms_queued", "Alarm events written to the outbox.", p.alarms_queued),
                 ("alarms_acked", "Alarm events the broker acknowledged.", p.alarms_acked),
-                ("alarms_dropped", "Alarm events dropped undelivered by the outbox's size and age bounds.", p.alarms_dropped),
-                ("outbox_errors", "Alarm events the outbox could not store (disk trouble), sent from memory.", p.outbox_errors),
+                (
+                    "alarms_dropped",
+                    "Alarm events dropped undelivered by the outbox's size and age bounds.",
+                    p.alarms_dropped,
+                ),
+                (
+                    "outbox_errors",
+                    "Alarm events the outbox could not store (disk trouble), sent from memory.",
+                    p.outbox_errors,
+                ),
             ];
             for (name, help, v) in counters {
                 single(&mut enc, name, help, None, MetricType::Counter, ConstCounter::new(v))?;
             }
             let pending = ConstGauge::new(p.alarms_pending as i64);
-            single(&mut enc, "alarms_pending", "Alarm events waiting in the outbox for the broker.", None, MetricType::Gauge, pending)?;
+            single(
+                &mut enc,
+                "alarms_pending",
+                "Alarm events waiting in the outbox for the broker.",
+                None,
+                MetricType::Gauge,
+                pending,
+            )?;
         }
         Ok(())
     }
@@ -449,7 +483,10 @@ mod tests {
         let mut s = sources(false);
         s.models = vec![("models/a \"b\"\\c\n.onnx".into(), "cpu".into())];
         let text = scrape(s);
-        assert!(text.lines().any(|l| l == "ganomalyd_model{model=\"models/a _b__c_.onnx\",provider=\"cpu\"} 1"), "{text}");
+        assert!(
+            text.lines().any(|l| l == "ganomalyd_model{model=\"models/a _b__c_.onnx\",provider=\"cpu\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -92,15 +92,20 @@ pub fn init(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(loaded) = LOADED.get() {
         if let Some(p) = explicit {
-            if p != loaded && std::fs::canonicalize(p).ok().as_deref() != std::fs::canonicalize(loaded).ok().as_deref() {
+            if p != loaded && std::fs::canonicalize(p).ok().as_deref() != std::fs::canonicalize(loaded).ok().as_deref()
+            {
                 return Err(RuntimeError::AlreadyLoaded { loaded: loaded.clone(), requested: p.to_path_buf() });
             }
         }
         return Ok(loaded.clone());
     }
     let path = find(explicit)?;
-    let builder = ort::init_from(&path).map_err(|e| RuntimeError::Load { path: path.clone(), reason: e.to_string() })?;
-    let env = builder.with_name("ganomalyd").build().map_err(|e| RuntimeError::Load { path: path.clone(), reason: e.to_string() })?;
+    let builder =
+        ort::init_from(&path).map_err(|e| RuntimeError::Load { path: path.clone(), reason: e.to_string() })?;
+    let env = builder
+        .with_name("ganomalyd")
+        .build()
+        .map_err(|e| RuntimeError::Load { path: path.clone(), reason: e.to_string() })?;
     let _ = ENVIRONMENT.set(env);
     tracing::info!(library = %path.display(), "ONNX Runtime loaded");
     let _ = LOADED.set(path.clone());

@@ -70,8 +70,18 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
     if let Some(p) = &args.prefix {
         cfg.topic_prefix = p.clone();
     }
-    let node = args.node.clone().unwrap_or_else(|| if cfg.node_id.is_empty() { cfg.resolved_node_id() } else { cfg.node_id.clone() });
-    let (host, port) = if cfg.embedded { (cfg.embedded_listen.ip().to_string(), cfg.embedded_listen.port()) } else { (cfg.host.clone(), cfg.port) };
+    let node = args.node.clone().unwrap_or_else(|| {
+        if cfg.node_id.is_empty() {
+            cfg.resolved_node_id()
+        } else {
+            cfg.node_id.clone()
+        }
+    });
+    let (host, port) = if cfg.embedded {
+        (cfg.embedded_listen.ip().to_string(), cfg.embedded_listen.port())
+    } else {
+        (cfg.host.clone(), cfg.port)
+    };
     let filter = format!("{}/{}/#", cfg.topic_prefix.trim_end_matches('/'), node);
 
     let client_id = format!("ganomalyd-watch-{}-{}", std::process::id(), rand::random::<u32>());
@@ -82,7 +92,9 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
         opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
     }
     if let (Some(tls), false) = (&cfg.tls, cfg.embedded) {
-        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(crate::publish::tls::client_config(tls)?)));
+        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            crate::publish::tls::client_config(tls)?,
+        )));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut printed = 0u64;
@@ -191,10 +203,21 @@ pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchA
                 let what = match a.kind {
                     crate::events::AlarmKind::Start => "ALARM START".to_string(),
                     crate::events::AlarmKind::End => {
-                        format!("alarm end   after {:.1} s", a.end_ts.unwrap_or(a.ts).saturating_sub(a.start_ts) as f64 / 1000.0)
+                        format!(
+                            "alarm end   after {:.1} s",
+                            a.end_ts.unwrap_or(a.ts).saturating_sub(a.start_ts) as f64 / 1000.0
+                        )
                     }
                 };
-                format!("{} {who:<20} {what} id {} peak {:.3} (raw {:.5}) frames {}{}", clock(a.ts), a.id, a.peak, a.peak_raw, a.frames, a.snapshot.map(|s| format!(" snapshot {s}")).unwrap_or_default())
+                format!(
+                    "{} {who:<20} {what} id {} peak {:.3} (raw {:.5}) frames {}{}",
+                    clock(a.ts),
+                    a.id,
+                    a.peak,
+                    a.peak_raw,
+                    a.frames,
+                    a.snapshot.map(|s| format!(" snapshot {s}")).unwrap_or_default()
+                )
             }
             Err(_) => format!("{now} {who:<20} alarm ? {}", text()),
         },
@@ -203,7 +226,16 @@ pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchA
                 let cams: Vec<String> = st
                     .cameras
                     .iter()
-                    .map(|c| format!("{} {:.1} fps drop {} p99 {:.1} ms{}", c.camera, c.fps, c.dropped, c.latency_p99_ms, if c.online { "" } else { " OFFLINE" }))
+                    .map(|c| {
+                        format!(
+                            "{} {:.1} fps drop {} p99 {:.1} ms{}",
+                            c.camera,
+                            c.fps,
+                            c.dropped,
+                            c.latency_p99_ms,
+                            if c.online { "" } else { " OFFLINE" }
+                        )
+                    })
                     .collect();
                 format!("{} {who:<20} stats [{}] {}", clock(st.ts), st.provider, cams.join(", "))
             }
@@ -223,13 +255,33 @@ mod tests {
     use super::*;
 
     fn args(json: bool) -> WatchArgs {
-        WatchArgs { config: None, host: None, port: None, prefix: None, node: None, camera: None, json, no_scores: false, count: None }
+        WatchArgs {
+            config: None,
+            host: None,
+            port: None,
+            prefix: None,
+            node: None,
+            camera: None,
+            json,
+            no_scores: false,
+            count: None,
+        }
     }
 
     #[test]
     fn lines_for_each_topic_kind_and_multi_level_prefixes() {
         let a = args(false);
-        let score = ScoreEvent { schema: 1, camera: "line3".into(), seq: 7, ts: 3_723_004, score: 0.75, raw_score: 0.0123, threshold: 0.01, kind: "latent".into(), latency_ms: 4.2 };
+        let score = ScoreEvent {
+            schema: 1,
+            camera: "line3".into(),
+            seq: 7,
+            ts: 3_723_004,
+            score: 0.75,
+            raw_score: 0.0123,
+            threshold: 0.01,
+            kind: "latent".into(),
+            latency_ms: 4.2,
+        };
         let line = format_message("plant/a/box1/line3/score", &serde_json::to_vec(&score).unwrap(), false, &a).unwrap();
         assert!(line.starts_with("01:02:03.004Z box1/line3"), "{line}");
         assert!(line.contains("score 0.750 !") && line.contains("seq 7"), "{line}");
@@ -249,7 +301,11 @@ mod tests {
     fn config_file_gives_the_mqtt_section_with_paths_resolved_like_the_daemon() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ganomalyd.toml");
-        std::fs::write(&path, "[mqtt]\nhost = '10.1.2.3'\nport = 8883\nnode_id = 'box9'\n[mqtt.tls]\nca_file = 'certs/ca.pem'\n").unwrap();
+        std::fs::write(
+            &path,
+            "[mqtt]\nhost = '10.1.2.3'\nport = 8883\nnode_id = 'box9'\n[mqtt.tls]\nca_file = 'certs/ca.pem'\n",
+        )
+        .unwrap();
         let m = mqtt_section(&path).unwrap();
         assert_eq!((m.host.as_str(), m.port, m.node_id.as_str()), ("10.1.2.3", 8883, "box9"));
         assert_eq!(m.tls.unwrap().ca_file, dir.path().join("certs/ca.pem"));
@@ -265,10 +321,13 @@ mod tests {
         assert_eq!(v["node"], "box1");
         assert_eq!(v["camera"], "cam");
         assert_eq!(v["payload"]["type"], "start");
-        let v: Value = serde_json::from_str(&format_message("g/box1/cam/snapshot", &[0xff, 0xd8, 0], true, &args(true)).unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_str(&format_message("g/box1/cam/snapshot", &[0xff, 0xd8, 0], true, &args(true)).unwrap())
+                .unwrap();
         assert_eq!(v["payload"]["bytes"], 3);
         assert_eq!(v["retained"], true);
-        let v: Value = serde_json::from_str(&format_message("g/box1/status", b"online", true, &args(true)).unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_str(&format_message("g/box1/status", b"online", true, &args(true)).unwrap()).unwrap();
         assert_eq!(v["payload"], "online");
         assert!(v["camera"].is_null());
     }

@@ -188,8 +188,12 @@ fn an_mjpeg_camera_feeds_the_whole_pipeline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
     let model = dir.path().join("m.onnx");
-    let bytes = ganomaly_core::onnx::write_model(&arch, &Weights::random_generator(&arch, 5), &ModelMetadata::uncalibrated(arch, 5))
-        .expect("write model");
+    let bytes = ganomaly_core::onnx::write_model(
+        &arch,
+        &Weights::random_generator(&arch, 5),
+        &ModelMetadata::uncalibrated(arch, 5),
+    )
+    .expect("write model");
     std::fs::write(&model, bytes).expect("write");
     let body = format!(
         r#"

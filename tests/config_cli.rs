@@ -13,7 +13,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_ganomalyd");
 
 /// Runs the binary from the package root (where `make venv` puts ONNX Runtime).
 fn ganomalyd(args: &[&str], _dir: &Path) -> Output {
-    Command::new(BIN).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("RUST_LOG", "info").output().expect("run ganomalyd")
+    Command::new(BIN)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run ganomalyd")
 }
 
 fn text(o: &Output) -> String {
@@ -22,8 +27,12 @@ fn text(o: &Output) -> String {
 
 fn fixture_model(dir: &Path) -> PathBuf {
     let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
-    let bytes = ganomaly_core::onnx::write_model(&arch, &Weights::random_generator(&arch, 3), &ModelMetadata::uncalibrated(arch, 5))
-        .expect("write model");
+    let bytes = ganomaly_core::onnx::write_model(
+        &arch,
+        &Weights::random_generator(&arch, 3),
+        &ModelMetadata::uncalibrated(arch, 5),
+    )
+    .expect("write model");
     let p = dir.join("m.onnx");
     std::fs::write(&p, bytes).expect("write");
     p
@@ -98,7 +107,9 @@ fn every_bad_range_is_reported_at_once() {
          [cameras.ip2]\nsource = { kind = \"http-mjpeg\", url = \"cam:80/mjpg\" }\n\
          [metrics]\nenabled = true\nlisten = \"localhost\"\nstale_after_s = 0.5\n",
     );
-    let body = std::fs::read_to_string(&cfg).expect("read").replace("providers = [\"cpu\"]", "providers = [\"cpu\"]\nmax_batch = 0");
+    let body = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("providers = [\"cpu\"]", "providers = [\"cpu\"]\nmax_batch = 0");
     std::fs::write(&cfg, body).expect("write");
     let o = check(dir.path(), &cfg);
     assert!(!o.status.success());
@@ -192,7 +203,14 @@ fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
     image::RgbImage::from_pixel(50, 40, image::Rgb([90, 100, 110])).save(&img).expect("png");
     let missing = dir.path().join("missing.png");
     let o = ganomalyd(
-        &["score", "--model", model.to_str().expect("utf8"), "--json", img.to_str().expect("utf8"), missing.to_str().expect("utf8")],
+        &[
+            "score",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--json",
+            img.to_str().expect("utf8"),
+            missing.to_str().expect("utf8"),
+        ],
         dir.path(),
     );
     // One image could not be read: reported on its line, and the exit says so.
@@ -202,7 +220,8 @@ fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
     assert_eq!(lines.len(), 2, "{stdout}");
     let first = &lines[0];
     assert_eq!(first["path"], img.display().to_string());
-    let kinds: Vec<&str> = first["scores"].as_array().expect("scores").iter().map(|k| k["kind"].as_str().expect("kind")).collect();
+    let kinds: Vec<&str> =
+        first["scores"].as_array().expect("scores").iter().map(|k| k["kind"].as_str().expect("kind")).collect();
     assert_eq!(kinds, ["latent", "recon", "map_max", "mahalanobis"]);
     for k in first["scores"].as_array().expect("scores") {
         let (raw, norm) = (k["raw"].as_f64().expect("raw"), k["normalized"].as_f64().expect("normalized"));
@@ -271,7 +290,8 @@ fn sigterm_stops_the_daemon_cleanly() {
 fn metrics_and_healthz_answer_while_the_daemon_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Port 0: the system picks a free one, and the log says which.
-    let cfg = write_config(dir.path(), &fixture_model(dir.path()), "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n");
+    let cfg =
+        write_config(dir.path(), &fixture_model(dir.path()), "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n");
     let log = dir.path().join("log.txt");
     let child = start_daemon(&cfg, &log);
     let l = std::fs::read_to_string(&log).unwrap_or_default();
@@ -281,7 +301,12 @@ fn metrics_and_healthz_answer_while_the_daemon_runs() {
         panic!("no metrics address in the log:\n{l}");
     };
     let get = |path: &str| {
-        let mut r = ureq::get(&format!("http://{addr}{path}")).config().http_status_as_error(false).build().call().expect("GET");
+        let mut r = ureq::get(&format!("http://{addr}{path}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("GET");
         (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
     };
     // Frames keep flowing: a later scrape counts more decided frames.
@@ -297,7 +322,11 @@ fn metrics_and_healthz_answer_while_the_daemon_runs() {
     let (_, second) = get("/metrics");
     assert!(decided(&second) > decided(&first), "{first}\n---\n{second}");
     assert!(second.contains("ganomalyd_camera_online{camera=\"cam\"} 1"), "{second}");
-    assert!(second.contains("ganomalyd_alarm_active{camera=\"cam\"} ") && second.contains("ganomalyd_score{camera=\"cam\"} "), "{second}");
+    assert!(
+        second.contains("ganomalyd_alarm_active{camera=\"cam\"} ")
+            && second.contains("ganomalyd_score{camera=\"cam\"} "),
+        "{second}"
+    );
     assert!(second.contains("provider=\"cpu\"} 1") && second.ends_with("# EOF\n"), "{second}");
     let (code, health) = get("/healthz");
     assert_eq!(code, 200, "{health}");
@@ -308,7 +337,8 @@ fn metrics_and_healthz_answer_while_the_daemon_runs() {
     // A second daemon on the same port refuses to start, naming the key.
     let second = dir.path().join("second");
     std::fs::create_dir_all(&second).expect("mkdir");
-    let taken = write_config(&second, &fixture_model(&second), &format!("[metrics]\nenabled = true\nlisten = \"{addr}\"\n"));
+    let taken =
+        write_config(&second, &fixture_model(&second), &format!("[metrics]\nenabled = true\nlisten = \"{addr}\"\n"));
     let o = ganomalyd(&["run", "--config", taken.to_str().expect("utf8")], &second);
     let status = stop_daemon(child);
     assert!(!o.status.success());

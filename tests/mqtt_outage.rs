@@ -151,7 +151,10 @@ async fn alarms_survive_a_mosquitto_restart() {
     let dir = tempfile::tempdir().unwrap();
     let Some(m) = Mosquitto::start(dir.path(), "") else {
         // `make test` sets GANOMALY_REQUIRE_MOSQUITTO: CI must not pass by skipping.
-        assert!(std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(), "no mosquitto binary (install mosquitto or set MOSQUITTO_BIN)");
+        assert!(
+            std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(),
+            "no mosquitto binary (install mosquitto or set MOSQUITTO_BIN)"
+        );
         eprintln!("SKIPPED: no mosquitto binary (set MOSQUITTO_BIN)");
         return;
     };

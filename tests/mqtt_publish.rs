@@ -72,7 +72,8 @@ async fn topics_scenario(broker: &str, host: &str, port: u16, strict_qos: bool) 
     cfg.discovery_prefix = format!("{prefix}/ha");
     let (publisher, handle) = MqttPublisher::start(&cfg, &tokio::runtime::Handle::current()).unwrap();
     let p: Arc<dyn Publisher> = publisher.clone();
-    sub.wait(Duration::from_secs(10), "status online", |m| m.iter().any(|m| m.topic == status && m.text() == "online")).await;
+    sub.wait(Duration::from_secs(10), "status online", |m| m.iter().any(|m| m.topic == status && m.text() == "online"))
+        .await;
 
     p.camera_online("cam1", true);
     p.alarm_state("cam1", true);
@@ -92,12 +93,20 @@ async fn topics_scenario(broker: &str, host: &str, port: u16, strict_qos: bool) 
         schema: PAYLOAD_SCHEMA,
         ts: 5,
         provider: "cpu".into(),
-        cameras: vec![CameraStats { camera: "cam1".into(), online: true, fps: 25.0, frames: 100, ..Default::default() }],
+        cameras: vec![CameraStats {
+            camera: "cam1".into(),
+            online: true,
+            fps: 25.0,
+            frames: 100,
+            ..Default::default()
+        }],
     };
     p.stats(&report);
 
     let want = [t("camera"), t("state"), t("alarm"), t("score"), t("snapshot"), format!("{base}/stats")];
-    let msgs = sub.wait(Duration::from_secs(10), "every topic", |m| want.iter().all(|w| m.iter().any(|m| &m.topic == w))).await;
+    let msgs = sub
+        .wait(Duration::from_secs(10), "every topic", |m| want.iter().all(|w| m.iter().any(|m| &m.topic == w)))
+        .await;
 
     // The QoS a subscriber sees, where the broker lets it see the publisher's.
     let qos = |m: &Msg, want: QoS| {
@@ -154,10 +163,18 @@ async fn topics_scenario(broker: &str, host: &str, port: u16, strict_qos: bool) 
     // Retained: a subscriber arriving now gets exactly the retained topics.
     let late = Sub::start(host, port, &format!("{prefix}/#"), false).await;
     let retained_topics = [status.clone(), t("camera"), t("state"), t("snapshot")];
-    let lm = late.wait(Duration::from_secs(5), "retained messages", |m| retained_topics.iter().all(|w| m.iter().any(|m| &m.topic == w))).await;
+    let lm = late
+        .wait(Duration::from_secs(5), "retained messages", |m| {
+            retained_topics.iter().all(|w| m.iter().any(|m| &m.topic == w))
+        })
+        .await;
     for m in &lm {
         assert!(m.retain, "{broker}: {} delivered to a late subscriber without the retain flag", m.topic);
-        assert!(!m.topic.ends_with("/alarm") && !m.topic.ends_with("/score") && !m.topic.ends_with("/stats"), "{} retained", m.topic);
+        assert!(
+            !m.topic.ends_with("/alarm") && !m.topic.ends_with("/score") && !m.topic.ends_with("/stats"),
+            "{} retained",
+            m.topic
+        );
     }
     assert_eq!(one(&lm, &t("state")).text(), "ON");
     assert_eq!(one(&lm, &t("snapshot")).payload.len(), jpeg.len());
@@ -166,10 +183,12 @@ async fn topics_scenario(broker: &str, host: &str, port: u16, strict_qos: bool) 
     // Alarm cleared, then a clean stop: OFF, then `offline` (QoS 1) before the disconnect.
     p.alarm_state("cam1", false);
     handle.shutdown().await;
-    let msgs = sub.wait(Duration::from_secs(5), "OFF and offline", |m| {
-        m.iter().any(|m| m.topic == status && m.text() == "offline") && m.iter().any(|m| m.topic == t("state") && m.text() == "OFF")
-    })
-    .await;
+    let msgs = sub
+        .wait(Duration::from_secs(5), "OFF and offline", |m| {
+            m.iter().any(|m| m.topic == status && m.text() == "offline")
+                && m.iter().any(|m| m.topic == t("state") && m.text() == "OFF")
+        })
+        .await;
     let off = msgs.iter().rev().find(|m| m.topic == status).unwrap();
     assert_eq!(off.text(), "offline");
     qos(off, QoS::AtLeastOnce);
@@ -212,7 +231,11 @@ async fn last_will_fires_when_the_daemon_is_killed() {
         // No DISCONNECT, no `offline` publish: the socket just goes, as in a crash.
         rt.shutdown_background();
         drop(handle);
-        let msgs = sub.wait(Duration::from_secs(cfg.keep_alive_s * 2 + 5), "last will", |m| m.last().is_some_and(|m| m.text() == "offline")).await;
+        let msgs = sub
+            .wait(Duration::from_secs(cfg.keep_alive_s * 2 + 5), "last will", |m| {
+                m.last().is_some_and(|m| m.text() == "offline")
+            })
+            .await;
         let will = msgs.last().unwrap();
         if strict_qos {
             assert_eq!(will.qos, QoS::AtLeastOnce, "{name}");
@@ -266,15 +289,23 @@ async fn embedded_broker_and_watch_print_what_the_daemon_says() {
     let (plain, json) = (watch(false), watch(true));
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.alarm(&alarm(0, "cam1"));
-    let plain = tokio::time::timeout(Duration::from_secs(10), plain).await.expect("watch printed 3 lines").unwrap().unwrap();
-    let json = tokio::time::timeout(Duration::from_secs(10), json).await.expect("watch --json printed 3 lines").unwrap().unwrap();
+    let plain =
+        tokio::time::timeout(Duration::from_secs(10), plain).await.expect("watch printed 3 lines").unwrap().unwrap();
+    let json = tokio::time::timeout(Duration::from_secs(10), json)
+        .await
+        .expect("watch --json printed 3 lines")
+        .unwrap()
+        .unwrap();
     eprintln!("{plain}");
     let lines: Vec<&str> = plain.lines().collect();
     assert_eq!(lines.len(), 3, "{plain}");
     assert!(lines.iter().any(|l| l.contains("box7") && l.ends_with("daemon online (retained)")), "{plain}");
     assert!(lines.iter().any(|l| l.contains("box7/cam1") && l.ends_with("camera online (retained)")), "{plain}");
     assert!(lines.iter().any(|l| l.contains("box7/cam1") && l.contains("ALARM START id cam1-0")), "{plain}");
-    let kinds: Vec<String> = json.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<String> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
+        .collect();
     assert!(kinds.contains(&"alarm".to_string()) && kinds.contains(&"status".to_string()), "{json}");
     handle.shutdown().await;
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use ganomalyd::events::Publisher;
 use ganomalyd::publish::{MqttPublisher, TlsConfig};
 use mqtt_support::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rumqttc::{TlsConfiguration, Transport};
 
 struct Pki {
@@ -77,11 +79,20 @@ async fn tls_with_the_right_ca_connects_and_a_wrong_one_is_refused() {
     let pwfile = dir.path().join("passwd");
     if mosquitto_bin().is_none() {
         // `make test` sets GANOMALY_REQUIRE_MOSQUITTO: CI must not pass by skipping.
-        assert!(std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(), "no mosquitto binary (install mosquitto or set MOSQUITTO_BIN)");
+        assert!(
+            std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(),
+            "no mosquitto binary (install mosquitto or set MOSQUITTO_BIN)"
+        );
         eprintln!("SKIPPED: no mosquitto binary (set MOSQUITTO_BIN)");
         return;
     }
-    let ok = std::process::Command::new("mosquitto_passwd").arg("-c").arg("-b").arg(&pwfile).arg("box1").arg("s3cret-pw").status();
+    let ok = std::process::Command::new("mosquitto_passwd")
+        .arg("-c")
+        .arg("-b")
+        .arg(&pwfile)
+        .arg("box1")
+        .arg("s3cret-pw")
+        .status();
     assert!(ok.map(|s| s.success()).unwrap_or(false), "mosquitto_passwd failed");
     let extra = format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nallow_anonymous false\npassword_file {}\n",
@@ -94,7 +105,11 @@ async fn tls_with_the_right_ca_connects_and_a_wrong_one_is_refused() {
     let port = m.port;
     let pw_var = "GANOMALYD_MQTT_TLS_TEST_PW";
     std::env::set_var(pw_var, "s3cret-pw");
-    let tls = TlsConfig { ca_file: pki.ca.clone(), cert_file: Some(pki.client_cert.clone()), key_file: Some(pki.client_key.clone()) };
+    let tls = TlsConfig {
+        ca_file: pki.ca.clone(),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+    };
 
     // The subscriber: same CA, client certificate and account.
     let prefix = unique("tls");
@@ -112,7 +127,9 @@ async fn tls_with_the_right_ca_connects_and_a_wrong_one_is_refused() {
     let (good, handle) = MqttPublisher::start(&cfg, &tokio::runtime::Handle::current()).unwrap();
     assert!(connects_within(&good, Duration::from_secs(10)).await, "TLS with the right CA did not connect");
     good.alarm(&alarm(0, "cam1"));
-    let msgs = sub.wait(Duration::from_secs(10), "alarm over TLS", |m| m.iter().any(|m| m.topic.ends_with("/cam1/alarm"))).await;
+    let msgs = sub
+        .wait(Duration::from_secs(10), "alarm over TLS", |m| m.iter().any(|m| m.topic.ends_with("/cam1/alarm")))
+        .await;
     assert!(msgs.iter().any(|m| m.topic == format!("{prefix}/box1/status") && m.text() == "online"));
     handle.shutdown().await;
 

@@ -55,7 +55,12 @@ fn input(c: usize, s: usize) -> Nchw {
             for y in 0..s {
                 for xx in 0..s {
                     let v = ((y * 7 + xx * 3 + ch * 11 + n * 5) % 64) as f32 / 32.0 - 1.0;
-                    let blob = if n == 1 && (y as i64 - s as i64 / 2).abs() < 4 && (xx as i64 - s as i64 / 3).abs() < 4 { 0.8 } else { 0.0 };
+                    let blob = if n == 1 && (y as i64 - s as i64 / 2).abs() < 4 && (xx as i64 - s as i64 / 3).abs() < 4
+                    {
+                        0.8
+                    } else {
+                        0.0
+                    };
                     x.data[((n * c + ch) * s + y) * s + xx] = (v * 0.6 + blob).clamp(-1.0, 1.0);
                 }
             }
@@ -146,7 +151,8 @@ fn official_checker_and_python_onnxruntime_agree() {
     for (i, arch) in archs().into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
         let weights = Weights::random_generator(&arch, 200 + i as u64);
-        let bytes = ganomaly_core::onnx::write_model(&arch, &weights, &ModelMetadata::uncalibrated(arch, MAP_KERNEL)).unwrap();
+        let bytes =
+            ganomaly_core::onnx::write_model(&arch, &weights, &ModelMetadata::uncalibrated(arch, MAP_KERNEL)).unwrap();
         std::fs::write(dir.path().join("model.onnx"), &bytes).unwrap();
         let x = input(arch.nc as usize, arch.isize as usize);
         std::fs::write(dir.path().join("input.f32"), f32_bytes(&x.data)).unwrap();
@@ -163,7 +169,13 @@ fn official_checker_and_python_onnxruntime_agree() {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{arch:?}: onnx checker / python onnxruntime failed:\n{text}");
         assert!(text.contains("checker OK"), "{text}");
-        eprintln!("isize {} nc {} extra {}: {}", arch.isize, arch.nc, arch.extralayers, text.lines().last().unwrap_or(""));
+        eprintln!(
+            "isize {} nc {} extra {}: {}",
+            arch.isize,
+            arch.nc,
+            arch.extralayers,
+            text.lines().last().unwrap_or("")
+        );
     }
 }
 

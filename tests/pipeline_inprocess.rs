@@ -595,8 +595,9 @@ fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
         capture::factory(Take { inner: capture::synthetic::SyntheticCamera::new(&synthetic), left: 120 }),
     );
     let rec = Recorder::default();
-    let p = Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { sources, stats: false, ..StartOptions::default() })
-        .expect("pipeline starts");
+    let p =
+        Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { sources, stats: false, ..StartOptions::default() })
+            .expect("pipeline starts");
     let t = Instant::now();
     while !p.sources_done() {
         assert!(t.elapsed() < Duration::from_secs(120), "source never ended");
@@ -608,7 +609,12 @@ fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
     let starts: Vec<AlarmEvent> = rec.alarms().into_iter().filter(|a| a.kind == AlarmKind::Start).collect();
     assert_eq!(starts.len(), 3, "{:#?}", rec.alarms());
     for (a, ep) in starts.iter().zip(&episodes) {
-        assert!(ep.contains(&a.first_seq) && ep.contains(&a.seq), "alarm {}..{} outside episode {ep:?}", a.first_seq, a.seq);
+        assert!(
+            ep.contains(&a.first_seq) && ep.contains(&a.seq),
+            "alarm {}..{} outside episode {ep:?}",
+            a.first_seq,
+            a.seq
+        );
         assert!(a.snapshot.is_some());
     }
     // The model's default score (map_max) drives the decisions.

@@ -60,12 +60,28 @@ impl Default for ArchSpec {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
     /// 2-D convolution without bias, square kernel.
-    Conv { cin: u32, cout: u32, k: u32, s: u32, p: u32 },
+    Conv {
+        cin: u32,
+        cout: u32,
+        k: u32,
+        s: u32,
+        p: u32,
+    },
     /// 2-D transposed convolution without bias, square kernel.
-    ConvT { cin: u32, cout: u32, k: u32, s: u32, p: u32 },
+    ConvT {
+        cin: u32,
+        cout: u32,
+        k: u32,
+        s: u32,
+        p: u32,
+    },
     /// BatchNorm2d (eps 1e-5); in inference uses the running statistics.
-    BatchNorm { c: u32 },
-    LeakyRelu { slope: f32 },
+    BatchNorm {
+        c: u32,
+    },
+    LeakyRelu {
+        slope: f32,
+    },
     Relu,
     Tanh,
     Sigmoid,
@@ -101,9 +117,13 @@ impl Op {
     /// Parameters this op owns (names relative to the layer), with shapes.
     pub fn params(&self) -> Vec<(&'static str, Vec<usize>)> {
         match *self {
-            Op::Conv { cin, cout, k, .. } => vec![("weight", vec![cout as usize, cin as usize, k as usize, k as usize])],
+            Op::Conv { cin, cout, k, .. } => {
+                vec![("weight", vec![cout as usize, cin as usize, k as usize, k as usize])]
+            }
             // PyTorch stores ConvTranspose2d weights as [in, out, k, k].
-            Op::ConvT { cin, cout, k, .. } => vec![("weight", vec![cin as usize, cout as usize, k as usize, k as usize])],
+            Op::ConvT { cin, cout, k, .. } => {
+                vec![("weight", vec![cin as usize, cout as usize, k as usize, k as usize])]
+            }
             Op::BatchNorm { c } => {
                 let c = c as usize;
                 vec![("weight", vec![c]), ("bias", vec![c]), ("running_mean", vec![c]), ("running_var", vec![c])]
@@ -127,9 +147,12 @@ impl ArchSpec {
         if self.nc != 1 && self.nc != 3 {
             errs.push(ArchError::Channels(self.nc));
         }
-        for (name, value, max) in
-            [("nz", self.nz, 4096), ("ngf", self.ngf, 1024), ("ndf", self.ndf, 1024), ("extralayers", self.extralayers + 1, 9)]
-        {
+        for (name, value, max) in [
+            ("nz", self.nz, 4096),
+            ("ngf", self.ngf, 1024),
+            ("ndf", self.ndf, 1024),
+            ("extralayers", self.extralayers + 1, 9),
+        ] {
             if value == 0 || value > max {
                 let value = if name == "extralayers" { value - 1 } else { value };
                 errs.push(ArchError::Range { name, value, max: if name == "extralayers" { max - 1 } else { max } });
@@ -242,7 +265,9 @@ impl ArchSpec {
 
 fn params_of<'a>(layers: impl Iterator<Item = &'a Layer>) -> Vec<ParamSpec> {
     layers
-        .flat_map(|l| l.op.params().into_iter().map(move |(p, shape)| ParamSpec { name: format!("{}.{p}", l.name), shape }))
+        .flat_map(|l| {
+            l.op.params().into_iter().map(move |(p, shape)| ParamSpec { name: format!("{}.{p}", l.name), shape })
+        })
         .collect()
 }
 
@@ -254,7 +279,11 @@ pub fn encoder(part: &str, isize: u32, nz: u32, nc: u32, ndf: u32, extralayers: 
         ops.extend([Op::Conv { cin: c, cout: c, k: 3, s: 1, p: 1 }, Op::BatchNorm { c }, Op::LeakyRelu { slope: 0.2 }]);
     }
     while csize > 4 {
-        ops.extend([Op::Conv { cin: c, cout: c * 2, k: 4, s: 2, p: 1 }, Op::BatchNorm { c: c * 2 }, Op::LeakyRelu { slope: 0.2 }]);
+        ops.extend([
+            Op::Conv { cin: c, cout: c * 2, k: 4, s: 2, p: 1 },
+            Op::BatchNorm { c: c * 2 },
+            Op::LeakyRelu { slope: 0.2 },
+        ]);
         c *= 2;
         csize /= 2;
     }
@@ -320,7 +349,8 @@ mod tests {
         // enc: 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16 + 256*100*16 + bn(64+128+256)*2
         let enc = 3 * 32 * 16 + 32 * 64 * 16 + 64 * 128 * 16 + 128 * 256 * 16 + 256 * 100 * 16 + (64 + 128 + 256) * 2;
         // dec: 100*256*16 + 256*128*16 + 128*64*16 + 64*32*16 + 32*3*16 + bn(256+128+64+32)*2
-        let dec = 100 * 256 * 16 + 256 * 128 * 16 + 128 * 64 * 16 + 64 * 32 * 16 + 32 * 3 * 16 + (256 + 128 + 64 + 32) * 2;
+        let dec =
+            100 * 256 * 16 + 256 * 128 * 16 + 128 * 64 * 16 + 64 * 32 * 16 + 32 * 3 * 16 + (256 + 128 + 64 + 32) * 2;
         assert_eq!(learnable, 2 * enc + dec);
     }
 

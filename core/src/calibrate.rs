@@ -86,7 +86,8 @@ pub fn auroc(normal: &[f64], defect: &[f64]) -> f64 {
         return f64::NAN;
     }
     // Rank all scores together (average ranks for ties), sum the defect ranks.
-    let mut all: Vec<(f64, bool)> = normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
+    let mut all: Vec<(f64, bool)> =
+        normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut rank_sum = 0.0;
     let mut i = 0;
@@ -106,7 +107,8 @@ pub fn auroc(normal: &[f64], defect: &[f64]) -> f64 {
 /// Lowers a threshold from the highest score down, one group of equal scores at
 /// a time: `(threshold, true positives, false positives)` at `score >= threshold`.
 fn sweep(normal: &[f64], defect: &[f64]) -> Vec<(f64, f64, f64)> {
-    let mut all: Vec<(f64, bool)> = normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
+    let mut all: Vec<(f64, bool)> =
+        normal.iter().map(|&s| (s, false)).chain(defect.iter().map(|&s| (s, true))).collect();
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (mut tp, mut fp) = (0.0, 0.0);
     let mut steps = Vec::new();

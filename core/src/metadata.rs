@@ -294,10 +294,10 @@ impl ModelMetadata {
     /// Reads and checks the metadata; the first problem is returned, naming its key.
     pub fn from_props(props: &BTreeMap<String, String>) -> Result<ModelMetadata, MetadataError> {
         let version_text = props.get(KEY_SCHEMA).ok_or(MetadataError::Missing(KEY_SCHEMA))?;
-        let found: u32 = version_text
-            .trim()
-            .parse()
-            .map_err(|_| MetadataError::Invalid { key: KEY_SCHEMA, reason: format!("`{version_text}` is not a number") })?;
+        let found: u32 = version_text.trim().parse().map_err(|_| MetadataError::Invalid {
+            key: KEY_SCHEMA,
+            reason: format!("`{version_text}` is not a number"),
+        })?;
         if found != SCHEMA_VERSION {
             return Err(MetadataError::Version { found, supported: SCHEMA_VERSION });
         }
@@ -328,11 +328,17 @@ impl ModelMetadata {
             if !(c.threshold.is_finite() && c.min.is_finite() && c.max.is_finite()) || c.max < c.min {
                 return Err(MetadataError::Invalid {
                     key: KEY_SCORES,
-                    reason: format!("calibration of `{}` needs finite threshold/min/max with min ≤ max", s.kind.as_str()),
+                    reason: format!(
+                        "calibration of `{}` needs finite threshold/min/max with min ≤ max",
+                        s.kind.as_str()
+                    ),
                 });
             }
             if s.kind == ScoreKind::MapMax && !matches!(s.kernel, Some(k) if k % 2 == 1) {
-                return Err(MetadataError::Invalid { key: KEY_SCORES, reason: "`map_max` needs an odd `kernel`".into() });
+                return Err(MetadataError::Invalid {
+                    key: KEY_SCORES,
+                    reason: "`map_max` needs an odd `kernel`".into(),
+                });
             }
         }
         let default_text = props.get(KEY_DEFAULT_SCORE).ok_or(MetadataError::Missing(KEY_DEFAULT_SCORE))?;
@@ -398,12 +404,21 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let mut p = sample().to_props();
-        p.insert(KEY_ARCH.into(), r#"{"isize": 60, "nc": 3, "nz": 100, "ngf": 32, "ndf": 32, "extralayers": 0}"#.into());
+        p.insert(
+            KEY_ARCH.into(),
+            r#"{"isize": 60, "nc": 3, "nz": 100, "ngf": 32, "ndf": 32, "extralayers": 0}"#.into(),
+        );
         let err = ModelMetadata::from_props(&p).unwrap_err();
-        assert!(matches!(&err, MetadataError::Invalid { key: KEY_ARCH, reason } if reason.contains("multiple of 16")), "{err}");
+        assert!(
+            matches!(&err, MetadataError::Invalid { key: KEY_ARCH, reason } if reason.contains("multiple of 16")),
+            "{err}"
+        );
 
         let mut p = sample().to_props();
-        p.insert(KEY_PREPROCESS.into(), r#"{"color":"gray","size":64,"resize":"bilinear","value_range":[-1,1]}"#.into());
+        p.insert(
+            KEY_PREPROCESS.into(),
+            r#"{"color":"gray","size":64,"resize":"bilinear","value_range":[-1,1]}"#.into(),
+        );
         assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_PREPROCESS, .. })));
 
         let mut p = sample().to_props();

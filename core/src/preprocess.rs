@@ -150,11 +150,15 @@ impl Preprocessor {
             // Already model-sized: a resize would be an identity copy.
             self.scratch.copy_from_slice(&frame.data[..need]);
         } else {
-            let mut dst = fr::images::Image::from_slice_u8(self.size, self.size, &mut self.scratch, frame.layout.fr_type())
-                .map_err(|e| PreprocessError::Resize(e.to_string()))?;
-            let opts = ResizeOptions::new()
-                .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-                .crop(roi.x as f64, roi.y as f64, roi.width as f64, roi.height as f64);
+            let mut dst =
+                fr::images::Image::from_slice_u8(self.size, self.size, &mut self.scratch, frame.layout.fr_type())
+                    .map_err(|e| PreprocessError::Resize(e.to_string()))?;
+            let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(
+                roi.x as f64,
+                roi.y as f64,
+                roi.width as f64,
+                roi.height as f64,
+            );
             self.resizer.resize(&src, &mut dst, &opts).map_err(|e| PreprocessError::Resize(e.to_string()))?;
         }
 
@@ -193,10 +197,20 @@ impl Preprocessor {
 
     /// Convenience for decoded image files: RGB8 and Luma8 images are used in
     /// place; any other format (16-bit, alpha, ...) is converted to RGB8 first.
-    pub fn run_image(&mut self, img: &image::DynamicImage, roi: Option<Roi>, out: &mut [f32]) -> Result<(), PreprocessError> {
+    pub fn run_image(
+        &mut self,
+        img: &image::DynamicImage,
+        roi: Option<Roi>,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
         match img {
             image::DynamicImage::ImageRgb8(rgb) => {
-                let f = FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() };
+                let f = FrameRef {
+                    width: rgb.width(),
+                    height: rgb.height(),
+                    layout: PixelLayout::Rgb8,
+                    data: rgb.as_raw(),
+                };
                 self.run(&f, roi, out)
             }
             image::DynamicImage::ImageLuma8(g) => {
@@ -205,7 +219,12 @@ impl Preprocessor {
             }
             other => {
                 let rgb = other.to_rgb8();
-                let f = FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() };
+                let f = FrameRef {
+                    width: rgb.width(),
+                    height: rgb.height(),
+                    layout: PixelLayout::Rgb8,
+                    data: rgb.as_raw(),
+                };
                 self.run(&f, roi, out)
             }
         }
@@ -247,7 +266,8 @@ mod tests {
         let mut out = vec![0.0; 12];
         p.run(&frame, None, &mut out).unwrap();
         // R plane, G plane, B plane.
-        let want: Vec<f32> = [0u8, 255, 1, 200, 10, 128, 2, 100, 20, 64, 3, 50].iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let want: Vec<f32> =
+            [0u8, 255, 1, 200, 10, 128, 2, 100, 20, 64, 3, 50].iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
         assert_eq!(out, want);
         assert_eq!(out[0], -1.0);
         assert_eq!(out[1], 1.0);

@@ -66,8 +66,9 @@ pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Res
         }
     }
     let plane = x.h * x.w;
-    let score_recon =
-        (0..n).map(|b| (map.data[b * plane..(b + 1) * plane].iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32).collect();
+    let score_recon = (0..n)
+        .map(|b| (map.data[b * plane..(b + 1) * plane].iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32)
+        .collect();
     let r = (map_kernel / 2) as isize;
     let score_map = (0..n)
         .map(|b| {
@@ -115,8 +116,9 @@ pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Res
                                 }
                             }
                         }
-                        let s: f64 =
-                            (0..d).map(|j| (0..d).map(|i| v[i] * whiten.data[i * d + j] as f64).sum::<f64>().powi(2)).sum();
+                        let s: f64 = (0..d)
+                            .map(|j| (0..d).map(|i| v[i] * whiten.data[i * d + j] as f64).sum::<f64>().powi(2))
+                            .sum();
                         (s / d as f64) as f32
                     })
                     .collect(),
@@ -133,12 +135,15 @@ pub fn sequential(layers: &[Layer], w: &Weights, x: &Nchw) -> Result<Nchw, Weigh
     for layer in layers {
         let p = |name: &str| format!("{}.{name}", layer.name);
         x = match layer.op {
-            Op::Conv { cout, k, s, p: pad, .. } => conv(&x, &w.get(&p("weight"))?.data, cout as usize, k as usize, s as usize, pad as usize),
+            Op::Conv { cout, k, s, p: pad, .. } => {
+                conv(&x, &w.get(&p("weight"))?.data, cout as usize, k as usize, s as usize, pad as usize)
+            }
             Op::ConvT { cout, k, s, p: pad, .. } => {
                 conv_t(&x, &w.get(&p("weight"))?.data, cout as usize, k as usize, s as usize, pad as usize)
             }
             Op::BatchNorm { .. } => {
-                let (g, b, m, v) = (w.get(&p("weight"))?, w.get(&p("bias"))?, w.get(&p("running_mean"))?, w.get(&p("running_var"))?);
+                let (g, b, m, v) =
+                    (w.get(&p("weight"))?, w.get(&p("bias"))?, w.get(&p("running_mean"))?, w.get(&p("running_var"))?);
                 let mut y = x.clone();
                 for n in 0..x.n {
                     for c in 0..x.c {
@@ -260,7 +265,13 @@ mod tests {
     fn netg_shapes_and_score_ranges() {
         let arch = ArchSpec { isize: 32, nc: 3, nz: 8, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() };
         let w = Weights::random_generator(&arch, 1);
-        let x = Nchw { n: 2, c: 3, h: 32, w: 32, data: (0..2 * 3 * 32 * 32).map(|i| ((i % 17) as f32 / 8.0) - 1.0).collect() };
+        let x = Nchw {
+            n: 2,
+            c: 3,
+            h: 32,
+            w: 32,
+            data: (0..2 * 3 * 32 * 32).map(|i| ((i % 17) as f32 / 8.0) - 1.0).collect(),
+        };
         let o = forward(&arch, &w, &x, 5).unwrap();
         assert_eq!((o.recon.n, o.recon.c, o.recon.h, o.recon.w), (2, 3, 32, 32));
         assert!(o.recon.data.iter().all(|v| v.abs() <= 1.0));
@@ -292,7 +303,9 @@ mod tests {
         w.insert(FEATURE_MEAN, vec![d], vec![0.5; d]);
         w.insert(FEATURE_WHITEN, vec![d, d], whiten);
         let v: Vec<f64> = f.data.iter().map(|&a| a as f64 - 0.5).collect();
-        let want = (v.iter().map(|a| (2.0 * a).powi(2)).sum::<f64>() - (2.0 * v[1]).powi(2) + (v[0] + 2.0 * v[1]).powi(2)) / d as f64;
+        let want = (v.iter().map(|a| (2.0 * a).powi(2)).sum::<f64>() - (2.0 * v[1]).powi(2)
+            + (v[0] + 2.0 * v[1]).powi(2))
+            / d as f64;
         let got = forward(&arch, &w, &x, 3).unwrap().score_mahalanobis.unwrap()[0] as f64;
         assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
         w.tensors.remove(FEATURE_WHITEN);

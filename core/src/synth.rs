@@ -34,11 +34,7 @@ pub enum SynthError {
     #[error("invalid dataset spec: {0}")]
     Spec(String),
     #[error("unknown {kind} `{name}` (expected one of: {expected})")]
-    UnknownName {
-        kind: &'static str,
-        name: String,
-        expected: String,
-    },
+    UnknownName { kind: &'static str, name: String, expected: String },
     #[error("cannot create directory {}", path.display())]
     Io {
         path: PathBuf,
@@ -68,12 +64,7 @@ pub enum Texture {
 }
 
 impl Texture {
-    pub const ALL: [Texture; 4] = [
-        Texture::BrushedMetal,
-        Texture::WovenFabric,
-        Texture::WoodGrain,
-        Texture::Noise,
-    ];
+    pub const ALL: [Texture; 4] = [Texture::BrushedMetal, Texture::WovenFabric, Texture::WoodGrain, Texture::Noise];
 
     /// The name used in configs, CLIs and folder names.
     pub fn as_str(self) -> &'static str {
@@ -157,10 +148,7 @@ impl fmt::Display for Defect {
 }
 
 fn names<T: fmt::Display>(all: &[T]) -> String {
-    all.iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    all.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl FromStr for Texture {
@@ -193,25 +181,12 @@ pub struct Sample {
 }
 
 /// A good part, or one with `defect` when given: what a synthetic camera shows.
-pub fn sample(
-    texture: Texture,
-    defect: Option<Defect>,
-    strength: f32,
-    size: u32,
-    seed: u64,
-    index: u64,
-) -> Sample {
+pub fn sample(texture: Texture, defect: Option<Defect>, strength: f32, size: u32, seed: u64, index: u64) -> Sample {
     match defect {
-        None => Sample {
-            image: good(texture, size, seed, index),
-            mask: None,
-        },
+        None => Sample { image: good(texture, size, seed, index), mask: None },
         Some(defect) => {
             let (image, mask) = defective(texture, defect, strength, size, seed, index);
-            Sample {
-                image,
-                mask: Some(mask),
-            }
+            Sample { image, mask: Some(mask) }
         }
     }
 }
@@ -244,12 +219,7 @@ pub fn defective(
     index: u64,
 ) -> (RgbImage, GrayImage) {
     let mut image = good(texture, size, seed, index);
-    let mask = defect_into(
-        &mut image,
-        defect,
-        strength,
-        mix(&[seed, texture.tag(), index]),
-    );
+    let mask = defect_into(&mut image, defect, strength, mix(&[seed, texture.tag(), index]));
     (image, mask)
 }
 
@@ -261,11 +231,7 @@ pub fn defect_into(image: &mut RgbImage, defect: Defect, strength: f32, seed: u6
     if w == 0 || h == 0 {
         return GrayImage::new(w, h);
     }
-    let strength = if strength.is_nan() {
-        0.0
-    } else {
-        strength.clamp(0.0, 1.0)
-    };
+    let strength = if strength.is_nan() { 0.0 } else { strength.clamp(0.0, 1.0) };
     let mut rng = rng_for(&[STREAM_DEFECT, seed, defect.tag()]);
     match defect {
         Defect::Scratch => scratch(image, &mut rng, strength),
@@ -303,26 +269,17 @@ impl DatasetSpec {
     pub fn validate(&self) -> Result<(), SynthError> {
         let mut problems = Vec::new();
         if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
-            problems.push(format!(
-                "size must be between {MIN_SIZE} and {MAX_SIZE} (got {})",
-                self.size
-            ));
+            problems.push(format!("size must be between {MIN_SIZE} and {MAX_SIZE} (got {})", self.size));
         }
         if !(0.0..=1.0).contains(&self.strength) {
-            problems.push(format!(
-                "strength must be between 0 and 1 (got {})",
-                self.strength
-            ));
+            problems.push(format!("strength must be between 0 and 1 (got {})", self.strength));
         }
         for (i, d) in self.defects.iter().enumerate() {
             if self.defects[..i].contains(d) {
                 problems.push(format!("defect `{d}` is listed twice"));
             }
         }
-        let largest = self
-            .train_good
-            .max(self.test_good)
-            .max(self.test_per_defect);
+        let largest = self.train_good.max(self.test_good).max(self.test_per_defect);
         if largest as u64 >= SPLIT_STRIDE {
             problems.push(format!("at most {SPLIT_STRIDE} images per split"));
         }
@@ -370,20 +327,14 @@ pub fn write_mvtec(dir: &Path, spec: &DatasetSpec) -> Result<DatasetSummary, Syn
     let train = dir.join("train").join("good");
     create_dir(&train)?;
     for i in 0..spec.train_good {
-        save(
-            &good(tex, size, seed, i as u64),
-            &train.join(format!("{i:03}.png")),
-        )?;
+        save(&good(tex, size, seed, i as u64), &train.join(format!("{i:03}.png")))?;
     }
 
     let test_good = dir.join("test").join("good");
     create_dir(&test_good)?;
     for i in 0..spec.test_good {
         let index = test_index(None, i as u64);
-        save(
-            &good(tex, size, seed, index),
-            &test_good.join(format!("{i:03}.png")),
-        )?;
+        save(&good(tex, size, seed, index), &test_good.join(format!("{i:03}.png")))?;
     }
 
     for &defect in &spec.defects {
@@ -408,20 +359,14 @@ pub fn write_mvtec(dir: &Path, spec: &DatasetSpec) -> Result<DatasetSummary, Syn
 }
 
 fn create_dir(path: &Path) -> Result<(), SynthError> {
-    std::fs::create_dir_all(path).map_err(|source| SynthError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::create_dir_all(path).map_err(|source| SynthError::Io { path: path.to_path_buf(), source })
 }
 
 fn save<P>(image: &image::ImageBuffer<P, Vec<u8>>, path: &Path) -> Result<(), SynthError>
 where
     P: image::PixelWithColorType<Subpixel = u8>,
 {
-    image.save(path).map_err(|source| SynthError::Encode {
-        path: path.to_path_buf(),
-        source,
-    })
+    image.save(path).map_err(|source| SynthError::Encode { path: path.to_path_buf(), source })
 }
 
 // ---------------------------------------------------------------------------
@@ -528,8 +473,7 @@ fn sin_poly(x: f32) -> f32 {
         r = -PI - r;
     }
     let r2 = r * r;
-    r * (1.0
-        + r2 * (-1.0 / 6.0 + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362_880.0)))))
+    r * (1.0 + r2 * (-1.0 / 6.0 + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362_880.0)))))
 }
 
 fn cos_poly(x: f32) -> f32 {
@@ -564,11 +508,7 @@ impl Lighting {
         let g = uniform(rng, 1.0 - gain, 1.0 + gain);
         let angle = uniform(rng, 0.0, TAU);
         let amp = uniform(rng, 0.0, gradient) / (REF / 2.0);
-        Lighting {
-            gain: g,
-            gx: amp * cos_poly(angle),
-            gy: amp * sin_poly(angle),
-        }
+        Lighting { gain: g, gx: amp * cos_poly(angle), gy: amp * sin_poly(angle) }
     }
 
     #[inline]
@@ -585,10 +525,7 @@ struct Rot {
 
 impl Rot {
     fn new(angle: f32) -> Rot {
-        Rot {
-            c: cos_poly(angle),
-            s: sin_poly(angle),
-        }
+        Rot { c: cos_poly(angle), s: sin_poly(angle) }
     }
 
     #[inline]
@@ -613,12 +550,7 @@ fn paint(image: &mut RgbImage, light: &Lighting, f: impl Fn(&Px) -> [f32; 3]) {
         let y = (iy as f32 + 0.5) * k;
         for (ix, out) in row.chunks_exact_mut(3).enumerate() {
             let x = (ix as f32 + 0.5) * k;
-            let rgb = f(&Px {
-                x,
-                y,
-                ix: ix as i32,
-                iy: iy as i32,
-            });
+            let rgb = f(&Px { x, y, ix: ix as i32, iy: iy as i32 });
             let l = light.at(x, y);
             out[0] = to_u8(rgb[0] * l);
             out[1] = to_u8(rgb[1] * l);
@@ -629,21 +561,12 @@ fn paint(image: &mut RgbImage, light: &Lighting, f: impl Fn(&Px) -> [f32; 3]) {
 
 fn brushed_metal(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCha8Rng) {
     let base = uniform(product, 0.55, 0.68);
-    let tint = [
-        uniform(product, 0.96, 0.99),
-        uniform(product, 0.98, 1.0),
-        uniform(product, 1.0, 1.04),
-    ];
+    let tint = [uniform(product, 0.96, 0.99), uniform(product, 0.98, 1.0), uniform(product, 1.0, 1.04)];
     let contrast = uniform(product, 0.32, 0.42);
     let rot = Rot::new(uniform(inst, -0.07, 0.07));
     let level = base + uniform(inst, -0.03, 0.03);
     let light = Lighting::random(inst, 0.04, 0.08);
-    let seeds = [
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-    ];
+    let seeds = [inst.next_u32(), inst.next_u32(), inst.next_u32(), inst.next_u32()];
     paint(image, &light, |p| {
         let (u, v) = rot.apply(p.x, p.y);
         // Long along the brushing direction, a pixel or two across it.
@@ -703,11 +626,7 @@ fn woven_fabric(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCh
 fn wood_grain(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCha8Rng) {
     // Somewhere between oak and walnut; latewood is a darker, redder version.
     let species = unit(product);
-    let early = [
-        lerp(0.82, 0.56, species),
-        lerp(0.64, 0.39, species),
-        lerp(0.44, 0.25, species),
-    ];
+    let early = [lerp(0.82, 0.56, species), lerp(0.64, 0.39, species), lerp(0.44, 0.25, species)];
     let late = [early[0] * 0.66, early[1] * 0.56, early[2] * 0.5];
     let period = uniform(product, 10.0, 16.0) * uniform(inst, 0.9, 1.1);
     let rot = Rot::new(uniform(inst, -0.1, 0.1));
@@ -715,16 +634,11 @@ fn wood_grain(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCha8
     let u0 = uniform(inst, -120.0, 120.0);
     let phase = unit(inst);
     let light = Lighting::random(inst, 0.05, 0.06);
-    let seeds = [
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-    ];
+    let seeds = [inst.next_u32(), inst.next_u32(), inst.next_u32(), inst.next_u32()];
     paint(image, &light, |p| {
         let (u, v) = rot.apply(p.x, p.y);
-        let wobble = 16.0 * (vnoise(u / 150.0, v / 70.0, seeds[0]) - 0.5)
-            + 5.0 * (vnoise(u / 40.0, v / 18.0, seeds[1]) - 0.5);
+        let wobble =
+            16.0 * (vnoise(u / 150.0, v / 70.0, seeds[0]) - 0.5) + 5.0 * (vnoise(u / 40.0, v / 18.0, seeds[1]) - 0.5);
         // A gently bowed cut through concentric rings.
         let d = v + bow * (u - u0) * (u - u0) + wobble;
         let t = d / period + phase;
@@ -732,44 +646,24 @@ fn wood_grain(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCha8
         let latewood = smoothstep(0.55, 0.85, f) * (1.0 - smoothstep(0.9, 1.0, f));
         let pores = vnoise(u / 9.0, v / 0.8, seeds[2]);
         let figure = vnoise(u / 60.0, v / 25.0, seeds[3]);
-        let m =
-            (0.1 + 0.65 * latewood + 0.25 * (pores - 0.5) + 0.25 * (figure - 0.5)).clamp(0.0, 1.0);
-        [
-            lerp(early[0], late[0], m),
-            lerp(early[1], late[1], m),
-            lerp(early[2], late[2], m),
-        ]
+        let m = (0.1 + 0.65 * latewood + 0.25 * (pores - 0.5) + 0.25 * (figure - 0.5)).clamp(0.0, 1.0);
+        [lerp(early[0], late[0], m), lerp(early[1], late[1], m), lerp(early[2], late[2], m)]
     });
 }
 
 fn granular(image: &mut RgbImage, product: &mut ChaCha8Rng, inst: &mut ChaCha8Rng) {
     let base = uniform(product, 0.45, 0.6);
-    let tint = [
-        uniform(product, 0.97, 1.03),
-        1.0,
-        uniform(product, 0.97, 1.03),
-    ];
+    let tint = [uniform(product, 0.97, 1.03), 1.0, uniform(product, 0.97, 1.03)];
     let grain = uniform(product, 2.0, 3.0);
     let level = base + uniform(inst, -0.03, 0.03);
     let light = Lighting::random(inst, 0.04, 0.08);
-    let seeds = [
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-        inst.next_u32(),
-    ];
+    let seeds = [inst.next_u32(), inst.next_u32(), inst.next_u32(), inst.next_u32(), inst.next_u32()];
     paint(image, &light, |p| {
-        let blotch = 0.55 * vnoise(p.x / 34.0, p.y / 34.0, seeds[0])
-            + 0.45 * vnoise(p.x / 12.0, p.y / 12.0, seeds[1]);
+        let blotch = 0.55 * vnoise(p.x / 34.0, p.y / 34.0, seeds[0]) + 0.45 * vnoise(p.x / 12.0, p.y / 12.0, seeds[1]);
         let grains = vnoise(p.x / grain, p.y / grain, seeds[2]);
         let fine = vnoise(p.x / 1.1, p.y / 1.1, seeds[3]);
         let speck = lattice(seeds[4], p.ix, p.iy);
-        let l = level
-            + 0.16 * (blotch - 0.5)
-            + 0.16 * (grains - 0.5)
-            + 0.08 * (fine - 0.5)
-            + 0.07 * (speck - 0.5);
+        let l = level + 0.16 * (blotch - 0.5) + 0.16 * (grains - 0.5) + 0.08 * (fine - 0.5) + 0.07 * (speck - 0.5);
         [l * tint[0], l * tint[1], l * tint[2]]
     });
 }
@@ -788,11 +682,7 @@ struct Coverage {
 
 impl Coverage {
     fn new(w: u32, h: u32) -> Coverage {
-        Coverage {
-            w,
-            h,
-            alpha: vec![0.0; w as usize * h as usize],
-        }
+        Coverage { w, h, alpha: vec![0.0; w as usize * h as usize] }
     }
 
     fn stamp(&mut self, cx: f32, cy: f32, r: f32) {
@@ -859,10 +749,7 @@ fn scratch(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayIma
     let sign = if chance(rng, 0.6) { 1.0 } else { -1.0 };
     let wear_seed = rng.next_u32();
 
-    let (p0, p2) = (
-        (mx - dx * len / 2.0, my - dy * len / 2.0),
-        (mx + dx * len / 2.0, my + dy * len / 2.0),
-    );
+    let (p0, p2) = ((mx - dx * len / 2.0, my - dy * len / 2.0), (mx + dx * len / 2.0, my + dy * len / 2.0));
     let p1 = (mx - dy * bend, my + dx * bend);
     let mut cov = Coverage::new(w as u32, h as u32);
     let steps = (len / 0.4).ceil().max(1.0) as u32;
@@ -901,22 +788,8 @@ fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
     let step = (1.2 * sc).max(0.6);
     // A crack runs both ways from where it started.
     let mut arms = vec![
-        Arm {
-            x,
-            y,
-            heading,
-            len: total / 2.0,
-            width,
-            depth: 0,
-        },
-        Arm {
-            x,
-            y,
-            heading: heading + PI,
-            len: total / 2.0,
-            width,
-            depth: 0,
-        },
+        Arm { x, y, heading, len: total / 2.0, width, depth: 0 },
+        Arm { x, y, heading: heading + PI, len: total / 2.0, width, depth: 0 },
     ];
     let mut branches = 0;
     let mut cov = Coverage::new(w as u32, h as u32);
@@ -946,9 +819,7 @@ fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
             y += sin_poly(dir) * step;
         }
     }
-    cov.apply(image, |_, _, a, rgb| {
-        rgb.map(|c| c * (1.0 - strength * 0.8 * a))
-    });
+    cov.apply(image, |_, _, a, rgb| rgb.map(|c| c * (1.0 - strength * 0.8 * a)));
     cov.mask()
 }
 
@@ -956,12 +827,7 @@ fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
 fn disc_bounds(image: &RgbImage, cx: f32, cy: f32, r: f32) -> (u32, u32, u32, u32) {
     let (w, h) = image.dimensions();
     let clip = |v: f32, n: u32| (v.max(0.0) as u32).min(n - 1);
-    (
-        clip(cx - r, w),
-        clip(cy - r, h),
-        clip(cx + r, w),
-        clip(cy + r, h),
-    )
+    (clip(cx - r, w), clip(cy - r, h), clip(cx + r, w), clip(cy + r, h))
 }
 
 fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage {
@@ -976,17 +842,9 @@ fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
     let dark = chance(rng, 0.7);
     // Oil and rust darken and warm the surface; residue bleaches it.
     let tint = if dark {
-        [
-            uniform(rng, 0.36, 0.5),
-            uniform(rng, 0.3, 0.42),
-            uniform(rng, 0.22, 0.34),
-        ]
+        [uniform(rng, 0.36, 0.5), uniform(rng, 0.3, 0.42), uniform(rng, 0.22, 0.34)]
     } else {
-        [
-            uniform(rng, 0.3, 0.4),
-            uniform(rng, 0.32, 0.42),
-            uniform(rng, 0.4, 0.5),
-        ]
+        [uniform(rng, 0.3, 0.4), uniform(rng, 0.32, 0.42), uniform(rng, 0.4, 0.5)]
     };
 
     let mut mask = GrayImage::new(w as u32, h as u32);
@@ -998,11 +856,7 @@ fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
             let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
             let (u, v) = (dx * ca + dy * sa, (dy * ca - dx * sa) / aspect);
             let d = (u * u + v * v).sqrt() / r;
-            let wobble = vnoise(
-                x as f32 / wobble_scale,
-                y as f32 / wobble_scale,
-                wobble_seed,
-            );
+            let wobble = vnoise(x as f32 / wobble_scale, y as f32 / wobble_scale, wobble_seed);
             let d = d * (0.7 + 0.6 * wobble);
             let mut a = 1.0 - smoothstep(0.55, 1.0, d);
             if ringed {
@@ -1015,29 +869,15 @@ fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
             if a >= 0.25 {
                 mask.put_pixel(x, y, Luma([255]));
             }
-            let mottle = 0.8
-                + 0.4
-                    * (vnoise(
-                        x as f32 / mottle_scale,
-                        y as f32 / mottle_scale,
-                        mottle_seed,
-                    ) - 0.5);
+            let mottle = 0.8 + 0.4 * (vnoise(x as f32 / mottle_scale, y as f32 / mottle_scale, mottle_seed) - 0.5);
             let k = (a * mottle).min(1.0) * strength;
             blend_pixel(image, x, y, |rgb| {
                 let target = if dark {
                     [rgb[0] * tint[0], rgb[1] * tint[1], rgb[2] * tint[2]]
                 } else {
-                    [
-                        1.0 - (1.0 - rgb[0]) * tint[0],
-                        1.0 - (1.0 - rgb[1]) * tint[1],
-                        1.0 - (1.0 - rgb[2]) * tint[2],
-                    ]
+                    [1.0 - (1.0 - rgb[0]) * tint[0], 1.0 - (1.0 - rgb[1]) * tint[1], 1.0 - (1.0 - rgb[2]) * tint[2]]
                 };
-                [
-                    lerp(rgb[0], target[0], k),
-                    lerp(rgb[1], target[1], k),
-                    lerp(rgb[2], target[2], k),
-                ]
+                [lerp(rgb[0], target[0], k), lerp(rgb[1], target[1], k), lerp(rgb[2], target[2], k)]
             });
         }
     }
@@ -1103,10 +943,7 @@ mod tests {
     }
 
     fn mean_luma(image: &RgbImage) -> f64 {
-        image
-            .pixels()
-            .map(|p| p.0.iter().map(|&c| c as f64).sum::<f64>() / 3.0)
-            .sum::<f64>()
+        image.pixels().map(|p| p.0.iter().map(|&c| c as f64).sum::<f64>() / 3.0).sum::<f64>()
             / (image.width() * image.height()) as f64
     }
 
@@ -1131,21 +968,14 @@ mod tests {
                 hasher.update(mask.as_raw());
             }
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
     fn generation_matches_recorded_bytes() {
         // Recorded once; a change here means every dataset, demo model and
         // fixture generated from a seed has silently changed too.
-        assert_eq!(
-            digest_of_fixture(),
-            "d5e80dc116c74945f9c9fad6e1d5f12bd2c27272abe187069b2ec2e0b8fd3b22"
-        );
+        assert_eq!(digest_of_fixture(), "d5e80dc116c74945f9c9fad6e1d5f12bd2c27272abe187069b2ec2e0b8fd3b22");
     }
 
     #[test]
@@ -1153,10 +983,7 @@ mod tests {
         for texture in Texture::ALL {
             assert_eq!(good(texture, 48, 3, 11), good(texture, 48, 3, 11));
             for defect in Defect::ALL {
-                assert_eq!(
-                    defective(texture, defect, 0.7, 48, 3, 11),
-                    defective(texture, defect, 0.7, 48, 3, 11)
-                );
+                assert_eq!(defective(texture, defect, 0.7, 48, 3, 11), defective(texture, defect, 0.7, 48, 3, 11));
             }
         }
     }
@@ -1177,30 +1004,18 @@ mod tests {
             for pair in images.windows(2) {
                 // mean_diff outside an empty mask = over the whole image.
                 let d = mean_diff(&pair[0], &pair[1], &all, false);
-                assert!(
-                    d > 2.0,
-                    "{texture}: consecutive instances nearly identical ({d})"
-                );
+                assert!(d > 2.0, "{texture}: consecutive instances nearly identical ({d})");
             }
             let lumas: Vec<f64> = images.iter().map(mean_luma).collect();
-            let spread = lumas.iter().cloned().fold(f64::MIN, f64::max)
-                - lumas.iter().cloned().fold(f64::MAX, f64::min);
-            assert!(
-                spread < 30.0,
-                "{texture}: brightness spread {spread} is more than one product varies"
-            );
+            let spread =
+                lumas.iter().cloned().fold(f64::MIN, f64::max) - lumas.iter().cloned().fold(f64::MAX, f64::min);
+            assert!(spread < 30.0, "{texture}: brightness spread {spread} is more than one product varies");
             // Not flat: a texture, not a colour.
             let m = lumas[0];
-            let var = images[0]
-                .pixels()
-                .map(|p| (p.0.iter().map(|&c| c as f64).sum::<f64>() / 3.0 - m).powi(2))
-                .sum::<f64>()
-                / (64.0 * 64.0);
-            assert!(
-                var.sqrt() > 4.0,
-                "{texture}: almost flat (std {})",
-                var.sqrt()
-            );
+            let var =
+                images[0].pixels().map(|p| (p.0.iter().map(|&c| c as f64).sum::<f64>() / 3.0 - m).powi(2)).sum::<f64>()
+                    / (64.0 * 64.0);
+            assert!(var.sqrt() > 4.0, "{texture}: almost flat (std {})", var.sqrt());
         }
     }
 
@@ -1211,15 +1026,9 @@ mod tests {
                 for index in 0..6 {
                     let (_, mask) = defective(texture, defect, 1.0, 128, 9, index);
                     assert_eq!(mask.dimensions(), (128, 128));
-                    assert!(
-                        mask.iter().all(|&v| v == 0 || v == 255),
-                        "{texture}/{defect}: mask not binary"
-                    );
+                    assert!(mask.iter().all(|&v| v == 0 || v == 255), "{texture}/{defect}: mask not binary");
                     let f = mask_fraction(&mask);
-                    assert!(
-                        (0.001..=0.15).contains(&f),
-                        "{texture}/{defect}/{index}: mask covers {f}"
-                    );
+                    assert!((0.001..=0.15).contains(&f), "{texture}/{defect}/{index}: mask covers {f}");
                 }
             }
         }
@@ -1234,14 +1043,8 @@ mod tests {
                     let (image, mask) = defective(texture, defect, 1.0, 128, 9, index);
                     let inside = mean_diff(&clean, &image, &mask, true);
                     let outside = mean_diff(&clean, &image, &mask, false);
-                    assert!(
-                        inside > 25.0,
-                        "{texture}/{defect}/{index}: defect too faint ({inside})"
-                    );
-                    assert!(
-                        outside < 1.0,
-                        "{texture}/{defect}/{index}: defect leaks outside its mask ({outside})"
-                    );
+                    assert!(inside > 25.0, "{texture}/{defect}/{index}: defect too faint ({inside})");
+                    assert!(outside < 1.0, "{texture}/{defect}/{index}: defect leaks outside its mask ({outside})");
                 }
             }
         }
@@ -1254,10 +1057,7 @@ mod tests {
             let (strong, strong_mask) = defective(Texture::BrushedMetal, defect, 1.0, 96, 4, 2);
             let (subtle, subtle_mask) = defective(Texture::BrushedMetal, defect, 0.25, 96, 4, 2);
             let (none, _) = defective(Texture::BrushedMetal, defect, 0.0, 96, 4, 2);
-            assert_eq!(
-                strong_mask, subtle_mask,
-                "{defect}: strength moved the defect"
-            );
+            assert_eq!(strong_mask, subtle_mask, "{defect}: strength moved the defect");
             let s = mean_diff(&clean, &strong, &strong_mask, true);
             let t = mean_diff(&clean, &subtle, &strong_mask, true);
             assert!(t > 1.0 && t < 0.5 * s, "{defect}: subtle {t} vs strong {s}");
@@ -1265,14 +1065,8 @@ mod tests {
         }
         // Out-of-range strengths are clamped, NaN is none.
         let (over, _) = defective(Texture::Noise, Defect::Hole, 7.0, 48, 1, 1);
-        assert_eq!(
-            over,
-            defective(Texture::Noise, Defect::Hole, 1.0, 48, 1, 1).0
-        );
-        assert_eq!(
-            defective(Texture::Noise, Defect::Hole, f32::NAN, 48, 1, 1).0,
-            good(Texture::Noise, 48, 1, 1)
-        );
+        assert_eq!(over, defective(Texture::Noise, Defect::Hole, 1.0, 48, 1, 1).0);
+        assert_eq!(defective(Texture::Noise, Defect::Hole, f32::NAN, 48, 1, 1).0, good(Texture::Noise, 48, 1, 1));
     }
 
     #[test]
@@ -1281,18 +1075,12 @@ mod tests {
             let mut image = RgbImage::from_pixel(200, 120, image::Rgb([128, 128, 128]));
             let mask = defect_into(&mut image, defect, 1.0, 77);
             assert_eq!(mask.dimensions(), (200, 120));
-            assert!(
-                mask_fraction(&mask) > 0.001,
-                "{defect}: empty mask on a non-square image"
-            );
+            assert!(mask_fraction(&mask) > 0.001, "{defect}: empty mask on a non-square image");
             let changed = image.pixels().filter(|p| p.0 != [128, 128, 128]).count();
             assert!(changed > 0, "{defect}: nothing painted");
         }
         let mut empty = RgbImage::new(0, 0);
-        assert_eq!(
-            defect_into(&mut empty, Defect::Crack, 1.0, 1).dimensions(),
-            (0, 0)
-        );
+        assert_eq!(defect_into(&mut empty, Defect::Crack, 1.0, 1).dimensions(), (0, 0));
         assert_eq!(good(Texture::WoodGrain, 0, 1, 1).dimensions(), (0, 0));
     }
 
@@ -1307,11 +1095,7 @@ mod tests {
             assert_eq!(Defect::parse(d.as_str()), Some(d));
             assert_eq!(serde_json::to_string(&d).ok(), Some(format!("\"{d}\"")));
         }
-        let err = "rust"
-            .parse::<Defect>()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = "rust".parse::<Defect>().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("rust") && err.contains("scratch"), "{err}");
         assert_eq!(Texture::parse("BrushedMetal"), None);
     }
@@ -1336,12 +1120,7 @@ mod tests {
         let summary = write_mvtec(dir.path(), &spec).expect("write");
         assert_eq!(
             summary,
-            DatasetSummary {
-                root: dir.path().to_path_buf(),
-                train_good: 3,
-                test_good: 2,
-                test_defective: 4
-            }
+            DatasetSummary { root: dir.path().to_path_buf(), train_good: 3, test_good: 2, test_defective: 4 }
         );
 
         let mut files = Vec::new();
@@ -1352,12 +1131,7 @@ mod tests {
                 if path.is_dir() {
                     pending.push(path);
                 } else {
-                    files.push(
-                        path.strip_prefix(dir.path())
-                            .expect("prefix")
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
+                    files.push(path.strip_prefix(dir.path()).expect("prefix").to_string_lossy().into_owned());
                 }
             }
         }
@@ -1381,56 +1155,25 @@ mod tests {
 
         // Files hold exactly what the generator makes, at disjoint indices.
         let read_rgb = |p: &str| image::open(dir.path().join(p)).expect("open").to_rgb8();
-        let (image, mask) = defective(
-            spec.texture,
-            Defect::Hole,
-            1.0,
-            32,
-            3,
-            test_index(Some(Defect::Hole), 1),
-        );
+        let (image, mask) = defective(spec.texture, Defect::Hole, 1.0, 32, 3, test_index(Some(Defect::Hole), 1));
         assert_eq!(read_rgb("test/hole/001.png"), image);
-        let read_mask = image::open(dir.path().join("ground_truth/hole/001_mask.png"))
-            .expect("open")
-            .to_luma8();
+        let read_mask = image::open(dir.path().join("ground_truth/hole/001_mask.png")).expect("open").to_luma8();
         assert_eq!(read_mask, mask);
         assert_eq!(read_rgb("train/good/002.png"), good(spec.texture, 32, 3, 2));
-        let train: Vec<RgbImage> = (0..3)
-            .map(|i| read_rgb(&format!("train/good/{i:03}.png")))
-            .collect();
+        let train: Vec<RgbImage> = (0..3).map(|i| read_rgb(&format!("train/good/{i:03}.png"))).collect();
         for i in 0..2 {
             let test = read_rgb(&format!("test/good/{i:03}.png"));
-            assert!(
-                !train.contains(&test),
-                "test/good/{i:03}.png is also a training image"
-            );
+            assert!(!train.contains(&test), "test/good/{i:03}.png is also a training image");
         }
     }
 
     #[test]
     fn write_mvtec_reports_every_spec_problem() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bad = DatasetSpec {
-            size: 0,
-            strength: 1.5,
-            defects: vec![Defect::Crack, Defect::Crack],
-            ..spec()
-        };
-        let err = write_mvtec(dir.path(), &bad)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            err.contains("size") && err.contains("strength") && err.contains("twice"),
-            "{err}"
-        );
-        assert!(
-            std::fs::read_dir(dir.path())
-                .expect("read_dir")
-                .next()
-                .is_none(),
-            "wrote files for a bad spec"
-        );
+        let bad = DatasetSpec { size: 0, strength: 1.5, defects: vec![Defect::Crack, Defect::Crack], ..spec() };
+        let err = write_mvtec(dir.path(), &bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("size") && err.contains("strength") && err.contains("twice"), "{err}");
+        assert!(std::fs::read_dir(dir.path()).expect("read_dir").next().is_none(), "wrote files for a bad spec");
     }
 
     #[test]
@@ -1455,19 +1198,9 @@ mod tests {
             let start = std::time::Instant::now();
             let n = 50;
             for i in 0..n {
-                std::hint::black_box(defective(
-                    texture,
-                    Defect::ALL[i as usize % 4],
-                    1.0,
-                    256,
-                    1,
-                    i,
-                ));
+                std::hint::black_box(defective(texture, Defect::ALL[i as usize % 4], 1.0, 256, 1, i));
             }
-            println!(
-                "{texture}: {:.2} ms per 256×256 defective image",
-                start.elapsed().as_secs_f64() * 1e3 / n as f64
-            );
+            println!("{texture}: {:.2} ms per 256×256 defective image", start.elapsed().as_secs_f64() * 1e3 / n as f64);
         }
     }
 }

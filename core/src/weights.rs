@@ -49,11 +49,20 @@ impl Weights {
         for spec in specs {
             let t = self.get(&spec.name)?;
             if t.shape != spec.shape {
-                return Err(WeightsError::Shape { name: spec.name.clone(), got: t.shape.clone(), want: spec.shape.clone() });
+                return Err(WeightsError::Shape {
+                    name: spec.name.clone(),
+                    got: t.shape.clone(),
+                    want: spec.shape.clone(),
+                });
             }
             let want: usize = spec.shape.iter().product();
             if t.data.len() != want {
-                return Err(WeightsError::Length { name: spec.name.clone(), got: t.data.len(), want, shape: t.shape.clone() });
+                return Err(WeightsError::Length {
+                    name: spec.name.clone(),
+                    got: t.data.len(),
+                    want,
+                    shape: t.shape.clone(),
+                });
             }
             if t.data.iter().any(|v| !v.is_finite()) {
                 return Err(WeightsError::NotFinite(spec.name.clone()));
@@ -91,7 +100,9 @@ impl Weights {
         // writer that transposes it is caught).
         let d = arch.feature_dim();
         let mean = (0..d).map(|_| normal(&mut rng) * 0.1).collect();
-        let whiten = (0..d * d).map(|i| if i % (d + 1) == 0 { 1.0 } else { 0.0 } + normal(&mut rng) * 0.3 / (d as f32).sqrt()).collect();
+        let whiten = (0..d * d)
+            .map(|i| if i % (d + 1) == 0 { 1.0 } else { 0.0 } + normal(&mut rng) * 0.3 / (d as f32).sqrt())
+            .collect();
         w.insert(crate::arch::FEATURE_MEAN, vec![d], mean);
         w.insert(crate::arch::FEATURE_WHITEN, vec![d, d], whiten);
         w
@@ -123,7 +134,9 @@ mod tests {
         assert_eq!(w.check(&arch.generator_params()), Err(WeightsError::Missing("decoder.1.running_var".into())));
         let mut w = Weights::random_generator(&arch, 1);
         w.insert("encoder1.0.weight", vec![8, 1, 4, 3], vec![0.0; 96]);
-        assert!(matches!(w.check(&arch.generator_params()), Err(WeightsError::Shape { name, .. }) if name == "encoder1.0.weight"));
+        assert!(
+            matches!(w.check(&arch.generator_params()), Err(WeightsError::Shape { name, .. }) if name == "encoder1.0.weight")
+        );
     }
 
     #[test]

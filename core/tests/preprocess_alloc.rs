@@ -75,6 +75,9 @@ fn no_frame_sized_allocations_after_warm_up() {
         // image or the tensor may be allocated per frame.
         assert!(count / FRAMES <= 2 * size as usize + 16, "{count} allocations in {FRAMES} frames");
         let scratch = (size * size * 3) as usize;
-        assert!(largest < scratch, "an allocation of {largest} B per frame (scratch is {scratch} B): a buffer is not being reused");
+        assert!(
+            largest < scratch,
+            "an allocation of {largest} B per frame (scratch is {scratch} B): a buffer is not being reused"
+        );
     }
 }

@@ -69,7 +69,8 @@ impl FrameSource for HttpMjpegSource {
     }
 
     fn open(&mut self) -> Result<(), CaptureError> {
-        let fail = |reason: String| CaptureError::Open { source_name: format!("http-mjpeg {}", redact(&self.url)), reason };
+        let fail =
+            |reason: String| CaptureError::Open { source_name: format!("http-mjpeg {}", redact(&self.url)), reason };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_resolve(Some(self.timeout))
             .timeout_connect(Some(self.timeout))
@@ -87,7 +88,9 @@ impl FrameSource for HttpMjpegSource {
         let content_type =
             response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let boundary = boundary_of(&content_type).ok_or_else(|| {
-            fail(format!("content type `{content_type}` is not multipart/x-mixed-replace with a boundary: not an MJPEG stream"))
+            fail(format!(
+                "content type `{content_type}` is not multipart/x-mixed-replace with a boundary: not an MJPEG stream"
+            ))
         })?;
         let body: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
         // Beyond per-read silence (ureq's timeout): a camera that keeps the
@@ -111,8 +114,9 @@ impl FrameSource for HttpMjpegSource {
             self.stream = None;
             return Err(CaptureError::Disconnected { source_name: self.describe(), reason });
         }
-        let img = image::load_from_memory_with_format(&self.part, image::ImageFormat::Jpeg)
-            .map_err(|e| CaptureError::BrokenFrame { source_name: self.describe(), reason: format!("not a JPEG: {e}") })?;
+        let img = image::load_from_memory_with_format(&self.part, image::ImageFormat::Jpeg).map_err(|e| {
+            CaptureError::BrokenFrame { source_name: self.describe(), reason: format!("not a JPEG: {e}") }
+        })?;
         out.fill_from_image(&img, PixelFormat::Rgb8);
         Ok(())
     }
@@ -312,7 +316,9 @@ mod tests {
         let b = b"\xff\xd8two\xff\xd9".to_vec();
         let mut s = Vec::new();
         for body in [&a, &b] {
-            s.extend_from_slice(format!("--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            s.extend_from_slice(
+                format!("--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
             s.extend_from_slice(body);
             s.extend_from_slice(b"\r\n");
         }
@@ -335,7 +341,10 @@ mod tests {
         // Declared with dashes and written as declared (`--B` then `----B` would
         // be the rules); a body line that merely starts with the boundary is data.
         let s = b"--frame\r\n\r\nAAA\r\n--frameworks in the data\r\nBBB\r\n--frame\r\n\r\nCCC\r\n--frame--\r\n";
-        assert_eq!(parts(s, "--frame").unwrap(), vec![b"AAA\r\n--frameworks in the data\r\nBBB".to_vec(), b"CCC".to_vec()]);
+        assert_eq!(
+            parts(s, "--frame").unwrap(),
+            vec![b"AAA\r\n--frameworks in the data\r\nBBB".to_vec(), b"CCC".to_vec()]
+        );
         assert_eq!(parts(s, "frame").unwrap().len(), 2);
         // Per the rules: declared `--B`, written `----B`.
         let s = b"----B\r\n\r\nDDD\r\n----B--\r\n";

@@ -32,7 +32,8 @@ impl SyntheticCamera {
         // Test-split indices: with the training seed, the camera still never shows
         // the model an image it was trained on (a demo that replays the training
         // set would flatter the model).
-        let good = (0..n).map(|i| synth::good(texture, cfg.size, cfg.seed, synth::test_index(None, i)).into_raw()).collect();
+        let good =
+            (0..n).map(|i| synth::good(texture, cfg.size, cfg.seed, synth::test_index(None, i)).into_raw()).collect();
         let per_defect = n.min(cfg.defect_frames.max(1));
         let defective = if cfg.defect_every == 0 {
             Vec::new()
@@ -43,7 +44,16 @@ impl SyntheticCamera {
                 .map(|d| {
                     (0..per_defect)
                         .map(|i| {
-                            synth::defective(texture, d, cfg.strength, cfg.size, cfg.seed, synth::test_index(Some(d), i)).0.into_raw()
+                            synth::defective(
+                                texture,
+                                d,
+                                cfg.strength,
+                                cfg.size,
+                                cfg.seed,
+                                synth::test_index(Some(d), i),
+                            )
+                            .0
+                            .into_raw()
                         })
                         .collect()
                 })

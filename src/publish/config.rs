@@ -264,7 +264,10 @@ impl MqttConfig {
             bad("port", "must be 1..=65535".into());
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.split('/').any(bad_topic_level) {
-            bad("topic_prefix", format!("{:?} must be non-empty topic levels without '+', '#' or empty levels", self.topic_prefix));
+            bad(
+                "topic_prefix",
+                format!("{:?} must be non-empty topic levels without '+', '#' or empty levels", self.topic_prefix),
+            );
         }
         if !self.node_id.is_empty() && bad_topic_level(&self.node_id) {
             bad("node_id", format!("{:?} must be one topic level: no '/', '+' or '#'", self.node_id));
@@ -284,7 +287,10 @@ impl MqttConfig {
             bad("reconnect_min_ms", "must be at least 1".into());
         }
         if self.reconnect_max_ms < self.reconnect_min_ms {
-            bad("reconnect_max_ms", format!("{} is below reconnect_min_ms ({})", self.reconnect_max_ms, self.reconnect_min_ms));
+            bad(
+                "reconnect_max_ms",
+                format!("{} is below reconnect_min_ms ({})", self.reconnect_max_ms, self.reconnect_min_ms),
+            );
         }
         if self.password_file.is_some() && self.password_env.is_some() {
             bad("password_file", "set either password_file or password_env, not both".into());
@@ -329,7 +335,8 @@ impl MqttConfig {
         if self.alarm_inflight == 0 || self.alarm_inflight > 1000 {
             bad("alarm_inflight", format!("{} must be 1..=1000", self.alarm_inflight));
         }
-        if self.discovery && (self.discovery_prefix.is_empty() || self.discovery_prefix.split('/').any(bad_topic_level)) {
+        if self.discovery && (self.discovery_prefix.is_empty() || self.discovery_prefix.split('/').any(bad_topic_level))
+        {
             bad("discovery_prefix", format!("{:?} is not a valid topic prefix", self.discovery_prefix));
         }
     }
@@ -361,7 +368,8 @@ impl MqttConfig {
     /// Reads the password from `password_file` or `password_env`, if set.
     pub fn password(&self) -> Result<Option<Secret>, super::PublishError> {
         if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| super::PublishError::Secret(format!("mqtt.password_file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| super::PublishError::Secret(format!("mqtt.password_file {}: {e}", path.display())))?;
             let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
             return Ok(Some(Secret::new(line)));
         }
@@ -444,7 +452,11 @@ mod tests {
         std::env::set_var(var, "s3cret");
         let c = MqttConfig { username: Some("u".into()), password_env: Some(var.into()), ..MqttConfig::default() };
         assert_eq!(c.password().unwrap().unwrap().expose(), "s3cret");
-        let c = MqttConfig { username: Some("u".into()), password_env: Some("GANOMALYD_TEST_UNSET_9".into()), ..MqttConfig::default() };
+        let c = MqttConfig {
+            username: Some("u".into()),
+            password_env: Some("GANOMALYD_TEST_UNSET_9".into()),
+            ..MqttConfig::default()
+        };
         assert!(c.password().is_err());
     }
 }

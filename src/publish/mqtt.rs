@@ -138,7 +138,10 @@ impl MqttPublisher {
     ///
     /// Fails only on what retrying cannot fix: the outbox file, TLS files, the
     /// password source, or the embedded broker's address.
-    pub fn start(cfg: &MqttConfig, rt: &tokio::runtime::Handle) -> Result<(Arc<MqttPublisher>, PublisherHandle), PublishError> {
+    pub fn start(
+        cfg: &MqttConfig,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(Arc<MqttPublisher>, PublisherHandle), PublishError> {
         let mut problems = Vec::new();
         cfg.validate("mqtt", &mut problems);
         if !problems.is_empty() {
@@ -168,11 +171,14 @@ impl MqttPublisher {
             opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
         }
         if let (Some(tls), false) = (&cfg.tls, cfg.embedded) {
-            opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(super::tls::client_config(tls)?)));
+            opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                super::tls::client_config(tls)?,
+            )));
         }
 
         let (scores_tx, scores_rx) = mpsc::channel(cfg.score_queue);
-        let score_interval = (cfg.score_max_rate_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.score_max_rate_hz));
+        let score_interval =
+            (cfg.score_max_rate_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.score_max_rate_hz));
         let shared = Arc::new(Shared {
             topics: topics.clone(),
             scores_tx,
@@ -197,7 +203,8 @@ impl MqttPublisher {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let (link_tx, link_rx) = mpsc::unbounded_channel();
-        let backoff = Backoff::new(Duration::from_millis(cfg.reconnect_min_ms), Duration::from_millis(cfg.reconnect_max_ms));
+        let backoff =
+            Backoff::new(Duration::from_millis(cfg.reconnect_min_ms), Duration::from_millis(cfg.reconnect_max_ms));
         let cap = cfg.score_queue + 256;
         let connect_timeout = cfg.connect_timeout_s;
         rt.spawn(link_task(opts, cap, connect_timeout, backoff, link_tx, stop_rx.clone()));
@@ -475,7 +482,12 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut scores: mpsc::Receiver<ScoreEvent>, mut link: mpsc::UnboundedReceiver<Link>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut scores: mpsc::Receiver<ScoreEvent>,
+        mut link: mpsc::UnboundedReceiver<Link>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut stats_tick = tokio::time::interval(self.stats_interval);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stats_tick.reset();
@@ -537,7 +549,11 @@ impl Task {
             }
         }
         let c = self.shared.counters();
-        tracing::info!(alarms_pending = c.alarms_pending, scores_dropped = c.scores_dropped, "MQTT publisher stopped: offline published, disconnected");
+        tracing::info!(
+            alarms_pending = c.alarms_pending,
+            scores_dropped = c.scores_dropped,
+            "MQTT publisher stopped: offline published, disconnected"
+        );
         self.shared.counters.connected.store(false, Ordering::Relaxed);
     }
 
@@ -568,7 +584,11 @@ impl Task {
                 if was_up {
                     self.conn = None;
                     self.shared.counters.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(error, retry_in_ms = retry_in.as_millis() as u64, "MQTT connection lost; alarms queue in the outbox");
+                    tracing::warn!(
+                        error,
+                        retry_in_ms = retry_in.as_millis() as u64,
+                        "MQTT connection lost; alarms queue in the outbox"
+                    );
                 } else {
                     tracing::warn!(error, retry_in_ms = retry_in.as_millis() as u64, "MQTT connect failed");
                 }
@@ -719,7 +739,8 @@ impl Task {
         let (dirty, cameras, snapshots, direct) = {
             let mut p = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
             let dirty = std::mem::take(&mut p.dirty);
-            let cams: BTreeMap<String, CameraState> = dirty.iter().filter_map(|(c, _)| p.cameras.get(c).map(|s| (c.clone(), *s))).collect();
+            let cams: BTreeMap<String, CameraState> =
+                dirty.iter().filter_map(|(c, _)| p.cameras.get(c).map(|s| (c.clone(), *s))).collect();
             (dirty, cams, std::mem::take(&mut p.snapshots), std::mem::take(&mut p.direct))
         };
         let mut retry = Vec::new();
@@ -810,7 +831,14 @@ mod tests {
             outbox: Outbox::open(&dir.join("o.sqlite"), 100, Duration::from_secs(3600)).unwrap(),
             counters: Counters::default(),
         });
-        let mut t = Task { shared, alarm_inflight: inflight, discovery: None, stats_interval: Duration::from_secs(10), conn: None, discovered: HashSet::new() };
+        let mut t = Task {
+            shared,
+            alarm_inflight: inflight,
+            discovery: None,
+            stats_interval: Duration::from_secs(10),
+            conn: None,
+            discovered: HashSet::new(),
+        };
         let (client, el) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
         t.on_link(Link::Up { gen: 1, client });
         (t, el)
@@ -858,7 +886,11 @@ mod tests {
         };
         let buf = Buf::default();
         let sink = buf.clone();
-        let subscriber = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_max_level(tracing::Level::TRACE).with_ansi(false).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .finish();
         tracing::subscriber::with_default(subscriber, || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
@@ -885,7 +917,7 @@ mod tests {
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(1)));
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2))); // row 0
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(3))); // row 1
-        // Row 2 collides on id 2 (the broker acked out of order).
+                                                              // Row 2 collides on id 2 (the broker acked out of order).
         ev(&mut t, 1, Event::Outgoing(Outgoing::AwaitAck(2)));
         ev(&mut t, 1, puback(3));
         assert_eq!(pending_ids(&t), [ids[0], ids[2]]);

@@ -47,7 +47,8 @@ impl Outbox {
     /// `max_age`.
     pub fn open(path: &Path, max_rows: u64, max_age: Duration) -> Result<Outbox, OutboxError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| OutboxError::Dir { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| OutboxError::Dir { path: dir.display().to_string(), source })?;
         }
         let open_err = |source| OutboxError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(path).map_err(open_err)?;
@@ -79,14 +80,24 @@ impl Outbox {
     /// are dropped (counted and logged): the newest alarms matter most.
     pub fn push(&self, camera: &str, payload: &[u8], now_ms: u64) -> Result<i64, OutboxError> {
         let conn = self.conn()?;
-        conn.execute("INSERT INTO alarm_outbox (camera, payload, created_ms) VALUES (?1, ?2, ?3)", params![camera, payload, now_ms as i64])?;
+        conn.execute(
+            "INSERT INTO alarm_outbox (camera, payload, created_ms) VALUES (?1, ?2, ?3)",
+            params![camera, payload, now_ms as i64],
+        )?;
         let id = conn.last_insert_rowid();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM alarm_outbox", [], |r| r.get(0))?;
         let excess = n - self.max_rows as i64;
         if excess > 0 {
-            let gone = conn.execute("DELETE FROM alarm_outbox WHERE id IN (SELECT id FROM alarm_outbox ORDER BY id LIMIT ?1)", params![excess])?;
+            let gone = conn.execute(
+                "DELETE FROM alarm_outbox WHERE id IN (SELECT id FROM alarm_outbox ORDER BY id LIMIT ?1)",
+                params![excess],
+            )?;
             self.dropped.fetch_add(gone as u64, Ordering::Relaxed);
-            tracing::warn!(dropped = gone, max_rows = self.max_rows, "alarm outbox full: oldest undelivered alarms dropped");
+            tracing::warn!(
+                dropped = gone,
+                max_rows = self.max_rows,
+                "alarm outbox full: oldest undelivered alarms dropped"
+            );
         }
         Ok(id)
     }
@@ -94,9 +105,16 @@ impl Outbox {
     /// Up to `limit` rows with an id above `after`, oldest first.
     pub fn next_after(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
         let conn = self.conn()?;
-        let mut st = conn.prepare_cached("SELECT id, camera, payload, created_ms FROM alarm_outbox WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, camera, payload, created_ms FROM alarm_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
         let rows = st.query_map(params![after, limit as i64], |r| {
-            Ok(OutboxRow { id: r.get(0)?, camera: r.get(1)?, payload: r.get(2)?, created_ms: r.get::<_, i64>(3)? as u64 })
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                camera: r.get(1)?,
+                payload: r.get(2)?,
+                created_ms: r.get::<_, i64>(3)? as u64,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -113,7 +131,11 @@ impl Outbox {
         let gone = self.conn()?.execute("DELETE FROM alarm_outbox WHERE created_ms < ?1", params![cutoff])? as u64;
         if gone > 0 {
             self.dropped.fetch_add(gone, Ordering::Relaxed);
-            tracing::warn!(dropped = gone, max_age_s = self.max_age.as_secs(), "undelivered alarms older than the outbox's max age dropped");
+            tracing::warn!(
+                dropped = gone,
+                max_age_s = self.max_age.as_secs(),
+                "undelivered alarms older than the outbox's max age dropped"
+            );
         }
         Ok(gone)
     }
@@ -124,7 +146,11 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> Result<bool, OutboxError> {
-        Ok(self.conn()?.query_row("SELECT id FROM alarm_outbox LIMIT 1", [], |r| r.get::<_, i64>(0)).optional()?.is_none())
+        Ok(self
+            .conn()?
+            .query_row("SELECT id FROM alarm_outbox LIMIT 1", [], |r| r.get::<_, i64>(0))
+            .optional()?
+            .is_none())
     }
 
     /// Alarms dropped undelivered by the size and age bounds since open.

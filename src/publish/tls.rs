@@ -24,11 +24,17 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(field, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::File { field, path: path.display().to_string(), msg: format!("bad PEM: {e}") })?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::File {
+        field,
+        path: path.display().to_string(),
+        msg: format!("bad PEM: {e}"),
+    })?;
     if certs.is_empty() {
-        return Err(TlsError::File { field, path: path.display().to_string(), msg: "no CERTIFICATE in the PEM file".into() });
+        return Err(TlsError::File {
+            field,
+            path: path.display().to_string(),
+            msg: "no CERTIFICATE in the PEM file".into(),
+        });
     }
     Ok(certs)
 }
@@ -47,8 +53,11 @@ pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
         (Some(cert), Some(key)) => {
             let chain = certs("cert_file", cert)?;
             let pem = read("key_file", key)?;
-            let key = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| TlsError::File { field: "key_file", path: key.display().to_string(), msg: format!("no usable private key: {e}") })?;
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::File {
+                field: "key_file",
+                path: key.display().to_string(),
+                msg: format!("no usable private key: {e}"),
+            })?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),
@@ -63,7 +72,8 @@ mod tests {
     #[test]
     fn missing_and_empty_ca_files_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
-        let e = client_config(&TlsConfig { ca_file: dir.path().join("nope.pem"), cert_file: None, key_file: None }).unwrap_err();
+        let e = client_config(&TlsConfig { ca_file: dir.path().join("nope.pem"), cert_file: None, key_file: None })
+            .unwrap_err();
         assert!(e.to_string().starts_with("mqtt.tls.ca_file"), "{e}");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();

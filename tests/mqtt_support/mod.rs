@@ -112,10 +112,18 @@ impl Sub {
     }
 
     /// [`start`](Self::start) with extra client options (TLS, credentials).
-    pub async fn start_with(host: &str, port: u16, filter: &str, persistent: bool, configure: impl FnOnce(&mut MqttOptions)) -> Sub {
+    pub async fn start_with(
+        host: &str,
+        port: u16,
+        filter: &str,
+        persistent: bool,
+        configure: impl FnOnce(&mut MqttOptions),
+    ) -> Sub {
         let id = format!("sub-{}", rand::random::<u64>());
         let mut opts = MqttOptions::new(id, host, port);
-        opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(!persistent).set_max_packet_size(16 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(!persistent)
+            .set_max_packet_size(16 << 20, 1 << 20);
         configure(&mut opts);
         let (client, mut el) = AsyncClient::new(opts, 100);
         let msgs = Arc::new(Mutex::new(Vec::new()));
@@ -140,14 +148,22 @@ impl Sub {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        m.lock().unwrap().push(Msg { topic: p.topic.clone(), payload: p.payload.to_vec(), qos: p.qos, retain: p.retain });
+                        m.lock().unwrap().push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            qos: p.qos,
+                            retain: p.retain,
+                        });
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx).await.expect("subscriber did not get its SUBACK").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("subscriber did not get its SUBACK")
+            .unwrap();
         Sub { msgs, client, task }
     }
 
@@ -168,7 +184,11 @@ impl Sub {
                 return all;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; got {} messages: {:#?}", all.len(), all.iter().map(|m| (&m.topic, m.text())).collect::<Vec<_>>());
+                panic!(
+                    "timed out waiting for {what}; got {} messages: {:#?}",
+                    all.len(),
+                    all.iter().map(|m| (&m.topic, m.text())).collect::<Vec<_>>()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -246,7 +266,8 @@ impl Proxy {
 
 /// The Mosquitto binary, if this machine has one (`MOSQUITTO_BIN` overrides).
 pub fn mosquitto_bin() -> Option<PathBuf> {
-    let p = std::env::var_os("MOSQUITTO_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto"));
+    let p =
+        std::env::var_os("MOSQUITTO_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto"));
     p.exists().then_some(p)
 }
 
@@ -288,7 +309,13 @@ impl Mosquitto {
     }
 
     pub fn resume(&mut self) {
-        let child = Command::new(&self.bin).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("start mosquitto");
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mosquitto");
         self.child = Some(child);
         assert!(wait_listening(self.addr(), Duration::from_secs(10)), "mosquitto did not listen on {}", self.port);
     }
@@ -305,7 +332,10 @@ impl Drop for Mosquitto {
 
 /// Alarm payloads received, parsed, in arrival order.
 pub fn alarms_of(msgs: &[Msg]) -> Vec<AlarmEvent> {
-    msgs.iter().filter(|m| m.topic.ends_with("/alarm")).map(|m| serde_json::from_slice(&m.payload).expect("alarm payload")).collect()
+    msgs.iter()
+        .filter(|m| m.topic.ends_with("/alarm"))
+        .map(|m| serde_json::from_slice(&m.payload).expect("alarm payload"))
+        .collect()
 }
 
 /// `(id, type)`: what a consumer de-duplicates on.

@@ -36,7 +36,9 @@ impl Adam {
         let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
         tch::no_grad(|| {
-            for (((_, p), g), (m, v)) in params.iter().zip(grads).zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut())) {
+            for (((_, p), g), (m, v)) in
+                params.iter().zip(grads).zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut()))
+            {
                 let _ = m.lerp_(g, 1.0 - beta1);
                 let _ = v.g_mul_scalar_(beta2);
                 let _ = v.addcmul_(&(g * (1.0 - beta2)), g);

@@ -18,8 +18,8 @@ use crate::evaluate::{evaluate, KindEval};
 use crate::export::{self, ExportSettings, ScoreChoice};
 use crate::net::NetG;
 use crate::report;
-use crate::select;
 use crate::score::{score_all, FeatureStats, Scores};
+use crate::select;
 use crate::train::{self, CheckpointState, EpochRecord, Hyper, Model};
 
 #[derive(Debug, Parser)]
@@ -113,7 +113,8 @@ pub struct RunArgs {
 impl RunArgs {
     /// Sets libtorch's thread counts and picks the device.
     pub fn setup(&self) -> Result<Device> {
-        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let threads =
+            self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         tch::set_num_threads(threads.max(1) as i32);
         match self.device {
             DeviceChoice::Auto => Ok(Device::cuda_if_available()),
@@ -149,7 +150,11 @@ impl CalibArgs {
         if self.map_kernel % 2 == 0 || self.map_kernel == 0 {
             bail!("--map-kernel must be odd, got {}", self.map_kernel);
         }
-        Ok(ExportSettings { target_far: self.target_far, map_kernel: self.map_kernel, default_score: self.default_score })
+        Ok(ExportSettings {
+            target_far: self.target_far,
+            map_kernel: self.map_kernel,
+            default_score: self.default_score,
+        })
     }
 }
 
@@ -380,7 +385,8 @@ fn print_summary(s: &EvalSummary) {
     }
     println!();
     for (kind, e) in &s.scores {
-        let (f1c, far, rec) = e.calibrated.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |c| (c.f1, c.false_alarm_rate, c.recall));
+        let (f1c, far, rec) =
+            e.calibrated.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |c| (c.f1, c.false_alarm_rate, c.recall));
         print!("{:<11} {:>7.4} {:>7.4} {:>10.4} {:>10.4} {:>8.4}", kind.as_str(), e.auroc, e.f1, f1c, far, rec);
         for d in &defects {
             print!(" {:>9.4}", e.per_defect.get(*d).copied().unwrap_or(f64::NAN));
@@ -407,8 +413,8 @@ fn load_test(files: &DataFiles, pre: &mut Preprocessor) -> Result<Option<Tensor>
 pub fn eval(a: &EvalArgs) -> Result<EvalSummary> {
     let device = a.run.setup()?;
     let bytes = std::fs::read(&a.model).with_context(|| format!("cannot read model {}", a.model.display()))?;
-    let (meta, weights) =
-        ganomaly_core::onnx::read_model(&bytes).with_context(|| format!("model {} is not usable", a.model.display()))?;
+    let (meta, weights) = ganomaly_core::onnx::read_model(&bytes)
+        .with_context(|| format!("model {} is not usable", a.model.display()))?;
     let mut g = NetG::new(&meta.arch, device);
     g.load_weights(&weights).with_context(|| format!("weights of {}", a.model.display()))?;
     let files = data::scan(&a.data, false)?;
@@ -475,7 +481,15 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 pub fn train(a: &TrainArgs) -> Result<TrainReport> {
     let files = data::scan(&a.data, true)?;
     let nc = a.nc.unwrap_or(files.mode.channels());
-    let arch = ArchSpec { isize: a.isize, nc, nz: a.nz, ngf: a.ngf, ndf: a.ndf, extralayers: a.extralayers, ..Default::default() };
+    let arch = ArchSpec {
+        isize: a.isize,
+        nc,
+        nz: a.nz,
+        ngf: a.ngf,
+        ndf: a.ndf,
+        extralayers: a.extralayers,
+        ..Default::default()
+    };
     if let Err(errs) = arch.validate() {
         bail!("invalid architecture: {}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
     }
@@ -559,7 +573,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
 
     for epoch in state.epoch..a.epochs {
         let steps = (fit.len() / batch) as u64;
-        let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(steps * batch as u64) };
+        let bar =
+            if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(steps * batch as u64) };
         bar.set_style(
             indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -593,7 +608,9 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         if let Some(ema) = model.ema.as_mut().filter(|_| test.is_some() || select_stats) {
             ema.g.feature_stats = Some(FeatureStats::fit(&ema.g, &x_fit, 256, device)?);
         }
-        if let (Some(xt), true) = (&x_test, has_defects && a.eval_every > 0 && ((epoch + 1) % a.eval_every == 0 || last)) {
+        if let (Some(xt), true) =
+            (&x_test, has_defects && a.eval_every > 0 && ((epoch + 1) % a.eval_every == 0 || last))
+        {
             let s = score_all(&model.g, xt, settings.map_kernel, 64, device);
             for (kind, e) in evaluate(&files.test, &s, &BTreeMap::new()) {
                 rec.auroc.insert(kind.as_str().to_string(), e.auroc);
@@ -662,7 +679,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         _ => None,
     };
     let default = finished.meta.as_ref().map_or(ScoreKind::Latent, |m| m.default_score);
-    let last_epoch = finished.evals.map(|e| EvalSummary::new(model_path.as_deref().map(Path::new), &a.data, default, e));
+    let last_epoch =
+        finished.evals.map(|e| EvalSummary::new(model_path.as_deref().map(Path::new), &a.data, default, e));
     let best_epoch_optimistic = state
         .history
         .iter()
@@ -741,7 +759,9 @@ fn finish(
     device: Device,
 ) -> Result<Finished> {
     let raw_evals = match (x_test, files.defect_types().is_empty()) {
-        (Some(xt), false) => Some(evaluate(&files.test, &score_all(g, xt, settings.map_kernel, 64, device), &BTreeMap::new())),
+        (Some(xt), false) => {
+            Some(evaluate(&files.test, &score_all(g, xt, settings.map_kernel, 64, device), &BTreeMap::new()))
+        }
         _ => None,
     };
     let meta = if x_hold.size()[0] > 0 {
@@ -776,7 +796,10 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     let files = data::scan(&a.data, true)?;
     let digest = data::digest(&files.root, &files.train)?;
     if digest != state.data_digest {
-        eprintln!("warning: {} is not the data the checkpoint was trained on; the held-out slice may overlap training", a.data.display());
+        eprintln!(
+            "warning: {} is not the data the checkpoint was trained on; the held-out slice may overlap training",
+            a.data.display()
+        );
     }
     let (fit, hold) = data::split_holdout(&files.train, state.holdout, state.seed)?;
     let color = ColorMode::from_channels(state.arch.nc).context("nc")?;
@@ -797,7 +820,9 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     // The weight average when the checkpoint has one: what `train` exports too.
     let g = &with_feature_stats(select::Tracker::candidate(&model), &x_fit, device)?;
     let finished = finish(g, &files, &x_hold, x_test.as_ref(), val.as_ref(), &settings, provenance, device)?;
-    let meta = finished.meta.context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
+    let meta = finished
+        .meta
+        .context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
     export::write_onnx(&a.out, g, &meta)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -816,7 +841,8 @@ pub struct BenchResult {
 /// `bench-step`: training steps per second on random data (no data loading).
 pub fn bench_step(a: &BenchArgs) -> Result<BenchResult> {
     let device = a.run.setup()?;
-    let arch = ArchSpec { isize: a.isize, nc: a.nc, nz: a.nz, ngf: a.ngf, ndf: a.ngf, extralayers: 0, ..Default::default() };
+    let arch =
+        ArchSpec { isize: a.isize, nc: a.nc, nz: a.nz, ngf: a.ngf, ndf: a.ngf, extralayers: 0, ..Default::default() };
     if let Err(errs) = arch.validate() {
         bail!("invalid architecture: {}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
     }

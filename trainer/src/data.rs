@@ -119,7 +119,12 @@ pub fn scan(root: &Path, need_train: bool) -> Result<DataFiles, DataError> {
             None => first = Some((p.clone(), size, mode)),
             Some((fp, fsize, fmode)) => {
                 if *fsize != size {
-                    return Err(DataError::MixedSizes { first: fp.clone(), first_size: *fsize, other: p.clone(), other_size: size });
+                    return Err(DataError::MixedSizes {
+                        first: fp.clone(),
+                        first_size: *fsize,
+                        other: p.clone(),
+                        other_size: size,
+                    });
                 }
                 if *fmode != mode {
                     return Err(DataError::MixedModes {

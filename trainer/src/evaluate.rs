@@ -98,7 +98,11 @@ impl AtThreshold {
 /// Evaluates every kind of `scores` (aligned with `items`); kinds without scores
 /// (`mahalanobis` of a generator without feature statistics) are left out. `thresholds` holds the
 /// model's calibrated threshold per kind where one exists.
-pub fn evaluate(items: &[TestItem], scores: &Scores, thresholds: &BTreeMap<ScoreKind, f64>) -> BTreeMap<ScoreKind, KindEval> {
+pub fn evaluate(
+    items: &[TestItem],
+    scores: &Scores,
+    thresholds: &BTreeMap<ScoreKind, f64>,
+) -> BTreeMap<ScoreKind, KindEval> {
     let mut out = BTreeMap::new();
     for kind in ScoreKind::ALL {
         let s = scores.get(kind);

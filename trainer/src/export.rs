@@ -105,10 +105,7 @@ pub fn build_metadata(
         // Resolved by the caller (`select::choose_score`) where validation images are
         // at hand; a caller that has none gets the benchmark's default.
         None => {
-            provenance.score_choice = Some(format!(
-                "auto: no validation defects; {}",
-                crate::select::BENCH_EVIDENCE
-            ));
+            provenance.score_choice = Some(format!("auto: no validation defects; {}", crate::select::BENCH_EVIDENCE));
             crate::select::BENCH_DEFAULT_SCORE
         }
     };
@@ -121,13 +118,7 @@ pub fn build_metadata(
     if provenance.score_choice.is_none() {
         provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
     }
-    Ok(ModelMetadata {
-        arch,
-        preprocess: PreprocessMeta::for_arch(&arch),
-        scores,
-        default_score,
-        provenance,
-    })
+    Ok(ModelMetadata { arch, preprocess: PreprocessMeta::for_arch(&arch), scores, default_score, provenance })
 }
 
 /// Writes NetG with `meta` as ONNX to `path`.

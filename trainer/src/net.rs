@@ -36,12 +36,27 @@ pub enum NetError {
 
 /// One module of a sequential part; tensors are shared with the owning VarStore.
 enum Module {
-    Conv { w: Tensor, s: i64, p: i64 },
-    ConvT { w: Tensor, s: i64, p: i64 },
-    Bn { w: Tensor, b: Tensor, mean: Tensor, var: Tensor },
+    Conv {
+        w: Tensor,
+        s: i64,
+        p: i64,
+    },
+    ConvT {
+        w: Tensor,
+        s: i64,
+        p: i64,
+    },
+    Bn {
+        w: Tensor,
+        b: Tensor,
+        mean: Tensor,
+        var: Tensor,
+    },
     /// LeakyReLU through PReLU with a constant slope: tch drops the slope argument of
     /// `leaky_relu`, and PReLU with a one-element, non-trainable weight is the same op.
-    LeakyRelu { slope: Tensor },
+    LeakyRelu {
+        slope: Tensor,
+    },
     Relu,
     Tanh,
     Sigmoid,
@@ -65,12 +80,16 @@ impl Seq {
                 let dims = |shape: Vec<usize>| shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
                 let weight_dims = || dims(layer.op.params().remove(0).1);
                 match layer.op {
-                    Op::Conv { s, p, .. } => {
-                        Module::Conv { w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)), s: s.into(), p: p.into() }
-                    }
-                    Op::ConvT { s, p, .. } => {
-                        Module::ConvT { w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)), s: s.into(), p: p.into() }
-                    }
+                    Op::Conv { s, p, .. } => Module::Conv {
+                        w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)),
+                        s: s.into(),
+                        p: p.into(),
+                    },
+                    Op::ConvT { s, p, .. } => Module::ConvT {
+                        w: path.var("weight", &weight_dims(), nn::Init::Const(0.0)),
+                        s: s.into(),
+                        p: p.into(),
+                    },
                     Op::BatchNorm { c } => {
                         let c = i64::from(c);
                         Module::Bn {
@@ -98,7 +117,9 @@ impl Seq {
         for m in &self.modules[range] {
             x = match m {
                 Module::Conv { w, s, p } => x.conv2d(w, None::<&Tensor>, [*s, *s], [*p, *p], [1, 1], 1),
-                Module::ConvT { w, s, p } => x.conv_transpose2d(w, None::<&Tensor>, [*s, *s], [*p, *p], [0, 0], 1, [1, 1]),
+                Module::ConvT { w, s, p } => {
+                    x.conv_transpose2d(w, None::<&Tensor>, [*s, *s], [*p, *p], [0, 0], 1, [1, 1])
+                }
                 Module::Bn { w, b, mean, var } => {
                     x.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, f64::from(BN_EPS), true)
                 }
@@ -221,7 +242,11 @@ impl NetG {
     /// [`GOut::feature_map`] → the `mahalanobis` feature vectors `[N, D]`.
     pub fn pool_features(&self, feature_map: &Tensor) -> Tensor {
         let p = i64::from(self.arch.feature_pool());
-        let f = if p > 1 { feature_map.avg_pool2d([p, p], [p, p], [0, 0], false, true, None::<i64>) } else { feature_map.shallow_clone() };
+        let f = if p > 1 {
+            feature_map.avg_pool2d([p, p], [p, p], [0, 0], false, true, None::<i64>)
+        } else {
+            feature_map.shallow_clone()
+        };
         f.flatten(1, -1)
     }
 
@@ -236,7 +261,8 @@ impl NetG {
                 let t = weights.get(&spec.name)?;
                 let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
                 let src = Tensor::from_slice(&t.data).reshape(&shape);
-                let mut dst = vars.get(&spec.name).ok_or_else(|| WeightsError::Missing(spec.name.clone()))?.shallow_clone();
+                let mut dst =
+                    vars.get(&spec.name).ok_or_else(|| WeightsError::Missing(spec.name.clone()))?.shallow_clone();
                 dst.f_copy_(&src)?;
             }
             Ok(())
@@ -302,7 +328,11 @@ mod tests {
     fn shapes_follow_the_arch() {
         let a = small();
         let (g, d, x) = seeded(0, || {
-            (NetG::new(&a, Device::Cpu), NetD::new(&a, Device::Cpu), Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+            (
+                NetG::new(&a, Device::Cpu),
+                NetD::new(&a, Device::Cpu),
+                Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
+            )
         });
         let out = g.forward(&x, true);
         assert_eq!(out.fake.size(), vec![4, 3, 32, 32]);
@@ -339,7 +369,11 @@ mod tests {
     fn weights_round_trip() {
         let a = small();
         let (g, mut h, x) = seeded(2, || {
-            (NetG::new(&a, Device::Cpu), NetG::new(&a, Device::Cpu), Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)))
+            (
+                NetG::new(&a, Device::Cpu),
+                NetG::new(&a, Device::Cpu),
+                Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            )
         });
         let w = g.to_weights().unwrap();
         assert_eq!(w.check(&a.generator_params()), Ok(()));

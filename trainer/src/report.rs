@@ -33,7 +33,8 @@ fn kind_color(kind: ScoreKind) -> RGBColor {
 }
 
 fn finite_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
         (0.0, 1.0)
     } else if hi - lo < 1e-12 {
@@ -98,7 +99,12 @@ pub fn plot_auroc(path: &Path, history: &[EpochRecord]) -> PlotResult {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -126,7 +132,9 @@ pub fn plot_histogram(path: &Path, e: &KindEval) -> PlotResult {
         counts
             .iter()
             .enumerate()
-            .map(move |(i, &c)| Rectangle::new([(h.edges[i], 0.0), (h.edges[i + 1], f64::from(c))], color.mix(0.45).filled()))
+            .map(move |(i, &c)| {
+                Rectangle::new([(h.edges[i], 0.0), (h.edges[i + 1], f64::from(c))], color.mix(0.45).filled())
+            })
             .collect::<Vec<_>>()
     };
     let green = RGBColor(44, 160, 44);
@@ -175,7 +183,12 @@ pub fn plot_roc(path: &Path, evals: &BTreeMap<ScoreKind, KindEval>) -> PlotResul
             .label(format!("{} (AUROC {:.3})", kind.as_str(), e.auroc))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
     root.present()?;
     Ok(())
 }

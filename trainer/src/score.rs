@@ -39,7 +39,9 @@ impl FeatureStats {
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            parts.push(g.features(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double));
+            parts.push(
+                g.features(&x.narrow(0, start, len).to_device(device)).to_device(Device::Cpu).to_kind(Kind::Double),
+            );
             start += len;
         }
         let f = Tensor::cat(&parts, 0);
@@ -100,7 +102,8 @@ pub fn ledoit_wolf(x: &Tensor) -> (Tensor, f64) {
     let eye = Tensor::eye(p, (Kind::Double, x.device()));
     let delta = (&s - &eye * mu).square().sum(Kind::Double).double_value(&[]) / p as f64;
     // Σ_k ‖x_k x_kᵀ − S‖²_F = Σ_k ‖x_k‖⁴ − n‖S‖²_F
-    let norms4 = x.square().sum_dim_intlist(&[1i64][..], false, Kind::Double).square().sum(Kind::Double).double_value(&[]);
+    let norms4 =
+        x.square().sum_dim_intlist(&[1i64][..], false, Kind::Double).square().sum(Kind::Double).double_value(&[]);
     let s2 = s.square().sum(Kind::Double).double_value(&[]);
     let beta = ((norms4 - n * s2) / (n * n * p as f64)).max(0.0);
     let shrinkage = if delta > 0.0 { beta.min(delta) / delta } else { 1.0 };
@@ -178,7 +181,12 @@ pub fn score_all(g: &NetG, x: &Tensor, kernel: u32, batch: i64, device: Device) 
         let xb = x.narrow(0, start, len).to_device(device);
         let o = outputs(g, &xb, kernel);
         let mahal = o.score_mahalanobis.as_ref();
-        let pairs = [(&mut s.latent, Some(&o.score)), (&mut s.recon, Some(&o.score_recon)), (&mut s.map_max, Some(&o.score_map)), (&mut s.mahalanobis, mahal)];
+        let pairs = [
+            (&mut s.latent, Some(&o.score)),
+            (&mut s.recon, Some(&o.score_recon)),
+            (&mut s.map_max, Some(&o.score_map)),
+            (&mut s.mahalanobis, mahal),
+        ];
         for (dst, t) in pairs.into_iter().filter_map(|(d, t)| t.map(|t| (d, t))) {
             let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float)).unwrap_or_default();
             dst.extend(v.into_iter().map(f64::from));

@@ -116,7 +116,9 @@ impl SelectArgs {
 pub fn lr_at(schedule: LrSchedule, base: f64, epoch: u32, epochs: u32) -> f64 {
     match schedule {
         LrSchedule::Constant => base,
-        LrSchedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * f64::from(epoch) / f64::from(epochs.max(1))).cos()),
+        LrSchedule::Cosine => {
+            base * 0.5 * (1.0 + (std::f64::consts::PI * f64::from(epoch) / f64::from(epochs.max(1))).cos())
+        }
     }
 }
 
@@ -386,11 +388,27 @@ fn val_auroc_rule(best: ValPick, last: ValPick) -> (bool, String) {
     let lead = best.auroc - last.auroc;
     let fig = |p: ValPick| format!("epoch {} {} {:.4}", p.epoch, p.kind.as_str(), p.auroc);
     if best.epoch != last.epoch && (lead > last.se || !last.auroc.is_finite()) {
-        (true, format!("val-auroc: {} beats the last, {}, by {lead:.4} > one standard error {:.4}", fig(best), fig(last), last.se))
+        (
+            true,
+            format!(
+                "val-auroc: {} beats the last, {}, by {lead:.4} > one standard error {:.4}",
+                fig(best),
+                fig(last),
+                last.se
+            ),
+        )
     } else if best.epoch == last.epoch {
         (false, format!("val-auroc: the last epoch is the best ({})", fig(last)))
     } else {
-        (false, format!("val-auroc: the last, {}; the best, {}, leads by {lead:.4}, within one standard error {:.4}", fig(last), fig(best), last.se))
+        (
+            false,
+            format!(
+                "val-auroc: the last, {}; the best, {}, leads by {lead:.4}, within one standard error {:.4}",
+                fig(last),
+                fig(best),
+                last.se
+            ),
+        )
     }
 }
 
@@ -469,10 +487,14 @@ pub fn auroc_se(a: f64, n_pos: usize, n_neg: usize) -> f64 {
 pub fn auto_rule(v: &ValAurocs) -> (ScoreKind, String) {
     let aurocs = &v.aurocs;
     let base = incumbent(|k| aurocs.contains_key(&k));
-    let mut ranked: Vec<(ScoreKind, f64)> = aurocs.iter().filter(|(_, a)| a.is_finite()).map(|(&k, &a)| (k, a)).collect();
+    let mut ranked: Vec<(ScoreKind, f64)> =
+        aurocs.iter().filter(|(_, a)| a.is_finite()).map(|(&k, &a)| (k, a)).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| (b.0 == base).cmp(&(a.0 == base))));
     let listed: Vec<String> = ranked.iter().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
-    let on = format!("on {} good and {} defective validation images (val/ and the held-out slice; never test/)", v.n_good, v.n_def);
+    let on = format!(
+        "on {} good and {} defective validation images (val/ and the held-out slice; never test/)",
+        v.n_good, v.n_def
+    );
     let Some(&base_a) = aurocs.get(&base).filter(|a| a.is_finite()) else {
         return (base, format!("auto: validation AUROC undefined; {BENCH_EVIDENCE}"));
     };
@@ -492,7 +514,12 @@ pub fn auto_rule(v: &ValAurocs) -> (ScoreKind, String) {
     }
     let why = match ranked.first() {
         Some(&(best, best_a)) if best != base => {
-            format!("{} leads by {:.4}, within one paired standard error {:.4}", best.as_str(), best_a - base_a, se(best))
+            format!(
+                "{} leads by {:.4}, within one paired standard error {:.4}",
+                best.as_str(),
+                best_a - base_a,
+                se(best)
+            )
         }
         _ => "the benchmark default leads".to_string(),
     };
@@ -508,7 +535,15 @@ pub fn delong_diff_se(a_normal: &[f64], a_defect: &[f64], b_normal: &[f64], b_de
     if m < 2 || n < 2 || b_defect.len() != m || b_normal.len() != n {
         return f64::INFINITY;
     }
-    let psi = |d: f64, g: f64| if d > g { 1.0 } else if d == g { 0.5 } else { 0.0 };
+    let psi = |d: f64, g: f64| {
+        if d > g {
+            1.0
+        } else if d == g {
+            0.5
+        } else {
+            0.0
+        }
+    };
     // Placement values: v10[i] of defect i, v01[j] of normal j, each a − b.
     let mut v10 = vec![0.0; m];
     let mut v01 = vec![0.0; n];
@@ -575,7 +610,9 @@ pub fn val_aurocs(g: &NetG, hold: &Scores, val: &ValSet, kernel: u32, device: De
     let aurocs: BTreeMap<ScoreKind, f64> = evals.iter().map(|(&k, e)| (k, e.auroc)).collect();
     let base = incumbent(|k| evals.contains_key(&k));
     let diff_se = match evals.get(&base) {
-        Some(b) => evals.iter().map(|(&k, e)| (k, delong_diff_se(&e.normal, &e.defect, &b.normal, &b.defect))).collect(),
+        Some(b) => {
+            evals.iter().map(|(&k, e)| (k, delong_diff_se(&e.normal, &e.defect, &b.normal, &b.defect))).collect()
+        }
         None => BTreeMap::new(),
     };
     let n_def = val.items.iter().filter(|i| i.defect.is_some()).count();
@@ -610,7 +647,10 @@ mod tests {
         assert!(why.contains("within one paired standard error 0.0500"), "{why}");
         let (k, why) = auto_rule(&v(&[(a, 0.76, 0.05)]));
         assert_eq!(k, a, "{why}");
-        assert!(why.starts_with(&format!("auto: {} (validation AUROC", a.as_str())) && why.contains("never test/"), "{why}");
+        assert!(
+            why.starts_with(&format!("auto: {} (validation AUROC", a.as_str())) && why.contains("never test/"),
+            "{why}"
+        );
         // The higher AUROC with a noisy lead loses to a smaller lead that is significant
         // (gravel: map_max +0.046 ± 0.045 against recon +0.040 ± 0.028).
         let (k, why) = auto_rule(&v(&[(a, 0.740, 0.028), (b, 0.746, 0.050)]));
@@ -639,10 +679,18 @@ mod tests {
     #[test]
     fn auto_without_validation_defects_falls_back_to_the_benchmark_default() {
         let g = crate::net::seeded(1, || NetG::new(&tiny(), Device::Cpu));
-        let mut hold = Scores { latent: vec![0.1, 0.2], recon: vec![0.3, 0.4], map_max: vec![0.5, 0.6], mahalanobis: vec![0.7, 0.8] };
+        let mut hold = Scores {
+            latent: vec![0.1, 0.2],
+            recon: vec![0.3, 0.4],
+            map_max: vec![0.5, 0.6],
+            mahalanobis: vec![0.7, 0.8],
+        };
         let (kind, evidence) = choose_score(&g, &hold, None, 3, Device::Cpu);
         assert_eq!(kind, BENCH_DEFAULT_SCORE);
-        assert!(evidence.starts_with("auto: no validation defects") && evidence.contains("benches/README.md"), "{evidence}");
+        assert!(
+            evidence.starts_with("auto: no validation defects") && evidence.contains("benches/README.md"),
+            "{evidence}"
+        );
         assert_eq!(as_choice(kind), ScoreChoice::Mahalanobis);
         // A generator without feature statistics has no mahalanobis score: the paper's.
         hold.mahalanobis.clear();

@@ -144,7 +144,8 @@ impl Model {
                 v.push((format!("{prefix}.{name}"), t.detach().to_device(Device::Cpu)));
             }
         }
-        for (prefix, opt, params) in [("adam_g", &self.opt_g, &self.g_params), ("adam_d", &self.opt_d, &self.d_params)] {
+        for (prefix, opt, params) in [("adam_g", &self.opt_g, &self.g_params), ("adam_d", &self.opt_d, &self.d_params)]
+        {
             for (i, (name, _)) in params.iter().enumerate() {
                 v.push((format!("{prefix}.m.{name}"), opt.exp_avg[i].to_device(Device::Cpu)));
                 v.push((format!("{prefix}.v.{name}"), opt.exp_avg_sq[i].to_device(Device::Cpu)));
@@ -228,7 +229,8 @@ pub struct EpochRecord {
     pub val: std::collections::BTreeMap<String, f64>,
     /// Test-set AUROC per defect type: `raw`/`ema` → score kind → defect type.
     #[serde(default)]
-    pub per_defect: std::collections::BTreeMap<String, std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>>,
+    pub per_defect:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>>,
     /// Learning rate of this epoch.
     #[serde(default)]
     pub lr: f64,

@@ -43,8 +43,24 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     datagen(
         &data,
         // Strong defects: obvious holes and stains at full strength, at the model's own size.
-        &["--texture", "brushed_metal", "--size", "64", "--seed", "1", "--train-good", "240", "--test-good", "40",
-          "--test-per-defect", "20", "--defects", "hole,stain", "--strength", "1.0"],
+        &[
+            "--texture",
+            "brushed_metal",
+            "--size",
+            "64",
+            "--seed",
+            "1",
+            "--train-good",
+            "240",
+            "--test-good",
+            "40",
+            "--test-per-defect",
+            "20",
+            "--defects",
+            "hole,stain",
+            "--strength",
+            "1.0",
+        ],
     );
     // A validation split for `--default-score auto`: a few test images move to val/.
     for (kind, n) in [("good", 8), ("hole", 4), ("stain", 4)] {
@@ -59,14 +75,43 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     let model = tmp.path().join("m.onnx");
     let report_dir = tmp.path().join("report");
     let a = train_args(&[
-        "--data", s(&data), "--out", s(&model), "--isize", "64", "--nz", "100", "--ngf", "16", "--ndf", "16",
-        "--epochs", "15", "--batch", "32", "--seed", "0", "--threads", "2", "--device", "cpu", "--map-kernel", "5",
-        "--default-score", "auto", "--eval-every", "5", "--report", s(&report_dir), "--quiet",
+        "--data",
+        s(&data),
+        "--out",
+        s(&model),
+        "--isize",
+        "64",
+        "--nz",
+        "100",
+        "--ngf",
+        "16",
+        "--ndf",
+        "16",
+        "--epochs",
+        "15",
+        "--batch",
+        "32",
+        "--seed",
+        "0",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--map-kernel",
+        "5",
+        "--default-score",
+        "auto",
+        "--eval-every",
+        "5",
+        "--report",
+        s(&report_dir),
+        "--quiet",
     ]);
     let report = cli::train(&a).unwrap();
     let last = report.last_epoch.as_ref().expect("test figures");
     let best = last.scores.values().map(|e| e.auroc).fold(0.0, f64::max);
-    let table: Vec<String> = last.scores.values().map(|e| format!("{} {:.3} {:?}", e.kind.as_str(), e.auroc, e.per_defect)).collect();
+    let table: Vec<String> =
+        last.scores.values().map(|e| format!("{} {:.3} {:?}", e.kind.as_str(), e.auroc, e.per_defect)).collect();
     assert!(best >= 0.95, "best image AUROC {best} < 0.95: {table:?}");
     assert_eq!(last.scores[&last.best_score].auroc, best);
     // auto chooses on val/ (never test/) and says why.
@@ -94,10 +139,22 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     assert_eq!(report.selection.select, ganomaly_train::select::Select::ValAuroc);
     let reason = report.selection.reason.as_deref().expect("a reason for the exported epoch");
     assert!(reason.starts_with("val-auroc: "), "{reason}");
-    assert!(meta.provenance.notes.contains(&format!("exported epoch {}: {reason}", report.selection.epoch)), "{}", meta.provenance.notes);
+    assert!(
+        meta.provenance.notes.contains(&format!("exported epoch {}: {reason}", report.selection.epoch)),
+        "{}",
+        meta.provenance.notes
+    );
 
     // Report: JSON and plots.
-    for f in ["report.json", "losses.png", "auroc_per_epoch.png", "roc.png", "hist_latent.png", "hist_map_max.png", "hist_mahalanobis.png"] {
+    for f in [
+        "report.json",
+        "losses.png",
+        "auroc_per_epoch.png",
+        "roc.png",
+        "hist_latent.png",
+        "hist_map_max.png",
+        "hist_mahalanobis.png",
+    ] {
         assert!(report_dir.join(f).is_file(), "{f} missing");
     }
     assert_eq!(report.history.len(), 15);
@@ -131,11 +188,46 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
 fn resume_continues_where_the_checkpoint_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    datagen(&data, &["--size", "32", "--train-good", "40", "--test-good", "8", "--test-per-defect", "4", "--defects", "hole,stain"]);
+    datagen(
+        &data,
+        &[
+            "--size",
+            "32",
+            "--train-good",
+            "40",
+            "--test-good",
+            "8",
+            "--test-per-defect",
+            "4",
+            "--defects",
+            "hole,stain",
+        ],
+    );
     let common = |out: &Path, epochs: &str, ckpt: &Path| {
         train_args(&[
-            "--data", s(&data), "--out", s(out), "--isize", "16", "--nz", "8", "--ngf", "8", "--ndf", "8", "--epochs",
-            epochs, "--batch", "8", "--threads", "1", "--device", "cpu", "--checkpoint-dir", s(ckpt), "--quiet",
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--isize",
+            "16",
+            "--nz",
+            "8",
+            "--ngf",
+            "8",
+            "--ndf",
+            "8",
+            "--epochs",
+            epochs,
+            "--batch",
+            "8",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            s(ckpt),
+            "--quiet",
         ])
     };
     let (m1, c1) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
@@ -168,7 +260,9 @@ fn resume_continues_where_the_checkpoint_stopped() {
 fn train_err(data: &Path, extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.onnx");
-    let a = train_args(&[&["--data", s(data), "--out", s(&out), "--epochs", "1", "--quiet", "--threads", "1"], extra].concat());
+    let a = train_args(
+        &[&["--data", s(data), "--out", s(&out), "--epochs", "1", "--quiet", "--threads", "1"], extra].concat(),
+    );
     format!("{:#}", cli::train(&a).unwrap_err())
 }
 

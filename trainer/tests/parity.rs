@@ -33,7 +33,9 @@ fn ort_library() -> PathBuf {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
                 .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
         })
-        .unwrap_or_else(|| panic!("ONNX Runtime not found: set ORT_DYLIB_PATH or install onnxruntime into {}", capi.display()))
+        .unwrap_or_else(|| {
+            panic!("ONNX Runtime not found: set ORT_DYLIB_PATH or install onnxruntime into {}", capi.display())
+        })
 }
 
 fn session(bytes: &[u8]) -> Session {

@@ -180,7 +180,11 @@ pub fn read_props(bytes: &[u8]) -> Result<BTreeMap<String, String>, OnnxError> {
 }
 
 fn props_of(model: &ModelProto) -> BTreeMap<String, String> {
-    model.metadata_props.iter().map(|e| (e.key.clone().unwrap_or_default(), e.value.clone().unwrap_or_default())).collect()
+    model
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.clone().unwrap_or_default(), e.value.clone().unwrap_or_default()))
+        .collect()
 }
 
 /// The typed, checked metadata of a model file; errors name the bad key.
@@ -207,7 +211,10 @@ pub fn read_model(bytes: &[u8]) -> Result<(ModelMetadata, Weights), OnnxError> {
         }
         let data = if let Some(raw) = &t.raw_data {
             if raw.len() % 4 != 0 {
-                return Err(OnnxError::Initializer { name, reason: format!("raw_data of {} bytes is not f32", raw.len()) });
+                return Err(OnnxError::Initializer {
+                    name,
+                    reason: format!("raw_data of {} bytes is not f32", raw.len()),
+                });
             }
             raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         } else {
@@ -332,7 +339,11 @@ impl GraphBuilder {
                         op,
                         &[&x, &wname],
                         &out,
-                        vec![ints("kernel_shape", &[k, k]), ints("strides", &[s, s]), ints("pads", &[pad, pad, pad, pad])],
+                        vec![
+                            ints("kernel_shape", &[k, k]),
+                            ints("strides", &[s, s]),
+                            ints("pads", &[pad, pad, pad, pad]),
+                        ],
                     );
                 }
                 Op::BatchNorm { .. } => {
@@ -415,7 +426,8 @@ mod tests {
     #[test]
     fn reader_names_bad_metadata_key() {
         let arch = small();
-        let bytes = write_model(&arch, &Weights::random_generator(&arch, 3), &ModelMetadata::uncalibrated(arch, 5)).unwrap();
+        let bytes =
+            write_model(&arch, &Weights::random_generator(&arch, 3), &ModelMetadata::uncalibrated(arch, 5)).unwrap();
         let mut model = ModelProto::decode(bytes.as_slice()).unwrap();
         model.metadata_props.retain(|e| e.key.as_deref() != Some(KEY_SCORES));
         let err = read_metadata(&model.encode_to_vec()).unwrap_err();
