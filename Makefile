@@ -3,6 +3,7 @@
 #   make demo    run the daemon on the demo config (synthetic camera, bundled
 #                model, embedded MQTT broker); Ctrl-C stops it
 #   make test    install what the tests need, then run every test of the workspace
+#   make lint    rustfmt --check, clippy -D warnings (all targets, whole workspace), cargo doc -D warnings
 #   make bench   pipeline benchmark, 1 and 4 cameras (figures, not pass/fail)
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
 #   make bench-quality   detection quality: AUROC per data set x score x seed
@@ -40,10 +41,10 @@ STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
 STAMP_TORCH_PY := $(VENV)/.stamp-torch-full-$(TORCH_VER)
 STAMP_APT   := $(CURDIR)/target/.stamp-apt
 
-.PHONY: trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
+.PHONY: lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
-	@sed -n '2,15p' Makefile
+	@sed -n '2,16p' Makefile
 
 $(STAMP_ORT): scripts/requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +91,12 @@ release: $(STAMP_APT)
 
 test: deps
 	cargo test --workspace --no-fail-fast
+
+# The trainer is linted too: clippy and doc build it, so libtorch must be there.
+lint: deps
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 test-core:
 	cargo test -p ganomaly-core

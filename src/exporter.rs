@@ -34,9 +34,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
-use crate::config::MetricsConfig;
+use crate::base::Liveness;
+use crate::config::MetricsSettings;
 use crate::metrics::CameraCounters;
-use crate::pipeline::Liveness;
 use crate::publish::mqtt::PublisherCounters;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +77,9 @@ pub struct Bound {
 }
 
 /// Binds `cfg.listen`.
-pub fn bind(cfg: &MetricsConfig) -> Result<Bound, ExporterError> {
-    let err = |source| ExporterError::Bind { addr: cfg.listen.clone(), source };
-    let listener = std::net::TcpListener::bind(&cfg.listen).map_err(err)?;
+pub fn bind(cfg: &MetricsSettings) -> Result<Bound, ExporterError> {
+    let err = |source| ExporterError::Bind { addr: cfg.listen.to_string(), source };
+    let listener = std::net::TcpListener::bind(cfg.listen).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     let addr = listener.local_addr().map_err(err)?;
     Ok(Bound { listener, addr })

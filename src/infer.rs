@@ -10,10 +10,11 @@
 //! `Model`, so there is one way to build a session.
 //!
 //! [`spawn`] starts the inference thread: the session's only owner. It batches
-//! frames across cameras (up to `max_batch`, waiting at most `max_wait_ms`
-//! after the first), normalises the chosen score with the model's
-//! calibration, runs each camera's alarm state machine, and hands scores,
-//! alarms and snapshot jobs on without waiting on any of them.
+//! frames across cameras (up to `max_batch`, waiting at most `max_wait_s`
+//! after the first), runs the session, and hands each frame's scores to its
+//! camera's decision step ([`crate::decide`]), which normalises, runs the
+//! alarm machine and hands scores, alarms and snapshot jobs on without
+//! waiting on any of them.
 //!
 //! Backpressure: this thread's input is a bounded channel that the preprocess
 //! workers block on, so a slow model fills it, then the per-camera queues,
@@ -21,7 +22,6 @@
 //! alarms go to the publisher, which must not block (see `events`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,26 +33,26 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::alarm::{AlarmMachine, Scored};
-use crate::capture::FrameData;
-use crate::config::{InferenceConfig, Provider, Roi};
-use crate::events::{Publisher, ScoreEvent, PAYLOAD_SCHEMA};
+use crate::base::Liveness;
+use crate::config::{AlarmConfig, InferenceSettings, Provider};
+use crate::decide::{Camera, Outputs};
+use crate::events::Publisher;
 use crate::metrics::CameraCounters;
 use crate::preprocess::Prepared;
-use crate::snapshot::{SnapshotJob, SnapshotQueue};
+use crate::snapshot::SnapshotQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     #[error("cannot read model {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("model {path} is not a usable GANomaly ONNX model: {reason}")]
-    Metadata { path: PathBuf, reason: String },
+    #[error("model {path} is not a usable GANomaly ONNX model: {source}")]
+    Metadata { path: PathBuf, source: ganomaly_core::onnx::OnnxError },
     #[error("model {path}: {reason}")]
     Shape { path: PathBuf, reason: String },
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
-    #[error("ONNX Runtime could not load model {path}: {reason}")]
-    Session { path: PathBuf, reason: String },
+    #[error("ONNX Runtime could not load model {path}: {source}")]
+    Session { path: PathBuf, source: ort::Error },
     #[error(
         "inference.require_accelerator is true but no accelerator could be used ({}); \
          install onnxruntime-gpu with CUDA/TensorRT, or set require_accelerator = false to run on the CPU",
@@ -60,7 +60,9 @@ pub enum InferError {
     )]
     NoAccelerator { reasons: Vec<String> },
     #[error("inference failed: {0}")]
-    Run(String),
+    Run(#[from] ort::Error),
+    #[error("inference failed: {0}")]
+    Output(String),
 }
 
 /// Scores and anomaly maps of one batch, in buffers reused batch to batch.
@@ -98,18 +100,17 @@ pub struct Model {
 }
 
 impl Model {
-    /// Reads and checks `path`, builds its session. `base` resolves relative
-    /// config paths (TensorRT cache).
-    pub fn load(path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<Model, InferError> {
+    /// Reads and checks `path`, builds its session.
+    pub fn load(path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
         let bytes = std::fs::read(path).map_err(|source| InferError::Read { path: path.into(), source })?;
-        Model::from_bytes(&bytes, path, cfg, base)
+        Model::from_bytes(&bytes, path, cfg)
     }
 
-    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceConfig, base: &Path) -> Result<Model, InferError> {
+    pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
         let meta = ganomaly_core::onnx::read_metadata(bytes)
-            .map_err(|e| InferError::Metadata { path: path.into(), reason: e.to_string() })?;
-        let env = crate::runtime::environment(cfg.ort_library.as_ref().map(|p| resolve(base, p)).as_deref())?;
-        let (session, provider) = build_session(env, bytes, path, cfg, base)?;
+            .map_err(|source| InferError::Metadata { path: path.into(), source })?;
+        let env = crate::runtime::environment(cfg.ort_library.as_deref())?;
+        let (session, provider) = build_session(env, bytes, path, cfg)?;
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
@@ -183,20 +184,18 @@ impl Model {
     pub fn run(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), InferError> {
         let len = self.tensor_len();
         let data =
-            input.get(..n * len).ok_or_else(|| InferError::Run(format!("batch of {n} needs {} floats", n * len)))?;
-        let tensor = TensorRef::from_array_view(([n, self.channels, self.side, self.side], data))
-            .map_err(|e| InferError::Run(e.to_string()))?;
-        let outputs = self.session.run(ort::inputs!["image" => tensor]).map_err(|e| InferError::Run(e.to_string()))?;
+            input.get(..n * len).ok_or_else(|| InferError::Output(format!("batch of {n} needs {} floats", n * len)))?;
+        let tensor = TensorRef::from_array_view(([n, self.channels, self.side, self.side], data))?;
+        let outputs = self.session.run(ort::inputs!["image" => tensor])?;
         out.n = n;
         for (i, kind) in ScoreKind::ALL.into_iter().enumerate() {
             out.scores[i].clear();
             if !self.kinds.contains(&kind) {
                 continue;
             }
-            let (_, v) =
-                outputs[kind.output()].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+            let (_, v) = outputs[kind.output()].try_extract_tensor::<f32>()?;
             if v.len() != n {
-                return Err(InferError::Run(format!(
+                return Err(InferError::Output(format!(
                     "output `{}` has {} values for {n} images",
                     kind.output(),
                     v.len()
@@ -204,22 +203,13 @@ impl Model {
             }
             out.scores[i].extend_from_slice(v);
         }
-        let (_, maps) =
-            outputs["anomaly_map"].try_extract_tensor::<f32>().map_err(|e| InferError::Run(e.to_string()))?;
+        let (_, maps) = outputs["anomaly_map"].try_extract_tensor::<f32>()?;
         if maps.len() != n * self.side * self.side {
-            return Err(InferError::Run(format!("output `anomaly_map` has {} values for {n} images", maps.len())));
+            return Err(InferError::Output(format!("output `anomaly_map` has {} values for {n} images", maps.len())));
         }
         out.maps.clear();
         out.maps.extend_from_slice(maps);
         Ok(())
-    }
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
     }
 }
 
@@ -228,22 +218,25 @@ fn build_session(
     env: &ort::environment::Environment,
     bytes: &[u8],
     path: &Path,
-    cfg: &InferenceConfig,
-    base: &Path,
+    cfg: &InferenceSettings,
 ) -> Result<(Session, Provider), InferError> {
-    let serr = |e: &dyn std::fmt::Display| InferError::Session { path: path.into(), reason: e.to_string() };
+    // Builder errors carry the builder back (ort's recovery API); only the error is kept.
+    let serr = |source: ort::Error<ort::session::builder::SessionBuilder>| InferError::Session {
+        path: path.into(),
+        source: source.into(),
+    };
     let mut builder = Session::builder(env)
-        .map_err(|e| serr(&e))?
+        .map_err(|source| InferError::Session { path: path.into(), source })?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| serr(&e))?;
+        .map_err(serr)?;
     if cfg.intra_threads > 0 {
-        builder = builder.with_intra_threads(cfg.intra_threads).map_err(|e| serr(&e))?;
+        builder = builder.with_intra_threads(cfg.intra_threads).map_err(serr)?;
     }
     // The session shares the box's cores with the camera and preprocessing
     // threads; ORT's default busy-waiting intra-op threads steal their CPU.
     // Measured on 2 cores, demo model, 640×480, batch 8: pipeline 1,439 → 1,580
     // fps and p99 26 → 18 ms with 1 camera (raw session alone: 2,048 → 1,617).
-    builder = builder.with_intra_op_spinning(false).map_err(|e| serr(&e))?;
+    builder = builder.with_intra_op_spinning(false).map_err(serr)?;
     let mut in_use: Option<Provider> = None;
     let mut reasons = Vec::new();
     // Every accelerator that registers is kept, in order: ONNX Runtime hands
@@ -257,8 +250,7 @@ fn build_session(
                 } else {
                     let mut ep = TensorRT::default().with_device_id(cfg.device_id as i32).with_fp16(cfg.trt_fp16);
                     if let Some(dir) = &cfg.trt_cache_dir {
-                        let dir = resolve(base, dir);
-                        if let Err(e) = std::fs::create_dir_all(&dir) {
+                        if let Err(e) = std::fs::create_dir_all(dir) {
                             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the TensorRT engine cache");
                         }
                         ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);
@@ -300,27 +292,16 @@ fn build_session(
     if in_use.is_some() && !reasons.is_empty() {
         tracing::warn!(provider = provider.as_str(), skipped = %reasons.join("; "), "some execution providers were skipped");
     }
-    let session = builder.commit_from_memory(bytes).map_err(|e| serr(&e))?;
+    let session =
+        builder.commit_from_memory(bytes).map_err(|source| InferError::Session { path: path.into(), source })?;
     Ok((session, provider))
-}
-
-/// What the inference thread needs to know about one camera.
-pub struct InferCamera {
-    pub name: String,
-    pub kind: ScoreKind,
-    pub calibration: Calibration,
-    pub alarm: AlarmMachine,
-    pub roi: Option<Roi>,
-    pub counters: Arc<CameraCounters>,
-    /// Where this camera's frame buffers go back to.
-    pub recycle: Sender<FrameData>,
 }
 
 /// Run-time changes for the inference thread.
 #[derive(Debug, Clone)]
 pub enum Control {
     /// New alarm thresholds/timing for the camera at this pipeline index.
-    Alarm { camera: usize, cfg: crate::config::AlarmConfig },
+    Alarm { camera: usize, cfg: AlarmConfig },
 }
 
 /// Inputs and outputs of the inference thread.
@@ -330,16 +311,15 @@ pub struct InferThread {
     /// Tensor buffers go back to the preprocess workers.
     pub tensor_recycle: Sender<Vec<f32>>,
     /// Indexed by the pipeline's camera index; `None` for cameras of other models.
-    pub cameras: Vec<Option<InferCamera>>,
+    pub cameras: Vec<Option<Camera>>,
     pub max_batch: usize,
     pub max_wait: Duration,
     pub publisher: Arc<dyn Publisher>,
     pub snapshots: Option<SnapshotQueue>,
     /// Settings changed at run time (SIGHUP), applied between batches.
     pub control: Receiver<Control>,
-    /// Milliseconds since `epoch` of the last sign of life (watchdog).
-    pub heartbeat: Arc<AtomicU64>,
-    pub epoch: Instant,
+    /// Beaten after every batch and at least once a second (watchdog, `/healthz`).
+    pub liveness: Liveness,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -364,7 +344,7 @@ fn run(mut t: InferThread) {
         let first = match t.rx.recv_timeout(Duration::from_secs(1)) {
             Ok(p) => p,
             Err(RecvTimeoutError::Timeout) => {
-                t.heartbeat.store(t.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                t.liveness.beat();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -374,7 +354,7 @@ fn run(mut t: InferThread) {
             match c {
                 Control::Alarm { camera, cfg } => {
                     if let Some(cam) = t.cameras.get_mut(camera).and_then(Option::as_mut) {
-                        cam.alarm.reconfigure(cfg);
+                        cam.decider.reconfigure(cfg);
                         tracing::info!(camera = %cam.name, ?cfg, "alarm settings reloaded");
                     }
                 }
@@ -401,10 +381,11 @@ fn run(mut t: InferThread) {
         }
         let n = batch.len();
         let result = t.model.run(&input, n, &mut out);
-        t.heartbeat.store(t.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        t.liveness.beat();
         if let Err(e) = &result {
             tracing::error!(error = %e, frames = n, "inference failed; frames skipped");
         }
+        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
         for (i, p) in batch.drain(..).enumerate() {
             let Prepared { frame, tensor } = p;
             let _ = t.tensor_recycle.try_send(tensor);
@@ -414,65 +395,8 @@ fn run(mut t: InferThread) {
                 let _ = cam.recycle.try_send(frame.pixels);
                 continue;
             }
-            let raw = out.score(cam.kind, i).unwrap_or(f32::NAN) as f64;
-            if !raw.is_finite() {
-                // A NaN would never fall below the clear threshold and would hold
-                // an active alarm forever (FP16 engines can overflow): count it
-                // as a broken frame instead of deciding on it.
-                CameraCounters::add(&cam.counters.broken, 1);
-                tracing::debug!(camera = %cam.name, seq = frame.seq, raw, "non-finite score: frame counted as broken");
-                let _ = cam.recycle.try_send(frame.pixels);
-                continue;
-            }
-            let score = cam.calibration.normalize(raw);
-            let event = cam.alarm.observe(Scored { seq: frame.seq, ts_ms: frame.ts_ms, score, raw });
-            let latency_ms = frame.captured.elapsed().as_secs_f64() * 1000.0;
-            cam.counters.record_latency(latency_ms);
-            cam.counters.set_last_score(score);
-            CameraCounters::add(&cam.counters.decided, 1);
-            tracing::trace!(camera = %cam.name, seq = frame.seq, raw, score, "scored");
-            t.publisher.score(&ScoreEvent {
-                schema: PAYLOAD_SCHEMA,
-                camera: cam.name.clone(),
-                seq: frame.seq,
-                ts: frame.ts_ms,
-                score,
-                raw_score: raw,
-                threshold: cam.calibration.threshold,
-                kind: cam.kind.as_str().to_string(),
-                latency_ms,
-            });
-            if let Some(mut ev) = event {
-                let start = ev.kind == crate::events::AlarmKind::Start;
-                if start {
-                    if let Some(q) = &t.snapshots {
-                        let name = crate::snapshot::file_name(ev.ts, &ev.id);
-                        let job = SnapshotJob {
-                            camera: cam.name.clone(),
-                            alarm_id: ev.id.clone(),
-                            file_name: name.clone(),
-                            frame: frame.pixels.clone(),
-                            roi: cam.roi,
-                            map: out.maps[i * side * side..(i + 1) * side * side].to_vec(),
-                            side,
-                        };
-                        if q.offer(job) {
-                            ev.snapshot = Some(name);
-                        }
-                    }
-                }
-                tracing::info!(
-                    camera = %cam.name, id = %ev.id, kind = ?ev.kind, seq = ev.seq,
-                    peak = ev.peak, frames = ev.frames, "alarm"
-                );
-                t.publisher.alarm(&ev);
-                t.publisher.alarm_state(&cam.name, start);
-                cam.counters.alarm_active.store(start, std::sync::atomic::Ordering::Relaxed);
-                if start {
-                    CameraCounters::add(&cam.counters.alarms_raised, 1);
-                }
-            }
-            let _ = cam.recycle.try_send(frame.pixels);
+            let outcome = cam.decider.decide(frame.seq, frame.ts_ms, out.score(cam.decider.kind, i));
+            cam.act(outcome, frame, &out.maps[i * side * side..(i + 1) * side * side], side, &outputs);
         }
     }
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");

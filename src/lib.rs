@@ -1,27 +1,31 @@
 //! ganomalyd: cameras → preprocessing → GANomaly on ONNX Runtime → alarms → MQTT.
 //!
-//! # Layout (files named after pipeline stages)
-//! - [`config`]: the TOML config, defaults, validation that reports every problem.
-//! - [`capture`]: `FrameSource` and its implementations (V4L2, replay, synthetic), one thread per camera.
+//! # Layout
+//! Stages, named as they stand in the data flow:
+//! - [`capture`]: `FrameSource`, one thread per camera, and the source kinds, each owning its config
+//!   (`v4l2`, `http_mjpeg`, `replay`, `synthetic`; `source.rs` dispatches on `kind`).
 //! - [`preprocess`]: the preprocessing thread pool (uses `ganomaly_core::preprocess`).
-//! - [`runtime`]: finding and loading the ONNX Runtime library.
 //! - [`infer`]: the inference thread that owns the ORT session; batching; execution providers.
-//! - [`alarm`]: per-camera alarm state machine.
+//! - [`decide`]: what a scored frame means, as a pure function (normalise, NaN guard, alarm machine →
+//!   actions); [`alarm`] is its per-camera state machine.
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
-//! - [`pipeline`]: wires the stages together and owns shutdown.
-//! - [`daemon`]: `ganomalyd run` around the pipeline: publisher, systemd, SIGHUP, shutdown.
-//! - [`metrics`]: per-camera counters and latency histograms.
-//! - [`exporter`]: the `[metrics]` HTTP endpoint, Prometheus `/metrics` and `/healthz`.
-//! - [`systemd`]: READY/STOPPING/watchdog notifications.
-//! - [`score`], [`bench`]: the `score` and `bench` commands.
+//! - [`pipeline`]: wires the stages together from the compiled settings and owns shutdown.
+//! - [`metrics`], [`exporter`]: per-camera counters and latency histograms; Prometheus `/metrics`, `/healthz`.
+//! - [`systemd`]: READY/STOPPING/watchdog notifications. [`runtime`]: finding and loading ONNX Runtime.
+//!
+//! Around them:
+//! - [`config`]: the TOML file parsed, checked (every problem at once) and compiled into typed settings.
+//! - [`cmds`]: the subcommands (`run`, `check-config`, `cameras`, `score`, `bench`, `watch`).
+//! - [`base`]: what stages share without importing each other (backoff, stop-aware sleep, heartbeat).
 
 pub mod alarm;
-pub mod bench;
+pub mod base;
 pub mod capture;
+pub mod cmds;
 pub mod config;
-pub mod daemon;
+pub mod decide;
 pub mod events;
 pub mod exporter;
 pub mod infer;
@@ -30,7 +34,5 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
 pub mod runtime;
-pub mod score;
 pub mod snapshot;
 pub mod systemd;
-pub mod watch;

@@ -5,8 +5,10 @@
 //!                                                                                                   ├─► Publisher (scores, alarms, states)
 //!                                                                                                   └─► snapshot writer ──► Publisher
 //! ```
+//! It starts from compiled [`Settings`]: one [`CameraPlan`] per camera, each
+//! wired to its own queues and to the inference thread of its model.
 //! Start-up is all-or-nothing: models are loaded and checked against the
-//! config before any thread starts, so a bad model or an impossible score
+//! plans before any thread starts, so a bad model or an impossible score
 //! choice fails `run` with an error naming it.
 //!
 //! Shutdown ([`Pipeline::shutdown`]): the stop flag ends the camera threads;
@@ -22,13 +24,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use ganomaly_core::ScoreKind;
 
-use crate::alarm::AlarmMachine;
-use crate::capture::{self, CameraThread, SourceFactory};
-use crate::config::{CameraConfig, Config, Provider, ScoreChoice, SourceConfig};
+use crate::base::stop::sleep_unless_stopped;
+use crate::base::Liveness;
+use crate::capture::{self, CameraThread, Frame, FrameData, SourceFactory};
+use crate::config::{CameraPlan, Provider, Settings};
+use crate::decide::{Camera, Decider};
 use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
-use crate::infer::{self, InferCamera, InferError, InferThread, Model};
+use crate::infer::{self, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec};
 use crate::snapshot;
@@ -85,28 +90,6 @@ pub struct Report {
     pub snapshots_skipped: u64,
 }
 
-/// When the inference threads last showed life: they store the milliseconds
-/// since `epoch` after every batch and at least once a second when idle.
-#[derive(Debug, Clone)]
-pub struct Liveness {
-    heartbeat: Arc<AtomicU64>,
-    epoch: Instant,
-}
-
-impl Liveness {
-    pub fn silent_ms(&self) -> u64 {
-        (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.heartbeat.load(Ordering::Relaxed))
-    }
-
-    /// A heartbeat last seen about `silent_ms` ago.
-    #[cfg(test)]
-    pub fn new_for_test(silent_ms: u64) -> Liveness {
-        let now = Instant::now();
-        let epoch = now.checked_sub(Duration::from_millis(silent_ms)).unwrap_or(now);
-        Liveness { heartbeat: Arc::new(AtomicU64::new(0)), epoch }
-    }
-}
-
 /// A running pipeline.
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
@@ -122,100 +105,80 @@ pub struct Pipeline {
     pub providers: Vec<(PathBuf, Provider)>,
     liveness: Liveness,
     /// Camera names in pipeline order, with the control channel of their model's inference thread.
-    control: Vec<(String, crossbeam_channel::Sender<infer::Control>)>,
+    control: Vec<(String, Sender<infer::Control>)>,
 }
 
-/// Builds the source a camera's config describes.
-pub fn source_from_config(cfg: &Config, cam: &CameraConfig) -> SourceFactory {
-    match &cam.source {
-        SourceConfig::V4l2(v) => {
-            let spec = capture::v4l2::DeviceSpec::parse(&v.device).unwrap_or(capture::v4l2::DeviceSpec::Index(0));
-            let format = capture::v4l2::frame_format(&v.format).unwrap_or(nokhwa::utils::FrameFormat::MJPEG);
-            let (w, h, fps) = (cam.width, cam.height, cam.fps);
-            Box::new(move || {
-                Box::new(capture::v4l2::V4l2Camera::new(spec, format, w, h, fps)) as Box<dyn capture::FrameSource>
-            })
-        }
-        SourceConfig::Replay(r) => {
-            capture::factory(capture::replay::ReplaySource::new(cfg.resolve(std::path::Path::new(&r.path)), r.looped))
-        }
-        SourceConfig::HttpMjpeg(h) => capture::factory(capture::http_mjpeg::HttpMjpegSource::new(
-            h.url.clone(),
-            std::time::Duration::from_secs_f64(h.timeout_s),
-        )),
-        SourceConfig::Synthetic(s) => {
-            let s = s.clone();
-            // Generated on the camera thread: it takes a while for large frames.
-            Box::new(move || Box::new(capture::synthetic::SyntheticCamera::new(&s)) as Box<dyn capture::FrameSource>)
-        }
-    }
+/// One camera's channels and counters while the pipeline is wired up.
+struct Wiring<'a> {
+    plan: &'a CameraPlan,
+    /// Index of its model in the pipeline's model list.
+    model: usize,
+    counters: Arc<CameraCounters>,
+    frames: (Sender<Frame>, Receiver<Frame>),
+    recycle: (Sender<FrameData>, Receiver<FrameData>),
 }
 
 impl Pipeline {
-    /// Loads the models and starts every stage. `cfg` must have passed
-    /// validation.
+    /// Loads the models and starts every stage.
     pub fn start(
-        cfg: &Config,
+        settings: &Settings,
         publisher: Arc<dyn Publisher>,
         mut opts: StartOptions,
     ) -> Result<Pipeline, PipelineError> {
-        let cams = cfg.cameras();
-        if cams.is_empty() {
+        if settings.cameras.is_empty() {
             return Err(PipelineError::NoCameras);
         }
+        let inference = &settings.inference;
+        let max_batch = inference.max_batch.max(1);
+        let queue = settings.pipeline.frame_queue.max(1);
+        // Enough spare buffers to cover the queue, the pool and a batch.
+        let recycle_cap = queue + settings.pipeline.preprocess_threads + 2 * max_batch + 2;
+
         // One model (session, inference thread) per distinct model file.
-        let mut model_paths: Vec<PathBuf> = Vec::new();
-        for c in &cams {
-            if !model_paths.contains(&c.model) {
-                model_paths.push(c.model.clone());
-            }
+        let mut models: Vec<Model> = Vec::new();
+        let mut cams = Vec::new();
+        for plan in &settings.cameras {
+            let model = match models.iter().position(|m| m.path == plan.model) {
+                Some(m) => m,
+                None => {
+                    models.push(Model::load(&plan.model, inference)?);
+                    models.len() - 1
+                }
+            };
+            cams.push(Wiring {
+                plan,
+                model,
+                counters: Arc::new(CameraCounters::default()),
+                frames: crossbeam_channel::bounded(queue),
+                recycle: crossbeam_channel::bounded(recycle_cap),
+            });
         }
-        let mut models = Vec::new();
-        for p in &model_paths {
-            models.push(Model::load(p, &cfg.inference, &cfg.base_dir)?);
-        }
-        let cam_model: Vec<usize> =
-            cams.iter().map(|c| model_paths.iter().position(|p| *p == c.model).unwrap_or(0)).collect();
-        let mut kinds = Vec::new();
-        for (c, &m) in cams.iter().zip(&cam_model) {
-            kinds.push(score_kind(c, &models[m])?);
-        }
+        let kinds = cams.iter().map(|c| score_kind(c.plan, &models[c.model])).collect::<Result<Vec<ScoreKind>, _>>()?;
 
         let stop = Arc::new(AtomicBool::new(false));
-        let epoch = Instant::now();
-        let heartbeat = Arc::new(AtomicU64::new(0));
-        let counters: Vec<Arc<CameraCounters>> = cams.iter().map(|_| Arc::new(CameraCounters::default())).collect();
-        let max_batch = cfg.inference.max_batch.max(1);
-
-        let (snap_queue, snapshot_writer) = if cfg.snapshots.enabled {
-            let dir = cfg.resolve(&cfg.snapshots.dir);
-            let (q, h) = snapshot::spawn_writer(cfg.snapshots.clone(), dir, publisher.clone())?;
-            (Some(q), Some(h))
-        } else {
-            (None, None)
+        let liveness = Liveness::start();
+        let (snap_queue, snapshot_writer) = match &settings.snapshots {
+            Some(s) => {
+                let (q, h) = snapshot::spawn_writer(s.clone(), publisher.clone())?;
+                (Some(q), Some(h))
+            }
+            None => (None, None),
         };
         let snapshots_skipped = snap_queue.as_ref().map(|q| q.skipped.clone());
 
-        // Channels.
-        let queue = cfg.pipeline.frame_queue.max(1);
-        let frame_q: Vec<_> = cams.iter().map(|_| crossbeam_channel::bounded(queue)).collect();
-        // Enough spare buffers to cover the queue, the pool and a batch.
-        let recycle_cap = queue + cfg.pipeline.preprocess_threads + 2 * max_batch + 2;
-        let recycle: Vec<_> = cams.iter().map(|_| crossbeam_channel::bounded(recycle_cap)).collect();
+        // Per model: the pool's output, and the tensors coming back from inference.
         let infer_q: Vec<_> = models.iter().map(|_| crossbeam_channel::bounded(2 * max_batch)).collect();
         let tensor_recycle: Vec<_> = models.iter().map(|_| crossbeam_channel::bounded(4 * max_batch + 8)).collect();
-
         let pool = PoolSpec {
             cameras: cams
                 .iter()
-                .enumerate()
-                .map(|(i, c)| CameraPrep {
-                    name: c.name.clone(),
-                    roi: c.roi,
-                    model: cam_model[i],
-                    counters: counters[i].clone(),
-                    input: frame_q[i].1.clone(),
-                    recycle: recycle[i].0.clone(),
+                .map(|c| CameraPrep {
+                    name: c.plan.name.clone(),
+                    roi: c.plan.roi,
+                    model: c.model,
+                    counters: c.counters.clone(),
+                    input: c.frames.1.clone(),
+                    recycle: c.recycle.0.clone(),
                 })
                 .collect(),
             models: models
@@ -231,61 +194,62 @@ impl Pipeline {
         };
         let providers: Vec<(PathBuf, Provider)> = models.iter().map(|m| (m.path.clone(), m.provider)).collect();
 
-        let mut inference = Vec::new();
+        let mut inference_threads = Vec::new();
         let controls: Vec<_> = (0..models.len()).map(|_| crossbeam_channel::unbounded()).collect();
-        let control = cams.iter().zip(&cam_model).map(|(c, &m)| (c.name.clone(), controls[m].0.clone())).collect();
+        let control = cams.iter().map(|c| (c.plan.name.clone(), controls[c.model].0.clone())).collect();
         for (m, model) in models.into_iter().enumerate() {
             let cameras = cams
                 .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    (cam_model[i] == m).then(|| InferCamera {
-                        name: c.name.clone(),
-                        kind: kinds[i],
-                        calibration: model
-                            .calibration(kinds[i])
-                            .cloned()
-                            .unwrap_or_else(ganomaly_core::Calibration::uncalibrated),
-                        alarm: AlarmMachine::new(&c.name, c.alarm),
-                        roi: c.roi,
-                        counters: counters[i].clone(),
-                        recycle: recycle[i].0.clone(),
+                .zip(&kinds)
+                .map(|(c, &kind)| {
+                    (c.model == m).then(|| Camera {
+                        name: c.plan.name.clone(),
+                        decider: Decider::new(
+                            &c.plan.name,
+                            kind,
+                            model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated),
+                            c.plan.alarm,
+                        ),
+                        roi: c.plan.roi,
+                        counters: c.counters.clone(),
+                        recycle: c.recycle.0.clone(),
                     })
                 })
                 .collect();
-            inference.push(infer::spawn(InferThread {
+            inference_threads.push(infer::spawn(InferThread {
                 model,
                 rx: infer_q[m].1.clone(),
                 tensor_recycle: tensor_recycle[m].0.clone(),
                 cameras,
                 max_batch,
-                max_wait: Duration::from_millis(cfg.inference.max_wait_ms),
+                max_wait: inference.max_wait,
                 publisher: publisher.clone(),
                 snapshots: snap_queue.clone(),
                 control: controls[m].1.clone(),
-                heartbeat: heartbeat.clone(),
-                epoch,
+                liveness: liveness.clone(),
             })?);
         }
         drop(snap_queue);
-        let workers = preprocess::spawn_pool(cfg.pipeline.preprocess_threads, pool)?;
+        let workers = preprocess::spawn_pool(settings.pipeline.preprocess_threads, pool)?;
         // Only the workers may hold the inference senders, or inference would
         // never see its input close.
         drop(infer_q);
 
+        let named: Vec<(String, Arc<CameraCounters>)> =
+            cams.iter().map(|c| (c.plan.name.clone(), c.counters.clone())).collect();
         let mut camera_threads = Vec::new();
-        for (i, ((c, (tx, rx)), (_, rrx))) in cams.iter().zip(frame_q).zip(recycle).enumerate() {
-            let source = opts.sources.remove(&c.name).unwrap_or_else(|| source_from_config(cfg, c));
+        for (index, c) in cams.into_iter().enumerate() {
+            let source = opts.sources.remove(&c.plan.name).unwrap_or_else(|| c.plan.source.factory());
             camera_threads.push(capture::spawn_camera(
                 CameraThread {
-                    index: i,
-                    name: c.name.clone(),
-                    fps: c.fps,
-                    counters: counters[i].clone(),
+                    index,
+                    name: c.plan.name.clone(),
+                    fps: c.plan.fps,
+                    counters: c.counters,
                     publisher: publisher.clone(),
-                    tx,
-                    rx_for_drops: rx,
-                    recycle: rrx,
+                    tx: c.frames.0,
+                    rx_for_drops: c.frames.1,
+                    recycle: c.recycle.1,
                     stop: stop.clone(),
                     backoff_min: opts.backoff_min,
                     backoff_max: opts.backoff_max,
@@ -294,15 +258,13 @@ impl Pipeline {
             )?);
         }
 
-        let named: Vec<(String, Arc<CameraCounters>)> =
-            cams.iter().map(|c| c.name.clone()).zip(counters.iter().cloned()).collect();
         let stats_stop = Arc::new(AtomicBool::new(false));
         let stats = if opts.stats {
             let provider = providers.first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
             Some(spawn_stats(
                 named.clone(),
                 provider,
-                Duration::from_secs_f64(cfg.pipeline.stats_interval_s),
+                settings.pipeline.stats_interval,
                 publisher.clone(),
                 stats_stop.clone(),
             )?)
@@ -314,33 +276,33 @@ impl Pipeline {
             stop,
             cameras: camera_threads,
             workers,
-            inference,
+            inference: inference_threads,
             snapshot_writer,
             stats,
             stats_stop,
             counters: named,
             snapshots_skipped,
             providers,
-            liveness: Liveness { heartbeat, epoch },
+            liveness,
             control,
         })
     }
 
-    /// Applies the alarm settings of `cfg` (already validated) to the running
-    /// cameras without touching the frame path (SIGHUP). Other changes need a
-    /// restart; the cameras they concern are returned so they can be logged.
-    pub fn reload_alarms(&self, cfg: &Config) -> Vec<String> {
-        let new: BTreeMap<String, CameraConfig> = cfg.cameras().into_iter().map(|c| (c.name.clone(), c)).collect();
+    /// Applies the alarm settings of `settings` to the running cameras without
+    /// touching the frame path (SIGHUP). Other changes need a restart; the
+    /// cameras they concern are returned so they can be logged.
+    pub fn reload_alarms(&self, settings: &Settings) -> Vec<String> {
+        let new: BTreeMap<&str, &CameraPlan> = settings.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
         let mut not_applied = Vec::new();
         for (i, (name, tx)) in self.control.iter().enumerate() {
-            match new.get(name) {
+            match new.get(name.as_str()) {
                 Some(c) => {
                     let _ = tx.send(infer::Control::Alarm { camera: i, cfg: c.alarm });
                 }
                 None => not_applied.push(name.clone()),
             }
         }
-        not_applied.extend(new.keys().filter(|n| !self.control.iter().any(|(c, _)| c == *n)).cloned());
+        not_applied.extend(new.keys().filter(|n| !self.control.iter().any(|(c, _)| c == *n)).map(|n| n.to_string()));
         not_applied
     }
 
@@ -421,12 +383,10 @@ impl Pipeline {
     }
 }
 
-/// The score kind a camera uses, which its model must export.
-fn score_kind(c: &CameraConfig, model: &Model) -> Result<ScoreKind, PipelineError> {
-    let kind = match c.score {
-        ScoreChoice::ModelDefault => model.meta.default_score,
-        ScoreChoice::Kind(k) => k,
-    };
+/// The score kind a camera uses, which its model must export (checked again
+/// here: the file may have changed since the config was compiled).
+fn score_kind(c: &CameraPlan, model: &Model) -> Result<ScoreKind, PipelineError> {
+    let kind = c.score.kind(model.meta.default_score);
     if !model.has_score(kind) {
         return Err(PipelineError::Score {
             camera: c.name.clone(),
@@ -447,7 +407,7 @@ fn spawn_stats(
         let mut last: Vec<u64> = cams.iter().map(|(_, c)| CameraCounters::get(&c.decided)).collect();
         let mut last_t = Instant::now();
         loop {
-            capture::sleep_unless_stopped(every, &stop);
+            sleep_unless_stopped(every, &stop);
             if stop.load(Ordering::Relaxed) {
                 return;
             }

@@ -22,8 +22,8 @@ use ganomaly_core::metadata::ColorMode;
 use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
 
 use crate::capture::{Frame, FrameData, PixelFormat};
-use crate::config::Roi;
 use crate::metrics::CameraCounters;
+use ganomaly_core::preprocess::Roi;
 
 /// A frame with its model input, on its way to inference.
 #[derive(Debug)]

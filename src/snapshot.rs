@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use image::RgbImage;
 
 use crate::capture::{FrameData, PixelFormat};
-use crate::config::{Roi, SnapshotConfig};
+use crate::config::{Roi, SnapshotSettings};
 use crate::events::{Publisher, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,16 +146,16 @@ const QUEUE: usize = 8;
 
 /// Starts the writer thread; it ends when every [`SnapshotQueue`] is dropped.
 pub fn spawn_writer(
-    cfg: SnapshotConfig,
-    dir: PathBuf,
+    cfg: SnapshotSettings,
     publisher: Arc<dyn Publisher>,
 ) -> std::io::Result<(SnapshotQueue, std::thread::JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-    let handle = std::thread::Builder::new().name("snapshots".into()).spawn(move || writer(cfg, dir, rx, publisher))?;
+    let handle = std::thread::Builder::new().name("snapshots".into()).spawn(move || writer(cfg, rx, publisher))?;
     Ok((SnapshotQueue { tx, skipped: Arc::new(AtomicU64::new(0)) }, handle))
 }
 
-fn writer(cfg: SnapshotConfig, dir: PathBuf, rx: Receiver<SnapshotJob>, publisher: Arc<dyn Publisher>) {
+fn writer(cfg: SnapshotSettings, rx: Receiver<SnapshotJob>, publisher: Arc<dyn Publisher>) {
+    let dir = cfg.dir.clone();
     for job in rx {
         match write_one(&cfg, &dir, &job) {
             Ok(jpeg) => {
@@ -166,7 +166,7 @@ fn writer(cfg: SnapshotConfig, dir: PathBuf, rx: Receiver<SnapshotJob>, publishe
     }
 }
 
-fn write_one(cfg: &SnapshotConfig, dir: &Path, job: &SnapshotJob) -> Result<Vec<u8>, SnapshotError> {
+fn write_one(cfg: &SnapshotSettings, dir: &Path, job: &SnapshotJob) -> Result<Vec<u8>, SnapshotError> {
     let img = render(&job.frame, job.roi, &job.map, job.side, cfg.overlay_alpha)?;
     let jpeg = encode_jpeg(&img, cfg.quality)?;
     let path = dir.join(&job.file_name);

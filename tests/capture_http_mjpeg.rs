@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use axum::http::header;
 use axum::routing::get;
 use axum::Router;
-use ganomaly_core::{ArchSpec, ModelMetadata, Weights};
 use ganomalyd::capture::http_mjpeg::HttpMjpegSource;
 use ganomalyd::capture::{CaptureError, FrameData, FrameSource};
-use ganomalyd::config::Config;
 use ganomalyd::events::Recorder;
 use ganomalyd::pipeline::{Pipeline, StartOptions};
+
+mod support;
 
 const COLORS: [[u8; 3]; 4] = [[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]];
 
@@ -186,15 +186,7 @@ fn what_is_not_an_mjpeg_stream_is_refused_with_the_reason() {
 fn an_mjpeg_camera_feeds_the_whole_pipeline() {
     let s = serve();
     let dir = tempfile::tempdir().expect("tempdir");
-    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
-    let model = dir.path().join("m.onnx");
-    let bytes = ganomaly_core::onnx::write_model(
-        &arch,
-        &Weights::random_generator(&arch, 5),
-        &ModelMetadata::uncalibrated(arch, 5),
-    )
-    .expect("write model");
-    std::fs::write(&model, bytes).expect("write");
+    let model = support::fixture_model(dir.path(), "m.onnx", 5);
     let body = format!(
         r#"
         [inference]
@@ -208,9 +200,7 @@ fn an_mjpeg_camera_feeds_the_whole_pipeline() {
         model.display(),
         s.addr
     );
-    let cfg = Config::parse(&body, dir.path()).expect("config parses");
-    let problems = cfg.validate();
-    assert!(problems.is_empty(), "{problems:#?}");
+    let cfg = support::compile(dir.path(), &body);
     let opts = StartOptions {
         sources: BTreeMap::new(),
         stats: false,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ganomaly_core::{ArchSpec, ModelMetadata, Weights};
+mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ganomalyd");
 
@@ -26,16 +26,7 @@ fn text(o: &Output) -> String {
 }
 
 fn fixture_model(dir: &Path) -> PathBuf {
-    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
-    let bytes = ganomaly_core::onnx::write_model(
-        &arch,
-        &Weights::random_generator(&arch, 3),
-        &ModelMetadata::uncalibrated(arch, 5),
-    )
-    .expect("write model");
-    let p = dir.join("m.onnx");
-    std::fs::write(&p, bytes).expect("write");
-    p
+    support::fixture_model(dir, "m.onnx", 3)
 }
 
 /// A valid config with one synthetic camera, plus `extra` appended.

@@ -232,7 +232,7 @@ async fn last_will_fires_when_the_daemon_is_killed() {
         rt.shutdown_background();
         drop(handle);
         let msgs = sub
-            .wait(Duration::from_secs(cfg.keep_alive_s * 2 + 5), "last will", |m| {
+            .wait(cfg.keep_alive() * 2 + Duration::from_secs(5), "last will", |m| {
                 m.last().is_some_and(|m| m.text() == "offline")
             })
             .await;
@@ -268,7 +268,7 @@ async fn embedded_broker_and_watch_print_what_the_daemon_says() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let args = |json: bool| ganomalyd::watch::WatchArgs {
+    let args = |json: bool| ganomalyd::cmds::watch::WatchArgs {
         config: None,
         host: Some("127.0.0.1".into()),
         port: Some(port),
@@ -283,7 +283,7 @@ async fn embedded_broker_and_watch_print_what_the_daemon_says() {
         let a = args(json);
         tokio::spawn(async move {
             let mut out = Vec::new();
-            ganomalyd::watch::run_to(a, &mut out).await.map(|_| String::from_utf8(out).unwrap())
+            ganomalyd::cmds::watch::run_to(a, &mut out).await.map(|_| String::from_utf8(out).unwrap())
         })
     };
     let (plain, json) = (watch(false), watch(true));

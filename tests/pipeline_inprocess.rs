@@ -13,17 +13,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ganomaly_core::metadata::CalibrationMethod;
-use ganomaly_core::{ArchSpec, Calibration, ModelMetadata, ScoreKind, Weights};
+use ganomaly_core::{Calibration, ModelMetadata, ScoreKind, Weights};
 use ganomalyd::capture::{self, CaptureError, FrameData, FrameSource, PixelFormat};
-use ganomalyd::config::{Config, InferenceConfig, Provider};
+use ganomalyd::config::{InferenceSettings, Provider, Settings};
 use ganomalyd::events::{AlarmEvent, AlarmKind, Publisher, Recorded, Recorder, ScoreEvent, Snapshot, StatsReport};
 use ganomalyd::infer::{BatchOutput, InferError, Model};
 use ganomalyd::metrics::CameraCounters;
 use ganomalyd::pipeline::{Pipeline, StartOptions};
 
-fn arch() -> ArchSpec {
-    ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
-}
+mod support;
+use support::{arch, cpu};
 
 /// Writes a random-weights fixture model; `recon` calibrated to `cal` if given
 /// (and made the default score).
@@ -59,10 +58,6 @@ fn defect_image(i: u32) -> image::RgbImage {
     })
 }
 
-fn cpu() -> InferenceConfig {
-    InferenceConfig { providers: vec![Provider::Cpu], ..InferenceConfig::default() }
-}
-
 fn recon_scores(model: &mut Model, imgs: &[image::RgbImage]) -> Vec<f64> {
     let mut prep = ganomaly_core::preprocess::Preprocessor::from_meta(&model.meta.preprocess);
     let mut t = vec![0.0; prep.tensor_len()];
@@ -81,7 +76,7 @@ fn recon_scores(model: &mut Model, imgs: &[image::RgbImage]) -> Vec<f64> {
 fn calibrated_fixture(dir: &Path) -> PathBuf {
     let raw = dir.join("raw.onnx");
     write_fixture(&raw, None);
-    let mut m = Model::load(&raw, &cpu(), dir).expect("load fixture");
+    let mut m = Model::load(&raw, &cpu()).expect("load fixture");
     let good = recon_scores(&mut m, &(0..6).map(good_image).collect::<Vec<_>>());
     let bad = recon_scores(&mut m, &(0..6).map(defect_image).collect::<Vec<_>>());
     let gmax = good.iter().copied().fold(f64::MIN, f64::max);
@@ -99,11 +94,8 @@ fn calibrated_fixture(dir: &Path) -> PathBuf {
     path
 }
 
-fn config(dir: &Path, body: &str) -> Config {
-    let cfg = Config::parse(body, dir).expect("config parses");
-    let problems = cfg.validate();
-    assert!(problems.is_empty(), "{problems:#?}");
-    cfg
+fn config(dir: &Path, body: &str) -> Settings {
+    support::compile(dir, body)
 }
 
 #[test]
@@ -127,7 +119,7 @@ fn replayed_defects_raise_and_clear_alarms_on_exactly_the_expected_frames() {
             [inference]
             providers = ["cpu"]
             max_batch = 4
-            max_wait_ms = 2
+            max_wait_s = 0.002
             [pipeline]
             frame_queue = 64   # larger than the replay: no frame may be dropped here
             [snapshots]
@@ -481,12 +473,15 @@ fn accelerators_fall_back_to_cpu_unless_required() {
     let model = dir.path().join("m.onnx");
     write_fixture(&model, None);
     // Default provider list (tensorrt, cuda, cpu) on this CPU-only ONNX Runtime.
-    let m = Model::load(&model, &InferenceConfig::default(), dir.path()).expect("falls back to the CPU");
+    let m = Model::load(&model, &InferenceSettings::default()).expect("falls back to the CPU");
     assert_eq!(m.provider, Provider::Cpu);
 
-    let strict =
-        InferenceConfig { providers: vec![Provider::Cuda], require_accelerator: true, ..InferenceConfig::default() };
-    let err = match Model::load(&model, &strict, dir.path()) {
+    let strict = InferenceSettings {
+        providers: vec![Provider::Cuda],
+        require_accelerator: true,
+        ..InferenceSettings::default()
+    };
+    let err = match Model::load(&model, &strict) {
         Err(e) => e,
         Ok(_) => panic!("require_accelerator accepted a CPU-only runtime"),
     };
@@ -504,7 +499,7 @@ fn broken_models_are_refused_naming_what_is_wrong() {
 
     let not_onnx = dir.path().join("not.onnx");
     std::fs::write(&not_onnx, b"this is not a protobuf at all \xff\xff\xff").expect("write");
-    let e = Model::load(&not_onnx, &cpu(), dir.path()).err().expect("refused").to_string();
+    let e = Model::load(&not_onnx, &cpu()).err().expect("refused").to_string();
     assert!(e.contains("not.onnx") && e.contains("not an ONNX model"), "{e}");
 
     // Same-length edits inside the protobuf keep it well-formed.
@@ -518,7 +513,7 @@ fn broken_models_are_refused_naming_what_is_wrong() {
     };
     let no_meta = dir.path().join("nometa.onnx");
     std::fs::write(&no_meta, edit("ganomaly.scores", "ganomaly.xxxxxx")).expect("write");
-    let e = Model::load(&no_meta, &cpu(), dir.path()).err().expect("refused").to_string();
+    let e = Model::load(&no_meta, &cpu()).err().expect("refused").to_string();
     assert!(e.contains("ganomaly.scores") && e.contains("missing"), "{e}");
 
     // Metadata claiming 64×64 inputs on a 32×32 graph.
@@ -529,7 +524,7 @@ fn broken_models_are_refused_naming_what_is_wrong() {
     let pos = b2.windows(from.len()).position(|w| w == from.as_bytes()).expect("preprocess size in metadata");
     b2[pos..pos + from.len()].copy_from_slice(b"\"size\":64");
     std::fs::write(&wrong, b2).expect("write");
-    let e = Model::load(&wrong, &cpu(), dir.path()).err().expect("refused").to_string();
+    let e = Model::load(&wrong, &cpu()).err().expect("refused").to_string();
     assert!(e.contains("`image`") && e.contains("64"), "{e}");
 }
 
@@ -562,10 +557,8 @@ fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Brushed metal at 64 px, seed 0: the demo model's training distribution.
     // In every 40 frames the last 10 are defective: episodes at 30-39, 70-79, 110-119.
-    let cfg = config(
-        dir.path(),
-        &format!(
-            r#"
+    let body = format!(
+        r#"
             [inference]
             providers = ["cpu"]
             [pipeline]
@@ -581,12 +574,14 @@ fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
             min_frames = 3
             clear_frames = 3
             "#,
-            snaps = dir.path().join("snaps").display(),
-            model = model.display()
-        ),
+        snaps = dir.path().join("snaps").display(),
+        model = model.display()
     );
-    let synthetic = match &cfg.cameras()[0].source {
-        ganomalyd::config::SourceConfig::Synthetic(s) => s.clone(),
+    let cfg = config(dir.path(), &body);
+    // The camera's own source, wrapped so that it ends after 120 frames.
+    let file = ganomalyd::config::parse(&body).expect("parses");
+    let synthetic = match &file.cameras["demo"].source {
+        Some(capture::SourceConfig::Synthetic(s)) => s.plan("demo", &mut Vec::new()).expect("plan"),
         other => panic!("{other:?}"),
     };
     let mut sources = BTreeMap::new();

@@ -12,9 +12,84 @@
 //! backoff). The camera paces itself: frames are read as they arrive.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CaptureError, FrameData, FrameSource, PixelFormat};
+use serde::{Deserialize, Serialize};
+
+use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+
+/// `source = { kind = "http-mjpeg", url = "http://...", timeout_s = 5 }`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMjpegConfig {
+    /// `http://host[:port]/path`; `http://user:password@host/...` for basic
+    /// authentication (the password is never logged).
+    pub url: String,
+    /// Seconds to resolve, connect, and the longest silence inside the stream,
+    /// before the camera counts as lost and is reopened with backoff (at most 8:
+    /// a stop waits for a blocked read). A stream that sends no complete part for
+    /// twice this long is lost too.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+}
+
+fn default_timeout_s() -> f64 {
+    5.0
+}
+
+/// Debug without the password.
+impl std::fmt::Debug for HttpMjpegConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMjpegConfig").field("url", &redact(&self.url)).field("timeout_s", &self.timeout_s).finish()
+    }
+}
+
+/// A checked MJPEG source.
+#[derive(Clone, PartialEq)]
+pub struct HttpMjpegPlan {
+    pub url: String,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpMjpegPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMjpegPlan").field("url", &redact(&self.url)).field("timeout", &self.timeout).finish()
+    }
+}
+
+impl CompileSource for HttpMjpegConfig {
+    fn compile(&self, _cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+        let before = problems.len();
+        let shown = redact(&self.url);
+        match self.url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") && !rest.is_empty() => {}
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => problems.push(format!(
+                "{p}.url: `{shown}`: https is not supported (cameras on a plant network serve plain http; put a TLS proxy in front otherwise)"
+            )),
+            _ => problems.push(format!("{p}.url: `{shown}` is not an http:// URL")),
+        }
+        // A read blocks the camera thread for up to timeout_s, and shutdown
+        // waits for it: kept well below systemd's TimeoutStopSec (20 s).
+        if !(self.timeout_s.is_finite() && (0.1..=8.0).contains(&self.timeout_s)) {
+            problems.push(format!("{p}.timeout_s: must be between 0.1 and 8 (got {})", self.timeout_s));
+        }
+        (problems.len() == before).then(|| {
+            Arc::new(HttpMjpegPlan { url: self.url.clone(), timeout: Duration::from_secs_f64(self.timeout_s) })
+                as Arc<dyn SourcePlan>
+        })
+    }
+}
+
+impl SourcePlan for HttpMjpegPlan {
+    fn kind(&self) -> &'static str {
+        "http-mjpeg"
+    }
+    fn factory(&self) -> SourceFactory {
+        super::factory(HttpMjpegSource::new(self.url.clone(), self.timeout))
+    }
+}
 
 /// Largest part accepted: a 4K JPEG at high quality is a few MB; a part that
 /// runs past this is a broken stream, not a frame.

@@ -17,8 +17,11 @@
 
 pub mod http_mjpeg;
 pub mod replay;
+pub mod source;
 pub mod synthetic;
 pub mod v4l2;
+
+pub use source::{CameraContext, SourceConfig, SourcePlan};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,9 +29,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::base::backoff::Backoff;
+use crate::base::stop::sleep_unless_stopped;
 use crate::events::{now_ms, Publisher};
 use crate::metrics::CameraCounters;
-use crate::publish::backoff::Backoff;
 
 /// Errors from a frame source. The camera thread decides what each means:
 /// `Open`/`Disconnected` → offline and retry with backoff; `BrokenFrame` →
@@ -293,21 +297,6 @@ pub fn push_drop_oldest(
             }
             Err(TrySendError::Disconnected(f)) => return Some(f.pixels),
         }
-    }
-}
-
-/// Sleeps in short slices so that shutdown is never held up by a long wait.
-pub fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
-    let end = Instant::now() + total;
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let now = Instant::now();
-        if now >= end {
-            return;
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(50)));
     }
 }
 

@@ -3,8 +3,65 @@
 //! pipeline, and how an engineer re-runs a recorded incident.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{CaptureError, FrameData, FrameSource, PixelFormat};
+use serde::{Deserialize, Serialize};
+
+use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+
+/// `source = { kind = "replay", path = "...", loop = true }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// A folder (all png/jpg/jpeg/bmp files in it, sorted by name) or a glob;
+    /// relative to the config file's directory.
+    pub path: String,
+    /// Start again at the first image after the last one.
+    #[serde(default = "yes", rename = "loop")]
+    pub looped: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A checked replay source: an absolute folder or glob that holds images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayPlan {
+    pub path: PathBuf,
+    pub looped: bool,
+}
+
+impl CompileSource for ReplayConfig {
+    fn compile(&self, cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+        if self.path.trim().is_empty() {
+            problems.push(format!("{p}.path: must not be empty"));
+            return None;
+        }
+        let path = cam.base_dir.join(&self.path);
+        match list_images(&path) {
+            Ok(files) if files.is_empty() => {
+                problems.push(format!("{p}.path: no images (png, jpg, jpeg, bmp) at {}", path.display()));
+                None
+            }
+            Ok(_) => Some(Arc::new(ReplayPlan { path, looped: self.looped })),
+            Err(e) => {
+                problems.push(format!("{p}.path: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl SourcePlan for ReplayPlan {
+    fn kind(&self) -> &'static str {
+        "replay"
+    }
+    fn factory(&self) -> SourceFactory {
+        super::factory(ReplaySource::new(self.path.clone(), self.looped))
+    }
+}
 
 /// Image file extensions a folder is scanned for.
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];

@@ -7,10 +7,143 @@
 //! generated once up front (`variations` of each) and cycled, because
 //! generating a texture costs more than scoring it.
 
-use ganomaly_core::synth::{self, Defect, Texture};
+use std::sync::Arc;
 
-use super::{CaptureError, FrameData, FrameSource, PixelFormat};
-use crate::config::SyntheticSource;
+use ganomaly_core::synth::{self, Defect, Texture};
+use serde::{Deserialize, Serialize};
+
+use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+
+/// `source = { kind = "synthetic", ... }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// `brushed_metal`, `woven_fabric`, `wood_grain` or `noise`.
+    #[serde(default = "default_texture")]
+    pub texture: String,
+    /// Side of the square frames generated.
+    #[serde(default = "default_size")]
+    pub size: u32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Distinct frames generated up front and cycled: generating is slower
+    /// than the model, so frames are made once.
+    #[serde(default = "default_variations")]
+    pub variations: u32,
+    /// Defects come in episodes: in every `defect_every` frames the last
+    /// `defect_frames` are defective (0 = never).
+    #[serde(default)]
+    pub defect_every: u64,
+    #[serde(default)]
+    pub defect_frames: u64,
+    /// Defect kinds cycled through episode by episode.
+    #[serde(default = "default_defects")]
+    pub defects: Vec<String>,
+    /// Defect strength in (0, 1].
+    #[serde(default = "default_strength")]
+    pub strength: f32,
+}
+
+fn default_texture() -> String {
+    Texture::BrushedMetal.as_str().into()
+}
+fn default_size() -> u32 {
+    256
+}
+fn default_variations() -> u32 {
+    8
+}
+fn default_defects() -> Vec<String> {
+    [Defect::Scratch, Defect::Stain, Defect::Crack, Defect::Hole].iter().map(|d| d.as_str().to_string()).collect()
+}
+fn default_strength() -> f32 {
+    0.8
+}
+
+/// A checked synthetic source: names compiled into the generator's enums.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticPlan {
+    pub texture: Texture,
+    pub size: u32,
+    pub seed: u64,
+    pub variations: u32,
+    pub defect_every: u64,
+    pub defect_frames: u64,
+    pub defects: Vec<Defect>,
+    pub strength: f32,
+}
+
+impl SyntheticConfig {
+    /// Every problem with this table, or the plan.
+    pub fn plan(&self, p: &str, problems: &mut Vec<String>) -> Option<SyntheticPlan> {
+        let before = problems.len();
+        let texture = Texture::parse(&self.texture);
+        if texture.is_none() {
+            let names: Vec<&str> = Texture::ALL.iter().map(|t| t.as_str()).collect();
+            problems.push(format!("{p}.texture: `{}` is not one of {}", self.texture, names.join(", ")));
+        }
+        let mut defects = Vec::new();
+        for d in &self.defects {
+            match Defect::parse(d) {
+                Some(d) => defects.push(d),
+                None => {
+                    let names: Vec<&str> = Defect::ALL.iter().map(|d| d.as_str()).collect();
+                    problems.push(format!("{p}.defects: `{d}` is not one of {}", names.join(", ")));
+                }
+            }
+        }
+        if !(16..=4096).contains(&self.size) {
+            problems.push(format!("{p}.size: must be between 16 and 4096 (got {})", self.size));
+        }
+        if !(1..=1024).contains(&self.variations) {
+            problems.push(format!("{p}.variations: must be between 1 and 1024 (got {})", self.variations));
+        }
+        if self.defect_frames > self.defect_every {
+            problems.push(format!(
+                "{p}.defect_frames: must be ≤ defect_every ({} > {})",
+                self.defect_frames, self.defect_every
+            ));
+        }
+        if self.defect_every > 0 && (self.defect_frames == 0 || self.defects.is_empty()) {
+            problems.push(format!("{p}.defect_frames: must be ≥ 1 (and defects non-empty) when defect_every is set"));
+        }
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            problems.push(format!("{p}.strength: must be in (0, 1] (got {})", self.strength));
+        }
+        let texture = texture?;
+        (problems.len() == before).then(|| SyntheticPlan {
+            texture,
+            size: self.size,
+            seed: self.seed,
+            variations: self.variations,
+            defect_every: self.defect_every,
+            defect_frames: self.defect_frames,
+            defects,
+            strength: self.strength,
+        })
+    }
+}
+
+impl CompileSource for SyntheticConfig {
+    fn compile(&self, _cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+        self.plan(p, problems).map(|s| Arc::new(s) as Arc<dyn SourcePlan>)
+    }
+    fn frame_size(&self, _cam: &CameraContext) -> Option<(u32, u32)> {
+        Some((self.size, self.size))
+    }
+}
+
+impl SourcePlan for SyntheticPlan {
+    fn kind(&self) -> &'static str {
+        "synthetic"
+    }
+    fn factory(&self) -> SourceFactory {
+        let plan = self.clone();
+        // Generated on the camera thread: it takes a while for large frames.
+        Box::new(move || Box::new(SyntheticCamera::new(&plan)) as Box<dyn FrameSource>)
+    }
+}
 
 /// Generated frames, cycled.
 pub struct SyntheticCamera {
@@ -26,8 +159,8 @@ pub struct SyntheticCamera {
 
 impl SyntheticCamera {
     /// Generates the frames (seconds for large sizes: done on the camera thread).
-    pub fn new(cfg: &SyntheticSource) -> SyntheticCamera {
-        let texture = Texture::parse(&cfg.texture).unwrap_or(Texture::BrushedMetal);
+    pub fn new(cfg: &SyntheticPlan) -> SyntheticCamera {
+        let texture = cfg.texture;
         let n = cfg.variations.max(1) as u64;
         // Test-split indices: with the training seed, the camera still never shows
         // the model an image it was trained on (a demo that replays the training
@@ -40,8 +173,7 @@ impl SyntheticCamera {
         } else {
             cfg.defects
                 .iter()
-                .filter_map(|d| Defect::parse(d))
-                .map(|d| {
+                .map(|&d| {
                     (0..per_defect)
                         .map(|i| {
                             synth::defective(
@@ -126,14 +258,14 @@ mod tests {
 
     #[test]
     fn defect_frames_differ_from_good_frames() {
-        let cfg = SyntheticSource {
-            texture: "noise".into(),
+        let cfg = SyntheticPlan {
+            texture: Texture::Noise,
             size: 32,
             seed: 3,
             variations: 2,
             defect_every: 4,
             defect_frames: 1,
-            defects: vec!["hole".into()],
+            defects: vec![Defect::Hole],
             strength: 1.0,
         };
         let mut cam = SyntheticCamera::new(&cfg);

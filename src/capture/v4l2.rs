@@ -7,12 +7,100 @@
 //! with the `image` crate: nokhwa's own decoder needs mozjpeg (a C build).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nokhwa::pixel_format::RgbFormat;
 use nokhwa::utils::{CameraFormat, CameraIndex, FrameFormat, RequestedFormat, RequestedFormatType, Resolution};
 use nokhwa::Camera;
+use serde::{Deserialize, Serialize};
 
-use super::{CaptureError, FrameData, FrameSource, PixelFormat};
+use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+
+/// `source = { kind = "v4l2", device = "/dev/video0", format = "mjpeg" }`; the
+/// camera's `width`, `height` and `fps` are requested from the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V4l2Config {
+    /// Device index (`"0"`) or path (`/dev/video0`, `/dev/v4l/by-id/...`).
+    pub device: String,
+    /// Pixel format requested from the camera: `mjpeg`, `yuyv`, `gray`, `rgb`.
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+fn default_format() -> String {
+    FORMATS[0].0.into()
+}
+
+/// The config's format names and nokhwa's formats.
+const FORMATS: [(&str, FrameFormat); 4] = [
+    ("mjpeg", FrameFormat::MJPEG),
+    ("yuyv", FrameFormat::YUYV),
+    ("gray", FrameFormat::GRAY),
+    ("rgb", FrameFormat::RAWRGB),
+];
+
+/// A checked V4L2 camera: the device exists, the format is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V4l2Plan {
+    pub device: DeviceSpec,
+    pub format: FrameFormat,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+}
+
+impl CompileSource for V4l2Config {
+    fn compile(&self, cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+        let format = frame_format(&self.format);
+        if format.is_none() {
+            let names: Vec<&str> = FORMATS.iter().map(|f| f.0).collect();
+            problems.push(format!("{p}.format: `{}` is not one of {}", self.format, names.join(", ")));
+        }
+        let device = match DeviceSpec::parse(&self.device) {
+            Ok(spec) => match spec.resolve() {
+                Ok(_) => Some(spec),
+                Err(e) => {
+                    problems.push(format!("{p}.device: {e}"));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.push(format!("{p}.device: {e}"));
+                None
+            }
+        };
+        if cam.fps == 0.0 {
+            problems.push(format!("{}.fps: a camera needs a frame rate ≥ 1", cam.camera));
+            return None;
+        }
+        Some(Arc::new(V4l2Plan {
+            device: device?,
+            format: format?,
+            width: cam.width,
+            height: cam.height,
+            fps: cam.fps,
+        }))
+    }
+    fn frame_size(&self, cam: &CameraContext) -> Option<(u32, u32)> {
+        Some((cam.width, cam.height))
+    }
+}
+
+impl SourcePlan for V4l2Plan {
+    fn kind(&self) -> &'static str {
+        "v4l2"
+    }
+    fn factory(&self) -> SourceFactory {
+        let plan = self.clone();
+        // nokhwa's handles are thread-bound: the camera is made on its thread.
+        Box::new(move || {
+            Box::new(V4l2Camera::new(plan.device, plan.format, plan.width, plan.height, plan.fps))
+                as Box<dyn FrameSource>
+        })
+    }
+}
 
 /// How a camera is named in the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,13 +149,7 @@ fn video_index(p: &Path) -> Option<u32> {
 
 /// The config's format name as nokhwa's.
 pub fn frame_format(name: &str) -> Option<FrameFormat> {
-    Some(match name {
-        "mjpeg" => FrameFormat::MJPEG,
-        "yuyv" => FrameFormat::YUYV,
-        "gray" => FrameFormat::GRAY,
-        "rgb" => FrameFormat::RAWRGB,
-        _ => return None,
-    })
+    FORMATS.iter().find(|f| f.0 == name).map(|f| f.1)
 }
 
 /// One camera.
@@ -237,8 +319,8 @@ mod tests {
         assert_eq!(frame_format("mjpeg"), Some(FrameFormat::MJPEG));
         assert_eq!(frame_format("yuyv"), Some(FrameFormat::YUYV));
         assert_eq!(frame_format("h264"), None);
-        for f in crate::config::V4L2_FORMATS {
-            assert!(frame_format(f).is_some(), "{f}");
+        for (name, format) in FORMATS {
+            assert_eq!(frame_format(name), Some(format), "{name}");
         }
     }
 

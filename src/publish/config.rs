@@ -3,7 +3,8 @@
 //! every problem at once.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,17 +32,18 @@ pub struct MqttConfig {
     pub node_id: String,
     /// Seconds between pings; also how long a killed daemon takes to go
     /// `offline` through its last will (the broker waits 1.5× this).
+    /// Whole seconds: MQTT carries the keep-alive as an integer.
     #[serde(default = "default_keep_alive_s")]
-    pub keep_alive_s: u64,
+    pub keep_alive_s: f64,
     /// Give up a connection attempt (TCP + TLS + CONNACK) after this long.
     #[serde(default = "default_connect_timeout_s")]
-    pub connect_timeout_s: u64,
+    pub connect_timeout_s: f64,
     /// Reconnect backoff: first wait, doubled after each failure up to the max,
     /// with full jitter so a plant full of boxes does not reconnect in step.
-    #[serde(default = "default_reconnect_min_ms")]
-    pub reconnect_min_ms: u64,
-    #[serde(default = "default_reconnect_max_ms")]
-    pub reconnect_max_ms: u64,
+    #[serde(default = "default_reconnect_min_s")]
+    pub reconnect_min_s: f64,
+    #[serde(default = "default_reconnect_max_s")]
+    pub reconnect_max_s: f64,
     #[serde(default)]
     pub username: Option<String>,
     /// File whose first line is the password (keeps it out of the config).
@@ -57,9 +59,6 @@ pub struct MqttConfig {
     /// 30 fps camera from flooding a plant broker.
     #[serde(default = "default_score_max_rate_hz")]
     pub score_max_rate_hz: f64,
-    /// Seconds between `stats` messages.
-    #[serde(default = "default_stats_interval_s")]
-    pub stats_interval_s: u64,
     /// Publish the alarm snapshot JPEG (retained) on `<camera>/snapshot`.
     #[serde(default = "default_snapshots")]
     pub snapshots: bool,
@@ -77,7 +76,7 @@ pub struct MqttConfig {
     /// Alarms older than this are dropped (counted, logged) undelivered: after
     /// a week they are history, not news.
     #[serde(default = "default_outbox_max_age_s")]
-    pub outbox_max_age_s: u64,
+    pub outbox_max_age_s: f64,
     /// Alarms published but not yet acknowledged at any time. Small keeps the
     /// re-sends after a reconnect few; 1 would make it strictly one at a time.
     #[serde(default = "default_alarm_inflight")]
@@ -124,23 +123,20 @@ fn default_port() -> u16 {
 fn default_topic_prefix() -> String {
     "ganomalyd".into()
 }
-fn default_keep_alive_s() -> u64 {
-    30
+fn default_keep_alive_s() -> f64 {
+    30.0
 }
-fn default_connect_timeout_s() -> u64 {
-    10
+fn default_connect_timeout_s() -> f64 {
+    10.0
 }
-fn default_reconnect_min_ms() -> u64 {
-    500
+fn default_reconnect_min_s() -> f64 {
+    0.5
 }
-fn default_reconnect_max_ms() -> u64 {
-    30_000
+fn default_reconnect_max_s() -> f64 {
+    30.0
 }
 fn default_score_max_rate_hz() -> f64 {
     2.0
-}
-fn default_stats_interval_s() -> u64 {
-    10
 }
 fn default_snapshots() -> bool {
     true
@@ -154,8 +150,8 @@ fn default_outbox_path() -> PathBuf {
 fn default_outbox_max_rows() -> u64 {
     10_000
 }
-fn default_outbox_max_age_s() -> u64 {
-    7 * 24 * 3600
+fn default_outbox_max_age_s() -> f64 {
+    7.0 * 24.0 * 3600.0
 }
 fn default_alarm_inflight() -> u16 {
     10
@@ -178,14 +174,13 @@ impl Default for MqttConfig {
             node_id: String::new(),
             keep_alive_s: default_keep_alive_s(),
             connect_timeout_s: default_connect_timeout_s(),
-            reconnect_min_ms: default_reconnect_min_ms(),
-            reconnect_max_ms: default_reconnect_max_ms(),
+            reconnect_min_s: default_reconnect_min_s(),
+            reconnect_max_s: default_reconnect_max_s(),
             username: None,
             password_file: None,
             password_env: None,
             tls: None,
             score_max_rate_hz: default_score_max_rate_hz(),
-            stats_interval_s: default_stats_interval_s(),
             snapshots: default_snapshots(),
             score_queue: default_score_queue(),
             outbox_path: default_outbox_path(),
@@ -276,20 +271,27 @@ impl MqttConfig {
             bad("client_id", "longer than 65535 bytes".into());
         }
         // rumqttc refuses keep-alives under a second (0 = none, and then a
-        // killed daemon would never go offline).
-        if self.keep_alive_s == 0 || self.keep_alive_s > 65535 {
-            bad("keep_alive_s", format!("{} must be 1..=65535 (the last will depends on it)", self.keep_alive_s));
+        // killed daemon would never go offline); MQTT carries whole seconds.
+        let ka = self.keep_alive_s;
+        if !(ka.is_finite() && ka.fract() == 0.0 && (1.0..=65535.0).contains(&ka)) {
+            bad("keep_alive_s", format!("{ka} must be whole seconds 1..=65535 (the last will depends on it)"));
         }
-        if self.connect_timeout_s == 0 {
-            bad("connect_timeout_s", "must be at least 1".into());
+        // rumqttc takes the connect timeout in whole seconds too.
+        let ct = self.connect_timeout_s;
+        if !(ct.is_finite() && ct.fract() == 0.0 && (1.0..=300.0).contains(&ct)) {
+            bad("connect_timeout_s", format!("{ct} must be whole seconds between 1 and 300"));
         }
-        if self.reconnect_min_ms == 0 {
-            bad("reconnect_min_ms", "must be at least 1".into());
+        // Bounded so the backoff's Duration arithmetic cannot overflow, and so a
+        // broker that comes back is found within the hour.
+        if !(self.reconnect_min_s.is_finite() && (0.001..=3600.0).contains(&self.reconnect_min_s)) {
+            bad("reconnect_min_s", format!("{} must be between 0.001 and 3600", self.reconnect_min_s));
         }
-        if self.reconnect_max_ms < self.reconnect_min_ms {
+        if !(self.reconnect_max_s.is_finite() && self.reconnect_max_s <= 3600.0) {
+            bad("reconnect_max_s", format!("{} must be at most 3600", self.reconnect_max_s));
+        } else if self.reconnect_max_s < self.reconnect_min_s {
             bad(
-                "reconnect_max_ms",
-                format!("{} is below reconnect_min_ms ({})", self.reconnect_max_ms, self.reconnect_min_ms),
+                "reconnect_max_s",
+                format!("{} is below reconnect_min_s ({})", self.reconnect_max_s, self.reconnect_min_s),
             );
         }
         if self.password_file.is_some() && self.password_env.is_some() {
@@ -316,9 +318,6 @@ impl MqttConfig {
         if !hz.is_finite() || !(hz == 0.0 || (0.001..=1000.0).contains(&hz)) {
             bad("score_max_rate_hz", format!("{hz} must be 0 (scores off) or between 0.001 and 1000"));
         }
-        if self.stats_interval_s == 0 {
-            bad("stats_interval_s", "must be at least 1".into());
-        }
         if self.score_queue == 0 {
             bad("score_queue", "must be at least 1".into());
         }
@@ -328,8 +327,9 @@ impl MqttConfig {
         if self.outbox_max_rows == 0 {
             bad("outbox_max_rows", "must be at least 1".into());
         }
-        if self.outbox_max_age_s == 0 {
-            bad("outbox_max_age_s", "must be at least 1".into());
+        // A year at most: the age is compared in milliseconds.
+        if !(self.outbox_max_age_s.is_finite() && (1.0..=366.0 * 86_400.0).contains(&self.outbox_max_age_s)) {
+            bad("outbox_max_age_s", format!("{} must be between 1 and 31622400 (a year)", self.outbox_max_age_s));
         }
         // rumqttc's packet ids run 1..inflight; the window must fit in them.
         if self.alarm_inflight == 0 || self.alarm_inflight > 1000 {
@@ -339,6 +339,39 @@ impl MqttConfig {
         {
             bad("discovery_prefix", format!("{:?} is not a valid topic prefix", self.discovery_prefix));
         }
+    }
+
+    /// The same settings with relative paths resolved against `base` (the
+    /// config file's directory), as every other path of the config is.
+    pub fn resolved(&self, base: &Path) -> MqttConfig {
+        let mut m = self.clone();
+        m.outbox_path = base.join(&m.outbox_path);
+        m.password_file = m.password_file.map(|p| base.join(p));
+        if let Some(t) = m.tls.as_mut() {
+            t.ca_file = base.join(&t.ca_file);
+            t.cert_file = t.cert_file.as_ref().map(|p| base.join(p));
+            t.key_file = t.key_file.as_ref().map(|p| base.join(p));
+        }
+        m
+    }
+
+    /// Keep-alive as rumqttc takes it (validated: whole seconds).
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(self.keep_alive_s as u64)
+    }
+
+    /// Connect timeout in the whole seconds rumqttc takes (validated).
+    pub fn connect_timeout_secs(&self) -> u64 {
+        self.connect_timeout_s as u64
+    }
+
+    /// First and longest reconnect wait.
+    pub fn reconnect(&self) -> (Duration, Duration) {
+        (Duration::from_secs_f64(self.reconnect_min_s), Duration::from_secs_f64(self.reconnect_max_s))
+    }
+
+    pub fn outbox_max_age(&self) -> Duration {
+        Duration::from_secs_f64(self.outbox_max_age_s)
     }
 
     /// Node id in force: the configured one, else the host name.
@@ -410,9 +443,9 @@ mod tests {
             port: 0,
             topic_prefix: "a/#".into(),
             node_id: "x/y".into(),
-            keep_alive_s: 0,
-            reconnect_min_ms: 100,
-            reconnect_max_ms: 10,
+            keep_alive_s: 0.0,
+            reconnect_min_s: 0.1,
+            reconnect_max_s: 0.01,
             password_env: Some("PW".into()),
             tls: Some(TlsConfig { ca_file: "ca.pem".into(), cert_file: Some("c.pem".into()), key_file: None }),
             score_max_rate_hz: -1.0,
@@ -426,7 +459,7 @@ mod tests {
             "mqtt.topic_prefix:",
             "mqtt.node_id:",
             "mqtt.keep_alive_s:",
-            "mqtt.reconnect_max_ms:",
+            "mqtt.reconnect_max_s:",
             "mqtt.username:",
             "mqtt.tls.cert_file:",
             "mqtt.score_max_rate_hz:",

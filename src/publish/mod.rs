@@ -5,14 +5,12 @@
 //! - [`config`]: the `[mqtt]` config section and its validation.
 //! - [`mqtt`]: [`MqttPublisher`], the rumqttc client in a tokio task of its own.
 //! - [`outbox`]: the durable SQLite alarm queue (deleted on PUBACK only).
-//! - [`backoff`]: exponential reconnect backoff with jitter.
 //! - [`tls`]: the rustls client config (ring provider).
 //! - [`discovery`]: Home Assistant discovery messages.
 //! - [`broker`]: the embedded rumqttd broker.
 //!
 //! Topics and payloads are documented in `docs/mqtt.md`.
 
-pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod discovery;

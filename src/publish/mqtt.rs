@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::backoff::Backoff;
 use super::config::MqttConfig;
 use super::outbox::Outbox;
 use super::{discovery, EmbeddedBroker, PublishError, Topics};
+use crate::base::backoff::Backoff;
 use crate::events::{now_ms, AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
 
 /// How long a clean stop waits for `offline` and in-flight alarms to be
@@ -149,7 +149,7 @@ impl MqttPublisher {
         }
         let node = cfg.resolved_node_id();
         let topics = Topics::new(&cfg.topic_prefix, &node);
-        let outbox = Outbox::open(&cfg.outbox_path, cfg.outbox_max_rows, Duration::from_secs(cfg.outbox_max_age_s))?;
+        let outbox = Outbox::open(&cfg.outbox_path, cfg.outbox_max_rows, cfg.outbox_max_age())?;
 
         let broker = if cfg.embedded { Some(EmbeddedBroker::start(cfg.embedded_listen)?) } else { None };
         let (host, port) = match &broker {
@@ -158,7 +158,7 @@ impl MqttPublisher {
         };
         let client_id = cfg.resolved_client_id(&node);
         let mut opts = MqttOptions::new(client_id.clone(), host.clone(), port);
-        opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s))
+        opts.set_keep_alive(cfg.keep_alive())
             .set_clean_session(true)
             .set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true))
             // Snapshots are JPEGs of a few hundred kB; rumqttc's default is 10 kB.
@@ -203,17 +203,17 @@ impl MqttPublisher {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let (link_tx, link_rx) = mpsc::unbounded_channel();
-        let backoff =
-            Backoff::new(Duration::from_millis(cfg.reconnect_min_ms), Duration::from_millis(cfg.reconnect_max_ms));
+        let (reconnect_min, reconnect_max) = cfg.reconnect();
+        let backoff = Backoff::new(reconnect_min, reconnect_max);
         let cap = cfg.score_queue + 256;
-        let connect_timeout = cfg.connect_timeout_s;
+        let connect_timeout = cfg.connect_timeout_secs();
         rt.spawn(link_task(opts, cap, connect_timeout, backoff, link_tx, stop_rx.clone()));
 
         let task = Task {
             shared: shared.clone(),
             alarm_inflight: cfg.alarm_inflight.max(1) as usize,
             discovery: cfg.discovery.then(|| cfg.discovery_prefix.clone()),
-            stats_interval: Duration::from_secs(cfg.stats_interval_s),
+            stats_interval: Duration::from_secs(10),
             conn: None,
             discovered: HashSet::new(),
         };
@@ -879,8 +879,8 @@ mod tests {
             port, // nobody listens: connect failures get logged too
             username: Some("box".into()),
             password_env: Some(var.into()),
-            reconnect_min_ms: 10,
-            reconnect_max_ms: 20,
+            reconnect_min_s: 0.01,
+            reconnect_max_s: 0.02,
             outbox_path: dir.path().join("o.sqlite"),
             ..MqttConfig::default()
         };

@@ -51,12 +51,11 @@ pub fn test_config(host: &str, port: u16, prefix: &str, node: &str, outbox: &Pat
         port,
         topic_prefix: prefix.into(),
         node_id: node.into(),
-        keep_alive_s: 2,
-        connect_timeout_s: 2,
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 400,
+        keep_alive_s: 2.0,
+        connect_timeout_s: 2.0,
+        reconnect_min_s: 0.05,
+        reconnect_max_s: 0.4,
         score_max_rate_hz: 1000.0,
-        stats_interval_s: 1,
         outbox_path: outbox.to_path_buf(),
         ..MqttConfig::default()
     }

@@ -66,6 +66,13 @@ pub struct TensorInfo {
     pub dims: Vec<Option<i64>>,
 }
 
+/// An uncalibrated model of `arch` with random generator weights from `seed`
+/// (map_max kernel 5): the fixture tests and `ganomalyd bench` run when no
+/// trained model is at hand.
+pub fn random_model(arch: &ArchSpec, seed: u64) -> Result<Vec<u8>, OnnxError> {
+    write_model(arch, &Weights::random_generator(arch, seed), &ModelMetadata::uncalibrated(*arch, 5))
+}
+
 /// Writes the GANomaly graph of `arch` with `weights` (checked against the
 /// architecture) and `meta` in `metadata_props`. Returns the serialised bytes.
 pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> Result<Vec<u8>, OnnxError> {

@@ -1,32 +1,50 @@
 //! `ganomalyd run`: the daemon's lifetime around the pipeline — publisher
 //! start, pipeline start, systemd READY/watchdog, SIGHUP reload, orderly
 //! shutdown (sources stop, stages drain, the publisher flushes and goes
-//! `offline`). `main` only turns OS signals into [`Signal`]s.
+//! `offline`). [`run`] turns OS signals into [`Signal`]s and calls [`daemon`],
+//! which tests drive in-process through its signal receiver.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{self, Settings};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
-use crate::publish::NullPublisher;
+use crate::publish::{NullPublisher, PublishError};
 use crate::systemd;
+
+/// `ganomalyd run --config FILE`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error("MQTT publisher: {0}")]
-    Publish(String),
-    #[error("cannot start the async runtime: {0}")]
-    Runtime(std::io::Error),
+    #[error("MQTT publisher")]
+    Publish(#[source] PublishError),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Exporter(#[from] ExporterError),
+}
+
+/// Loads the config (the same compile as `check-config`) and runs the daemon
+/// until SIGTERM/SIGINT.
+pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
+    let settings = config::load(&args.config)?;
+    let signals = spawn_signal_thread()?;
+    daemon(settings, args.config.clone(), signals)?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// What the signal handler asks for.
@@ -46,7 +64,8 @@ const READY_AT_LATEST: Duration = Duration::from_secs(10);
 const PUBLISHER_FLUSH: Duration = Duration::from_secs(5);
 
 /// Runs until a [`Signal::Stop`] arrives (or the channel closes).
-pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Result<(), DaemonError> {
+/// `config_path` is re-read on [`Signal::Reload`].
+pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) -> Result<(), DaemonError> {
     // tokio is for network I/O only: one worker is plenty.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -56,8 +75,8 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
         .map_err(DaemonError::Runtime)?;
     // Bound and served first: a taken port fails start-up before any thread
     // runs, and probes get `starting` while the models load.
-    let exporter = match cfg.metrics.enabled.then(|| exporter::bind(&cfg.metrics)).transpose()? {
-        Some(socket) => Some(Exporter::start(socket, Duration::from_secs_f64(cfg.metrics.stale_after_s), rt.handle())?),
+    let exporter = match &cfg.metrics {
+        Some(m) => Some(Exporter::start(exporter::bind(m)?, m.stale_after, rt.handle())?),
         None => None,
     };
     let stop_exporter = |e: Option<Exporter>| {
@@ -66,13 +85,13 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
         }
     };
     let (publisher, handle, publisher_counters): (Arc<dyn Publisher>, _, Option<exporter::CountersFn>) =
-        match cfg.mqtt.as_ref().filter(|m| m.enabled) {
+        match cfg.mqtt.as_ref() {
             Some(m) => {
                 let (p, h) = match MqttPublisher::start(m, rt.handle()) {
                     Ok(started) => started,
                     Err(e) => {
                         stop_exporter(exporter);
-                        return Err(DaemonError::Publish(e.to_string()));
+                        return Err(DaemonError::Publish(e));
                     }
                 };
                 let counters = p.clone();
@@ -151,17 +170,50 @@ pub fn run(cfg: Config, config_path: PathBuf, signals: Receiver<Signal>) -> Resu
 }
 
 /// SIGHUP: re-reads the file; a file with problems changes nothing.
-fn reload(pipeline: &Pipeline, path: &std::path::Path) {
-    match Config::load(path) {
-        Ok(cfg) => {
-            let not_applied = pipeline.reload_alarms(&cfg);
+fn reload(pipeline: &Pipeline, path: &Path) {
+    match config::load(path) {
+        Ok(settings) => {
+            let not_applied = pipeline.reload_alarms(&settings);
             if !not_applied.is_empty() {
                 tracing::warn!(cameras = ?not_applied, "cameras added or removed: restart to apply");
             }
             tracing::info!("alarm settings reloaded (other changes need a restart)");
         }
-        Err(e @ ConfigError::Invalid { .. }) | Err(e @ ConfigError::Parse { .. }) | Err(e @ ConfigError::Io { .. }) => {
-            tracing::error!(error = %e, "reload refused: keeping the running settings");
-        }
+        Err(e) => tracing::error!(error = %e, "reload refused: keeping the running settings"),
     }
+}
+
+/// SIGTERM/SIGINT → Stop (a second one exits at once), SIGHUP → Reload.
+fn spawn_signal_thread() -> anyhow::Result<Receiver<Signal>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("signal runtime")?;
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        rt.block_on(async move {
+            let mut stops = 0;
+            loop {
+                let sig = tokio::select! {
+                    _ = term.recv() => Signal::Stop,
+                    _ = int.recv() => Signal::Stop,
+                    _ = hup.recv() => Signal::Reload,
+                };
+                if sig == Signal::Stop {
+                    stops += 1;
+                    if stops > 1 {
+                        eprintln!("second stop signal: exiting without draining");
+                        std::process::exit(130);
+                    }
+                }
+                let _ = tx.send(sig);
+            }
+        })
+    })?;
+    Ok(rx)
 }

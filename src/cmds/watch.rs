@@ -1,8 +1,8 @@
 //! `ganomalyd watch`: subscribe to a daemon's topics and print what it says,
 //! readably or as JSON lines (`--json`), for commissioning and debugging.
 //!
-//! main.rs wires it as `Watch(watch::WatchArgs)` and calls
-//! `watch::run(args).await` (or `block_on` it on a runtime of its own).
+//! [`run`] blocks on a current-thread runtime of its own; [`run_to`] is the
+//! async body (tests drive it on theirs).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,8 +49,10 @@ pub struct WatchArgs {
 }
 
 /// Runs until Ctrl-C (or `--count` messages), printing to stdout.
-pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    run_to(args, &mut std::io::stdout()).await
+pub fn run(args: WatchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run_to(args, &mut std::io::stdout()))?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// [`run`] writing to `out` (tests capture it).
@@ -136,11 +138,14 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
 
 /// The `[mqtt]` section of a daemon config, relative paths resolved as the
 /// daemon resolves them (against the config file's directory).
+/// Only parsed, not compiled: the watching machine need not have the models
+/// or cameras the config names.
 fn mqtt_section(path: &std::path::Path) -> anyhow::Result<MqttConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let base = path.parent().unwrap_or(std::path::Path::new("."));
-    let cfg = crate::config::Config::parse(&text, base).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(cfg.mqtt.unwrap_or_default())
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = absolute.parent().unwrap_or(std::path::Path::new("."));
+    let file = crate::config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(file.mqtt.map(|m| m.resolved(base)).unwrap_or_default())
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a ms timestamp.

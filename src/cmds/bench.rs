@@ -13,7 +13,6 @@
 //! Figures from noisy shared machines vary run to run; that is why speed is
 //! measured here and never asserted in tests.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +21,8 @@ use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Texture};
 use serde::Serialize;
 
-use crate::capture::{self, CaptureError, FrameData, FrameSource, PixelFormat};
-use crate::config::{
-    CameraTable, Config, InferenceConfig, PipelineConfig, Provider, SnapshotConfig, SourceConfig, SyntheticSource,
-};
+use crate::capture::{self, CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory, SourcePlan};
+use crate::config::{AlarmConfig, CameraPlan, InferenceSettings, PipelineSettings, Provider, ScoreChoice, Settings};
 use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
 use crate::infer::{BatchOutput, InferError, Model};
 use crate::metrics::{peak_rss_mb, CameraCounters, LatencyHistogram};
@@ -39,44 +36,67 @@ pub enum BenchError {
     Pipeline(#[from] PipelineError),
     #[error("cannot write the fixture model: {0}")]
     Fixture(String),
+    #[error("cannot preprocess the bench frames: {0}")]
+    Preprocess(#[from] ganomaly_core::preprocess::PreprocessError),
     #[error("the pipeline decided no frame within {0:?}")]
     Stalled(Duration),
 }
 
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
-    pub model: Option<PathBuf>,
+/// `ganomalyd bench`: raw ONNX Runtime throughput against the whole pipeline's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = 1)]
     pub cameras: usize,
     /// Frames measured (raw ORT and pipeline alike).
+    #[arg(long, default_value_t = 2000)]
     pub frames: u64,
+    #[arg(long)]
+    pub json: bool,
+    /// Model to bench (default: models/demo.onnx, else a random-weights fixture of its shape).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long = "batch", default_value_t = 8)]
     pub max_batch: usize,
-    pub max_wait_ms: u64,
+    /// Seconds a batch waits to fill (the config's `inference.max_wait_s`).
+    #[arg(long, default_value_t = 0.005, value_parser = seconds)]
+    pub max_wait_s: f64,
+    /// ONNX Runtime intra-op threads (0 = one per core).
+    #[arg(long = "threads", default_value_t = 0)]
     pub intra_threads: usize,
+    #[arg(long, default_value_t = 1)]
     pub preprocess_threads: usize,
     /// Camera frame size (synthetic texture resized to it).
+    #[arg(long, default_value_t = 640)]
     pub width: u32,
+    #[arg(long, default_value_t = 480)]
     pub height: u32,
-    /// Offered load as a multiple of the raw ORT rate.
+    /// Load offered by the cameras, as a multiple of the raw ORT rate.
+    #[arg(long, default_value_t = 1.1)]
     pub offer: f64,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then the project's .venv).
+    #[arg(long)]
     pub ort_library: Option<PathBuf>,
 }
 
-impl Default for BenchOptions {
-    fn default() -> Self {
-        BenchOptions {
-            model: None,
-            cameras: 1,
-            frames: 2000,
-            max_batch: 8,
-            max_wait_ms: 5,
-            intra_threads: 0,
-            preprocess_threads: 1,
-            width: 640,
-            height: 480,
-            offer: 1.1,
-            ort_library: None,
-        }
+/// A wait in seconds that a `Duration` can hold (0..=1 s, as the config allows).
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
     }
+}
+
+/// Runs the bench and prints its report (text, or one JSON line).
+pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
+    let report = measure(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.text());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +143,27 @@ struct BenchSource {
     next: usize,
 }
 
+/// Camera `next` of the bench: cycles the shared frames from its own offset.
+struct BenchPlan {
+    frames: Arc<Vec<FrameData>>,
+    next: usize,
+}
+
+impl std::fmt::Debug for BenchPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BenchPlan({} frames from {})", self.frames.len(), self.next)
+    }
+}
+
+impl SourcePlan for BenchPlan {
+    fn kind(&self) -> &'static str {
+        "bench"
+    }
+    fn factory(&self) -> SourceFactory {
+        capture::factory(BenchSource { frames: self.frames.clone(), next: self.next })
+    }
+}
+
 impl FrameSource for BenchSource {
     fn describe(&self) -> String {
         "bench frames".into()
@@ -150,7 +191,7 @@ fn frames(width: u32, height: u32) -> Vec<FrameData> {
 
 /// The model to bench: the given one, the bundled demo model, or a
 /// random-weights fixture of the demo's shape (64×64 RGB, ngf 32).
-fn model_path(opts: &BenchOptions, tmp: &Path) -> Result<PathBuf, BenchError> {
+fn model_path(opts: &Args, tmp: &Path) -> Result<PathBuf, BenchError> {
     if let Some(m) = &opts.model {
         return Ok(m.clone());
     }
@@ -160,38 +201,33 @@ fn model_path(opts: &BenchOptions, tmp: &Path) -> Result<PathBuf, BenchError> {
     }
     let arch =
         ganomaly_core::ArchSpec { isize: 64, nc: 3, nz: 100, ngf: 32, ndf: 32, extralayers: 0, ..Default::default() };
-    let bytes = ganomaly_core::onnx::write_model(
-        &arch,
-        &ganomaly_core::Weights::random_generator(&arch, 1),
-        &ganomaly_core::ModelMetadata::uncalibrated(arch, 5),
-    )
-    .map_err(|e| BenchError::Fixture(e.to_string()))?;
+    let bytes = ganomaly_core::onnx::random_model(&arch, 1).map_err(|e| BenchError::Fixture(e.to_string()))?;
     let p = tmp.join("bench-fixture.onnx");
     std::fs::write(&p, bytes).map_err(|e| BenchError::Fixture(e.to_string()))?;
     tracing::warn!("models/demo.onnx not found: benchmarking a random-weights 64x64x3 ngf 32 fixture");
     Ok(p)
 }
 
-pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+/// The figures of one bench run.
+pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&tmp);
     let model = model_path(opts, &tmp)?;
-    let infer = InferenceConfig {
+    let infer = InferenceSettings {
         providers: vec![Provider::Cpu],
         max_batch: opts.max_batch.max(1),
-        max_wait_ms: opts.max_wait_ms,
+        max_wait: Duration::from_secs_f64(opts.max_wait_s),
         intra_threads: opts.intra_threads,
         ort_library: opts.ort_library.clone(),
-        ..InferenceConfig::default()
+        ..InferenceSettings::default()
     };
-    let base = std::env::current_dir().unwrap_or_default();
     let frames = Arc::new(frames(opts.width, opts.height));
 
     // 1. Raw ORT: the session alone, full batches.
     // Dropped before the pipeline starts so that its threads and memory do
     // not count against the pipeline; loaded again for the second raw run.
     let (raw_before, provider, preprocess_fps) = {
-        let mut raw = RawRun::new(&model, &infer, &base, &frames)?;
+        let mut raw = RawRun::new(&model, &infer, &frames)?;
         (raw.measure(opts.frames)?, raw.provider(), raw.preprocess_fps(&frames)?)
     };
     let raw_fps = raw_before;
@@ -199,41 +235,31 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // 2. The pipeline, offered a little more than the model can take.
     let n = opts.cameras.max(1);
     let offered = raw_fps * opts.offer;
-    let mut cfg = Config {
+    let cameras = (0..n)
+        .map(|i| CameraPlan {
+            name: format!("bench{i}"),
+            source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
+            model: model.clone(),
+            score: ScoreChoice::ModelDefault,
+            fps: offered / n as f64,
+            roi: None,
+            alarm: AlarmConfig::default(),
+        })
+        .collect();
+    let settings = Settings {
         inference: infer,
-        pipeline: PipelineConfig {
+        pipeline: PipelineSettings {
             preprocess_threads: opts.preprocess_threads.max(1),
             frame_queue: 2,
-            stats_interval_s: 3600.0,
+            stats_interval: Duration::from_secs(3600),
         },
-        snapshots: SnapshotConfig { enabled: false, ..SnapshotConfig::default() },
-        base_dir: base,
-        ..Config::default()
+        snapshots: None,
+        cameras,
+        mqtt: None,
+        metrics: None,
     };
-    cfg.defaults = CameraTable {
-        model: Some(model.clone()),
-        fps: Some(offered / n as f64),
-        // Replaced by the bench source below; only there to make the config complete.
-        source: Some(SourceConfig::Synthetic(SyntheticSource {
-            texture: "noise".into(),
-            size: 64,
-            seed: 0,
-            variations: 1,
-            defect_every: 0,
-            defect_frames: 0,
-            defects: Vec::new(),
-            strength: 1.0,
-        })),
-        ..CameraTable::default()
-    };
-    let mut sources = BTreeMap::new();
-    for i in 0..n {
-        let name = format!("bench{i}");
-        cfg.cameras.insert(name.clone(), CameraTable::default());
-        sources.insert(name, capture::factory(BenchSource { frames: frames.clone(), next: i }));
-    }
     let pipeline =
-        Pipeline::start(&cfg, Arc::new(Discard), StartOptions { sources, stats: false, ..StartOptions::default() })?;
+        Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;
     let warmup = (opts.max_batch as u64 * 4).max(16);
     let limit = Duration::from_secs(60);
     wait_for(&pipeline, warmup, limit)?;
@@ -258,7 +284,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let pipeline_fps = (d1 - d0) as f64 / elapsed;
     // Raw ORT again, after: on a shared machine the load drifts, and the
     // ratio should compare like with like.
-    let raw_after = RawRun::new(&model, &cfg.inference, &cfg.base_dir, &frames)?.measure(opts.frames)?;
+    let raw_after = RawRun::new(&model, &settings.inference, &frames)?.measure(opts.frames)?;
     let raw_fps = (raw_before + raw_after) / 2.0;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(BenchReport {
@@ -292,16 +318,15 @@ struct RawRun {
 }
 
 impl RawRun {
-    fn new(path: &Path, infer: &InferenceConfig, base: &Path, frames: &[FrameData]) -> Result<RawRun, BenchError> {
-        let m = Model::load(path, infer, base)?;
+    fn new(path: &Path, infer: &InferenceSettings, frames: &[FrameData]) -> Result<RawRun, BenchError> {
+        let m = Model::load(path, infer)?;
         let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
         let len = m.tensor_len();
         let b = infer.max_batch;
         let mut input = vec![0.0f32; len * b];
         for i in 0..b {
             let f = &frames[i % frames.len()];
-            prep.run(&frame_ref(f), None, &mut input[i * len..(i + 1) * len])
-                .map_err(|e| InferError::Run(e.to_string()))?;
+            prep.run(&frame_ref(f), None, &mut input[i * len..(i + 1) * len])?;
         }
         Ok(RawRun { model: m, input, batch: b })
     }
@@ -331,8 +356,7 @@ impl RawRun {
         let n = 500;
         let t = Instant::now();
         for i in 0..n {
-            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out)
-                .map_err(|e| InferError::Run(e.to_string()))?;
+            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out)?;
         }
         Ok(n as f64 / t.elapsed().as_secs_f64())
     }

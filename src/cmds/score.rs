@@ -13,8 +13,37 @@ use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::ScoreKind;
 use serde::Serialize;
 
-use crate::config::InferenceConfig;
+use crate::config::{InferenceSettings, Provider};
 use crate::infer::{BatchOutput, InferError, Model};
+
+/// `ganomalyd score`: score image files with a model, as the daemon would.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One JSON object per image.
+    #[arg(long)]
+    pub json: bool,
+    /// Execution providers to try, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tensorrt,cuda,cpu")]
+    pub providers: Vec<Provider>,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then the project's .venv).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Scores the images to stdout; fails (exit 1) when any could not be scored.
+pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
+    let infer = InferenceSettings {
+        providers: args.providers.clone(),
+        ort_library: args.ort_library.clone(),
+        ..InferenceSettings::default()
+    };
+    let failed = score_images(&args.model, &args.images, args.json, &infer, &mut std::io::stdout().lock())?;
+    Ok(if failed == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
@@ -49,15 +78,14 @@ pub struct ImageScore {
 }
 
 /// Scores every image; returns how many could not be read or scored.
-pub fn run(
+pub fn score_images(
     model_path: &std::path::Path,
     images: &[PathBuf],
     json: bool,
-    infer: &InferenceConfig,
+    infer: &InferenceSettings,
     out: &mut dyn Write,
 ) -> Result<usize, ScoreError> {
-    let base = std::env::current_dir().unwrap_or_default();
-    let mut model = Model::load(model_path, infer, &base)?;
+    let mut model = Model::load(model_path, infer)?;
     let mut prep = Preprocessor::from_meta(&model.meta.preprocess);
     let mut tensor = vec![0.0f32; prep.tensor_len()];
     let mut batch = BatchOutput::default();

@@ -1,0 +1,9 @@
+//! What the stages share without depending on one another: the retry
+//! backoff (cameras and the MQTT link), a sleep that a shutdown cuts short,
+//! and the inference heartbeat (the watchdog and `/healthz` read it).
+
+pub mod backoff;
+pub mod liveness;
+pub mod stop;
+
+pub use liveness::Liveness;

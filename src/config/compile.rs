@@ -1,0 +1,336 @@
+//! Checks a parsed [`ConfigFile`] and compiles it into [`Settings`]: every
+//! problem at once, each naming its field as a dotted path
+//! (`cameras.line3.alarm.min_frames: must be ≥ 1`), so that an ops engineer
+//! fixes a file in one round trip. The files and devices the config names are
+//! probed too (models and their scores, replay images, camera devices), so
+//! that `check-config` as `ExecStartPre` catches them.
+//!
+//! Relative paths (model, replay folder, snapshot dir, TensorRT cache, ORT
+//! library, the MQTT files) are resolved against the directory of the config
+//! file, so a config means the same thing whatever the process's working
+//! directory is.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::file::{
+    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig,
+};
+use super::settings::{
+    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
+    SnapshotSettings,
+};
+use crate::capture::CameraContext;
+
+const DEFAULT_WIDTH: u32 = 640;
+const DEFAULT_HEIGHT: u32 = 480;
+const DEFAULT_FPS: f64 = 15.0;
+
+/// `base` joined to `p` unless `p` is absolute.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    base.join(p)
+}
+
+/// The settings, or every problem (never both: a file with a problem starts nothing).
+pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
+    let mut problems = Vec::new();
+    let inference = inference(&file.inference, base, &mut problems);
+    let pipeline = pipeline(&file.pipeline, &mut problems);
+    let snapshots = snapshots(&file.snapshots, base, &mut problems);
+    let metrics = metrics(&file.metrics, &mut problems);
+    let mqtt = file.mqtt.as_ref().filter(|m| m.enabled).map(|m| {
+        m.validate("mqtt", &mut problems);
+        m.resolved(base)
+    });
+    table_fields(&file.defaults, "defaults", &mut problems);
+    if file.cameras.is_empty() {
+        problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
+    }
+    let mut cameras = Vec::new();
+    for (name, table) in &file.cameras {
+        if let Some(cam) = camera(file, base, name, table, &mut problems) {
+            cameras.push(cam);
+        }
+    }
+    // A problem in `[defaults]` shows once, not once per camera that inherits it.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
+    match (problems.is_empty(), inference, pipeline) {
+        (true, Some(inference), Some(pipeline)) => {
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics })
+        }
+        _ => Err(problems),
+    }
+}
+
+fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Option<InferenceSettings> {
+    let p = "inference";
+    let before = problems.len();
+    if c.providers.is_empty() {
+        problems.push(format!("{p}.providers: list at least one of tensorrt, cuda, cpu"));
+    }
+    if c.require_accelerator && c.providers.iter().all(|x| *x == Provider::Cpu) {
+        problems.push(format!("{p}.require_accelerator: true, but providers lists no accelerator (tensorrt, cuda)"));
+    }
+    if !(1..=256).contains(&c.max_batch) {
+        problems.push(format!("{p}.max_batch: must be between 1 and 256 (got {})", c.max_batch));
+    }
+    if !(c.max_wait_s.is_finite() && (0.0..=1.0).contains(&c.max_wait_s)) {
+        problems.push(format!(
+            "{p}.max_wait_s: must be between 0 and 1 (got {}): it is latency added to every frame",
+            c.max_wait_s
+        ));
+    }
+    if c.intra_threads > 1024 {
+        problems.push(format!("{p}.intra_threads: must be ≤ 1024 (got {})", c.intra_threads));
+    }
+    let ort_library = c.ort_library.as_ref().map(|lib| resolve(base, lib));
+    if let Some(lib) = &ort_library {
+        if !lib.is_file() {
+            problems.push(format!("{p}.ort_library: {} does not exist", lib.display()));
+        }
+    }
+    (problems.len() == before).then(|| InferenceSettings {
+        providers: c.providers.clone(),
+        require_accelerator: c.require_accelerator,
+        device_id: c.device_id,
+        max_batch: c.max_batch,
+        max_wait: Duration::from_secs_f64(c.max_wait_s),
+        intra_threads: c.intra_threads,
+        trt_cache_dir: c.trt_cache_dir.as_ref().map(|d| resolve(base, d)),
+        trt_fp16: c.trt_fp16,
+        ort_library,
+    })
+}
+
+fn pipeline(c: &PipelineConfig, problems: &mut Vec<String>) -> Option<PipelineSettings> {
+    let p = "pipeline";
+    let before = problems.len();
+    if !(1..=64).contains(&c.preprocess_threads) {
+        problems.push(format!("{p}.preprocess_threads: must be between 1 and 64 (got {})", c.preprocess_threads));
+    }
+    if !(1..=64).contains(&c.frame_queue) {
+        problems.push(format!("{p}.frame_queue: must be between 1 and 64 (got {})", c.frame_queue));
+    }
+    // A day at most: beyond that the figures are no longer news, and a
+    // Duration cannot hold every float.
+    if !(c.stats_interval_s.is_finite() && (0.1..=86_400.0).contains(&c.stats_interval_s)) {
+        problems.push(format!("{p}.stats_interval_s: must be between 0.1 and 86400 (got {})", c.stats_interval_s));
+    }
+    (problems.len() == before).then(|| PipelineSettings {
+        preprocess_threads: c.preprocess_threads,
+        frame_queue: c.frame_queue,
+        stats_interval: Duration::from_secs_f64(c.stats_interval_s),
+    })
+}
+
+fn snapshots(c: &SnapshotConfig, base: &Path, problems: &mut Vec<String>) -> Option<SnapshotSettings> {
+    let p = "snapshots";
+    if !(1..=100).contains(&c.quality) {
+        problems.push(format!("{p}.quality: must be between 1 and 100 (got {})", c.quality));
+    }
+    if !(0.0..=1.0).contains(&c.overlay_alpha) {
+        problems.push(format!("{p}.overlay_alpha: must be between 0 and 1 (got {})", c.overlay_alpha));
+    }
+    if c.enabled && c.retain == 0 {
+        problems.push(format!("{p}.retain: must be ≥ 1 while snapshots are enabled"));
+    }
+    if c.enabled && c.dir.as_os_str().is_empty() {
+        problems.push(format!("{p}.dir: must not be empty while snapshots are enabled"));
+    }
+    c.enabled.then(|| SnapshotSettings {
+        dir: resolve(base, &c.dir),
+        retain: c.retain,
+        quality: c.quality,
+        overlay_alpha: c.overlay_alpha,
+    })
+}
+
+fn metrics(c: &MetricsConfig, problems: &mut Vec<String>) -> Option<MetricsSettings> {
+    let p = "metrics";
+    let listen = c.listen.parse::<SocketAddr>().ok();
+    if listen.is_none() {
+        problems
+            .push(format!("{p}.listen: `{}` is not an address and port like 127.0.0.1:9464 or [::1]:9464", c.listen));
+    }
+    let stale_ok = c.stale_after_s.is_finite() && (2.0..=3600.0).contains(&c.stale_after_s);
+    if !stale_ok {
+        problems.push(format!(
+            "{p}.stale_after_s: must be between 2 and 3600 (got {}): an idle inference thread beats once a second",
+            c.stale_after_s
+        ));
+    }
+    match (c.enabled, listen) {
+        (true, Some(listen)) if stale_ok => {
+            Some(MetricsSettings { listen, stale_after: Duration::from_secs_f64(c.stale_after_s) })
+        }
+        _ => None,
+    }
+}
+
+/// Range checks on the fields one table sets (`[defaults]` or one camera),
+/// before merging: a bad value is named where it is written.
+fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
+    if let Some(s) = &t.score {
+        if ScoreChoice::parse(s).is_none() {
+            problems.push(format!("{p}.score: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
+        }
+    }
+    if t.width == Some(0) {
+        problems.push(format!("{p}.width: must be ≥ 1"));
+    }
+    if t.height == Some(0) {
+        problems.push(format!("{p}.height: must be ≥ 1"));
+    }
+    if let Some(fps) = t.fps {
+        if !(fps.is_finite() && (0.0..=1000.0).contains(&fps)) {
+            problems.push(format!("{p}.fps: must be between 0 and 1000 (got {fps})"));
+        }
+    }
+    if let Some(r) = &t.roi {
+        if r.width == 0 || r.height == 0 {
+            problems.push(format!("{p}.roi: width and height must be ≥ 1"));
+        }
+    }
+    if let Some(a) = &t.alarm {
+        alarm_fields(a, &format!("{p}.alarm"), problems);
+    }
+}
+
+fn alarm_fields(a: &AlarmTable, pa: &str, problems: &mut Vec<String>) {
+    for (name, v) in [("threshold", a.threshold), ("clear_threshold", a.clear_threshold)] {
+        if let Some(v) = v {
+            if !(0.0..=1.0).contains(&v) {
+                problems.push(format!("{pa}.{name}: must be between 0 and 1 (normalized score; got {v})"));
+            }
+        }
+    }
+    if a.min_frames == Some(0) {
+        problems.push(format!("{pa}.min_frames: must be ≥ 1"));
+    }
+    if a.clear_frames == Some(0) {
+        problems.push(format!("{pa}.clear_frames: must be ≥ 1"));
+    }
+    if let Some(c) = a.cooldown_s {
+        if !(c.is_finite() && (0.0..=86_400.0).contains(&c)) {
+            problems.push(format!("{pa}.cooldown_s: must be between 0 and 86400 (got {c})"));
+        }
+    }
+}
+
+/// The alarm settings of a camera: its own table over `[defaults.alarm]` over
+/// the built-in defaults, field by field.
+fn merged_alarm(own: Option<&AlarmTable>, defaults: Option<&AlarmTable>) -> AlarmConfig {
+    let empty = AlarmTable::default();
+    let (ta, da) = (own.unwrap_or(&empty), defaults.unwrap_or(&empty));
+    let base = AlarmConfig::default();
+    let threshold = ta.threshold.or(da.threshold).unwrap_or(base.threshold);
+    // The clear threshold follows the alarm threshold unless set, so that
+    // raising `threshold` alone keeps a sensible hysteresis band.
+    let clear_threshold =
+        ta.clear_threshold.or(da.clear_threshold).unwrap_or(threshold - (base.threshold - base.clear_threshold));
+    AlarmConfig {
+        threshold,
+        clear_threshold,
+        min_frames: ta.min_frames.or(da.min_frames).unwrap_or(base.min_frames),
+        clear_frames: ta.clear_frames.or(da.clear_frames).unwrap_or(base.clear_frames),
+        // Range-checked above (0..=86400 s), so the product fits.
+        cooldown_ms: (ta.cooldown_s.or(da.cooldown_s).unwrap_or(0.0).max(0.0) * 1000.0) as u64,
+    }
+}
+
+/// Merges one camera's table over `[defaults]` (the only place that does),
+/// checks it against the world and compiles its plan.
+fn camera(
+    file: &ConfigFile,
+    base: &Path,
+    name: &str,
+    t: &CameraTable,
+    problems: &mut Vec<String>,
+) -> Option<CameraPlan> {
+    let d = &file.defaults;
+    let p = format!("cameras.{name}");
+    let before = problems.len();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        // The name becomes an MQTT topic level and a file name.
+        problems.push(format!("{p}: camera names may only hold letters, digits, `_` and `-`"));
+    }
+    table_fields(t, &p, problems);
+    // Where the source and model came from, for problems with them.
+    let (source, source_path) = match (&t.source, &d.source) {
+        (Some(s), _) => (Some(s), format!("{p}.source")),
+        (None, Some(s)) => (Some(s), "defaults.source".to_string()),
+        (None, None) => {
+            problems.push(format!("{p}.source: missing (set it here or in [defaults])"));
+            (None, String::new())
+        }
+    };
+    let model = t.model.as_ref().or(d.model.as_ref()).map(|m| resolve(base, m));
+    if model.is_none() {
+        problems.push(format!("{p}.model: missing (set it here or in [defaults])"));
+    }
+    let score =
+        t.score.as_ref().or(d.score.as_ref()).map_or(Some(ScoreChoice::ModelDefault), |s| ScoreChoice::parse(s));
+    let alarm = merged_alarm(t.alarm.as_ref(), d.alarm.as_ref());
+    if alarm.clear_threshold > alarm.threshold {
+        problems.push(format!(
+            "{p}.alarm.clear_threshold: must be ≤ threshold ({} > {}): the alarm would end while still anomalous",
+            alarm.clear_threshold, alarm.threshold
+        ));
+    }
+    // Normalized scores never go below 0: a clear threshold at or under 0
+    // (set, or derived as threshold − 0.05 from a tiny threshold) would keep
+    // an alarm active forever.
+    if alarm.clear_threshold <= 0.0 {
+        problems.push(format!(
+            "{p}.alarm.clear_threshold: must be > 0 (got {}; it defaults to threshold − 0.05, so set it when threshold is below 0.05): \
+             a normalized score never falls below 0, so the alarm would never end",
+            alarm.clear_threshold
+        ));
+    }
+    if let Some(model) = &model {
+        model_check(model, score, &p, problems);
+    }
+    let fps = t.fps.or(d.fps).unwrap_or(DEFAULT_FPS);
+    let cx = CameraContext {
+        camera: &p,
+        base_dir: base,
+        width: t.width.or(d.width).unwrap_or(DEFAULT_WIDTH),
+        height: t.height.or(d.height).unwrap_or(DEFAULT_HEIGHT),
+        fps,
+    };
+    let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
+    let roi = t.roi.or(d.roi);
+    if let (Some(r), Some((w, h))) = (&roi, source.and_then(|s| s.frame_size(&cx))) {
+        if r.x.saturating_add(r.width) > w || r.y.saturating_add(r.height) > h {
+            problems.push(format!(
+                "{p}.roi: {}x{} at ({}, {}) does not fit in the {w}x{h} frame",
+                r.width, r.height, r.x, r.y
+            ));
+        }
+    }
+    if problems.len() != before {
+        return None;
+    }
+    Some(CameraPlan { name: name.to_string(), source: plan?, model: model?, score: score?, fps, roi, alarm })
+}
+
+/// The model's own metadata must be readable and carry the score this camera
+/// wants: caught here rather than at the first frame.
+fn model_check(model: &Path, score: Option<ScoreChoice>, p: &str, problems: &mut Vec<String>) {
+    if !model.is_file() {
+        problems.push(format!("{p}.model: {} does not exist", model.display()));
+        return;
+    }
+    match ganomaly_core::onnx::read_metadata_file(model) {
+        Ok(meta) => {
+            if let Some(ScoreChoice::Kind(k)) = score {
+                if meta.score(k).is_none() {
+                    problems.push(format!("{p}.score: model {} has no `{}` score", model.display(), k.as_str()));
+                }
+            }
+        }
+        Err(e) => problems.push(format!("{p}.model: {}: {e}", model.display())),
+    }
+}

@@ -1,0 +1,181 @@
+//! The TOML file as written: every table and key, with serde defaults.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere: a misspelt key is an
+//! error, not a silently ignored setting). Values that need checking stay as
+//! written here (names as strings, durations as seconds); [`compile`](super::compile)
+//! turns them into [`Settings`](super::Settings) once.
+//!
+//! Durations: every duration key ends in `_s` and takes seconds, fractions
+//! allowed (`max_wait_s = 0.005`). Old `_ms` keys are refused with the name of
+//! their replacement (see `renamed.rs`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::settings::Provider;
+use crate::capture::SourceConfig;
+use crate::publish::config::MqttConfig;
+use ganomaly_core::preprocess::Roi;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub inference: InferenceConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub snapshots: SnapshotConfig,
+    /// Settings every camera inherits unless its own table sets them.
+    #[serde(default)]
+    pub defaults: CameraTable,
+    /// Cameras by name; the name is used in MQTT topics, file names and logs.
+    #[serde(default)]
+    pub cameras: BTreeMap<String, CameraTable>,
+    /// MQTT publisher; absent means scores and alarms are only logged.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    /// Prometheus `/metrics` and `/healthz` over HTTP (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Tried in order; the first that registers runs the model. CPU is always
+    /// the last resort, whether listed or not, unless `require_accelerator`.
+    pub providers: Vec<Provider>,
+    /// Refuse to start rather than silently run on the CPU: a box sized for a
+    /// GPU would fall far behind its cameras on the CPU.
+    pub require_accelerator: bool,
+    /// CUDA device index for the CUDA and TensorRT providers.
+    pub device_id: u32,
+    /// Frames from all cameras are batched up to this size: bigger batches use
+    /// the cores better, but every frame in a batch waits for the slowest.
+    pub max_batch: usize,
+    /// How long the inference thread waits to fill a batch once it holds one
+    /// frame: bounds the latency batching adds.
+    pub max_wait_s: f64,
+    /// ONNX Runtime intra-op threads; 0 lets ONNX Runtime pick (one per core).
+    pub intra_threads: usize,
+    /// Where TensorRT keeps built engines: building one takes minutes, so it is
+    /// cached across restarts.
+    pub trt_cache_dir: Option<PathBuf>,
+    /// Let TensorRT use FP16 kernels (faster on most GPUs; scores move slightly).
+    pub trt_fp16: bool,
+    /// Explicit path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the
+    /// project's `.venv`.
+    pub ort_library: Option<PathBuf>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            providers: vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu],
+            require_accelerator: false,
+            device_id: 0,
+            max_batch: 8,
+            max_wait_s: 0.005,
+            intra_threads: 0,
+            trt_cache_dir: None,
+            trt_fp16: true,
+            ort_library: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Off unless asked for: an edge box should not open a port nobody uses.
+    pub enabled: bool,
+    /// `host:port` to listen on; loopback by default (put a reverse proxy or
+    /// `0.0.0.0:PORT` behind a firewall in front of it to scrape from afar).
+    pub listen: String,
+    /// `/healthz` answers 503 once the inference threads have shown no life for
+    /// this long (they beat at least once a second, frames or not).
+    pub stale_after_s: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: false, listen: "127.0.0.1:9464".into(), stale_after_s: 10.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Threads that decode/crop/resize/normalise frames. Preprocessing is a
+    /// fraction of the model's cost, so one is enough on small boxes.
+    pub preprocess_threads: usize,
+    /// Frames queued per camera before the oldest is dropped: small, because a
+    /// stale frame is worth less than a fresh one and the queue is latency.
+    pub frame_queue: usize,
+    /// Seconds between `stats` reports (logged, and published over MQTT).
+    pub stats_interval_s: f64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { preprocess_threads: 1, frame_queue: 2, stats_interval_s: 10.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    pub enabled: bool,
+    pub dir: PathBuf,
+    /// Newest snapshots kept on disk; older ones are deleted so a flapping
+    /// alarm cannot fill the disk.
+    pub retain: usize,
+    /// JPEG quality 1–100.
+    pub quality: u8,
+    /// Opacity of the heat overlay, 0 (invisible) to 1 (opaque).
+    pub overlay_alpha: f32,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            enabled: true,
+            dir: PathBuf::from("/var/lib/ganomalyd/snapshots"),
+            retain: 200,
+            quality: 85,
+            overlay_alpha: 0.5,
+        }
+    }
+}
+
+/// A camera table, or `[defaults]`: every field optional so that a camera
+/// inherits what it does not set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraTable {
+    pub source: Option<SourceConfig>,
+    pub model: Option<PathBuf>,
+    /// `latent`, `recon`, `map_max`, `mahalanobis` or `model-default`.
+    pub score: Option<String>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// Frames per second requested from the camera; for replay, the pacing
+    /// (0 = as fast as the pipeline takes them).
+    pub fps: Option<f64>,
+    pub roi: Option<Roi>,
+    pub alarm: Option<AlarmTable>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlarmTable {
+    pub threshold: Option<f64>,
+    pub clear_threshold: Option<f64>,
+    pub min_frames: Option<u64>,
+    pub clear_frames: Option<u64>,
+    pub cooldown_s: Option<f64>,
+}

@@ -1,0 +1,288 @@
+//! The daemon's TOML configuration, parsed, checked and compiled once.
+//!
+//! ```text
+//! text ──toml──► ConfigFile (file.rs: tables as written) ──compile.rs──► Settings (settings.rs: typed, resolved)
+//!                        └─ renamed.rs: old keys refused by name
+//! ```
+//! `check-config` and `run` call the same [`load`]; whatever passes it, `run`
+//! starts with, and nothing after it parses a string from the file. Global
+//! `[defaults]` apply to each `[cameras.<name>]` field by field; each camera
+//! source kind owns its table in `capture/<kind>.rs`.
+
+mod compile;
+pub mod file;
+mod renamed;
+pub mod settings;
+
+use std::path::{Path, PathBuf};
+
+pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
+pub use ganomaly_core::preprocess::Roi;
+pub use settings::{
+    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
+    SnapshotSettings,
+};
+
+/// Errors loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML for ganomalyd: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config file {path} has {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+/// Reads, parses, checks and compiles a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+    // Relative paths in the file are relative to the file, and become absolute.
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
+    compile_str(&text, &base).map_err(|e| match e {
+        Error::Parse(source) => ConfigError::Parse { path: path.into(), source },
+        Error::Invalid(problems) => ConfigError::Invalid { path: path.into(), problems },
+    })
+}
+
+/// Why a text did not compile (a [`ConfigError`] without the file).
+#[derive(Debug)]
+pub enum Error {
+    Parse(toml::de::Error),
+    Invalid(Vec<String>),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Parse(e) => write!(f, "{e}"),
+            Error::Invalid(problems) => write!(f, "{}", problems.join("; ")),
+        }
+    }
+}
+
+/// Parses TOML, refusing renamed keys by their new names (no other checks).
+pub fn parse(text: &str) -> Result<ConfigFile, Error> {
+    let table: toml::Table = toml::from_str(text).map_err(Error::Parse)?;
+    let renamed = renamed::problems(&table);
+    if !renamed.is_empty() {
+        return Err(Error::Invalid(renamed));
+    }
+    // Parsed again into the schema, for error messages that carry a line.
+    toml::from_str(text).map_err(Error::Parse)
+}
+
+/// Parses, checks and compiles `text`, resolving relative paths against `base`.
+pub fn compile_str(text: &str, base: &Path) -> Result<Settings, Error> {
+    let file = parse(text)?;
+    compile::compile(&file, base).map_err(Error::Invalid)
+}
+
+/// Checks and compiles a parsed file.
+pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
+    compile::compile(file, base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::SourceConfig;
+
+    /// The problems a text has (it must parse).
+    fn problems(text: &str) -> Vec<String> {
+        let file = parse(text).expect("parses");
+        match compile(&file, Path::new("/nonexistent")) {
+            Ok(_) => Vec::new(),
+            Err(p) => p,
+        }
+    }
+
+    /// A real model file with every score (the bundled demo model).
+    fn demo_model() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx")
+    }
+
+    #[test]
+    fn camera_inherits_defaults_and_overrides_single_fields() {
+        let text = format!(
+            r#"
+            [defaults]
+            model = "{}"
+            fps = 10
+            score = "recon"
+            source = {{ kind = "synthetic", size = 64 }}
+            [defaults.alarm]
+            min_frames = 4
+            threshold = 0.6
+            [cameras.a]
+            [cameras.b]
+            fps = 30
+            score = "map_max"
+            [cameras.b.alarm]
+            min_frames = 2
+            "#,
+            demo_model().display()
+        );
+        let s = compile_str(&text, Path::new("/")).expect("compiles");
+        assert_eq!(s.cameras.len(), 2);
+        let (a, b) = (&s.cameras[0], &s.cameras[1]);
+        assert_eq!(a.fps, 10.0);
+        assert_eq!(a.alarm.min_frames, 4);
+        assert_eq!(a.score, ScoreChoice::Kind(ganomaly_core::ScoreKind::Recon));
+        assert_eq!(b.fps, 30.0);
+        assert_eq!(b.alarm.min_frames, 2);
+        // Not overridden: inherited from [defaults.alarm], not the built-in default.
+        assert_eq!(b.alarm.threshold, 0.6);
+        // Clear threshold follows the threshold when unset.
+        assert!((b.alarm.clear_threshold - 0.55).abs() < 1e-9);
+        assert_eq!(b.score, ScoreChoice::Kind(ganomaly_core::ScoreKind::MapMax));
+        assert_eq!(a.model, demo_model());
+        assert_eq!(a.source.kind(), "synthetic");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let s = compile_str(
+            "[defaults]\nmodel = \"../models/demo.onnx\"\nsource = { kind = \"synthetic\" }\n[snapshots]\ndir = \"snaps\"\n[cameras.a]\n",
+            &dir,
+        )
+        .expect("compiles");
+        assert_eq!(s.cameras[0].model, dir.join("../models/demo.onnx"));
+        assert_eq!(s.snapshots.expect("on by default").dir, dir.join("snaps"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let problems = problems(
+            r#"
+            [inference]
+            max_batch = 0
+            [pipeline]
+            frame_queue = 0
+            [defaults]
+            model = "/does/not/exist.onnx"
+            [cameras.line3]
+            source = { kind = "synthetic", texture = "plaid", size = 64 }
+            roi = { x = 60, y = 0, width = 10, height = 10 }
+            score = "psnr"
+            [cameras.line3.alarm]
+            min_frames = 0
+            threshold = 0.4
+            clear_threshold = 0.6
+            "#,
+        );
+        let want = [
+            "inference.max_batch:",
+            "pipeline.frame_queue:",
+            "cameras.line3.alarm.min_frames: must be ≥ 1",
+            "cameras.line3.alarm.clear_threshold: must be ≤ threshold",
+            "cameras.line3.source.texture: `plaid`",
+            "cameras.line3.score: `psnr`",
+            "cameras.line3.roi:",
+            "cameras.line3.model: /does/not/exist.onnx does not exist",
+        ];
+        for w in want {
+            assert!(problems.iter().any(|p| p.starts_with(w)), "missing `{w}` in {problems:#?}");
+        }
+        assert_eq!(problems.len(), want.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn a_problem_in_defaults_is_named_there_once() {
+        let p = problems(
+            "[defaults]\nmodel = \"/m.onnx\"\nsource = { kind = \"synthetic\", texture = \"plaid\" }\n[cameras.a]\n[cameras.b]\n",
+        );
+        assert_eq!(p.iter().filter(|p| p.starts_with("defaults.source.texture: `plaid`")).count(), 1, "{p:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_at_every_level() {
+        for text in [
+            "colour = 1\n",
+            "[inference]\nprovider = [\"cpu\"]\n",
+            "[cameras.a]\nfsp = 3\n",
+            "[cameras.a.alarm]\nmin_frame = 3\n",
+            "[cameras.a]\nsource = { kind = \"replay\", path = \"x\", lop = true }\n",
+            "[cameras.a]\nsource = { kind = \"firewire\" }\n",
+        ] {
+            assert!(matches!(parse(text), Err(Error::Parse(_))), "accepted: {text}");
+        }
+    }
+
+    #[test]
+    fn renamed_keys_are_refused_with_their_replacement() {
+        let Err(Error::Invalid(p)) = parse(
+            "[inference]\nmax_wait_ms = 5\n[mqtt]\nreconnect_min_ms = 10\nreconnect_max_ms = 20\nstats_interval_s = 5\n",
+        ) else {
+            panic!("accepted")
+        };
+        let want = [
+            "inference.max_wait_ms: renamed to `max_wait_s`",
+            "mqtt.reconnect_min_ms: renamed to `reconnect_min_s`",
+            "mqtt.reconnect_max_ms: renamed to `reconnect_max_s`",
+            "mqtt.stats_interval_s: removed",
+        ];
+        for w in want {
+            assert!(p.iter().any(|p| p.starts_with(w)), "missing `{w}` in {p:#?}");
+        }
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+        assert!(p[0].contains("0.005"), "the message converts the value: {}", p[0]);
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let Err(Error::Parse(err)) = parse("[cameras.a]\nfps = \"fast\"\n") else { panic!("accepted") };
+        assert!(err.to_string().contains("fps"), "{err}");
+    }
+
+    #[test]
+    fn missing_camera_device_is_named() {
+        let p = problems(
+            "[defaults]\nmodel = \"/m.onnx\"\n[cameras.cam1]\nsource = { kind = \"v4l2\", device = \"/dev/video97\" }\n",
+        );
+        assert!(p.iter().any(|p| p.starts_with("cameras.cam1.source.device:") && p.contains("/dev/video97")), "{p:#?}");
+    }
+
+    #[test]
+    fn shipped_configs_use_only_known_keys_and_sane_values() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        // On a dev machine the example's models, devices and files don't
+        // exist; anything else it reports is a mistake in the example.
+        let example = parse(include_str!("../../config/ganomalyd.toml")).expect("example parses");
+        assert_eq!(example.cameras.len(), 2);
+        if let Err(problems) = compile(&example, &dir) {
+            for p in problems {
+                assert!(p.contains("does not exist") || p.starts_with("mqtt."), "example config: {p}");
+            }
+        }
+        let demo = parse(include_str!("../../config/demo.toml")).expect("demo parses");
+        assert!(
+            matches!(&demo.defaults.source, Some(SourceConfig::Synthetic(s)) if s.defect_every > 0)
+                || demo
+                    .cameras
+                    .values()
+                    .any(|c| matches!(&c.source, Some(SourceConfig::Synthetic(s)) if s.defect_every > 0))
+        );
+        let s = compile(&demo, &dir).expect("the demo config compiles as shipped");
+        assert_eq!(s.cameras[0].model, dir.join("../models/demo.onnx"));
+        assert_eq!(s.cameras[0].source.kind(), "synthetic");
+    }
+
+    #[test]
+    fn no_cameras_is_a_problem() {
+        assert!(problems("").iter().any(|p| p.starts_with("cameras:")));
+    }
+
+    #[test]
+    fn disabled_sections_compile_to_none() {
+        let text = format!(
+            "[snapshots]\nenabled = false\n[mqtt]\nenabled = false\n[defaults]\nmodel = \"{}\"\nsource = {{ kind = \"synthetic\" }}\n[cameras.a]\n",
+            demo_model().display()
+        );
+        let s = compile_str(&text, Path::new("/")).expect("compiles");
+        assert!(s.snapshots.is_none() && s.mqtt.is_none() && s.metrics.is_none());
+        assert_eq!(s.inference.max_wait, std::time::Duration::from_millis(5));
+    }
+}

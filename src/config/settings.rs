@@ -1,0 +1,177 @@
+//! Compiled settings: what `run` starts from, after every check passed.
+//!
+//! Names are enums, durations are [`Duration`]s, paths are resolved against
+//! the config file's directory, and each camera is one [`CameraPlan`] with its
+//! `[defaults]` applied. Nothing downstream parses a string from the config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ganomaly_core::preprocess::Roi;
+use ganomaly_core::ScoreKind;
+use serde::{Deserialize, Serialize};
+
+use crate::capture::SourcePlan;
+use crate::publish::config::MqttConfig;
+
+/// Everything the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub inference: InferenceSettings,
+    pub pipeline: PipelineSettings,
+    /// `None`: snapshots are off.
+    pub snapshots: Option<SnapshotSettings>,
+    /// In name order; never empty.
+    pub cameras: Vec<CameraPlan>,
+    /// `None`: no `[mqtt]` table, or `enabled = false` (alarms are only logged).
+    pub mqtt: Option<MqttConfig>,
+    /// `None`: the metrics endpoint is off.
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// Execution provider names, in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Tensorrt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+/// `[inference]`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceSettings {
+    pub providers: Vec<Provider>,
+    pub require_accelerator: bool,
+    pub device_id: u32,
+    pub max_batch: usize,
+    /// How long a batch waits to fill once it holds a frame.
+    pub max_wait: Duration,
+    pub intra_threads: usize,
+    /// Absolute.
+    pub trt_cache_dir: Option<PathBuf>,
+    pub trt_fp16: bool,
+    /// Absolute; `None`: `ORT_DYLIB_PATH`, then the project's `.venv`.
+    pub ort_library: Option<PathBuf>,
+}
+
+impl Default for InferenceSettings {
+    /// The file's defaults (`[inference]` left out).
+    fn default() -> Self {
+        let d = super::file::InferenceConfig::default();
+        InferenceSettings {
+            providers: d.providers,
+            require_accelerator: d.require_accelerator,
+            device_id: d.device_id,
+            max_batch: d.max_batch,
+            max_wait: Duration::from_secs_f64(d.max_wait_s),
+            intra_threads: d.intra_threads,
+            trt_cache_dir: None,
+            trt_fp16: d.trt_fp16,
+            ort_library: None,
+        }
+    }
+}
+
+/// `[pipeline]`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineSettings {
+    pub preprocess_threads: usize,
+    pub frame_queue: usize,
+    pub stats_interval: Duration,
+}
+
+/// `[snapshots]` while enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSettings {
+    /// Absolute.
+    pub dir: PathBuf,
+    pub retain: usize,
+    pub quality: u8,
+    pub overlay_alpha: f32,
+}
+
+/// `[metrics]` while enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+    pub stale_after: Duration,
+}
+
+/// Which model score drives a camera's alarms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreChoice {
+    ModelDefault,
+    Kind(ScoreKind),
+}
+
+impl ScoreChoice {
+    const MODEL_DEFAULT: &'static str = "model-default";
+
+    pub fn parse(s: &str) -> Option<ScoreChoice> {
+        if s == Self::MODEL_DEFAULT {
+            return Some(ScoreChoice::ModelDefault);
+        }
+        ScoreKind::parse(s).map(ScoreChoice::Kind)
+    }
+
+    /// Every name `parse` accepts, for error messages.
+    pub fn names() -> Vec<&'static str> {
+        ScoreKind::ALL.iter().map(|k| k.as_str()).chain([Self::MODEL_DEFAULT]).collect()
+    }
+
+    /// The kind this choice means for a model whose default is `default`.
+    pub fn kind(self, default: ScoreKind) -> ScoreKind {
+        match self {
+            ScoreChoice::ModelDefault => default,
+            ScoreChoice::Kind(k) => k,
+        }
+    }
+}
+
+/// Alarm timing of one camera (DESIGN.md "Scores and alarms"). Thresholds are
+/// on the normalized score, where the model's calibrated threshold is 0.5.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AlarmConfig {
+    pub threshold: f64,
+    /// Hysteresis: an active alarm clears only below this.
+    pub clear_threshold: f64,
+    /// Consecutive frames at or above `threshold` that raise an alarm.
+    pub min_frames: u64,
+    /// Consecutive frames below `clear_threshold` that end it.
+    pub clear_frames: u64,
+    /// Quiet time after an alarm ends before another may start.
+    pub cooldown_ms: u64,
+}
+
+impl Default for AlarmConfig {
+    fn default() -> Self {
+        AlarmConfig { threshold: 0.5, clear_threshold: 0.45, min_frames: 3, clear_frames: 5, cooldown_ms: 0 }
+    }
+}
+
+/// One camera with its defaults applied: what the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct CameraPlan {
+    pub name: String,
+    pub source: Arc<dyn SourcePlan>,
+    /// Absolute.
+    pub model: PathBuf,
+    pub score: ScoreChoice,
+    /// Pacing for sources that do not pace themselves (0 = as fast as taken).
+    pub fps: f64,
+    pub roi: Option<Roi>,
+    pub alarm: AlarmConfig,
+}

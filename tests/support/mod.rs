@@ -1,0 +1,36 @@
+//! Fixtures the daemon's integration tests share: the random-weights model
+//! they score with, and configs compiled exactly as `run` compiles them.
+//! Each test binary uses part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use ganomaly_core::ArchSpec;
+use ganomalyd::config::{InferenceSettings, Provider, Settings};
+
+/// The fixtures' architecture: 32 px RGB, small enough to run in debug builds.
+pub fn arch() -> ArchSpec {
+    ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
+}
+
+/// Writes an uncalibrated random-weights model of [`arch`] to `dir/name`.
+pub fn fixture_model(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let bytes = ganomaly_core::onnx::random_model(&arch(), seed).expect("write model");
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write model file");
+    p
+}
+
+/// The CPU provider alone (the test machines have no GPU).
+pub fn cpu() -> InferenceSettings {
+    InferenceSettings { providers: vec![Provider::Cpu], ..InferenceSettings::default() }
+}
+
+/// Compiles a config text as `check-config` and `run` do, relative paths
+/// against `dir`; panics with every problem.
+pub fn compile(dir: &Path, body: &str) -> Settings {
+    match ganomalyd::config::compile_str(body, dir) {
+        Ok(s) => s,
+        Err(e) => panic!("config does not compile: {e}"),
+    }
+}
