@@ -20,6 +20,9 @@
 //! - [`cmds`]: the subcommands (`run`, `check-config`, `cameras`, `score`, `bench`, `watch`).
 //! - [`base`]: what stages share without importing each other (backoff, stop-aware sleep, heartbeat).
 
+// `unwrap` on outside data is a crash on a plant floor (STYLE.md); tests may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod alarm;
 pub mod base;
 pub mod capture;

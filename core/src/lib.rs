@@ -9,7 +9,10 @@
 //! - [`preprocess`]: the one frame → tensor function (trainer and daemon alike).
 //! - [`calibrate`]: thresholds, normalized scores, AUROC and F1.
 //! - [`synth`]: deterministic synthetic textures and defects, MVTec-style writer.
-//! - [`reference`]: a slow, obviously-correct forward pass used to test the graph.
+//! - [`reference`](mod@reference): a slow, obviously-correct forward pass used to test the graph.
+
+// `unwrap` on outside data is a crash on a plant floor (STYLE.md); tests may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod arch;
 pub mod calibrate;

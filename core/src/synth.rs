@@ -7,7 +7,7 @@
 //!   explicit mix of (seed, texture, index) and from integer hashes; pixels are
 //!   computed with IEEE-exact f32 operations only (`+ - * /`, `sqrt`, `floor`).
 //!   libm's `sin`/`exp`/`powf` differ in their last bits between platforms, so
-//!   the few angles needed go through [`sin_poly`], a plain polynomial.
+//!   the few angles needed go through `sin_poly`, a plain polynomial.
 //! - **Fast.** A 256×256 image costs a few milliseconds in release: the
 //!   per-pixel work is value noise and arithmetic, no transcendental calls.
 //!

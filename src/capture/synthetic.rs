@@ -112,7 +112,7 @@ impl SyntheticConfig {
             problems.push(format!("{p}.strength: must be in (0, 1] (got {})", self.strength));
         }
         let texture = texture?;
-        (problems.len() == before).then(|| SyntheticPlan {
+        (problems.len() == before).then_some(SyntheticPlan {
             texture,
             size: self.size,
             seed: self.seed,

@@ -1,4 +1,4 @@
-//! The publish stage: what the pipeline's [`Publisher`](crate::events::Publisher)
+//! The publish stage: what the pipeline's [`Publisher`]
 //! calls turn into MQTT messages.
 //!
 //! # Layout
