@@ -31,24 +31,7 @@ fn fixture_model(dir: &Path) -> PathBuf {
 
 /// A valid config with one synthetic camera, plus `extra` appended.
 fn write_config(dir: &Path, model: &Path, extra: &str) -> PathBuf {
-    let body = format!(
-        r#"
-[inference]
-providers = ["cpu"]
-[snapshots]
-dir = "snaps"
-[defaults]
-model = "{}"
-fps = 20
-[cameras.cam]
-source = {{ kind = "synthetic", size = 48, variations = 2 }}
-{extra}
-"#,
-        model.display()
-    );
-    let p = dir.join("ganomalyd.toml");
-    std::fs::write(&p, body).expect("write config");
-    p
+    support::write_config(dir, model, 20, r#"{ kind = "synthetic", size = 48, variations = 2 }"#, extra)
 }
 
 fn check(dir: &Path, cfg: &Path) -> Output {

@@ -21,22 +21,9 @@ fn the_daemon_runs_alarms_survives_a_bad_reload_and_stops_on_its_signal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx");
     let snaps = dir.path().join("snaps");
-    let body = format!(
-        r#"
-        [inference]
-        providers = ["cpu"]
-        [snapshots]
-        dir = "snaps"
-        [defaults]
-        model = "{}"
-        fps = 50
-        [cameras.demo]
-        source = {{ kind = "synthetic", size = 64, variations = 4, defect_every = 40, defect_frames = 10, strength = 1.0 }}
-        "#,
-        model.display()
-    );
-    let path = dir.path().join("ganomalyd.toml");
-    std::fs::write(&path, &body).expect("write config");
+    let source =
+        r#"{ kind = "synthetic", size = 64, variations = 4, defect_every = 40, defect_frames = 10, strength = 1.0 }"#;
+    let path = support::write_config(dir.path(), &model, 50, source, "");
     let settings = ganomalyd::config::load(&path).expect("the config compiles");
     assert_eq!(settings.snapshots.as_ref().map(|s| s.dir.clone()), Some(snaps.clone()), "resolved against the file");
 
@@ -50,7 +37,7 @@ fn the_daemon_runs_alarms_survives_a_bad_reload_and_stops_on_its_signal() {
     }
 
     // A reload of a file that no longer compiles is refused; the daemon goes on.
-    std::fs::write(dir.path().join("ganomalyd.toml"), "[cameras.demo]\nfsp = 3\n").expect("break the config");
+    std::fs::write(dir.path().join("ganomalyd.toml"), "[cameras.cam]\nfsp = 3\n").expect("break the config");
     tx.send(Signal::Reload).expect("reload");
     let before = jpegs(&snaps);
     let t = Instant::now();

@@ -3,6 +3,7 @@
 //! and the inference heartbeat (the watchdog and `/healthz` read it).
 
 pub mod backoff;
+pub mod check;
 pub mod liveness;
 pub mod stop;
 

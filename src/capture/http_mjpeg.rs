@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+use crate::base::check::between;
 
 /// `source = { kind = "http-mjpeg", url = "http://...", timeout_s = 5 }`.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -72,9 +73,7 @@ impl CompileSource for HttpMjpegConfig {
         }
         // A read blocks the camera thread for up to timeout_s, and shutdown
         // waits for it: kept well below systemd's TimeoutStopSec (20 s).
-        if !(self.timeout_s.is_finite() && (0.1..=8.0).contains(&self.timeout_s)) {
-            problems.push(format!("{p}.timeout_s: must be between 0.1 and 8 (got {})", self.timeout_s));
-        }
+        between(problems, &format!("{p}.timeout_s"), self.timeout_s, 0.1, 8.0, "");
         (problems.len() == before).then(|| {
             Arc::new(HttpMjpegPlan { url: self.url.clone(), timeout: Duration::from_secs_f64(self.timeout_s) })
                 as Arc<dyn SourcePlan>

@@ -16,12 +16,14 @@
 //! channel, so a steady-state camera allocates nothing per frame.
 
 pub mod http_mjpeg;
+pub mod plan;
 pub mod replay;
 pub mod source;
 pub mod synthetic;
 pub mod v4l2;
 
-pub use source::{CameraContext, SourceConfig, SourcePlan};
+pub use plan::{CameraContext, SourcePlan};
+pub use source::SourceConfig;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

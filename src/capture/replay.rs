@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
 
 /// `source = { kind = "replay", path = "...", loop = true }`.

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use ganomaly_core::synth::{self, Defect, Texture};
 use serde::{Deserialize, Serialize};
 
-use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+use crate::base::check::count_between;
 
 /// `source = { kind = "synthetic", ... }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,12 +94,8 @@ impl SyntheticConfig {
                 }
             }
         }
-        if !(16..=4096).contains(&self.size) {
-            problems.push(format!("{p}.size: must be between 16 and 4096 (got {})", self.size));
-        }
-        if !(1..=1024).contains(&self.variations) {
-            problems.push(format!("{p}.variations: must be between 1 and 1024 (got {})", self.variations));
-        }
+        count_between(problems, &format!("{p}.size"), u64::from(self.size), 16, 4096);
+        count_between(problems, &format!("{p}.variations"), u64::from(self.variations), 1, 1024);
         if self.defect_frames > self.defect_every {
             problems.push(format!(
                 "{p}.defect_frames: must be ≤ defect_every ({} > {})",

@@ -14,7 +14,7 @@ use nokhwa::utils::{CameraFormat, CameraIndex, FrameFormat, RequestedFormat, Req
 use nokhwa::Camera;
 use serde::{Deserialize, Serialize};
 
-use super::source::{CameraContext, CompileSource, SourcePlan};
+use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
 
 /// `source = { kind = "v4l2", device = "/dev/video0", format = "mjpeg" }`; the

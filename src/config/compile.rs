@@ -21,6 +21,7 @@ use super::settings::{
     AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
     SnapshotSettings,
 };
+use crate::base::check::{between, count_between, not_zero};
 use crate::capture::CameraContext;
 
 const DEFAULT_WIDTH: u32 = 640;
@@ -64,6 +65,16 @@ pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> 
     }
 }
 
+impl Default for InferenceSettings {
+    /// What an `[inference]` table left out compiles to (`score`, `bench`, tests).
+    fn default() -> Self {
+        let mut problems = Vec::new();
+        let defaults = inference(&InferenceConfig::default(), Path::new("/"), &mut problems);
+        debug_assert!(problems.is_empty(), "the built-in defaults are valid: {problems:?}");
+        defaults.unwrap_or_else(|| unreachable!("the built-in [inference] defaults compile"))
+    }
+}
+
 fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Option<InferenceSettings> {
     let p = "inference";
     let before = problems.len();
@@ -73,15 +84,8 @@ fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Op
     if c.require_accelerator && c.providers.iter().all(|x| *x == Provider::Cpu) {
         problems.push(format!("{p}.require_accelerator: true, but providers lists no accelerator (tensorrt, cuda)"));
     }
-    if !(1..=256).contains(&c.max_batch) {
-        problems.push(format!("{p}.max_batch: must be between 1 and 256 (got {})", c.max_batch));
-    }
-    if !(c.max_wait_s.is_finite() && (0.0..=1.0).contains(&c.max_wait_s)) {
-        problems.push(format!(
-            "{p}.max_wait_s: must be between 0 and 1 (got {}): it is latency added to every frame",
-            c.max_wait_s
-        ));
-    }
+    count_between(problems, &format!("{p}.max_batch"), c.max_batch as u64, 1, 256);
+    between(problems, &format!("{p}.max_wait_s"), c.max_wait_s, 0.0, 1.0, ": it is latency added to every frame");
     if c.intra_threads > 1024 {
         problems.push(format!("{p}.intra_threads: must be ≤ 1024 (got {})", c.intra_threads));
     }
@@ -107,17 +111,11 @@ fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Op
 fn pipeline(c: &PipelineConfig, problems: &mut Vec<String>) -> Option<PipelineSettings> {
     let p = "pipeline";
     let before = problems.len();
-    if !(1..=64).contains(&c.preprocess_threads) {
-        problems.push(format!("{p}.preprocess_threads: must be between 1 and 64 (got {})", c.preprocess_threads));
-    }
-    if !(1..=64).contains(&c.frame_queue) {
-        problems.push(format!("{p}.frame_queue: must be between 1 and 64 (got {})", c.frame_queue));
-    }
+    count_between(problems, &format!("{p}.preprocess_threads"), c.preprocess_threads as u64, 1, 64);
+    count_between(problems, &format!("{p}.frame_queue"), c.frame_queue as u64, 1, 64);
     // A day at most: beyond that the figures are no longer news, and a
     // Duration cannot hold every float.
-    if !(c.stats_interval_s.is_finite() && (0.1..=86_400.0).contains(&c.stats_interval_s)) {
-        problems.push(format!("{p}.stats_interval_s: must be between 0.1 and 86400 (got {})", c.stats_interval_s));
-    }
+    between(problems, &format!("{p}.stats_interval_s"), c.stats_interval_s, 0.1, 86_400.0, "");
     (problems.len() == before).then(|| PipelineSettings {
         preprocess_threads: c.preprocess_threads,
         frame_queue: c.frame_queue,
@@ -127,12 +125,8 @@ fn pipeline(c: &PipelineConfig, problems: &mut Vec<String>) -> Option<PipelineSe
 
 fn snapshots(c: &SnapshotConfig, base: &Path, problems: &mut Vec<String>) -> Option<SnapshotSettings> {
     let p = "snapshots";
-    if !(1..=100).contains(&c.quality) {
-        problems.push(format!("{p}.quality: must be between 1 and 100 (got {})", c.quality));
-    }
-    if !(0.0..=1.0).contains(&c.overlay_alpha) {
-        problems.push(format!("{p}.overlay_alpha: must be between 0 and 1 (got {})", c.overlay_alpha));
-    }
+    count_between(problems, &format!("{p}.quality"), u64::from(c.quality), 1, 100);
+    between(problems, &format!("{p}.overlay_alpha"), f64::from(c.overlay_alpha), 0.0, 1.0, "");
     if c.enabled && c.retain == 0 {
         problems.push(format!("{p}.retain: must be ≥ 1 while snapshots are enabled"));
     }
@@ -154,13 +148,14 @@ fn metrics(c: &MetricsConfig, problems: &mut Vec<String>) -> Option<MetricsSetti
         problems
             .push(format!("{p}.listen: `{}` is not an address and port like 127.0.0.1:9464 or [::1]:9464", c.listen));
     }
-    let stale_ok = c.stale_after_s.is_finite() && (2.0..=3600.0).contains(&c.stale_after_s);
-    if !stale_ok {
-        problems.push(format!(
-            "{p}.stale_after_s: must be between 2 and 3600 (got {}): an idle inference thread beats once a second",
-            c.stale_after_s
-        ));
-    }
+    let stale_ok = between(
+        problems,
+        &format!("{p}.stale_after_s"),
+        c.stale_after_s,
+        2.0,
+        3600.0,
+        ": an idle inference thread beats once a second",
+    );
     match (c.enabled, listen) {
         (true, Some(listen)) if stale_ok => {
             Some(MetricsSettings { listen, stale_after: Duration::from_secs_f64(c.stale_after_s) })
@@ -177,16 +172,10 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
             problems.push(format!("{p}.score: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
         }
     }
-    if t.width == Some(0) {
-        problems.push(format!("{p}.width: must be ≥ 1"));
-    }
-    if t.height == Some(0) {
-        problems.push(format!("{p}.height: must be ≥ 1"));
-    }
+    not_zero(problems, &format!("{p}.width"), t.width.map(u64::from));
+    not_zero(problems, &format!("{p}.height"), t.height.map(u64::from));
     if let Some(fps) = t.fps {
-        if !(fps.is_finite() && (0.0..=1000.0).contains(&fps)) {
-            problems.push(format!("{p}.fps: must be between 0 and 1000 (got {fps})"));
-        }
+        between(problems, &format!("{p}.fps"), fps, 0.0, 1000.0, "");
     }
     if let Some(r) = &t.roi {
         if r.width == 0 || r.height == 0 {
@@ -201,21 +190,13 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
 fn alarm_fields(a: &AlarmTable, pa: &str, problems: &mut Vec<String>) {
     for (name, v) in [("threshold", a.threshold), ("clear_threshold", a.clear_threshold)] {
         if let Some(v) = v {
-            if !(0.0..=1.0).contains(&v) {
-                problems.push(format!("{pa}.{name}: must be between 0 and 1 (normalized score; got {v})"));
-            }
+            between(problems, &format!("{pa}.{name}"), v, 0.0, 1.0, " on the normalized score");
         }
     }
-    if a.min_frames == Some(0) {
-        problems.push(format!("{pa}.min_frames: must be ≥ 1"));
-    }
-    if a.clear_frames == Some(0) {
-        problems.push(format!("{pa}.clear_frames: must be ≥ 1"));
-    }
+    not_zero(problems, &format!("{pa}.min_frames"), a.min_frames);
+    not_zero(problems, &format!("{pa}.clear_frames"), a.clear_frames);
     if let Some(c) = a.cooldown_s {
-        if !(c.is_finite() && (0.0..=86_400.0).contains(&c)) {
-            problems.push(format!("{pa}.cooldown_s: must be between 0 and 86400 (got {c})"));
-        }
+        between(problems, &format!("{pa}.cooldown_s"), c, 0.0, 86_400.0, "");
     }
 }
 

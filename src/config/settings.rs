@@ -67,24 +67,6 @@ pub struct InferenceSettings {
     pub ort_library: Option<PathBuf>,
 }
 
-impl Default for InferenceSettings {
-    /// The file's defaults (`[inference]` left out).
-    fn default() -> Self {
-        let d = super::file::InferenceConfig::default();
-        InferenceSettings {
-            providers: d.providers,
-            require_accelerator: d.require_accelerator,
-            device_id: d.device_id,
-            max_batch: d.max_batch,
-            max_wait: Duration::from_secs_f64(d.max_wait_s),
-            intra_threads: d.intra_threads,
-            trt_cache_dir: None,
-            trt_fp16: d.trt_fp16,
-            ort_library: None,
-        }
-    }
-}
-
 /// `[pipeline]`, compiled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineSettings {

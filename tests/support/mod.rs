@@ -34,3 +34,17 @@ pub fn compile(dir: &Path, body: &str) -> Settings {
         Err(e) => panic!("config does not compile: {e}"),
     }
 }
+
+/// Writes `dir/ganomalyd.toml`: CPU inference, snapshots in `dir/snaps`,
+/// `model` at `fps` for every camera, one camera `cam` with `source` (an
+/// inline table), then `extra`.
+pub fn write_config(dir: &Path, model: &Path, fps: u32, source: &str, extra: &str) -> PathBuf {
+    let body = format!(
+        "[inference]\nproviders = [\"cpu\"]\n[snapshots]\ndir = \"snaps\"\n\
+         [defaults]\nmodel = \"{}\"\nfps = {fps}\n[cameras.cam]\nsource = {source}\n{extra}\n",
+        model.display()
+    );
+    let p = dir.join("ganomalyd.toml");
+    std::fs::write(&p, body).expect("write config");
+    p
+}

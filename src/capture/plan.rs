@@ -1,0 +1,38 @@
+//! What a source kind implements: its config compiles, once, into a plan
+//! that builds the [`FrameSource`](super::FrameSource) on the camera thread.
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::SourceFactory;
+
+/// What a source may read of its camera's table (after `[defaults]` apply).
+#[derive(Debug, Clone, Copy)]
+pub struct CameraContext<'a> {
+    /// Dotted path of the camera (`cameras.line3`), for problems with its own keys.
+    pub camera: &'a str,
+    /// Directory relative paths are resolved against (the config file's).
+    pub base_dir: &'a Path,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+}
+
+/// One kind's config, compiled once into its plan.
+pub trait CompileSource {
+    fn compile(&self, cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>>;
+    /// Frame size when it is known before the first frame; a replayed image's
+    /// or a stream's is known only when it arrives.
+    fn frame_size(&self, _cam: &CameraContext) -> Option<(u32, u32)> {
+        None
+    }
+}
+
+/// A checked, typed source: what the pipeline starts a camera thread with.
+pub trait SourcePlan: Debug + Send + Sync {
+    /// The config's `kind`.
+    fn kind(&self) -> &'static str;
+    /// Builds the source on the camera thread (some backends are thread-bound).
+    fn factory(&self) -> SourceFactory;
+}
