@@ -67,7 +67,9 @@ impl Decider {
 pub struct Camera {
     pub name: String,
     pub decider: Decider,
+    /// The crop the model saw, for drawing the snapshot's heat map in place.
     pub roi: Option<Roi>,
+    /// Decided, broken, latency, alarm figures (read by stats and `/metrics`).
     pub counters: Arc<CameraCounters>,
     /// Where this camera's frame buffers go back to.
     pub recycle: Sender<FrameData>,

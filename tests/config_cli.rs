@@ -38,6 +38,13 @@ fn check(dir: &Path, cfg: &Path) -> Output {
     ganomalyd(&["check-config", cfg.to_str().expect("utf8")], dir)
 }
 
+/// `check-config` fails on `cfg`, and what it prints contains `what`.
+fn refused_saying(dir: &Path, cfg: &Path, what: &str) {
+    let o = check(dir, cfg);
+    assert!(!o.status.success(), "accepted: {}", text(&o));
+    assert!(text(&o).contains(what), "{}", text(&o));
+}
+
 #[test]
 fn a_valid_config_passes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -64,9 +71,7 @@ fn wrong_types_fail_naming_the_key() {
     let cfg = write_config(dir.path(), &model, "");
     let body = std::fs::read_to_string(&cfg).expect("read").replace("fps = 20", "fps = \"twenty\"");
     std::fs::write(&cfg, body).expect("write");
-    let o = check(dir.path(), &cfg);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("fps"), "{}", text(&o));
+    refused_saying(dir.path(), &cfg, "fps");
 }
 
 #[test]
@@ -112,9 +117,7 @@ fn a_clear_threshold_that_can_never_be_reached_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = fixture_model(dir.path());
     let cfg = write_config(dir.path(), &model, "[cameras.cam.alarm]\nthreshold = 0.03\n");
-    let o = check(dir.path(), &cfg);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("cameras.cam.alarm.clear_threshold: must be > 0"), "{}", text(&o));
+    refused_saying(dir.path(), &cfg, "cameras.cam.alarm.clear_threshold: must be > 0");
 }
 
 #[test]

@@ -216,9 +216,6 @@ impl FrameSource for Firehose {
     fn describe(&self) -> String {
         "firehose".into()
     }
-    fn open(&mut self) -> Result<(), CaptureError> {
-        Ok(())
-    }
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
         if out.data.capacity() == 0 {
             self.fresh_buffers.fetch_add(1, Ordering::Relaxed);

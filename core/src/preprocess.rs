@@ -203,31 +203,21 @@ impl Preprocessor {
         roi: Option<Roi>,
         out: &mut [f32],
     ) -> Result<(), PreprocessError> {
-        match img {
-            image::DynamicImage::ImageRgb8(rgb) => {
-                let f = FrameRef {
-                    width: rgb.width(),
-                    height: rgb.height(),
-                    layout: PixelLayout::Rgb8,
-                    data: rgb.as_raw(),
-                };
-                self.run(&f, roi, out)
-            }
+        // RGB and gray go in as they are; anything else is converted to RGB first.
+        let converted;
+        let rgb = match img {
+            image::DynamicImage::ImageRgb8(rgb) => rgb,
             image::DynamicImage::ImageLuma8(g) => {
                 let f = FrameRef { width: g.width(), height: g.height(), layout: PixelLayout::Gray8, data: g.as_raw() };
-                self.run(&f, roi, out)
+                return self.run(&f, roi, out);
             }
             other => {
-                let rgb = other.to_rgb8();
-                let f = FrameRef {
-                    width: rgb.width(),
-                    height: rgb.height(),
-                    layout: PixelLayout::Rgb8,
-                    data: rgb.as_raw(),
-                };
-                self.run(&f, roi, out)
+                converted = other.to_rgb8();
+                &converted
             }
-        }
+        };
+        let f = FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() };
+        self.run(&f, roi, out)
     }
 }
 

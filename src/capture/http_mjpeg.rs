@@ -82,9 +82,6 @@ impl CompileSource for HttpMjpegConfig {
 }
 
 impl SourcePlan for HttpMjpegPlan {
-    fn kind(&self) -> &'static str {
-        "http-mjpeg"
-    }
     fn factory(&self) -> SourceFactory {
         super::factory(HttpMjpegSource::new(self.url.clone(), self.timeout))
     }

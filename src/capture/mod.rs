@@ -134,7 +134,10 @@ pub trait FrameSource {
     /// Human-readable name for logs (`/dev/video0`, `replay /data/*.png`).
     fn describe(&self) -> String;
     /// (Re)opens the source; called before the first frame and after errors.
-    fn open(&mut self) -> Result<(), CaptureError>;
+    /// Sources with nothing to open (generated frames) keep the default.
+    fn open(&mut self) -> Result<(), CaptureError> {
+        Ok(())
+    }
     /// Writes the next frame into `out`, reusing its allocation. May block
     /// for up to one frame interval (a real camera does).
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError>;
@@ -149,6 +152,13 @@ pub trait FrameSource {
 
 /// Builds a source on the camera thread.
 pub type SourceFactory = Box<dyn FnOnce() -> Box<dyn FrameSource> + Send>;
+
+/// A factory that makes its source on the camera thread: for backends whose
+/// handles are thread-bound (V4L2 through nokhwa) or whose set-up is slow
+/// (generating synthetic frames).
+pub fn on_camera_thread<S: FrameSource + 'static>(make: impl FnOnce() -> S + Send + 'static) -> SourceFactory {
+    Box::new(move || Box::new(make()) as Box<dyn FrameSource>)
+}
 
 /// Wraps a ready source (one that is `Send`) as a factory.
 pub fn factory<S: FrameSource + Send + 'static>(source: S) -> SourceFactory {

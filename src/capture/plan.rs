@@ -31,8 +31,6 @@ pub trait CompileSource {
 
 /// A checked, typed source: what the pipeline starts a camera thread with.
 pub trait SourcePlan: Debug + Send + Sync {
-    /// The config's `kind`.
-    fn kind(&self) -> &'static str;
     /// Builds the source on the camera thread (some backends are thread-bound).
     fn factory(&self) -> SourceFactory;
 }

@@ -55,9 +55,6 @@ impl CompileSource for ReplayConfig {
 }
 
 impl SourcePlan for ReplayPlan {
-    fn kind(&self) -> &'static str {
-        "replay"
-    }
     fn factory(&self) -> SourceFactory {
         super::factory(ReplaySource::new(self.path.clone(), self.looped))
     }

@@ -132,13 +132,10 @@ impl CompileSource for SyntheticConfig {
 }
 
 impl SourcePlan for SyntheticPlan {
-    fn kind(&self) -> &'static str {
-        "synthetic"
-    }
+    /// Generated on the camera thread: it takes a while for large frames.
     fn factory(&self) -> SourceFactory {
         let plan = self.clone();
-        // Generated on the camera thread: it takes a while for large frames.
-        Box::new(move || Box::new(SyntheticCamera::new(&plan)) as Box<dyn FrameSource>)
+        super::on_camera_thread(move || SyntheticCamera::new(&plan))
     }
 }
 
@@ -219,10 +216,6 @@ impl SyntheticCamera {
 impl FrameSource for SyntheticCamera {
     fn describe(&self) -> String {
         self.describe.clone()
-    }
-
-    fn open(&mut self) -> Result<(), CaptureError> {
-        Ok(())
     }
 
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {

@@ -89,16 +89,10 @@ impl CompileSource for V4l2Config {
 }
 
 impl SourcePlan for V4l2Plan {
-    fn kind(&self) -> &'static str {
-        "v4l2"
-    }
+    /// nokhwa's handles are thread-bound: the camera is made on its thread.
     fn factory(&self) -> SourceFactory {
-        let plan = self.clone();
-        // nokhwa's handles are thread-bound: the camera is made on its thread.
-        Box::new(move || {
-            Box::new(V4l2Camera::new(plan.device, plan.format, plan.width, plan.height, plan.fps))
-                as Box<dyn FrameSource>
-        })
+        let p = self.clone();
+        super::on_camera_thread(move || V4l2Camera::new(p.device, p.format, p.width, p.height, p.fps))
     }
 }
 

@@ -156,9 +156,6 @@ impl std::fmt::Debug for BenchPlan {
 }
 
 impl SourcePlan for BenchPlan {
-    fn kind(&self) -> &'static str {
-        "bench"
-    }
     fn factory(&self) -> SourceFactory {
         capture::factory(BenchSource { frames: self.frames.clone(), next: self.next })
     }
@@ -167,9 +164,6 @@ impl SourcePlan for BenchPlan {
 impl FrameSource for BenchSource {
     fn describe(&self) -> String {
         "bench frames".into()
-    }
-    fn open(&mut self) -> Result<(), CaptureError> {
-        Ok(())
     }
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
         let f = &self.frames[self.next % self.frames.len()];

@@ -170,12 +170,19 @@ pub struct CameraTable {
     pub alarm: Option<AlarmTable>,
 }
 
+/// `[defaults.alarm]` or `[cameras.<name>.alarm]`; unset fields inherit.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlarmTable {
+    /// Normalized score (0–1; the model's calibrated threshold is 0.5) at
+    /// or above which a frame counts toward an alarm.
     pub threshold: Option<f64>,
+    /// An active alarm ends only below this (hysteresis); default threshold − 0.05.
     pub clear_threshold: Option<f64>,
+    /// Consecutive frames at or above `threshold` that raise an alarm.
     pub min_frames: Option<u64>,
+    /// Consecutive frames below `clear_threshold` that end it.
     pub clear_frames: Option<u64>,
+    /// Seconds after an alarm ends before another may start.
     pub cooldown_s: Option<f64>,
 }
