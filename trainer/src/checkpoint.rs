@@ -51,7 +51,8 @@ pub const CKPT_STATE: &str = "state.json";
 /// Writes `dir/last.safetensors` and `dir/state.json` (each via a temporary file and
 /// a rename, so a crash mid-write leaves the previous checkpoint whole).
 pub fn save_checkpoint(dir: &Path, model: &Model, state: &CheckpointState) -> Result<(), CheckpointError> {
-    let werr = |path: &Path, source: Box<dyn Error + Send + Sync>| CheckpointError::Write { path: path.to_path_buf(), source };
+    let werr =
+        |path: &Path, source: Box<dyn Error + Send + Sync>| CheckpointError::Write { path: path.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(|e| werr(dir, e.into()))?;
     let tensors = model.named_state();
     let tmp = dir.join("last.safetensors.tmp");
@@ -67,7 +68,8 @@ pub fn save_checkpoint(dir: &Path, model: &Model, state: &CheckpointState) -> Re
 /// Reads a checkpoint's state (JSON) only.
 pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState, CheckpointError> {
     let path = dir.join(CKPT_STATE);
-    let bytes = std::fs::read(&path).map_err(|e| CheckpointError::Unreadable { path: path.clone(), source: e.into() })?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| CheckpointError::Unreadable { path: path.clone(), source: e.into() })?;
     serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Unreadable { path, source: e.into() })
 }
 
@@ -93,7 +95,6 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<(Model, CheckpointS
     model.d_reinits = state.d_reinits;
     Ok((model, state))
 }
-
 
 impl Model {
     /// Every tensor worth saving: weights, running statistics, Adam moments.
@@ -158,7 +159,6 @@ impl Model {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +206,4 @@ mod tests {
         let err = load_checkpoint(dir.path(), Device::Cpu).err().unwrap();
         assert!(err.to_string().contains("last.safetensors") && err.to_string().contains("unreadable"), "{err}");
     }
-
 }

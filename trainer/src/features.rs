@@ -55,7 +55,8 @@ impl FeatureStats {
         // Σ⁻¹ = L Lᵀ (Cholesky), so ‖(f − μ)ᵀL‖² is the squared Mahalanobis distance.
         let precision = Tensor::f_linalg_inv(&cov)?;
         let precision = (&precision + precision.transpose(0, 1)) * 0.5;
-        let whiten = precision.f_linalg_cholesky(false).map_err(|source| StatsError::NotPositiveDefinite { n, source })?;
+        let whiten =
+            precision.f_linalg_cholesky(false).map_err(|source| StatsError::NotPositiveDefinite { n, source })?;
         let stats = FeatureStats { mean: mean.to_kind(Kind::Float), whiten: whiten.to_kind(Kind::Float), shrinkage };
         if !bool::try_from(stats.whiten.isfinite().all())? {
             return Err(StatsError::NonFinite(n));

@@ -202,8 +202,7 @@ pub struct EpochRecord {
     pub val: BTreeMap<String, f64>,
     /// Test-set AUROC per defect type: `raw`/`ema` → score kind → defect type.
     #[serde(default)]
-    pub per_defect:
-        BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
+    pub per_defect: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
     /// Learning rate of this epoch.
     #[serde(default)]
     pub lr: f64,
@@ -255,7 +254,6 @@ pub fn run_epoch(
         ..Default::default()
     }
 }
-
 
 #[cfg(test)]
 mod tests {

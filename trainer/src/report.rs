@@ -49,7 +49,12 @@ pub struct EvalSummary {
 }
 
 impl EvalSummary {
-    pub fn new(model: Option<&Path>, data: &Path, default: ScoreKind, evals: BTreeMap<ScoreKind, KindEval>) -> EvalSummary {
+    pub fn new(
+        model: Option<&Path>,
+        data: &Path,
+        default: ScoreKind,
+        evals: BTreeMap<ScoreKind, KindEval>,
+    ) -> EvalSummary {
         let d = &evals[&default];
         let best_score = evals
             .values()
@@ -76,7 +81,12 @@ impl EvalSummary {
     /// The table on stdout (`eval` without `--json`, and the end of `train`).
     pub fn print_table(&self) {
         let s = self;
-            println!("{} good, {} defective test images; default score `{}`", s.n_good, s.n_defect, s.default_score.as_str());
+        println!(
+            "{} good, {} defective test images; default score `{}`",
+            s.n_good,
+            s.n_defect,
+            s.default_score.as_str()
+        );
         let defects: Vec<&String> = s.per_defect.keys().collect();
         print!("{:<11} {:>7} {:>7} {:>10} {:>10} {:>8}", "score", "AUROC", "bestF1", "F1@calib", "FAR@calib", "recall");
         for d in &defects {

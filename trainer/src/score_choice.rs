@@ -42,7 +42,7 @@ pub enum ScoreChoice {
     MapMax,
     /// Mahalanobis distance of the encoder features from the training images'.
     Mahalanobis,
-    /// The kind with the highest validation AUROC when DIR/val/<defect> exists,
+    /// The kind with the highest validation AUROC when `DIR/val/<defect>` exists,
     /// else the quality benchmark's default ([`choose_score`] resolves it before
     /// `export::build_metadata`; never chosen on test/).
     // The help text is spelled out because the CLI's must not change, and it
@@ -194,7 +194,13 @@ fn incumbent(has: impl Fn(ScoreKind) -> bool) -> ScoreKind {
 /// Resolves `--score auto`. With a validation split: [`auto_rule`] on validation
 /// AUROCs (normals: the held-out good slice plus `val/good`). Without:
 /// [`BENCH_DEFAULT_SCORE`]. Returns the kind and the evidence for the provenance.
-pub fn choose_score(g: &NetG, hold: &Scores, val: Option<&LabelledSet>, kernel: u32, device: Device) -> (ScoreKind, String) {
+pub fn choose_score(
+    g: &NetG,
+    hold: &Scores,
+    val: Option<&LabelledSet>,
+    kernel: u32,
+    device: Device,
+) -> (ScoreKind, String) {
     let Some(val) = val else {
         let kind = incumbent(|k| hold.has(k));
         return (kind, format!("auto: no validation defects (DIR/val/<defect>); {BENCH_EVIDENCE}"));

@@ -13,6 +13,9 @@ use crate::net::NetG;
 use crate::report::{self, EvalSummary};
 use crate::score::score_all;
 
+// These doc comments are the CLI's help, which writes placeholders as <defect>;
+// rustdoc would read those as HTML tags.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     #[arg(long)]

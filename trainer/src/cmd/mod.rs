@@ -19,6 +19,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// These doc comments are the CLI's help, which writes placeholders as <defect>;
+// rustdoc would read those as HTML tags.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write the project's synthetic MVTec-style dataset (train/good, test/good, test/<defect>).

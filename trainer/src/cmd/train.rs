@@ -21,6 +21,9 @@ use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
 use crate::select::{Select, SelectArgs, Tracker};
 use crate::train::{run_epochs, Plan};
 
+// These doc comments are the CLI's help, which writes placeholders as <defect>;
+// rustdoc would read those as HTML tags.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// MVTec-style folder: train/good (required), test/good and test/<defect> (optional).
@@ -127,7 +130,11 @@ pub fn run(a: &Args) -> Result<TrainReport> {
     let select_args = a.select.resolve(splits.val.as_ref(), &files.root)?;
     let (n_fit, n_hold) = (splits.n_fit(), splits.n_hold());
     let batch = if a.batch > n_fit {
-        tracing::warn!(batch = a.batch, training_images = n_fit, "--batch exceeds the training images; using one batch of them all");
+        tracing::warn!(
+            batch = a.batch,
+            training_images = n_fit,
+            "--batch exceeds the training images; using one batch of them all"
+        );
         n_fit
     } else {
         a.batch
