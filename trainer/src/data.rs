@@ -213,6 +213,88 @@ impl SplitMix {
     }
 }
 
+/// Images with their labels (`test/` or the validation split `val/`), loaded.
+pub struct LabelledSet {
+    pub items: Vec<TestItem>,
+    pub x: Tensor,
+}
+
+impl LabelledSet {
+    /// Loads `items` through `pre`.
+    pub fn load(items: Vec<TestItem>, pre: &mut Preprocessor) -> Result<LabelledSet, DataError> {
+        let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+        let x = load(&paths, pre)?;
+        Ok(LabelledSet { items, x })
+    }
+
+    /// Whether any image is defective (AUROC needs both kinds).
+    pub fn has_defects(&self) -> bool {
+        self.items.iter().any(|i| i.defect.is_some())
+    }
+
+    /// The optional validation split `root/val/good` + `root/val/<defect>`: images
+    /// that `--score auto` and `--select val-auroc` choose with. Never trained on,
+    /// and never the test images. `None` unless it holds defect images.
+    pub fn load_val(root: &Path, pre: &mut Preprocessor) -> Result<Option<LabelledSet>, DataError> {
+        let dir = root.join("val");
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let mut kinds: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|source| DataError::Io { path: dir.clone(), source })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        kinds.sort();
+        let mut items = Vec::new();
+        for k in kinds {
+            let name = k.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let defect = (name != "good").then_some(name);
+            for path in list_images(&k)? {
+                items.push(TestItem { path, defect: defect.clone() });
+            }
+        }
+        if !items.iter().any(|i| i.defect.is_some()) {
+            return Ok(None);
+        }
+        LabelledSet::load(items, pre).map(Some)
+    }
+}
+
+/// Every image set of a run, loaded through one preprocessor: `fit` (trained on),
+/// `hold` (the held-out good slice that calibrates), and the labelled sets.
+pub struct Splits {
+    pub fit: Tensor,
+    pub hold: Tensor,
+    /// `test/`, when it holds defect images (else there is no AUROC to measure).
+    pub test: Option<LabelledSet>,
+    /// `val/`, when it holds defect images.
+    pub val: Option<LabelledSet>,
+}
+
+impl Splits {
+    /// Loads the sets of `files`, holding out `holdout` of `train/good` with `seed`
+    /// ([`split_holdout`]: `train` and `export` of its checkpoint draw the same slice).
+    pub fn load(files: &DataFiles, holdout: f64, seed: u64, pre: &mut Preprocessor) -> Result<Splits, DataError> {
+        let (fit, hold) = split_holdout(&files.train, holdout, seed)?;
+        let fit = load(&fit, pre)?;
+        let hold = load(&hold, pre)?;
+        let test = if files.test.is_empty() { None } else { Some(LabelledSet::load(files.test.clone(), pre)?) };
+        let val = LabelledSet::load_val(&files.root, pre)?;
+        Ok(Splits { fit, hold, test: test.filter(LabelledSet::has_defects), val })
+    }
+
+    /// Images trained on.
+    pub fn n_fit(&self) -> usize {
+        self.fit.size()[0] as usize
+    }
+
+    /// Held-out good images.
+    pub fn n_hold(&self) -> usize {
+        self.hold.size()[0] as usize
+    }
+}
+
 /// Splits `train` into (fit, held-out) with a seeded shuffle; the held-out slice
 /// calibrates thresholds and is never trained on. Both halves keep file order.
 pub fn split_holdout(train: &[PathBuf], fraction: f64, seed: u64) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {

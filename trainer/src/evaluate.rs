@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use ganomaly_core::calibrate::{auroc, best_f1, roc_curve, score_stats};
-use ganomaly_core::metadata::{ScoreKind, ScoreStats};
+use ganomaly_core::metadata::{ModelMetadata, ScoreKind, ScoreStats};
 use serde::Serialize;
 
 use crate::data::TestItem;
@@ -143,6 +143,11 @@ pub fn evaluate(
         );
     }
     out
+}
+
+/// Calibrated thresholds of a model by kind.
+pub fn thresholds(meta: &ModelMetadata) -> BTreeMap<ScoreKind, f64> {
+    meta.scores.iter().map(|s| (s.kind, s.calibration.threshold)).collect()
 }
 
 #[cfg(test)]

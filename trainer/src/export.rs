@@ -1,6 +1,7 @@
 //! Model file assembly: a calibration for every exported score from the held-out
-//! normal images, provenance, and the ONNX bytes written by `ganomaly_core::onnx`
-//! (the one graph writer; the trainer never builds a graph itself).
+//! normal images, the test figures beside it, provenance, and the ONNX bytes
+//! written by `ganomaly_core::onnx` (the one graph writer; the trainer never builds
+//! a graph itself).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,11 +9,13 @@ use std::path::Path;
 use ganomaly_core::calibrate::quantile_calibration;
 use ganomaly_core::metadata::{ModelMetadata, PreprocessMeta, Provenance, ScoreKind, ScoreMeta};
 use ganomaly_core::onnx::{write_model, OnnxError};
-use serde::{Deserialize, Serialize};
+use tch::Device;
 
-use crate::evaluate::KindEval;
+use crate::data::Splits;
+use crate::evaluate::{evaluate, thresholds, AtThreshold, KindEval};
 use crate::net::{NetError, NetG};
-use crate::score::Scores;
+use crate::score::{score_all, Scores};
+use crate::score_choice::{choose_score, ScoreChoice, BENCH_DEFAULT_SCORE, BENCH_EVIDENCE};
 
 /// Problems writing a model file.
 #[derive(Debug, thiserror::Error)]
@@ -25,38 +28,6 @@ pub enum ExportError {
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Calibration(String),
-}
-
-/// Which score the daemon uses by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum ScoreChoice {
-    /// The paper's latent score.
-    Latent,
-    /// Mean absolute reconstruction error.
-    Recon,
-    /// Peak of the box-filtered anomaly map.
-    #[value(name = "map_max")]
-    MapMax,
-    /// Mahalanobis distance of the encoder features from the training images'.
-    Mahalanobis,
-    /// The kind with the highest validation AUROC when DIR/val/<defect> exists,
-    /// else the quality benchmark's default (`select::choose_score`, which resolves
-    /// it before [`build_metadata`]; never chosen on test/).
-    Auto,
-}
-
-impl ScoreChoice {
-    /// The kind a fixed choice names; `None` for `auto`.
-    pub fn fixed(self) -> Option<ScoreKind> {
-        match self {
-            ScoreChoice::Latent => Some(ScoreKind::Latent),
-            ScoreChoice::Recon => Some(ScoreKind::Recon),
-            ScoreChoice::MapMax => Some(ScoreKind::MapMax),
-            ScoreChoice::Mahalanobis => Some(ScoreKind::Mahalanobis),
-            ScoreChoice::Auto => None,
-        }
-    }
 }
 
 /// Settings that shape the exported metadata.
@@ -102,11 +73,11 @@ pub fn build_metadata(
         .collect::<Vec<_>>();
     let default_score = match settings.default_score.fixed() {
         Some(kind) => kind,
-        // Resolved by the caller (`select::choose_score`) where validation images are
+        // Resolved by the caller ([`choose_score`], in [`finish`]) where validation images are
         // at hand; a caller that has none gets the benchmark's default.
         None => {
-            provenance.score_choice = Some(format!("auto: no validation defects; {}", crate::select::BENCH_EVIDENCE));
-            crate::select::BENCH_DEFAULT_SCORE
+            provenance.score_choice = Some(format!("auto: no validation defects; {BENCH_EVIDENCE}"));
+            BENCH_DEFAULT_SCORE
         }
     };
     if scores.iter().all(|s| s.kind != default_score) {
@@ -119,6 +90,51 @@ pub fn build_metadata(
         provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
     }
     Ok(ModelMetadata { arch, preprocess: PreprocessMeta::for_arch(&arch), scores, default_score, provenance })
+}
+
+/// Calibration (held-out normals) and test evaluation of a trained NetG.
+pub struct Finished {
+    /// `None` when there are no held-out images to calibrate on.
+    pub meta: Option<ModelMetadata>,
+    /// Every score's test figures, at the calibrated thresholds; `None` without test defects.
+    pub evals: Option<BTreeMap<ScoreKind, KindEval>>,
+}
+
+/// Scores `g` on the test and held-out images of `splits`, resolves `--score auto`
+/// on the validation split, and builds the metadata ([`build_metadata`]).
+pub fn finish(
+    g: &NetG,
+    splits: &Splits,
+    settings: &ExportSettings,
+    mut provenance: Provenance,
+    device: Device,
+) -> Result<Finished, ExportError> {
+    let raw_evals = splits
+        .test
+        .as_ref()
+        .map(|t| evaluate(&t.items, &score_all(g, &t.x, settings.map_kernel, 64, device), &BTreeMap::new()));
+    let meta = if splits.n_hold() > 0 {
+        let hold_scores: Scores = score_all(g, &splits.hold, settings.map_kernel, 64, device);
+        let mut settings = settings.clone();
+        if settings.default_score == ScoreChoice::Auto {
+            let (kind, evidence) = choose_score(g, &hold_scores, splits.val.as_ref(), settings.map_kernel, device);
+            tracing::info!(score = kind.as_str(), %evidence, "default score");
+            settings.default_score = ScoreChoice::from(kind);
+            provenance.score_choice = Some(evidence);
+        }
+        Some(build_metadata(g, &hold_scores, raw_evals.as_ref(), &settings, provenance)?)
+    } else {
+        None
+    };
+    // Re-evaluate with the calibrated thresholds, so the report says what they do.
+    let evals = raw_evals.map(|mut e| {
+        let th = meta.as_ref().map(thresholds).unwrap_or_default();
+        for (kind, ke) in e.iter_mut() {
+            ke.calibrated = th.get(kind).map(|&t| AtThreshold::new(&ke.normal, &ke.defect, t));
+        }
+        e
+    });
+    Ok(Finished { meta, evals })
 }
 
 /// Writes NetG with `meta` as ONNX to `path`.

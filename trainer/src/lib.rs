@@ -3,27 +3,40 @@
 //! ganomalyd serves.
 //!
 //! # Layout
-//! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
-//!   weights to and from `ganomaly_core::Weights`.
+//! From the ground up; each module imports only modules above it in this list.
 //! - [`adam`]: torch's Adam, written out so its moments can be checkpointed.
-//! - [`train`]: the reference's training step, epochs, checkpoints and resume.
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
-//!   held-out calibration slice; the data digest.
+//!   held-out calibration slice, the validation split, the data digest.
+//! - [`features`]: the `mahalanobis` score's statistics (Ledoit–Wolf whitening of
+//!   the encoder features).
+//! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
+//!   weights to and from `ganomaly_core::Weights`; fitting the feature statistics.
 //! - [`score`]: eval-mode scores, op for op what the ONNX graph computes.
 //! - [`evaluate`]: AUROC, F1, per-defect figures, histograms, ROC.
-//! - [`export`]: calibration + provenance → metadata → core's ONNX writer.
-//! - [`report`]: PNG plots and the JSON report.
-//! - [`select`]: which generator is exported (weight average, epoch chosen on
-//!   held-out good images, learning-rate schedule) and `--score auto`.
-//! - [`cli`]: the command line (`datagen`, `train`, `eval`, `export`).
+//! - [`score_choice`]: `--default-score` and `--score auto`'s rule; the quality
+//!   benchmark's default and its evidence.
+//! - [`model`]: the two networks and their optimisers; the reference's training
+//!   step, one epoch's pass, the weight average.
+//! - [`checkpoint`]: per-epoch checkpoints and resume.
+//! - [`select`]: which epoch's generator is exported (on held-out or validation
+//!   images) and the learning-rate schedule.
+//! - [`train`]: the epoch loop of a run.
+//! - [`export`]: calibration + test figures + provenance → metadata → core's ONNX writer.
+//! - [`report`]: the JSON report, the table on stdout, PNG plots.
+//! - [`cmd`]: the command line, one module per command (`datagen`, `train`,
+//!   `eval`, `export`, `bench-step`).
 
 pub mod adam;
-pub mod cli;
+pub mod checkpoint;
+pub mod cmd;
 pub mod data;
 pub mod evaluate;
 pub mod export;
+pub mod features;
+pub mod model;
 pub mod net;
 pub mod report;
 pub mod score;
+pub mod score_choice;
 pub mod select;
 pub mod train;

@@ -8,6 +8,8 @@ use ganomaly_core::arch::{ArchSpec, Layer, Op, BN_EPS};
 use ganomaly_core::weights::{Weights, WeightsError};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::features::{FeatureStats, StatsError};
+
 /// PyTorch's BatchNorm momentum default, which the reference keeps.
 pub const BN_MOMENTUM: f64 = 0.1;
 
@@ -31,7 +33,7 @@ pub enum NetError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("feature statistics (mahalanobis score): {0}")]
-    Stats(String),
+    Stats(#[from] StatsError),
 }
 
 /// One module of a sequential part; tensors are shared with the owning VarStore.
@@ -165,9 +167,9 @@ pub struct NetG {
     dec: Seq,
     enc2: Seq,
     /// Statistics of the training images' feature vectors for the `mahalanobis` score,
-    /// once fitted (`FeatureStats::fit`); outside the VarStore, so neither the
+    /// once fitted ([`NetG::fit_feature_stats`]); outside the VarStore, so neither the
     /// optimiser nor the weight average touches them.
-    pub feature_stats: Option<crate::score::FeatureStats>,
+    pub feature_stats: Option<FeatureStats>,
 }
 
 /// What NetG computes for a batch.
@@ -250,6 +252,45 @@ impl NetG {
         f.flatten(1, -1)
     }
 
+    /// A NetG with this one's architecture and a copy of its tensors (running
+    /// statistics included) and feature statistics. The copy is built as a fresh
+    /// NetG first, so it draws from libtorch's generator as [`NetG::new`] does.
+    pub fn duplicate(&self) -> NetG {
+        let mut c = NetG::new(&self.arch, self.vs.device());
+        tch::no_grad(|| c.vs.copy(&self.vs)).expect("same architecture, same variables");
+        c.feature_stats = self.feature_stats.clone();
+        c
+    }
+
+    /// Fits the `mahalanobis` score's statistics on the features of `x` (CPU tensor
+    /// of training images), `batch` images at a time on `device`.
+    pub fn fit_feature_stats(&self, x: &Tensor, batch: i64, device: Device) -> Result<FeatureStats, NetError> {
+        let n = x.size()[0];
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = batch.min(n - start);
+            parts.push(self.features(&x.narrow(0, start, len).to_device(device)));
+            start += len;
+        }
+        Ok(FeatureStats::fit(&parts)?)
+    }
+
+    /// A copy of this generator with its feature statistics fitted on the training
+    /// images `x_fit` (never the held-out slice, which calibrates): what is exported.
+    pub fn with_feature_stats(&self, x_fit: &Tensor, device: Device) -> Result<NetG, NetError> {
+        let mut c = self.duplicate();
+        let stats = c.fit_feature_stats(x_fit, 256, device)?;
+        tracing::info!(
+            values = self.arch.feature_dim(),
+            images = x_fit.size()[0],
+            ledoit_wolf_shrinkage = %format_args!("{:.3}", stats.shrinkage),
+            "feature statistics for the mahalanobis score"
+        );
+        c.feature_stats = Some(stats);
+        Ok(c)
+    }
+
     /// Overwrites every NetG tensor from `weights` (checked against the architecture
     /// first); the feature statistics too when `weights` carries them.
     pub fn load_weights(&mut self, weights: &Weights) -> Result<(), NetError> {
@@ -267,7 +308,7 @@ impl NetG {
             }
             Ok(())
         })?;
-        self.feature_stats = crate::score::FeatureStats::from_weights(&self.arch, weights, self.vs.device())?;
+        self.feature_stats = FeatureStats::from_weights(&self.arch, weights, self.vs.device())?;
         Ok(())
     }
 }

@@ -1,25 +1,148 @@
-//! The report a person looks at: PNG plots (loss curves, AUROC per epoch, score
-//! histograms with the threshold, ROC curves) and the JSON with every figure.
+//! The report a person looks at: what `eval` and `train` found ([`EvalSummary`],
+//! [`TrainReport`]: the JSON with every figure, and the table on stdout) and the
+//! PNG plots (loss curves, AUROC per epoch, score histograms with the threshold,
+//! ROC curves).
 
 use std::collections::BTreeMap;
+use std::error::Error;
 use std::path::{Path, PathBuf};
 
+use ganomaly_core::arch::ArchSpec;
 use ganomaly_core::metadata::ScoreKind;
 use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::evaluate::KindEval;
-use crate::train::EpochRecord;
+use crate::model::{EpochRecord, Hyper};
+use crate::select::SelectionSummary;
 
 /// Problems writing a report; each names the file.
 #[derive(Debug, thiserror::Error)]
-#[error("writing report file {path}: {reason}")]
+#[error("writing report file {path}: {source}")]
 pub struct ReportError {
     pub path: PathBuf,
-    pub reason: String,
+    pub source: Box<dyn Error + Send + Sync>,
 }
 
-type PlotResult = Result<(), Box<dyn std::error::Error>>;
+type PlotResult = Result<(), Box<dyn Error + Send + Sync>>;
+
+/// Figures of one model on one test set, every score kind; the `--json` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSummary {
+    pub model: Option<String>,
+    pub data: String,
+    /// The model's default score; `auroc`, `f1`, `threshold`, `per_defect` are its figures.
+    pub default_score: ScoreKind,
+    pub auroc: f64,
+    /// Best F1 over thresholds on this test set (optimistic).
+    pub f1: f64,
+    /// The threshold of that best F1.
+    pub threshold: f64,
+    pub per_defect: BTreeMap<String, f64>,
+    /// The model's calibrated threshold for the default score, when it has one.
+    pub calibrated_threshold: Option<f64>,
+    pub n_good: usize,
+    pub n_defect: usize,
+    /// The kind with the highest AUROC here.
+    pub best_score: ScoreKind,
+    pub scores: BTreeMap<ScoreKind, KindEval>,
+}
+
+impl EvalSummary {
+    pub fn new(
+        model: Option<&Path>,
+        data: &Path,
+        default: ScoreKind,
+        evals: BTreeMap<ScoreKind, KindEval>,
+    ) -> EvalSummary {
+        let d = &evals[&default];
+        let best_score = evals
+            .values()
+            .filter(|e| e.auroc.is_finite())
+            .max_by(|a, b| a.auroc.total_cmp(&b.auroc))
+            .map(|e| e.kind)
+            .unwrap_or(default);
+        EvalSummary {
+            model: model.map(|m| m.display().to_string()),
+            data: data.display().to_string(),
+            default_score: default,
+            auroc: d.auroc,
+            f1: d.f1,
+            threshold: d.threshold,
+            per_defect: d.per_defect.clone(),
+            calibrated_threshold: d.calibrated.as_ref().map(|c| c.threshold),
+            n_good: d.normal.len(),
+            n_defect: d.defect.len(),
+            best_score,
+            scores: evals,
+        }
+    }
+
+    /// The table on stdout (`eval` without `--json`, and the end of `train`).
+    pub fn print_table(&self) {
+        let s = self;
+        println!(
+            "{} good, {} defective test images; default score `{}`",
+            s.n_good,
+            s.n_defect,
+            s.default_score.as_str()
+        );
+        let defects: Vec<&String> = s.per_defect.keys().collect();
+        print!("{:<11} {:>7} {:>7} {:>10} {:>10} {:>8}", "score", "AUROC", "bestF1", "F1@calib", "FAR@calib", "recall");
+        for d in &defects {
+            print!(" {:>9}", d);
+        }
+        println!();
+        for (kind, e) in &s.scores {
+            let (f1c, far, rec) =
+                e.calibrated.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |c| (c.f1, c.false_alarm_rate, c.recall));
+            print!("{:<11} {:>7.4} {:>7.4} {:>10.4} {:>10.4} {:>8.4}", kind.as_str(), e.auroc, e.f1, f1c, far, rec);
+            for d in &defects {
+                print!(" {:>9.4}", e.per_defect.get(*d).copied().unwrap_or(f64::NAN));
+            }
+            println!();
+        }
+    }
+}
+
+/// The JSON report of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub data: String,
+    pub model: Option<String>,
+    pub arch: ArchSpec,
+    pub hyper: Hyper,
+    pub epochs: u32,
+    pub batch: usize,
+    pub seed: u64,
+    pub device: String,
+    pub threads: i32,
+    pub n_train: usize,
+    pub n_holdout: usize,
+    pub data_digest: String,
+    /// Per-epoch losses, speed and test AUROC.
+    pub history: Vec<EpochRecord>,
+    /// Figures of the final (last-epoch) model: the honest numbers.
+    pub last_epoch: Option<EvalSummary>,
+    /// The epoch with the highest test AUROC of the default score. Chosen on the test
+    /// set as the paper's reference code does, so optimistic; for comparison only.
+    pub best_epoch_optimistic: Option<BestEpoch>,
+    /// Calibrated threshold per kind (from the held-out normal images).
+    pub thresholds: BTreeMap<ScoreKind, f64>,
+    pub default_score: Option<ScoreKind>,
+    pub plots: Vec<String>,
+    /// Which epoch's generator (raw or weight average) was evaluated and exported.
+    pub selection: SelectionSummary,
+}
+
+/// The epoch with the best test AUROC (`TrainReport::best_epoch_optimistic`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BestEpoch {
+    pub epoch: u32,
+    pub score: ScoreKind,
+    pub auroc: f64,
+    pub note: &'static str,
+}
 
 /// A named per-epoch series of the loss plot.
 type Series = (&'static str, fn(&EpochRecord) -> f64);
@@ -199,11 +322,11 @@ pub fn write_plots(
     history: Option<&[EpochRecord]>,
     evals: Option<&BTreeMap<ScoreKind, KindEval>>,
 ) -> Result<Vec<PathBuf>, ReportError> {
-    std::fs::create_dir_all(dir).map_err(|e| ReportError { path: dir.to_path_buf(), reason: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| ReportError { path: dir.to_path_buf(), source: e.into() })?;
     let mut written = Vec::new();
     let mut go = |name: String, f: &dyn Fn(&Path) -> PlotResult| -> Result<(), ReportError> {
         let path = dir.join(name);
-        f(&path).map_err(|e| ReportError { path: path.clone(), reason: e.to_string() })?;
+        f(&path).map_err(|source| ReportError { path: path.clone(), source })?;
         written.push(path);
         Ok(())
     };
@@ -224,10 +347,10 @@ pub fn write_plots(
 
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ReportError> {
-    let err = |reason: String| ReportError { path: path.to_path_buf(), reason };
+    let err = |source: Box<dyn Error + Send + Sync>| ReportError { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
     }
-    let text = serde_json::to_string_pretty(value).map_err(|e| err(e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| err(e.to_string()))
+    let text = serde_json::to_string_pretty(value).map_err(|e| err(e.into()))?;
+    std::fs::write(path, text).map_err(|e| err(e.into()))
 }

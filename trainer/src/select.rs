@@ -1,41 +1,26 @@
-//! Which generator a run exports, and which score the daemon uses by default:
-//! an exponential moving average of NetG's weights (`--ema-decay`), the epoch
-//! (`--select`: by AUROC on the validation split `DIR/val/`, or by reconstruction
-//! error on held-out good images; never on test/), the learning-rate schedule
-//! (`--lr-schedule`), and `--score auto`.
+//! Which generator a run exports: an exponential moving average of NetG's weights
+//! (`--ema-decay`), the epoch (`--select`: by AUROC on the validation split
+//! `DIR/val/`, or by reconstruction error on held-out good images; never on
+//! test/), and the learning-rate schedule (`--lr-schedule`). Which *score* the
+//! daemon uses is `score_choice`'s.
 //!
 //! Each of these is kept or left at its reference default according to the
 //! quality benchmark (`benches/quality.sh`, figures in `benches/README.md`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::{Args, ValueEnum};
 use ganomaly_core::metadata::ScoreKind;
-use ganomaly_core::preprocess::Preprocessor;
 use serde::Serialize;
 use tch::{Device, Tensor};
 
-use crate::data::{self, DataError, TestItem};
-use crate::evaluate::{evaluate, KindEval};
-use crate::export::ScoreChoice;
+use crate::data::{LabelledSet, Splits};
+use crate::evaluate::evaluate;
+use crate::model::{Ema, EpochRecord, Model};
 use crate::net::NetG;
-use crate::score::{score_all, Scores};
-use crate::train::{EpochRecord, Model};
-
-/// The score `--score auto` picks when there are no defect images to choose with,
-/// and the incumbent that validation must beat otherwise: the one that
-/// generalised best across the quality benchmark's data sets. No score wins
-/// everywhere there, but the Mahalanobis distance of the encoder features has the
-/// highest mean and the best worst case; the pixel scores fall far below chance
-/// on MNIST's digit 1 (an anomaly with less ink is reconstructed *better*).
-pub const BENCH_DEFAULT_SCORE: ScoreKind = ScoreKind::Mahalanobis;
-
-/// Where [`BENCH_DEFAULT_SCORE`] comes from, written into the model's provenance.
-pub const BENCH_EVIDENCE: &str = "quality benchmark (benches/README.md, weight-averaged generator after the last epoch, 7 data sets x \
-     3 seeds): mahalanobis has the highest mean image AUROC (0.766; latent 0.717, recon 0.651, map_max 0.651) and the best \
-     worst data set (0.581; latent 0.546, recon 0.086 and map_max 0.279 on MNIST digit 1); give DIR/val/<defect> images to \
-     choose the score and the epoch per data set";
+use crate::score::score_all;
+use crate::score_choice::{auroc_se, auto_rule, val_aurocs};
 
 /// How the exported generator is chosen among the epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -96,7 +81,7 @@ impl SelectArgs {
 
     /// These flags with `auto` resolved against the data; `val-auroc` needs defect
     /// images in `DIR/val/`.
-    pub fn resolve(&self, val: Option<&ValSet>, root: &Path) -> anyhow::Result<SelectArgs> {
+    pub fn resolve(&self, val: Option<&LabelledSet>, root: &Path) -> anyhow::Result<SelectArgs> {
         let mut out = self.clone();
         if out.select == Select::Auto {
             out.select = if val.is_some() { Select::ValAuroc } else { Select::Last };
@@ -128,51 +113,6 @@ pub fn set_lr(model: &mut Model, schedule: LrSchedule, base: f64, epoch: u32, ep
     model.opt_g.config.lr = lr;
     model.opt_d.config.lr = lr;
     lr
-}
-
-/// A NetG with `g`'s architecture and a copy of its tensors (running statistics included).
-pub fn copy_net(g: &NetG) -> NetG {
-    let mut c = NetG::new(&g.arch, g.vs.device());
-    tch::no_grad(|| c.vs.copy(&g.vs)).expect("same architecture, same variables");
-    c.feature_stats = g.feature_stats.clone();
-    c
-}
-
-/// Exponential moving average of every NetG tensor, BatchNorm running statistics
-/// included (as timm's `ModelEmaV2`). The decay ramps up as `(1 + n)/(10 + n)` over
-/// the first updates, so that a short run is not dominated by the initial weights.
-pub struct Ema {
-    pub decay: f64,
-    pub updates: u64,
-    pub g: NetG,
-    /// (average, source) pairs, shallow clones of both VarStores' tensors.
-    pairs: Vec<(Tensor, Tensor)>,
-}
-
-impl Ema {
-    pub fn new(g: &NetG, decay: f64) -> Ema {
-        let avg = copy_net(g);
-        let src = g.vs.variables();
-        let pairs = avg
-            .vs
-            .variables()
-            .into_iter()
-            .filter_map(|(name, t)| src.get(&name).map(|s| (t, s.shallow_clone())))
-            .collect();
-        Ema { decay, updates: 0, g: avg, pairs }
-    }
-
-    /// One update after an optimiser step.
-    pub fn update(&mut self) {
-        self.updates += 1;
-        let n = self.updates as f64;
-        let d = self.decay.min((1.0 + n) / (10.0 + n));
-        tch::no_grad(|| {
-            for (avg, src) in &mut self.pairs {
-                let _ = avg.lerp_(src, 1.0 - d);
-            }
-        });
-    }
 }
 
 /// Mean reconstruction error (`score_recon`) of `g` over `x`: the selection criterion.
@@ -254,11 +194,6 @@ impl Tracker {
         }
     }
 
-    /// The generator that is evaluated and exported: the average when there is one.
-    pub fn candidate(model: &Model) -> &NetG {
-        model.ema.as_ref().map_or(&model.g, |e| &e.g)
-    }
-
     /// Whether this epoch's generators need their feature statistics for selection
     /// (`val-auroc` scores `mahalanobis` on the validation split).
     pub fn needs_feature_stats(&self) -> bool {
@@ -268,35 +203,33 @@ impl Tracker {
     /// After epoch `epoch` (1-based): records the held-out reconstruction error of the
     /// raw and averaged generators, the averaged one's test AUROC and (`val-auroc`)
     /// its validation AUROCs into `rec`, and keeps the candidate if it is the best so far.
-    #[allow(clippy::too_many_arguments)]
     pub fn after_epoch(
         &mut self,
         model: &Model,
         epoch: u32,
-        x_hold: &Tensor,
-        val_set: Option<&ValSet>,
-        test: Option<(&[TestItem], &Tensor)>,
+        splits: &Splits,
         kernel: u32,
         device: Device,
         rec: &mut EpochRecord,
     ) {
+        let x_hold = &splits.hold;
         if let Some(v) = val_recon(&model.g, x_hold, device) {
             rec.val.insert("recon".into(), v);
         }
-        let per_defect = |g: &NetG, items: &[TestItem], xt: &Tensor| {
-            let evals = evaluate(items, &score_all(g, xt, kernel, 64, device), &BTreeMap::new());
+        let per_defect = |g: &NetG, test: &LabelledSet| {
+            let evals = evaluate(&test.items, &score_all(g, &test.x, kernel, 64, device), &BTreeMap::new());
             let by_kind = evals.iter().map(|(k, e)| (k.as_str().to_string(), e.per_defect.clone())).collect();
             (evals, by_kind)
         };
-        if let Some((items, xt)) = test {
-            rec.per_defect.insert("raw".into(), per_defect(&model.g, items, xt).1);
+        if let Some(test) = &splits.test {
+            rec.per_defect.insert("raw".into(), per_defect(&model.g, test).1);
         }
         if let Some(ema) = &model.ema {
             if let Some(v) = val_recon(&ema.g, x_hold, device) {
                 rec.val.insert("recon_ema".into(), v);
             }
-            if let Some((items, xt)) = test {
-                let (evals, by_kind) = per_defect(&ema.g, items, xt);
+            if let Some(test) = &splits.test {
+                let (evals, by_kind) = per_defect(&ema.g, test);
                 for (kind, e) in evals {
                     rec.auroc_ema.insert(kind.as_str().to_string(), e.auroc);
                 }
@@ -306,16 +239,16 @@ impl Tracker {
         let val = rec.val.get(if model.ema.is_some() { "recon_ema" } else { "recon" }).copied();
         self.last_epoch = epoch;
         self.last_val = val;
-        match (self.args.select, val_set) {
+        match (self.args.select, &splits.val) {
             (Select::ValRecon, _) => {
                 if let Some(v) = val {
                     if self.kept.as_ref().is_none_or(|k| v < k.val) {
-                        self.keep(Tracker::candidate(model), epoch, v);
+                        self.keep(model.candidate(), epoch, v);
                     }
                 }
             }
             (Select::ValAuroc, Some(vs)) => {
-                let g = Tracker::candidate(model);
+                let g = model.candidate();
                 let hold = score_all(g, x_hold, kernel, 64, device);
                 let v = val_aurocs(g, &hold, vs, kernel, device);
                 for (kind, a) in &v.aurocs {
@@ -344,7 +277,7 @@ impl Tracker {
                 k.epoch = epoch;
                 k.val = val;
             }
-            None => self.kept = Some(Kept { epoch, val, g: copy_net(g) }),
+            None => self.kept = Some(Kept { epoch, val, g: g.duplicate() }),
         }
     }
 
@@ -361,7 +294,7 @@ impl Tracker {
             reason: None,
         };
         if self.args.select == Select::ValAuroc {
-            let last = || (Tracker::candidate(model), summary(self.last_epoch, self.last_val));
+            let last = || (model.candidate(), summary(self.last_epoch, self.last_val));
             let (Some(best), Some(last_pick), Some(k)) = (self.best_pick, self.last_pick, &self.kept) else {
                 return last();
             };
@@ -375,7 +308,7 @@ impl Tracker {
         }
         match &self.kept {
             Some(k) => (&k.g, summary(k.epoch, Some(k.val))),
-            None => (Tracker::candidate(model), summary(self.last_epoch, self.last_val)),
+            None => (model.candidate(), summary(self.last_epoch, self.last_val)),
         }
     }
 }
@@ -412,290 +345,14 @@ fn val_auroc_rule(best: ValPick, last: ValPick) -> (bool, String) {
     }
 }
 
-/// The optional validation split `DIR/val/good` + `DIR/val/<defect>`: images that
-/// `--score auto` chooses the default score with. Never trained on, and never the
-/// test images.
-pub struct ValSet {
-    pub items: Vec<TestItem>,
-    pub x: Tensor,
-}
-
-impl ValSet {
-    /// Loads `root/val` if it holds any defect images; `None` otherwise.
-    pub fn load(root: &Path, pre: &mut Preprocessor) -> Result<Option<ValSet>, DataError> {
-        let dir = root.join("val");
-        if !dir.is_dir() {
-            return Ok(None);
-        }
-        let mut kinds: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|source| DataError::Io { path: dir.clone(), source })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        kinds.sort();
-        let mut items = Vec::new();
-        for k in kinds {
-            let name = k.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let defect = (name != "good").then_some(name);
-            for path in data::list_images(&k)? {
-                items.push(TestItem { path, defect: defect.clone() });
-            }
-        }
-        if !items.iter().any(|i| i.defect.is_some()) {
-            return Ok(None);
-        }
-        let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
-        let x = data::load(&paths, pre)?;
-        Ok(Some(ValSet { items, x }))
-    }
-}
-
-/// The CLI value that names `kind`.
-pub fn as_choice(kind: ScoreKind) -> ScoreChoice {
-    match kind {
-        ScoreKind::Latent => ScoreChoice::Latent,
-        ScoreKind::Recon => ScoreChoice::Recon,
-        ScoreKind::MapMax => ScoreChoice::MapMax,
-        ScoreKind::Mahalanobis => ScoreChoice::Mahalanobis,
-    }
-}
-
-/// Hanley & McNeil's (1982) standard error of an AUROC `a` measured on `n_pos`
-/// defective and `n_neg` good images.
-pub fn auroc_se(a: f64, n_pos: usize, n_neg: usize) -> f64 {
-    if n_pos == 0 || n_neg == 0 || !a.is_finite() {
-        return f64::INFINITY;
-    }
-    let (p, n) = (n_pos as f64, n_neg as f64);
-    let q1 = a / (2.0 - a);
-    let q2 = 2.0 * a * a / (1.0 + a);
-    ((a * (1.0 - a) + (p - 1.0) * (q1 - a * a) + (n - 1.0) * (q2 - a * a)) / (p * n)).max(0.0).sqrt()
-}
-
-/// The `--score auto` rule on validation AUROCs: the benchmark's default, unless
-/// other kinds beat it by more than one standard error of the *difference* (DeLong's
-/// paired estimate, `ValAurocs::diff_se`); then, among those, the one with the
-/// highest lower bound, AUROC − that error: the most certain gain, not the largest
-/// figure (gravel seed 1: map_max 0.716 ± 0.041 over recon 0.707 ± 0.027 cost 0.054
-/// on test).
-/// A validation split is small (the quality benchmark's has 25 defects of a kind):
-/// with ten per kind, a plain arg-max followed noise away from the better score.
-/// The scores are measured on the same images, so their AUROCs are correlated
-/// (recon and map_max strongly): the unpaired error of one AUROC over- or
-/// under-states the error of a lead, and let gravel's seeds flip between recon and
-/// map_max on leads of 0.01 (benches/README.md).
-pub fn auto_rule(v: &ValAurocs) -> (ScoreKind, String) {
-    let aurocs = &v.aurocs;
-    let base = incumbent(|k| aurocs.contains_key(&k));
-    let mut ranked: Vec<(ScoreKind, f64)> =
-        aurocs.iter().filter(|(_, a)| a.is_finite()).map(|(&k, &a)| (k, a)).collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| (b.0 == base).cmp(&(a.0 == base))));
-    let listed: Vec<String> = ranked.iter().map(|(k, a)| format!("{} {a:.4}", k.as_str())).collect();
-    let on = format!(
-        "on {} good and {} defective validation images (val/ and the held-out slice; never test/)",
-        v.n_good, v.n_def
-    );
-    let Some(&base_a) = aurocs.get(&base).filter(|a| a.is_finite()) else {
-        return (base, format!("auto: validation AUROC undefined; {BENCH_EVIDENCE}"));
-    };
-    let se = |k: ScoreKind| v.diff_se.get(&k).copied().filter(|s| s.is_finite()).unwrap_or(f64::INFINITY);
-    let winner = ranked
-        .iter()
-        .filter(|&&(k, a)| k != base && a - base_a > se(k))
-        .max_by(|x, y| (x.1 - se(x.0)).total_cmp(&(y.1 - se(y.0))));
-    if let Some(&(best, best_a)) = winner {
-        let why = format!(
-            "beats the default {} by {:.4} > one paired standard error {:.4}",
-            base.as_str(),
-            best_a - base_a,
-            se(best)
-        );
-        return (best, format!("auto: {} (validation AUROC {}; {why}) {on}", best.as_str(), listed.join(", ")));
-    }
-    let why = match ranked.first() {
-        Some(&(best, best_a)) if best != base => {
-            format!(
-                "{} leads by {:.4}, within one paired standard error {:.4}",
-                best.as_str(),
-                best_a - base_a,
-                se(best)
-            )
-        }
-        _ => "the benchmark default leads".to_string(),
-    };
-    (base, format!("auto: {} (validation AUROC {}; {why}) {on}", base.as_str(), listed.join(", ")))
-}
-
-/// DeLong, DeLong & Clarke-Pearson's (1988) standard error of AUROC(a) − AUROC(b)
-/// for two scores of the same images (`*_normal`, `*_defect` in the same image
-/// order), from the placement values of each defect among the normals and of each
-/// normal among the defects. Infinite with fewer than 2 images on either side.
-pub fn delong_diff_se(a_normal: &[f64], a_defect: &[f64], b_normal: &[f64], b_defect: &[f64]) -> f64 {
-    let (m, n) = (a_defect.len(), a_normal.len());
-    if m < 2 || n < 2 || b_defect.len() != m || b_normal.len() != n {
-        return f64::INFINITY;
-    }
-    let psi = |d: f64, g: f64| {
-        if d > g {
-            1.0
-        } else if d == g {
-            0.5
-        } else {
-            0.0
-        }
-    };
-    // Placement values: v10[i] of defect i, v01[j] of normal j, each a − b.
-    let mut v10 = vec![0.0; m];
-    let mut v01 = vec![0.0; n];
-    for i in 0..m {
-        for j in 0..n {
-            let d = psi(a_defect[i], a_normal[j]) - psi(b_defect[i], b_normal[j]);
-            v10[i] += d;
-            v01[j] += d;
-        }
-    }
-    let var = |v: &mut [f64], count: usize| {
-        v.iter_mut().for_each(|x| *x /= count as f64);
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
-        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64
-    };
-    (var(&mut v10, n) / m as f64 + var(&mut v01, m) / n as f64).sqrt()
-}
-
-/// [`BENCH_DEFAULT_SCORE`] when the generator has it (`mahalanobis` needs feature
-/// statistics), else the paper's latent score, which every generator has.
-fn incumbent(has: impl Fn(ScoreKind) -> bool) -> ScoreKind {
-    if has(BENCH_DEFAULT_SCORE) {
-        BENCH_DEFAULT_SCORE
-    } else {
-        ScoreKind::Latent
-    }
-}
-
-/// Resolves `--score auto`. With a validation split: [`auto_rule`] on validation
-/// AUROCs (normals: the held-out good slice plus `val/good`). Without:
-/// [`BENCH_DEFAULT_SCORE`]. Returns the kind and the evidence for the provenance.
-pub fn choose_score(g: &NetG, hold: &Scores, val: Option<&ValSet>, kernel: u32, device: Device) -> (ScoreKind, String) {
-    let Some(val) = val else {
-        let kind = incumbent(|k| hold.has(k));
-        return (kind, format!("auto: no validation defects (DIR/val/<defect>); {BENCH_EVIDENCE}"));
-    };
-    auto_rule(&val_aurocs(g, hold, val, kernel, device))
-}
-
-/// Validation AUROC per score kind, and the counts behind them.
-pub struct ValAurocs {
-    pub aurocs: BTreeMap<ScoreKind, f64>,
-    /// Standard error of AUROC(kind) − AUROC(incumbent) ([`delong_diff_se`]).
-    pub diff_se: BTreeMap<ScoreKind, f64>,
-    pub n_def: usize,
-    pub n_good: usize,
-}
-
-/// AUROC of every score of `g` on the validation split: its defects against its
-/// good images plus the held-out good slice (scored already: `hold`).
-pub fn val_aurocs(g: &NetG, hold: &Scores, val: &ValSet, kernel: u32, device: Device) -> ValAurocs {
-    let vs = score_all(g, &val.x, kernel, 64, device);
-    let mut items: Vec<TestItem> =
-        (0..hold.len()).map(|i| TestItem { path: PathBuf::from(format!("holdout/{i}")), defect: None }).collect();
-    items.extend(val.items.iter().cloned());
-    let cat = |a: &[f64], b: &[f64]| a.iter().chain(b).copied().collect::<Vec<f64>>();
-    let all = Scores {
-        latent: cat(&hold.latent, &vs.latent),
-        recon: cat(&hold.recon, &vs.recon),
-        map_max: cat(&hold.map_max, &vs.map_max),
-        mahalanobis: cat(&hold.mahalanobis, &vs.mahalanobis),
-    };
-    let evals: BTreeMap<ScoreKind, KindEval> = evaluate(&items, &all, &BTreeMap::new());
-    let aurocs: BTreeMap<ScoreKind, f64> = evals.iter().map(|(&k, e)| (k, e.auroc)).collect();
-    let base = incumbent(|k| evals.contains_key(&k));
-    let diff_se = match evals.get(&base) {
-        Some(b) => {
-            evals.iter().map(|(&k, e)| (k, delong_diff_se(&e.normal, &e.defect, &b.normal, &b.defect))).collect()
-        }
-        None => BTreeMap::new(),
-    };
-    let n_def = val.items.iter().filter(|i| i.defect.is_some()).count();
-    ValAurocs { aurocs, diff_se, n_def, n_good: items.len() - n_def }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::{run_epoch, Hyper};
+    use std::path::PathBuf;
 
-    #[test]
-    fn auto_leaves_the_default_only_for_a_lead_beyond_one_paired_standard_error() {
-        // A 0.9 on 10 defective and 740 good images: 0.066 by the formula worked by hand.
-        let se = auroc_se(0.9, 10, 740);
-        assert!((se - 0.066).abs() < 0.002, "{se}");
-        assert!(auroc_se(0.9, 100, 740) < se / 2.0 && auroc_se(0.9, 0, 10).is_infinite());
-        let (a, b) = if BENCH_DEFAULT_SCORE == ScoreKind::Recon {
-            (ScoreKind::MapMax, ScoreKind::Latent)
-        } else {
-            (ScoreKind::Recon, ScoreKind::MapMax)
-        };
-        let with_base = |base: f64, kinds: &[(ScoreKind, f64, f64)]| ValAurocs {
-            aurocs: kinds.iter().map(|&(k, au, _)| (k, au)).chain([(BENCH_DEFAULT_SCORE, base)]).collect(),
-            diff_se: kinds.iter().map(|&(k, _, se)| (k, se)).chain([(BENCH_DEFAULT_SCORE, 0.0)]).collect(),
-            n_def: 100,
-            n_good: 100,
-        };
-        let v = |kinds: &[(ScoreKind, f64, f64)]| with_base(0.70, kinds);
-        let (k, why) = auto_rule(&v(&[(a, 0.73, 0.05)]));
-        assert_eq!(k, BENCH_DEFAULT_SCORE, "{why}");
-        assert!(why.contains("within one paired standard error 0.0500"), "{why}");
-        let (k, why) = auto_rule(&v(&[(a, 0.76, 0.05)]));
-        assert_eq!(k, a, "{why}");
-        assert!(
-            why.starts_with(&format!("auto: {} (validation AUROC", a.as_str())) && why.contains("never test/"),
-            "{why}"
-        );
-        // The higher AUROC with a noisy lead loses to a smaller lead that is significant
-        // (gravel: map_max +0.046 ± 0.045 against recon +0.040 ± 0.028).
-        let (k, why) = auto_rule(&v(&[(a, 0.740, 0.028), (b, 0.746, 0.050)]));
-        assert_eq!(k, a, "{why}");
-        // Both significant: the higher lower bound, AUROC − error (gravel seed 1:
-        // recon 0.7065 ± 0.027 over map_max 0.7161 ± 0.041).
-        assert_eq!(auto_rule(&v(&[(a, 0.740, 0.028), (b, 0.760, 0.030)])).0, b);
-        assert_eq!(auto_rule(&with_base(0.658, &[(a, 0.7065, 0.027), (b, 0.7161, 0.041)])).0, a);
-        // An undefined error never switches.
-        assert_eq!(auto_rule(&v(&[(a, 0.99, f64::NAN)])).0, BENCH_DEFAULT_SCORE);
-    }
-
-    #[test]
-    fn delong_paired_error_matches_a_worked_example() {
-        // Worked with numpy (placement values, sample covariances): A 0.8333, B 0.9167.
-        let (an, ad) = ([0.1, 0.4, 0.35, 0.8], [0.9, 0.5, 0.7]);
-        let (bn, bd) = ([0.2, 0.1, 0.6, 0.3], [0.4, 0.8, 0.65]);
-        let se = delong_diff_se(&an, &ad, &bn, &bd);
-        assert!((se - 0.267_879_187_805_36).abs() < 1e-12, "{se}");
-        // A score against itself: no error; swapping the two: the same error.
-        assert_eq!(delong_diff_se(&an, &ad, &an, &ad), 0.0);
-        assert!((delong_diff_se(&bn, &bd, &an, &ad) - se).abs() < 1e-15);
-        assert!(delong_diff_se(&an, &ad[..1], &bn, &bd[..1]).is_infinite());
-    }
-
-    #[test]
-    fn auto_without_validation_defects_falls_back_to_the_benchmark_default() {
-        let g = crate::net::seeded(1, || NetG::new(&tiny(), Device::Cpu));
-        let mut hold = Scores {
-            latent: vec![0.1, 0.2],
-            recon: vec![0.3, 0.4],
-            map_max: vec![0.5, 0.6],
-            mahalanobis: vec![0.7, 0.8],
-        };
-        let (kind, evidence) = choose_score(&g, &hold, None, 3, Device::Cpu);
-        assert_eq!(kind, BENCH_DEFAULT_SCORE);
-        assert!(
-            evidence.starts_with("auto: no validation defects") && evidence.contains("benches/README.md"),
-            "{evidence}"
-        );
-        assert_eq!(as_choice(kind), ScoreChoice::Mahalanobis);
-        // A generator without feature statistics has no mahalanobis score: the paper's.
-        hold.mahalanobis.clear();
-        assert_eq!(choose_score(&g, &hold, None, 3, Device::Cpu).0, ScoreKind::Latent);
-    }
+    use crate::data::TestItem;
+    use crate::model::{run_epoch, Hyper};
+    use crate::score_choice::val_aurocs;
     use ganomaly_core::arch::ArchSpec;
     use tch::Kind;
 
@@ -762,7 +419,9 @@ mod tests {
         let items = (0..12)
             .map(|i| TestItem { path: PathBuf::from(format!("v{i}")), defect: (i >= 6).then(|| "square".to_string()) })
             .collect();
-        let val = ValSet { items, x: Tensor::cat(&[good, bad], 0) };
+        let val = LabelledSet { items, x: Tensor::cat(&[good, bad], 0) };
+        let splits = Splits { fit: x.shallow_clone(), hold: hold.shallow_clone(), test: None, val: Some(val) };
+        let val = splits.val.as_ref().unwrap();
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.9, select: Select::ValAuroc, lr_schedule: LrSchedule::Constant };
         let mut t = Tracker::new(&args, None, &mut m);
@@ -773,9 +432,9 @@ mod tests {
         for e in 0..4 {
             let mut rec = run_epoch(&mut m, &x, 8, 3, e, Device::Cpu, |_, _| {});
             let ema = m.ema.as_mut().unwrap();
-            ema.g.feature_stats = Some(crate::score::FeatureStats::fit(&ema.g, &x, 64, Device::Cpu).unwrap());
-            t.after_epoch(&m, e + 1, &hold, Some(&val), None, 3, Device::Cpu, &mut rec);
-            fixed.after_epoch(&m, e + 1, &hold, Some(&val), None, 3, Device::Cpu, &mut rec);
+            ema.g.feature_stats = Some(ema.g.fit_feature_stats(&x, 64, Device::Cpu).unwrap());
+            t.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
+            fixed.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
             for kind in ScoreKind::ALL {
                 assert!(rec.val.contains_key(&format!("auroc_{}", kind.as_str())), "{:?}", rec.val);
             }
@@ -787,7 +446,7 @@ mod tests {
         // The summary's figure is the recorded one of the exported epoch ...
         assert_eq!(recs[s.epoch as usize - 1].val[&format!("auroc_{}", kind.as_str())], auroc, "{reason}");
         // ... and the exported generator reproduces it.
-        let again = val_aurocs(g, &score_all(g, &hold, 3, 64, Device::Cpu), &val, 3, Device::Cpu);
+        let again = val_aurocs(g, &score_all(g, &hold, 3, 64, Device::Cpu), val, 3, Device::Cpu);
         assert!((again.aurocs[&kind] - auroc).abs() < 1e-12, "{reason}");
         if s.epoch != 4 {
             assert!(reason.contains("beats the last"), "{reason}");
@@ -801,13 +460,14 @@ mod tests {
     fn val_recon_selection_keeps_the_best_epoch() {
         let x = crate::net::seeded(9, || Tensor::rand([16, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0);
         let hold = x.narrow(0, 0, 4);
+        let splits = Splits { fit: x.shallow_clone(), hold: hold.shallow_clone(), test: None, val: None };
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.0, select: Select::ValRecon, lr_schedule: LrSchedule::Constant };
         let mut t = Tracker::new(&args, None, &mut m);
         let mut vals = Vec::new();
         for e in 0..4 {
             let mut rec = run_epoch(&mut m, &x, 8, 3, e, Device::Cpu, |_, _| {});
-            t.after_epoch(&m, e + 1, &hold, None, None, 3, Device::Cpu, &mut rec);
+            t.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
             vals.push(rec.val["recon"]);
         }
         let (best_epoch, best_val) =

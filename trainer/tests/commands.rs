@@ -9,15 +9,15 @@ use std::process::Command;
 
 use clap::Parser;
 use ganomaly_core::metadata::{CalibrationMethod, ScoreKind};
-use ganomaly_train::cli::{self, Cli};
+use ganomaly_train::cmd::{self, Cli};
 
-fn parse(args: &[&str]) -> cli::Command {
+fn parse(args: &[&str]) -> cmd::Command {
     Cli::try_parse_from(std::iter::once("ganomaly-train").chain(args.iter().copied())).expect("command line").command
 }
 
-fn train_args(args: &[&str]) -> cli::TrainArgs {
+fn train_args(args: &[&str]) -> cmd::train::Args {
     match parse(&[&["train"], args].concat()) {
-        cli::Command::Train(a) => *a,
+        cmd::Command::Train(a) => *a,
         _ => unreachable!(),
     }
 }
@@ -25,8 +25,8 @@ fn train_args(args: &[&str]) -> cli::TrainArgs {
 fn datagen(dir: &Path, extra: &[&str]) {
     let d = dir.to_str().unwrap();
     match parse(&[&["datagen", "--out", d], extra].concat()) {
-        cli::Command::Datagen(a) => {
-            cli::datagen(&a).unwrap();
+        cmd::Command::Datagen(a) => {
+            cmd::datagen::run(&a).unwrap();
         }
         _ => unreachable!(),
     }
@@ -107,7 +107,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
         s(&report_dir),
         "--quiet",
     ]);
-    let report = cli::train(&a).unwrap();
+    let report = cmd::train::run(&a).unwrap();
     let last = report.last_epoch.as_ref().expect("test figures");
     let best = last.scores.values().map(|e| e.auroc).fold(0.0, f64::max);
     let table: Vec<String> =
@@ -162,7 +162,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
 
     // eval from the ONNX file gives the training report's figures (same weights, same preprocessing).
     let e = match parse(&["eval", "--model", s(&model), "--data", s(&data), "--json", "--threads", "2"]) {
-        cli::Command::Eval(a) => cli::eval(&a).unwrap(),
+        cmd::Command::Eval(a) => cmd::eval::run(&a).unwrap(),
         _ => unreachable!(),
     };
     for kind in ScoreKind::ALL {
@@ -231,12 +231,12 @@ fn resume_continues_where_the_checkpoint_stopped() {
         ])
     };
     let (m1, c1) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
-    cli::train(&common(&m1, "3", &c1)).unwrap();
+    cmd::train::run(&common(&m1, "3", &c1)).unwrap();
     let (m2, c2) = (tmp.path().join("b.onnx"), tmp.path().join("b.ckpt"));
-    cli::train(&common(&m2, "2", &c2)).unwrap();
+    cmd::train::run(&common(&m2, "2", &c2)).unwrap();
     let mut a = common(&m2, "3", &c2);
     a.resume = true;
-    let r = cli::train(&a).unwrap();
+    let r = cmd::train::run(&a).unwrap();
     assert_eq!(r.history.len(), 3);
     // 2 epochs + resume for 1 = 3 epochs straight: the same weights.
     let w = |p: &PathBuf| ganomaly_core::onnx::read_model(&std::fs::read(p).unwrap()).unwrap().1;
@@ -245,7 +245,7 @@ fn resume_continues_where_the_checkpoint_stopped() {
     // `export` of the checkpoint writes the trained weights with the same calibration.
     let m3 = tmp.path().join("c.onnx");
     match parse(&["export", "--checkpoint", s(&c1), "--data", s(&data), "--out", s(&m3), "--threads", "1"]) {
-        cli::Command::Export(a) => cli::export_cmd(&a).unwrap(),
+        cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
         _ => unreachable!(),
     }
     assert_eq!(w(&m3), w(&m1));
@@ -263,7 +263,7 @@ fn train_err(data: &Path, extra: &[&str]) -> String {
     let a = train_args(
         &[&["--data", s(data), "--out", s(&out), "--epochs", "1", "--quiet", "--threads", "1"], extra].concat(),
     );
-    format!("{:#}", cli::train(&a).unwrap_err())
+    format!("{:#}", cmd::train::run(&a).unwrap_err())
 }
 
 #[test]

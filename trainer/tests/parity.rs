@@ -12,9 +12,9 @@ use ganomaly_core::metadata::{ColorMode, ModelMetadata};
 use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Defect, Texture};
 use ganomaly_core::weights::Weights;
+use ganomaly_train::model::{Ema, Hyper, Model};
 use ganomaly_train::net::{seeded, NetG};
-use ganomaly_train::score::{outputs, FeatureStats};
-use ganomaly_train::train::{Hyper, Model};
+use ganomaly_train::score::outputs;
 use ort::session::Session;
 use ort::value::TensorRef;
 use tch::{Device, Kind, Tensor};
@@ -124,7 +124,7 @@ fn onnx_matches_tch_after_training_steps() {
     }
     // Code statistics fitted as the trainer does (here on the batch itself: 8 codes of
     // 32 dimensions, so the shrinkage must carry the covariance).
-    m.g.feature_stats = Some(FeatureStats::fit(&m.g, &x, 3, Device::Cpu).unwrap());
+    m.g.feature_stats = Some(m.g.fit_feature_stats(&x, 3, Device::Cpu).unwrap());
     check(&m.g, 7, 8);
 }
 
@@ -134,12 +134,12 @@ fn onnx_matches_tch_for_the_weight_average() {
     // it must go through the writer as faithfully as the raw one.
     let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
     let mut m = Model::new(&arch, Hyper::default(), 6, Device::Cpu);
-    m.ema = Some(ganomaly_train::select::Ema::new(&m.g, 0.9));
+    m.ema = Some(Ema::new(&m.g, 0.9));
     let (_, x) = images(&arch, 8);
     for _ in 0..5 {
         m.step(&x);
     }
     let ema = &mut m.ema.as_mut().unwrap().g;
-    ema.feature_stats = Some(FeatureStats::fit(ema, &x, 64, Device::Cpu).unwrap());
+    ema.feature_stats = Some(ema.fit_feature_stats(&x, 64, Device::Cpu).unwrap());
     check(&m.ema.as_ref().unwrap().g, 5, 8);
 }

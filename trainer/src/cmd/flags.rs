@@ -1,0 +1,90 @@
+//! The flags that several commands share (threads and device; calibration and
+//! export settings) and the checks on them.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use ganomaly_core::arch::ArchSpec;
+use serde::Serialize;
+use tch::Device;
+
+use crate::export::ExportSettings;
+use crate::score_choice::ScoreChoice;
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when libtorch sees a GPU, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Threads and device, shared by every command that runs the network.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// libtorch intra-op threads (default: all cores). Fix it for reproducible timings.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+impl RunArgs {
+    /// Sets libtorch's thread counts and picks the device.
+    pub fn setup(&self) -> Result<Device> {
+        let threads =
+            self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        tch::set_num_threads(threads.max(1) as i32);
+        match self.device {
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceChoice::Cuda => bail!("--device cuda: libtorch sees no CUDA device"),
+        }
+    }
+}
+
+/// Calibration and export settings shared by `train` and `export`.
+// These doc comments are the CLI's help, which writes placeholders as <defect>;
+// rustdoc would read those as HTML tags.
+#[allow(rustdoc::invalid_html_tags)]
+#[derive(Debug, Clone, Args)]
+pub struct CalibArgs {
+    /// Target false-alarm rate on normal images: each score's threshold is this
+    /// upper quantile of the held-out normal scores.
+    #[arg(long, default_value_t = 0.01)]
+    pub target_far: f64,
+    /// Side (odd) of the box filter applied to the anomaly map before `score_map` takes its max.
+    #[arg(long, default_value_t = 7)]
+    pub map_kernel: u32,
+    /// The score the daemon uses unless its config says otherwise. `auto`: chosen on
+    /// DIR/val/<defect> when it exists (the benchmark's default, mahalanobis, unless another
+    /// score leads it by more than one standard error), else that default.
+    #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Auto)]
+    pub default_score: ScoreChoice,
+}
+
+impl CalibArgs {
+    pub fn settings(&self) -> Result<ExportSettings> {
+        if !(self.target_far > 0.0 && self.target_far < 1.0) {
+            bail!("--target-far must be in (0, 1), got {}", self.target_far);
+        }
+        if self.map_kernel % 2 == 0 || self.map_kernel == 0 {
+            bail!("--map-kernel must be odd, got {}", self.map_kernel);
+        }
+        Ok(ExportSettings {
+            target_far: self.target_far,
+            map_kernel: self.map_kernel,
+            default_score: self.default_score,
+        })
+    }
+}
+
+/// `arch` if it is valid; refused with every problem at once otherwise.
+pub fn checked_arch(arch: ArchSpec) -> Result<ArchSpec> {
+    if let Err(errs) = arch.validate() {
+        bail!("invalid architecture: {}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
+    }
+    Ok(arch)
+}

@@ -1,0 +1,307 @@
+//! `train`: the whole run. Checks the flags, loads the data (the held-out slice
+//! split off), starts a model or resumes the checkpoint, runs the epoch loop
+//! ([`crate::train::run_epochs`]), then calibrates and exports the selected
+//! generator and writes the report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ganomaly_core::arch::ArchSpec;
+use ganomaly_core::metadata::{ColorMode, Provenance, ScoreKind};
+use ganomaly_core::preprocess::Preprocessor;
+use tch::Device;
+
+use super::flags::{checked_arch, CalibArgs, RunArgs};
+use crate::checkpoint::{load_checkpoint, CheckpointState};
+use crate::data::{self, Splits};
+use crate::evaluate::thresholds;
+use crate::export::{finish, now_rfc3339, versions, write_onnx};
+use crate::model::{Hyper, Model};
+use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
+use crate::select::{Select, SelectArgs, Tracker};
+use crate::train::{run_epochs, Plan};
+
+// These doc comments are the CLI's help, which writes placeholders as <defect>;
+// rustdoc would read those as HTML tags.
+#[allow(rustdoc::invalid_html_tags)]
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// MVTec-style folder: train/good (required), test/good and test/<defect> (optional).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model file to write (ONNX with metadata).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input side in pixels (multiple of 16).
+    #[arg(long, default_value_t = 32)]
+    pub isize: u32,
+    /// Channels: 1 (gray) or 3 (RGB). Default: the images' mode.
+    #[arg(long)]
+    pub nc: Option<u32>,
+    /// Latent size.
+    #[arg(long, default_value_t = 100)]
+    pub nz: u32,
+    /// Generator base width.
+    #[arg(long, default_value_t = 64)]
+    pub ngf: u32,
+    /// Discriminator base width.
+    #[arg(long, default_value_t = 64)]
+    pub ndf: u32,
+    #[arg(long, default_value_t = 0)]
+    pub extralayers: u32,
+    #[arg(long, default_value_t = 15)]
+    pub epochs: u32,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// Weight of the adversarial (feature-matching) loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub w_adv: f64,
+    /// Weight of the L1 reconstruction loss.
+    #[arg(long, default_value_t = 50.0)]
+    pub w_con: f64,
+    /// Weight of the latent (encoder) loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub w_enc: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fraction of train/good held out (seeded) to calibrate thresholds; never trained on.
+    #[arg(long, default_value_t = 0.1)]
+    pub holdout: f64,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Evaluate on test/ every N epochs (0: only at the end). Feeds the AUROC-per-epoch plot.
+    #[arg(long, default_value_t = 1)]
+    pub eval_every: u32,
+    /// Checkpoint folder (default: MODEL.ckpt next to --out). Written every epoch.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from the checkpoint folder's last epoch.
+    #[arg(long)]
+    pub resume: bool,
+    /// Report folder for plots and report.json (default: MODEL.report next to --out).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Train and checkpoint only; don't write the ONNX model.
+    #[arg(long)]
+    pub no_export: bool,
+    /// No progress bar (logs per epoch instead).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Trains, then exports and reports unless told otherwise; returns the report.
+pub fn run(a: &Args) -> Result<TrainReport> {
+    let files = data::scan(&a.data, true)?;
+    let nc = a.nc.unwrap_or(files.mode.channels());
+    let arch = checked_arch(ArchSpec {
+        isize: a.isize,
+        nc,
+        nz: a.nz,
+        ngf: a.ngf,
+        ndf: a.ndf,
+        extralayers: a.extralayers,
+        ..Default::default()
+    })?;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let settings = a.calib.settings()?;
+    if a.holdout == 0.0 && !a.no_export {
+        bail!("--holdout 0 leaves no normal images to calibrate the exported model on; use --no-export for a run without a model file");
+    }
+    a.select.validate(a.holdout)?;
+    let device = a.run.setup()?;
+    let hyper = Hyper { lr: a.lr, beta1: a.beta1, beta2: a.beta2, w_adv: a.w_adv, w_con: a.w_con, w_enc: a.w_enc };
+
+    let color = ColorMode::from_channels(nc).context("nc")?;
+    let mut pre = Preprocessor::new(color, a.isize);
+    let splits = Splits::load(&files, a.holdout, a.seed, &mut pre)?;
+    let digest = data::digest(&files.root, &files.train)?;
+    let select_args = a.select.resolve(splits.val.as_ref(), &files.root)?;
+    let (n_fit, n_hold) = (splits.n_fit(), splits.n_hold());
+    let batch = if a.batch > n_fit {
+        tracing::warn!(
+            batch = a.batch,
+            training_images = n_fit,
+            "--batch exceeds the training images; using one batch of them all"
+        );
+        n_fit
+    } else {
+        a.batch
+    };
+
+    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".ckpt"));
+    let (mut model, mut state) = start(a, &ckpt_dir, arch, hyper, batch, &digest, device)?;
+    let seed = state.seed;
+    if a.resume && select_args.ema_decay > 0.0 && model.ema.is_none() {
+        tracing::info!("the checkpoint holds no weight average; --ema-decay starts one from its weights");
+    }
+    if a.resume && select_args.select == Select::ValAuroc && state.epoch > 0 {
+        tracing::warn!("--select val-auroc chooses among the epochs trained from here on; the checkpoint keeps no earlier candidates");
+    }
+    let mut tracker = Tracker::new(&select_args, settings.default_score.fixed(), &mut model);
+    tracing::info!(
+        nc = arch.nc,
+        isize = arch.isize,
+        ngf = arch.ngf,
+        images = n_fit,
+        held_out = n_hold,
+        test = files.test.len(),
+        device = ?device,
+        threads = tch::get_num_threads(),
+        "training"
+    );
+    let plan = Plan {
+        epochs: a.epochs,
+        batch,
+        lr: hyper.lr,
+        lr_schedule: select_args.lr_schedule,
+        eval_every: a.eval_every,
+        map_kernel: settings.map_kernel,
+        quiet: a.quiet,
+        checkpoint_dir: ckpt_dir,
+    };
+    run_epochs(&mut model, &mut state, &mut tracker, &splits, &plan, device)?;
+
+    let mut provenance = Provenance {
+        data_digest: digest.clone(),
+        epochs: state.epoch,
+        seed,
+        versions: versions(),
+        created: now_rfc3339(),
+        score_choice: None,
+        notes: format!(
+            "ganomaly-train train: {} train/good images ({} held out for calibration), batch {}, lr {}, betas ({}, {}), w_adv {} w_con {} w_enc {}",
+            files.train.len(),
+            n_hold,
+            batch,
+            hyper.lr,
+            hyper.beta1,
+            hyper.beta2,
+            hyper.w_adv,
+            hyper.w_con,
+            hyper.w_enc
+        ),
+    };
+    let (g_out, selection) = tracker.chosen(&model);
+    if let Some(reason) = &selection.reason {
+        // The exported epoch and why, in the log and in the model itself.
+        tracing::info!(epoch = selection.epoch, %reason, "exporting the selected epoch");
+        provenance.notes.push_str(&format!("; exported epoch {}: {reason}", selection.epoch));
+    }
+    let g_out = &g_out.with_feature_stats(&splits.fit, device)?;
+    let finished = finish(g_out, &splits, &settings, provenance, device)?;
+    let mut plots = Vec::new();
+    let model_path = match (&finished.meta, a.no_export) {
+        (Some(meta), false) => {
+            write_onnx(&a.out, g_out, meta)?;
+            tracing::info!(path = %a.out.display(), "wrote the model");
+            Some(a.out.display().to_string())
+        }
+        _ => None,
+    };
+    let default = finished.meta.as_ref().map_or(ScoreKind::Latent, |m| m.default_score);
+    let last_epoch =
+        finished.evals.map(|e| EvalSummary::new(model_path.as_deref().map(Path::new), &a.data, default, e));
+    let best_epoch_optimistic = state
+        .history
+        .iter()
+        .filter_map(|r| r.auroc.get(default.as_str()).map(|&v| (r.epoch, v)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(epoch, auroc)| BestEpoch {
+            epoch,
+            score: default,
+            auroc,
+            note: "selected on the test set (as the paper's reference code does): optimistic",
+        });
+    let report_dir = a.report.clone().unwrap_or_else(|| sibling(&a.out, ".report"));
+    for p in report::write_plots(&report_dir, Some(&state.history), last_epoch.as_ref().map(|s| &s.scores))? {
+        plots.push(p.display().to_string());
+    }
+    let report = TrainReport {
+        data: a.data.display().to_string(),
+        model: model_path,
+        arch,
+        hyper,
+        epochs: state.epoch,
+        batch,
+        seed,
+        device: format!("{device:?}"),
+        threads: tch::get_num_threads(),
+        n_train: n_fit,
+        n_holdout: n_hold,
+        data_digest: digest,
+        history: state.history.clone(),
+        last_epoch,
+        best_epoch_optimistic,
+        thresholds: finished.meta.as_ref().map(thresholds).unwrap_or_default(),
+        default_score: Some(default),
+        plots,
+        selection,
+    };
+    report::write_json(&report_dir.join("report.json"), &report)?;
+    if let Some(s) = &report.last_epoch {
+        s.print_table();
+    }
+    tracing::info!(dir = %report_dir.display(), "report written");
+    Ok(report)
+}
+
+/// A fresh model and state, or (`--resume`) the checkpoint's, refused when it holds
+/// another architecture.
+fn start(
+    a: &Args,
+    ckpt_dir: &Path,
+    arch: ArchSpec,
+    hyper: Hyper,
+    batch: usize,
+    digest: &str,
+    device: Device,
+) -> Result<(Model, CheckpointState)> {
+    if a.resume {
+        let (model, state) = load_checkpoint(ckpt_dir, device)?;
+        if state.arch != arch {
+            bail!("--resume: checkpoint {} holds {:?}, the flags ask for {:?}", ckpt_dir.display(), state.arch, arch);
+        }
+        if state.data_digest != digest {
+            tracing::warn!(
+                checkpoint_data = %state.data_digest,
+                "--resume with different training data than the checkpoint's"
+            );
+        }
+        return Ok((model, state));
+    }
+    let model = Model::new(&arch, hyper, a.seed, device);
+    let state = CheckpointState {
+        arch,
+        hyper,
+        seed: a.seed,
+        holdout: a.holdout,
+        batch: batch as i64,
+        epoch: 0,
+        opt_g_step: 0,
+        opt_d_step: 0,
+        d_reinits: 0,
+        data_digest: digest.to_string(),
+        history: vec![],
+        ema_decay: 0.0,
+        ema_updates: 0,
+    };
+    Ok((model, state))
+}
+
+/// `out` with its extension replaced by `suffix` (`m.onnx` → `m.ckpt`).
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{stem}{suffix}"))
+}

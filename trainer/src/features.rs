@@ -1,0 +1,172 @@
+//! The `mahalanobis` score's statistics: mean and whitening matrix of the training
+//! images' feature vectors, fitted after training and carried in the model file as
+//! two tensors beside NetG's (`score.feature_mean`, `score.feature_whiten`).
+
+use ganomaly_core::arch::{ArchSpec, FEATURE_MEAN, FEATURE_WHITEN};
+use ganomaly_core::weights::{Weights, WeightsError};
+use tch::{Device, Kind, TchError, Tensor};
+
+/// Why feature statistics could not be fitted.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error("{0} training image(s): the feature covariance needs at least 2")]
+    TooFew(i64),
+    #[error(
+        "the feature covariance of {n} images is not positive definite ({source}); are the training images all alike?"
+    )]
+    NotPositiveDefinite { n: i64, source: TchError },
+    #[error("non-finite whitening matrix from {0} images")]
+    NonFinite(i64),
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}
+
+/// Statistics of the training images' feature vectors f (`NetG::features`: the
+/// encoder's last 4×4×C activation, pooled to D ≤ 1024 values) for the
+/// `mahalanobis` score: mean μ `[D]` and whitening matrix W `[D, D]` with
+/// WWᵀ = Σ⁻¹, Σ the Ledoit–Wolf shrunk covariance (a thousand dimensions from a
+/// few hundred images: the plain sample covariance is singular).
+#[derive(Debug)]
+pub struct FeatureStats {
+    pub mean: Tensor,
+    pub whiten: Tensor,
+    /// Ledoit–Wolf shrinkage intensity in [0, 1] (0: sample covariance).
+    pub shrinkage: f64,
+}
+
+impl Clone for FeatureStats {
+    fn clone(&self) -> Self {
+        FeatureStats { mean: self.mean.copy(), whiten: self.whiten.copy(), shrinkage: self.shrinkage }
+    }
+}
+
+impl FeatureStats {
+    /// Fits the statistics on the feature vectors of the training images, given in
+    /// batches (`[b, D]` each, on any device; `NetG::fit_feature_stats` computes them).
+    pub fn fit(batches: &[Tensor]) -> Result<FeatureStats, StatsError> {
+        let n: i64 = batches.iter().map(|b| b.size()[0]).sum();
+        if n < 2 {
+            return Err(StatsError::TooFew(n));
+        }
+        let parts: Vec<Tensor> = batches.iter().map(|b| b.to_device(Device::Cpu).to_kind(Kind::Double)).collect();
+        let f = Tensor::cat(&parts, 0);
+        let mean = f.mean_dim(&[0i64][..], false, Kind::Double);
+        let (cov, shrinkage) = ledoit_wolf(&(&f - &mean));
+        // Σ⁻¹ = L Lᵀ (Cholesky), so ‖(f − μ)ᵀL‖² is the squared Mahalanobis distance.
+        let precision = Tensor::f_linalg_inv(&cov)?;
+        let precision = (&precision + precision.transpose(0, 1)) * 0.5;
+        let whiten =
+            precision.f_linalg_cholesky(false).map_err(|source| StatsError::NotPositiveDefinite { n, source })?;
+        let stats = FeatureStats { mean: mean.to_kind(Kind::Float), whiten: whiten.to_kind(Kind::Float), shrinkage };
+        if !bool::try_from(stats.whiten.isfinite().all())? {
+            return Err(StatsError::NonFinite(n));
+        }
+        Ok(stats)
+    }
+
+    /// Adds `score.feature_mean` and `score.feature_whiten` to `w`.
+    pub fn insert_into(&self, w: &mut Weights) -> Result<(), TchError> {
+        for (name, t) in [(FEATURE_MEAN, &self.mean), (FEATURE_WHITEN, &self.whiten)] {
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            w.insert(name, shape, Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?);
+        }
+        Ok(())
+    }
+
+    /// The statistics `w` carries, checked against `arch`; `None` when it has none.
+    pub fn from_weights(arch: &ArchSpec, w: &Weights, device: Device) -> Result<Option<FeatureStats>, WeightsError> {
+        if !w.tensors.contains_key(FEATURE_MEAN) && !w.tensors.contains_key(FEATURE_WHITEN) {
+            return Ok(None);
+        }
+        let specs = arch.feature_stats_params();
+        // A model whose statistics do not fit its architecture is refused by name.
+        w.check(&specs)?;
+        let t = |name: &str| -> Result<Tensor, WeightsError> {
+            let v = w.get(name)?;
+            let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
+            Ok(Tensor::from_slice(&v.data).reshape(&shape).to_device(device))
+        };
+        Ok(Some(FeatureStats { mean: t(FEATURE_MEAN)?, whiten: t(FEATURE_WHITEN)?, shrinkage: f64::NAN }))
+    }
+
+    /// mean(((f − μ)ᵀW)²) per row of `f` `[N, D]`: what `score_mahalanobis` computes.
+    pub fn score(&self, f: &Tensor) -> Tensor {
+        let white = (f - self.mean.to_device(f.device())).matmul(&self.whiten.to_device(f.device()));
+        white.square().mean_dim(&[1i64][..], false, Kind::Float)
+    }
+}
+
+/// Ledoit & Wolf (2004) shrinkage of the sample covariance of centred rows `x`
+/// `[n, p]` (f64) towards a scaled identity, with their optimal intensity (as
+/// scikit-learn's `ledoit_wolf`). Returns the covariance and the intensity.
+pub fn ledoit_wolf(x: &Tensor) -> (Tensor, f64) {
+    let (n, p) = (x.size()[0] as f64, x.size()[1]);
+    let s = x.transpose(0, 1).matmul(x) / n;
+    let mu = s.trace().double_value(&[]) / p as f64;
+    let eye = Tensor::eye(p, (Kind::Double, x.device()));
+    let delta = (&s - &eye * mu).square().sum(Kind::Double).double_value(&[]) / p as f64;
+    // Σ_k ‖x_k x_kᵀ − S‖²_F = Σ_k ‖x_k‖⁴ − n‖S‖²_F
+    let norms4 =
+        x.square().sum_dim_intlist(&[1i64][..], false, Kind::Double).square().sum(Kind::Double).double_value(&[]);
+    let s2 = s.square().sum(Kind::Double).double_value(&[]);
+    let beta = ((norms4 - n * s2) / (n * n * p as f64)).max(0.0);
+    let shrinkage = if delta > 0.0 { beta.min(delta) / delta } else { 1.0 };
+    // A tiny ridge keeps a degenerate set (all features equal: μ = 0) invertible.
+    let ridge = 1e-9 * (mu.abs() + 1e-12);
+    (&s * (1.0 - shrinkage) + &eye * (shrinkage * mu + ridge), shrinkage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::NetG;
+
+    #[test]
+    fn ledoit_wolf_by_hand() {
+        // Centred rows (±1, 0), (0, ±2): S = diag(0.5, 2), μ = tr(S)/p = 1.25,
+        // δ = ‖S − μI‖²/p = 0.5625, β = (Σ‖x‖⁴ − n‖S‖²)/(n²p) = (34 − 17)/32 = 0.53125.
+        let x = Tensor::from_slice(&[1.0f64, 0.0, -1.0, 0.0, 0.0, 2.0, 0.0, -2.0]).reshape([4, 2]);
+        let (cov, shrink) = ledoit_wolf(&x);
+        let want = 0.53125 / 0.5625;
+        assert!((shrink - want).abs() < 1e-12, "{shrink}");
+        let c = Vec::<f64>::try_from(cov.flatten(0, -1)).unwrap();
+        let (a, b) = ((1.0 - want) * 0.5 + want * 1.25, (1.0 - want) * 2.0 + want * 1.25);
+        assert!((c[0] - a).abs() < 1e-8 && (c[3] - b).abs() < 1e-8 && c[1].abs() < 1e-12, "{c:?}");
+    }
+
+    #[test]
+    fn code_statistics_whiten_the_training_codes() {
+        // isize 16, ngf 2: the feature map is 4×4×4, D = 64.
+        let a = ArchSpec { isize: 16, nc: 1, nz: 4, ngf: 2, ndf: 2, extralayers: 0, ..Default::default() };
+        let (g, x) = crate::net::seeded(5, || {
+            (NetG::new(&a, Device::Cpu), Tensor::rand([300, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+        });
+        let stats = g.fit_feature_stats(&x, 64, Device::Cpu).unwrap();
+        assert!((0.0..=1.0).contains(&stats.shrinkage), "{}", stats.shrinkage);
+        // W whitens the shrunk covariance: WWᵀΣ = I.
+        let z = g.features(&x);
+        assert_eq!(z.size(), [300, 64]);
+        let zd = z.to_kind(Kind::Double);
+        let (cov, shrink) = ledoit_wolf(&(&zd - zd.mean_dim(&[0i64][..], true, Kind::Double)));
+        assert!((shrink - stats.shrinkage).abs() < 1e-9);
+        let w = stats.whiten.to_kind(Kind::Double);
+        let eye = w.matmul(&w.transpose(0, 1)).matmul(&cov);
+        let err = (eye - Tensor::eye(64, (Kind::Double, Device::Cpu))).abs().max().double_value(&[]);
+        assert!(err < 1e-4, "WWᵀΣ − I: {err}");
+        let s = stats.score(&z);
+        // Far from the training codes scores higher than any training image.
+        let far = stats.score(&(z.mean_dim(&[0i64][..], true, Kind::Float) + z.std(true) * 20.0));
+        assert!(far.double_value(&[0]) > s.max().double_value(&[]));
+        // Round trip through the model file's tensors.
+        let mut w = Weights::default();
+        stats.insert_into(&mut w).unwrap();
+        let back = FeatureStats::from_weights(&a, &w, Device::Cpu).unwrap().unwrap();
+        assert!(back.score(&z).allclose(&s, 1e-6, 1e-6, false));
+        assert!(FeatureStats::from_weights(&a, &Weights::default(), Device::Cpu).unwrap().is_none());
+        w.tensors.remove(FEATURE_MEAN);
+        assert!(FeatureStats::from_weights(&a, &w, Device::Cpu).unwrap_err().to_string().contains(FEATURE_MEAN));
+        // Two images cannot make a covariance: the error says so.
+        let one = x.narrow(0, 0, 1);
+        assert!(g.fit_feature_stats(&one, 8, Device::Cpu).unwrap_err().to_string().contains("at least 2"));
+    }
+}
