@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`config`]: the `[mqtt]` config section and its validation.
-//! - [`mqtt`]: [`MqttPublisher`], the rumqttc client in a tokio task of its own.
+//! - [`mqtt`]: [`MqttPublisher`] on rumqttc: the front end the pipeline calls,
+//!   a link task owning the event loop, a sender task, and the I/O-free
+//!   packet-id ↔ outbox-row bookkeeping (`mqtt/state.rs`).
 //! - [`outbox`]: the durable SQLite alarm queue (deleted on PUBACK only).
 //! - [`backoff`]: exponential reconnect backoff with jitter.
 //! - [`tls`]: the rustls client config (ring provider).
