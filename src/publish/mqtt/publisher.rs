@@ -70,7 +70,7 @@ impl MqttPublisher {
         let mut problems = Vec::new();
         cfg.validate("mqtt", &mut problems);
         if !problems.is_empty() {
-            return Err(PublishError::Config(problems.join("; ")));
+            return Err(PublishError::Config(problems));
         }
         let node = cfg.resolved_node_id();
         let topics = Topics::new(&cfg.topic_prefix, &node);
@@ -263,6 +263,28 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_bad_section_is_refused_with_every_problem_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("o.sqlite");
+        let cfg = MqttConfig {
+            host: " ".into(),
+            port: 0,
+            connect_timeout_s: 0,
+            outbox_path: outbox.clone(),
+            ..MqttConfig::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let Err(PublishError::Config(problems)) = MqttPublisher::start(&cfg, rt.handle()) else {
+            panic!("a bad [mqtt] section started");
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for field in ["mqtt.host", "mqtt.port", "mqtt.connect_timeout_s"] {
+            assert!(problems.iter().any(|p| p.starts_with(field)), "{field} missing: {problems:?}");
+        }
+        assert!(!outbox.exists(), "the outbox was opened for a config that cannot run");
     }
 
     #[test]
