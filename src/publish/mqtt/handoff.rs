@@ -51,7 +51,7 @@ pub(super) struct Pending {
     pub dirty: BTreeSet<(String, Leaf)>,
     /// Latest snapshot per camera (older ones are superseded: the topic is retained).
     pub snapshots: HashMap<String, Snapshot>,
-    /// The pipeline's latest report.
+    /// The pipeline's latest report, not yet published (a newer one replaces it).
     pub stats: Option<StatsReport>,
     /// Alarms the outbox failed to store: published from memory, best effort.
     pub direct: VecDeque<(String, Vec<u8>)>,

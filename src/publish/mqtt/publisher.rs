@@ -126,7 +126,6 @@ impl MqttPublisher {
             shared.clone(),
             cfg.alarm_inflight.max(1) as usize,
             cfg.discovery.then(|| cfg.discovery_prefix.clone()),
-            Duration::from_secs(cfg.stats_interval_s),
         );
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
         let join = rt.spawn(async move {
@@ -241,10 +240,12 @@ impl Publisher for MqttPublisher {
         }
     }
 
-    /// Keeps the latest report; one is published every `stats_interval_s`.
-    /// Call it about once a second or less (it clones the report).
+    /// Publishes `report` once, with the publisher's counters, as soon as
+    /// there is a connection; a newer report replaces one not yet sent. The
+    /// pipeline calls this every `pipeline.stats_interval_s` (it clones the
+    /// report: keep it to about once a second or less).
     fn stats(&self, report: &StatsReport) {
-        self.shared.pending().stats = Some(report.clone());
+        self.shared.with_pending(|p| p.stats = Some(report.clone()));
     }
 }
 

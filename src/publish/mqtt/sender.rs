@@ -1,5 +1,6 @@
 //! The sender task: turns what the pipeline handed over into publishes on the
-//! current connection (scores, camera state, snapshots, stats, discovery),
+//! current connection (scores, camera state, snapshots, stats, discovery;
+//! each stats report once, as the pipeline hands it over: no timer here),
 //! sends outbox rows within the alarm window and deletes each on its PUBACK,
 //! re-publishes the retained state after every (re)connect, and drives the
 //! clean stop. Packet-id bookkeeping is [`Delivery`]'s.
@@ -15,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use super::handoff::{inc, CameraState, Leaf, Shared};
 use super::link::Link;
 use super::state::{Action, Delivery, Tag};
-use crate::events::{now_ms, ScoreEvent};
+use crate::events::{now_ms, ScoreEvent, StatsReport};
 use crate::publish::discovery;
 
 /// How long a clean stop waits for `offline` and in-flight alarms to be
@@ -32,7 +33,6 @@ pub(super) struct SendTask {
     client: Option<AsyncClient>,
     delivery: Delivery,
     discovery: Option<String>,
-    stats_interval: Duration,
     /// Cameras whose discovery config went out on this connection.
     discovered: HashSet<String>,
 }
@@ -40,20 +40,8 @@ pub(super) struct SendTask {
 impl SendTask {
     /// `alarm_window`: alarms awaiting their PUBACK at once; `discovery`: the
     /// Home Assistant prefix, when discovery is on.
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        alarm_window: usize,
-        discovery: Option<String>,
-        stats_interval: Duration,
-    ) -> Self {
-        SendTask {
-            shared,
-            client: None,
-            delivery: Delivery::new(alarm_window),
-            discovery,
-            stats_interval,
-            discovered: HashSet::new(),
-        }
+    pub(super) fn new(shared: Arc<Shared>, alarm_window: usize, discovery: Option<String>) -> Self {
+        SendTask { shared, client: None, delivery: Delivery::new(alarm_window), discovery, discovered: HashSet::new() }
     }
 
     pub(super) async fn run(
@@ -62,9 +50,6 @@ impl SendTask {
         mut link: mpsc::UnboundedReceiver<Link>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut stats_tick = tokio::time::interval(self.stats_interval);
-        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        stats_tick.reset();
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_prune = Instant::now();
@@ -78,7 +63,6 @@ impl SendTask {
                 },
                 Some(ev) = scores.recv() => self.publish_score(&ev),
                 _ = shared.wake.notified() => self.flush(),
-                _ = stats_tick.tick() => self.publish_stats(),
                 _ = housekeeping.tick() => {
                     self.flush();
                     if last_prune.elapsed() >= PRUNE_EVERY {
@@ -197,24 +181,20 @@ impl SendTask {
         }
     }
 
-    fn publish_stats(&mut self) {
-        let report = self.shared.pending().stats.clone();
+    /// The pipeline's report plus the publisher's own counters under `mqtt`;
+    /// false if rumqttc's queue was full.
+    fn publish_stats(&mut self, report: &StatsReport) -> bool {
         let counters = self.shared.counters();
         tracing::debug!(?counters, "publisher counters");
-        let Some(report) = report else { return };
-        if self.client.is_none() {
-            return;
-        }
-        // The pipeline's report plus the publisher's own counters under `mqtt`.
-        let mut v = match serde_json::to_value(&report) {
+        let mut v = match serde_json::to_value(report) {
             Ok(v) => v,
-            Err(_) => return,
+            Err(_) => return true,
         };
         if let (Some(obj), Ok(c)) = (v.as_object_mut(), serde_json::to_value(counters)) {
             obj.insert("mqtt".into(), c);
         }
         let topic = self.shared.topics.stats();
-        self.publish(topic, QoS::AtMostOnce, false, v.to_string().into_bytes(), Tag::Other);
+        self.publish(topic, QoS::AtMostOnce, false, v.to_string().into_bytes(), Tag::Other)
     }
 
     fn state_payload(leaf: Leaf, st: CameraState) -> Option<&'static [u8]> {
@@ -264,12 +244,12 @@ impl SendTask {
         if self.client.is_none() {
             return;
         }
-        let (dirty, cameras, snapshots, direct) = {
+        let (dirty, cameras, snapshots, direct, stats) = {
             let mut p = self.shared.pending();
             let dirty = std::mem::take(&mut p.dirty);
             let cams: BTreeMap<String, CameraState> =
                 dirty.iter().filter_map(|(c, _)| p.cameras.get(c).map(|s| (c.clone(), *s))).collect();
-            (dirty, cams, std::mem::take(&mut p.snapshots), std::mem::take(&mut p.direct))
+            (dirty, cams, std::mem::take(&mut p.snapshots), std::mem::take(&mut p.direct), p.stats.take())
         };
         let mut retry = Vec::new();
         for (cam, leaf) in dirty {
@@ -293,8 +273,17 @@ impl SendTask {
                 direct_retry.push_back((cam, payload));
             }
         }
-        if !retry.is_empty() || !snap_retry.is_empty() || !direct_retry.is_empty() {
+        // Each report is published once; the pipeline sends the next one.
+        let stats_retry = match stats {
+            Some(report) if !self.publish_stats(&report) => Some(report),
+            _ => None,
+        };
+        if !retry.is_empty() || !snap_retry.is_empty() || !direct_retry.is_empty() || stats_retry.is_some() {
             let mut p = self.shared.pending();
+            if let Some(report) = stats_retry {
+                // Queue full: again at the next flush, unless a newer one came.
+                p.stats.get_or_insert(report);
+            }
             p.dirty.extend(retry);
             for (cam, snap) in snap_retry {
                 p.snapshots.entry(cam).or_insert(snap);
@@ -357,7 +346,7 @@ mod tests {
             outbox: Outbox::open(&dir.join("o.sqlite"), 100, Duration::from_secs(3600)).unwrap(),
             counters: Counters::default(),
         });
-        let mut t = SendTask::new(shared, inflight, None, Duration::from_secs(10));
+        let mut t = SendTask::new(shared, inflight, None);
         let (client, el) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
         t.on_link(Link::Up { gen: 1, client });
         (t, el)
