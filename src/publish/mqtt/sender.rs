@@ -379,7 +379,7 @@ mod tests {
         ev(&mut t, 1, Event::Outgoing(Outgoing::AwaitAck(2)));
         ev(&mut t, 1, puback(3));
         assert_eq!(pending_ids(&t), [ids[0], ids[2]]);
-        // rumqttc reports the parked publish before the PUBACK that freed id 2...
+        // rumqttc 0.24 reported the parked publish before the PUBACK that freed id 2...
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2)));
         ev(&mut t, 1, puback(2));
         assert_eq!(pending_ids(&t), [ids[2]], "that PUBACK was row 0's, not row 2's");

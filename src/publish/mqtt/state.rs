@@ -60,9 +60,13 @@ struct Numbering {
     /// A publish rumqttc parked on a packet-id collision (its id still held by
     /// an unacknowledged one); rumqttc sends it when that id's PUBACK comes.
     collided: Option<(u16, Tag)>,
-    /// The parked publish, now sent. rumqttc reports it *before* the PUBACK
-    /// that freed its id, so it is mapped only after that PUBACK is handled.
+    /// The parked publish, reported sent *before* the PUBACK that freed its id
+    /// (rumqttc up to 0.24): mapped only once that PUBACK is handled.
     resent: Option<(u16, Tag)>,
+    /// The parked publish, mapped at the PUBACK that freed its id (rumqttc
+    /// 0.25 reports that PUBACK first): the `Outgoing::Publish` that follows
+    /// is its own, not the next queued request's.
+    renumbered: Option<u16>,
     /// Packet id → outbox row, for alarms awaiting their PUBACK.
     awaiting_ack: HashMap<u16, i64>,
     alarms_in_flight: usize,
@@ -85,6 +89,7 @@ impl Delivery {
             unnumbered: VecDeque::new(),
             collided: None,
             resent: None,
+            renumbered: None,
             awaiting_ack: HashMap::new(),
             alarms_in_flight: 0,
             last_sent: 0,
@@ -158,6 +163,9 @@ impl Delivery {
 impl Numbering {
     /// rumqttc sent a publish with packet id `pkid` (0 for QoS 0).
     fn sent(&mut self, pkid: u16) {
+        if self.renumbered.take_if(|p| *p == pkid).is_some() {
+            return;
+        }
         match self.collided.take() {
             Some((p, tag)) if p == pkid => self.resent = Some((pkid, tag)),
             other => {
@@ -174,9 +182,13 @@ impl Numbering {
         if self.offline_pkid == Some(pkid) {
             self.offline_acked = true;
         }
+        // The old holder of `pkid` first: the parked publish takes it over.
         let acked = self.awaiting_ack.remove(&pkid);
         if let Some((pkid, tag)) = self.resent.take_if(|(p, _)| *p == pkid) {
             self.number(pkid, tag);
+        } else if let Some((pkid, tag)) = self.collided.take_if(|(p, _)| *p == pkid) {
+            self.number(pkid, tag);
+            self.renumbered = Some(pkid);
         }
         match acked {
             Some(row) => {
@@ -203,7 +215,7 @@ impl Numbering {
 mod tests {
     use std::collections::BTreeSet;
 
-    use rumqttc::PubAck;
+    use rumqttc::{MqttState, PubAck, Publish, QoS, Request};
 
     use super::*;
 
@@ -249,6 +261,53 @@ mod tests {
         deleted
     }
 
+    /// Hands a publish of `row` to rumqttc's own state machine (what its
+    /// event loop does with a request); returns the events it reports.
+    fn rumqttc_sends(mqtt: &mut MqttState, d: &mut Delivery, row: i64) -> Vec<Event> {
+        d.queued(Tag::Alarm(row));
+        mqtt.handle_outgoing_packet(Request::Publish(Publish::new("a", QoS::AtLeastOnce, "{}"))).unwrap();
+        mqtt.events.drain(..).collect()
+    }
+
+    /// A PUBACK through rumqttc's own state machine; returns the events it reports.
+    fn rumqttc_receives_puback(mqtt: &mut MqttState, pkid: u16) -> Vec<Event> {
+        mqtt.handle_incoming_packet(Packet::PubAck(PubAck::new(pkid))).unwrap();
+        mqtt.events.drain(..).collect()
+    }
+
+    /// rumqttc's own state machine (no network) says which events come in
+    /// which order; the collision order is the one rumqttc 0.25 changed.
+    #[test]
+    fn rumqttc_s_own_collision_events_delete_each_row_on_its_own_puback() {
+        // Packet ids 1..=3, so that the fourth publish collides.
+        let mut mqtt = MqttState::new(3, false);
+        let mut d = Delivery::new(10);
+        d.connected(1);
+        let mut outbox: BTreeSet<i64> = [10, 11, 12, 13].into();
+        for row in [10, 11, 12] {
+            let evs = rumqttc_sends(&mut mqtt, &mut d, row);
+            assert!(feed(&mut d, 1, &mut outbox, &evs).is_empty());
+        }
+        let evs = rumqttc_receives_puback(&mut mqtt, 2); // out of order: row 11
+        assert_eq!(feed(&mut d, 1, &mut outbox, &evs), [11]);
+        // Row 13 gets packet id 1 again, still held by row 10: parked.
+        let evs = rumqttc_sends(&mut mqtt, &mut d, 13);
+        assert_eq!(evs, [parked(1)], "rumqttc parks a colliding publish");
+        assert!(feed(&mut d, 1, &mut outbox, &evs).is_empty());
+        // Row 10's PUBACK; rumqttc sends row 13 with id 1 now.
+        let evs = rumqttc_receives_puback(&mut mqtt, 1);
+        assert_eq!(evs, [ack(1), out(1)], "rumqttc 0.25's order: the PUBACK, then the parked publish");
+        assert_eq!(feed(&mut d, 1, &mut outbox, &evs), [10], "that PUBACK was row 10's, not row 13's");
+        let evs = rumqttc_receives_puback(&mut mqtt, 1);
+        assert_eq!(feed(&mut d, 1, &mut outbox, &evs), [13], "row 13's own PUBACK");
+        let evs = rumqttc_receives_puback(&mut mqtt, 3);
+        assert_eq!(feed(&mut d, 1, &mut outbox, &evs), [12]);
+        assert!(outbox.is_empty());
+        assert_eq!(d.alarms_in_flight(), 0, "no slot of the window lost to the collision");
+    }
+
+    /// The same collision in rumqttc 0.24's order (the parked publish reported
+    /// before the PUBACK that freed its id), fed by hand.
     #[test]
     fn a_puback_deletes_its_own_row_even_when_rumqttc_reuses_the_pkid() {
         let mut d = Delivery::new(10);
