@@ -402,14 +402,15 @@ impl MqttConfig {
     pub fn password(&self) -> Result<Option<Secret>, super::PublishError> {
         if let Some(path) = &self.password_file {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| super::PublishError::Secret(format!("mqtt.password_file {}: {e}", path.display())))?;
+                .map_err(|source| super::PublishError::PasswordFile { path: path.clone(), source })?;
             let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
             return Ok(Some(Secret::new(line)));
         }
         if let Some(var) = &self.password_env {
             return match std::env::var(var) {
                 Ok(v) => Ok(Some(Secret::new(v))),
-                Err(e) => Err(super::PublishError::Secret(format!("mqtt.password_env {var}: {e}"))),
+                // Not `VarError` itself: its NotUnicode holds (and prints) the password.
+                Err(e) => Err(super::PublishError::password_env(var, e)),
             };
         }
         Ok(None)

@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`config`]: the `[mqtt]` config section and its validation.
-//! - [`mqtt`]: [`MqttPublisher`], the rumqttc client in a tokio task of its own.
+//! - [`mqtt`]: [`MqttPublisher`] on rumqttc: the front end the pipeline calls,
+//!   a link task owning the event loop, a sender task, and the I/O-free
+//!   packet-id ↔ outbox-row bookkeeping (`mqtt/state.rs`).
 //! - [`outbox`]: the durable SQLite alarm queue (deleted on PUBACK only).
 //! - [`tls`]: the rustls client config (ring provider).
 //! - [`discovery`]: Home Assistant discovery messages.
@@ -22,9 +24,12 @@ pub use broker::EmbeddedBroker;
 pub use config::{MqttConfig, TlsConfig};
 pub use mqtt::{MqttPublisher, PublisherCounters, PublisherHandle};
 
+use std::path::PathBuf;
+
 use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
 
 /// Errors starting the publisher (a running one retries, it never fails).
+/// Each keeps its cause; none prints a password.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
@@ -33,10 +38,35 @@ pub enum PublishError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
-    #[error("{0}")]
-    Secret(String),
-    #[error("mqtt: {0}")]
-    Config(String),
+    /// `password_file` cannot be read (the error names the file, never its content).
+    #[error("mqtt.password_file {}: {source}", path.display())]
+    PasswordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `password_env` names a variable that is not set.
+    #[error("mqtt.password_env {var}: not set")]
+    PasswordEnvUnset { var: String },
+    /// `password_env` holds something that is not UTF-8. Not kept as
+    /// `std::env::VarError`: its `NotUnicode` holds, and prints, the value.
+    #[error("mqtt.password_env {var}: not valid UTF-8")]
+    PasswordEnvNotUnicode { var: String },
+    /// The `[mqtt]` section's problems, each naming its field.
+    #[error("mqtt: {}", .0.join("; "))]
+    Config(Vec<String>),
+}
+
+impl PublishError {
+    /// `password_env`'s variable could not be read; drops the value that
+    /// `VarError::NotUnicode` carries.
+    pub fn password_env(var: &str, e: std::env::VarError) -> PublishError {
+        let var = var.to_string();
+        match e {
+            std::env::VarError::NotPresent => PublishError::PasswordEnvUnset { var },
+            std::env::VarError::NotUnicode(_) => PublishError::PasswordEnvNotUnicode { var },
+        }
+    }
 }
 
 /// The topic tree of one daemon: `<prefix>/<node>/...`.
@@ -84,4 +114,42 @@ impl Publisher for NullPublisher {
     fn alarm_state(&self, _: &str, _: bool) {}
     fn snapshot(&self, _: &Snapshot) {}
     fn stats(&self, _: &StatsReport) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::*;
+
+    /// The whole chain, as `{:#}` at the top of the binary prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            s += &format!(": {c}");
+            cause = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn password_errors_keep_their_cause_and_never_print_the_password() {
+        let e = PublishError::PasswordFile {
+            path: "/etc/ganomalyd/pw".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).map(|e| e.kind());
+        assert_eq!(io, Some(std::io::ErrorKind::PermissionDenied));
+        assert!(e.to_string().starts_with("mqtt.password_file /etc/ganomalyd/pw: "), "{e}");
+
+        let e = PublishError::password_env("PW", std::env::VarError::NotPresent);
+        assert_eq!(e.to_string(), "mqtt.password_env PW: not set");
+        // A Latin-1 password: not UTF-8, and VarError would print it.
+        let value = std::ffi::OsString::from_vec(b"hunter2\xe9".to_vec());
+        let e = PublishError::password_env("PW", std::env::VarError::NotUnicode(value));
+        assert_eq!(e.to_string(), "mqtt.password_env PW: not valid UTF-8");
+        assert!(!format!("{} {e:?}", chain(&e)).contains("hunter2"), "{e:?}");
+    }
 }

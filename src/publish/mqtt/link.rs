@@ -1,0 +1,113 @@
+//! The link task: owns rumqttc's event loop, connects, forwards every event to
+//! the sender task, and after an error waits out the [`Backoff`] before a
+//! fresh connection (a new client and event loop each time, so nothing queued
+//! for a dead connection leaks into the next one).
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::{mpsc, watch};
+
+use crate::base::backoff::Backoff;
+use crate::publish::config::MqttConfig;
+use crate::publish::{PublishError, Topics};
+
+/// What the link task tells the sender task. `gen` numbers connections so
+/// that events of a dead one are never taken for the current one's.
+pub(super) enum Link {
+    Up { gen: u64, client: AsyncClient },
+    Event { gen: u64, event: Event },
+    Down { gen: u64, error: ConnectionError, retry_in: Duration },
+}
+
+/// rumqttc's request queue: room for a full score queue plus the retained
+/// state, discovery and alarms a reconnect sends at once.
+pub(super) fn request_capacity(cfg: &MqttConfig) -> usize {
+    cfg.score_queue + 256
+}
+
+/// The client options of every connection: broker, keep-alive, the last will,
+/// credentials and TLS.
+pub(super) fn options(
+    cfg: &MqttConfig,
+    client_id: &str,
+    host: &str,
+    port: u16,
+    topics: &Topics,
+) -> Result<MqttOptions, PublishError> {
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(cfg.keep_alive())
+        .set_clean_session(true)
+        .set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true))
+        // Snapshots are JPEGs of a few hundred kB; rumqttc's default is 10 kB.
+        .set_max_packet_size(1 << 20, 16 << 20)
+        // Room for the alarm window plus retained-state publishes.
+        .set_inflight(cfg.alarm_inflight.saturating_add(64))
+        .set_request_channel_capacity(request_capacity(cfg));
+    if let Some(user) = &cfg.username {
+        let pw = cfg.password()?;
+        opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
+    }
+    if let (Some(tls), false) = (&cfg.tls, cfg.embedded) {
+        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            crate::publish::tls::client_config(tls)?,
+        )));
+    }
+    Ok(opts)
+}
+
+/// Connect, forward events, back off on errors; until `stop`, or until the
+/// sender task is gone or has disconnected.
+pub(super) async fn run(
+    opts: MqttOptions,
+    cap: usize,
+    connect_timeout_s: u64,
+    mut backoff: Backoff,
+    tx: mpsc::UnboundedSender<Link>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut gen = 0u64;
+    loop {
+        gen += 1;
+        let (client, mut eventloop) = AsyncClient::new(opts.clone(), cap);
+        eventloop.network_options.set_connection_timeout(connect_timeout_s);
+        let mut client = Some(client);
+        let error = loop {
+            let polled = tokio::select! {
+                r = eventloop.poll() => r,
+                // The sender task is gone (stopped, or timed out stopping).
+                _ = tx.closed() => return,
+                // Stop before the connection is up: nothing to say goodbye on.
+                // Once it is up, the sender task drives the clean stop and
+                // this task ends on the DISCONNECT it sends.
+                _ = stop.wait_for(|s| *s), if client.is_some() => return,
+            };
+            match polled {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff.reset();
+                    if let Some(c) = client.take() {
+                        if tx.send(Link::Up { gen, client: c }).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(event) => {
+                    let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
+                    if tx.send(Link::Event { gen, event }).is_err() || disconnected {
+                        return;
+                    }
+                }
+                Err(e) => break e,
+            }
+        };
+        let retry_in = backoff.next_delay();
+        if tx.send(Link::Down { gen, error, retry_in }).is_err() {
+            return;
+        }
+        drop(eventloop);
+        tokio::select! {
+            _ = tokio::time::sleep(retry_in) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
