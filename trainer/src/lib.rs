@@ -26,6 +26,10 @@
 //! - [`cmd`]: the command line, one module per command (`datagen`, `train`,
 //!   `eval`, `export`, `bench-step`).
 
+// `unwrap` on outside data (image files, checkpoints) fails a training run
+// with a panic instead of a message; tests may unwrap.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod adam;
 pub mod checkpoint;
 pub mod cmd;
