@@ -383,7 +383,7 @@ fn run(mut t: InferThread) {
         let result = t.model.run(&input, n, &mut out);
         t.liveness.beat();
         if let Err(e) = &result {
-            tracing::error!(error = %e, frames = n, "inference failed; frames skipped");
+            tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
         }
         let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
         for (i, p) in batch.drain(..).enumerate() {

@@ -48,8 +48,8 @@ fn main() -> ExitCode {
         Cmd::Watch(args) => cmds::watch::run(args),
     };
     result.unwrap_or_else(|e| {
-        // The whole chain: "MQTT publisher: cannot read mqtt.password_file ...: Permission denied".
-        eprintln!("error: {e:#}");
+        // The whole chain, each cause once: "MQTT publisher: mqtt.password_file /p: Permission denied".
+        eprintln!("error: {}", ganomalyd::base::report::chain(e.as_ref()));
         ExitCode::FAILURE
     })
 }

@@ -35,7 +35,7 @@ use crate::decide::{Camera, Decider};
 use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
 use crate::infer::{self, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
-use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec};
+use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
 use crate::snapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,93 @@ struct Wiring<'a> {
     recycle: (Sender<FrameData>, Receiver<FrameData>),
 }
 
+/// One model's channels: frames in from the pool, tensor buffers back to it,
+/// run-time settings (SIGHUP).
+struct ModelChannels {
+    input: (Sender<Prepared>, Receiver<Prepared>),
+    tensors: (Sender<Vec<f32>>, Receiver<Vec<f32>>),
+    control: (Sender<infer::Control>, Receiver<infer::Control>),
+}
+
+impl ModelChannels {
+    fn new(max_batch: usize) -> ModelChannels {
+        ModelChannels {
+            input: crossbeam_channel::bounded(2 * max_batch),
+            tensors: crossbeam_channel::bounded(4 * max_batch + 8),
+            control: crossbeam_channel::unbounded(),
+        }
+    }
+}
+
+/// Loads each distinct model file once (one session, one inference thread)
+/// and gives every camera its queues.
+fn load_and_wire(settings: &Settings) -> Result<(Vec<Model>, Vec<Wiring<'_>>), PipelineError> {
+    let max_batch = settings.inference.max_batch.max(1);
+    let queue = settings.pipeline.frame_queue.max(1);
+    // Enough spare buffers to cover the queue, the pool and a batch.
+    let recycle_cap = queue + settings.pipeline.preprocess_threads + 2 * max_batch + 2;
+    let mut models: Vec<Model> = Vec::new();
+    let mut cams = Vec::new();
+    for plan in &settings.cameras {
+        let model = match models.iter().position(|m| m.path == plan.model) {
+            Some(m) => m,
+            None => {
+                models.push(Model::load(&plan.model, &settings.inference)?);
+                models.len() - 1
+            }
+        };
+        cams.push(Wiring {
+            plan,
+            model,
+            counters: Arc::new(CameraCounters::default()),
+            frames: crossbeam_channel::bounded(queue),
+            recycle: crossbeam_channel::bounded(recycle_cap),
+        });
+    }
+    Ok((models, cams))
+}
+
+/// What the preprocess workers need: every camera's queue, every model's shape.
+fn pool_spec(cams: &[Wiring], models: &[Model], channels: &[ModelChannels]) -> PoolSpec {
+    PoolSpec {
+        cameras: cams
+            .iter()
+            .map(|c| CameraPrep {
+                name: c.plan.name.clone(),
+                roi: c.plan.roi,
+                model: c.model,
+                counters: c.counters.clone(),
+                input: c.frames.1.clone(),
+                recycle: c.recycle.0.clone(),
+            })
+            .collect(),
+        models: models
+            .iter()
+            .zip(channels)
+            .map(|(model, ch)| ModelPrep {
+                color: model.color(),
+                size: model.side() as u32,
+                output: ch.input.0.clone(),
+                tensor_recycle: ch.tensors.1.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl Wiring<'_> {
+    /// The camera as its model's inference thread decides for it.
+    fn decided_by(&self, model: &Model, kind: ScoreKind) -> Camera {
+        let calibration = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
+        Camera {
+            name: self.plan.name.clone(),
+            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm),
+            roi: self.plan.roi,
+            counters: self.counters.clone(),
+            recycle: self.recycle.0.clone(),
+        }
+    }
+}
+
 impl Pipeline {
     /// Loads the models and starts every stage.
     pub fn start(
@@ -128,31 +215,8 @@ impl Pipeline {
         if settings.cameras.is_empty() {
             return Err(PipelineError::NoCameras);
         }
-        let inference = &settings.inference;
-        let max_batch = inference.max_batch.max(1);
-        let queue = settings.pipeline.frame_queue.max(1);
-        // Enough spare buffers to cover the queue, the pool and a batch.
-        let recycle_cap = queue + settings.pipeline.preprocess_threads + 2 * max_batch + 2;
-
-        // One model (session, inference thread) per distinct model file.
-        let mut models: Vec<Model> = Vec::new();
-        let mut cams = Vec::new();
-        for plan in &settings.cameras {
-            let model = match models.iter().position(|m| m.path == plan.model) {
-                Some(m) => m,
-                None => {
-                    models.push(Model::load(&plan.model, inference)?);
-                    models.len() - 1
-                }
-            };
-            cams.push(Wiring {
-                plan,
-                model,
-                counters: Arc::new(CameraCounters::default()),
-                frames: crossbeam_channel::bounded(queue),
-                recycle: crossbeam_channel::bounded(recycle_cap),
-            });
-        }
+        let max_batch = settings.inference.max_batch.max(1);
+        let (models, cams) = load_and_wire(settings)?;
         let kinds = cams.iter().map(|c| score_kind(c.plan, &models[c.model])).collect::<Result<Vec<ScoreKind>, _>>()?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,66 +230,24 @@ impl Pipeline {
         };
         let snapshots_skipped = snap_queue.as_ref().map(|q| q.skipped.clone());
 
-        // Per model: the pool's output, and the tensors coming back from inference.
-        let infer_q: Vec<_> = models.iter().map(|_| crossbeam_channel::bounded(2 * max_batch)).collect();
-        let tensor_recycle: Vec<_> = models.iter().map(|_| crossbeam_channel::bounded(4 * max_batch + 8)).collect();
-        let pool = PoolSpec {
-            cameras: cams
-                .iter()
-                .map(|c| CameraPrep {
-                    name: c.plan.name.clone(),
-                    roi: c.plan.roi,
-                    model: c.model,
-                    counters: c.counters.clone(),
-                    input: c.frames.1.clone(),
-                    recycle: c.recycle.0.clone(),
-                })
-                .collect(),
-            models: models
-                .iter()
-                .enumerate()
-                .map(|(m, model)| ModelPrep {
-                    color: model.color(),
-                    size: model.side() as u32,
-                    output: infer_q[m].0.clone(),
-                    tensor_recycle: tensor_recycle[m].1.clone(),
-                })
-                .collect(),
-        };
+        let channels: Vec<ModelChannels> = models.iter().map(|_| ModelChannels::new(max_batch)).collect();
+        let pool = pool_spec(&cams, &models, &channels);
         let providers: Vec<(PathBuf, Provider)> = models.iter().map(|m| (m.path.clone(), m.provider)).collect();
-
+        let control = cams.iter().map(|c| (c.plan.name.clone(), channels[c.model].control.0.clone())).collect();
         let mut inference_threads = Vec::new();
-        let controls: Vec<_> = (0..models.len()).map(|_| crossbeam_channel::unbounded()).collect();
-        let control = cams.iter().map(|c| (c.plan.name.clone(), controls[c.model].0.clone())).collect();
-        for (m, model) in models.into_iter().enumerate() {
-            let cameras = cams
-                .iter()
-                .zip(&kinds)
-                .map(|(c, &kind)| {
-                    (c.model == m).then(|| Camera {
-                        name: c.plan.name.clone(),
-                        decider: Decider::new(
-                            &c.plan.name,
-                            kind,
-                            model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated),
-                            c.plan.alarm,
-                        ),
-                        roi: c.plan.roi,
-                        counters: c.counters.clone(),
-                        recycle: c.recycle.0.clone(),
-                    })
-                })
-                .collect();
+        for (m, (model, ch)) in models.into_iter().zip(&channels).enumerate() {
+            // Indexed like the pipeline's cameras; `None` for other models' cameras.
+            let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| (c.model == m).then(|| c.decided_by(&model, kind)));
             inference_threads.push(infer::spawn(InferThread {
+                cameras: cameras.collect(),
                 model,
-                rx: infer_q[m].1.clone(),
-                tensor_recycle: tensor_recycle[m].0.clone(),
-                cameras,
+                rx: ch.input.1.clone(),
+                tensor_recycle: ch.tensors.0.clone(),
                 max_batch,
-                max_wait: inference.max_wait,
+                max_wait: settings.inference.max_wait,
                 publisher: publisher.clone(),
                 snapshots: snap_queue.clone(),
-                control: controls[m].1.clone(),
+                control: ch.control.1.clone(),
                 liveness: liveness.clone(),
             })?);
         }
@@ -233,7 +255,7 @@ impl Pipeline {
         let workers = preprocess::spawn_pool(settings.pipeline.preprocess_threads, pool)?;
         // Only the workers may hold the inference senders, or inference would
         // never see its input close.
-        drop(infer_q);
+        drop(channels);
 
         let named: Vec<(String, Arc<CameraCounters>)> =
             cams.iter().map(|c| (c.plan.name.clone(), c.counters.clone())).collect();

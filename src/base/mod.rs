@@ -5,6 +5,8 @@
 pub mod backoff;
 pub mod check;
 pub mod liveness;
+pub mod redact;
+pub mod report;
 pub mod stop;
 
 pub use liveness::Liveness;

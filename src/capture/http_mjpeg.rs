@@ -107,16 +107,9 @@ impl HttpMjpegSource {
     }
 }
 
-/// `url` without a `user:password@`, for logs. The user info ends at the
-/// *last* `@` of the authority (a password may hold `@`).
+/// `url` without a `user:password@`, for logs.
 pub fn redact(url: &str) -> String {
-    let Some(scheme) = url.find("://") else { return url.to_string() };
-    let rest = &url[scheme + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    match authority.rfind('@') {
-        Some(at) => format!("{}://***@{}", &url[..scheme], &rest[at + 1..]),
-        None => url.to_string(),
-    }
+    crate::base::redact::url(url)
 }
 
 /// The `boundary` parameter of a `multipart/x-mixed-replace` content type.

@@ -212,7 +212,8 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         max_batch: opts.max_batch.max(1),
         max_wait: Duration::from_secs_f64(opts.max_wait_s),
         intra_threads: opts.intra_threads,
-        ort_library: opts.ort_library.clone(),
+        // Relative to the working directory, as a command-line path is.
+        ort_library: opts.ort_library.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         ..InferenceSettings::default()
     };
     let frames = Arc::new(frames(opts.width, opts.height));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::base::report::chain;
 use crate::config::{self, Settings};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
@@ -179,7 +180,7 @@ fn reload(pipeline: &Pipeline, path: &Path) {
             }
             tracing::info!("alarm settings reloaded (other changes need a restart)");
         }
-        Err(e) => tracing::error!(error = %e, "reload refused: keeping the running settings"),
+        Err(e) => tracing::error!(error = %chain(&e), "reload refused: keeping the running settings"),
     }
 }
 

@@ -22,7 +22,9 @@ use super::settings::{
     SnapshotSettings,
 };
 use crate::base::check::{between, count_between, not_zero};
+use crate::base::report::chain;
 use crate::capture::CameraContext;
+use crate::publish::config::MqttConfig;
 
 const DEFAULT_WIDTH: u32 = 640;
 const DEFAULT_HEIGHT: u32 = 480;
@@ -40,13 +42,22 @@ pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> 
     let pipeline = pipeline(&file.pipeline, &mut problems);
     let snapshots = snapshots(&file.snapshots, base, &mut problems);
     let metrics = metrics(&file.metrics, &mut problems);
-    let mqtt = file.mqtt.as_ref().filter(|m| m.enabled).map(|m| {
-        m.validate("mqtt", &mut problems);
-        m.resolved(base)
-    });
+    let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, &mut problems));
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
+    }
+    // A `[defaults].source` no camera inherits is still checked, as written.
+    if let (Some(s), true) = (&file.defaults.source, file.cameras.values().all(|c| c.source.is_some())) {
+        let d = &file.defaults;
+        let cx = CameraContext {
+            camera: "defaults",
+            base_dir: base,
+            width: d.width.unwrap_or(DEFAULT_WIDTH),
+            height: d.height.unwrap_or(DEFAULT_HEIGHT),
+            fps: d.fps.unwrap_or(DEFAULT_FPS),
+        };
+        let _ = s.compile(&cx, "defaults.source", &mut problems);
     }
     let mut cameras = Vec::new();
     for (name, table) in &file.cameras {
@@ -73,6 +84,28 @@ impl Default for InferenceSettings {
         debug_assert!(problems.is_empty(), "the built-in defaults are valid: {problems:?}");
         defaults.unwrap_or_else(|| unreachable!("the built-in [inference] defaults compile"))
     }
+}
+
+/// `[mqtt]`, checked whether enabled or not (so that enabling it later holds
+/// no surprise); while enabled, the password and TLS files it names are read
+/// too, so that `run` cannot fail on them after `check-config` said ok.
+fn mqtt(m: &MqttConfig, base: &Path, problems: &mut Vec<String>) -> Option<MqttConfig> {
+    let before = problems.len();
+    m.validate("mqtt", problems);
+    if !m.enabled || problems.len() != before {
+        return None;
+    }
+    let m = m.resolved(base);
+    // Only whether they can be read: the password itself is dropped here.
+    if let Err(e) = m.password() {
+        problems.push(chain(&e));
+    }
+    if let (Some(tls), false) = (&m.tls, m.embedded) {
+        if let Err(e) = crate::publish::tls::client_config(tls) {
+            problems.push(chain(&e));
+        }
+    }
+    (problems.len() == before).then_some(m)
 }
 
 fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Option<InferenceSettings> {
@@ -126,7 +159,9 @@ fn pipeline(c: &PipelineConfig, problems: &mut Vec<String>) -> Option<PipelineSe
 fn snapshots(c: &SnapshotConfig, base: &Path, problems: &mut Vec<String>) -> Option<SnapshotSettings> {
     let p = "snapshots";
     count_between(problems, &format!("{p}.quality"), u64::from(c.quality), 1, 100);
-    between(problems, &format!("{p}.overlay_alpha"), f64::from(c.overlay_alpha), 0.0, 1.0, "");
+    if !(0.0..=1.0).contains(&c.overlay_alpha) {
+        problems.push(format!("{p}.overlay_alpha: must be between 0 and 1 (got {})", c.overlay_alpha));
+    }
     if c.enabled && c.retain == 0 {
         problems.push(format!("{p}.retain: must be ≥ 1 while snapshots are enabled"));
     }
@@ -174,8 +209,10 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
     }
     not_zero(problems, &format!("{p}.width"), t.width.map(u64::from));
     not_zero(problems, &format!("{p}.height"), t.height.map(u64::from));
-    if let Some(fps) = t.fps {
-        between(problems, &format!("{p}.fps"), fps, 0.0, 1000.0, "");
+    // 0 means unpaced; below a frame in 17 minutes the pacing period would
+    // overflow the camera thread's clock.
+    if let Some(fps) = t.fps.filter(|&f| f != 0.0) {
+        between(problems, &format!("{p}.fps"), fps, 0.001, 1000.0, " (or 0: as fast as the pipeline takes them)");
     }
     if let Some(r) = &t.roi {
         if r.width == 0 || r.height == 0 {

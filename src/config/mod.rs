@@ -28,8 +28,9 @@ pub use settings::{
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid TOML for ganomalyd: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    /// `message` is the parser's, which quotes the line (user info of URLs hidden).
+    #[error("config file {path} is not valid TOML for ganomalyd: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("config file {path} has {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
     Invalid { path: PathBuf, problems: Vec<String> },
 }
@@ -41,7 +42,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
     compile_str(&text, &base).map_err(|e| match e {
-        Error::Parse(source) => ConfigError::Parse { path: path.into(), source },
+        Error::Parse(e) => ConfigError::Parse { path: path.into(), message: crate::base::redact::text(&e.to_string()) },
         Error::Invalid(problems) => ConfigError::Invalid { path: path.into(), problems },
     })
 }
@@ -56,7 +57,7 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Parse(e) => write!(f, "{e}"),
+            Error::Parse(e) => write!(f, "{}", crate::base::redact::text(&e.to_string())),
             Error::Invalid(problems) => write!(f, "{}", problems.join("; ")),
         }
     }
@@ -270,6 +271,57 @@ mod tests {
         let s = compile(&demo, &dir).expect("the demo config compiles as shipped");
         assert_eq!(s.cameras[0].model, dir.join("../models/demo.onnx"));
         assert!(format!("{:?}", s.cameras[0].source).starts_with("SyntheticPlan"));
+    }
+
+    #[test]
+    fn a_defaults_source_no_camera_uses_is_still_checked() {
+        let p = problems(
+            "[defaults]\nmodel = \"/m.onnx\"\nsource = { kind = \"synthetic\", texture = \"plaid\" }\n[cameras.a]\nsource = { kind = \"synthetic\" }\n",
+        );
+        assert!(p.iter().any(|p| p.starts_with("defaults.source.texture: `plaid`")), "{p:#?}");
+    }
+
+    #[test]
+    fn a_pacing_too_slow_for_the_clock_is_refused() {
+        let p = problems("[defaults]\nfps = 1e-30\n");
+        assert!(p.iter().any(|p| p.starts_with("defaults.fps: must be between 0.001 and 1000")), "{p:#?}");
+        assert!(!problems("[defaults]\nfps = 0\n").iter().any(|p| p.contains("fps")));
+    }
+
+    #[test]
+    fn a_disabled_mqtt_table_is_checked_and_an_enabled_one_reads_its_files() {
+        let p = problems("[mqtt]\nenabled = false\nport = 0\n");
+        assert!(p.iter().any(|p| p.starts_with("mqtt.port:")), "{p:#?}");
+        let p = problems(
+            "[mqtt]\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n[mqtt.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+        );
+        assert!(p.iter().any(|p| p.starts_with("mqtt.password_file /nonexistent/pw:")), "{p:#?}");
+        assert!(p.iter().any(|p| p.starts_with("mqtt.tls.ca_file /nonexistent/ca.pem:")), "{p:#?}");
+    }
+
+    #[test]
+    fn parse_errors_never_show_a_cameras_password() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[cameras.a]\nsource = { kind = \"http-mjpeg\", url = \"http://admin:s3cret@cam/m\", timeout = 5 }\n",
+        )
+        .expect("write");
+        let e = load(&path).expect_err("unknown key").to_string();
+        assert!(e.contains("timeout") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_config_path_gives_absolute_settings() {
+        // Tests run in the package root, so this path is relative to it.
+        let s = load(Path::new("config/demo.toml")).expect("the demo config compiles");
+        let model = &s.cameras[0].model;
+        assert!(model.is_absolute(), "{}", model.display());
+        assert_eq!(model.canonicalize().expect("exists"), demo_model().canonicalize().expect("exists"));
+        let snaps = s.snapshots.expect("demo snapshots").dir;
+        assert!(snaps.is_absolute() && snaps.ends_with("out/demo/snapshots"), "{}", snaps.display());
+        assert!(s.mqtt.expect("demo mqtt").outbox_path.is_absolute());
     }
 
     #[test]

@@ -240,8 +240,9 @@ impl Publisher for MqttPublisher {
         }
     }
 
-    /// Publishes `report` once, with the publisher's counters, as soon as
-    /// there is a connection; a newer report replaces one not yet sent. The
+    /// Publishes `report` once, with the publisher's counters, at once when
+    /// connected, else as soon as there is a connection; a newer report
+    /// replaces one not yet sent. The
     /// pipeline calls this every `pipeline.stats_interval_s` (it clones the
     /// report: keep it to about once a second or less).
     fn stats(&self, report: &StatsReport) {

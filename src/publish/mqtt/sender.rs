@@ -5,6 +5,7 @@
 //! re-publishes the retained state after every (re)connect, and drives the
 //! clean stop. Packet-id bookkeeping is [`Delivery`]'s.
 
+use crate::base::report::chain;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -129,9 +130,9 @@ impl SendTask {
                 if self.delivery.disconnected(gen) {
                     self.client = None;
                     self.shared.counters.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %error, retry_in_ms, "MQTT connection lost; alarms queue in the outbox");
+                    tracing::warn!(error = %chain(&error), retry_in_ms, "MQTT connection lost; alarms queue in the outbox");
                 } else {
-                    tracing::warn!(error = %error, retry_in_ms, "MQTT connect failed");
+                    tracing::warn!(error = %chain(&error), retry_in_ms, "MQTT connect failed");
                 }
             }
             Link::Event { gen, event } => {
