@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
 use crate::events::{AlarmEvent, ScoreEvent, StatsReport};
@@ -89,15 +89,7 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
     let client_id = format!("ganomalyd-watch-{}-{}", std::process::id(), rand::random::<u32>());
     let mut opts = MqttOptions::new(client_id, host.clone(), port);
     opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(16 << 20, 1 << 20);
-    if let Some(user) = &cfg.username {
-        let pw = cfg.password()?;
-        opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
-    }
-    if let (Some(tls), false) = (&cfg.tls, cfg.embedded) {
-        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-            crate::publish::tls::client_config(tls)?,
-        )));
-    }
+    crate::publish::mqtt::secure(&mut opts, &cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut printed = 0u64;
     let mut failures = 0u32;

@@ -162,17 +162,8 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{data, tiny};
     use crate::model::run_epoch;
-    use crate::net::seeded;
-    use tch::Kind;
-
-    fn tiny() -> ArchSpec {
-        ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
-    }
-
-    fn data(n: i64) -> Tensor {
-        seeded(99, || Tensor::rand([n, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
-    }
 
     #[test]
     fn checkpoint_round_trip_resumes_exactly() {

@@ -37,6 +37,8 @@ pub mod data;
 pub mod evaluate;
 pub mod export;
 pub mod features;
+#[cfg(test)]
+mod fixtures;
 pub mod model;
 pub mod net;
 pub mod report;

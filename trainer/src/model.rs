@@ -258,14 +258,7 @@ pub fn run_epoch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny() -> ArchSpec {
-        ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
-    }
-
-    fn data(n: i64) -> Tensor {
-        seeded(99, || Tensor::rand([n, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
-    }
+    use crate::fixtures::{data, tiny};
 
     #[test]
     fn seeded_runs_are_reproducible_and_losses_fall() {

@@ -197,6 +197,21 @@ pub fn plot_losses(path: &Path, history: &[EpochRecord]) -> PlotResult {
     Ok(())
 }
 
+/// Draws the series' legend in the lower right and writes the picture.
+fn legend_and_write<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+) -> PlotResult {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// Test AUROC per epoch, one line per score kind.
 pub fn plot_auroc(path: &Path, history: &[EpochRecord]) -> PlotResult {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
@@ -222,14 +237,7 @@ pub fn plot_auroc(path: &Path, history: &[EpochRecord]) -> PlotResult {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_write(&mut chart, &root)
 }
 
 /// Normal-vs-defect histogram of one score with the calibrated (solid) and
@@ -306,14 +314,7 @@ pub fn plot_roc(path: &Path, evals: &BTreeMap<ScoreKind, KindEval>) -> PlotResul
             .label(format!("{} (AUROC {:.3})", kind.as_str(), e.auroc))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_write(&mut chart, &root)
 }
 
 /// Writes every plot that the inputs allow into `dir`; returns the files written.

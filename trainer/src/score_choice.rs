@@ -247,11 +247,7 @@ pub fn val_aurocs(g: &NetG, hold: &Scores, val: &LabelledSet, kernel: u32, devic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ganomaly_core::arch::ArchSpec;
-
-    fn tiny() -> ArchSpec {
-        ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
-    }
+    use crate::fixtures::tiny;
 
     #[test]
     fn auto_leaves_the_default_only_for_a_lead_beyond_one_paired_standard_error() {

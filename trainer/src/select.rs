@@ -348,17 +348,13 @@ fn val_auroc_rule(best: ValPick, last: ValPick) -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::tiny;
     use std::path::PathBuf;
 
     use crate::data::TestItem;
     use crate::model::{run_epoch, Hyper};
     use crate::score_choice::val_aurocs;
-    use ganomaly_core::arch::ArchSpec;
     use tch::Kind;
-
-    fn tiny() -> ArchSpec {
-        ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() }
-    }
 
     #[test]
     fn cosine_schedule_starts_at_lr_and_falls() {

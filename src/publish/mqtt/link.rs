@@ -44,6 +44,13 @@ pub(super) fn options(
         // Room for the alarm window plus retained-state publishes.
         .set_inflight(cfg.alarm_inflight.saturating_add(64))
         .set_request_channel_capacity(request_capacity(cfg));
+    secure(&mut opts, cfg)?;
+    Ok(opts)
+}
+
+/// The broker's credentials and TLS as `[mqtt]` gives them: the daemon and
+/// `ganomalyd watch` connect alike.
+pub fn secure(opts: &mut MqttOptions, cfg: &MqttConfig) -> Result<(), PublishError> {
     if let Some(user) = &cfg.username {
         let pw = cfg.password()?;
         opts.set_credentials(user.clone(), pw.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
@@ -53,7 +60,7 @@ pub(super) fn options(
             crate::publish::tls::client_config(tls)?,
         )));
     }
-    Ok(opts)
+    Ok(())
 }
 
 /// Connect, forward events, back off on errors; until `stop`, or until the

@@ -39,4 +39,5 @@ mod publisher;
 mod sender;
 mod state;
 
+pub use link::secure;
 pub use publisher::{MqttPublisher, PublisherCounters, PublisherHandle};
