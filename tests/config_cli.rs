@@ -322,3 +322,18 @@ fn metrics_and_healthz_answer_while_the_daemon_runs() {
     assert!(text(&o).contains(&format!("metrics.listen {addr}: cannot listen")), "{}", text(&o));
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn offline_checks_a_fleet_config_without_its_files_and_keeps_the_exit_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), Path::new("/opt/models/line3.onnx"), "");
+    refused_saying(dir.path(), &cfg, "cameras.cam.model: /opt/models/line3.onnx does not exist");
+    let o = ganomalyd(&["check-config", "--offline", cfg.to_str().expect("utf8")], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ok (1 camera(s), offline"), "{}", text(&o));
+    // A range problem is still a problem offline, with the same exit code and message.
+    let bad = write_config(dir.path(), Path::new("/opt/models/line3.onnx"), "[cameras.cam.alarm]\nmin_frames = 0\n");
+    let o = ganomalyd(&["check-config", "--offline", bad.to_str().expect("utf8")], dir.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cameras.cam.alarm.min_frames: must be ≥ 1"), "{}", text(&o));
+}

@@ -17,6 +17,9 @@ pub struct CameraContext<'a> {
     pub width: u32,
     pub height: u32,
     pub fps: f64,
+    /// Look at the world the table names (device nodes, image files); off for
+    /// `check-config --offline`, which checks a fleet's files on another machine.
+    pub probe: bool,
 }
 
 /// One kind's config, compiled once into its plan.

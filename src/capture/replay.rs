@@ -40,6 +40,9 @@ impl CompileSource for ReplayConfig {
             return None;
         }
         let path = cam.base_dir.join(&self.path);
+        if !cam.probe {
+            return Some(Arc::new(ReplayPlan { path, looped: self.looped }));
+        }
         match list_images(&path) {
             Ok(files) if files.is_empty() => {
                 problems.push(format!("{p}.path: no images (png, jpg, jpeg, bmp) at {}", path.display()));

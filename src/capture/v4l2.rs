@@ -59,6 +59,7 @@ impl CompileSource for V4l2Config {
             problems.push(format!("{p}.format: `{}` is not one of {}", self.format, names.join(", ")));
         }
         let device = match DeviceSpec::parse(&self.device) {
+            Ok(spec) if !cam.probe => Some(spec),
             Ok(spec) => match spec.resolve() {
                 Ok(_) => Some(spec),
                 Err(e) => {

@@ -35,14 +35,25 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     base.join(p)
 }
 
+/// How far a compile looks beyond the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The models, devices, image folders, library and MQTT files the config
+    /// names are read (`check-config`, `run`).
+    World,
+    /// The file alone: schema, ranges, names, URLs (`check-config --offline`,
+    /// for validating a fleet's configs on a machine without their files).
+    Offline,
+}
+
 /// The settings, or every problem (never both: a file with a problem starts nothing).
-pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
+pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings, Vec<String>> {
     let mut problems = Vec::new();
-    let inference = inference(&file.inference, base, &mut problems);
+    let inference = inference(&file.inference, base, probe, &mut problems);
     let pipeline = pipeline(&file.pipeline, &mut problems);
     let snapshots = snapshots(&file.snapshots, base, &mut problems);
     let metrics = metrics(&file.metrics, &mut problems);
-    let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, &mut problems));
+    let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
@@ -56,12 +67,13 @@ pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> 
             width: d.width.unwrap_or(DEFAULT_WIDTH),
             height: d.height.unwrap_or(DEFAULT_HEIGHT),
             fps: d.fps.unwrap_or(DEFAULT_FPS),
+            probe: probe == Probe::World,
         };
         let _ = s.compile(&cx, "defaults.source", &mut problems);
     }
     let mut cameras = Vec::new();
     for (name, table) in &file.cameras {
-        if let Some(cam) = camera(file, base, name, table, &mut problems) {
+        if let Some(cam) = camera(file, base, probe, name, table, &mut problems) {
             cameras.push(cam);
         }
     }
@@ -80,7 +92,7 @@ impl Default for InferenceSettings {
     /// What an `[inference]` table left out compiles to (`score`, `bench`, tests).
     fn default() -> Self {
         let mut problems = Vec::new();
-        let defaults = inference(&InferenceConfig::default(), Path::new("/"), &mut problems);
+        let defaults = inference(&InferenceConfig::default(), Path::new("/"), Probe::World, &mut problems);
         debug_assert!(problems.is_empty(), "the built-in defaults are valid: {problems:?}");
         defaults.unwrap_or_else(|| unreachable!("the built-in [inference] defaults compile"))
     }
@@ -89,13 +101,16 @@ impl Default for InferenceSettings {
 /// `[mqtt]`, checked whether enabled or not (so that enabling it later holds
 /// no surprise); while enabled, the password and TLS files it names are read
 /// too, so that `run` cannot fail on them after `check-config` said ok.
-fn mqtt(m: &MqttConfig, base: &Path, problems: &mut Vec<String>) -> Option<MqttConfig> {
+fn mqtt(m: &MqttConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -> Option<MqttConfig> {
     let before = problems.len();
     m.validate("mqtt", problems);
     if !m.enabled || problems.len() != before {
         return None;
     }
     let m = m.resolved(base);
+    if probe == Probe::Offline {
+        return Some(m);
+    }
     // Only whether they can be read: the password itself is dropped here.
     if let Err(e) = m.password() {
         problems.push(chain(&e));
@@ -108,7 +123,7 @@ fn mqtt(m: &MqttConfig, base: &Path, problems: &mut Vec<String>) -> Option<MqttC
     (problems.len() == before).then_some(m)
 }
 
-fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Option<InferenceSettings> {
+fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -> Option<InferenceSettings> {
     let p = "inference";
     let before = problems.len();
     if c.providers.is_empty() {
@@ -123,7 +138,7 @@ fn inference(c: &InferenceConfig, base: &Path, problems: &mut Vec<String>) -> Op
         problems.push(format!("{p}.intra_threads: must be ≤ 1024 (got {})", c.intra_threads));
     }
     let ort_library = c.ort_library.as_ref().map(|lib| resolve(base, lib));
-    if let Some(lib) = &ort_library {
+    if let (Some(lib), Probe::World) = (&ort_library, probe) {
         if !lib.is_file() {
             problems.push(format!("{p}.ort_library: {} does not exist", lib.display()));
         }
@@ -263,6 +278,7 @@ fn merged_alarm(own: Option<&AlarmTable>, defaults: Option<&AlarmTable>) -> Alar
 fn camera(
     file: &ConfigFile,
     base: &Path,
+    probe: Probe,
     name: &str,
     t: &CameraTable,
     problems: &mut Vec<String>,
@@ -307,7 +323,7 @@ fn camera(
             alarm.clear_threshold
         ));
     }
-    if let Some(model) = &model {
+    if let (Some(model), Probe::World) = (&model, probe) {
         model_check(model, score, &p, problems);
     }
     let fps = t.fps.or(d.fps).unwrap_or(DEFAULT_FPS);
@@ -317,6 +333,7 @@ fn camera(
         width: t.width.or(d.width).unwrap_or(DEFAULT_WIDTH),
         height: t.height.or(d.height).unwrap_or(DEFAULT_HEIGHT),
         fps,
+        probe: probe == Probe::World,
     };
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);

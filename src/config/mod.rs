@@ -16,6 +16,7 @@ pub mod settings;
 
 use std::path::{Path, PathBuf};
 
+pub use compile::Probe;
 pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
@@ -35,13 +36,20 @@ pub enum ConfigError {
     Invalid { path: PathBuf, problems: Vec<String> },
 }
 
-/// Reads, parses, checks and compiles a config file.
+/// Reads, parses, checks and compiles a config file, with the files and
+/// devices it names.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    load_with(path, Probe::World)
+}
+
+/// [`load`], looking at the world the file names or not.
+pub fn load_with(path: &Path, probe: Probe) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
     // Relative paths in the file are relative to the file, and become absolute.
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
-    compile_str(&text, &base).map_err(|e| match e {
+    let file = parse(&text);
+    file.and_then(|f| compile::compile(&f, &base, probe).map_err(Error::Invalid)).map_err(|e| match e {
         Error::Parse(e) => ConfigError::Parse { path: path.into(), message: crate::base::redact::text(&e.to_string()) },
         Error::Invalid(problems) => ConfigError::Invalid { path: path.into(), problems },
     })
@@ -77,12 +85,12 @@ pub fn parse(text: &str) -> Result<ConfigFile, Error> {
 /// Parses, checks and compiles `text`, resolving relative paths against `base`.
 pub fn compile_str(text: &str, base: &Path) -> Result<Settings, Error> {
     let file = parse(text)?;
-    compile::compile(&file, base).map_err(Error::Invalid)
+    compile::compile(&file, base, Probe::World).map_err(Error::Invalid)
 }
 
-/// Checks and compiles a parsed file.
+/// Checks and compiles a parsed file, with the files and devices it names.
 pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
-    compile::compile(file, base)
+    compile::compile(file, base, Probe::World)
 }
 
 #[cfg(test)]
@@ -322,6 +330,26 @@ mod tests {
         let snaps = s.snapshots.expect("demo snapshots").dir;
         assert!(snaps.is_absolute() && snaps.ends_with("out/demo/snapshots"), "{}", snaps.display());
         assert!(s.mqtt.expect("demo mqtt").outbox_path.is_absolute());
+    }
+
+    #[test]
+    fn offline_checks_the_file_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.toml");
+        let text = "[inference]\nort_library = \"/nonexistent/libonnxruntime.so\"\n\
+            [defaults]\nmodel = \"/nonexistent/m.onnx\"\n\
+            [cameras.a]\nsource = { kind = \"v4l2\", device = \"/dev/video97\" }\n\
+            [cameras.b]\nsource = { kind = \"replay\", path = \"/nonexistent/frames\" }\n\
+            [mqtt]\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n";
+        std::fs::write(&path, text).expect("write");
+        let Err(ConfigError::Invalid { problems, .. }) = load(&path) else { panic!("the missing files pass") };
+        assert_eq!(problems.len(), 6, "model twice, device, replay folder, ort library, password: {problems:#?}");
+        let s = load_with(&path, Probe::Offline).expect("offline, only the file is checked");
+        assert_eq!(s.cameras.len(), 2);
+        // Ranges are still checked offline.
+        std::fs::write(&path, format!("{text}[pipeline]\nframe_queue = 0\n")).expect("write");
+        let Err(ConfigError::Invalid { problems, .. }) = load_with(&path, Probe::Offline) else { panic!("accepted") };
+        assert!(problems.len() == 1 && problems[0].starts_with("pipeline.frame_queue:"), "{problems:#?}");
     }
 
     #[test]
