@@ -127,7 +127,7 @@ fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<
     let p = "inference";
     let before = problems.len();
     if c.providers.is_empty() {
-        problems.push(format!("{p}.providers: list at least one of tensorrt, cuda, cpu"));
+        problems.push(format!("{p}.providers: list at least one of {}", Provider::names().join(", ")));
     }
     if c.require_accelerator && c.providers.iter().all(|x| *x == Provider::Cpu) {
         problems.push(format!("{p}.require_accelerator: true, but providers lists no accelerator (tensorrt, cuda)"));

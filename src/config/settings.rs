@@ -32,6 +32,8 @@ pub struct Settings {
 }
 
 /// Execution provider names, in the order they are tried.
+/// serde, clap and [`Provider::as_str`] all spell them in lowercase; a test
+/// holds the three together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
@@ -41,12 +43,18 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// The name in the config, on the command line, in logs and `stats`.
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Tensorrt => "tensorrt",
             Provider::Cuda => "cuda",
             Provider::Cpu => "cpu",
         }
+    }
+
+    /// Every name, in the order they are tried by default.
+    pub fn names() -> Vec<&'static str> {
+        <Provider as clap::ValueEnum>::value_variants().iter().map(|p| p.as_str()).collect()
     }
 }
 
@@ -156,4 +164,19 @@ pub struct CameraPlan {
     pub fps: f64,
     pub roi: Option<Roi>,
     pub alarm: AlarmConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_agree_in_serde_clap_and_logs() {
+        for p in <Provider as clap::ValueEnum>::value_variants() {
+            let clap = clap::ValueEnum::to_possible_value(p).expect("named");
+            assert_eq!(clap.get_name(), p.as_str());
+            assert_eq!(serde_json::to_string(p).expect("serializes"), format!("\"{}\"", p.as_str()));
+        }
+        assert_eq!(Provider::names(), ["tensorrt", "cuda", "cpu"]);
+    }
 }

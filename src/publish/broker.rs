@@ -16,8 +16,11 @@ pub enum BrokerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("embedded broker did not start listening on {0} within 5 s")]
     NotListening(SocketAddr),
+    /// rumqttd's own start-up error, as its thread reported it.
     #[error("embedded broker: {0}")]
     Start(String),
+    #[error("embedded broker: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// A running in-process broker.
@@ -80,7 +83,7 @@ impl EmbeddedBroker {
                     let _ = tx.send(e.to_string());
                 }
             })
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
+            .map_err(BrokerError::Thread)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(msg) = rx.try_recv() {

@@ -12,29 +12,29 @@ use super::config::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("mqtt.tls.{field} {path}: {msg}")]
-    File { field: &'static str, path: String, msg: String },
+    #[error("mqtt.tls.{field} {path}: {source}")]
+    Read { field: &'static str, path: String, source: std::io::Error },
+    /// Messages embed their cause (`{source}`) so that a plain `{e}` reads
+    /// whole; `base::report::chain` does not repeat it.
+    #[error("mqtt.tls.{field} {path}: {what}: {source}")]
+    Pem { field: &'static str, path: String, what: &'static str, source: rustls::pki_types::pem::Error },
+    #[error("mqtt.tls.{field} {path}: no CERTIFICATE in the PEM file")]
+    NoCertificate { field: &'static str, path: String },
     #[error("mqtt.tls: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::File { field, path: path.display().to_string(), msg: e.to_string() })
+    std::fs::read(path).map_err(|source| TlsError::Read { field, path: path.display().to_string(), source })
 }
 
 fn certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(field, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::File {
-        field,
-        path: path.display().to_string(),
-        msg: format!("bad PEM: {e}"),
-    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { field, path: path.display().to_string(), what: "bad PEM", source })?;
     if certs.is_empty() {
-        return Err(TlsError::File {
-            field,
-            path: path.display().to_string(),
-            msg: "no CERTIFICATE in the PEM file".into(),
-        });
+        return Err(TlsError::NoCertificate { field, path: path.display().to_string() });
     }
     Ok(certs)
 }
@@ -53,10 +53,11 @@ pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
         (Some(cert), Some(key)) => {
             let chain = certs("cert_file", cert)?;
             let pem = read("key_file", key)?;
-            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::File {
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|source| TlsError::Pem {
                 field: "key_file",
                 path: key.display().to_string(),
-                msg: format!("no usable private key: {e}"),
+                what: "no usable private key",
+                source,
             })?;
             builder.with_client_auth_cert(chain, key)?
         }
