@@ -166,7 +166,7 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
     let bridge1 = format!("{prefix}/box1/bridge");
     // The centre sees box1's bridge drop (the bridge's last will on the centre).
     sub.wait(Duration::from_secs(15), "box1's bridge state 0 at the centre", |m| {
-        m.iter().filter(|m| m.topic == bridge1).next_back().is_some_and(|m| m.text() == "0")
+        m.iter().rfind(|m| m.topic == bridge1).is_some_and(|m| m.text() == "0")
     })
     .await;
     tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
