@@ -5,7 +5,10 @@
 //! persistent QoS 1 subscriber on the central broker must receive every alarm
 //! of both boxes, at least once, in the order raised per box: box2's during
 //! the outage, box1's queued on box1's broker and forwarded once its bridge
-//! reconnects.
+//! reconnects. Halfway through the outage box1's broker is itself restarted
+//! (SIGTERM, as a service restart): what its bridge queued must survive in
+//! its persistence file, because the daemon deleted those alarms from its
+//! outbox when the local broker acknowledged them.
 
 mod mqtt_support;
 
@@ -83,12 +86,13 @@ async fn start_box(node: &'static str, dir: &std::path::Path, prefix: &str, cent
     let remote = std::net::SocketAddr::from(([127, 0, 0, 1], uplink.port));
     let bdir = dir.join(node);
     std::fs::create_dir_all(&bdir).unwrap();
-    let conf = bridge_config(
-        &format!("{node}-uplink"),
-        remote,
-        &format!("{prefix}/{node}/#"),
-        &format!("{prefix}/{node}/bridge"),
-    );
+    let conf = keep_root_user().to_string()
+        + &bridge_config(
+            &format!("{node}-uplink"),
+            remote,
+            &format!("{prefix}/{node}/#"),
+            &format!("{prefix}/{node}/bridge"),
+        );
     let broker = Mosquitto::start(&bdir, &conf).expect("mosquitto vanished");
     let cfg = test_config("127.0.0.1", broker.port, prefix, node, &bdir.join("outbox.sqlite"));
     let (publisher, handle) = MqttPublisher::start(&cfg, &tokio::runtime::Handle::current()).unwrap();
@@ -139,7 +143,7 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
     // A consumer at the centre: persistent session, QoS 1, the whole fleet.
     let sub = Sub::start("127.0.0.1", central.port, &format!("{prefix}/#"), true).await;
 
-    let box1 = start_box("box1", dir.path(), &prefix, &central).await;
+    let mut box1 = start_box("box1", dir.path(), &prefix, &central).await;
     let box2 = start_box("box2", dir.path(), &prefix, &central).await;
     // Both paths work end to end: each daemon's retained `online` crossed its bridge.
     for b in [&box1, &box2] {
@@ -169,6 +173,12 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
         m.iter().rfind(|m| m.topic == bridge1).is_some_and(|m| m.text() == "0")
     })
     .await;
+    // Halfway: box1's broker restarts with ~100 alarms in its bridge queue. Its
+    // daemon reconnects on its own; meanwhile it keeps alarms in its outbox.
+    tokio::time::sleep((OUTAGE / 2).saturating_sub(down.elapsed())).await;
+    let queued_at_restart = r1.raised() - n1_cut;
+    box1.broker.stop();
+    box1.broker.resume();
     tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
 
     // Still in the outage: box2 kept delivering, box1's daemon kept handing its
@@ -179,16 +189,16 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
     let box2_max = at_restore.get("box2").into_iter().flatten().map(index).max().unwrap_or(0);
     assert!(box2_max >= n2_cut, "box2's alarms stopped reaching the centre in box1's outage ({box2_max} < {n2_cut})");
     let c1 = box1.publisher.counters();
-    assert!(c1.connected, "box1's daemon lost its local broker: {c1:?}");
+    assert!(c1.connected && c1.connects >= 2, "box1's daemon did not reconnect to its restarted broker: {c1:?}");
     let raised_in_outage = r1.raised() - n1_cut;
     let held_by_local_broker =
         r1.raised().saturating_sub(c1.alarms_pending).saturating_sub(distinct(&at_restore, "box1") as u64);
 
     box1.uplink.restore().await;
     let outage = down.elapsed();
-    let up = Instant::now();
     tokio::time::sleep(AFTER).await;
     let (n1, n2) = (r1.stop().await, r2.stop().await);
+    let last_raised = Instant::now();
 
     let want1: Vec<_> = (0..n1).map(|i| key(&alarm(i, CAMERA))).collect();
     let want2: Vec<_> = (0..n2).map(|i| key(&alarm(i, CAMERA))).collect();
@@ -197,7 +207,7 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
         distinct(&by, "box1") >= want1.len() && distinct(&by, "box2") >= want2.len()
     })
     .await;
-    let drained = up.elapsed();
+    let drained = last_raised.elapsed();
     let by = alarms_by_node(&sub, &prefix);
     let (order1, dups1) = dedupe(&by["box1"]);
     let (order2, dups2) = dedupe(&by["box2"]);
@@ -210,12 +220,13 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
     assert_eq!(last_text(&sub, &format!("{prefix}/box1/status")).as_deref(), Some("online"));
 
     eprintln!(
-        "fleet bridge: box1 raised {n1} alarms ({raised_in_outage} in the outage, {held_by_local_broker} held by its local broker at the restore), \
+        "fleet bridge: box1 raised {n1} alarms ({raised_in_outage} in the outage; its broker restarted with {queued_at_restart} in its bridge queue; {held_by_local_broker} queued there at the restore), \
          box2 raised {n2}; at the centre box1 {} received ({dups1} duplicates), box2 {} received ({dups2} duplicates), \
-         all in order per box; box1's uplink cut {:.1} s, drained {:.1} s after the restore; wall {:.1} s",
+         all in order per box; box1's uplink cut {:.1} s, raising went on {:.0} s after the restore, all in {:.1} s after the last; wall {:.1} s",
         by["box1"].len(),
         by["box2"].len(),
         outage.as_secs_f64(),
+        AFTER.as_secs_f64(),
         drained.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
     );

@@ -382,3 +382,16 @@ pub fn bridge_config(name: &str, remote: SocketAddr, topic: &str, notification_t
 pub fn node_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
     topic.strip_prefix(prefix)?.strip_prefix('/')?.split('/').next()
 }
+
+/// Config line that keeps a Mosquitto started by root running as root. Without
+/// it, a root-started broker switches to the user `mosquitto`, which cannot
+/// write its persistence file into the test's temp dir: the broker then runs,
+/// but a restart forgets its sessions and queues. Empty when not root.
+pub fn keep_root_user() -> &'static str {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false) {
+        "user root\n"
+    } else {
+        ""
+    }
+}
