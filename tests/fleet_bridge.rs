@@ -173,6 +173,7 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
         m.iter().rfind(|m| m.topic == bridge1).is_some_and(|m| m.text() == "0")
     })
     .await;
+    let bridge_down_seen = down.elapsed();
     // Halfway: box1's broker restarts with ~100 alarms in its bridge queue. Its
     // daemon reconnects on its own; meanwhile it keeps alarms in its outbox.
     tokio::time::sleep((OUTAGE / 2).saturating_sub(down.elapsed())).await;
@@ -196,7 +197,15 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
 
     box1.uplink.restore().await;
     let outage = down.elapsed();
-    tokio::time::sleep(AFTER).await;
+    let up = Instant::now();
+    // Box1's backlog: everything raised up to the restore, forwarded by the reconnected bridge.
+    let n1_restore = r1.raised();
+    sub.wait(DRAIN, "box1's backlog at the centre", |_| {
+        distinct(&alarms_by_node(&sub, &prefix), "box1") as u64 >= n1_restore
+    })
+    .await;
+    let backlog = up.elapsed();
+    tokio::time::sleep(AFTER.saturating_sub(up.elapsed())).await;
     let (n1, n2) = (r1.stop().await, r2.stop().await);
     let last_raised = Instant::now();
 
@@ -222,11 +231,12 @@ async fn every_alarm_of_two_bridged_boxes_reaches_the_centre_across_an_uplink_ou
     eprintln!(
         "fleet bridge: box1 raised {n1} alarms ({raised_in_outage} in the outage; its broker restarted with {queued_at_restart} in its bridge queue; {held_by_local_broker} queued there at the restore), \
          box2 raised {n2}; at the centre box1 {} received ({dups1} duplicates), box2 {} received ({dups2} duplicates), \
-         all in order per box; box1's uplink cut {:.1} s, raising went on {:.0} s after the restore, all in {:.1} s after the last; wall {:.1} s",
+         all in order per box; box1's uplink cut {:.1} s (bridge 0 seen at the centre after {:.2} s), its backlog of {n1_restore} there {:.2} s after the restore, the last alarms {:.2} s after raising stopped; wall {:.1} s",
         by["box1"].len(),
         by["box2"].len(),
         outage.as_secs_f64(),
-        AFTER.as_secs_f64(),
+        bridge_down_seen.as_secs_f64(),
+        backlog.as_secs_f64(),
         drained.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
     );
