@@ -354,3 +354,44 @@ pub fn dedupe(alarms: &[AlarmEvent]) -> (Vec<(String, String)>, usize) {
     let dups = alarms.len() - order.len();
     (order, dups)
 }
+
+/// Mosquitto config for a box-local broker bridged to `remote`: the global
+/// queue limit first, then one `connection` block forwarding `topic` out at
+/// QoS 1 with a persistent session, reconnecting within seconds, and the
+/// bridge's state (`1` / `0`, retained, the remote sets `0` as the bridge's
+/// last will) on `notification_topic` at both ends. Pass it as `extra` to
+/// [`Mosquitto::start`]; docs/fleet.md shows the production version.
+pub fn bridge_config(name: &str, remote: SocketAddr, topic: &str, notification_topic: &str) -> String {
+    format!(
+        "allow_anonymous true\n\
+         max_queued_messages 100000\n\
+         connection {name}\n\
+         address {remote}\n\
+         remote_clientid {name}\n\
+         cleansession false\n\
+         bridge_attempt_unsubscribe false\n\
+         restart_timeout 1 2\n\
+         keepalive_interval 5\n\
+         notifications true\n\
+         notification_topic {notification_topic}\n\
+         topic {topic} out 1\n"
+    )
+}
+
+/// The node level of `<prefix>/<node>/...` (`prefix` without its trailing `/`).
+pub fn node_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
+    topic.strip_prefix(prefix)?.strip_prefix('/')?.split('/').next()
+}
+
+/// Config line that keeps a Mosquitto started by root running as root. Without
+/// it, a root-started broker switches to the user `mosquitto`, which cannot
+/// write its persistence file into the test's temp dir: the broker then runs,
+/// but a restart forgets its sessions and queues. Empty when not root.
+pub fn keep_root_user() -> &'static str {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false) {
+        "user root\n"
+    } else {
+        ""
+    }
+}
