@@ -86,13 +86,13 @@ async fn start_box(node: &'static str, dir: &std::path::Path, prefix: &str, cent
     let remote = std::net::SocketAddr::from(([127, 0, 0, 1], uplink.port));
     let bdir = dir.join(node);
     std::fs::create_dir_all(&bdir).unwrap();
-    let conf = keep_root_user().to_string()
-        + &bridge_config(
-            &format!("{node}-uplink"),
-            remote,
-            &format!("{prefix}/{node}/#"),
-            &format!("{prefix}/{node}/bridge"),
-        );
+    // (`Mosquitto::start` keeps a root-started broker root, so it can persist.)
+    let conf = bridge_config(
+        &format!("{node}-uplink"),
+        remote,
+        &format!("{prefix}/{node}/#"),
+        &format!("{prefix}/{node}/bridge"),
+    );
     let broker = Mosquitto::start(&bdir, &conf).expect("mosquitto vanished");
     let cfg = test_config("127.0.0.1", broker.port, prefix, node, &bdir.join("outbox.sqlite"));
     let (publisher, handle) = MqttPublisher::start(&cfg, &tokio::runtime::Handle::current()).unwrap();

@@ -289,6 +289,10 @@ impl Mosquitto {
             dir.display()
         );
         let text = if extra.contains("allow_anonymous") { text } else { text + "allow_anonymous true\n" };
+        // As root, mosquitto drops to the `mosquitto` user, which cannot write
+        // its persistence file into our root-owned temp dir: a restart would
+        // then forget the subscriber's session and its queued alarms.
+        let text = text + keep_root_user();
         std::fs::write(&conf, text).unwrap();
         let mut m = Mosquitto { port, conf, bin, child: None };
         m.resume();
