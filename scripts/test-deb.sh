@@ -128,7 +128,7 @@ status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
 [ -z "$status" ] || [ "$status" = not-installed ] || fail "$pkg is still '$status' after purge"
 snapshot > "$work/after"
 left=$(comm -13 "$work/before" "$work/after" || true)
-# Debian keeps system users on purge; systemd-sysusers/adduser keep a
+# Debian keeps system users on purge; systemd-sysusers/useradd keep a
 # backup of the files they edit. Anything else is a leftover.
 unexpected=$(echo "$left" | grep -v -x -e '' -e '/etc/passwd-' -e '/etc/group-' -e '/etc/shadow-' -e '/etc/gshadow-' || true)
 [ -z "$unexpected" ] || { echo "$unexpected"; fail "left after purge (above)"; }
