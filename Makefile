@@ -8,6 +8,7 @@
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
 #   make bench-quality   detection quality: AUROC per data set x score x seed
 #   make bench-mnist     the paper's MNIST protocol (hours at full size)
+#   make deb     Debian package in target/debian (deb-gpu: with onnxruntime-gpu; test-deb: install, run, purge)
 #
 # Everything the tests need is installed here, idempotently: a Python venv
 # (.venv) with ONNX Runtime, onnx and torch (CPU), Debian's libclang (the
@@ -128,3 +129,74 @@ bench-mnist: deps trainer-release
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------
+# Debian package (README, "Install on a box"). Not part of `make test`: these
+# install cargo-deb (compiled from crates.io, pinned) and lintian only here.
+# `deb` fails on any lintian error or warning not explained in
+# packaging/lintian-overrides.
+.PHONY: deb deb-gpu test-deb
+
+CARGO_DEB_VER := 3.8.0
+DEB_VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)-1
+DEB_ARCH      := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB           := target/debian/ganomalyd_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_GPU       := target/debian/ganomalyd-gpu_$(DEB_VERSION)_$(DEB_ARCH).deb
+STAMP_DEB     := $(CURDIR)/target/.stamp-deb-tools-$(CARGO_DEB_VER)
+# onnxruntime-gpu beside, not in, .venv: the tests keep the CPU build.
+VENV_GPU      := $(CURDIR)/target/venv-gpu
+STAMP_ORT_GPU := $(VENV_GPU)/.stamp-ort-gpu
+ORT_GPU_VER   := $(shell sed -n 's/^onnxruntime==//p' scripts/requirements.txt)
+# `make deb DEB_MAINTAINER="Name <mail>"` to sign the package with a real address.
+DEB_MAINTAINER ?=
+
+$(STAMP_DEB):
+	@mkdir -p $(dir $@)
+	if ! cargo deb --version 2>/dev/null | grep -qx 'cargo-deb $(CARGO_DEB_VER)'; then \
+	  cargo install cargo-deb --locked --version $(CARGO_DEB_VER); \
+	fi
+	if ! command -v lintian >/dev/null; then \
+	  $(SUDO) apt-get install -y --no-install-recommends lintian || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends lintian; }; \
+	fi
+	touch $@
+
+$(STAMP_ORT_GPU): scripts/requirements.txt
+	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/pip install -q --disable-pip-version-check --no-deps onnxruntime-gpu==$(ORT_GPU_VER)
+	touch $@
+
+# What both packages need: ONNX Runtime staged from a wheel's site-packages
+# ($(1)) into target/packaging/ort (Cargo.toml names no Python version), its
+# licence checked against the copyright file's last `License: MIT` paragraph,
+# the man page compressed as dpkg wants it, and the release binary (cargo
+# deb --no-build).
+define deb_inputs
+	rm -rf target/packaging/ort && mkdir -p target/packaging/ort
+	cp $(1)/onnxruntime/capi/libonnxruntime*.so* $(1)/onnxruntime/LICENSE $(1)/onnxruntime/ThirdPartyNotices.txt target/packaging/ort/
+	awk '/^License: MIT$$/ { text = ""; on = 1; next } on { text = text $$0 "\n" } END { printf "%s", text }' packaging/copyright \
+	  | sed 's/^ //; s/^\.$$//' | diff -u - target/packaging/ort/LICENSE \
+	  || { echo "packaging/copyright: the MIT text differs from $(1)/onnxruntime/LICENSE"; exit 1; }
+	gzip -9n < packaging/ganomalyd.1 > target/packaging/ganomalyd.1.gz
+	cargo build --release -p ganomalyd
+endef
+
+deb: $(STAMP_ORT) $(STAMP_APT) $(STAMP_DEB)
+	$(call deb_inputs,$(SITE))
+	cargo deb -p ganomalyd --no-build $(if $(DEB_MAINTAINER),--maintainer "$(DEB_MAINTAINER)") -o $(DEB)
+	lintian --fail-on error,warning $(DEB)
+
+deb-gpu: $(STAMP_ORT) $(STAMP_APT) $(STAMP_DEB) $(STAMP_ORT_GPU)
+	$(call deb_inputs,$(VENV_GPU)/lib/$(PYVER)/site-packages)
+	cargo deb -p ganomalyd --no-build --variant gpu $(if $(DEB_MAINTAINER),--maintainer "$(DEB_MAINTAINER)") -o $(DEB_GPU)
+	lintian --fail-on error,warning $(DEB_GPU)
+
+# Installs the package on THIS machine (dpkg -i, as root), runs it as its
+# user, checks the unit, purges it: scripts/test-deb.sh. systemd-analyze
+# checks the unit (systemd need not be running).
+test-deb: deb
+	if ! command -v systemd-analyze >/dev/null; then \
+	  $(SUDO) apt-get install -y --no-install-recommends systemd || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends systemd; }; \
+	fi
+	env -u ORT_DYLIB_PATH scripts/test-deb.sh $(DEB)

@@ -5,12 +5,21 @@
 //! box with `onnxruntime-gpu`'s. The library is looked for, in order:
 //! 1. the path in the config (`[inference] ort_library`) or `--ort-library`;
 //! 2. the `ORT_DYLIB_PATH` environment variable;
-//! 3. a Python virtual environment named `.venv` in the working directory, next
+//! 3. `/usr/lib/ganomalyd/libonnxruntime.so*`, where the Debian package
+//!    (`make deb`, `packaging/`) installs the library it ships, so an installed
+//!    daemon needs no configuration; it comes before the `.venv`s so that a
+//!    package on the box is not shadowed by a checkout's venv found through the
+//!    working directory;
+//! 4. a Python virtual environment named `.venv` in the working directory, next
 //!    to the executable or in one of its parent directories, or in the source
 //!    checkout this binary was built from (`make venv` creates it there).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
+
+/// Where the Debian package puts ONNX Runtime (a private directory: the
+/// library is the wheel's, not a system-wide `libonnxruntime`).
+pub const PACKAGED_DIR: &str = "/usr/lib/ganomalyd";
 
 /// Errors finding or loading ONNX Runtime.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +46,6 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Locates the library without loading it.
 pub fn find(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
-    if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(RuntimeError::Missing { path: p.to_path_buf() }) };
-    }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(RuntimeError::Missing { path: p }) };
-    }
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
         roots.push(cwd);
@@ -52,7 +54,30 @@ pub fn find(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
         roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
     }
     roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    let mut searched = vec!["ORT_DYLIB_PATH (unset)".to_string()];
+    let env = std::env::var_os("ORT_DYLIB_PATH");
+    find_in(explicit, env.as_deref(), Path::new(PACKAGED_DIR), &roots)
+}
+
+/// The search of [`find`] with the world passed in: the environment
+/// variable's value, the package directory and the roots whose `.venv` is
+/// tried, in order.
+fn find_in(
+    explicit: Option<&Path>,
+    env: Option<&std::ffi::OsStr>,
+    packaged: &Path,
+    roots: &[PathBuf],
+) -> Result<PathBuf, RuntimeError> {
+    if let Some(p) = explicit {
+        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(RuntimeError::Missing { path: p.to_path_buf() }) };
+    }
+    if let Some(p) = env.filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { Err(RuntimeError::Missing { path: p }) };
+    }
+    let mut searched = vec!["ORT_DYLIB_PATH (unset)".to_string(), format!("{}/libonnxruntime.so*", packaged.display())];
+    if let Some(p) = in_dir(packaged) {
+        return Ok(p);
+    }
     for root in roots {
         let venv = root.join(".venv");
         searched.push(venv.display().to_string());
@@ -69,21 +94,21 @@ fn in_venv(venv: &Path) -> Option<PathBuf> {
     let lib = venv.join("lib");
     let mut pythons: Vec<_> = std::fs::read_dir(&lib).ok()?.flatten().map(|e| e.path()).collect();
     pythons.sort();
-    for py in pythons {
-        let capi = py.join("site-packages/onnxruntime/capi");
-        let Ok(entries) = std::fs::read_dir(&capi) else { continue };
-        let mut libs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
-            .collect();
-        // Prefer the fully versioned file (the wheel ships no plain `.so`).
-        libs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-        if let Some(p) = libs.into_iter().next() {
-            return Some(p);
-        }
-    }
-    None
+    pythons.into_iter().find_map(|py| in_dir(&py.join("site-packages/onnxruntime/capi")))
+}
+
+/// `dir/libonnxruntime.so*`, the most versioned name first (the wheel ships no
+/// plain `.so`; a directory with `.so`, `.so.1` and `.so.1.31.1` links yields
+/// the file they point to).
+fn in_dir(dir: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+        .collect();
+    libs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    libs.into_iter().next()
 }
 
 /// Loads ONNX Runtime once per process and returns the library path in use.
@@ -138,5 +163,53 @@ mod tests {
         std::fs::write(capi.join("libonnxruntime_providers_shared.so"), b"").unwrap();
         assert_eq!(in_venv(&dir.path().join(".venv")), Some(capi.join("libonnxruntime.so.1.31.1")));
         assert_eq!(in_venv(&dir.path().join("nothing")), None);
+    }
+
+    #[test]
+    fn finds_the_versioned_library_in_a_package_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["libonnxruntime.so", "libonnxruntime.so.1.31.1", "libonnxruntime_providers_shared.so", "README"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(in_dir(dir.path()), Some(dir.path().join("libonnxruntime.so.1.31.1")));
+        assert_eq!(in_dir(&dir.path().join("nothing")), None);
+    }
+
+    #[test]
+    fn search_order_is_config_env_package_dir_venv() {
+        let dir = tempfile::tempdir().unwrap();
+        let packaged = dir.path().join("usr/lib/ganomalyd");
+        let root = dir.path().join("checkout");
+        let capi = root.join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
+        std::fs::create_dir_all(&packaged).unwrap();
+        std::fs::create_dir_all(&capi).unwrap();
+        let roots = vec![dir.path().join("elsewhere"), root.clone()];
+        let venv_lib = capi.join("libonnxruntime.so.1.31.1");
+        std::fs::write(&venv_lib, b"").unwrap();
+
+        // Only the venv has it.
+        assert_eq!(find_in(None, None, &packaged, &roots).unwrap(), venv_lib);
+        // The package's library wins over the venv's.
+        let pkg_lib = packaged.join("libonnxruntime.so.1.31.1");
+        std::fs::write(&pkg_lib, b"").unwrap();
+        assert_eq!(find_in(None, None, &packaged, &roots).unwrap(), pkg_lib);
+        // ORT_DYLIB_PATH wins over both, and an empty one counts as unset.
+        let env_lib = dir.path().join("libonnxruntime.so.custom");
+        std::fs::write(&env_lib, b"").unwrap();
+        assert_eq!(find_in(None, Some(env_lib.as_os_str()), &packaged, &roots).unwrap(), env_lib);
+        assert_eq!(find_in(None, Some("".as_ref()), &packaged, &roots).unwrap(), pkg_lib);
+        // The config wins over everything.
+        assert_eq!(find_in(Some(&venv_lib), Some(env_lib.as_os_str()), &packaged, &roots).unwrap(), venv_lib);
+    }
+
+    #[test]
+    fn not_found_lists_the_package_dir_before_the_venvs() {
+        let dir = tempfile::tempdir().unwrap();
+        let packaged = dir.path().join("pkg");
+        let roots = vec![dir.path().join("a")];
+        let err = find_in(None, None, &packaged, &roots).unwrap_err().to_string();
+        let pkg = err.find(&format!("{}/libonnxruntime.so*", packaged.display())).expect(&err);
+        let venv = err.find(&dir.path().join("a/.venv").display().to_string()).expect(&err);
+        assert!(pkg < venv, "{err}");
     }
 }
