@@ -45,7 +45,7 @@ STAMP_APT   := $(CURDIR)/target/.stamp-apt
 .PHONY: lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
-	@sed -n '2,16p' Makefile
+	@sed -n '2,12p' Makefile
 
 $(STAMP_ORT): scripts/requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)

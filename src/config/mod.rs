@@ -353,6 +353,17 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_checks_as_installed_offline() {
+        // Its model and directories exist only on a box with the package:
+        // `make test-deb` checks it there with the world; here, the file alone.
+        let text = include_str!("../../packaging/ganomalyd.toml");
+        let file = parse(text).expect("the packaged config parses");
+        let s = compile::compile(&file, Path::new("/etc/ganomalyd"), Probe::Offline).expect("it compiles");
+        assert_eq!(s.cameras[0].model, Path::new("/usr/share/ganomalyd/models/demo.onnx"));
+        assert!(s.mqtt.expect("the embedded broker").embedded);
+    }
+
+    #[test]
     fn no_cameras_is_a_problem() {
         assert!(problems("").iter().any(|p| p.starts_with("cameras:")));
     }
