@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod check;
 pub mod liveness;
+pub mod paths;
 pub mod redact;
 pub mod report;
 pub mod stop;

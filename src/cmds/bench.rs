@@ -213,7 +213,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         max_wait: Duration::from_secs_f64(opts.max_wait_s),
         intra_threads: opts.intra_threads,
         // Relative to the working directory, as a command-line path is.
-        ort_library: opts.ort_library.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+        ort_library: opts.ort_library.as_deref().map(crate::base::paths::absolute),
         ..InferenceSettings::default()
     };
     let frames = Arc::new(frames(opts.width, opts.height));

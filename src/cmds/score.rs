@@ -34,16 +34,12 @@ pub struct Args {
     pub images: Vec<PathBuf>,
 }
 
-fn absolute(p: &std::path::Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
 /// Scores the images to stdout; fails (exit 1) when any could not be scored.
 pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
     let infer = InferenceSettings {
         providers: args.providers.clone(),
         // Relative to the working directory, as a command-line path is.
-        ort_library: args.ort_library.as_deref().map(absolute),
+        ort_library: args.ort_library.as_deref().map(crate::base::paths::absolute),
         ..InferenceSettings::default()
     };
     let failed = score_images(&args.model, &args.images, args.json, &infer, &mut std::io::stdout().lock())?;

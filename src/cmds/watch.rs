@@ -134,10 +134,8 @@ pub async fn run_to<W: Write + Send>(args: WatchArgs, out: &mut W) -> anyhow::Re
 /// or cameras the config names.
 fn mqtt_section(path: &std::path::Path) -> anyhow::Result<MqttConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let base = absolute.parent().unwrap_or(std::path::Path::new("."));
     let file = crate::config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(file.mqtt.map(|m| m.resolved(base)).unwrap_or_default())
+    Ok(file.mqtt.map(|m| m.resolved(&crate::base::paths::config_dir(path))).unwrap_or_default())
 }
 
 /// `HH:MM:SS.mmm` (UTC) of a ms timestamp.

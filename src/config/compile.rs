@@ -60,15 +60,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     }
     // A `[defaults].source` no camera inherits is still checked, as written.
     if let (Some(s), true) = (&file.defaults.source, file.cameras.values().all(|c| c.source.is_some())) {
-        let d = &file.defaults;
-        let cx = CameraContext {
-            camera: "defaults",
-            base_dir: base,
-            width: d.width.unwrap_or(DEFAULT_WIDTH),
-            height: d.height.unwrap_or(DEFAULT_HEIGHT),
-            fps: d.fps.unwrap_or(DEFAULT_FPS),
-            probe: probe == Probe::World,
-        };
+        let cx = context("defaults", &file.defaults, &file.defaults, base, probe);
         let _ = s.compile(&cx, "defaults.source", &mut problems);
     }
     let mut cameras = Vec::new();
@@ -273,6 +265,25 @@ fn merged_alarm(own: Option<&AlarmTable>, defaults: Option<&AlarmTable>) -> Alar
     }
 }
 
+/// What a source sees of camera `camera`: its own `width`/`height`/`fps` over
+/// `[defaults]` over the built-in defaults.
+fn context<'a>(
+    camera: &'a str,
+    own: &CameraTable,
+    defaults: &CameraTable,
+    base: &'a Path,
+    probe: Probe,
+) -> CameraContext<'a> {
+    CameraContext {
+        camera,
+        base_dir: base,
+        width: own.width.or(defaults.width).unwrap_or(DEFAULT_WIDTH),
+        height: own.height.or(defaults.height).unwrap_or(DEFAULT_HEIGHT),
+        fps: own.fps.or(defaults.fps).unwrap_or(DEFAULT_FPS),
+        probe: probe == Probe::World,
+    }
+}
+
 /// Merges one camera's table over `[defaults]` (the only place that does),
 /// checks it against the world and compiles its plan.
 fn camera(
@@ -326,15 +337,8 @@ fn camera(
     if let (Some(model), Probe::World) = (&model, probe) {
         model_check(model, score, &p, problems);
     }
-    let fps = t.fps.or(d.fps).unwrap_or(DEFAULT_FPS);
-    let cx = CameraContext {
-        camera: &p,
-        base_dir: base,
-        width: t.width.or(d.width).unwrap_or(DEFAULT_WIDTH),
-        height: t.height.or(d.height).unwrap_or(DEFAULT_HEIGHT),
-        fps,
-        probe: probe == Probe::World,
-    };
+    let cx = context(&p, t, d, base, probe);
+    let fps = cx.fps;
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);
     if let (Some(r), Some((w, h))) = (&roi, source.and_then(|s| s.frame_size(&cx))) {

@@ -46,11 +46,8 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 pub fn load_with(path: &Path, probe: Probe) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
     // Relative paths in the file are relative to the file, and become absolute.
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
-    let file = parse(&text);
-    file.and_then(|f| compile::compile(&f, &base, probe).map_err(Error::Invalid)).map_err(|e| match e {
-        Error::Parse(e) => ConfigError::Parse { path: path.into(), message: crate::base::redact::text(&e.to_string()) },
+    compile_text(&text, &crate::base::paths::config_dir(path), probe).map_err(|e| match e {
+        Error::Parse(_) => ConfigError::Parse { path: path.into(), message: e.to_string() },
         Error::Invalid(problems) => ConfigError::Invalid { path: path.into(), problems },
     })
 }
@@ -65,6 +62,7 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // The parser quotes the offending line: a camera URL's user info is hidden.
             Error::Parse(e) => write!(f, "{}", crate::base::redact::text(&e.to_string())),
             Error::Invalid(problems) => write!(f, "{}", problems.join("; ")),
         }
@@ -84,8 +82,11 @@ pub fn parse(text: &str) -> Result<ConfigFile, Error> {
 
 /// Parses, checks and compiles `text`, resolving relative paths against `base`.
 pub fn compile_str(text: &str, base: &Path) -> Result<Settings, Error> {
-    let file = parse(text)?;
-    compile::compile(&file, base, Probe::World).map_err(Error::Invalid)
+    compile_text(text, base, Probe::World)
+}
+
+fn compile_text(text: &str, base: &Path, probe: Probe) -> Result<Settings, Error> {
+    compile::compile(&parse(text)?, base, probe).map_err(Error::Invalid)
 }
 
 /// Checks and compiles a parsed file, with the files and devices it names.
