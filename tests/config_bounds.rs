@@ -94,7 +94,11 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
     let cred_url = format!("http://admin:{SECRET}@");
     let mut c: Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> = vec![
         // [pipeline]
-        ("stats interval beyond a Duration", vec![("pipeline", s("stats_interval_s = 1e20"))], "pipeline.stats_interval_s"),
+        (
+            "stats interval beyond a Duration",
+            vec![("pipeline", s("stats_interval_s = 1e20"))],
+            "pipeline.stats_interval_s",
+        ),
         ("stats interval zero", vec![("pipeline", s("stats_interval_s = 0.0"))], "pipeline.stats_interval_s"),
         ("no frame queue", vec![("pipeline", s("frame_queue = 0"))], "pipeline.frame_queue"),
         ("huge frame queue", vec![("pipeline", s("frame_queue = 100000"))], "pipeline.frame_queue"),
@@ -113,7 +117,11 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
             vec![("inference", s("require_accelerator = true"))],
             "inference.require_accelerator",
         ),
-        ("missing ORT library", vec![("inference", s("ort_library = \"/nonexistent/libonnxruntime.so\""))], "inference.ort_library"),
+        (
+            "missing ORT library",
+            vec![("inference", s("ort_library = \"/nonexistent/libonnxruntime.so\""))],
+            "inference.ort_library",
+        ),
         ("a wait as a word", vec![("inference", s("max_wait_s = \"soon\""))], "inference.max_wait_s"),
         // [snapshots]
         ("quality 0", vec![("snapshots", s("quality = 0"))], "snapshots.quality"),
@@ -157,7 +165,11 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
         ("width 100k", vec![("cameras.cam", s("width = 100000"))], "cameras.cam.width"),
         ("height 4e9", vec![("defaults", s("height = 4000000000"))], "defaults.height"),
         ("empty roi", vec![("cameras.cam", s("roi = { x = 0, y = 0, width = 0, height = 8 }"))], "cameras.cam.roi"),
-        ("roi outside", vec![("cameras.cam", s("roi = { x = 60, y = 0, width = 10, height = 10 }"))], "cameras.cam.roi"),
+        (
+            "roi outside",
+            vec![("cameras.cam", s("roi = { x = 60, y = 0, width = 10, height = 10 }"))],
+            "cameras.cam.roi",
+        ),
         (
             "roi far away on a replay",
             vec![
@@ -179,8 +191,16 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
         ),
         ("never clears", vec![("defaults.alarm", s("threshold = 0.01"))], "cameras.cam.alarm.clear_threshold"),
         ("min frames 0", vec![("cameras.cam.alarm", s("min_frames = 0"))], "cameras.cam.alarm.min_frames"),
-        ("min frames 1e12", vec![("cameras.cam.alarm", s("min_frames = 1000000000000"))], "cameras.cam.alarm.min_frames"),
-        ("clear frames 1e12", vec![("defaults.alarm", s("clear_frames = 1000000000000"))], "defaults.alarm.clear_frames"),
+        (
+            "min frames 1e12",
+            vec![("cameras.cam.alarm", s("min_frames = 1000000000000"))],
+            "cameras.cam.alarm.min_frames",
+        ),
+        (
+            "clear frames 1e12",
+            vec![("defaults.alarm", s("clear_frames = 1000000000000"))],
+            "defaults.alarm.clear_frames",
+        ),
         ("cooldown 1e20 s", vec![("cameras.cam.alarm", s("cooldown_s = 1e20"))], "cameras.cam.alarm.cooldown_s"),
         // camera names: a topic level and a file name
         ("slash in a name", vec![("cameras.\"a/b\"", String::new())], "cameras.a/b"),
@@ -189,24 +209,56 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
         ("wildcard name", vec![("cameras.\"a+b\"", String::new())], "cameras.a+b"),
         ("space in a name", vec![("cameras.\"line 1\"", String::new())], "cameras.line 1"),
         // source kinds
-        ("synthetic 8 px", vec![("cameras.cam", s("source = { kind = \"synthetic\", size = 8 }"))], "cameras.cam.source.size"),
+        (
+            "synthetic 8 px",
+            vec![("cameras.cam", s("source = { kind = \"synthetic\", size = 8 }"))],
+            "cameras.cam.source.size",
+        ),
         (
             "synthetic frames of 51 GB",
             vec![("cameras.cam", s("source = { kind = \"synthetic\", size = 4096, variations = 1024 }"))],
             "cameras.cam.source.variations",
         ),
-        ("plaid", vec![("cameras.cam", s("source = { kind = \"synthetic\", texture = \"plaid\" }"))], "cameras.cam.source.texture"),
-        ("strength 0", vec![("cameras.cam", s("source = { kind = \"synthetic\", strength = 0.0 }"))], "cameras.cam.source.strength"),
+        (
+            "plaid",
+            vec![("cameras.cam", s("source = { kind = \"synthetic\", texture = \"plaid\" }"))],
+            "cameras.cam.source.texture",
+        ),
+        (
+            "strength 0",
+            vec![("cameras.cam", s("source = { kind = \"synthetic\", strength = 0.0 }"))],
+            "cameras.cam.source.strength",
+        ),
         (
             "defects longer than their period",
             vec![("cameras.cam", s("source = { kind = \"synthetic\", defect_every = 5, defect_frames = 9 }"))],
             "cameras.cam.source.defect_frames",
         ),
-        ("replay of nothing", vec![("cameras.cam", s("source = { kind = \"replay\", path = \"/nonexistent/x\" }"))], "cameras.cam.source.path"),
-        ("replay of bmps", vec![("cameras.cam", s("source = { kind = \"replay\", path = \"{DIR}/bmps\" }"))], "cameras.cam.source.path"),
-        ("replay of fake pngs", vec![("cameras.cam", s("source = { kind = \"replay\", path = \"{DIR}/fakes\" }"))], "cameras.cam.source.path"),
-        ("replay of an empty path", vec![("cameras.cam", s("source = { kind = \"replay\", path = \"\" }"))], "cameras.cam.source.path"),
-        ("https camera", vec![("cameras.cam", s("source = { kind = \"http-mjpeg\", url = \"https://cam/m\" }"))], "cameras.cam.source.url"),
+        (
+            "replay of nothing",
+            vec![("cameras.cam", s("source = { kind = \"replay\", path = \"/nonexistent/x\" }"))],
+            "cameras.cam.source.path",
+        ),
+        (
+            "replay of bmps",
+            vec![("cameras.cam", s("source = { kind = \"replay\", path = \"{DIR}/bmps\" }"))],
+            "cameras.cam.source.path",
+        ),
+        (
+            "replay of fake pngs",
+            vec![("cameras.cam", s("source = { kind = \"replay\", path = \"{DIR}/fakes\" }"))],
+            "cameras.cam.source.path",
+        ),
+        (
+            "replay of an empty path",
+            vec![("cameras.cam", s("source = { kind = \"replay\", path = \"\" }"))],
+            "cameras.cam.source.path",
+        ),
+        (
+            "https camera",
+            vec![("cameras.cam", s("source = { kind = \"http-mjpeg\", url = \"https://cam/m\" }"))],
+            "cameras.cam.source.url",
+        ),
         (
             "camera URL without a host",
             vec![("cameras.cam", format!("source = {{ kind = \"http-mjpeg\", url = \"{cred_url}\" }}"))],
@@ -219,21 +271,35 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
         ),
         (
             "camera timeout beyond a Duration",
-            vec![("cameras.cam", format!("source = {{ kind = \"http-mjpeg\", url = \"{cred_url}cam/m\", timeout_s = 1e20 }}"))],
+            vec![(
+                "cameras.cam",
+                format!("source = {{ kind = \"http-mjpeg\", url = \"{cred_url}cam/m\", timeout_s = 1e20 }}"),
+            )],
             "cameras.cam.source.timeout_s",
         ),
         (
             "unknown key beside a camera password",
-            vec![("cameras.cam", format!("source = {{ kind = \"http-mjpeg\", url = \"{cred_url}cam/m\", timeout = 5 }}"))],
+            vec![(
+                "cameras.cam",
+                format!("source = {{ kind = \"http-mjpeg\", url = \"{cred_url}cam/m\", timeout = 5 }}"),
+            )],
             "timeout",
         ),
-        ("no such device", vec![("cameras.cam", s("source = { kind = \"v4l2\", device = \"/dev/video97\" }"))], "cameras.cam.source.device"),
+        (
+            "no such device",
+            vec![("cameras.cam", s("source = { kind = \"v4l2\", device = \"/dev/video97\" }"))],
+            "cameras.cam.source.device",
+        ),
         (
             "camera at half a frame per second",
             vec![("cameras.cam", s("source = { kind = \"v4l2\", device = \"/dev/video97\" }\nfps = 0.5"))],
             "cameras.cam.fps",
         ),
-        ("h264 from v4l2", vec![("cameras.cam", s("source = { kind = \"v4l2\", device = \"0\", format = \"h264\" }"))], "cameras.cam.source.format"),
+        (
+            "h264 from v4l2",
+            vec![("cameras.cam", s("source = { kind = \"v4l2\", device = \"0\", format = \"h264\" }"))],
+            "cameras.cam.source.format",
+        ),
         // [mqtt]
         ("port 0", vec![("mqtt", s("port = 0"))], "mqtt.port"),
         ("port 70000", vec![("mqtt", s("port = 70000"))], "mqtt.port"),
@@ -246,7 +312,11 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
         ("connect timeout 1e20", vec![("mqtt", s("connect_timeout_s = 1e20"))], "mqtt.connect_timeout_s"),
         ("reconnect every millisecond", vec![("mqtt", s("reconnect_min_s = 0.001"))], "mqtt.reconnect_min_s"),
         ("reconnect max 1e20", vec![("mqtt", s("reconnect_max_s = 1e20"))], "mqtt.reconnect_max_s"),
-        ("reconnect max below min", vec![("mqtt", s("reconnect_min_s = 5.0\nreconnect_max_s = 1.0"))], "mqtt.reconnect_max_s"),
+        (
+            "reconnect max below min",
+            vec![("mqtt", s("reconnect_min_s = 5.0\nreconnect_max_s = 1.0"))],
+            "mqtt.reconnect_max_s",
+        ),
         ("score queue 2^61", vec![("mqtt", s("score_queue = 2305843009213693952"))], "mqtt.score_queue"),
         ("score queue 0", vec![("mqtt", s("score_queue = 0"))], "mqtt.score_queue"),
         ("outbox age that wraps", vec![("mqtt", s("outbox_max_age_s = 1e20"))], "mqtt.outbox_max_age_s"),
@@ -266,14 +336,26 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
             "mqtt.username",
         ),
         ("password without a user", vec![("mqtt", s("password_file = \"{DIR}/pw\""))], "mqtt.username"),
-        ("missing password file", vec![("mqtt", s("username = \"u\"\npassword_file = \"/nonexistent/pw\""))], "mqtt.password_file"),
+        (
+            "missing password file",
+            vec![("mqtt", s("username = \"u\"\npassword_file = \"/nonexistent/pw\""))],
+            "mqtt.password_file",
+        ),
         (
             "password file and variable",
             vec![("mqtt", format!("username = \"u\"\npassword_file = \"{{DIR}}/pw\"\npassword_env = \"{PW_VAR}\""))],
             "mqtt.password_file",
         ),
-        ("unset password variable", vec![("mqtt", s("username = \"u\"\npassword_env = \"GANOMALYD_TEST_UNSET_41\""))], "mqtt.password_env"),
-        ("password of 70 kB", vec![("mqtt", s("username = \"u\"\npassword_file = \"{DIR}/long-pw\""))], "mqtt.password_file"),
+        (
+            "unset password variable",
+            vec![("mqtt", s("username = \"u\"\npassword_env = \"GANOMALYD_TEST_UNSET_41\""))],
+            "mqtt.password_env",
+        ),
+        (
+            "password of 70 kB",
+            vec![("mqtt", s("username = \"u\"\npassword_file = \"{DIR}/long-pw\""))],
+            "mqtt.password_file",
+        ),
         ("missing CA", vec![("mqtt", s("tls = { ca_file = \"/nonexistent/ca.pem\" }"))], "mqtt.tls.ca_file"),
         ("empty CA", vec![("mqtt", s("tls = { ca_file = \"{DIR}/empty.pem\" }"))], "mqtt.tls.ca_file"),
         (
@@ -281,9 +363,21 @@ fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
             vec![("mqtt", s("tls = { ca_file = \"{DIR}/empty.pem\", cert_file = \"{DIR}/empty.pem\" }"))],
             "mqtt.tls.cert_file",
         ),
-        ("open embedded broker", vec![("mqtt", s("embedded = true\nembedded_listen = \"0.0.0.0:1883\""))], "mqtt.embedded_listen"),
-        ("embedded broker with TLS", vec![("mqtt", s("embedded = true\ntls = { ca_file = \"{DIR}/empty.pem\" }"))], "mqtt.tls"),
-        ("$ discovery prefix", vec![("mqtt", s("discovery = true\ndiscovery_prefix = \"$ha\""))], "mqtt.discovery_prefix"),
+        (
+            "open embedded broker",
+            vec![("mqtt", s("embedded = true\nembedded_listen = \"0.0.0.0:1883\""))],
+            "mqtt.embedded_listen",
+        ),
+        (
+            "embedded broker with TLS",
+            vec![("mqtt", s("embedded = true\ntls = { ca_file = \"{DIR}/empty.pem\" }"))],
+            "mqtt.tls",
+        ),
+        (
+            "$ discovery prefix",
+            vec![("mqtt", s("discovery = true\ndiscovery_prefix = \"$ha\""))],
+            "mqtt.discovery_prefix",
+        ),
         (
             "a password key beside a wrong one",
             vec![("mqtt", format!("tls = {{ ca_file = \"x\", password = \"{SECRET}\", cafile = 1 }}"))],
@@ -343,9 +437,34 @@ fn broken_configs_are_refused_naming_the_key_and_no_secret() {
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
 }
 
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Whether `topic` on the broker at `port` says `online` within 5 s.
+fn says_online(port: u16, topic: &str) -> bool {
+    let mut opts = rumqttc::MqttOptions::new("bounds-subscriber", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = rumqttc::Client::new(opts, 10);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            conn.recv_timeout(Duration::from_millis(200))
+        {
+            if p.topic == topic && p.payload.as_ref() == b"online" {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Runs `body` (written to `dir/ganomalyd.toml`) in-process for about a
-/// second: it must compile, keep running, and stop cleanly.
-fn runs_for_a_second(dir: &Path, what: &str, body: &str) {
+/// second: it must compile, keep running, and stop cleanly; with `online`,
+/// the daemon's status topic on that broker port must say `online`.
+fn runs_for_a_second(dir: &Path, what: &str, body: &str, online: Option<(u16, String)>) {
     let path = dir.join("ganomalyd.toml");
     std::fs::write(&path, body).expect("write config");
     let settings = match config::load(&path) {
@@ -355,6 +474,9 @@ fn runs_for_a_second(dir: &Path, what: &str, body: &str) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let run = std::thread::spawn(move || daemon(settings, path, rx));
     let t = Instant::now();
+    if let Some((port, topic)) = online {
+        assert!(says_online(port, &topic), "{what}: no `online` on {}…", &topic[..topic.len().min(40)]);
+    }
     while t.elapsed() < Duration::from_secs(1) {
         assert!(!run.is_finished(), "{what}: the daemon ended by itself: {:?}", run.join());
         std::thread::sleep(Duration::from_millis(50));
@@ -372,6 +494,7 @@ fn boundary_configs_run() {
     let name64 = "n".repeat(64);
     let prefix = format!("{}/q", "p".repeat(1022));
     let node = "b".repeat(256);
+    let (min_port, max_port) = (free_port(), free_port());
     let boundaries: Vec<(&str, Vec<(&str, String)>)> = vec![
         (
             "minima",
@@ -392,13 +515,13 @@ fn boundary_configs_run() {
         (
             "maxima",
             vec![
-                ("inference", "max_batch = 256\nmax_wait_s = 1.0\ndevice_id = 64".into()),
+                ("inference", "max_batch = 256\nmax_wait_s = 1.0\ndevice_id = 64\nintra_threads = 1024".into()),
                 ("pipeline", "frame_queue = 64\npreprocess_threads = 64\nstats_interval_s = 86400.0".into()),
                 ("snapshots", "retain = 100000\nquality = 100\noverlay_alpha = 1.0".into()),
                 ("defaults", "fps = 1000.0\nwidth = 8192\nheight = 8192".into()),
                 (
                     "cameras.cam",
-                    "source = { kind = \"synthetic\", size = 16, variations = 1024, seed = 18446744073709551615 }".into(),
+                    "source = { kind = \"synthetic\", size = 16, variations = 1024, seed = 9223372036854775807 }".into(),
                 ),
                 (
                     "cameras.cam.alarm",
@@ -416,7 +539,7 @@ fn boundary_configs_run() {
                 (
                     "mqtt",
                     format!(
-                        "embedded = true\nembedded_listen = \"127.0.0.1:0\"\nkeep_alive_s = 1\nconnect_timeout_s = 1\n\
+                        "embedded = true\nembedded_listen = \"127.0.0.1:{min_port}\"\nkeep_alive_s = 1\nconnect_timeout_s = 1\n\
                          reconnect_min_s = 0.05\nreconnect_max_s = 0.05\nscore_queue = 1\noutbox_max_rows = 1\n\
                          outbox_max_age_s = 1.0\nalarm_inflight = 1\nscore_max_rate_hz = 0.001\ntopic_prefix = \"a\"\nnode_id = \"b\""
                     ),
@@ -429,7 +552,7 @@ fn boundary_configs_run() {
                 (
                     "mqtt",
                     format!(
-                        "embedded = true\nembedded_listen = \"127.0.0.1:0\"\nkeep_alive_s = 65535\nconnect_timeout_s = 300\n\
+                        "embedded = true\nembedded_listen = \"127.0.0.1:{max_port}\"\nkeep_alive_s = 65535\nconnect_timeout_s = 300\n\
                          reconnect_min_s = 3600.0\nreconnect_max_s = 3600.0\nscore_queue = 100000\noutbox_max_rows = 10000000\n\
                          outbox_max_age_s = 31622400.0\nalarm_inflight = 1000\nscore_max_rate_hz = 1000.0\n\
                          topic_prefix = \"{prefix}\"\nnode_id = \"{node}\"\ndiscovery = true\ndiscovery_prefix = \"{prefix}\"\n\
@@ -450,6 +573,13 @@ fn boundary_configs_run() {
         if let Some(name) = renamed {
             body = body.replace("[cameras.cam]", &format!("[cameras.{name}]"));
         }
-        runs_for_a_second(dir.path(), what, &body);
+        let online = if what.starts_with("mqtt minima") {
+            Some((min_port, "a/b/status".to_string()))
+        } else if what.starts_with("mqtt maxima") {
+            Some((max_port, format!("{prefix}/{node}/status")))
+        } else {
+            None
+        };
+        runs_for_a_second(dir.path(), what, &body, online);
     }
 }

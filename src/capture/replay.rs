@@ -80,11 +80,8 @@ impl SourcePlan for ReplayPlan {
     }
     /// The folder, or the folder a glob's pattern starts in.
     fn reads_folder(&self) -> Option<PathBuf> {
-        let fixed: PathBuf = self
-            .path
-            .components()
-            .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
-            .collect();
+        let fixed: PathBuf =
+            self.path.components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '['])).collect();
         Some(if fixed == self.path && !self.path.is_dir() { self.path.parent()?.to_path_buf() } else { fixed })
     }
 }
@@ -98,10 +95,7 @@ fn decodable(p: &Path) -> bool {
 
 /// The extensions this build decodes, for messages.
 fn extensions() -> Vec<&'static str> {
-    image::ImageFormat::all()
-        .filter(|f| f.reading_enabled())
-        .flat_map(|f| f.extensions_str().iter().copied())
-        .collect()
+    image::ImageFormat::all().filter(|f| f.reading_enabled()).flat_map(|f| f.extensions_str().iter().copied()).collect()
 }
 
 /// The size the first file's header says, read without decoding the pixels.
@@ -118,7 +112,8 @@ fn header(file: &Path) -> Result<(u32, u32), String> {
 fn list_files(path: &Path) -> Result<Vec<PathBuf>, String> {
     if path.is_dir() {
         let entries = std::fs::read_dir(path).map_err(|e| format!("cannot read folder {}: {e}", path.display()))?;
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
         files.sort();
         return Ok(files);
     }

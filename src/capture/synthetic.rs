@@ -122,10 +122,10 @@ impl SyntheticConfig {
         let bytes = held.saturating_mul(u64::from(self.size).saturating_pow(2).saturating_mul(3));
         if bytes > MAX_HELD_BYTES {
             problems.push(format!(
-                "{p}.variations: {held} frames of {0}x{0} RGB would hold {} MiB; at most {} MiB (lower size, variations or defects)",
-                self.size,
+                "{p}.variations: {held} frames of {side}x{side} RGB would hold {} MiB; at most {} MiB (lower size, variations or defects)",
                 bytes >> 20,
-                MAX_HELD_BYTES >> 20
+                MAX_HELD_BYTES >> 20,
+                side = self.size,
             ));
         }
         let texture = texture?;

@@ -314,7 +314,10 @@ impl MqttConfig {
         if let Some(user) = &self.username {
             // Not quoted: a user name is half a credential.
             if user.len() > 65535 || user.contains('\0') {
-                bad("username", format!("must be at most 65535 bytes without NUL characters (got {} bytes)", user.len()));
+                bad(
+                    "username",
+                    format!("must be at most 65535 bytes without NUL characters (got {} bytes)", user.len()),
+                );
             }
             let plain = self.tls.is_none() && !self.embedded;
             if plain && !self.allow_plaintext_credentials && !crate::base::check::is_loopback_host(&self.host) {
