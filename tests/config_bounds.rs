@@ -85,14 +85,17 @@ fn fixtures(dir: &Path) {
     std::fs::write(dir.join("not-a-model.onnx"), "hello").expect("model");
 }
 
+/// (section, what to append to it); section `rename` renames camera `cam`.
+type Changes = Vec<(&'static str, String)>;
+
 /// (what, changes, the key the refusal must name).
-fn cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
+fn cases() -> Vec<(&'static str, Changes, &'static str)> {
     let s = |v: &str| v.to_string();
     let long_name = "c".repeat(65);
     let long_prefix = format!("topic_prefix = \"{}\"", "p".repeat(1025));
     let long_user = format!("username = \"{}\"", "u".repeat(70_000));
     let cred_url = format!("http://admin:{SECRET}@");
-    let mut c: Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> = vec![
+    let mut c: Vec<(&'static str, Changes, &'static str)> = vec![
         // [pipeline]
         (
             "stats interval beyond a Duration",
