@@ -544,6 +544,31 @@ mod tests {
     }
 
     #[test]
+    fn clear_text_credentials_go_only_to_this_box_unless_allowed() {
+        let problems = |c: &MqttConfig| {
+            let mut p = Vec::new();
+            c.validate("mqtt", &mut p);
+            p
+        };
+        let remote = MqttConfig {
+            host: "broker.plant.local".into(),
+            username: Some("u".into()),
+            password_env: Some("PW".into()),
+            ..MqttConfig::default()
+        };
+        let p = problems(&remote);
+        assert!(p.len() == 1 && p[0].starts_with("mqtt.username: credentials would cross"), "{p:?}");
+        assert!(problems(&MqttConfig { allow_plaintext_credentials: true, ..remote.clone() }).is_empty());
+        let tls = Some(TlsConfig { ca_file: "ca.pem".into(), cert_file: None, key_file: None });
+        assert!(problems(&MqttConfig { tls, ..remote.clone() }).is_empty());
+        for local in ["localhost", "127.0.0.1", "::1"] {
+            assert!(problems(&MqttConfig { host: local.into(), ..remote.clone() }).is_empty(), "{local}");
+        }
+        let allowed: MqttConfig = toml::from_str("allow_plaintext_credentials = true").unwrap();
+        assert!(allowed.allow_plaintext_credentials, "the key is spelt as documented");
+    }
+
+    #[test]
     fn password_comes_from_file_or_env_and_is_never_printed() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
