@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::FrameLimits;
 use super::plan::{CameraContext, CompileSource, SourcePlan};
-use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+use super::{CaptureError, FrameData, FrameSource, SourceFactory};
 
 /// `source = { kind = "replay", path = "...", loop = true }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,7 @@ fn yes() -> bool {
 pub struct ReplayPlan {
     pub path: PathBuf,
     pub looped: bool,
+    pub limits: FrameLimits,
 }
 
 impl CompileSource for ReplayConfig {
@@ -41,14 +43,14 @@ impl CompileSource for ReplayConfig {
         }
         let path = cam.base_dir.join(&self.path);
         if !cam.probe {
-            return Some(Arc::new(ReplayPlan { path, looped: self.looped }));
+            return Some(Arc::new(ReplayPlan { path, looped: self.looped, limits: cam.limits }));
         }
         match list_images(&path) {
             Ok(files) if files.is_empty() => {
                 problems.push(format!("{p}.path: no images (png, jpg, jpeg, bmp) at {}", path.display()));
                 None
             }
-            Ok(_) => Some(Arc::new(ReplayPlan { path, looped: self.looped })),
+            Ok(_) => Some(Arc::new(ReplayPlan { path, looped: self.looped, limits: cam.limits })),
             Err(e) => {
                 problems.push(format!("{p}.path: {e}"));
                 None
@@ -59,7 +61,7 @@ impl CompileSource for ReplayConfig {
 
 impl SourcePlan for ReplayPlan {
     fn factory(&self) -> SourceFactory {
-        super::factory(ReplaySource::new(self.path.clone(), self.looped))
+        super::factory(ReplaySource::new(self.path.clone(), self.looped).with_limits(self.limits))
     }
 }
 
@@ -100,17 +102,24 @@ pub struct ReplaySource {
     files: Vec<PathBuf>,
     pos: usize,
     looped: bool,
+    limits: FrameLimits,
 }
 
 impl ReplaySource {
     /// A source over `path` (folder or glob); the file list is read at `open`.
     pub fn new(path: PathBuf, looped: bool) -> Self {
-        ReplaySource { path, files: Vec::new(), pos: 0, looped }
+        ReplaySource { path, files: Vec::new(), pos: 0, looped, limits: FrameLimits::DEFAULT }
+    }
+
+    /// The camera's frame limits (the built-in defaults otherwise).
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A source over an explicit list of files (tests, `score`).
     pub fn from_files(files: Vec<PathBuf>, looped: bool) -> Self {
-        ReplaySource { path: PathBuf::new(), files, pos: 0, looped }
+        ReplaySource { path: PathBuf::new(), files, pos: 0, looped, limits: FrameLimits::DEFAULT }
     }
 }
 
@@ -144,17 +153,11 @@ impl FrameSource for ReplaySource {
         }
         let file = &self.files[self.pos];
         self.pos += 1;
-        let img = image::open(file).map_err(|e| CaptureError::BrokenFrame {
+        // Gray images stay gray: a gray model then needs no conversion at all.
+        super::decode::image_file(file, &self.limits, out).map_err(|e| CaptureError::BrokenFrame {
             source_name: format!("replay {}", file.display()),
             reason: e.to_string(),
-        })?;
-        // Gray images stay gray: a gray model then needs no conversion at all.
-        let format = match img {
-            image::DynamicImage::ImageLuma8(_) => PixelFormat::Gray8,
-            _ => PixelFormat::Rgb8,
-        };
-        out.fill_from_image(&img, format);
-        Ok(())
+        })
     }
 }
 

@@ -33,6 +33,19 @@ pub struct EmbeddedBroker {
 /// hundred kB; rumqttd's own default (20 kB) would refuse them.
 const MAX_PAYLOAD: usize = 8 << 20;
 
+/// rumqttd keeps every topic's messages in an in-memory log of segments,
+/// never freed while the broker runs: a segment is closed once it holds this
+/// many bytes, and the oldest is dropped beyond [`SEGMENTS`] closed ones. So a
+/// topic holds at most `(SEGMENTS + 1) × (SEGMENT_BYTES + one message)`:
+/// about 3 MB for `score`, `stats`, `state` (weeks of scores included:
+/// thousands of the latest messages, more than any subscriber catching up
+/// needs), and at most 3 snapshots on a `snapshot` topic (each under
+/// [`MAX_PAYLOAD`]). rumqttd's example values (100 MB × 10, a gigabyte per
+/// topic) would fill a small box in weeks. A camera has about seven topics:
+/// four cameras stay under 100 MB with typical snapshots.
+const SEGMENT_BYTES: usize = 1 << 20;
+const SEGMENTS: usize = 2;
+
 impl EmbeddedBroker {
     /// Starts rumqttd on `listen` (MQTT 3.1.1, no authentication: keep it on
     /// loopback unless the network is trusted). Port 0 picks a free port.
@@ -64,8 +77,8 @@ impl EmbeddedBroker {
             router: RouterConfig {
                 max_connections: 1000,
                 max_outgoing_packet_count: 200,
-                max_segment_size: 100 << 20,
-                max_segment_count: 10,
+                max_segment_size: SEGMENT_BYTES,
+                max_segment_count: SEGMENTS,
                 custom_segment: None,
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
