@@ -397,7 +397,14 @@ impl Collector for DaemonCollector {
             s.cameras.iter().map(move |(n, c)| (cam(n), ConstGauge::new(i64::from(f(c))))).collect::<Vec<_>>()
         };
         let online = flag(|c| c.online.load(std::sync::atomic::Ordering::Relaxed));
-        family(&mut enc, "camera_online", "1 while the camera delivers frames.", None, MetricType::Gauge, online)?;
+        family(
+            &mut enc,
+            "camera_online",
+            "1 while the camera delivers frames (0 as well while a read of it has not returned within read_timeout_s).",
+            None,
+            MetricType::Gauge,
+            online,
+        )?;
         let active = flag(|c| c.alarm_active.load(std::sync::atomic::Ordering::Relaxed));
         family(&mut enc, "alarm_active", "1 while the camera's alarm is on.", None, MetricType::Gauge, active)?;
         let raised = per_camera(|c| CameraCounters::get(&c.alarms_raised));
@@ -438,6 +445,15 @@ impl Collector for DaemonCollector {
             Some(&Unit::Seconds),
             MetricType::Gauge,
             silent,
+        )?;
+        let failing = ConstGauge::new(i64::from(s.liveness.failing()));
+        single(
+            &mut enc,
+            "inference_failing",
+            "1 while the last batch failed and none has been decided since.",
+            None,
+            MetricType::Gauge,
+            failing,
         )?;
         let models = s
             .models
@@ -548,6 +564,7 @@ mod tests {
             "ganomalyd_score{camera=\"line-1\"} 0.75",
             "ganomalyd_score{camera=\"line-2\"} NaN",
             "ganomalyd_model{model=\"models/demo.onnx\",provider=\"cpu\"} 1",
+            "ganomalyd_inference_failing 0",
             "ganomalyd_mqtt_connected 1",
             "ganomalyd_alarms_queued_total 5",
             "ganomalyd_alarms_pending 3",

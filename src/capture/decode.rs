@@ -42,6 +42,7 @@ pub fn jpeg(data: &[u8], limits: &FrameLimits, out: &mut FrameData) -> Result<()
         // zune refuses these itself, at the header, before allocating.
         .set_max_width(limits.max_width as usize)
         .set_max_height(limits.max_height as usize);
+    check_sampling(data)?;
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(data), options);
     if let Err(e) = decoder.decode_headers() {
         // Report a frame over the limits as such, not as a broken JPEG.
@@ -70,6 +71,44 @@ pub fn jpeg(data: &[u8], limits: &FrameLimits, out: &mut FrameData) -> Result<()
     decoder.decode_into(buf).map_err(DecodeError::Jpeg)
 }
 
+/// Whether `marker` (the byte after 0xFF) starts a frame header: SOF0..SOF15
+/// except DHT (c4), JPG (c8) and DAC (cc).
+fn is_sof(marker: u8) -> bool {
+    (0xc0..=0xcf).contains(&marker) && !matches!(marker, 0xc4 | 0xc8 | 0xcc)
+}
+
+/// Refuses sampling factors no camera writes, in every frame header the data
+/// holds (thumbnails and stray markers included: the decoder may use any).
+///
+/// Found by `make fuzz`: zune-jpeg 0.5.15 panics (an `unwrap` in its IDCT's
+/// store, scalar and AVX2 alike) on a header whose chroma is sampled more
+/// finely than its luma (e.g. Y 2×2, Cr 4×1), and in a release build a panic
+/// aborts the daemon. Camera JPEGs are 4:4:4, 4:2:2, 4:2:0 or 4:4:0: luma at
+/// most 2×2, every other component 1×1 (or all equal), which is all this lets
+/// through.
+fn check_sampling(data: &[u8]) -> Result<(), DecodeError> {
+    let bad = |why: String| {
+        DecodeError::Jpeg(zune_jpeg::errors::DecodeErrors::Format(format!("unsupported JPEG frame header: {why}")))
+    };
+    let mut at = 0usize;
+    while let Some(off) = data.get(at..).and_then(|rest| rest.windows(2).position(|w| w[0] == 0xff && is_sof(w[1]))) {
+        let i = at + off;
+        at = i + 2;
+        // FF Cn, length (2), precision, height (2), width (2), count, then
+        // (id, h << 4 | v, table) per component.
+        let Some(&count) = data.get(i + 9) else { continue };
+        let Some(comps) = data.get(i + 10..i + 10 + 3 * usize::from(count)) else { continue };
+        let factors = || comps.chunks_exact(3).map(|c| (c[1] >> 4, c[1] & 0x0f));
+        let Some((h0, v0)) = factors().next() else { continue };
+        let luma_ok = (1..=2).contains(&h0) && (1..=2).contains(&v0);
+        if !luma_ok || !factors().skip(1).all(|f| f == (1, 1) || f == (h0, v0)) {
+            let all: Vec<(u8, u8)> = factors().collect();
+            return Err(bad(format!("sampling factors {all:?} (cameras write 4:4:4, 4:2:2, 4:2:0 or 4:4:0)")));
+        }
+    }
+    Ok(())
+}
+
 /// The width and height a JPEG's first start-of-frame marker claims, read
 /// without decoding (for the error message of a frame over the limits).
 pub fn sof_dimensions(data: &[u8]) -> Option<(u16, u16)> {
@@ -83,8 +122,7 @@ pub fn sof_dimensions(data: &[u8]) -> Option<(u16, u16)> {
         }
         let marker = data[i + 1];
         let len = usize::from(u16::from_be_bytes([data[i + 2], data[i + 3]]));
-        // SOF0..SOF15, except DHT (c4), JPG (c8) and DAC (cc).
-        if (0xc0..=0xcf).contains(&marker) && !matches!(marker, 0xc4 | 0xc8 | 0xcc) {
+        if is_sof(marker) {
             let h = u16::from_be_bytes([*data.get(i + 5)?, *data.get(i + 6)?]);
             let w = u16::from_be_bytes([*data.get(i + 7)?, *data.get(i + 8)?]);
             return Some((w, h));
@@ -178,6 +216,29 @@ mod tests {
         assert!(matches!(jpeg(&encode(40, 8), &small, &mut out), Err(DecodeError::Limit(LimitError::Size { .. }))));
         let tight = FrameLimits { max_bytes: 1024, ..FrameLimits::DEFAULT };
         assert!(matches!(jpeg(&encode(256, 256), &tight, &mut out), Err(DecodeError::Limit(LimitError::Bytes { .. }))));
+    }
+
+    #[test]
+    fn sampling_factors_that_crash_the_decoder_are_refused() {
+        // `make fuzz` found this one (fuzz/seeds/decode_jpeg/crash-idct-sampling.jpg):
+        // Y 2×2, Cb 1×1, Cr 4×1 made zune-jpeg 0.5.15 panic in its IDCT.
+        let crash = include_bytes!("../../fuzz/seeds/decode_jpeg/crash-idct-sampling.jpg");
+        let mut out = FrameData::default();
+        let err = jpeg(crash, &FrameLimits::DEFAULT, &mut out).unwrap_err().to_string();
+        assert!(err.contains("sampling factors [(2, 2), (1, 1), (4, 1)]"), "{err}");
+        // What cameras write passes: 4:2:0 from `image`'s encoder, gray, 4:4:4.
+        let mut good = encode(32, 16);
+        assert!(check_sampling(&good).is_ok());
+        // The same header with Cr at 2×2 beside Y at 2×2 is still fine (all equal).
+        let sof = good.windows(2).position(|m| m == [0xff, 0xc0]).expect("SOF0");
+        let comps = good[sof + 9] as usize;
+        assert_eq!(comps, 3);
+        for c in 0..comps {
+            good[sof + 10 + 3 * c + 1] = 0x11;
+        }
+        assert!(check_sampling(&good).is_ok());
+        good[sof + 10 + 3 * 2 + 1] = 0x21;
+        assert!(check_sampling(&good).is_err(), "chroma wider than luma");
     }
 
     #[test]

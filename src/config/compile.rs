@@ -366,8 +366,13 @@ fn camera(
     LimitsTable::merge(t.limits.as_ref(), d.limits.as_ref(), &format!("{p}.limits"), problems);
     // Range-checked in `table_fields`; kept finite here so that a bad value is
     // a problem, never a panic.
-    let read_timeout_s =
-        t.read_timeout_s.or(d.read_timeout_s).filter(|v| v.is_finite()).unwrap_or(DEFAULT_READ_TIMEOUT_S);
+    // Unset, at least three frame intervals: a 0.1 fps camera is not wedged
+    // between its frames.
+    let read_timeout_s = t
+        .read_timeout_s
+        .or(d.read_timeout_s)
+        .filter(|v| v.is_finite())
+        .unwrap_or(if fps > 0.0 { DEFAULT_READ_TIMEOUT_S.max(3.0 / fps) } else { DEFAULT_READ_TIMEOUT_S });
     let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);
