@@ -198,6 +198,10 @@ async fn serve(
         };
         let service = TowerToHyperService::new(app.clone());
         let mut closed = closed.clone();
+        let closing = async move {
+            // The guard `wait_for` returns is not Send: dropped here.
+            let _ = closed.wait_for(|c| *c).await;
+        };
         tokio::spawn(async move {
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -210,7 +214,7 @@ async fn serve(
                         tracing::debug!(error = %e, "metrics connection closed");
                     }
                 }
-                _ = closed.wait_for(|c| *c) => {
+                () = closing => {
                     // In-flight requests finish; idle keep-alives close.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;

@@ -124,7 +124,7 @@ impl LimitsTable {
 /// to `needed` otherwise: a buffer that grew for one huge frame gives the
 /// memory back at the next normal one.
 pub fn fit_capacity<T>(buf: &mut Vec<T>, needed: usize) {
-    let slack = (1 << 20) / std::mem::size_of::<T>().max(1);
+    let slack = (1 << 20) / size_of::<T>().max(1);
     if buf.capacity() > needed.saturating_mul(2).saturating_add(slack) {
         buf.shrink_to(needed);
     }

@@ -342,7 +342,7 @@ mod tests {
             }
         }
         let mut r = PartReader::new(Blank, "frame", Some(Duration::from_millis(100)), MAX);
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let mut out = Vec::new();
         assert!(matches!(r.next_part(&mut out), Err(PartError::Malformed(m)) if m.contains("no complete frame for")));
         assert!(t.elapsed() < Duration::from_secs(5));
