@@ -193,7 +193,13 @@ async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(max = limits.max_connections, "metrics endpoint: connection over the cap refused");
-            let _ = stream.try_write(BUSY);
+            // A fresh socket is not writable until the reactor says so: a
+            // short task, at most a second, writes the 503 and closes.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+            });
             continue;
         };
         let service = TowerToHyperService::new(app.clone());

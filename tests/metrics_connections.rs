@@ -45,21 +45,32 @@ fn idle_sockets_are_capped_and_closed_and_metrics_still_answers() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         stale_after: Duration::from_secs(10),
         max_connections: 8,
-        header_timeout: Duration::from_secs(1),
+        header_timeout: Duration::from_secs(2),
     };
     let e = Exporter::start(exporter::bind(&cfg).expect("bind"), &cfg, rt.handle()).expect("start");
     let addr = e.addr;
     assert!(get(addr, "/metrics").is_some_and(|r| r.starts_with("HTTP/1.1 200")), "answers before");
 
-    // 200 clients that connect and never send a byte.
+    // 200 clients that connect and never send a byte. The descriptors this
+    // process holds beyond theirs are the server's side of them.
+    let fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let before = fds();
     let mut idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(addr).expect("connect")).collect();
     let t = Instant::now();
+    // Well within the header timeout (2 s): the first ones are still held.
+    std::thread::sleep(Duration::from_millis(500));
+    let server_side = fds().saturating_sub(before + 200);
+    assert!(
+        server_side <= cfg.max_connections,
+        "the server holds {server_side} sockets for 200 idle clients, cap {}",
+        cfg.max_connections
+    );
     let mut refused = 0;
     let mut held = 0;
     let mut closed_late = Duration::ZERO;
     for sock in &mut idle {
-        let (got, closed) = read_until_closed(sock, Duration::from_secs(10));
-        assert!(closed, "an idle socket was still open after 10 s (header timeout 1 s)");
+        let (got, closed) = read_until_closed(sock, Duration::from_secs(15));
+        assert!(closed, "an idle socket was still open after 15 s (header timeout 2 s)");
         if got.starts_with(b"HTTP/1.1 503") {
             refused += 1;
         } else {
@@ -68,11 +79,11 @@ fn idle_sockets_are_capped_and_closed_and_metrics_still_answers() {
             closed_late = closed_late.max(t.elapsed());
         }
     }
-    assert!(held <= cfg.max_connections, "{held} connections held at once, cap {}", cfg.max_connections);
     assert_eq!(refused + held, 200);
+    assert!(refused >= 200 - 2 * cfg.max_connections, "{refused} refused: the cap let the rest in");
     assert!(held > 0, "the cap's worth were served (and timed out), not refused");
     // The held ones were closed by the header timeout, not by the test's end.
-    assert!(closed_late >= Duration::from_millis(900), "{closed_late:?}");
+    assert!(closed_late >= Duration::from_millis(1500), "{closed_late:?}");
 
     // With the idle ones gone, a scrape is answered.
     let r = get(addr, "/metrics").expect("connect");
