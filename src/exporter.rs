@@ -301,11 +301,7 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
         status: if stale { "unhealthy" } else { "ok" },
         reason: stale.then(|| {
             let why = if failing { ": every batch since failed" } else { "" };
-            format!(
-                "no frame decided for {:.1} s (limit {:.1} s){why}",
-                silent as f64 / 1e3,
-                stale_after.as_secs_f64()
-            )
+            format!("no frame decided for {:.1} s (limit {:.1} s){why}", silent as f64 / 1e3, stale_after.as_secs_f64())
         }),
         inference_silent_ms: silent,
         inference_failing: failing,

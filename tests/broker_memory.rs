@@ -76,7 +76,7 @@ fn a_topic_flooded_with_messages_holds_only_its_bounded_log() {
     let grown_mb = after.saturating_sub(before) as f64 / 1024.0;
     println!(
         "published {} MB to one topic in {:.1} s; RSS {} → {} kB (+{grown_mb:.1} MB)",
-        (16_384 - warm) * 4096 >> 20,
+        ((16_384 - warm) * 4096) >> 20,
         t.elapsed().as_secs_f64(),
         before,
         after

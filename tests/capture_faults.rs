@@ -81,7 +81,8 @@ fn wait_for_states(rec: &Recorder, name: &str, want: &[bool], within: Duration) 
 
 /// The unit's `TimeoutStopSec`, read from the file systemd gets.
 fn unit_stop_timeout() -> Duration {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/ganomalyd.service")).expect("unit");
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/ganomalyd.service")).expect("unit");
     let s = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).expect("TimeoutStopSec in the unit");
     Duration::from_secs(s.trim().parse().expect("seconds"))
 }

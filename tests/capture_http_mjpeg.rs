@@ -164,7 +164,11 @@ fn a_stream_that_goes_silent_is_a_lost_camera_after_the_timeout() {
 fn what_is_not_an_mjpeg_stream_is_refused_with_the_reason() {
     let s = serve();
     let open = |path: &str| {
-        let mut src = HttpMjpegSource::new(format!("http://admin:hunter2@{}{path}", s.addr), Duration::from_secs(5), FrameLimits::DEFAULT);
+        let mut src = HttpMjpegSource::new(
+            format!("http://admin:hunter2@{}{path}", s.addr),
+            Duration::from_secs(5),
+            FrameLimits::DEFAULT,
+        );
         match src.open() {
             Err(e @ CaptureError::Open { .. }) => e.to_string(),
             other => panic!("expected an open error for {path}, got {other:?}"),

@@ -141,8 +141,7 @@ pub fn image_file(path: &Path, limits: &FrameLimits, out: &mut FrameData) -> Res
     let reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|source| DecodeError::Read { path: shown(), source })?;
-    let (width, height) =
-        reader.into_dimensions().map_err(|source| DecodeError::Image { path: shown(), source })?;
+    let (width, height) = reader.into_dimensions().map_err(|source| DecodeError::Image { path: shown(), source })?;
     limits.check_size(u64::from(width), u64::from(height))?;
     let mut reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())

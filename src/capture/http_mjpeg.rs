@@ -183,7 +183,6 @@ impl FrameSource for HttpMjpegSource {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

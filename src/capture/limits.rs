@@ -96,7 +96,12 @@ impl LimitsTable {
 
     /// `own` over `defaults` over [`FrameLimits::DEFAULT`], field by field;
     /// pushes a problem when the merged width × height allows too many pixels.
-    pub fn merge(own: Option<&LimitsTable>, defaults: Option<&LimitsTable>, p: &str, problems: &mut Vec<String>) -> FrameLimits {
+    pub fn merge(
+        own: Option<&LimitsTable>,
+        defaults: Option<&LimitsTable>,
+        p: &str,
+        problems: &mut Vec<String>,
+    ) -> FrameLimits {
         let (o, d) = (own.copied().unwrap_or_default(), defaults.copied().unwrap_or_default());
         let base = FrameLimits::DEFAULT;
         let side = |v: Option<u32>, b: u32| v.unwrap_or(b).clamp(1, MAX_SIDE);
@@ -148,7 +153,8 @@ mod tests {
     #[test]
     fn out_of_range_limits_are_named() {
         let mut p = Vec::new();
-        LimitsTable { max_width: Some(0), max_height: Some(70_000), max_bytes: Some(1 << 40) }.check("defaults.limits", &mut p);
+        LimitsTable { max_width: Some(0), max_height: Some(70_000), max_bytes: Some(1 << 40) }
+            .check("defaults.limits", &mut p);
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p[0].starts_with("defaults.limits.max_width: must be between 1 and 65535"), "{p:?}");
         assert!(p[1].starts_with("defaults.limits.max_height"), "{p:?}");
@@ -171,8 +177,7 @@ mod tests {
 
     #[test]
     fn a_buffer_grown_by_one_huge_frame_shrinks_at_the_next() {
-        let mut buf: Vec<u8> = Vec::new();
-        buf.resize(64 << 20, 0);
+        let mut buf: Vec<u8> = vec![0; 64 << 20];
         buf.clear();
         buf.resize(1000, 0);
         fit_capacity(&mut buf, 1000);

@@ -96,7 +96,9 @@ impl SourcePlan for V4l2Plan {
     /// nokhwa's handles are thread-bound: the camera is made on its thread.
     fn factory(&self) -> SourceFactory {
         let p = self.clone();
-        super::on_camera_thread(move || V4l2Camera::new(p.device, p.format, p.width, p.height, p.fps).with_limits(p.limits))
+        super::on_camera_thread(move || {
+            V4l2Camera::new(p.device, p.format, p.width, p.height, p.fps).with_limits(p.limits)
+        })
     }
 }
 
@@ -358,7 +360,9 @@ mod tests {
         convert(FrameFormat::YUYV, 2, 1, &[128, 128, 128, 128], &FrameLimits::DEFAULT, &mut out).expect("yuyv");
         assert_eq!(out.data.len(), 6);
         assert!(out.data.iter().all(|&v| (120..=136).contains(&v)), "{:?}", out.data);
-        assert!(convert(FrameFormat::RAWRGB, 2, 2, &[0; 5], &FrameLimits::DEFAULT, &mut out).unwrap_err().contains("truncated"));
+        assert!(convert(FrameFormat::RAWRGB, 2, 2, &[0; 5], &FrameLimits::DEFAULT, &mut out)
+            .unwrap_err()
+            .contains("truncated"));
         assert!(convert(FrameFormat::MJPEG, 2, 2, b"garbage", &FrameLimits::DEFAULT, &mut out).is_err());
         let small = FrameLimits { max_width: 1, max_height: 1, max_bytes: 1024 };
         let err = convert(FrameFormat::GRAY, 2, 1, &[9, 8], &small, &mut out).unwrap_err();

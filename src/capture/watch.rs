@@ -142,7 +142,10 @@ impl CameraWatch {
 }
 
 /// Checks every camera a few times per shortest timeout until `stop`.
-pub fn spawn_watch(cameras: Vec<Arc<CameraWatch>>, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn_watch(
+    cameras: Vec<Arc<CameraWatch>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let shortest = cameras.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(1));
     let every = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
     std::thread::Builder::new().name("cam-watch".into()).spawn(move || {
@@ -183,8 +186,11 @@ mod tests {
         assert!(!counters.online.load(Ordering::Relaxed));
         w.read_ended();
         w.set_online(true, "test");
-        let states: Vec<bool> =
-            rec.events().into_iter().filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None }).collect();
+        let states: Vec<bool> = rec
+            .events()
+            .into_iter()
+            .filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None })
+            .collect();
         assert_eq!(states, [true, false, true]);
         assert!(w.with_queue(|_| ()).is_some());
         w.close_queue();

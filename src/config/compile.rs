@@ -368,11 +368,11 @@ fn camera(
     // a problem, never a panic.
     // Unset, at least three frame intervals: a 0.1 fps camera is not wedged
     // between its frames.
-    let read_timeout_s = t
-        .read_timeout_s
-        .or(d.read_timeout_s)
-        .filter(|v| v.is_finite())
-        .unwrap_or(if fps > 0.0 { DEFAULT_READ_TIMEOUT_S.max(3.0 / fps) } else { DEFAULT_READ_TIMEOUT_S });
+    let read_timeout_s = t.read_timeout_s.or(d.read_timeout_s).filter(|v| v.is_finite()).unwrap_or(if fps > 0.0 {
+        DEFAULT_READ_TIMEOUT_S.max(3.0 / fps)
+    } else {
+        DEFAULT_READ_TIMEOUT_S
+    });
     let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);
@@ -387,7 +387,16 @@ fn camera(
     if problems.len() != before {
         return None;
     }
-    Some(CameraPlan { name: name.to_string(), source: plan?, model: model?, score: score?, fps, roi, alarm, read_timeout })
+    Some(CameraPlan {
+        name: name.to_string(),
+        source: plan?,
+        model: model?,
+        score: score?,
+        fps,
+        roi,
+        alarm,
+        read_timeout,
+    })
 }
 
 /// The model's own metadata must be readable and carry the score this camera
