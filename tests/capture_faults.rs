@@ -272,7 +272,13 @@ fn limits_come_from_the_camera_table_over_defaults() {
         plan.contains("FrameLimits { max_width: 640, max_height: 1080, max_bytes: 4000000 }"),
         "the camera's width, the defaults' height and bytes: {plan}"
     );
-    let bad = body.replace("max_width = 640", "max_width = 0").replace("4_000_000", "1");
+    assert_eq!(cfg.cameras[0].read_timeout, Duration::from_secs(10), "the default");
+    let bad = body.replace("max_width = 640", "max_width = 0").replace("4_000_000", "1") + "read_timeout_s = nan\n";
     let err = ganomalyd::config::compile_str(&bad, dir.path()).expect_err("refused").to_string();
-    assert!(err.contains("cameras.a.limits.max_width") && err.contains("defaults.limits.max_bytes"), "{err}");
+    for key in ["cameras.a.limits.max_width", "defaults.limits.max_bytes", "cameras.a.read_timeout_s"] {
+        assert!(err.contains(key), "{key} in {err}");
+    }
+    // Unset, a slow camera's timeout covers three of its frame intervals.
+    let slow = support::compile(dir.path(), &(body.clone() + "fps = 0.1\n"));
+    assert_eq!(slow.cameras[0].read_timeout, Duration::from_secs(30));
 }
