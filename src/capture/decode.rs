@@ -83,9 +83,9 @@ fn is_sof(marker: u8) -> bool {
 /// Found by `make fuzz`: zune-jpeg 0.5.15 panics (an `unwrap` in its IDCT's
 /// store, scalar and AVX2 alike) on a header whose chroma is sampled more
 /// finely than its luma (e.g. Y 2×2, Cr 4×1), and in a release build a panic
-/// aborts the daemon. Camera JPEGs are 4:4:4, 4:2:2, 4:2:0 or 4:4:0: luma at
-/// most 2×2, every other component 1×1 (or all equal), which is all this lets
-/// through.
+/// aborts the daemon. Camera JPEGs are 4:4:4, 4:2:2, 4:2:0, 4:4:0 or 4:1:1:
+/// luma sampled at most 4× in each direction, every other component 1×1 (or
+/// all equal), which is all this lets through.
 fn check_sampling(data: &[u8]) -> Result<(), DecodeError> {
     let bad = |why: String| {
         DecodeError::Jpeg(zune_jpeg::errors::DecodeErrors::Format(format!("unsupported JPEG frame header: {why}")))
@@ -100,10 +100,10 @@ fn check_sampling(data: &[u8]) -> Result<(), DecodeError> {
         let Some(comps) = data.get(i + 10..i + 10 + 3 * usize::from(count)) else { continue };
         let factors = || comps.chunks_exact(3).map(|c| (c[1] >> 4, c[1] & 0x0f));
         let Some((h0, v0)) = factors().next() else { continue };
-        let luma_ok = (1..=2).contains(&h0) && (1..=2).contains(&v0);
+        let luma_ok = (1..=4).contains(&h0) && (1..=4).contains(&v0);
         if !luma_ok || !factors().skip(1).all(|f| f == (1, 1) || f == (h0, v0)) {
             let all: Vec<(u8, u8)> = factors().collect();
-            return Err(bad(format!("sampling factors {all:?} (cameras write 4:4:4, 4:2:2, 4:2:0 or 4:4:0)")));
+            return Err(bad(format!("sampling factors {all:?} (cameras write 4:4:4, 4:2:2, 4:2:0, 4:4:0 or 4:1:1)")));
         }
     }
     Ok(())
@@ -238,6 +238,10 @@ mod tests {
         assert!(check_sampling(&good).is_ok());
         good[sof + 10 + 3 * 2 + 1] = 0x21;
         assert!(check_sampling(&good).is_err(), "chroma wider than luma");
+        // 4:1:1 (DV-style cameras): Y 4×1, chroma 1×1.
+        good[sof + 10 + 1] = 0x41;
+        good[sof + 10 + 3 * 2 + 1] = 0x11;
+        assert!(check_sampling(&good).is_ok());
     }
 
     #[test]
