@@ -8,6 +8,7 @@
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
 #   make bench-quality   detection quality: AUROC per data set x score x seed
 #   make bench-mnist     the paper's MNIST protocol (hours at full size)
+#   make fuzz    fuzz the MJPEG part reader and JPEG decoding (FUZZ_SECONDS each, nightly)
 #   make deb     Debian package in target/debian (deb-gpu: with onnxruntime-gpu; test-deb: install, run, purge)
 #
 # Everything the tests need is installed here, idempotently: a Python venv
@@ -45,7 +46,7 @@ STAMP_APT   := $(CURDIR)/target/.stamp-apt
 .PHONY: lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
-	@sed -n '2,12p' Makefile
+	@sed -n '2,13p' Makefile
 
 $(STAMP_ORT): scripts/requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -200,3 +201,25 @@ test-deb: deb
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends systemd; }; \
 	fi
 	env -u ORT_DYLIB_PATH scripts/test-deb.sh $(DEB)
+
+# ---------------------------------------------------------------------------
+# Fuzzing what a camera sends (not part of `make test`, nor of CI): each
+# target of fuzz/ runs FUZZ_SECONDS (60 by default) under libFuzzer with
+# nightly Rust. cargo-fuzz is installed from crates.io (pinned) on first use,
+# built with stable: its pinned dependencies no longer build on nightly.
+# The corpus grows in fuzz/corpus/<target> (seeded from fuzz/seeds, kept out
+# of git); a crash stops the run and leaves its input in fuzz/artifacts/.
+.PHONY: fuzz
+
+CARGO_FUZZ_VER := 0.13.1
+FUZZ_SECONDS   ?= 60
+FUZZ_TARGETS   := mjpeg_parts decode_jpeg
+
+fuzz:
+	if ! cargo fuzz --version 2>/dev/null | grep -q '$(CARGO_FUZZ_VER)'; then \
+	  cargo install cargo-fuzz --locked --version $(CARGO_FUZZ_VER); \
+	fi
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t && cp -n fuzz/seeds/$$t/* fuzz/corpus/$$t/; \
+	  (cd fuzz && cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -timeout=10); \
+	done

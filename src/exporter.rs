@@ -7,18 +7,33 @@
 //! Those run on tokio's blocking pool, so a slow disk delays a scrape, not the
 //! MQTT connection that shares the network runtime; no frame ever waits on it.
 //!
-//! `/healthz` answers 200 while the inference threads show life (they beat at
-//! least once a second, frames or not) and 503 once they have been silent for
-//! `stale_after_s`: the judgement the systemd watchdog makes, with its own
-//! limit. The heartbeat is shared by all models' inference threads, so with
-//! several models one wedged model is not seen while another beats. Cameras that
-//! are offline or a broker that is down do not make the daemon unhealthy (a
-//! restart would not fix them, and alarms wait in the outbox); the JSON body
-//! says which.
+//! `/healthz` answers 200 while the inference threads show life and 503 once
+//! they have been silent for `stale_after_s`: the judgement the systemd
+//! watchdog makes, with its own limit. Life means *decided frames*, or nothing
+//! to decide (see `base::liveness`): batches that fail count against it, so a
+//! model that fails every batch turns the daemon unhealthy, while an idle
+//! pipeline (every camera offline) does not. The heartbeat is shared by all
+//! models' inference threads, so with several models one wedged model is not
+//! seen while another decides. Cameras that are offline (a wedged one
+//! included, reported by `capture::watch`) or a broker that is down do not
+//! make the daemon unhealthy (a restart would not fix them, and alarms wait in
+//! the outbox); the JSON body says which.
+//!
+//! What a client controls is bounded: at most `max_connections` connections
+//! are served at once (one more is answered `503` and closed at once, so a
+//! thousand idle sockets cost no file descriptors beyond the cap), and a
+//! connection that has not sent a whole request head within
+//! `header_timeout_s` (an idle socket, a slow-loris client, an idle
+//! keep-alive) is closed. hyper's own settings, through a small accept loop:
+//! `axum::serve` exposes neither.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -102,7 +117,9 @@ pub struct Exporter {
 impl Exporter {
     /// Serves `bound` on `rt` until [`shutdown`](Self::shutdown); the figures
     /// come once [`attach`](Self::attach) hands over the pipeline's sources.
-    pub fn start(bound: Bound, stale_after: Duration, rt: &tokio::runtime::Handle) -> Result<Exporter, ExporterError> {
+    pub fn start(bound: Bound, cfg: &MetricsSettings, rt: &tokio::runtime::Handle) -> Result<Exporter, ExporterError> {
+        let stale_after = cfg.stale_after;
+        let limits = ConnLimits { max_connections: cfg.max_connections, header_timeout: cfg.header_timeout };
         let addr = bound.addr;
         let listener = {
             let _guard = rt.enter();
@@ -119,9 +136,7 @@ impl Exporter {
             let until = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(until).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
-            }
+            serve(listener, app, limits, until).await;
         });
         tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/healthz");
         Ok(Exporter { stop, task, sources, addr })
@@ -138,6 +153,82 @@ impl Exporter {
         let task = self.task;
         let _ = rt.block_on(async move { tokio::time::timeout(timeout, task).await });
     }
+}
+
+/// What a client may hold of the endpoint (`[metrics]`).
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// The answer to a connection over the cap, written without reading.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\
+Retry-After: 5\r\nConnection: close\r\n\r\ntoo many connections\n";
+
+/// Accepts until `until`, each connection on its own task, within `limits`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    until: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    tokio::pin!(until);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut until => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors (EMFILE) and the like: wait rather
+                // than spin; the cap keeps this endpoint's own share bounded.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(max = limits.max_connections, "metrics endpoint: connection over the cap refused");
+            // A fresh socket is not writable until the reactor says so: a
+            // short task, at most a second, writes the 503 and closes.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+            });
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut closed = closed.clone();
+        let closing = async move {
+            // The guard `wait_for` returns is not Send: dropped here.
+            let _ = closed.wait_for(|c| *c).await;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "metrics connection closed");
+                    }
+                }
+                () = closing => {
+                    // In-flight requests finish; idle keep-alives close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    let _ = closing.send(true);
 }
 
 struct AppState {
@@ -173,7 +264,11 @@ pub struct Health {
     /// Why it is unhealthy, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Milliseconds since a frame was decided (or, idle, since there was
+    /// nothing to decide).
     pub inference_silent_ms: u64,
+    /// The last batch failed and none was decided since.
+    pub inference_failing: bool,
     /// Camera name → online.
     pub cameras: std::collections::BTreeMap<String, bool>,
     /// `None` without `[mqtt]`.
@@ -188,6 +283,7 @@ impl Health {
             status: "starting",
             reason: Some("loading models, starting the pipeline".into()),
             inference_silent_ms: 0,
+            inference_failing: false,
             cameras: Default::default(),
             mqtt_connected: None,
             alarms_pending: None,
@@ -200,12 +296,15 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
     let silent = sources.liveness.silent_ms();
     let stale = u128::from(silent) >= stale_after.as_millis();
     let publisher = sources.publisher.as_ref().map(|p| p());
+    let failing = sources.liveness.failing();
     Health {
         status: if stale { "unhealthy" } else { "ok" },
         reason: stale.then(|| {
-            format!("inference silent for {:.1} s (limit {:.1} s)", silent as f64 / 1e3, stale_after.as_secs_f64())
+            let why = if failing { ": every batch since failed" } else { "" };
+            format!("no frame decided for {:.1} s (limit {:.1} s){why}", silent as f64 / 1e3, stale_after.as_secs_f64())
         }),
         inference_silent_ms: silent,
+        inference_failing: failing,
         cameras: sources
             .cameras
             .iter()
@@ -304,7 +403,14 @@ impl Collector for DaemonCollector {
             s.cameras.iter().map(move |(n, c)| (cam(n), ConstGauge::new(i64::from(f(c))))).collect::<Vec<_>>()
         };
         let online = flag(|c| c.online.load(std::sync::atomic::Ordering::Relaxed));
-        family(&mut enc, "camera_online", "1 while the camera delivers frames.", None, MetricType::Gauge, online)?;
+        family(
+            &mut enc,
+            "camera_online",
+            "1 while the camera delivers frames (0 as well while a read of it has not returned within read_timeout_s).",
+            None,
+            MetricType::Gauge,
+            online,
+        )?;
         let active = flag(|c| c.alarm_active.load(std::sync::atomic::Ordering::Relaxed));
         family(&mut enc, "alarm_active", "1 while the camera's alarm is on.", None, MetricType::Gauge, active)?;
         let raised = per_camera(|c| CameraCounters::get(&c.alarms_raised));
@@ -341,10 +447,19 @@ impl Collector for DaemonCollector {
         single(
             &mut enc,
             "inference_silent",
-            "Time since the inference threads last showed life (they beat at least once a second).",
+            "Time since a frame was decided (or, with nothing to decide, since the inference threads last waited).",
             Some(&Unit::Seconds),
             MetricType::Gauge,
             silent,
+        )?;
+        let failing = ConstGauge::new(i64::from(s.liveness.failing()));
+        single(
+            &mut enc,
+            "inference_failing",
+            "1 while the last batch failed and none has been decided since.",
+            None,
+            MetricType::Gauge,
+            failing,
         )?;
         let models = s
             .models
@@ -455,6 +570,7 @@ mod tests {
             "ganomalyd_score{camera=\"line-1\"} 0.75",
             "ganomalyd_score{camera=\"line-2\"} NaN",
             "ganomalyd_model{model=\"models/demo.onnx\",provider=\"cpu\"} 1",
+            "ganomalyd_inference_failing 0",
             "ganomalyd_mqtt_connected 1",
             "ganomalyd_alarms_queued_total 5",
             "ganomalyd_alarms_pending 3",
@@ -516,6 +632,25 @@ mod tests {
         assert_eq!((h.mqtt_connected, h.alarms_pending), (Some(true), Some(3)));
         let h = health(&s, Duration::from_millis(100));
         assert_eq!(h.status, "unhealthy");
-        assert!(h.reason.as_deref().is_some_and(|r| r.contains("inference silent")), "{h:?}");
+        assert!(h.reason.as_deref().is_some_and(|r| r.contains("no frame decided for")), "{h:?}");
+    }
+
+    #[test]
+    fn failing_batches_make_it_unhealthy_an_idle_pipeline_does_not() {
+        use crate::base::liveness::Beat;
+        let s = sources(true);
+        // Idle for 250 ms (no camera delivers): healthy within a 10 s limit,
+        // and an idle beat keeps it so.
+        s.liveness.beat(Beat::Idle);
+        assert_eq!(health(&s, Duration::from_secs(10)).status, "ok");
+        let mut s = sources(true);
+        s.liveness = Liveness::new_for_test(20_000);
+        s.liveness.beat(Beat::Failed);
+        s.liveness.beat(Beat::Idle);
+        let h = health(&s, Duration::from_secs(10));
+        assert_eq!(h.status, "unhealthy", "{h:?}");
+        assert!(h.inference_failing && h.reason.as_deref().is_some_and(|r| r.contains("every batch since failed")));
+        s.liveness.beat(Beat::Decided);
+        assert_eq!(health(&s, Duration::from_secs(10)).status, "ok");
     }
 }

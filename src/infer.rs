@@ -33,6 +33,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
 
+use crate::base::liveness::Beat;
 use crate::base::Liveness;
 use crate::config::{AlarmConfig, InferenceSettings, Provider};
 use crate::decide::{Camera, Outputs};
@@ -318,7 +319,8 @@ pub struct InferThread {
     pub snapshots: Option<SnapshotQueue>,
     /// Settings changed at run time (SIGHUP), applied between batches.
     pub control: Receiver<Control>,
-    /// Beaten after every batch and at least once a second (watchdog, `/healthz`).
+    /// Told after every batch whether it was decided, and once a second when
+    /// idle (watchdog, `/healthz`): see `base::liveness` for what counts.
     pub liveness: Liveness,
 }
 
@@ -340,11 +342,11 @@ fn run(mut t: InferThread) {
     }
     loop {
         // Wake at least every second so the watchdog sees a live thread even
-        // when no camera delivers.
+        // when no camera delivers (nothing to decide is not a wedge).
         let first = match t.rx.recv_timeout(Duration::from_secs(1)) {
             Ok(p) => p,
             Err(RecvTimeoutError::Timeout) => {
-                t.liveness.beat();
+                t.liveness.beat(Beat::Idle);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -381,11 +383,11 @@ fn run(mut t: InferThread) {
         }
         let n = batch.len();
         let result = t.model.run(&input, n, &mut out);
-        t.liveness.beat();
         if let Err(e) = &result {
             tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
         }
         let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
+        let mut decided = 0usize;
         for (i, p) in batch.drain(..).enumerate() {
             let Prepared { frame, tensor } = p;
             let _ = t.tensor_recycle.try_send(tensor);
@@ -396,8 +398,12 @@ fn run(mut t: InferThread) {
                 continue;
             }
             let outcome = cam.decider.decide(frame.seq, frame.ts_ms, out.score(cam.decider.kind, i));
+            decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
             cam.act(outcome, frame, &out.maps[i * side * side..(i + 1) * side * side], side, &outputs);
         }
+        // Life is decided frames: a failed run, or a batch of only unusable
+        // scores, does not count (see `base::liveness`).
+        t.liveness.beat(if decided > 0 { Beat::Decided } else { Beat::Failed });
     }
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");
 }

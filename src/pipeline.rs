@@ -15,7 +15,9 @@
 //! their queues close, the preprocess workers drain them and exit, which
 //! closes the inference inputs; inference drains and exits, dropping the
 //! snapshot queue, so the writer finishes its last jobs. Nothing in flight is
-//! lost on the way down.
+//! lost on the way down. A camera thread stuck in a read of its source is
+//! waited for [`STOP_GRACE`] at most, then left behind with its queue closed
+//! (see `capture::watch`), so a wedged driver cannot hold up a stop.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,7 +31,8 @@ use ganomaly_core::ScoreKind;
 
 use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
-use crate::capture::{self, CameraThread, Frame, FrameData, SourceFactory};
+use crate::capture::watch::{self, STOP_GRACE};
+use crate::capture::{self, CameraThread, CameraWatch, Frame, FrameData, SourceFactory};
 use crate::config::{CameraPlan, Provider, Settings};
 use crate::decide::{Camera, Decider};
 use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
@@ -99,6 +102,9 @@ pub struct Pipeline {
     snapshot_writer: Option<JoinHandle<()>>,
     stats: Option<JoinHandle<()>>,
     stats_stop: Arc<AtomicBool>,
+    /// The thread that reports wedged cameras offline, stopped with stats.
+    watch: Option<JoinHandle<()>>,
+    watches: Vec<Arc<CameraWatch>>,
     counters: Vec<(String, Arc<CameraCounters>)>,
     snapshots_skipped: Option<Arc<AtomicU64>>,
     /// Provider of each loaded model, by model path.
@@ -260,16 +266,24 @@ impl Pipeline {
         let named: Vec<(String, Arc<CameraCounters>)> =
             cams.iter().map(|c| (c.plan.name.clone(), c.counters.clone())).collect();
         let mut camera_threads = Vec::new();
+        let mut watches = Vec::new();
         for (index, c) in cams.into_iter().enumerate() {
             let source = opts.sources.remove(&c.plan.name).unwrap_or_else(|| c.plan.source.factory());
+            let camera_watch = Arc::new(CameraWatch::new(
+                &c.plan.name,
+                c.plan.read_timeout,
+                c.counters.clone(),
+                publisher.clone(),
+                c.frames.0,
+            ));
+            watches.push(camera_watch.clone());
             camera_threads.push(capture::spawn_camera(
                 CameraThread {
                     index,
                     name: c.plan.name.clone(),
                     fps: c.plan.fps,
                     counters: c.counters,
-                    publisher: publisher.clone(),
-                    tx: c.frames.0,
+                    watch: camera_watch,
                     rx_for_drops: c.frames.1,
                     recycle: c.recycle.1,
                     stop: stop.clone(),
@@ -281,6 +295,7 @@ impl Pipeline {
         }
 
         let stats_stop = Arc::new(AtomicBool::new(false));
+        let watch = Some(watch::spawn_watch(watches.clone(), stats_stop.clone())?);
         let stats = if opts.stats {
             let provider = providers.first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
             Some(spawn_stats(
@@ -302,6 +317,8 @@ impl Pipeline {
             snapshot_writer,
             stats,
             stats_stop,
+            watch,
+            watches,
             counters: named,
             snapshots_skipped,
             providers,
@@ -361,9 +378,7 @@ impl Pipeline {
     /// Waits for every stage to finish (after [`stop`](Self::stop), or when
     /// the sources end by themselves) and reports the counts.
     pub fn join(mut self) -> Report {
-        for h in self.cameras.drain(..) {
-            let _ = h.join();
-        }
+        self.join_cameras();
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
@@ -375,6 +390,9 @@ impl Pipeline {
         }
         self.stats_stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.stats.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.watch.take() {
             let _ = h.join();
         }
         let mut latency = LatencyHistogram::default();
@@ -396,6 +414,38 @@ impl Pipeline {
             .collect();
         let snapshots_skipped = self.snapshots_skipped.as_ref().map(|s| s.load(Ordering::Relaxed)).unwrap_or(0);
         Report { cameras, latency, snapshots_skipped }
+    }
+
+    /// Joins the camera threads: all of them while the sources run on their
+    /// own; once a stop is asked for, only those that end within
+    /// [`STOP_GRACE`]. The others are stuck in a read: their queues are
+    /// closed so the rest drains, and the threads are left to the process exit.
+    fn join_cameras(&mut self) {
+        let mut stopping_since: Option<Instant> = None;
+        while !self.cameras.iter().all(|h| h.is_finished()) {
+            if self.stop.load(Ordering::Relaxed) {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STOP_GRACE {
+                    for (h, w) in self.cameras.iter().zip(&self.watches) {
+                        if !h.is_finished() {
+                            tracing::warn!(
+                                camera = w.name(),
+                                grace_s = STOP_GRACE.as_secs_f64(),
+                                "camera thread did not stop (stuck in a read of its source): left behind"
+                            );
+                            w.close_queue();
+                        }
+                    }
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for h in self.cameras.drain(..) {
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
     }
 
     /// Stop, drain, report.

@@ -1,6 +1,6 @@
 //! systemd integration (`Type=notify`): READY once the model is loaded and
-//! the first frame has been decided, watchdog pings only while the inference
-//! thread shows life, STOPPING on shutdown. All calls are no-ops when the
+//! the first frame has been decided, watchdog pings only while frames are
+//! decided or none wait to be (`base::liveness`), STOPPING on shutdown. All calls are no-ops when the
 //! daemon is not run by systemd (no `NOTIFY_SOCKET`).
 
 use std::time::Duration;

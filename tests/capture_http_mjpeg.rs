@@ -15,7 +15,7 @@ use axum::http::header;
 use axum::routing::get;
 use axum::Router;
 use ganomalyd::capture::http_mjpeg::HttpMjpegSource;
-use ganomalyd::capture::{CaptureError, FrameData, FrameSource};
+use ganomalyd::capture::{CaptureError, FrameData, FrameLimits, FrameSource};
 use ganomalyd::events::Recorder;
 use ganomalyd::pipeline::{Pipeline, StartOptions};
 
@@ -93,7 +93,7 @@ fn mean_rgb(f: &FrameData) -> [f64; 3] {
 #[test]
 fn frames_broken_parts_and_reconnects() {
     let s = serve();
-    let mut src = HttpMjpegSource::new(format!("http://{}/mjpg", s.addr), Duration::from_secs(5));
+    let mut src = HttpMjpegSource::new(format!("http://{}/mjpg", s.addr), Duration::from_secs(5), FrameLimits::DEFAULT);
     assert!(src.self_paced());
     src.open().expect("open");
     let mut f = FrameData::default();
@@ -147,7 +147,7 @@ fn a_stream_that_goes_silent_is_a_lost_camera_after_the_timeout() {
         sock.write_all(&out).expect("write");
         std::thread::sleep(Duration::from_secs(20));
     });
-    let mut src = HttpMjpegSource::new(format!("http://{addr}/mjpg"), Duration::from_millis(500));
+    let mut src = HttpMjpegSource::new(format!("http://{addr}/mjpg"), Duration::from_millis(500), FrameLimits::DEFAULT);
     src.open().expect("open");
     let mut f = FrameData::default();
     src.next_frame(&mut f).expect("the one frame");
@@ -164,7 +164,11 @@ fn a_stream_that_goes_silent_is_a_lost_camera_after_the_timeout() {
 fn what_is_not_an_mjpeg_stream_is_refused_with_the_reason() {
     let s = serve();
     let open = |path: &str| {
-        let mut src = HttpMjpegSource::new(format!("http://admin:hunter2@{}{path}", s.addr), Duration::from_secs(5));
+        let mut src = HttpMjpegSource::new(
+            format!("http://admin:hunter2@{}{path}", s.addr),
+            Duration::from_secs(5),
+            FrameLimits::DEFAULT,
+        );
         match src.open() {
             Err(e @ CaptureError::Open { .. }) => e.to_string(),
             other => panic!("expected an open error for {path}, got {other:?}"),
@@ -178,7 +182,7 @@ fn what_is_not_an_mjpeg_stream_is_refused_with_the_reason() {
     assert!(!e.contains("hunter2") && e.contains("***@"), "{e}");
     // Nothing listening.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let mut src = HttpMjpegSource::new(format!("http://{closed}/mjpg"), Duration::from_secs(2));
+    let mut src = HttpMjpegSource::new(format!("http://{closed}/mjpg"), Duration::from_secs(2), FrameLimits::DEFAULT);
     assert!(matches!(src.open(), Err(CaptureError::Open { .. })));
 }
 

@@ -6,7 +6,11 @@
 //! - opens its source, retrying forever with exponential backoff while it
 //!   fails, and reports the camera `offline`/`online` through the publisher
 //!   (other cameras are untouched: they have their own threads);
-//! - counts and skips broken frames;
+//! - counts and skips broken frames (a frame over the camera's [`limits`] is
+//!   one: decoders check a frame's header against them before allocating);
+//! - is watched from outside ([`watch`]): a read that does not return within
+//!   the camera's `read_timeout_s` reports it offline, and a stop does not
+//!   wait for it longer than [`watch::STOP_GRACE`];
 //! - paces sources that do not pace themselves;
 //! - pushes frames into its own bounded queue, **dropping the oldest** queued
 //!   frame when the queue is full (counted): a live camera must never block on
@@ -15,15 +19,23 @@
 //! Frame buffers come back from the end of the pipeline through a recycle
 //! channel, so a steady-state camera allocates nothing per frame.
 
+pub mod decode;
+pub mod frame;
 pub mod http_mjpeg;
+pub mod limits;
+pub mod multipart;
 pub mod plan;
 pub mod replay;
 pub mod source;
 pub mod synthetic;
 pub mod v4l2;
+pub mod watch;
 
+pub use frame::{FrameData, PixelFormat};
+pub use limits::FrameLimits;
 pub use plan::{CameraContext, SourcePlan};
 pub use source::SourceConfig;
+pub use watch::CameraWatch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +45,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::base::backoff::Backoff;
 use crate::base::stop::sleep_unless_stopped;
-use crate::events::{now_ms, Publisher};
+use crate::events::now_ms;
 use crate::metrics::CameraCounters;
 
 /// Errors from a frame source. The camera thread decides what each means:
@@ -49,67 +61,6 @@ pub enum CaptureError {
     BrokenFrame { source_name: String, reason: String },
     #[error("{0} has no more frames")]
     Ended(String),
-}
-
-/// Pixel layout of a captured frame (8 bits per sample, rows packed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PixelFormat {
-    Rgb8,
-    Gray8,
-}
-
-impl PixelFormat {
-    pub fn bytes_per_pixel(self) -> usize {
-        match self {
-            PixelFormat::Rgb8 => 3,
-            PixelFormat::Gray8 => 1,
-        }
-    }
-}
-
-/// Pixels of one frame; the `data` allocation is reused from frame to frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FrameData {
-    pub width: u32,
-    pub height: u32,
-    pub format: PixelFormat,
-    pub data: Vec<u8>,
-}
-
-impl Default for FrameData {
-    fn default() -> Self {
-        FrameData { width: 0, height: 0, format: PixelFormat::Rgb8, data: Vec::new() }
-    }
-}
-
-impl FrameData {
-    /// Sets the geometry and sizes `data` for it (reusing the allocation).
-    pub fn reshape(&mut self, width: u32, height: u32, format: PixelFormat) -> &mut [u8] {
-        self.width = width;
-        self.height = height;
-        self.format = format;
-        self.data.resize(width as usize * height as usize * format.bytes_per_pixel(), 0);
-        &mut self.data
-    }
-
-    /// Copies an `image` crate image in, converting to RGB or gray as given.
-    pub fn fill_from_image(&mut self, img: &image::DynamicImage, format: PixelFormat) {
-        match format {
-            PixelFormat::Rgb8 => match img {
-                image::DynamicImage::ImageRgb8(rgb) => {
-                    self.reshape(rgb.width(), rgb.height(), format).copy_from_slice(rgb.as_raw())
-                }
-                other => {
-                    let rgb = other.to_rgb8();
-                    self.reshape(rgb.width(), rgb.height(), format).copy_from_slice(rgb.as_raw())
-                }
-            },
-            PixelFormat::Gray8 => {
-                let g = img.to_luma8();
-                self.reshape(g.width(), g.height(), format).copy_from_slice(g.as_raw())
-            }
-        }
-    }
 }
 
 /// A frame on its way through the pipeline.
@@ -173,10 +124,10 @@ pub struct CameraThread {
     /// fast as the pipeline takes them).
     pub fps: f64,
     pub counters: Arc<CameraCounters>,
-    pub publisher: Arc<dyn Publisher>,
-    /// The camera's queue: its sender, and a receiver used only to drop the
-    /// oldest frame when the queue is full.
-    pub tx: Sender<Frame>,
+    /// Online state, read watch, and the sender of the camera's queue.
+    pub watch: Arc<CameraWatch>,
+    /// A receiver of the camera's queue, used only to drop the oldest frame
+    /// when the queue is full.
     pub rx_for_drops: Receiver<Frame>,
     /// Buffers coming back from the end of the pipeline.
     pub recycle: Receiver<FrameData>,
@@ -199,9 +150,8 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
     let mut source = make_source();
     let desc = source.describe();
     let mut backoff = Backoff::new(cam.backoff_min, cam.backoff_max);
-    // Unknown until the first open succeeds or fails: report the first state
-    // either way, then only changes.
-    let mut online: Option<bool> = None;
+    // The state starts unknown: the first open reports it either way, then
+    // only changes are published (by this thread or the watch).
     let mut opened = false;
     let mut seq: u64 = 0;
     let mut broken_run = 0u32;
@@ -211,22 +161,19 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
     // A buffer back from a dropped or broken frame, reused before asking the
     // recycle channel: under overload most buffers come back this way.
     let mut spare: Option<FrameData> = None;
-    let set_online = |online: &mut Option<bool>, now: bool| {
-        if *online != Some(now) {
-            *online = Some(now);
-            cam.counters.online.store(now, Ordering::Relaxed);
-            cam.publisher.camera_online(&cam.name, now);
-            tracing::info!(camera = %cam.name, source = %desc, online = now, "camera state");
-        }
-    };
+    let watch = &cam.watch;
+    let set_online = |now: bool| watch.set_online(now, &desc);
     tracing::info!(camera = %cam.name, source = %desc, "camera thread started");
 
     while !cam.stop.load(Ordering::Relaxed) {
         if !opened {
-            match source.open() {
+            watch.read_started();
+            let result = source.open();
+            watch.read_ended();
+            match result {
                 Ok(()) => opened = true,
                 Err(e) => {
-                    set_online(&mut online, false);
+                    set_online(false);
                     let wait = backoff.next_delay();
                     tracing::warn!(camera = %cam.name, error = %e, retry_in_ms = wait.as_millis() as u64, "camera open failed");
                     sleep_unless_stopped(wait, &cam.stop);
@@ -235,15 +182,19 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
             }
         }
         let mut pixels = spare.take().or_else(|| cam.recycle.try_recv().ok()).unwrap_or_default();
-        match source.next_frame(&mut pixels) {
+        watch.read_started();
+        let result = source.next_frame(&mut pixels);
+        watch.read_ended();
+        match result {
             Ok(()) => {
                 broken_run = 0;
                 backoff.reset();
-                set_online(&mut online, true);
+                set_online(true);
                 let frame = Frame { camera: cam.index, seq, captured: Instant::now(), ts_ms: now_ms(), pixels };
                 seq += 1;
                 CameraCounters::add(&cam.counters.captured, 1);
-                spare = push_drop_oldest(&cam.tx, &cam.rx_for_drops, frame, &cam.counters);
+                // No queue: the pipeline gave up on this thread at a stop.
+                spare = watch.with_queue(|tx| push_drop_oldest(tx, &cam.rx_for_drops, frame, &cam.counters)).flatten();
             }
             Err(CaptureError::BrokenFrame { reason, .. }) => {
                 spare = Some(pixels);
@@ -266,7 +217,7 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 spare = Some(pixels);
                 source.close();
                 opened = false;
-                set_online(&mut online, false);
+                set_online(false);
                 let wait = backoff.next_delay();
                 tracing::warn!(camera = %cam.name, error = %e, retry_in_ms = wait.as_millis() as u64, "camera lost");
                 sleep_unless_stopped(wait, &cam.stop);
@@ -285,6 +236,8 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
         }
     }
     source.close();
+    // Closes the queue: the preprocess workers drain it and move on.
+    watch.close_queue();
     tracing::info!(camera = %cam.name, frames = seq, "camera thread stopped");
 }
 

@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::limits::FrameLimits;
 use super::SourceFactory;
 
 /// What a source may read of its camera's table (after `[defaults]` apply).
@@ -17,6 +18,9 @@ pub struct CameraContext<'a> {
     pub width: u32,
     pub height: u32,
     pub fps: f64,
+    /// What one frame may cost (`limits`, over `[defaults].limits`): every
+    /// source applies them before it allocates for a frame.
+    pub limits: FrameLimits,
     /// Look at the world the table names (device nodes, image files); off for
     /// `check-config --offline`, which checks a fleet's files on another machine.
     pub probe: bool,

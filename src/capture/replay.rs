@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::FrameLimits;
 use super::plan::{CameraContext, CompileSource, SourcePlan};
-use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
+use super::{CaptureError, FrameData, FrameSource, SourceFactory};
 
 /// `source = { kind = "replay", path = "...", loop = true }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,7 @@ fn yes() -> bool {
 pub struct ReplayPlan {
     pub path: PathBuf,
     pub looped: bool,
+    pub limits: FrameLimits,
 }
 
 impl CompileSource for ReplayConfig {
@@ -41,7 +43,7 @@ impl CompileSource for ReplayConfig {
         }
         let path = cam.base_dir.join(&self.path);
         if !cam.probe {
-            return Some(Arc::new(ReplayPlan { path, looped: self.looped }));
+            return Some(Arc::new(ReplayPlan { path, looped: self.looped, limits: cam.limits }));
         }
         let before = problems.len();
         match list_images(&path) {
@@ -70,13 +72,14 @@ impl CompileSource for ReplayConfig {
             }
             Err(e) => problems.push(format!("{p}.path: {e}")),
         }
-        (problems.len() == before).then(|| Arc::new(ReplayPlan { path, looped: self.looped }) as Arc<dyn SourcePlan>)
+        (problems.len() == before)
+            .then(|| Arc::new(ReplayPlan { path, looped: self.looped, limits: cam.limits }) as Arc<dyn SourcePlan>)
     }
 }
 
 impl SourcePlan for ReplayPlan {
     fn factory(&self) -> SourceFactory {
-        super::factory(ReplaySource::new(self.path.clone(), self.looped))
+        super::factory(ReplaySource::new(self.path.clone(), self.looped).with_limits(self.limits))
     }
     /// The folder, or the folder a glob's pattern starts in.
     fn reads_folder(&self) -> Option<PathBuf> {
@@ -147,17 +150,24 @@ pub struct ReplaySource {
     files: Vec<PathBuf>,
     pos: usize,
     looped: bool,
+    limits: FrameLimits,
 }
 
 impl ReplaySource {
     /// A source over `path` (folder or glob); the file list is read at `open`.
     pub fn new(path: PathBuf, looped: bool) -> Self {
-        ReplaySource { path, files: Vec::new(), pos: 0, looped }
+        ReplaySource { path, files: Vec::new(), pos: 0, looped, limits: FrameLimits::DEFAULT }
+    }
+
+    /// The camera's frame limits (the built-in defaults otherwise).
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A source over an explicit list of files (tests, `score`).
     pub fn from_files(files: Vec<PathBuf>, looped: bool) -> Self {
-        ReplaySource { path: PathBuf::new(), files, pos: 0, looped }
+        ReplaySource { path: PathBuf::new(), files, pos: 0, looped, limits: FrameLimits::DEFAULT }
     }
 }
 
@@ -191,17 +201,11 @@ impl FrameSource for ReplaySource {
         }
         let file = &self.files[self.pos];
         self.pos += 1;
-        let img = image::open(file).map_err(|e| CaptureError::BrokenFrame {
+        // Gray images stay gray: a gray model then needs no conversion at all.
+        super::decode::image_file(file, &self.limits, out).map_err(|e| CaptureError::BrokenFrame {
             source_name: format!("replay {}", file.display()),
             reason: e.to_string(),
-        })?;
-        // Gray images stay gray: a gray model then needs no conversion at all.
-        let format = match img {
-            image::DynamicImage::ImageLuma8(_) => PixelFormat::Gray8,
-            _ => PixelFormat::Rgb8,
-        };
-        out.fill_from_image(&img, format);
-        Ok(())
+        })
     }
 }
 
@@ -253,9 +257,9 @@ mod tests {
         write_png(dir.path(), "c.PNG", 3);
         assert_eq!(list_images(dir.path()).map(|v| v.len()), Ok(1));
         assert!(extensions().contains(&"png") && extensions().contains(&"jpg") && !extensions().contains(&"bmp"));
-        let plan = ReplayPlan { path: dir.path().join("*.png"), looped: true };
+        let plan = ReplayPlan { path: dir.path().join("*.png"), looped: true, limits: FrameLimits::default() };
         assert_eq!(plan.reads_folder().as_deref(), Some(dir.path()));
-        let plan = ReplayPlan { path: dir.path().to_path_buf(), looped: true };
+        let plan = ReplayPlan { path: dir.path().to_path_buf(), looped: true, limits: FrameLimits::default() };
         assert_eq!(plan.reads_folder().as_deref(), Some(dir.path()));
     }
 

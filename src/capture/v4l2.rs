@@ -14,6 +14,7 @@ use nokhwa::utils::{CameraFormat, CameraIndex, FrameFormat, RequestedFormat, Req
 use nokhwa::Camera;
 use serde::{Deserialize, Serialize};
 
+use super::limits::FrameLimits;
 use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
 
@@ -49,6 +50,7 @@ pub struct V4l2Plan {
     pub width: u32,
     pub height: u32,
     pub fps: f64,
+    pub limits: FrameLimits,
 }
 
 impl CompileSource for V4l2Config {
@@ -83,6 +85,7 @@ impl CompileSource for V4l2Config {
             width: cam.width,
             height: cam.height,
             fps: cam.fps,
+            limits: cam.limits,
         }))
     }
     fn frame_size(&self, cam: &CameraContext) -> Option<(u32, u32)> {
@@ -94,7 +97,9 @@ impl SourcePlan for V4l2Plan {
     /// nokhwa's handles are thread-bound: the camera is made on its thread.
     fn factory(&self) -> SourceFactory {
         let p = self.clone();
-        super::on_camera_thread(move || V4l2Camera::new(p.device, p.format, p.width, p.height, p.fps))
+        super::on_camera_thread(move || {
+            V4l2Camera::new(p.device, p.format, p.width, p.height, p.fps).with_limits(p.limits)
+        })
     }
 }
 
@@ -155,12 +160,27 @@ pub struct V4l2Camera {
     width: u32,
     height: u32,
     fps: u32,
+    limits: FrameLimits,
     camera: Option<Camera>,
 }
 
 impl V4l2Camera {
     pub fn new(spec: DeviceSpec, format: FrameFormat, width: u32, height: u32, fps: f64) -> Self {
-        V4l2Camera { spec, format, width, height, fps: fps.round().max(1.0) as u32, camera: None }
+        V4l2Camera {
+            spec,
+            format,
+            width,
+            height,
+            fps: fps.round().max(1.0) as u32,
+            limits: FrameLimits::DEFAULT,
+            camera: None,
+        }
+    }
+
+    /// The camera's frame limits (the built-in defaults otherwise).
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn name(&self) -> String {
@@ -215,7 +235,7 @@ impl FrameSource for V4l2Camera {
         let buf =
             cam.frame().map_err(|e| CaptureError::Disconnected { source_name: name.clone(), reason: e.to_string() })?;
         let res = buf.resolution();
-        convert(buf.source_frame_format(), res.width_x, res.height_y, buf.buffer(), out)
+        convert(buf.source_frame_format(), res.width_x, res.height_y, buf.buffer(), &self.limits, out)
             .map_err(|reason| CaptureError::BrokenFrame { source_name: name, reason })
     }
 
@@ -226,14 +246,24 @@ impl FrameSource for V4l2Camera {
     }
 }
 
-/// Converts one camera buffer into `out` (RGB, or gray for gray cameras).
-pub fn convert(format: FrameFormat, width: u32, height: u32, data: &[u8], out: &mut FrameData) -> Result<(), String> {
+/// Converts one camera buffer into `out` (RGB, or gray for gray cameras),
+/// within the camera's limits: a raw frame's geometry is checked before it is
+/// copied, an MJPEG frame's header before it is decoded.
+pub fn convert(
+    format: FrameFormat,
+    width: u32,
+    height: u32,
+    data: &[u8],
+    limits: &FrameLimits,
+    out: &mut FrameData,
+) -> Result<(), String> {
+    if format != FrameFormat::MJPEG {
+        // A JPEG's own header says its size; checked by the decoder.
+        limits.check_size(u64::from(width), u64::from(height)).map_err(|e| e.to_string())?;
+    }
     let pixels = width as usize * height as usize;
     match format {
-        FrameFormat::MJPEG => {
-            let img = image::load_from_memory_with_format(data, image::ImageFormat::Jpeg).map_err(|e| e.to_string())?;
-            out.fill_from_image(&img, PixelFormat::Rgb8);
-        }
+        FrameFormat::MJPEG => super::decode::jpeg(data, limits, out).map_err(|e| e.to_string())?,
         FrameFormat::GRAY => {
             let src = data.get(..pixels).ok_or_else(|| short(data.len(), pixels))?;
             out.reshape(width, height, PixelFormat::Gray8).copy_from_slice(src);
@@ -323,21 +353,26 @@ mod tests {
     #[test]
     fn conversions_produce_rgb_and_reject_truncated_frames() {
         let mut out = FrameData::default();
-        convert(FrameFormat::RAWBGR, 1, 1, &[1, 2, 3], &mut out).expect("bgr");
+        convert(FrameFormat::RAWBGR, 1, 1, &[1, 2, 3], &FrameLimits::DEFAULT, &mut out).expect("bgr");
         assert_eq!(out.data, vec![3, 2, 1]);
-        convert(FrameFormat::GRAY, 2, 1, &[9, 8], &mut out).expect("gray");
+        convert(FrameFormat::GRAY, 2, 1, &[9, 8], &FrameLimits::DEFAULT, &mut out).expect("gray");
         assert_eq!((out.format, out.data.clone()), (PixelFormat::Gray8, vec![9, 8]));
         // YUYV: Y=128 with neutral chroma is mid gray.
-        convert(FrameFormat::YUYV, 2, 1, &[128, 128, 128, 128], &mut out).expect("yuyv");
+        convert(FrameFormat::YUYV, 2, 1, &[128, 128, 128, 128], &FrameLimits::DEFAULT, &mut out).expect("yuyv");
         assert_eq!(out.data.len(), 6);
         assert!(out.data.iter().all(|&v| (120..=136).contains(&v)), "{:?}", out.data);
-        assert!(convert(FrameFormat::RAWRGB, 2, 2, &[0; 5], &mut out).unwrap_err().contains("truncated"));
-        assert!(convert(FrameFormat::MJPEG, 2, 2, b"garbage", &mut out).is_err());
+        assert!(convert(FrameFormat::RAWRGB, 2, 2, &[0; 5], &FrameLimits::DEFAULT, &mut out)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(convert(FrameFormat::MJPEG, 2, 2, b"garbage", &FrameLimits::DEFAULT, &mut out).is_err());
+        let small = FrameLimits { max_width: 1, max_height: 1, max_bytes: 1024 };
+        let err = convert(FrameFormat::GRAY, 2, 1, &[9, 8], &small, &mut out).unwrap_err();
+        assert!(err.contains("over the camera's limits"), "{err}");
         let mut jpeg = Vec::new();
         image::RgbImage::from_pixel(8, 4, image::Rgb([200, 10, 10]))
             .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
             .expect("encode");
-        convert(FrameFormat::MJPEG, 8, 4, &jpeg, &mut out).expect("mjpeg");
+        convert(FrameFormat::MJPEG, 8, 4, &jpeg, &FrameLimits::DEFAULT, &mut out).expect("mjpeg");
         assert_eq!((out.width, out.height), (8, 4));
         assert!(out.data[0] > 150 && out.data[1] < 60);
     }

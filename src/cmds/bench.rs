@@ -239,6 +239,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
             fps: offered / n as f64,
             roi: None,
             alarm: AlarmConfig::default(),
+            read_timeout: Duration::from_secs(10),
         })
         .collect();
     let settings = Settings {

@@ -77,7 +77,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     // Bound and served first: a taken port fails start-up before any thread
     // runs, and probes get `starting` while the models load.
     let exporter = match &cfg.metrics {
-        Some(m) => Some(Exporter::start(exporter::bind(m)?, m.stale_after, rt.handle())?),
+        Some(m) => Some(Exporter::start(exporter::bind(m)?, m, rt.handle())?),
         None => None,
     };
     let stop_exporter = |e: Option<Exporter>| {

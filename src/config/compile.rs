@@ -23,6 +23,7 @@ use super::settings::{
 };
 use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
+use crate::capture::limits::LimitsTable;
 use crate::capture::CameraContext;
 use crate::publish::config::MqttConfig;
 
@@ -37,6 +38,11 @@ const MAX_FRAME_SIDE: u64 = 8192;
 const MAX_ALARM_FRAMES: u64 = 100_000;
 /// Most snapshots kept: retention lists the folder after every snapshot.
 const MAX_SNAPSHOTS_RETAINED: u64 = 100_000;
+/// A camera whose read has not returned for this long is reported offline.
+/// 10 s: a frame interval at 0.1 fps, far beyond any streaming camera's, and
+/// short enough for an operator to learn of a wedged driver at once. A
+/// hardware-triggered camera that waits longer for parts sets its own.
+const DEFAULT_READ_TIMEOUT_S: f64 = 10.0;
 
 /// `base` joined to `p` unless `p` is absolute.
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -229,10 +235,17 @@ fn metrics(c: &MetricsConfig, problems: &mut Vec<String>) -> Option<MetricsSetti
         3600.0,
         ": an idle inference thread beats once a second",
     );
+    // A scrape is one connection; a few dozen serve every monitor a box has,
+    // and 1024 is a process's usual descriptor limit.
+    let conns_ok = count_between(problems, &format!("{p}.max_connections"), c.max_connections as u64, 1, 1024);
+    let header_ok = between(problems, &format!("{p}.header_timeout_s"), c.header_timeout_s, 0.5, 60.0, "");
     match (c.enabled, listen) {
-        (true, Some(listen)) if stale_ok => {
-            Some(MetricsSettings { listen, stale_after: Duration::from_secs_f64(c.stale_after_s) })
-        }
+        (true, Some(listen)) if stale_ok && conns_ok && header_ok => Some(MetricsSettings {
+            listen,
+            stale_after: Duration::from_secs_f64(c.stale_after_s),
+            max_connections: c.max_connections,
+            header_timeout: Duration::from_secs_f64(c.header_timeout_s),
+        }),
         _ => None,
     }
 }
@@ -268,6 +281,13 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
     }
     if let Some(a) = &t.alarm {
         alarm_fields(a, &format!("{p}.alarm"), problems);
+    }
+    if let Some(l) = &t.limits {
+        l.check(&format!("{p}.limits"), problems);
+    }
+    // An hour at most: beyond that a wedged camera goes unnoticed for a shift.
+    if let Some(r) = t.read_timeout_s {
+        between(problems, &format!("{p}.read_timeout_s"), r, 0.1, 3600.0, "");
     }
 }
 
@@ -310,8 +330,8 @@ fn merged_alarm(own: Option<&AlarmTable>, defaults: Option<&AlarmTable>) -> Alar
     }
 }
 
-/// What a source sees of camera `camera`: its own `width`/`height`/`fps` over
-/// `[defaults]` over the built-in defaults.
+/// What a source sees of camera `camera`: its own `width`/`height`/`fps`/`limits`
+/// over `[defaults]` over the built-in defaults.
 fn context<'a>(
     camera: &'a str,
     own: &CameraTable,
@@ -319,7 +339,11 @@ fn context<'a>(
     base: &'a Path,
     probe: Probe,
 ) -> CameraContext<'a> {
+    // Range problems were pushed by `table_fields`; the merged product is
+    // checked in `camera`.
+    let limits = LimitsTable::merge(own.limits.as_ref(), defaults.limits.as_ref(), camera, &mut Vec::new());
     CameraContext {
+        limits,
         camera,
         base_dir: base,
         width: own.width.or(defaults.width).unwrap_or(DEFAULT_WIDTH),
@@ -381,6 +405,17 @@ fn camera(
     }
     let cx = context(&p, t, d, base, probe);
     let fps = cx.fps;
+    LimitsTable::merge(t.limits.as_ref(), d.limits.as_ref(), &format!("{p}.limits"), problems);
+    // Range-checked in `table_fields`; kept finite here so that a bad value is
+    // a problem, never a panic.
+    // Unset, at least three frame intervals: a 0.1 fps camera is not wedged
+    // between its frames.
+    let read_timeout_s = t.read_timeout_s.or(d.read_timeout_s).filter(|v| v.is_finite()).unwrap_or(if fps > 0.0 {
+        DEFAULT_READ_TIMEOUT_S.max(3.0 / fps)
+    } else {
+        DEFAULT_READ_TIMEOUT_S
+    });
+    let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);
     if let (Some(r), Some((w, h))) = (&roi, source.and_then(|s| s.frame_size(&cx))) {
@@ -394,7 +429,16 @@ fn camera(
     if problems.len() != before {
         return None;
     }
-    Some(CameraPlan { name: name.to_string(), source: plan?, model: model?, score: score?, fps, roi, alarm })
+    Some(CameraPlan {
+        name: name.to_string(),
+        source: plan?,
+        model: model?,
+        score: score?,
+        fps,
+        roi,
+        alarm,
+        read_timeout,
+    })
 }
 
 /// The model's own metadata must be readable and carry the score this camera

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::settings::Provider;
+use crate::capture::limits::LimitsTable;
 use crate::capture::SourceConfig;
 use crate::publish::config::MqttConfig;
 use ganomaly_core::preprocess::Roi;
@@ -99,11 +100,23 @@ pub struct MetricsConfig {
     /// `/healthz` answers 503 once the inference threads have shown no life for
     /// this long (they beat at least once a second, frames or not).
     pub stale_after_s: f64,
+    /// Connections served at once; one more is answered 503 and closed, so
+    /// idle or leaked client sockets cannot exhaust the daemon's file descriptors.
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's head (and stay idle
+    /// between requests) before it is closed.
+    pub header_timeout_s: f64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { enabled: false, listen: "127.0.0.1:9464".into(), stale_after_s: 10.0 }
+        MetricsConfig {
+            enabled: false,
+            listen: "127.0.0.1:9464".into(),
+            stale_after_s: 10.0,
+            max_connections: 32,
+            header_timeout_s: 5.0,
+        }
     }
 }
 
@@ -168,6 +181,12 @@ pub struct CameraTable {
     pub fps: Option<f64>,
     pub roi: Option<Roi>,
     pub alarm: Option<AlarmTable>,
+    /// Largest frame accepted from the camera (width, height, encoded bytes);
+    /// fields inherit `[defaults].limits` one by one.
+    pub limits: Option<LimitsTable>,
+    /// Seconds one read of the source (a frame, or opening it) may take before
+    /// the camera is reported offline: a driver read that never returns.
+    pub read_timeout_s: Option<f64>,
 }
 
 /// `[defaults.alarm]` or `[cameras.<name>.alarm]`; unset fields inherit.

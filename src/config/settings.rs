@@ -98,6 +98,8 @@ pub struct SnapshotSettings {
 pub struct MetricsSettings {
     pub listen: SocketAddr,
     pub stale_after: Duration,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
 }
 
 /// Which model score drives a camera's alarms.
@@ -164,6 +166,8 @@ pub struct CameraPlan {
     pub fps: f64,
     pub roi: Option<Roi>,
     pub alarm: AlarmConfig,
+    /// A read of the source longer than this reports the camera offline.
+    pub read_timeout: Duration,
 }
 
 #[cfg(test)]

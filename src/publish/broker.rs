@@ -42,6 +42,22 @@ pub struct EmbeddedBroker {
 /// hundred kB; rumqttd's own default (20 kB) would refuse them.
 const MAX_PAYLOAD: usize = 8 << 20;
 
+/// rumqttd keeps the messages of every subscription filter a client ever
+/// subscribed to (`ganomalyd/#` of an HMI, one camera's `score`...) in an
+/// in-memory log, never freed while the broker runs, even after the client
+/// left: a segment is closed once it holds this many bytes, and the oldest is
+/// dropped beyond [`SEGMENTS`] closed ones. So a filter's log holds at most
+/// `(SEGMENTS + 1) × (SEGMENT_BYTES + one message)`: about 3 MB (thousands of
+/// the latest scores, more than a subscriber catching up needs; a few
+/// snapshots under [`MAX_PAYLOAD`]). rumqttd's example values (100 MB × 10,
+/// a gigabyte per filter) fill a small box within weeks of scores: measured
+/// in tests/broker_memory.rs, 60 MB published under one filter grew the
+/// process by 125 MB with them and by under 1 MB with these. A client that
+/// subscribes to many distinct filters still costs 3 MB each: the embedded
+/// broker has no authentication and is meant for loopback (see `start`).
+const SEGMENT_BYTES: usize = 1 << 20;
+const SEGMENTS: usize = 2;
+
 impl EmbeddedBroker {
     /// Starts rumqttd on `listen` (MQTT 3.1.1, no authentication: keep it on
     /// loopback unless the network is trusted). Port 0 picks a free port.
@@ -77,8 +93,8 @@ impl EmbeddedBroker {
             router: RouterConfig {
                 max_connections: 1000,
                 max_outgoing_packet_count: 200,
-                max_segment_size: 100 << 20,
-                max_segment_count: 10,
+                max_segment_size: SEGMENT_BYTES,
+                max_segment_count: SEGMENTS,
                 custom_segment: None,
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
