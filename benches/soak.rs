@@ -57,12 +57,15 @@ fn metric(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// 600 fps per camera, paced: more than the pipeline takes on these boxes
+/// (the surplus is dropped drop-oldest, counted), while an unpaced (`fps = 0`)
+/// synthetic camera would spin a core of its own making frames to drop.
 fn config(dir: &Path, broker: u16, metrics_port: u16) -> PathBuf {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx");
     let mut text = format!(
         "[inference]\nproviders = [\"cpu\"]\nmax_batch = 8\nmax_wait_s = 0.005\n\
          [pipeline]\nstats_interval_s = 5\n\
-         [defaults]\nmodel = \"{}\"\nfps = 0\n\
+         [defaults]\nmodel = \"{}\"\nfps = 600\n\
          [defaults.alarm]\nmin_frames = 3\nclear_frames = 5\ncooldown_s = 0\n\
          [metrics]\nenabled = true\nlisten = \"127.0.0.1:{metrics_port}\"\n\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\ntopic_prefix = \"soak\"\nnode_id = \"box\"\n\

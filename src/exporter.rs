@@ -205,7 +205,10 @@ impl Health {
 fn degraded(p: &PublisherCounters) -> Vec<String> {
     let mut why = Vec::new();
     if p.outbox_fault {
-        why.push(format!("alarm outbox file unavailable: {} alarm(s) held in memory only (see the log)", p.alarms_in_memory));
+        why.push(format!(
+            "alarm outbox file unavailable: {} alarm(s) held in memory only (see the log)",
+            p.alarms_in_memory
+        ));
     } else if p.alarms_in_memory > 0 {
         why.push(format!("alarm outbox writes failing: {} alarm(s) held in memory (see the log)", p.alarms_in_memory));
     }
@@ -429,7 +432,11 @@ impl Collector for DaemonCollector {
                 pending,
             )?;
             let gauges: [(&str, &str, i64); 3] = [
-                ("alarms_in_memory", "Of those, held in memory because the outbox file failed.", p.alarms_in_memory as i64),
+                (
+                    "alarms_in_memory",
+                    "Of those, held in memory because the outbox file failed.",
+                    p.alarms_in_memory as i64,
+                ),
                 ("outbox_fault", "1 when the outbox file could not be opened.", i64::from(p.outbox_fault)),
                 (
                     "mqtt_link_fault",

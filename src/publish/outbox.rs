@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Notify;
 
@@ -577,7 +577,11 @@ impl Store {
             Ok(gone) => {
                 self.in_file -= gone as u64;
                 self.count_dropped(gone as u64);
-                tracing::warn!(dropped = gone, max_rows = self.max_rows, "alarm outbox full: oldest undelivered alarms dropped");
+                tracing::warn!(
+                    dropped = gone,
+                    max_rows = self.max_rows,
+                    "alarm outbox full: oldest undelivered alarms dropped"
+                );
             }
             Err(e) => tracing::error!(error = %e, "alarm outbox: bounding the row count failed"),
         }
@@ -728,9 +732,10 @@ impl Store {
     /// The dead-letter table's rows: (id, camera, payload, reason).
     pub fn dead_letters(&self) -> Vec<(i64, String, Vec<u8>, String)> {
         let Some(db) = &self.db else { return Vec::new() };
-        let rows = db.prepare("SELECT id, camera, payload, reason FROM alarm_dead_letter ORDER BY id").and_then(|mut st| {
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<Vec<_>, _>>()
-        });
+        let rows =
+            db.prepare("SELECT id, camera, payload, reason FROM alarm_dead_letter ORDER BY id").and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<Vec<_>, _>>()
+            });
         rows.unwrap_or_default()
     }
 }
@@ -762,15 +767,19 @@ fn select_after(db: &Connection, after: i64, limit: usize) -> rusqlite::Result<V
 fn move_to_dead_letter(db: &Connection, id: i64, reason: &str, max_rows: u64) -> rusqlite::Result<Option<OutboxRow>> {
     let tx = db.unchecked_transaction()?;
     let row = tx
-        .query_row("SELECT id, camera, payload, created_ms, origin_ms FROM alarm_outbox WHERE id = ?1", params![id], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                camera: r.get(1)?,
-                payload: r.get(2)?,
-                created_ms: r.get::<_, i64>(3)?.max(0) as u64,
-                origin_ms: r.get(4)?,
-            })
-        })
+        .query_row(
+            "SELECT id, camera, payload, created_ms, origin_ms FROM alarm_outbox WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    camera: r.get(1)?,
+                    payload: r.get(2)?,
+                    created_ms: r.get::<_, i64>(3)?.max(0) as u64,
+                    origin_ms: r.get(4)?,
+                })
+            },
+        )
         .optional()?;
     if let Some(row) = &row {
         tx.execute(

@@ -24,12 +24,25 @@ use crate::publish::{EmbeddedBroker, PublishError, Topics};
 /// What the link task tells the sender task. `gen` numbers connections so
 /// that events of a dead one are never taken for the current one's.
 pub(super) enum Link {
-    Up { gen: u64, client: AsyncClient },
-    Event { gen: u64, event: Event },
-    Down { gen: u64, error: ConnectionError, retry_in: Duration },
+    Up {
+        gen: u64,
+        client: AsyncClient,
+    },
+    Event {
+        gen: u64,
+        event: Event,
+    },
+    Down {
+        gen: u64,
+        error: ConnectionError,
+        retry_in: Duration,
+    },
     /// No connection could even be attempted (TLS or password files, the
     /// embedded broker's port); tried again after `retry_in`.
-    Fault { error: Box<PublishError>, retry_in: Duration },
+    Fault {
+        error: Box<PublishError>,
+        retry_in: Duration,
+    },
 }
 
 /// Where and how to connect; [`Target::options`] builds the client options

@@ -390,8 +390,7 @@ mod tests {
     fn task(dir: &std::path::Path, inflight: usize) -> (SendTask, rumqttc::EventLoop) {
         let (scores_tx, _) = mpsc::channel(4);
         let wake = Arc::new(Notify::new());
-        let settings =
-            OutboxSettings { path: dir.join("o.sqlite"), max_rows: 100, max_age: Duration::from_secs(3600) };
+        let settings = OutboxSettings { path: dir.join("o.sqlite"), max_rows: 100, max_age: Duration::from_secs(3600) };
         let shared = Arc::new(Shared {
             topics: Topics::new("t", "n"),
             scores_tx,
