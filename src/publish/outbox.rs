@@ -831,7 +831,7 @@ mod tests {
         Store::open(s, Box::new(clock.clone()), Arc::default())
     }
 
-    fn ids(rows: &[OutboxRow]) -> Vec<i64> {
+    fn row_ids(rows: &[OutboxRow]) -> Vec<i64> {
         rows.iter().map(|r| r.id).collect()
     }
 
@@ -848,7 +848,7 @@ mod tests {
         let mut ob = store(&s, &clock);
         assert_eq!(ob.len(), 5);
         let rows = ob.rows_after(0, 3);
-        assert_eq!(super::tests::ids(&rows), ids[..3]);
+        assert_eq!(row_ids(&rows), ids[..3]);
         assert_eq!(rows[1].payload, b"{\"n\":1}");
         assert!(ob.ack(ids[0]));
         assert!(!ob.ack(ids[0]), "second ack of the same row");
@@ -872,14 +872,14 @@ mod tests {
         clock.set("b1", 0);
         let mut ob = store(&settings(&dir.path().join("o.sqlite"), 3, 60), &clock);
         let ids: Vec<i64> = (0..5).map(|_| ob.push("cam", b"{}")).collect();
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), ids[2..]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), ids[2..]);
         assert_eq!(ob.stats.dropped.load(Ordering::Relaxed), 2);
         clock.set("b1", 30_000);
         let young = ob.push("cam", b"{}"); // over max rows too: drops ids[2]
         assert_eq!(ob.stats.dropped.load(Ordering::Relaxed), 3);
         clock.set("b1", 61_000);
         assert_eq!(ob.prune(), 2, "ids[3] and ids[4] are 61 s old");
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), [young]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), [young]);
         assert_eq!((ob.stats.dropped.load(Ordering::Relaxed), ob.stats.pending.load(Ordering::Relaxed)), (5, 1));
     }
 
@@ -911,7 +911,7 @@ mod tests {
         assert_eq!(ob.prune(), 0, "4 min 59 s after the reboot: 9 min 59 s old");
         clock.set("boot-b", 2_000 + 301_000);
         assert_eq!(ob.prune(), 1, "past 10 min of age in all");
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), [b]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), [b]);
         assert!(b > a);
     }
 
@@ -950,7 +950,7 @@ mod tests {
         assert_eq!(ob.stats.dropped.load(Ordering::Relaxed), 5, "the memory bound drops, counted");
         assert_eq!(ob.stats.errors.load(Ordering::Relaxed), MEMORY_ROWS as u64 + 5);
         let rows = ob.rows_after(0, 3);
-        assert_eq!(super::tests::ids(&rows), ids[5..8], "memory rows are served in order, oldest kept first");
+        assert_eq!(row_ids(&rows), ids[5..8], "memory rows are served in order, oldest kept first");
         assert!(ob.ack(ids[5]));
         assert_eq!(ob.stats.pending.load(Ordering::Relaxed), MEMORY_ROWS as u64 - 1);
         assert!(ob.dead_letter(ids[6], "test"));
@@ -970,13 +970,13 @@ mod tests {
             .unwrap();
         let held: Vec<i64> = (0..3).map(|_| ob.push("cam", b"m")).collect();
         assert_eq!((ob.memory.len(), ob.stats.errors.load(Ordering::Relaxed)), (3, 3));
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), [first, held[0], held[1], held[2]]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), [first, held[0], held[1], held[2]]);
         ob.db.as_ref().unwrap().execute_batch("DROP TRIGGER no").unwrap();
         let after = ob.push("cam", b"2");
         assert!(ob.memory.is_empty(), "memory written out before the new alarm");
         drop(ob);
         let mut ob = store(&settings(&path, 100, 60), &clock);
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), [first, held[0], held[1], held[2], after]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), [first, held[0], held[1], held[2], after]);
     }
 
     #[test]
@@ -987,7 +987,7 @@ mod tests {
         let ids: Vec<i64> = (0..3).map(|_| ob.push("cam", b"{}")).collect();
         assert!(ob.dead_letter(ids[1], "closed 5 times"));
         assert!(!ob.dead_letter(ids[1], "again"), "gone already");
-        assert_eq!(super::tests::ids(&ob.rows_after(0, 10)), [ids[2]]);
+        assert_eq!(row_ids(&ob.rows_after(0, 10)), [ids[2]]);
         ob.push("cam", b"{}");
         let i = ob.push("cam", b"{}");
         ob.dead_letter(i - 1, "x");
