@@ -7,12 +7,16 @@
 //! 2. the `ORT_DYLIB_PATH` environment variable;
 //! 3. `/usr/lib/ganomalyd/libonnxruntime.so*`, where the Debian package
 //!    (`make deb`, `packaging/`) installs the library it ships, so an installed
-//!    daemon needs no configuration; it comes before the `.venv`s so that a
-//!    package on the box is not shadowed by a checkout's venv found through the
-//!    working directory;
-//! 4. a Python virtual environment named `.venv` in the working directory, next
-//!    to the executable or in one of its parent directories, or in the source
-//!    checkout this binary was built from (`make venv` creates it there).
+//!    daemon needs no configuration.
+//!
+//! Nothing else: no `.venv` in the working directory, beside the executable or
+//! in the checkout it was built from. The library runs as the daemon, so a
+//! directory someone else can write to (a working directory, a build path on
+//! a box the binary was copied to) must not be able to supply it. The
+//! project's `.venv` is used by an explicit route: the Makefile exports
+//! `ORT_DYLIB_PATH` for `make demo`, `make test` and `make bench`, and the
+//! integration tests' support code sets it when unset; only the library's own
+//! unit tests (`cfg(test)`) look in the checkout's `.venv`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -25,9 +29,10 @@ pub const PACKAGED_DIR: &str = "/usr/lib/ganomalyd";
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "ONNX Runtime library not found (looked in: {searched}). Install it with `make venv` \
-         (or `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.31.1`, or onnxruntime-gpu for CUDA), \
-         then set `[inference] ort_library` or ORT_DYLIB_PATH to .../site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1"
+        "ONNX Runtime library not found (looked in: {searched}). Install the package, or install it with `make venv` \
+         (or `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.31.1`, or onnxruntime-gpu for CUDA) \
+         and set `[inference] ort_library` or ORT_DYLIB_PATH to .../site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 \
+         (a .venv is never searched on its own: the library runs as the daemon)"
     )]
     NotFound { searched: String },
     #[error("{path} does not exist")]
@@ -46,16 +51,21 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Locates the library without loading it.
 pub fn find(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.push(cwd);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    // The checkout's `.venv`, for the unit tests of this crate only (never
+    // compiled into a daemon).
+    #[cfg(test)]
+    let roots = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))];
+    #[cfg(not(test))]
+    let roots: Vec<PathBuf> = Vec::new();
     let env = std::env::var_os("ORT_DYLIB_PATH");
     find_in(explicit, env.as_deref(), Path::new(PACKAGED_DIR), &roots)
+}
+
+/// `.venv/lib/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so*`
+/// under `root`: the library `make venv` installs, for the explicit dev
+/// routes (test support code sets `ORT_DYLIB_PATH` to it).
+pub fn dev_library(root: &Path) -> Option<PathBuf> {
+    in_venv(&root.join(".venv"))
 }
 
 /// The search of [`find`] with the world passed in: the environment
@@ -200,6 +210,18 @@ mod tests {
         assert_eq!(find_in(None, Some("".as_ref()), &packaged, &roots).unwrap(), pkg_lib);
         // The config wins over everything.
         assert_eq!(find_in(Some(&venv_lib), Some(env_lib.as_os_str()), &packaged, &roots).unwrap(), venv_lib);
+    }
+
+    #[test]
+    fn a_planted_venv_in_the_working_directory_is_not_loaded() {
+        // What a daemon (not a unit test) searches: no roots at all.
+        let dir = tempfile::tempdir().unwrap();
+        let capi = dir.path().join(".venv/lib/python3.11/site-packages/onnxruntime/capi");
+        std::fs::create_dir_all(&capi).unwrap();
+        std::fs::write(capi.join("libonnxruntime.so.1.31.1"), b"planted").unwrap();
+        let err = find_in(None, None, &dir.path().join("no-package"), &[]).unwrap_err().to_string();
+        assert!(err.contains("ORT_DYLIB_PATH") && !err.contains(".venv/lib"), "{err}");
+        assert_eq!(dev_library(dir.path()), Some(capi.join("libonnxruntime.so.1.31.1")), "the explicit route finds it");
     }
 
     #[test]

@@ -11,8 +11,10 @@ mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ganomalyd");
 
-/// Runs the binary from the package root (where `make venv` puts ONNX Runtime).
+/// Runs the binary from the package root, with ONNX Runtime's path in the
+/// environment (the daemon searches no `.venv` itself).
 fn ganomalyd(args: &[&str], _dir: &Path) -> Output {
+    support::dev_ort();
     Command::new(BIN)
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -214,6 +216,7 @@ fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
 /// Starts `ganomalyd run` on `cfg`, logging to `log`, and waits until it runs
 /// with its camera online.
 fn start_daemon(cfg: &Path, log: &Path) -> std::process::Child {
+    support::dev_ort();
     let mut child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().expect("utf8")])
         .env("RUST_LOG", "info")

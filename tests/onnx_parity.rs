@@ -12,6 +12,8 @@ use ganomaly_core::weights::Weights;
 use ort::session::Session;
 use ort::value::Tensor;
 
+mod support;
+
 const MAP_KERNEL: u32 = 5;
 const BATCH: usize = 2;
 
@@ -29,6 +31,7 @@ impl OrtOut {
 }
 
 fn run_ort(bytes: &[u8], input: &Nchw) -> OrtOut {
+    support::dev_ort();
     let env = ganomalyd::runtime::environment(None).expect("ONNX Runtime library (run `make venv`)");
     let mut session = Session::builder(env).unwrap().with_intra_threads(1).unwrap().commit_from_memory(bytes).unwrap();
     let shape = [input.n as i64, input.c as i64, input.h as i64, input.w as i64];

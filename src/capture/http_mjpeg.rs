@@ -64,12 +64,16 @@ impl CompileSource for HttpMjpegConfig {
     fn compile(&self, _cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
         let before = problems.len();
         let shown = redact(&self.url);
-        match self.url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") && !rest.is_empty() => {}
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => problems.push(format!(
+        // Parsed as the URL standard says (what ureq will connect to); the
+        // message shows the URL without its user info, and not url's error
+        // text, which could quote it.
+        match url::Url::parse(&self.url) {
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+            Ok(u) if u.scheme() == "https" => problems.push(format!(
                 "{p}.url: `{shown}`: https is not supported (cameras on a plant network serve plain http; put a TLS proxy in front otherwise)"
             )),
-            _ => problems.push(format!("{p}.url: `{shown}` is not an http:// URL")),
+            Ok(_) => problems.push(format!("{p}.url: `{shown}` is not an http:// URL with a host")),
+            Err(e) => problems.push(format!("{p}.url: `{shown}` is not an http:// URL ({e})")),
         }
         // A read blocks the camera thread for up to timeout_s, and shutdown
         // waits for it: kept well below systemd's TimeoutStopSec (20 s).

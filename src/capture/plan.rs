@@ -2,7 +2,7 @@
 //! that builds the [`FrameSource`](super::FrameSource) on the camera thread.
 
 use std::fmt::Debug;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::SourceFactory;
@@ -36,4 +36,9 @@ pub trait CompileSource {
 pub trait SourcePlan: Debug + Send + Sync {
     /// Builds the source on the camera thread (some backends are thread-bound).
     fn factory(&self) -> SourceFactory;
+    /// The folder whose files the source reads, if any: the snapshot folder
+    /// must not overlap it (retention deletes files there).
+    fn reads_folder(&self) -> Option<PathBuf> {
+        None
+    }
 }

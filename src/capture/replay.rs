@@ -14,8 +14,8 @@ use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayConfig {
-    /// A folder (all png/jpg/jpeg/bmp files in it, sorted by name) or a glob;
-    /// relative to the config file's directory.
+    /// A folder (every image in it this build decodes, png/jpg/jpeg, sorted
+    /// by name) or a glob; relative to the config file's directory.
     pub path: String,
     /// Start again at the first image after the last one.
     #[serde(default = "yes", rename = "loop")]
@@ -43,17 +43,34 @@ impl CompileSource for ReplayConfig {
         if !cam.probe {
             return Some(Arc::new(ReplayPlan { path, looped: self.looped }));
         }
+        let before = problems.len();
         match list_images(&path) {
             Ok(files) if files.is_empty() => {
-                problems.push(format!("{p}.path: no images (png, jpg, jpeg, bmp) at {}", path.display()));
-                None
+                let skipped = undecodable(&path);
+                let why = match skipped.first() {
+                    Some(f) => format!(
+                        "; {} file(s) like {} are in a format this build cannot decode",
+                        skipped.len(),
+                        f.display()
+                    ),
+                    None => String::new(),
+                };
+                problems.push(format!(
+                    "{p}.path: no images this build decodes ({}) at {}{why}",
+                    extensions().join(", "),
+                    path.display()
+                ));
             }
-            Ok(_) => Some(Arc::new(ReplayPlan { path, looped: self.looped })),
-            Err(e) => {
-                problems.push(format!("{p}.path: {e}"));
-                None
+            Ok(files) => {
+                // The first file's header is read, so that a folder of files
+                // named .png that are not PNGs is refused here, not frame by frame.
+                if let Err(e) = header(&files[0]) {
+                    problems.push(format!("{p}.path: {}: {e}", files[0].display()));
+                }
             }
+            Err(e) => problems.push(format!("{p}.path: {e}")),
         }
+        (problems.len() == before).then(|| Arc::new(ReplayPlan { path, looped: self.looped }) as Arc<dyn SourcePlan>)
     }
 }
 
@@ -61,25 +78,42 @@ impl SourcePlan for ReplayPlan {
     fn factory(&self) -> SourceFactory {
         super::factory(ReplaySource::new(self.path.clone(), self.looped))
     }
+    /// The folder, or the folder a glob's pattern starts in.
+    fn reads_folder(&self) -> Option<PathBuf> {
+        let fixed: PathBuf =
+            self.path.components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '['])).collect();
+        Some(if fixed == self.path && !self.path.is_dir() { self.path.parent()?.to_path_buf() } else { fixed })
+    }
 }
 
-/// Image file extensions a folder is scanned for.
-const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
+/// Whether this build's `image` crate decodes files named like `p` (its
+/// features decide: png and jpeg here, so a `.bmp` or `.tif` would only ever
+/// be a broken frame).
+fn decodable(p: &Path) -> bool {
+    image::ImageFormat::from_path(p).is_ok_and(|f| f.reading_enabled())
+}
 
-/// The images `path` names, sorted: every image file in a folder, or every
-/// file a glob pattern matches.
-pub fn list_images(path: &Path) -> Result<Vec<PathBuf>, String> {
+/// The extensions this build decodes, for messages.
+fn extensions() -> Vec<&'static str> {
+    image::ImageFormat::all().filter(|f| f.reading_enabled()).flat_map(|f| f.extensions_str().iter().copied()).collect()
+}
+
+/// The size the first file's header says, read without decoding the pixels.
+fn header(file: &Path) -> Result<(u32, u32), String> {
+    image::ImageReader::open(file)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
+/// Every file `path` names, sorted, decodable or not.
+fn list_files(path: &Path) -> Result<Vec<PathBuf>, String> {
     if path.is_dir() {
         let entries = std::fs::read_dir(path).map_err(|e| format!("cannot read folder {}: {e}", path.display()))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && p.extension()
-                        .and_then(|x| x.to_str())
-                        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
-            })
-            .collect();
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
         files.sort();
         return Ok(files);
     }
@@ -91,6 +125,19 @@ pub fn list_images(path: &Path) -> Result<Vec<PathBuf>, String> {
     let mut files: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
     files.sort();
     Ok(files)
+}
+
+/// Files `path` names whose format this build cannot decode (a folder's
+/// other files, such as notes, are ignored alike; they are named in the
+/// message when nothing else is there).
+fn undecodable(path: &Path) -> Vec<PathBuf> {
+    list_files(path).unwrap_or_default().into_iter().filter(|f| !decodable(f) && f.extension().is_some()).collect()
+}
+
+/// The images `path` names, sorted: every file in a folder, or every file a
+/// glob pattern matches, that this build can decode.
+pub fn list_images(path: &Path) -> Result<Vec<PathBuf>, String> {
+    Ok(list_files(path)?.into_iter().filter(|f| decodable(f)).collect())
 }
 
 /// Replays image files as frames.
@@ -194,6 +241,22 @@ mod tests {
         assert!(src.next_frame(&mut fd).is_ok());
         assert!(matches!(src.next_frame(&mut fd), Err(CaptureError::BrokenFrame { .. })));
         assert!(matches!(src.next_frame(&mut fd), Err(CaptureError::Ended(_))));
+    }
+
+    #[test]
+    fn only_formats_this_build_decodes_are_listed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.bmp"), b"BM").expect("write");
+        std::fs::write(dir.path().join("b.tif"), b"II").expect("write");
+        assert_eq!(list_images(dir.path()), Ok(Vec::new()), "png and jpeg only in this build");
+        assert_eq!(undecodable(dir.path()).len(), 2);
+        write_png(dir.path(), "c.PNG", 3);
+        assert_eq!(list_images(dir.path()).map(|v| v.len()), Ok(1));
+        assert!(extensions().contains(&"png") && extensions().contains(&"jpg") && !extensions().contains(&"bmp"));
+        let plan = ReplayPlan { path: dir.path().join("*.png"), looped: true };
+        assert_eq!(plan.reads_folder().as_deref(), Some(dir.path()));
+        let plan = ReplayPlan { path: dir.path().to_path_buf(), looped: true };
+        assert_eq!(plan.reads_folder().as_deref(), Some(dir.path()));
     }
 
     #[test]

@@ -16,6 +16,9 @@ use super::plan::{CameraContext, CompileSource, SourcePlan};
 use super::{CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory};
 use crate::base::check::count_between;
 
+/// Most memory a synthetic camera's generated frames may hold.
+const MAX_HELD_BYTES: u64 = 512 << 20;
+
 /// `source = { kind = "synthetic", ... }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +110,23 @@ impl SyntheticConfig {
         }
         if !(self.strength > 0.0 && self.strength <= 1.0) {
             problems.push(format!("{p}.strength: must be in (0, 1] (got {})", self.strength));
+        }
+        // Every frame is generated up front and held: bound what that takes
+        // (a 4096 px camera with 1024 variations would want 51 GB).
+        let held = u64::from(self.variations)
+            + if self.defect_every > 0 {
+                self.defects.len() as u64 * u64::from(self.variations).min(self.defect_frames.max(1))
+            } else {
+                0
+            };
+        let bytes = held.saturating_mul(u64::from(self.size).saturating_pow(2).saturating_mul(3));
+        if bytes > MAX_HELD_BYTES {
+            problems.push(format!(
+                "{p}.variations: {held} frames of {side}x{side} RGB would hold {} MiB; at most {} MiB (lower size, variations or defects)",
+                bytes >> 20,
+                MAX_HELD_BYTES >> 20,
+                side = self.size,
+            ));
         }
         let texture = texture?;
         (problems.len() == before).then_some(SyntheticPlan {
@@ -244,6 +264,25 @@ mod tests {
         let d: Vec<bool> = (0..10).map(|i| SyntheticCamera::is_defective(5, 2, i)).collect();
         assert_eq!(d, [false, false, false, true, true, false, false, false, true, true]);
         assert!(!(0..100).any(|i| SyntheticCamera::is_defective(0, 0, i)));
+    }
+
+    #[test]
+    fn frames_that_would_not_fit_in_memory_are_refused() {
+        let cfg = |size, variations| SyntheticConfig {
+            texture: default_texture(),
+            size,
+            seed: 0,
+            variations,
+            defect_every: 10,
+            defect_frames: 5,
+            defects: default_defects(),
+            strength: 1.0,
+        };
+        let mut p = Vec::new();
+        assert!(cfg(4096, 1024).plan("s", &mut p).is_none());
+        assert!(p.len() == 1 && p[0].starts_with("s.variations:") && p[0].contains("MiB"), "{p:?}");
+        // 256 px × (8 good + 4 × 5 defective) frames: 5.5 MB.
+        assert!(cfg(256, 8).plan("s", &mut p).is_some());
     }
 
     #[test]

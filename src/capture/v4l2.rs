@@ -72,7 +72,8 @@ impl CompileSource for V4l2Config {
                 None
             }
         };
-        if cam.fps == 0.0 {
+        // nokhwa asks the driver for whole frames per second.
+        if cam.fps < 1.0 {
             problems.push(format!("{}.fps: a camera needs a frame rate ≥ 1", cam.camera));
             return None;
         }

@@ -73,7 +73,7 @@ pub struct Args {
     /// Load offered by the cameras, as a multiple of the raw ORT rate.
     #[arg(long, default_value_t = 1.1)]
     pub offer: f64,
-    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then the project's .venv).
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then /usr/lib/ganomalyd/).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
 }

@@ -27,7 +27,7 @@ pub struct Args {
     /// Execution providers to try, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tensorrt,cuda,cpu")]
     pub providers: Vec<Provider>,
-    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then the project's .venv).
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, then /usr/lib/ganomalyd/).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
     #[arg(required = true)]

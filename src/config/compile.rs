@@ -21,7 +21,7 @@ use super::settings::{
     AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
     SnapshotSettings,
 };
-use crate::base::check::{between, count_between, not_zero};
+use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
 use crate::capture::CameraContext;
 use crate::publish::config::MqttConfig;
@@ -29,6 +29,14 @@ use crate::publish::config::MqttConfig;
 const DEFAULT_WIDTH: u32 = 640;
 const DEFAULT_HEIGHT: u32 = 480;
 const DEFAULT_FPS: f64 = 15.0;
+/// Largest frame side a camera may ask for: 8K video is 7680 wide; a frame of
+/// 8192 × 8192 RGB is 200 MB, and each camera holds a few of them.
+const MAX_FRAME_SIDE: u64 = 8192;
+/// Longest alarm debounce in frames: at 15 fps, 100,000 frames are almost two
+/// hours; beyond that an alarm would in practice never start or never end.
+const MAX_ALARM_FRAMES: u64 = 100_000;
+/// Most snapshots kept: retention lists the folder after every snapshot.
+const MAX_SNAPSHOTS_RETAINED: u64 = 100_000;
 
 /// `base` joined to `p` unless `p` is absolute.
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -69,6 +77,19 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
             cameras.push(cam);
         }
     }
+    if let Some(snaps) = &snapshots {
+        for cam in &cameras {
+            if let Some(folder) = cam.source.reads_folder().filter(|f| crate::base::paths::overlap(f, &snaps.dir)) {
+                problems.push(format!(
+                    "snapshots.dir: {} overlaps camera {}'s replay folder {}: retention would delete its images, \
+                     and its snapshots would be replayed",
+                    snaps.dir.display(),
+                    cam.name,
+                    folder.display()
+                ));
+            }
+        }
+    }
     // A problem in `[defaults]` shows once, not once per camera that inherits it.
     let mut seen = std::collections::HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
@@ -104,8 +125,14 @@ fn mqtt(m: &MqttConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -
         return Some(m);
     }
     // Only whether they can be read: the password itself is dropped here.
-    if let Err(e) = m.password() {
-        problems.push(chain(&e));
+    match m.password() {
+        Err(e) => problems.push(chain(&e)),
+        // MQTT carries the password as binary data with a 16-bit length.
+        Ok(Some(pw)) if pw.expose().len() > crate::base::check::MQTT_STRING_BYTES => {
+            let from = if m.password_file.is_some() { "password_file" } else { "password_env" };
+            problems.push(format!("mqtt.{from}: the password is longer than 65535 bytes"));
+        }
+        Ok(_) => {}
     }
     if let (Some(tls), false) = (&m.tls, m.embedded) {
         if let Err(e) = crate::publish::tls::client_config(tls) {
@@ -126,6 +153,8 @@ fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<
     }
     count_between(problems, &format!("{p}.max_batch"), c.max_batch as u64, 1, 256);
     between(problems, &format!("{p}.max_wait_s"), c.max_wait_s, 0.0, 1.0, ": it is latency added to every frame");
+    // ONNX Runtime takes the CUDA device as an i32; no box has more than 64 GPUs.
+    count_between(problems, &format!("{p}.device_id"), u64::from(c.device_id), 0, 64);
     if c.intra_threads > 1024 {
         problems.push(format!("{p}.intra_threads: must be ≤ 1024 (got {})", c.intra_threads));
     }
@@ -171,6 +200,8 @@ fn snapshots(c: &SnapshotConfig, base: &Path, problems: &mut Vec<String>) -> Opt
     }
     if c.enabled && c.retain == 0 {
         problems.push(format!("{p}.retain: must be ≥ 1 while snapshots are enabled"));
+    } else if c.retain as u64 > MAX_SNAPSHOTS_RETAINED {
+        count_between(problems, &format!("{p}.retain"), c.retain as u64, 1, MAX_SNAPSHOTS_RETAINED);
     }
     if c.enabled && c.dir.as_os_str().is_empty() {
         problems.push(format!("{p}.dir: must not be empty while snapshots are enabled"));
@@ -214,8 +245,11 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
             problems.push(format!("{p}.score: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
         }
     }
-    not_zero(problems, &format!("{p}.width"), t.width.map(u64::from));
-    not_zero(problems, &format!("{p}.height"), t.height.map(u64::from));
+    for (key, side) in [("width", t.width), ("height", t.height)] {
+        if let Some(v) = side {
+            count_between(problems, &format!("{p}.{key}"), u64::from(v), 1, MAX_FRAME_SIDE);
+        }
+    }
     // 0 means unpaced; below a frame in 17 minutes the pacing period would
     // overflow the camera thread's clock.
     if let Some(fps) = t.fps.filter(|&f| f != 0.0) {
@@ -224,6 +258,12 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
     if let Some(r) = &t.roi {
         if r.width == 0 || r.height == 0 {
             problems.push(format!("{p}.roi: width and height must be ≥ 1"));
+        }
+        // Also for sources whose frame size is known only at the first frame:
+        // no frame is larger than the largest camera side.
+        let far = [r.x, r.y, r.width, r.height].iter().any(|&v| u64::from(v) > MAX_FRAME_SIDE);
+        if far {
+            problems.push(format!("{p}.roi: x, y, width and height must each be ≤ {MAX_FRAME_SIDE}"));
         }
     }
     if let Some(a) = &t.alarm {
@@ -239,6 +279,11 @@ fn alarm_fields(a: &AlarmTable, pa: &str, problems: &mut Vec<String>) {
     }
     not_zero(problems, &format!("{pa}.min_frames"), a.min_frames);
     not_zero(problems, &format!("{pa}.clear_frames"), a.clear_frames);
+    for (name, v) in [("min_frames", a.min_frames), ("clear_frames", a.clear_frames)] {
+        if let Some(v) = v.filter(|&v| v > MAX_ALARM_FRAMES) {
+            count_between(problems, &format!("{pa}.{name}"), v, 1, MAX_ALARM_FRAMES);
+        }
+    }
     if let Some(c) = a.cooldown_s {
         between(problems, &format!("{pa}.cooldown_s"), c, 0.0, 86_400.0, "");
     }
@@ -297,10 +342,7 @@ fn camera(
     let d = &file.defaults;
     let p = format!("cameras.{name}");
     let before = problems.len();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        // The name becomes an MQTT topic level and a file name.
-        problems.push(format!("{p}: camera names may only hold letters, digits, `_` and `-`"));
-    }
+    level_name(problems, &p, name);
     table_fields(t, &p, problems);
     // Where the source and model came from, for problems with them.
     let (source, source_path) = match (&t.source, &d.source) {

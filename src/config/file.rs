@@ -68,7 +68,7 @@ pub struct InferenceConfig {
     /// Let TensorRT use FP16 kernels (faster on most GPUs; scores move slightly).
     pub trt_fp16: bool,
     /// Explicit path of libonnxruntime; otherwise `ORT_DYLIB_PATH`, then the
-    /// project's `.venv`.
+    /// package's `/usr/lib/ganomalyd/` (see `runtime.rs`: no `.venv` is searched).
     pub ort_library: Option<PathBuf>,
 }
 

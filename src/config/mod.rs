@@ -29,7 +29,8 @@ pub use settings::{
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    /// `message` is the parser's, which quotes the line (user info of URLs hidden).
+    /// `message` is the line, column, parser's message and key; never the
+    /// line's text (see [`ParseError`]).
     #[error("config file {path} is not valid TOML for ganomalyd: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path} has {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
@@ -55,29 +56,65 @@ pub fn load_with(path: &Path, probe: Probe) -> Result<Settings, ConfigError> {
 /// Why a text did not compile (a [`ConfigError`] without the file).
 #[derive(Debug)]
 pub enum Error {
-    Parse(toml::de::Error),
+    Parse(ParseError),
     Invalid(Vec<String>),
 }
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            // The parser quotes the offending line: a camera URL's user info is hidden.
-            Error::Parse(e) => write!(f, "{}", crate::base::redact::text(&e.to_string())),
+            Error::Parse(e) => write!(f, "{e}"),
             Error::Invalid(problems) => write!(f, "{}", problems.join("; ")),
         }
     }
 }
 
+/// A TOML or schema error as `line L, column C: what, in `key``, without
+/// the line itself: toml's own message quotes the whole line, and a line can
+/// hold a password next to the key that is wrong (`{ url = "http://u:pw@..",
+/// timeout = 5 }`). What remains (the parser's message, which may quote the
+/// wrong value) has URL user info hidden.
+#[derive(Debug)]
+pub struct ParseError {
+    pub line: usize,
+    pub column: usize,
+    /// The parser's message and the dotted key it is in.
+    pub message: String,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl ParseError {
+    /// `e` without its quote of `text`. The toml error is not kept as a
+    /// cause: its Display is the quote, and error chains print causes.
+    fn new(text: &str, mut e: toml::de::Error) -> ParseError {
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let head = text.get(..at).unwrap_or(text);
+        let line = head.matches('\n').count() + 1;
+        let column = head.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        // Without its input, toml's Display is the message and `in `<keys>``.
+        e.set_input(None);
+        let message = e.to_string().trim().replace('\n', ", ");
+        ParseError { line, column, message: crate::base::redact::text(&message) }
+    }
+}
+
 /// Parses TOML, refusing renamed keys by their new names (no other checks).
 pub fn parse(text: &str) -> Result<ConfigFile, Error> {
-    let table: toml::Table = toml::from_str(text).map_err(Error::Parse)?;
+    let parse_error = |e| Error::Parse(ParseError::new(text, e));
+    let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
     let renamed = renamed::problems(&table);
     if !renamed.is_empty() {
         return Err(Error::Invalid(renamed));
     }
     // Parsed again into the schema, for error messages that carry a line.
-    toml::from_str(text).map_err(Error::Parse)
+    toml::from_str(text).map_err(parse_error)
 }
 
 /// Parses, checks and compiles `text`, resolving relative paths against `base`.
@@ -319,6 +356,18 @@ mod tests {
         .expect("write");
         let e = load(&path).expect_err("unknown key").to_string();
         assert!(e.contains("timeout") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_name_line_and_key_but_never_quote_the_line() {
+        let text = "[mqtt]\nhost = \"broker\"\n[cameras.a]\nsource = { kind = \"http-mjpeg\", url = \"http://10.0.0.5/m\", password = \"hunter2-SECRET\", timeout_s = \"5\" }\n";
+        let Err(Error::Parse(e)) = parse(text) else { panic!("accepted") };
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter2-SECRET"), "{shown}");
+        assert_eq!(e.line, 4, "{shown}");
+        assert!(shown.contains("password") && shown.contains("cameras.a.source"), "names the key: {shown}");
+        let Err(Error::Parse(e)) = parse("[cameras.a]\nfps = \"fast\"\n") else { panic!("accepted") };
+        assert!(e.to_string().starts_with("line 2, column 7:") && e.to_string().contains("fps"), "{e}");
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub struct InferenceSettings {
     /// Absolute.
     pub trt_cache_dir: Option<PathBuf>,
     pub trt_fp16: bool,
-    /// Absolute; `None`: `ORT_DYLIB_PATH`, then the project's `.venv`.
+    /// Absolute; `None`: `ORT_DYLIB_PATH`, then `/usr/lib/ganomalyd/`.
     pub ort_library: Option<PathBuf>,
 }
 

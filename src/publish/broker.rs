@@ -21,7 +21,16 @@ pub enum BrokerError {
     Start(String),
     #[error("embedded broker: cannot start its thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("embedded broker: {0} is not a loopback address, and the embedded broker has no authentication")]
+    NotLoopback(SocketAddr),
 }
+
+/// After the port answers, how long a failure of rumqttd's own bind is
+/// waited for: rumqttd binds on its thread right after it starts, so an
+/// answer within this window may come from whoever took the port between the
+/// probe and that bind, and the failure shows here instead of a silent
+/// connection to someone else's listener.
+const BIND_GRACE: Duration = Duration::from_millis(200);
 
 /// A running in-process broker.
 #[derive(Debug)]
@@ -38,6 +47,10 @@ impl EmbeddedBroker {
     /// loopback unless the network is trusted). Port 0 picks a free port.
     /// Returns once the broker accepts connections.
     pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
+        // `check-config` refuses it too; here so that no caller can forget.
+        if !listen.ip().is_loopback() {
+            return Err(BrokerError::NotLoopback(listen));
+        }
         // rumqttd binds on its own thread and only logs a failure there, and
         // cannot report the port it got for port 0: bind here first to learn
         // the port and to turn "address in use" into an error.
@@ -78,10 +91,14 @@ impl EmbeddedBroker {
             .name("mqtt-broker".into())
             .spawn(move || {
                 let mut broker = Broker::new(config);
-                // start() blocks for the broker's life.
-                if let Err(e) = broker.start() {
-                    let _ = tx.send(e.to_string());
-                }
+                // start() blocks for the broker's life: it returns, even with
+                // Ok, only when its listener thread ended, which happens when
+                // that thread could not bind (rumqttd only logs why).
+                let msg = match broker.start() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => format!("its listener on {addr} ended: the port was taken after it was probed"),
+                };
+                let _ = tx.send(msg);
             })
             .map_err(BrokerError::Thread)?;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -90,8 +107,13 @@ impl EmbeddedBroker {
                 return Err(BrokerError::Start(msg));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                tracing::info!(%addr, "embedded MQTT broker listening");
-                return Ok(EmbeddedBroker { addr });
+                return match rx.recv_timeout(BIND_GRACE) {
+                    Ok(msg) => Err(BrokerError::Start(msg)),
+                    Err(_) => {
+                        tracing::info!(%addr, "embedded MQTT broker listening");
+                        Ok(EmbeddedBroker { addr })
+                    }
+                };
             }
             if Instant::now() > deadline {
                 return Err(BrokerError::NotListening(addr));
@@ -103,5 +125,24 @@ impl EmbeddedBroker {
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_loopback_address_is_refused() {
+        let e = EmbeddedBroker::start("0.0.0.0:0".parse().expect("addr")).expect_err("no authentication");
+        assert!(matches!(e, BrokerError::NotLoopback(_)), "{e}");
+    }
+
+    #[test]
+    fn a_taken_port_is_an_error_not_someone_elses_broker() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let e = EmbeddedBroker::start(addr).expect_err("the port is taken");
+        assert!(matches!(e, BrokerError::Bind { .. }), "{e}");
     }
 }

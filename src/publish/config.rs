@@ -54,6 +54,11 @@ pub struct MqttConfig {
     pub password_env: Option<String>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A user name and password sent without `[mqtt.tls]` to a broker that is
+    /// not on this box cross the plant network in clear text: refused unless
+    /// this says it is meant (a broker on an isolated cell network).
+    #[serde(default)]
+    pub allow_plaintext_credentials: bool,
     /// Most `score` messages per second and camera; scores in between are
     /// skipped (counted as throttled). 0 publishes no scores at all. Keeps a
     /// 30 fps camera from flooding a plant broker.
@@ -189,6 +194,7 @@ impl Default for MqttConfig {
             password_file: None,
             password_env: None,
             tls: None,
+            allow_plaintext_credentials: false,
             score_max_rate_hz: default_score_max_rate_hz(),
             snapshots: default_snapshots(),
             score_queue: default_score_queue(),
@@ -220,6 +226,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("password_file", &self.password_file)
             .field("password_env", &self.password_env)
             .field("tls", &self.tls)
+            .field("allow_plaintext_credentials", &self.allow_plaintext_credentials)
             .field("embedded", &self.embedded)
             .field("embedded_listen", &self.embedded_listen)
             .field("outbox_path", &self.outbox_path)
@@ -258,27 +265,93 @@ fn bad_topic_level(s: &str) -> bool {
     s.is_empty() || s.contains(['/', '+', '#', '\0'])
 }
 
+/// Longest `topic_prefix` and `discovery_prefix`: with a node id and a camera
+/// name ([`MAX_NODE_ID_BYTES`], 64) and the longest suffix, every topic stays
+/// far inside MQTT's 65,535 bytes.
+const MAX_PREFIX_BYTES: usize = 1024;
+/// Longest `node_id`.
+const MAX_NODE_ID_BYTES: usize = 256;
+/// Most score messages queued for the network: a few minutes of a 2 Hz
+/// camera fleet; tokio's channel would take up to 2^61 and panic above, and
+/// rumqttc's request queue is sized from it.
+const MAX_SCORE_QUEUE: usize = 100_000;
+/// Most outbox rows: SQLite counts rows as i64, and 10 million alarms of a
+/// few hundred bytes are gigabytes of disk.
+const MAX_OUTBOX_ROWS: u64 = 10_000_000;
+/// Shortest first reconnect wait: a plant full of boxes reconnecting every
+/// millisecond to a broker that refuses them is a denial of service.
+const MIN_RECONNECT_S: f64 = 0.05;
+
+/// A topic prefix: levels without wildcards, not a `$` topic (`$SYS/...` is
+/// the broker's own; MQTT §4.7.2), short enough for every topic under it.
+fn topic_prefix(field: &str, s: &str, bad: &mut impl FnMut(&str, String)) {
+    if s.is_empty() || s.split('/').any(bad_topic_level) {
+        bad(field, format!("{s:?} must be non-empty topic levels without '+', '#' or empty levels"));
+    } else if s.starts_with('$') {
+        bad(field, format!("{s:?} must not start with '$' (topics starting with '$' are the broker's own)"));
+    } else if s.len() > MAX_PREFIX_BYTES {
+        bad(field, format!("must be at most {MAX_PREFIX_BYTES} bytes (got {})", s.len()));
+    }
+}
+
 impl MqttConfig {
     /// Pushes every problem, each naming its field under `prefix` (`mqtt.port: ...`).
     pub fn validate(&self, prefix: &str, problems: &mut Vec<String>) {
         let mut bad = |field: &str, msg: String| problems.push(format!("{prefix}.{field}: {msg}"));
         if !self.embedded && self.host.trim().is_empty() {
             bad("host", "must not be empty".into());
+        } else if !self.embedded && crate::base::check::parse_host(&self.host).is_none() {
+            bad(
+                "host",
+                format!(
+                    "`{}` is not a host name or IP address (the port goes in `port`, credentials in `username`)",
+                    crate::base::redact::url(&self.host)
+                ),
+            );
         }
         if !self.embedded && self.port == 0 {
             bad("port", "must be 1..=65535".into());
         }
-        if self.topic_prefix.is_empty() || self.topic_prefix.split('/').any(bad_topic_level) {
-            bad(
-                "topic_prefix",
-                format!("{:?} must be non-empty topic levels without '+', '#' or empty levels", self.topic_prefix),
-            );
-        }
+        topic_prefix("topic_prefix", &self.topic_prefix, &mut bad);
         if !self.node_id.is_empty() && bad_topic_level(&self.node_id) {
             bad("node_id", format!("{:?} must be one topic level: no '/', '+' or '#'", self.node_id));
+        } else if self.node_id.len() > MAX_NODE_ID_BYTES {
+            bad("node_id", format!("must be at most {MAX_NODE_ID_BYTES} bytes (got {})", self.node_id.len()));
         }
-        if self.client_id.len() > 65535 {
-            bad("client_id", "longer than 65535 bytes".into());
+        if self.client_id.len() > 65535 || self.client_id.contains('\0') {
+            bad("client_id", "must be at most 65535 bytes without NUL characters".into());
+        }
+        if let Some(user) = &self.username {
+            // Not quoted: a user name is half a credential.
+            if user.len() > 65535 || user.contains('\0') {
+                bad(
+                    "username",
+                    format!("must be at most 65535 bytes without NUL characters (got {} bytes)", user.len()),
+                );
+            }
+            let plain = self.tls.is_none() && !self.embedded;
+            if plain && !self.allow_plaintext_credentials && !crate::base::check::is_loopback_host(&self.host) {
+                bad(
+                    "username",
+                    format!(
+                        "credentials would cross the network to {} in clear text: add [mqtt.tls], \
+                         or set allow_plaintext_credentials = true if that network is trusted",
+                        crate::base::redact::url(&self.host)
+                    ),
+                );
+            }
+        }
+        // rumqttd has no authentication here: anyone who reaches the port
+        // could read every alarm and publish commands.
+        if self.embedded && !self.embedded_listen.ip().is_loopback() {
+            bad(
+                "embedded_listen",
+                format!(
+                    "{} is not a loopback address: the embedded broker has no authentication; \
+                     serve other hosts from a plant broker (e.g. Mosquitto with passwords and TLS)",
+                    self.embedded_listen
+                ),
+            );
         }
         // rumqttc refuses keep-alives under a second (0 = none, and then a
         // killed daemon would never go offline); MQTT carries whole seconds.
@@ -293,8 +366,8 @@ impl MqttConfig {
         }
         // Bounded so the backoff's Duration arithmetic cannot overflow, and so a
         // broker that comes back is found within the hour.
-        if !(self.reconnect_min_s.is_finite() && (0.001..=3600.0).contains(&self.reconnect_min_s)) {
-            bad("reconnect_min_s", format!("{} must be between 0.001 and 3600", self.reconnect_min_s));
+        if !(self.reconnect_min_s.is_finite() && (MIN_RECONNECT_S..=3600.0).contains(&self.reconnect_min_s)) {
+            bad("reconnect_min_s", format!("{} must be between {MIN_RECONNECT_S} and 3600", self.reconnect_min_s));
         }
         if !(self.reconnect_max_s.is_finite() && self.reconnect_max_s <= 3600.0) {
             bad("reconnect_max_s", format!("{} must be at most 3600", self.reconnect_max_s));
@@ -328,14 +401,14 @@ impl MqttConfig {
         if !hz.is_finite() || !(hz == 0.0 || (0.001..=1000.0).contains(&hz)) {
             bad("score_max_rate_hz", format!("{hz} must be 0 (scores off) or between 0.001 and 1000"));
         }
-        if self.score_queue == 0 {
-            bad("score_queue", "must be at least 1".into());
+        if !(1..=MAX_SCORE_QUEUE).contains(&self.score_queue) {
+            bad("score_queue", format!("{} must be between 1 and {MAX_SCORE_QUEUE}", self.score_queue));
         }
         if self.outbox_path.as_os_str().is_empty() {
             bad("outbox_path", "must not be empty".into());
         }
-        if self.outbox_max_rows == 0 {
-            bad("outbox_max_rows", "must be at least 1".into());
+        if !(1..=MAX_OUTBOX_ROWS).contains(&self.outbox_max_rows) {
+            bad("outbox_max_rows", format!("{} must be between 1 and {MAX_OUTBOX_ROWS}", self.outbox_max_rows));
         }
         // A year at most: the age is compared in milliseconds.
         if !(self.outbox_max_age_s.is_finite() && (1.0..=366.0 * 86_400.0).contains(&self.outbox_max_age_s)) {
@@ -350,9 +423,8 @@ impl MqttConfig {
         if !(2..=100).contains(&self.dead_letter_after_closes) {
             bad("dead_letter_after_closes", format!("{} must be 2..=100", self.dead_letter_after_closes));
         }
-        if self.discovery && (self.discovery_prefix.is_empty() || self.discovery_prefix.split('/').any(bad_topic_level))
-        {
-            bad("discovery_prefix", format!("{:?} is not a valid topic prefix", self.discovery_prefix));
+        if self.discovery {
+            topic_prefix("discovery_prefix", &self.discovery_prefix, &mut bad);
         }
     }
 
@@ -484,6 +556,31 @@ mod tests {
             assert!(p.iter().any(|s| s.starts_with(field)), "missing {field} in {p:?}");
         }
         assert_eq!(p.len(), 9, "{p:?}");
+    }
+
+    #[test]
+    fn clear_text_credentials_go_only_to_this_box_unless_allowed() {
+        let problems = |c: &MqttConfig| {
+            let mut p = Vec::new();
+            c.validate("mqtt", &mut p);
+            p
+        };
+        let remote = MqttConfig {
+            host: "broker.plant.local".into(),
+            username: Some("u".into()),
+            password_env: Some("PW".into()),
+            ..MqttConfig::default()
+        };
+        let p = problems(&remote);
+        assert!(p.len() == 1 && p[0].starts_with("mqtt.username: credentials would cross"), "{p:?}");
+        assert!(problems(&MqttConfig { allow_plaintext_credentials: true, ..remote.clone() }).is_empty());
+        let tls = Some(TlsConfig { ca_file: "ca.pem".into(), cert_file: None, key_file: None });
+        assert!(problems(&MqttConfig { tls, ..remote.clone() }).is_empty());
+        for local in ["localhost", "127.0.0.1", "::1"] {
+            assert!(problems(&MqttConfig { host: local.into(), ..remote.clone() }).is_empty(), "{local}");
+        }
+        let allowed: MqttConfig = toml::from_str("allow_plaintext_credentials = true").unwrap();
+        assert!(allowed.allow_plaintext_credentials, "the key is spelt as documented");
     }
 
     #[test]

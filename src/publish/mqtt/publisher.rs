@@ -348,8 +348,8 @@ mod tests {
             port, // nobody listens: connect failures get logged too
             username: Some("box".into()),
             password_env: Some(var.into()),
-            reconnect_min_s: 0.01,
-            reconnect_max_s: 0.02,
+            reconnect_min_s: 0.05,
+            reconnect_max_s: 0.05,
             outbox_path: dir.path().join("o.sqlite"),
             ..MqttConfig::default()
         };
