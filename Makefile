@@ -5,6 +5,7 @@
 #   make test    install what the tests need, then run every test of the workspace
 #   make lint    rustfmt --check, clippy -D warnings (all targets, whole workspace), cargo doc -D warnings
 #   make bench   pipeline benchmark, 1 and 4 cameras (figures, not pass/fail)
+#   make soak    1M frames, 4 cameras, two 20 s broker outages: alarms raised vs received, RSS
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
 #   make bench-quality   detection quality: AUROC per data set x score x seed
 #   make bench-mnist     the paper's MNIST protocol (hours at full size)
@@ -43,7 +44,7 @@ STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
 STAMP_TORCH_PY := $(VENV)/.stamp-torch-full-$(TORCH_VER)
 STAMP_APT   := $(CURDIR)/target/.stamp-apt
 
-.PHONY: lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
+.PHONY: soak lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
 	@sed -n '2,13p' Makefile
@@ -78,6 +79,11 @@ $(STAMP_APT):
 	if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto; then \
 	  $(SUDO) apt-get install -y --no-install-recommends mosquitto || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends mosquitto; }; \
+	fi
+	# `make soak`'s independent subscriber (mosquitto_sub).
+	if ! command -v mosquitto_sub >/dev/null; then \
+	  $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients; }; \
 	fi
 	touch $@
 
@@ -115,6 +121,11 @@ demo: $(STAMP_ORT) $(STAMP_APT)
 bench: $(STAMP_ORT) $(STAMP_APT)
 	cargo run --release --bin ganomalyd -- bench --cameras 1
 	cargo run --release --bin ganomalyd -- bench --cameras 4
+
+# Minutes: a release build, then the daemon until a million frames are decided
+# (SOAK_FRAMES=100000 for a quick try). Fails if an alarm event is not received.
+soak: $(STAMP_ORT) $(STAMP_APT)
+	cargo bench -p ganomalyd --bench soak
 
 trainer-release: $(STAMP_TORCH)
 	cargo build --release -p ganomaly-train

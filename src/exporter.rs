@@ -2,10 +2,10 @@
 //! load balancers, container probes and monitoring.
 //!
 //! It only *reads* what the stages count already (`metrics::CameraCounters`,
-//! the publisher's counters, the inference heartbeat): atomics, plus two short
-//! locks, the latency histogram's and the alarm outbox's (a SQLite row count).
-//! Those run on tokio's blocking pool, so a slow disk delays a scrape, not the
-//! MQTT connection that shares the network runtime; no frame ever waits on it.
+//! the publisher's counters, the inference heartbeat): atomics (the outbox's
+//! counts too: no SQLite here), plus one short lock, the latency histogram's.
+//! Scrapes run on tokio's blocking pool, so they never hold up the MQTT
+//! connection that shares the network runtime; no frame ever waits on them.
 //!
 //! `/healthz` answers 200 while the inference threads show life and 503 once
 //! they have been silent for `stale_after_s`: the judgement the systemd
@@ -17,7 +17,10 @@
 //! seen while another decides. Cameras that are offline (a wedged one
 //! included, reported by `capture::watch`) or a broker that is down do not
 //! make the daemon unhealthy (a restart would not fix them, and alarms wait in
-//! the outbox); the JSON body says which.
+//! the outbox); the JSON body says which. A fault a restart would not fix
+//! either but that puts alarms at risk (the outbox file failed, no
+//! connection can even be attempted) makes it `degraded`: still 200, with
+//! the reasons under `degraded`.
 //!
 //! What a client controls is bounded: at most `max_connections` connections
 //! are served at once (one more is answered `503` and closed at once, so a
@@ -274,6 +277,9 @@ pub struct Health {
     /// `None` without `[mqtt]`.
     pub mqtt_connected: Option<bool>,
     pub alarms_pending: Option<u64>,
+    /// Faults that put alarms at risk while detection goes on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 impl Health {
@@ -287,8 +293,26 @@ impl Health {
             cameras: Default::default(),
             mqtt_connected: None,
             alarms_pending: None,
+            degraded: Vec::new(),
         }
     }
+}
+
+/// What in the publisher's counters degrades health.
+fn degraded(p: &PublisherCounters) -> Vec<String> {
+    let mut why = Vec::new();
+    if p.outbox_fault {
+        why.push(format!(
+            "alarm outbox file unavailable: {} alarm(s) held in memory only (see the log)",
+            p.alarms_in_memory
+        ));
+    } else if p.alarms_in_memory > 0 {
+        why.push(format!("alarm outbox writes failing: {} alarm(s) held in memory (see the log)", p.alarms_in_memory));
+    }
+    if p.link_fault {
+        why.push("MQTT cannot connect: TLS or password file, or the embedded broker's port (see the log)".into());
+    }
+    why
 }
 
 /// Judges health from the sources (see the module doc).
@@ -297,8 +321,15 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
     let stale = u128::from(silent) >= stale_after.as_millis();
     let publisher = sources.publisher.as_ref().map(|p| p());
     let failing = sources.liveness.failing();
+    let degraded = publisher.as_ref().map(degraded).unwrap_or_default();
     Health {
-        status: if stale { "unhealthy" } else { "ok" },
+        status: if stale {
+            "unhealthy"
+        } else if !degraded.is_empty() {
+            "degraded"
+        } else {
+            "ok"
+        },
         reason: stale.then(|| {
             let why = if failing { ": every batch since failed" } else { "" };
             format!("no frame decided for {:.1} s (limit {:.1} s){why}", silent as f64 / 1e3, stale_after.as_secs_f64())
@@ -312,6 +343,7 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
             .collect(),
         mqtt_connected: publisher.map(|p| p.connected),
         alarms_pending: publisher.map(|p| p.alarms_pending),
+        degraded,
     }
 }
 
@@ -476,7 +508,7 @@ impl Collector for DaemonCollector {
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
-            let counters: [(&str, &str, u64); 8] = [
+            let counters: [(&str, &str, u64); 9] = [
                 ("mqtt_connects", "Successful broker connections, the first one included.", p.connects),
                 ("scores_published", "Score messages published.", p.scores_published),
                 (
@@ -489,12 +521,17 @@ impl Collector for DaemonCollector {
                 ("alarms_acked", "Alarm events the broker acknowledged.", p.alarms_acked),
                 (
                     "alarms_dropped",
-                    "Alarm events dropped undelivered by the outbox's size and age bounds.",
+                    "Alarm events dropped undelivered by the outbox's size, age and memory bounds.",
                     p.alarms_dropped,
                 ),
                 (
+                    "alarms_dead_lettered",
+                    "Alarm events moved to the dead-letter table: the broker kept closing the connection on them.",
+                    p.alarms_dead_lettered,
+                ),
+                (
                     "outbox_errors",
-                    "Alarm events the outbox could not store (disk trouble), sent from memory.",
+                    "Alarm events the outbox file could not store (disk trouble), held in memory.",
                     p.outbox_errors,
                 ),
             ];
@@ -510,6 +547,22 @@ impl Collector for DaemonCollector {
                 MetricType::Gauge,
                 pending,
             )?;
+            let gauges: [(&str, &str, i64); 3] = [
+                (
+                    "alarms_in_memory",
+                    "Of those, held in memory because the outbox file failed.",
+                    p.alarms_in_memory as i64,
+                ),
+                ("outbox_fault", "1 when the outbox file could not be opened.", i64::from(p.outbox_fault)),
+                (
+                    "mqtt_link_fault",
+                    "1 while no connection can be attempted (TLS or password file, embedded broker's port).",
+                    i64::from(p.link_fault),
+                ),
+            ];
+            for (name, help, v) in gauges {
+                single(&mut enc, name, help, None, MetricType::Gauge, ConstGauge::new(v))?;
+            }
         }
         Ok(())
     }
@@ -652,5 +705,21 @@ mod tests {
         assert!(h.inference_failing && h.reason.as_deref().is_some_and(|r| r.contains("every batch since failed")));
         s.liveness.beat(Beat::Decided);
         assert_eq!(health(&s, Duration::from_secs(10)).status, "ok");
+    }
+
+    #[test]
+    fn an_outbox_or_link_fault_degrades_health_without_failing_it() {
+        let mut s = sources(true);
+        let p = PublisherCounters { outbox_fault: true, alarms_in_memory: 4, link_fault: true, ..Default::default() };
+        s.publisher = Some(Arc::new(move || p) as CountersFn);
+        let h = health(&s, Duration::from_secs(10));
+        assert_eq!((h.status, h.reason.as_deref()), ("degraded", None), "degraded is still a 200");
+        assert_eq!(h.degraded.len(), 2, "{h:?}");
+        assert!(h.degraded[0].contains("4 alarm(s) held in memory"), "{h:?}");
+        let text = scrape(s);
+        for line in ["ganomalyd_outbox_fault 1", "ganomalyd_mqtt_link_fault 1", "ganomalyd_alarms_in_memory 4"] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert_eq!(health(&sources(true), Duration::from_secs(10)).status, "ok");
     }
 }

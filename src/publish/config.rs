@@ -86,6 +86,12 @@ pub struct MqttConfig {
     /// re-sends after a reconnect few; 1 would make it strictly one at a time.
     #[serde(default = "default_alarm_inflight")]
     pub alarm_inflight: u16,
+    /// A broker may close the connection on a publish it does not authorize
+    /// (MQTT 3.1.1 §3.3.5); after this many lost connections with the same
+    /// alarm the oldest in flight (sent alone after the first), that alarm is
+    /// moved to the outbox's dead-letter table so that later ones flow.
+    #[serde(default = "default_dead_letter_after_closes")]
+    pub dead_letter_after_closes: u32,
     /// Home Assistant MQTT discovery (off by default).
     #[serde(default)]
     pub discovery: bool,
@@ -161,6 +167,9 @@ fn default_outbox_max_age_s() -> f64 {
 fn default_alarm_inflight() -> u16 {
     10
 }
+fn default_dead_letter_after_closes() -> u32 {
+    5
+}
 fn default_discovery_prefix() -> String {
     "homeassistant".into()
 }
@@ -193,6 +202,7 @@ impl Default for MqttConfig {
             outbox_max_rows: default_outbox_max_rows(),
             outbox_max_age_s: default_outbox_max_age_s(),
             alarm_inflight: default_alarm_inflight(),
+            dead_letter_after_closes: default_dead_letter_after_closes(),
             discovery: false,
             discovery_prefix: default_discovery_prefix(),
             embedded: false,
@@ -407,6 +417,11 @@ impl MqttConfig {
         // rumqttc's packet ids run 1..inflight; the window must fit in them.
         if self.alarm_inflight == 0 || self.alarm_inflight > 1000 {
             bad("alarm_inflight", format!("{} must be 1..=1000", self.alarm_inflight));
+        }
+        // 1 would dead-letter an alarm on one unlucky outage; past 100 a
+        // refused alarm would hold up the rest for hours of backoff.
+        if !(2..=100).contains(&self.dead_letter_after_closes) {
+            bad("dead_letter_after_closes", format!("{} must be 2..=100", self.dead_letter_after_closes));
         }
         if self.discovery {
             topic_prefix("discovery_prefix", &self.discovery_prefix, &mut bad);

@@ -399,3 +399,140 @@ pub fn keep_root_user() -> &'static str {
         ""
     }
 }
+
+/// A TCP proxy that behaves as EMQX, HiveMQ or AWS IoT do on a publish the
+/// client is not authorized for (MQTT 3.1.1 §3.3.5 allows it): it closes the
+/// connection, without forwarding the publish, when the client publishes to
+/// `topic`. Everything else passes. Mosquitto itself does not do this (2.0
+/// acknowledges an unauthorized QoS 1 publish and drops it), hence the proxy.
+pub struct ClosingProxy {
+    pub port: u16,
+    /// Connections closed on a publish to the topic.
+    pub closes: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The length of an MQTT packet at the start of `buf` (fixed header
+/// included), once its fixed header is complete.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(1 + i + 1 + len);
+        }
+    }
+    None
+}
+
+/// The topic of a PUBLISH packet (its fixed header first), if it is one.
+fn publish_topic(packet: &[u8]) -> Option<&[u8]> {
+    if packet.first()? >> 4 != 3 {
+        return None;
+    }
+    let mut i = 1;
+    while packet.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    let start = i + 1;
+    let n = usize::from(u16::from_be_bytes([*packet.get(start)?, *packet.get(start + 1)?]));
+    packet.get(start + 2..start + 2 + n)
+}
+
+impl ClosingProxy {
+    pub async fn start(upstream: SocketAddr, topic: &str) -> ClosingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let closes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, topic) = (closes.clone(), topic.as_bytes().to_vec());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else { continue };
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let (mut down_r, mut down_w) = down.into_split();
+                let (mut up_r, mut up_w) = up.into_split();
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+                });
+                let (c, topic) = (c.clone(), topic.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    'conn: loop {
+                        match down_r.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(len) = packet_len(&buf).filter(|l| *l <= buf.len()) {
+                            if publish_topic(&buf[..len]) == Some(&topic[..]) {
+                                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                break 'conn;
+                            }
+                            if up_w.write_all(&buf[..len]).await.is_err() {
+                                break 'conn;
+                            }
+                            buf.drain(..len);
+                        }
+                    }
+                    // As a broker does: the PUBACKs of what came before still
+                    // reach the client, then both directions end.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    back.abort();
+                });
+            }
+        });
+        ClosingProxy { port, closes, task }
+    }
+
+    pub fn closes(&self) -> u64 {
+        self.closes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for ClosingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A directory nothing can be written to, root included: a read-only tmpfs
+/// when the test runs as root (permissions do not stop root), else a 0555
+/// directory. Unmounted on drop.
+pub struct ReadOnlyDir {
+    pub path: PathBuf,
+    mounted: bool,
+    _parent: tempfile::TempDir,
+}
+
+impl ReadOnlyDir {
+    pub fn new() -> ReadOnlyDir {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("ro");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = !keep_root_user().is_empty();
+        if mounted {
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+                .arg(&path)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "cannot mount a read-only tmpfs on {}", path.display());
+        } else {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        assert!(std::fs::write(path.join("probe"), b"x").is_err(), "{} is writable", path.display());
+        ReadOnlyDir { path, mounted, _parent: parent }
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.path).status();
+        }
+    }
+}

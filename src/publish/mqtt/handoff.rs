@@ -2,9 +2,9 @@
 //! last-value slots for camera state, snapshots and stats, the alarm outbox,
 //! and the counters both sides update.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
@@ -23,7 +23,9 @@ pub(super) struct Counters {
     pub scores_dropped: AtomicU64,
     pub alarms_queued: AtomicU64,
     pub alarms_acked: AtomicU64,
-    pub outbox_errors: AtomicU64,
+    /// A connection cannot even be attempted: TLS or password files, or the
+    /// embedded broker's port (the link task retries with its backoff).
+    pub link_fault: AtomicBool,
 }
 
 pub(super) fn inc(c: &AtomicU64) {
@@ -53,8 +55,6 @@ pub(super) struct Pending {
     pub snapshots: HashMap<String, Snapshot>,
     /// The pipeline's latest report, not yet published (a newer one replaces it).
     pub stats: Option<StatsReport>,
-    /// Alarms the outbox failed to store: published from memory, best effort.
-    pub direct: VecDeque<(String, Vec<u8>)>,
 }
 
 pub(super) struct Shared {
@@ -65,7 +65,8 @@ pub(super) struct Shared {
     pub last_score: Mutex<HashMap<String, Instant>>,
     pub snapshots: bool,
     pub pending: Mutex<Pending>,
-    pub wake: Notify,
+    /// Shared with the outbox thread, which wakes the sender after storing alarms.
+    pub wake: Arc<Notify>,
     pub outbox: Outbox,
     pub counters: Counters,
 }
@@ -82,9 +83,13 @@ impl Shared {
             scores_dropped: get(&c.scores_dropped),
             alarms_queued: get(&c.alarms_queued),
             alarms_acked: get(&c.alarms_acked),
-            alarms_pending: self.outbox.len().unwrap_or(0),
+            alarms_pending: self.outbox.pending(),
+            alarms_in_memory: self.outbox.in_memory(),
             alarms_dropped: self.outbox.dropped(),
-            outbox_errors: get(&c.outbox_errors),
+            alarms_dead_lettered: self.outbox.dead_lettered(),
+            outbox_errors: self.outbox.errors(),
+            outbox_fault: self.outbox.faulted(),
+            link_fault: c.link_fault.load(Ordering::Relaxed),
         }
     }
 

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -13,9 +14,10 @@ use super::handoff::{inc, Counters, Leaf, Pending, Shared};
 use super::link::{self, Link};
 use super::sender::SendTask;
 use crate::base::backoff::Backoff;
-use crate::events::{now_ms, AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
+use crate::base::report::chain;
+use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
 use crate::publish::config::MqttConfig;
-use crate::publish::outbox::Outbox;
+use crate::publish::outbox::{Outbox, OutboxSettings};
 use crate::publish::{EmbeddedBroker, PublishError, Topics};
 
 /// Counters of what the publisher did, for logs, `stats` and metrics.
@@ -35,10 +37,20 @@ pub struct PublisherCounters {
     pub alarms_acked: u64,
     /// Alarms waiting in the outbox.
     pub alarms_pending: u64,
-    /// Alarms dropped undelivered by the outbox's size and age bounds.
+    /// Of those, held in memory because the outbox file failed.
+    pub alarms_in_memory: u64,
+    /// Alarms dropped undelivered by the outbox's size, age and memory bounds.
     pub alarms_dropped: u64,
-    /// Alarms the outbox could not store (disk trouble): sent from memory.
+    /// Alarms moved to the dead-letter table: the broker kept closing the
+    /// connection on them.
+    pub alarms_dead_lettered: u64,
+    /// Alarms the outbox file could not store (disk trouble): held in memory.
     pub outbox_errors: u64,
+    /// The outbox file could not be opened: alarms are held in memory only.
+    pub outbox_fault: bool,
+    /// No connection can be attempted: TLS or password files, or the
+    /// embedded broker's port (retried with the backoff).
+    pub link_fault: bool,
 }
 
 /// The MQTT implementation of [`Publisher`]. Create with [`MqttPublisher::start`].
@@ -52,17 +64,24 @@ pub struct PublisherHandle {
     stop: watch::Sender<bool>,
     done: std::sync::mpsc::Receiver<()>,
     task: tokio::task::JoinHandle<()>,
-    broker: Option<EmbeddedBroker>,
+    broker: Option<Arc<OnceLock<EmbeddedBroker>>>,
     shared: Arc<Shared>,
 }
+
+/// How long a stop waits for the outbox thread to write what it was given.
+const OUTBOX_CLOSE: Duration = Duration::from_secs(5);
 
 impl MqttPublisher {
     /// Opens the outbox, starts the embedded broker when `cfg.embedded`, and
     /// spawns the publisher on `rt`. Never waits for the broker: a daemon whose
     /// broker is down starts, queues alarms and connects when it can.
     ///
-    /// Fails only on what retrying cannot fix: the outbox file, TLS files, the
-    /// password source, or the embedded broker's address.
+    /// Fails only on a config that `check-config` refuses too (and if no
+    /// thread can be started). What the world does wrong at start is a fault,
+    /// logged, counted and shown by `/healthz`, and detection goes on: an
+    /// outbox file that does not open (alarms are then held in memory), a TLS
+    /// or password file that is missing, an embedded broker's port that is
+    /// taken (both retried with the reconnect backoff).
     pub fn start(
         cfg: &MqttConfig,
         rt: &tokio::runtime::Handle,
@@ -74,15 +93,42 @@ impl MqttPublisher {
         }
         let node = cfg.resolved_node_id();
         let topics = Topics::new(&cfg.topic_prefix, &node);
-        let outbox = Outbox::open(&cfg.outbox_path, cfg.outbox_max_rows, cfg.outbox_max_age())?;
+        let wake = Arc::new(Notify::new());
+        let outbox = Outbox::spawn(
+            OutboxSettings {
+                path: cfg.outbox_path.clone(),
+                max_rows: cfg.outbox_max_rows,
+                max_age: cfg.outbox_max_age(),
+            },
+            wake.clone(),
+        )?;
 
-        let broker = if cfg.embedded { Some(EmbeddedBroker::start(cfg.embedded_listen)?) } else { None };
-        let (host, port) = match &broker {
+        let counters = Counters::default();
+        let broker = cfg.embedded.then(|| {
+            let slot = Arc::new(OnceLock::new());
+            match EmbeddedBroker::start(cfg.embedded_listen) {
+                Ok(b) => {
+                    let _ = slot.set(b);
+                }
+                Err(e) => {
+                    counters.link_fault.store(true, Ordering::Relaxed);
+                    tracing::error!(error = %chain(&e), "embedded MQTT broker not started: detection goes on, alarms queue in the outbox; retrying");
+                }
+            }
+            slot
+        });
+        let (host, port) = match broker.as_ref().and_then(|b| b.get()) {
             Some(b) => (b.addr().ip().to_string(), b.addr().port()),
+            None if cfg.embedded => (cfg.embedded_listen.ip().to_string(), cfg.embedded_listen.port()),
             None => (cfg.host.clone(), cfg.port),
         };
         let client_id = cfg.resolved_client_id(&node);
-        let opts = link::options(cfg, &client_id, &host, port, &topics)?;
+        let target = link::Target {
+            cfg: cfg.clone(),
+            client_id: client_id.clone(),
+            topics: topics.clone(),
+            embedded: broker.clone(),
+        };
 
         let (scores_tx, scores_rx) = mpsc::channel(cfg.score_queue);
         let score_interval =
@@ -94,11 +140,11 @@ impl MqttPublisher {
             last_score: Mutex::new(HashMap::new()),
             snapshots: cfg.snapshots,
             pending: Mutex::new(Pending::default()),
-            wake: Notify::new(),
+            wake,
             outbox,
-            counters: Counters::default(),
+            counters,
         });
-        let pending_alarms = shared.outbox.len().unwrap_or(0);
+        let pending_alarms = shared.outbox.pending();
         tracing::info!(
             broker = %format!("{host}:{port}"),
             client_id,
@@ -114,7 +160,7 @@ impl MqttPublisher {
         let (reconnect_min, reconnect_max) = cfg.reconnect();
         let backoff = Backoff::new(reconnect_min, reconnect_max);
         rt.spawn(link::run(
-            opts,
+            target,
             link::request_capacity(cfg),
             cfg.connect_timeout_secs(),
             backoff,
@@ -125,6 +171,7 @@ impl MqttPublisher {
         let task = SendTask::new(
             shared.clone(),
             cfg.alarm_inflight.max(1) as usize,
+            cfg.dead_letter_after_closes,
             cfg.discovery.then(|| cfg.discovery_prefix.clone()),
         );
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
@@ -153,6 +200,8 @@ impl PublisherHandle {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.outbox.close(OUTBOX_CLOSE)).await;
     }
 
     /// [`shutdown`](Self::shutdown) for a plain thread (not a runtime worker):
@@ -163,11 +212,17 @@ impl PublisherHandle {
             tracing::warn!("MQTT publisher did not stop in time");
             self.task.abort();
         }
+        self.shared.outbox.close(OUTBOX_CLOSE);
     }
 
-    /// The embedded broker's address, when `embedded = true`.
+    /// The embedded broker's address, when `embedded = true` and it runs.
     pub fn broker_addr(&self) -> Option<SocketAddr> {
-        self.broker.as_ref().map(|b| b.addr())
+        self.broker.as_ref().and_then(|b| b.get()).map(|b| b.addr())
+    }
+
+    /// The outbox (its counters; [`Outbox::call`] to look inside).
+    pub fn outbox(&self) -> &Outbox {
+        &self.shared.outbox
     }
 
     pub fn counters(&self) -> PublisherCounters {
@@ -208,14 +263,8 @@ impl Publisher for MqttPublisher {
             }
         };
         inc(&s.counters.alarms_queued);
-        match s.outbox.push(&ev.camera, &payload, now_ms()) {
-            Ok(_) => s.wake.notify_one(),
-            Err(e) => {
-                inc(&s.counters.outbox_errors);
-                tracing::error!(error = %e, id = %ev.id, camera = %ev.camera, "alarm outbox write failed: sending from memory, lost if the broker is down");
-                s.with_pending(|p| p.direct.push_back((ev.camera.clone(), payload)));
-            }
-        }
+        // The outbox thread stores it and wakes the sender task.
+        s.outbox.push(&ev.camera, payload);
     }
 
     fn camera_online(&self, camera: &str, online: bool) {

@@ -2,14 +2,19 @@
 //! current connection (scores, camera state, snapshots, stats, discovery;
 //! each stats report once, as the pipeline hands it over: no timer here),
 //! sends outbox rows within the alarm window and deletes each on its PUBACK,
+//! dead-letters a row the broker keeps closing the connection on,
 //! re-publishes the retained state after every (re)connect, and drives the
 //! clean stop. Packet-id bookkeeping is [`Delivery`]'s.
+//!
+//! Outbox rows are asked for from the outbox thread (one read at a time, the
+//! answer arrives as an event of this task's loop): no SQLite on the network
+//! runtime's worker.
 
 use crate::base::report::chain;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Outgoing, QoS};
 use tokio::sync::{mpsc, watch};
@@ -17,16 +22,15 @@ use tokio::sync::{mpsc, watch};
 use super::handoff::{inc, CameraState, Leaf, Shared};
 use super::link::Link;
 use super::state::{Action, Delivery, Tag};
-use crate::events::{now_ms, ScoreEvent, StatsReport};
+use crate::events::{ScoreEvent, StatsReport};
 use crate::publish::discovery;
+use crate::publish::outbox::RowsReply;
 
 /// How long a clean stop waits for `offline` and in-flight alarms to be
 /// acknowledged before it disconnects anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Retry tick for publishes refused because rumqttc's request queue was full,
-/// and for the outbox age bound.
+/// Retry tick for publishes refused because rumqttc's request queue was full.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub(super) struct SendTask {
     shared: Arc<Shared>,
@@ -36,13 +40,35 @@ pub(super) struct SendTask {
     discovery: Option<String>,
     /// Cameras whose discovery config went out on this connection.
     discovered: HashSet<String>,
+    /// Where the outbox thread answers reads; the receiver is taken by `run`.
+    rows_tx: mpsc::UnboundedSender<RowsReply>,
+    rows_rx: Option<mpsc::UnboundedReceiver<RowsReply>>,
+    /// The read in flight (its number); None when none is, or when the
+    /// connection changed since (its answer is then ignored).
+    reading: Option<u64>,
+    read_seq: u64,
+    /// Alarms were stored while a read was in flight: read again after it.
+    rescan: bool,
 }
 
 impl SendTask {
-    /// `alarm_window`: alarms awaiting their PUBACK at once; `discovery`: the
+    /// `alarm_window`: alarms awaiting their PUBACK at once; `max_closes`:
+    /// lost connections after which a row is dead-lettered; `discovery`: the
     /// Home Assistant prefix, when discovery is on.
-    pub(super) fn new(shared: Arc<Shared>, alarm_window: usize, discovery: Option<String>) -> Self {
-        SendTask { shared, client: None, delivery: Delivery::new(alarm_window), discovery, discovered: HashSet::new() }
+    pub(super) fn new(shared: Arc<Shared>, alarm_window: usize, max_closes: u32, discovery: Option<String>) -> Self {
+        let (rows_tx, rows_rx) = mpsc::unbounded_channel();
+        SendTask {
+            shared,
+            client: None,
+            delivery: Delivery::new(alarm_window, max_closes),
+            discovery,
+            discovered: HashSet::new(),
+            rows_tx,
+            rows_rx: Some(rows_rx),
+            reading: None,
+            read_seq: 0,
+            rescan: false,
+        }
     }
 
     pub(super) async fn run(
@@ -53,8 +79,8 @@ impl SendTask {
     ) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune = Instant::now();
         let shared = self.shared.clone();
+        let Some(mut rows) = self.rows_rx.take() else { return };
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
@@ -62,23 +88,20 @@ impl SendTask {
                     Some(msg) => self.on_link(msg),
                     None => return,
                 },
+                Some(reply) = rows.recv() => self.on_rows(reply),
                 Some(ev) = scores.recv() => self.publish_score(&ev),
                 _ = shared.wake.notified() => self.flush(),
-                _ = housekeeping.tick() => {
-                    self.flush();
-                    if last_prune.elapsed() >= PRUNE_EVERY {
-                        last_prune = Instant::now();
-                        if let Err(e) = self.shared.outbox.prune_expired(now_ms()) {
-                            tracing::error!(error = %e, "alarm outbox prune failed");
-                        }
-                    }
-                }
+                _ = housekeeping.tick() => self.flush(),
             }
         }
-        self.stop_cleanly(&mut link).await;
+        self.stop_cleanly(&mut link, &mut rows).await;
     }
 
-    async fn stop_cleanly(&mut self, link: &mut mpsc::UnboundedReceiver<Link>) {
+    async fn stop_cleanly(
+        &mut self,
+        link: &mut mpsc::UnboundedReceiver<Link>,
+        rows: &mut mpsc::UnboundedReceiver<RowsReply>,
+    ) {
         if self.client.is_none() {
             tracing::info!("MQTT publisher stopped (not connected)");
             return;
@@ -87,9 +110,16 @@ impl SendTask {
         self.flush();
         self.publish(self.shared.topics.status(), QoS::AtLeastOnce, true, b"offline".to_vec(), Tag::Offline);
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        while !self.delivery.drained() {
-            match tokio::time::timeout_at(deadline, link.recv()).await {
-                Ok(Some(msg)) => self.on_link(msg),
+        while !self.delivery.drained() || self.reading.is_some() {
+            let next = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    msg = link.recv() => msg.map(Ok),
+                    reply = rows.recv() => reply.map(Err),
+                }
+            });
+            match next.await {
+                Ok(Some(Ok(msg))) => self.on_link(msg),
+                Ok(Some(Err(reply))) => self.on_rows(reply),
                 _ => break,
             }
         }
@@ -118,29 +148,48 @@ impl SendTask {
             Link::Up { gen, client } => {
                 let n = self.shared.counters.connects.fetch_add(1, Ordering::Relaxed) + 1;
                 self.shared.counters.connected.store(true, Ordering::Relaxed);
-                tracing::info!(connects = n, pending_alarms = self.shared.outbox.len().unwrap_or(0), "MQTT connected");
+                tracing::info!(connects = n, pending_alarms = self.shared.outbox.pending(), "MQTT connected");
+                self.shared.counters.link_fault.store(false, Ordering::Relaxed);
                 self.client = Some(client);
                 self.delivery.connected(gen);
+                self.reading = None;
                 self.discovered.clear();
                 self.republish_retained();
                 self.flush();
             }
             Link::Down { gen, error, retry_in } => {
                 let retry_in_ms = retry_in.as_millis() as u64;
-                if self.delivery.disconnected(gen) {
+                // An attempt was made: whatever kept it from starting is fixed.
+                self.shared.counters.link_fault.store(false, Ordering::Relaxed);
+                let lost = self.delivery.disconnected(gen);
+                if lost.current {
                     self.client = None;
+                    self.reading = None;
                     self.shared.counters.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %chain(&error), retry_in_ms, "MQTT connection lost; alarms queue in the outbox");
                 } else {
                     tracing::warn!(error = %chain(&error), retry_in_ms, "MQTT connect failed");
                 }
+                if let Some((row, closes)) = lost.dead_letter {
+                    let reason = format!(
+                        "the broker closed the connection {closes} times with this alarm the oldest in flight, \
+                         the last time: {}",
+                        chain(&error)
+                    );
+                    self.shared.outbox.dead_letter(row, reason);
+                }
+            }
+            Link::Fault { error, retry_in } => {
+                self.shared.counters.link_fault.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    error = %chain(&*error), retry_in_ms = retry_in.as_millis() as u64,
+                    "MQTT cannot connect until this is fixed; alarms queue in the outbox"
+                );
             }
             Link::Event { gen, event } => {
                 if let Action::DeleteRow(row) = self.delivery.on_event(gen, &event) {
                     inc(&self.shared.counters.alarms_acked);
-                    if let Err(e) = self.shared.outbox.ack(row) {
-                        tracing::error!(error = %e, row, "alarm outbox delete failed: it will be sent again");
-                    }
+                    self.shared.outbox.ack(row);
                     self.pump_alarms();
                 }
             }
@@ -245,12 +294,12 @@ impl SendTask {
         if self.client.is_none() {
             return;
         }
-        let (dirty, cameras, snapshots, direct, stats) = {
+        let (dirty, cameras, snapshots, stats) = {
             let mut p = self.shared.pending();
             let dirty = std::mem::take(&mut p.dirty);
             let cams: BTreeMap<String, CameraState> =
                 dirty.iter().filter_map(|(c, _)| p.cameras.get(c).map(|s| (c.clone(), *s))).collect();
-            (dirty, cams, std::mem::take(&mut p.snapshots), std::mem::take(&mut p.direct), p.stats.take())
+            (dirty, cams, std::mem::take(&mut p.snapshots), p.stats.take())
         };
         let mut retry = Vec::new();
         for (cam, leaf) in dirty {
@@ -267,19 +316,12 @@ impl SendTask {
                 snap_retry.push((cam, snap));
             }
         }
-        let mut direct_retry = VecDeque::new();
-        for (cam, payload) in direct {
-            let topic = self.shared.topics.camera(&cam, "alarm");
-            if !direct_retry.is_empty() || !self.publish(topic, QoS::AtLeastOnce, false, payload.clone(), Tag::Other) {
-                direct_retry.push_back((cam, payload));
-            }
-        }
         // Each report is published once; the pipeline sends the next one.
         let stats_retry = match stats {
             Some(report) if !self.publish_stats(&report) => Some(report),
             _ => None,
         };
-        if !retry.is_empty() || !snap_retry.is_empty() || !direct_retry.is_empty() || stats_retry.is_some() {
+        if !retry.is_empty() || !snap_retry.is_empty() || stats_retry.is_some() {
             let mut p = self.shared.pending();
             if let Some(report) = stats_retry {
                 // Queue full: again at the next flush, unless a newer one came.
@@ -289,32 +331,43 @@ impl SendTask {
             for (cam, snap) in snap_retry {
                 p.snapshots.entry(cam).or_insert(snap);
             }
-            for d in direct_retry.into_iter().rev() {
-                p.direct.push_front(d);
-            }
         }
         self.pump_alarms();
     }
 
-    /// Sends outbox rows in id order while the window has room.
+    /// Asks the outbox for the next rows while the window has room (one read
+    /// at a time; [`on_rows`](Self::on_rows) sends them).
     fn pump_alarms(&mut self) {
-        while let Some(next) = self.delivery.next_rows() {
-            let rows = match self.shared.outbox.next_after(next.after, next.limit) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(error = %e, "alarm outbox read failed");
-                    return;
-                }
-            };
-            if rows.is_empty() {
-                return;
+        if self.reading.is_some() {
+            self.rescan = true;
+            return;
+        }
+        let Some(next) = self.delivery.next_rows() else { return };
+        self.read_seq += 1;
+        self.reading = Some(self.read_seq);
+        self.rescan = false;
+        self.shared.outbox.read(next.after, next.limit, self.read_seq, self.rows_tx.clone());
+    }
+
+    /// Sends the rows read, in id order, as far as the window and rumqttc's
+    /// queue let it; reads on if there may be more.
+    fn on_rows(&mut self, reply: RowsReply) {
+        if self.reading != Some(reply.seq) {
+            return; // asked for on an earlier connection
+        }
+        self.reading = None;
+        let more = reply.rows.len() >= reply.limit || self.rescan;
+        for row in reply.rows {
+            if !self.delivery.admit(row.id) {
+                return; // behind a row that travels alone: after its PUBACK
             }
-            for row in rows {
-                let topic = self.shared.topics.camera(&row.camera, "alarm");
-                if !self.publish(topic, QoS::AtLeastOnce, false, row.payload, Tag::Alarm(row.id)) {
-                    return;
-                }
+            let topic = self.shared.topics.camera(&row.camera, "alarm");
+            if !self.publish(topic, QoS::AtLeastOnce, false, row.payload, Tag::Alarm(row.id)) {
+                return; // rumqttc's queue is full: the housekeeping tick retries
             }
+        }
+        if more {
+            self.pump_alarms();
         }
     }
 }
@@ -329,13 +382,15 @@ mod tests {
 
     use super::super::handoff::{Counters, Pending};
     use super::*;
-    use crate::publish::outbox::Outbox;
+    use crate::publish::outbox::{Outbox, OutboxSettings};
     use crate::publish::Topics;
 
     /// A task with a live-looking connection whose requests nobody sends: the
     /// events rumqttc would report are fed in by hand.
     fn task(dir: &std::path::Path, inflight: usize) -> (SendTask, rumqttc::EventLoop) {
         let (scores_tx, _) = mpsc::channel(4);
+        let wake = Arc::new(Notify::new());
+        let settings = OutboxSettings { path: dir.join("o.sqlite"), max_rows: 100, max_age: Duration::from_secs(3600) };
         let shared = Arc::new(Shared {
             topics: Topics::new("t", "n"),
             scores_tx,
@@ -343,18 +398,20 @@ mod tests {
             last_score: Mutex::new(HashMap::new()),
             snapshots: true,
             pending: Mutex::new(Pending::default()),
-            wake: Notify::new(),
-            outbox: Outbox::open(&dir.join("o.sqlite"), 100, Duration::from_secs(3600)).unwrap(),
+            wake: wake.clone(),
+            outbox: Outbox::spawn(settings, wake).unwrap(),
             counters: Counters::default(),
         });
-        let mut t = SendTask::new(shared, inflight, None);
+        let mut t = SendTask::new(shared, inflight, 5, None);
         let (client, el) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
         t.on_link(Link::Up { gen: 1, client });
+        settle(&mut t);
         (t, el)
     }
 
     fn ev(t: &mut SendTask, gen: u64, event: Event) {
         t.on_link(Link::Event { gen, event });
+        settle(t);
     }
 
     fn puback(pkid: u16) -> Event {
@@ -362,15 +419,37 @@ mod tests {
     }
 
     fn pending_ids(t: &SendTask) -> Vec<i64> {
-        t.shared.outbox.next_after(0, 100).unwrap().iter().map(|r| r.id).collect()
+        t.shared.outbox.call(|s| s.rows_after(0, 100).iter().map(|r| r.id).collect()).unwrap()
+    }
+
+    /// Queues `n` alarms; returns their row ids.
+    fn push(t: &SendTask, n: usize) -> Vec<i64> {
+        let before = pending_ids(t);
+        for _ in 0..n {
+            t.shared.outbox.push("cam", b"{}".to_vec());
+        }
+        pending_ids(t).into_iter().filter(|id| !before.contains(id)).collect()
+    }
+
+    /// Flushes and hands the task the outbox's answers until no read is in flight.
+    fn flush(t: &mut SendTask) {
+        t.flush();
+        settle(t);
+    }
+
+    fn settle(t: &mut SendTask) {
+        while t.reading.is_some() {
+            let reply = t.rows_rx.as_mut().unwrap().blocking_recv().unwrap();
+            t.on_rows(reply);
+        }
     }
 
     #[test]
     fn rows_are_deleted_on_their_own_puback_even_across_a_pkid_collision() {
         let dir = tempfile::tempdir().unwrap();
         let (mut t, _el) = task(dir.path(), 10);
-        let ids: Vec<i64> = (0..3).map(|_| t.shared.outbox.push("cam", b"{}", now_ms()).unwrap()).collect();
-        t.flush();
+        let ids = push(&t, 3);
+        flush(&mut t);
         assert_eq!(t.delivery.alarms_in_flight(), 3);
         // `online` went first (republish on connect), untagged.
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(1)));
@@ -395,8 +474,8 @@ mod tests {
     fn window_limits_in_flight_and_a_reconnect_resends_unacked_rows_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (mut t, _el) = task(dir.path(), 2);
-        let ids: Vec<i64> = (0..5).map(|_| t.shared.outbox.push("cam", b"{}", now_ms()).unwrap()).collect();
-        t.flush();
+        let ids = push(&t, 5);
+        flush(&mut t);
         assert_eq!((t.delivery.alarms_in_flight(), t.delivery.last_sent()), (2, ids[1]), "window of 2");
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(1))); // online
         ev(&mut t, 1, Event::Outgoing(Outgoing::Publish(2))); // row 0
@@ -406,19 +485,22 @@ mod tests {
         // Connection lost before row 1's ack; events of the dead connection are ignored.
         let eof = rumqttc::ConnectionError::Io(std::io::ErrorKind::UnexpectedEof.into());
         t.on_link(Link::Down { gen: 1, error: eof, retry_in: Duration::from_millis(1) });
+        settle(&mut t);
         ev(&mut t, 1, puback(3));
         assert_eq!(pending_ids(&t), ids[1..]);
         let (client, _el2) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
         t.on_link(Link::Up { gen: 2, client });
+        settle(&mut t);
         assert_eq!(
             (t.delivery.alarms_in_flight(), t.delivery.last_sent()),
-            (2, ids[2]),
-            "resent from the oldest unacked row"
+            (1, ids[1]),
+            "resent from the oldest unacked row, alone: it was in flight when the connection was lost"
         );
-        // New connection: online, camera states (none), then rows 1 and 2.
+        // New connection: online, camera states (none), then row 1.
         ev(&mut t, 2, Event::Outgoing(Outgoing::Publish(1)));
         ev(&mut t, 2, Event::Outgoing(Outgoing::Publish(2)));
         ev(&mut t, 2, puback(2));
         assert_eq!(pending_ids(&t), ids[2..]);
+        assert_eq!((t.delivery.alarms_in_flight(), t.delivery.last_sent()), (2, ids[3]), "then the full window");
     }
 }

@@ -1,10 +1,23 @@
 //! The I/O-free half of alarm delivery: which packet id carries which outbox
 //! row on the current connection, how many alarms await their PUBACK, and where
 //! in the outbox to read next. Its methods only change state and say what to do
-//! ([`Action`], [`NextRows`]); the sender task publishes and deletes rows. The
-//! tests feed it the events rumqttc reports, without a network.
+//! ([`Action`], [`NextRows`], [`Lost`]); the sender task publishes, deletes
+//! and dead-letters rows. The tests feed it the events rumqttc reports,
+//! without a network.
+//!
+//! # A row the broker refuses
+//! MQTT 3.1.1 §3.3.5 lets a broker close the connection on a publish it does
+//! not authorize (EMQX, HiveMQ and AWS IoT do). That row is the oldest
+//! unacknowledged one, so it would be sent first again on every reconnect
+//! and block every later alarm. Each lost connection therefore counts a
+//! *strike* against the oldest alarm sent and not acknowledged on it; a row
+//! with a strike is from then on sent alone (nothing after it until its
+//! PUBACK), so that later strikes can only be its own; at `max_closes`
+//! strikes it is dead-lettered and the rest flows. An ordinary outage costs a
+//! row at most one strike (connect attempts that never get a CONNACK count
+//! none), and a PUBACK clears it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use rumqttc::{Event, Outgoing, Packet};
 
@@ -30,6 +43,16 @@ pub(super) enum Action {
     DeleteRow(i64),
 }
 
+/// What a lost connection means for the outbox.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Lost {
+    /// It was the current connection (false: a connect attempt that never came up).
+    pub current: bool,
+    /// This row reached the strike limit: move it to the dead-letter table.
+    pub dead_letter: Option<(i64, u32)>,
+}
+
 /// The outbox rows to send next: ids above `after`, oldest first, at most `limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct NextRows {
@@ -46,7 +69,15 @@ pub(super) struct Delivery {
     window: usize,
     /// None while there is no connection.
     conn: Option<Numbering>,
+    /// Row → connections lost while it was the oldest alarm awaiting its PUBACK.
+    strikes: HashMap<i64, u32>,
+    /// Strikes after which a row is dead-lettered (`dead_letter_after_closes`).
+    max_closes: u32,
 }
+
+/// Rows with strikes kept track of at most (a row pruned by the outbox's
+/// bounds leaves its entry behind; this keeps those few from adding up).
+const MAX_STRIKE_ROWS: usize = 1024;
 
 /// One connection's bookkeeping. A new connection starts afresh: it is a new
 /// rumqttc client (clean session) that numbers from 1 again, and every row not
@@ -69,7 +100,8 @@ struct Numbering {
     renumbered: Option<u16>,
     /// Packet id → outbox row, for alarms awaiting their PUBACK.
     awaiting_ack: HashMap<u16, i64>,
-    alarms_in_flight: usize,
+    /// Rows handed to rumqttc on this connection and not acknowledged.
+    in_flight: BTreeSet<i64>,
     /// Highest outbox row sent on this connection.
     last_sent: i64,
     offline_pkid: Option<u16>,
@@ -77,8 +109,8 @@ struct Numbering {
 }
 
 impl Delivery {
-    pub(super) fn new(window: usize) -> Self {
-        Delivery { window: window.max(1), conn: None }
+    pub(super) fn new(window: usize, max_closes: u32) -> Self {
+        Delivery { window: window.max(1), conn: None, strikes: HashMap::new(), max_closes: max_closes.max(1) }
     }
 
     /// Connection `gen` is up (CONNACK). The old numbering is forgotten, and
@@ -91,21 +123,44 @@ impl Delivery {
             resent: None,
             renumbered: None,
             awaiting_ack: HashMap::new(),
-            alarms_in_flight: 0,
+            in_flight: BTreeSet::new(),
             last_sent: 0,
             offline_pkid: None,
             offline_acked: false,
         });
     }
 
-    /// Connection `gen` failed. True if it was the current one; false for a
-    /// connect attempt that never came up.
-    pub(super) fn disconnected(&mut self, gen: u64) -> bool {
+    /// Connection `gen` failed. The oldest alarm sent on it and not
+    /// acknowledged gets a strike (see the module doc).
+    pub(super) fn disconnected(&mut self, gen: u64) -> Lost {
         let current = self.conn.as_ref().is_some_and(|c| c.gen == gen);
-        if current {
-            self.conn = None;
+        if !current {
+            return Lost { current, dead_letter: None };
         }
-        current
+        let oldest = self.conn.take().and_then(|c| c.awaiting_ack.values().min().copied());
+        let Some(row) = oldest else { return Lost { current, dead_letter: None } };
+        if self.strikes.len() >= MAX_STRIKE_ROWS && !self.strikes.contains_key(&row) {
+            self.strikes.clear();
+        }
+        let n = self.strikes.entry(row).or_insert(0);
+        *n += 1;
+        let n = *n;
+        if n >= self.max_closes {
+            self.strikes.remove(&row);
+            return Lost { current, dead_letter: Some((row, n)) };
+        }
+        Lost { current, dead_letter: None }
+    }
+
+    /// Whether `row` may be handed to rumqttc now: a row with strikes goes
+    /// only when nothing else is in flight, and nothing goes after it until
+    /// its PUBACK.
+    pub(super) fn admit(&self, row: i64) -> bool {
+        let Some(c) = self.conn.as_ref() else { return false };
+        if c.in_flight.iter().any(|r| self.strikes.contains_key(r)) {
+            return false;
+        }
+        !self.strikes.contains_key(&row) || c.in_flight.is_empty()
     }
 
     /// rumqttc accepted a publish into its request queue.
@@ -114,7 +169,7 @@ impl Delivery {
         c.unnumbered.push_back(tag);
         if let Tag::Alarm(row) = tag {
             c.last_sent = row;
-            c.alarms_in_flight += 1;
+            c.in_flight.insert(row);
         }
     }
 
@@ -122,7 +177,11 @@ impl Delivery {
     /// window full.
     pub(super) fn next_rows(&self) -> Option<NextRows> {
         let c = self.conn.as_ref()?;
-        let limit = self.window.saturating_sub(c.alarms_in_flight);
+        if c.in_flight.iter().any(|r| self.strikes.contains_key(r)) {
+            // A row with strikes travels alone.
+            return None;
+        }
+        let limit = self.window.saturating_sub(c.in_flight.len());
         (limit > 0).then_some(NextRows { after: c.last_sent, limit })
     }
 
@@ -137,7 +196,13 @@ impl Delivery {
                     c.collided = Some((*pkid, tag));
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => return c.acked(ack.pkid),
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let action = c.acked(ack.pkid);
+                if let Action::DeleteRow(row) = action {
+                    self.strikes.remove(&row);
+                }
+                return action;
+            }
             _ => {}
         }
         Action::Nothing
@@ -146,12 +211,12 @@ impl Delivery {
     /// Whether a clean stop may disconnect: `offline` and every alarm sent
     /// are acknowledged (or there is no connection left to wait on).
     pub(super) fn drained(&self) -> bool {
-        self.conn.as_ref().is_none_or(|c| c.offline_acked && c.alarms_in_flight == 0)
+        self.conn.as_ref().is_none_or(|c| c.offline_acked && c.in_flight.is_empty())
     }
 
     #[cfg(test)]
     pub(super) fn alarms_in_flight(&self) -> usize {
-        self.conn.as_ref().map_or(0, |c| c.alarms_in_flight)
+        self.conn.as_ref().map_or(0, |c| c.in_flight.len())
     }
 
     #[cfg(test)]
@@ -192,7 +257,7 @@ impl Numbering {
         }
         match acked {
             Some(row) => {
-                self.alarms_in_flight = self.alarms_in_flight.saturating_sub(1);
+                self.in_flight.remove(&row);
                 Action::DeleteRow(row)
             }
             None => Action::Nothing,
@@ -241,6 +306,9 @@ mod tests {
                 break;
             }
             for row in rows {
+                if !d.admit(row) {
+                    return sent;
+                }
                 d.queued(Tag::Alarm(row));
                 sent.push(row);
             }
@@ -281,7 +349,7 @@ mod tests {
     fn rumqttc_s_own_collision_events_delete_each_row_on_its_own_puback() {
         // Packet ids 1..=3, so that the fourth publish collides.
         let mut mqtt = MqttState::new(3, false);
-        let mut d = Delivery::new(10);
+        let mut d = Delivery::new(10, 5);
         d.connected(1);
         let mut outbox: BTreeSet<i64> = [10, 11, 12, 13].into();
         for row in [10, 11, 12] {
@@ -310,7 +378,7 @@ mod tests {
     /// before the PUBACK that freed its id), fed by hand.
     #[test]
     fn a_puback_deletes_its_own_row_even_when_rumqttc_reuses_the_pkid() {
-        let mut d = Delivery::new(10);
+        let mut d = Delivery::new(10, 5);
         d.connected(1);
         let mut outbox: BTreeSet<i64> = [11, 12, 13].into();
         d.queued(Tag::Other); // `online`
@@ -330,7 +398,7 @@ mod tests {
 
     #[test]
     fn the_window_limits_alarms_in_flight() {
-        let mut d = Delivery::new(2);
+        let mut d = Delivery::new(2, 5);
         assert_eq!(d.next_rows(), None, "nothing is sent without a connection");
         d.connected(1);
         let mut outbox: BTreeSet<i64> = (1..=5).collect();
@@ -346,26 +414,84 @@ mod tests {
 
     #[test]
     fn a_reconnect_resends_unacked_rows_in_order() {
-        let mut d = Delivery::new(3);
+        let mut d = Delivery::new(3, 5);
         d.connected(1);
         let mut outbox: BTreeSet<i64> = (1..=5).collect();
         assert_eq!(pump(&mut d, &outbox), [1, 2, 3]);
         assert_eq!(feed(&mut d, 1, &mut outbox, &[out(1), out(2), out(3), ack(2)]), [2]);
         assert_eq!(pump(&mut d, &outbox), [4]);
-        assert!(d.disconnected(1));
+        assert!(d.disconnected(1).current);
         assert_eq!(d.next_rows(), None);
         d.connected(2);
         assert_eq!(d.alarms_in_flight(), 0, "nothing is in flight on a new connection");
-        assert_eq!(pump(&mut d, &outbox), [1, 3, 4], "the oldest unacked rows first, within the window");
-        assert_eq!(feed(&mut d, 2, &mut outbox, &[out(1), out(2), out(3), ack(1), ack(2)]), [1, 3]);
-        assert_eq!(pump(&mut d, &outbox), [5]);
-        assert_eq!(feed(&mut d, 2, &mut outbox, &[out(4), ack(3), ack(4)]), [4, 5]);
+        // Row 1 was the oldest unacked at the loss: one strike, so it goes alone.
+        assert_eq!(pump(&mut d, &outbox), [1], "the oldest unacked row first, alone");
+        assert_eq!(feed(&mut d, 2, &mut outbox, &[out(1), ack(1)]), [1]);
+        assert_eq!(pump(&mut d, &outbox), [3, 4, 5], "its PUBACK clears the strike: the window again");
+        assert_eq!(feed(&mut d, 2, &mut outbox, &[out(2), out(3), out(4), ack(2), ack(3), ack(4)]), [3, 4, 5]);
         assert!(outbox.is_empty());
+    }
+
+    /// A broker that closes the connection on one row's publish (MQTT 3.1.1
+    /// §3.3.5): after `max_closes` losses with it oldest in flight, it is
+    /// dead-lettered, and only it; the rows behind it then flow.
+    #[test]
+    fn a_row_the_broker_closes_on_is_dead_lettered_alone_after_max_closes() {
+        let mut d = Delivery::new(4, 3);
+        let mut outbox: BTreeSet<i64> = (1..=6).collect();
+        let mut gen = 0;
+        // Rows 1 and 2 are fine, row 3 is refused: the broker acks 1 and 2, then closes.
+        gen += 1;
+        d.connected(gen);
+        assert_eq!(pump(&mut d, &outbox), [1, 2, 3, 4]);
+        assert_eq!(feed(&mut d, gen, &mut outbox, &[out(1), out(2), out(3), out(4), ack(1), ack(2)]), [1, 2]);
+        assert_eq!(d.disconnected(gen), Lost { current: true, dead_letter: None }, "strike 1 for row 3");
+        for strike in 2..=3 {
+            gen += 1;
+            d.connected(gen);
+            assert_eq!(pump(&mut d, &outbox), [3], "row 3 travels alone once it has a strike");
+            assert_eq!(d.next_rows(), None, "nothing after it while it is in flight");
+            assert!(feed(&mut d, gen, &mut outbox, &[out(1)]).is_empty());
+            // A connect attempt that never came up counts nothing.
+            assert_eq!(d.disconnected(gen + 100), Lost { current: false, dead_letter: None });
+            let lost = d.disconnected(gen);
+            let want = (strike == 3).then_some((3, 3));
+            assert_eq!(lost, Lost { current: true, dead_letter: want }, "strike {strike}");
+        }
+        outbox.remove(&3); // the sender task moves it to the dead-letter table
+        gen += 1;
+        d.connected(gen);
+        assert_eq!(pump(&mut d, &outbox), [4, 5, 6], "the rest flows, a full window again");
+        assert_eq!(feed(&mut d, gen, &mut outbox, &[out(1), out(2), out(3), ack(1), ack(2), ack(3)]), [4, 5, 6]);
+    }
+
+    #[test]
+    fn an_outage_costs_one_strike_that_a_puback_clears() {
+        let mut d = Delivery::new(4, 2);
+        let mut outbox: BTreeSet<i64> = (1..=3).collect();
+        d.connected(1);
+        assert_eq!(pump(&mut d, &outbox), [1, 2, 3]);
+        assert!(feed(&mut d, 1, &mut outbox, &[out(1), out(2)]).is_empty());
+        assert_eq!(d.disconnected(1).dead_letter, None);
+        d.connected(2);
+        assert_eq!(pump(&mut d, &outbox), [1]);
+        assert_eq!(feed(&mut d, 2, &mut outbox, &[out(1), ack(1)]), [1]);
+        assert_eq!(pump(&mut d, &outbox), [2, 3]);
+        assert!(feed(&mut d, 2, &mut outbox, &[out(2), out(3)]).is_empty());
+        // Row 1's strike is gone with it; row 2 gets its first one here.
+        assert_eq!(d.disconnected(2).dead_letter, None, "a second outage dead-letters nothing");
+        d.connected(3);
+        assert_eq!(pump(&mut d, &outbox), [2]);
+        // Lost with nothing sent yet (only queued): no strike.
+        assert_eq!(d.disconnected(3).dead_letter, None);
+        d.connected(4);
+        assert_eq!(pump(&mut d, &outbox), [2]);
+        assert_eq!(feed(&mut d, 4, &mut outbox, &[out(1), ack(1)]), [2]);
     }
 
     #[test]
     fn a_puback_for_an_unknown_or_stale_pkid_changes_nothing() {
-        let mut d = Delivery::new(2);
+        let mut d = Delivery::new(2, 5);
         d.connected(1);
         let mut outbox: BTreeSet<i64> = (1..=3).collect();
         d.queued(Tag::Other); // QoS 1 retained state: pkid 1
@@ -383,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_new_connection_forgets_the_old_numbering() {
-        let mut d = Delivery::new(10);
+        let mut d = Delivery::new(10, 5);
         d.connected(1);
         let mut outbox: BTreeSet<i64> = [7, 8].into();
         assert_eq!(pump(&mut d, &outbox), [7, 8]);
@@ -396,7 +522,7 @@ mod tests {
         // connection 2's numbering: pkid 2 was row 8 there and is row 7 here.
         assert!(feed(&mut d, 1, &mut outbox, &[out(4), ack(1), ack(2), ack(3)]).is_empty(), "events of connection 1");
         assert_eq!(d.alarms_in_flight(), 2);
-        assert!(!d.disconnected(1), "connection 1's error does not end connection 2");
+        assert!(!d.disconnected(1).current, "connection 1's error does not end connection 2");
         assert!(feed(&mut d, 2, &mut outbox, &[ack(1)]).is_empty(), "pkid 1 is `online` now, no longer row 7");
         assert_eq!(feed(&mut d, 2, &mut outbox, &[ack(3), ack(2)]), [8, 7]);
         assert_eq!(d.alarms_in_flight(), 0);
@@ -404,7 +530,7 @@ mod tests {
 
     #[test]
     fn a_clean_stop_waits_for_offline_and_the_alarms_in_flight() {
-        let mut d = Delivery::new(10);
+        let mut d = Delivery::new(10, 5);
         assert!(d.drained(), "no connection: nothing to wait for");
         d.connected(1);
         let mut outbox: BTreeSet<i64> = [1].into();
