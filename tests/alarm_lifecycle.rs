@@ -67,6 +67,7 @@ host = "{host}"
 port = {port}
 topic_prefix = "{prefix}"
 node_id = "box"
+client_id = "{prefix}"
 outbox_path = "outbox.sqlite"
 keep_alive_s = 5
 reconnect_min_s = 0.05
