@@ -108,7 +108,7 @@ fn a_clean_stop_ends_the_active_alarm_with_reason_shutdown() {
         sub.wait(Duration::from_secs(90), "an alarm start", |m| find(m, |a| a.kind == AlarmKind::Start).is_some()),
     );
     let start = find(&msgs, |a| a.kind == AlarmKind::Start).expect("start");
-    assert_eq!(open_alarms(dir.path()), [start.id.clone()], "the start is journaled while active");
+    assert_eq!(open_alarms(dir.path()), vec![start.id.clone()], "the start is journaled while active");
 
     tx.send(Signal::Stop).expect("stop");
     run.join().expect("the daemon did not panic").expect("a clean stop");
@@ -179,7 +179,7 @@ fn after_a_kill_the_restart_ends_the_open_alarm_and_ids_are_not_reused() {
     // SIGKILL: no shutdown code runs, as in a crash or an OOM kill.
     first_run.0.kill().expect("SIGKILL");
     first_run.0.wait().expect("reaped");
-    assert_eq!(open_alarms(dir.path()), [first.id.clone()], "left open by the kill");
+    assert_eq!(open_alarms(dir.path()), vec![first.id.clone()], "left open by the kill");
 
     let second_run = Daemon::spawn(&cfg);
     let ended = |a: &AlarmEvent| a.kind == AlarmKind::End && a.id == first.id;
