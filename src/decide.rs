@@ -10,6 +10,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use ganomaly_core::{Calibration, ScoreKind};
@@ -41,20 +42,33 @@ pub enum Outcome {
 }
 
 impl Decider {
-    pub fn new(camera: &str, kind: ScoreKind, calibration: Calibration, alarm: AlarmConfig) -> Decider {
-        Decider { kind, calibration, alarm: AlarmMachine::new(camera, alarm) }
+    /// `last_alarm`: the number of the camera's last alarm before this run
+    /// (from the open-alarm journal; 0 if none), so that ids stay unique.
+    pub fn new(
+        camera: &str,
+        kind: ScoreKind,
+        calibration: Calibration,
+        alarm: AlarmConfig,
+        last_alarm: u64,
+    ) -> Decider {
+        Decider { kind, calibration, alarm: AlarmMachine::new(camera, alarm, last_alarm) }
     }
 
     /// Decides one frame (`raw`: the camera's score from the batch, if the
-    /// model produced one).
-    pub fn decide(&mut self, seq: u64, ts_ms: u64, raw: Option<f32>) -> Outcome {
+    /// model produced one) captured at `at` (monotonic) / `ts_ms` (wall clock).
+    pub fn decide(&mut self, seq: u64, ts_ms: u64, at: Instant, raw: Option<f32>) -> Outcome {
         let raw = raw.map_or(f64::NAN, f64::from);
         if !raw.is_finite() {
             return Outcome::Broken { raw };
         }
         let score = self.calibration.normalize(raw);
-        let alarm = self.alarm.observe(Scored { seq, ts_ms, score, raw });
+        let alarm = self.alarm.observe(Scored { seq, ts_ms, at, score, raw });
         Outcome::Scored { score, raw, alarm }
+    }
+
+    /// The daemon is stopping: the `end` (reason `shutdown`) of an active alarm.
+    pub fn stop(&mut self) -> Option<AlarmEvent> {
+        self.alarm.stop()
     }
 
     /// New alarm thresholds/timing (SIGHUP); an alarm in progress carries on under them.
@@ -115,6 +129,14 @@ impl Camera {
         let _ = self.recycle.try_send(frame.pixels);
     }
 
+    /// The daemon is stopping: ends this camera's active alarm, if any
+    /// (published like any end: through the outbox, before the publisher drains).
+    pub fn stop(&mut self, out: &Outputs) {
+        if let Some(ev) = self.decider.stop() {
+            self.publish_alarm(&ev, out);
+        }
+    }
+
     fn alarm(&self, mut ev: AlarmEvent, frame: &Frame, map: &[f32], side: usize, out: &Outputs) {
         let start = ev.kind == AlarmKind::Start;
         if let (true, Some(q)) = (start, out.snapshots) {
@@ -132,11 +154,16 @@ impl Camera {
                 ev.snapshot = Some(name);
             }
         }
+        self.publish_alarm(&ev, out);
+    }
+
+    fn publish_alarm(&self, ev: &AlarmEvent, out: &Outputs) {
+        let start = ev.kind == AlarmKind::Start;
         tracing::info!(
-            camera = %self.name, id = %ev.id, kind = ?ev.kind, seq = ev.seq,
+            camera = %self.name, id = %ev.id, kind = ?ev.kind, reason = ?ev.reason, seq = ev.seq,
             peak = ev.peak, frames = ev.frames, "alarm"
         );
-        out.publisher.alarm(&ev);
+        out.publisher.alarm(ev);
         out.publisher.alarm_state(&self.name, start);
         self.counters.alarm_active.store(start, Ordering::Relaxed);
         if start {
@@ -154,18 +181,23 @@ mod tests {
         let cal = Calibration { threshold: 2.0, min: 1.0, max: 5.0, ..Calibration::uncalibrated() };
         let alarm =
             AlarmConfig { threshold: 0.5, clear_threshold: 0.4, min_frames: 2, clear_frames: 2, cooldown_ms: 0 };
-        Decider::new("cam", ScoreKind::Recon, cal, alarm)
+        Decider::new("cam", ScoreKind::Recon, cal, alarm, 0)
+    }
+
+    fn t(ms: u64) -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now) + std::time::Duration::from_millis(ms)
     }
 
     #[test]
     fn non_finite_or_missing_scores_are_broken_and_leave_the_alarm_alone() {
         let mut d = decider();
-        assert!(matches!(d.decide(0, 0, Some(9.0)), Outcome::Scored { alarm: None, .. }));
+        assert!(matches!(d.decide(0, 0, t(0), Some(9.0)), Outcome::Scored { alarm: None, .. }));
         for (seq, raw) in [(1, Some(f32::NAN)), (2, Some(f32::INFINITY)), (3, None)] {
-            assert!(matches!(d.decide(seq, seq, raw), Outcome::Broken { .. }), "{raw:?}");
+            assert!(matches!(d.decide(seq, seq, t(seq), raw), Outcome::Broken { .. }), "{raw:?}");
         }
         // The run of high scores was not broken by the NaNs: one more raises the alarm.
-        match d.decide(4, 4, Some(9.0)) {
+        match d.decide(4, 4, t(4), Some(9.0)) {
             Outcome::Scored { alarm: Some(ev), .. } => assert_eq!((ev.kind, ev.first_seq), (AlarmKind::Start, 0)),
             other => panic!("{other:?}"),
         }
@@ -174,8 +206,8 @@ mod tests {
     #[test]
     fn scores_are_normalized_with_the_models_calibration() {
         let mut d = decider();
-        assert_eq!(d.decide(0, 0, Some(2.0)), Outcome::Scored { score: 0.5, raw: 2.0, alarm: None });
-        let Outcome::Scored { score, .. } = d.decide(1, 1, Some(1.0)) else { panic!() };
+        assert_eq!(d.decide(0, 0, t(0), Some(2.0)), Outcome::Scored { score: 0.5, raw: 2.0, alarm: None });
+        let Outcome::Scored { score, .. } = d.decide(1, 1, t(1), Some(1.0)) else { panic!() };
         assert!((score - 0.25).abs() < 1e-12, "{score}");
     }
 
@@ -185,7 +217,7 @@ mod tests {
         let events: Vec<(u64, AlarmKind)> = [3.0, 3.0, 3.0, 1.0, 1.0, 1.0]
             .iter()
             .enumerate()
-            .filter_map(|(i, &raw)| match d.decide(i as u64, i as u64 * 100, Some(raw)) {
+            .filter_map(|(i, &raw)| match d.decide(i as u64, i as u64 * 100, t(i as u64 * 100), Some(raw)) {
                 Outcome::Scored { alarm: Some(ev), .. } => Some((ev.seq, ev.kind)),
                 _ => None,
             })
@@ -204,7 +236,7 @@ mod tests {
             cooldown_ms: 0,
         });
         // 0.75 normalized: above the old threshold, below the new one.
-        assert!(matches!(d.decide(0, 0, Some(3.0)), Outcome::Scored { alarm: None, .. }));
-        assert!(matches!(d.decide(1, 1, Some(9.0)), Outcome::Scored { alarm: Some(_), .. }));
+        assert!(matches!(d.decide(0, 0, t(0), Some(3.0)), Outcome::Scored { alarm: None, .. }));
+        assert!(matches!(d.decide(1, 1, t(1), Some(9.0)), Outcome::Scored { alarm: Some(_), .. }));
     }
 }

@@ -45,6 +45,20 @@ pub enum AlarmKind {
     End,
 }
 
+/// Why an alarm ended (`end` events only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    /// Its frames fell below the clear threshold for `clear_frames` frames.
+    Cleared,
+    /// The daemon stopped cleanly while the alarm was active: whether the
+    /// part is still anomalous is unknown from here on.
+    Shutdown,
+    /// The daemon found the alarm still open when it started again (it died
+    /// during the alarm: crash, power cut, kill -9).
+    Restart,
+}
+
 /// An alarm start or end. `id` is shared by the start and end of one alarm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlarmEvent {
@@ -71,6 +85,9 @@ pub struct AlarmEvent {
     /// Snapshot file written for this alarm, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Why it ended (`end` events only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<EndReason>,
 }
 
 /// A JPEG of the frame that raised an alarm, with the anomaly map overlaid.
@@ -189,12 +206,16 @@ mod tests {
             first_seq: 7,
             seq: 9,
             snapshot: None,
+            reason: None,
         };
         let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["type"], "start");
-        assert!(v.get("end_ts").is_none());
+        assert!(v.get("end_ts").is_none() && v.get("reason").is_none());
         let back: AlarmEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, ev);
+        let end = AlarmEvent { kind: AlarmKind::End, end_ts: Some(12), reason: Some(EndReason::Restart), ..ev };
+        let v: serde_json::Value = serde_json::to_value(&end).unwrap();
+        assert_eq!((v["type"].as_str(), v["reason"].as_str()), (Some("end"), Some("restart")));
     }
 
     #[test]

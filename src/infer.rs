@@ -1,8 +1,9 @@
 //! Inference: the ONNX Runtime session and the thread that owns it.
 //!
-//! [`Model`] loads a GANomaly ONNX file, checks it against its own metadata
-//! (input `image` `[N, C, S, S]`, one output per score, `anomaly_map`) and
-//! refuses it with an error naming the tensor or key that is wrong. The
+//! [`Model`] loads a GANomaly ONNX file, checks it (size, no external data,
+//! input `image` `[N, C, S, S]`, one output per score, `anomaly_map`, all
+//! against its own metadata: `ganomaly_core::onnx::check`) and refuses it
+//! with an error naming the tensor or key that is wrong. The
 //! session is built once, with the execution providers from the config tried
 //! in order (TensorRT → CUDA → CPU by default); the provider actually running
 //! the model is logged and reported, and `require_accelerator` turns a CPU
@@ -15,6 +16,9 @@
 //! camera's decision step ([`crate::decide`]), which normalises, runs the
 //! alarm machine and hands scores, alarms and snapshot jobs on without
 //! waiting on any of them.
+//!
+//! When its input closes (shutdown), it ends the alarms still active
+//! (reason `shutdown`) before it returns.
 //!
 //! Backpressure: this thread's input is a bounded channel that the preprocess
 //! workers block on, so a slow model fills it, then the per-camera queues,
@@ -48,8 +52,6 @@ pub enum InferError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("model {path} is not a usable GANomaly ONNX model: {source}")]
     Metadata { path: PathBuf, source: ganomaly_core::onnx::OnnxError },
-    #[error("model {path}: {reason}")]
-    Shape { path: PathBuf, reason: String },
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
     #[error("ONNX Runtime could not load model {path}: {source}")]
@@ -101,14 +103,21 @@ pub struct Model {
 }
 
 impl Model {
-    /// Reads and checks `path`, builds its session.
+    /// Reads and checks `path` (size, external data, graph against metadata:
+    /// [`ganomaly_core::onnx::check`], the same check as `check-config`),
+    /// builds its session.
     pub fn load(path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
-        let bytes = std::fs::read(path).map_err(|source| InferError::Read { path: path.into(), source })?;
+        let bytes = ganomaly_core::onnx::check::read_file(path).map_err(|e| match e {
+            ganomaly_core::onnx::OnnxError::Io { source, .. } => InferError::Read { path: path.into(), source },
+            source => InferError::Metadata { path: path.into(), source },
+        })?;
         Model::from_bytes(&bytes, path, cfg)
     }
 
     pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
-        let meta = ganomaly_core::onnx::read_metadata(bytes)
+        // Checked before ONNX Runtime sees a byte: it would act on external
+        // data and memory markers that the daemon never reads itself.
+        let meta = ganomaly_core::onnx::check::check_model(bytes)
             .map_err(|source| InferError::Metadata { path: path.into(), source })?;
         let env = crate::runtime::environment(cfg.ort_library.as_deref())?;
         let (session, provider) = build_session(env, bytes, path, cfg)?;
@@ -116,7 +125,6 @@ impl Model {
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
         let model = Model { session, meta, path: path.into(), provider, channels, side, kinds };
-        model.check_graph()?;
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -125,38 +133,6 @@ impl Model {
             "model loaded"
         );
         Ok(model)
-    }
-
-    /// The graph's inputs and outputs must be what the metadata promises.
-    fn check_graph(&self) -> Result<(), InferError> {
-        let err = |reason: String| InferError::Shape { path: self.path.clone(), reason };
-        let want = [-1i64, self.channels as i64, self.side as i64, self.side as i64];
-        let inputs = self.session.inputs();
-        let input = inputs.iter().find(|i| i.name() == "image").ok_or_else(|| {
-            let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
-            err(format!("has no input tensor `image` (inputs: {names:?})"))
-        })?;
-        if inputs.len() != 1 {
-            return Err(err(format!("has {} inputs; only `image` is expected", inputs.len())));
-        }
-        let shape: Vec<i64> = input.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-        // The batch dimension must be dynamic: frames from several cameras are
-        // batched up to `max_batch`, and a fixed-batch graph would fail only
-        // under load, exactly when the line is busy.
-        let fits = shape.len() == 4 && shape[1..] == want[1..] && shape[0] == -1;
-        if !fits || input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
-            return Err(err(format!(
-                "input tensor `image` is {:?} {shape:?}; its metadata (ganomaly.preprocess) needs f32 {want:?} (-1: a dynamic batch dimension)",
-                input.dtype().tensor_type()
-            )));
-        }
-        let outputs: Vec<&str> = self.session.outputs().iter().map(|o| o.name()).collect();
-        for name in self.kinds.iter().map(|k| k.output()).chain(["anomaly_map"]) {
-            if !outputs.contains(&name) {
-                return Err(err(format!("has no output tensor `{name}` (outputs: {outputs:?})")));
-            }
-        }
-        Ok(())
     }
 
     /// Floats in one input image.
@@ -397,13 +373,20 @@ fn run(mut t: InferThread) {
                 let _ = cam.recycle.try_send(frame.pixels);
                 continue;
             }
-            let outcome = cam.decider.decide(frame.seq, frame.ts_ms, out.score(cam.decider.kind, i));
+            let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, out.score(cam.decider.kind, i));
             decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
             cam.act(outcome, frame, &out.maps[i * side * side..(i + 1) * side * side], side, &outputs);
         }
         // Life is decided frames: a failed run, or a batch of only unusable
         // scores, does not count (see `base::liveness`).
         t.liveness.beat(if decided > 0 { Beat::Decided } else { Beat::Failed });
+    }
+    // Input closed: the sources have stopped, every frame is decided. An
+    // alarm still active would dangle on the broker (a `start` with no `end`
+    // forever); end it, through the same outbox, before the publisher drains.
+    let outputs = Outputs { publisher: &*t.publisher, snapshots: None };
+    for cam in t.cameras.iter_mut().flatten() {
+        cam.stop(&outputs);
     }
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");
 }

@@ -7,7 +7,8 @@
 //! - [`preprocess`]: the preprocessing thread pool (uses `ganomaly_core::preprocess`).
 //! - [`infer`]: the inference thread that owns the ORT session; batching; execution providers.
 //! - [`decide`]: what a scored frame means, as a pure function (normalise, NaN guard, alarm machine →
-//!   actions); [`alarm`] is its per-camera state machine.
+//!   actions); [`alarm`] is its per-camera state machine; [`alarm_state`] journals open alarms so that a
+//!   restart after a crash ends them, and keeps alarm ids unique across restarts.
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
@@ -24,6 +25,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod alarm;
+pub mod alarm_state;
 pub mod base;
 pub mod capture;
 pub mod cmds;

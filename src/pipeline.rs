@@ -13,11 +13,13 @@
 //!
 //! Shutdown ([`Pipeline::shutdown`]): the stop flag ends the camera threads;
 //! their queues close, the preprocess workers drain them and exit, which
-//! closes the inference inputs; inference drains and exits, dropping the
-//! snapshot queue, so the writer finishes its last jobs. Nothing in flight is
-//! lost on the way down. A camera thread stuck in a read of its source is
-//! waited for [`STOP_GRACE`] at most, then left behind with its queue closed
-//! (see `capture::watch`), so a wedged driver cannot hold up a stop.
+//! closes the inference inputs; inference drains, ends the alarms still
+//! active (reason `shutdown`) and exits, dropping the snapshot queue, so the
+//! writer finishes its last jobs; the open-alarm journal hands its last
+//! events to the publisher. Nothing in flight is lost on the way down. A
+//! camera thread stuck in a read of its source is waited for [`STOP_GRACE`]
+//! at most, then left behind with its queue closed (see `capture::watch`), so
+//! a wedged driver cannot hold up a stop.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use ganomaly_core::ScoreKind;
 
+use crate::alarm_state::{self, JournalHandle};
 use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
 use crate::capture::watch::{self, STOP_GRACE};
@@ -62,6 +65,10 @@ pub struct StartOptions {
     pub backoff_max: Duration,
     /// Publish `stats` every `pipeline.stats_interval_s`.
     pub stats: bool,
+    /// The open-alarm journal (`alarm_state`): `run` puts it beside the MQTT
+    /// outbox. `None`: no journal (bench, tests, no MQTT): alarms open at a
+    /// crash stay open, and ids count from 1 again.
+    pub alarm_journal: Option<PathBuf>,
 }
 
 impl Default for StartOptions {
@@ -71,6 +78,7 @@ impl Default for StartOptions {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             stats: true,
+            alarm_journal: None,
         }
     }
 }
@@ -112,6 +120,7 @@ pub struct Pipeline {
     liveness: Liveness,
     /// Camera names in pipeline order, with the control channel of their model's inference thread.
     control: Vec<(String, Sender<infer::Control>)>,
+    journal: Option<JournalHandle>,
 }
 
 /// One camera's channels and counters while the pipeline is wired up.
@@ -198,12 +207,13 @@ fn pool_spec(cams: &[Wiring], models: &[Model], channels: &[ModelChannels]) -> P
 }
 
 impl Wiring<'_> {
-    /// The camera as its model's inference thread decides for it.
-    fn decided_by(&self, model: &Model, kind: ScoreKind) -> Camera {
+    /// The camera as its model's inference thread decides for it; its alarm
+    /// numbers continue after `last_alarm`.
+    fn decided_by(&self, model: &Model, kind: ScoreKind, last_alarm: u64) -> Camera {
         let calibration = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
         Camera {
             name: self.plan.name.clone(),
-            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm),
+            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm, last_alarm),
             roi: self.plan.roi,
             counters: self.counters.clone(),
             recycle: self.recycle.0.clone(),
@@ -225,6 +235,21 @@ impl Pipeline {
         let (models, cams) = load_and_wire(settings)?;
         let kinds = cams.iter().map(|c| score_kind(c.plan, &models[c.model])).collect::<Result<Vec<ScoreKind>, _>>()?;
 
+        // After the models loaded (a run that cannot start publishes
+        // nothing), before any thread can raise an alarm.
+        let (publisher, journal, last_numbers) = match &opts.alarm_journal {
+            Some(path) => match alarm_state::start(path, publisher.clone()) {
+                Ok(s) => (s.publisher, Some(s.handle), s.last_numbers),
+                Err(e) => {
+                    tracing::error!(
+                        error = %crate::base::report::chain(&e),
+                        "running without the open-alarm journal: an alarm open at a crash will not be ended on restart"
+                    );
+                    (publisher, None, BTreeMap::new())
+                }
+            },
+            None => (publisher, None, BTreeMap::new()),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let liveness = Liveness::start();
         let (snap_queue, snapshot_writer) = match &settings.snapshots {
@@ -243,7 +268,10 @@ impl Pipeline {
         let mut inference_threads = Vec::new();
         for (m, (model, ch)) in models.into_iter().zip(&channels).enumerate() {
             // Indexed like the pipeline's cameras; `None` for other models' cameras.
-            let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| (c.model == m).then(|| c.decided_by(&model, kind)));
+            let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| {
+                let last = last_numbers.get(&c.plan.name).copied().unwrap_or(0);
+                (c.model == m).then(|| c.decided_by(&model, kind, last))
+            });
             inference_threads.push(infer::spawn(InferThread {
                 cameras: cameras.collect(),
                 model,
@@ -324,6 +352,7 @@ impl Pipeline {
             providers,
             liveness,
             control,
+            journal,
         })
     }
 
@@ -395,6 +424,14 @@ impl Pipeline {
         if let Some(h) = self.watch.take() {
             let _ = h.join();
         }
+        // Every stage has ended: the shutdown ends of active alarms are queued
+        // at the journal; they reach the publisher before `join` returns (and
+        // so before the caller drains the publisher).
+        if let Some(j) = self.journal.take() {
+            if !j.flush(JOURNAL_FLUSH) {
+                tracing::warn!("the open-alarm journal did not drain in time");
+            }
+        }
         let mut latency = LatencyHistogram::default();
         let cameras = self
             .counters
@@ -454,6 +491,10 @@ impl Pipeline {
         self.join()
     }
 }
+
+/// How long `join` waits for the open-alarm journal to hand its last events
+/// on: a few SQLite commits, unless the disk has stalled.
+const JOURNAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// The score kind a camera uses, which its model must export (checked again
 /// here: the file may have changed since the config was compiled).

@@ -2,11 +2,18 @@
 //! map laid over its region of interest as a heat map, written as JPEG to the
 //! snapshot directory (newest `retain` kept) and handed to the publisher.
 //!
+//! Retention deletes only files this daemon names ([`is_ours`]), never any
+//! other file in the folder (a folder shared with images of another program
+//! keeps them), and counts age by the order the writer wrote them, not by the
+//! wall clock in their names: after NTP steps the clock back, the snapshot
+//! just written is not taken for the oldest and deleted at once.
+//!
 //! Encoding a JPEG costs milliseconds, so it runs on its own thread: the
 //! inference thread hands jobs over a small bounded channel and never waits
 //! (policy: if the writer is behind, the snapshot is skipped and counted; the
 //! alarm itself is still published, without a snapshot reference).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -101,21 +108,61 @@ pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, SnapshotError
     Ok(out)
 }
 
-/// Deletes the oldest `.jpg` files in `dir` beyond the newest `retain`.
-pub fn enforce_retention(dir: &Path, retain: usize) -> std::io::Result<usize> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
-        .collect();
-    if files.len() <= retain {
-        return Ok(0);
+/// Whether `name` is a snapshot that [`file_name`] made:
+/// `<ts, ≥ 13 digits>_<camera>-<first ts>-<n>.jpg`.
+pub fn is_ours(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((ts, id)) = name.strip_suffix(".jpg").and_then(|stem| stem.split_once('_')) else { return false };
+    let mut parts = id.rsplitn(3, '-');
+    let (Some(n), Some(first), Some(camera)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    ts.len() >= 13 && digits(ts) && digits(first) && digits(n) && !camera.is_empty()
+}
+
+/// The daemon's snapshots in one folder, oldest first in the order written;
+/// beyond `retain`, the oldest are deleted.
+#[derive(Debug)]
+pub struct Retention {
+    dir: PathBuf,
+    retain: usize,
+    files: VecDeque<String>,
+}
+
+impl Retention {
+    /// The snapshots earlier runs left in `dir`, in name order (their
+    /// wall-clock time is the only order left of them; all are older than
+    /// anything this run writes). Temporaries a crash left mid-write go.
+    pub fn scan(dir: &Path, retain: usize) -> Retention {
+        let mut files = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for name in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+                if is_ours(&name) {
+                    files.push(name);
+                } else if name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).is_some_and(is_ours) {
+                    let _ = std::fs::remove_file(dir.join(&name));
+                }
+            }
+        }
+        files.sort();
+        Retention { dir: dir.to_path_buf(), retain, files: files.into() }
     }
-    files.sort();
-    let excess = files.len() - retain;
-    for f in &files[..excess] {
-        std::fs::remove_file(f)?;
+
+    /// `name` was just written: it is the newest. Deletes the oldest beyond
+    /// `retain`; returns how many. A file already gone (removed by hand) is
+    /// not an error.
+    pub fn wrote(&mut self, name: &str) -> std::io::Result<usize> {
+        self.files.retain(|f| f != name);
+        self.files.push_back(name.to_string());
+        let mut deleted = 0;
+        while self.files.len() > self.retain {
+            let Some(old) = self.files.pop_front() else { break };
+            match std::fs::remove_file(self.dir.join(&old)) {
+                Ok(()) => deleted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
     }
-    Ok(excess)
 }
 
 /// Sender side used by the inference thread.
@@ -156,8 +203,9 @@ pub fn spawn_writer(
 
 fn writer(cfg: SnapshotSettings, rx: Receiver<SnapshotJob>, publisher: Arc<dyn Publisher>) {
     let dir = cfg.dir.clone();
+    let mut retention = Retention::scan(&dir, cfg.retain);
     for job in rx {
-        match write_one(&cfg, &dir, &job) {
+        match write_one(&cfg, &dir, &job, &mut retention) {
             Ok(jpeg) => {
                 publisher.snapshot(&Snapshot { camera: job.camera.clone(), alarm_id: job.alarm_id.clone(), jpeg });
             }
@@ -166,7 +214,12 @@ fn writer(cfg: SnapshotSettings, rx: Receiver<SnapshotJob>, publisher: Arc<dyn P
     }
 }
 
-fn write_one(cfg: &SnapshotSettings, dir: &Path, job: &SnapshotJob) -> Result<Vec<u8>, SnapshotError> {
+fn write_one(
+    cfg: &SnapshotSettings,
+    dir: &Path,
+    job: &SnapshotJob,
+    retention: &mut Retention,
+) -> Result<Vec<u8>, SnapshotError> {
     let img = render(&job.frame, job.roi, &job.map, job.side, cfg.overlay_alpha)?;
     let jpeg = encode_jpeg(&img, cfg.quality)?;
     let path = dir.join(&job.file_name);
@@ -176,7 +229,7 @@ fn write_one(cfg: &SnapshotSettings, dir: &Path, job: &SnapshotJob) -> Result<Ve
     let tmp = dir.join(format!(".{}.tmp", job.file_name));
     std::fs::write(&tmp, &jpeg).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
-    if let Err(e) = enforce_retention(dir, cfg.retain) {
+    if let Err(e) = retention.wrote(&job.file_name) {
         tracing::warn!(dir = %dir.display(), error = %e, "snapshot retention failed");
     }
     tracing::info!(camera = %job.camera, alarm = %job.alarm_id, path = %path.display(), "snapshot written");
@@ -201,20 +254,74 @@ mod tests {
         assert!(cold[2] > 100 && cold[0] < 50, "cold area blue: {cold:?}");
     }
 
-    #[test]
-    fn retention_keeps_the_newest_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for ts in [3u64, 1, 2, 4] {
-            std::fs::write(dir.path().join(file_name(ts, "a")), b"x").expect("write");
-        }
-        std::fs::write(dir.path().join("keep.txt"), b"x").expect("write");
-        assert_eq!(enforce_retention(dir.path(), 2).expect("retention"), 2);
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+    fn names(dir: &Path) -> Vec<String> {
+        let mut left: Vec<String> = std::fs::read_dir(dir)
             .expect("dir")
             .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
             .collect();
         left.sort();
-        assert_eq!(left, vec![file_name(3, "a"), file_name(4, "a"), "keep.txt".to_string()]);
+        left
+    }
+
+    #[test]
+    fn only_the_daemons_own_names_count_as_ours() {
+        assert!(is_ours(&file_name(1_718_000_000_180, "line3-1718000000100-1")));
+        assert!(is_ours(&file_name(5, "cam_a-b-5-12")), "camera names may hold - and _");
+        for other in [
+            "IMG_0001.jpg",
+            "1718000000180_line3-1718000000100-1.jpeg",
+            "171800000018_line3-1-1.jpg",
+            "1718000000180_line3.jpg",
+            "1718000000180_-1-1.jpg",
+            "1718000000180_line3-x-1.jpg",
+            "part-0001.jpg",
+        ] {
+            assert!(!is_ours(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_files_and_deletes_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for ts in [3u64, 1, 2] {
+            std::fs::write(dir.path().join(file_name(ts, &format!("c-{ts}-1"))), b"x").expect("write");
+        }
+        // Not ours: a camera's own images, a note, a temporary of another program.
+        for other in ["keep.txt", "good_0001.jpg", "1.jpg", ".other.tmp"] {
+            std::fs::write(dir.path().join(other), b"x").expect("write");
+        }
+        // Ours, left half-written by a crash.
+        std::fs::write(dir.path().join(format!(".{}.tmp", file_name(9, "c-9-1"))), b"x").expect("write");
+        let mut r = Retention::scan(dir.path(), 2);
+        let new = file_name(4, "c-4-1");
+        std::fs::write(dir.path().join(&new), b"x").expect("write");
+        assert_eq!(r.wrote(&new).expect("retention"), 2);
+        let mut want = vec![
+            file_name(3, "c-3-1"),
+            new,
+            ".other.tmp".into(),
+            "1.jpg".into(),
+            "good_0001.jpg".into(),
+            "keep.txt".into(),
+        ];
+        want.sort();
+        assert_eq!(names(dir.path()), want);
+    }
+
+    #[test]
+    fn retention_follows_write_order_when_the_clock_steps_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Retention::scan(dir.path(), 2);
+        // Written in this order; the wall clock stepped back an hour before the third.
+        let written = [file_name(10_000_000, "c-1-1"), file_name(10_000_100, "c-2-2"), file_name(6_400_200, "c-3-3")];
+        for name in &written {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+            r.wrote(name).expect("retention");
+        }
+        // Name order would have deleted the newest (the smallest time); write order keeps it.
+        let mut want = vec![written[1].clone(), written[2].clone()];
+        want.sort();
+        assert_eq!(names(dir.path()), want);
     }
 
     #[test]

@@ -210,6 +210,7 @@ fn an_mjpeg_camera_feeds_the_whole_pipeline() {
         stats: false,
         backoff_min: Duration::from_millis(5),
         backoff_max: Duration::from_millis(20),
+        ..StartOptions::default()
     };
     let p = Pipeline::start(&cfg, Arc::new(Recorder::default()), opts).expect("pipeline starts");
     let t = Instant::now();

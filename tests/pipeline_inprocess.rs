@@ -421,6 +421,7 @@ fn a_failing_source_goes_offline_and_back_online_while_other_cameras_keep_flowin
         stats: false,
         backoff_min: Duration::from_millis(5),
         backoff_max: Duration::from_millis(20),
+        ..StartOptions::default()
     };
     let p = Pipeline::start(&cfg, publisher, opts).expect("pipeline starts");
     let flaky_online = |rec: &Recorder| {

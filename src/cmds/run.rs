@@ -103,7 +103,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
                 (Arc::new(NullPublisher), None, None)
             }
         };
-    let pipeline = match Pipeline::start(&cfg, publisher, StartOptions::default()) {
+    // Open alarms are journaled beside the outbox: a restart after a crash ends them.
+    let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
+    let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
+    let pipeline = match Pipeline::start(&cfg, publisher, opts) {
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = handle {

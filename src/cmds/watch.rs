@@ -198,8 +198,13 @@ pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchA
                 let what = match a.kind {
                     crate::events::AlarmKind::Start => "ALARM START".to_string(),
                     crate::events::AlarmKind::End => {
+                        let why = match a.reason {
+                            Some(crate::events::EndReason::Shutdown) => " (daemon stopped)",
+                            Some(crate::events::EndReason::Restart) => " (daemon restarted after dying)",
+                            Some(crate::events::EndReason::Cleared) | None => "",
+                        };
                         format!(
-                            "alarm end   after {:.1} s",
+                            "alarm end   after {:.1} s{why}",
                             a.end_ts.unwrap_or(a.ts).saturating_sub(a.start_ts) as f64 / 1000.0
                         )
                     }

@@ -448,7 +448,7 @@ fn model_check(model: &Path, score: Option<ScoreChoice>, p: &str, problems: &mut
         problems.push(format!("{p}.model: {} does not exist", model.display()));
         return;
     }
-    match ganomaly_core::onnx::read_metadata_file(model) {
+    match ganomaly_core::onnx::check::check_model_file(model) {
         Ok(meta) => {
             if let Some(ScoreChoice::Kind(k)) = score {
                 if meta.score(k).is_none() {

@@ -77,6 +77,7 @@ pub fn alarm(i: u64, camera: &str) -> AlarmEvent {
         first_seq: 10 * i,
         seq: 10 * i + 3,
         snapshot: None,
+        reason: (!start).then_some(ganomalyd::events::EndReason::Cleared),
     }
 }
 

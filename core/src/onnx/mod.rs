@@ -1,5 +1,6 @@
-//! GANomaly as an ONNX file, written from Rust: the graph writer, and a reader
-//! for the metadata and weights of a file we wrote.
+//! GANomaly as an ONNX file, written from Rust: the graph writer, a reader
+//! for the metadata and weights of a file we wrote, and ([`check`]) what any
+//! model file must be before it is run.
 //!
 //! The graph (opset 17, IR version 8, which ONNX Runtime 1.31 accepts):
 //! - input `image` f32 `[N, C, S, S]` in [-1, 1], N dynamic;
@@ -19,6 +20,7 @@
 //! BatchNorm is written as `BatchNormalization` with the running statistics
 //! (inference mode); ONNX Runtime folds it into the convolutions itself.
 
+pub mod check;
 pub mod proto;
 
 use std::collections::BTreeMap;
@@ -56,6 +58,16 @@ pub enum OnnxError {
     Initializer { name: String, reason: String },
     #[error("cannot read model file {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("model file {path} is {size} bytes; the limit is {max} bytes (MAX_MODEL_BYTES)")]
+    TooLarge { path: String, size: u64, max: u64 },
+    #[error("tensor `{tensor}` ({place}) keeps its data outside the model file (location `{location}`): external data is refused, the weights must be inside the file")]
+    ExternalData { tensor: String, place: String, location: String },
+    #[error("tensor `{tensor}` ({place}) points at ONNX Runtime's in-memory marker `*/_ORT_MEM_ADDR_/*` (data read from process memory): refused")]
+    MemoryMarker { tensor: String, place: String },
+    #[error("{0}")]
+    Input(String),
+    #[error("output tensor `{name}` {reason}")]
+    Output { name: String, reason: String },
 }
 
 /// Shape of a graph input or output; `None` for a symbolic dimension.
@@ -161,6 +173,7 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
         .into_iter()
         .chain(mahalanobis.then(|| value_info(ScoreKind::Mahalanobis.output(), &[n()])))
         .collect(),
+        ..Default::default()
     };
     let model = ModelProto {
         ir_version: Some(IR_VERSION),
@@ -176,6 +189,7 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
             .into_iter()
             .map(|(k, v)| StringStringEntryProto { key: Some(k), value: Some(v) })
             .collect(),
+        ..Default::default()
     };
     Ok(model.encode_to_vec())
 }
@@ -199,15 +213,10 @@ pub fn read_metadata(bytes: &[u8]) -> Result<ModelMetadata, OnnxError> {
     Ok(ModelMetadata::from_props(&read_props(bytes)?)?)
 }
 
-/// Reads a model file from disk and returns its metadata.
-pub fn read_metadata_file(path: &std::path::Path) -> Result<ModelMetadata, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.display().to_string(), source })?;
-    read_metadata(&bytes)
-}
-
 /// Metadata and generator weights of a model we wrote (for `eval`, fine-tuning).
 pub fn read_model(bytes: &[u8]) -> Result<(ModelMetadata, Weights), OnnxError> {
     let model = ModelProto::decode(bytes)?;
+    check::refuse_outside_data(&model)?;
     let meta = ModelMetadata::from_props(&props_of(&model))?;
     let graph = model.graph.ok_or(OnnxError::NoGraph)?;
     let mut weights = Weights::default();
@@ -327,6 +336,7 @@ impl GraphBuilder {
             float_data: vec![],
             name: Some(name.into()),
             raw_data: Some(raw),
+            ..Default::default()
         });
     }
 

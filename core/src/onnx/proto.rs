@@ -1,11 +1,20 @@
 //! The few ONNX protobuf messages the writer and reader need, declared with
 //! prost's derive macros and the field numbers of `onnx.proto` (proto2: scalars
-//! are `Option`s, repeated numbers are not packed). Fields we never write or
-//! read are simply not declared: prost skips unknown fields when decoding.
+//! are `Option`s, repeated numbers are not packed).
+//!
+//! prost skips undeclared fields when decoding, so a field we do not declare
+//! is a field we cannot inspect. Every field that can carry a tensor (or a
+//! graph or function holding tensors) is therefore declared even though we
+//! never write it: external data (`TensorProto` 13/14), sparse initializers,
+//! Constant-style attribute tensors, subgraphs (`g`, `graphs`), model-local
+//! functions and training graphs. `onnx::check` walks all of them.
 
 /// `onnx.TensorProto.DataType` values used here.
 pub const DT_FLOAT: i32 = 1;
 pub const DT_INT64: i32 = 7;
+
+/// `onnx.TensorProto.DataLocation.EXTERNAL`: the data lives outside the file.
+pub const DL_EXTERNAL: i32 = 1;
 
 /// `onnx.AttributeProto.AttributeType` values used here.
 pub const AT_FLOAT: i32 = 1;
@@ -32,6 +41,31 @@ pub struct ModelProto {
     pub opset_import: Vec<OperatorSetIdProto>,
     #[prost(message, repeated, tag = "14")]
     pub metadata_props: Vec<StringStringEntryProto>,
+    /// Declared only to be refused: never written.
+    #[prost(message, repeated, tag = "20")]
+    pub training_info: Vec<TrainingInfoProto>,
+    /// Model-local functions, which ONNX Runtime inlines: their nodes' attributes may hold tensors.
+    #[prost(message, repeated, tag = "25")]
+    pub functions: Vec<FunctionProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TrainingInfoProto {
+    #[prost(message, optional, tag = "1")]
+    pub initialization: Option<GraphProto>,
+    #[prost(message, optional, tag = "2")]
+    pub algorithm: Option<GraphProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FunctionProto {
+    #[prost(string, optional, tag = "1")]
+    pub name: Option<String>,
+    #[prost(message, repeated, tag = "7")]
+    pub node: Vec<NodeProto>,
+    /// Attribute defaults, which may be tensors.
+    #[prost(message, repeated, tag = "11")]
+    pub attribute_proto: Vec<AttributeProto>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -58,6 +92,8 @@ pub struct GraphProto {
     pub name: Option<String>,
     #[prost(message, repeated, tag = "5")]
     pub initializer: Vec<TensorProto>,
+    #[prost(message, repeated, tag = "15")]
+    pub sparse_initializer: Vec<SparseTensorProto>,
     #[prost(string, optional, tag = "10")]
     pub doc_string: Option<String>,
     #[prost(message, repeated, tag = "11")]
@@ -94,6 +130,20 @@ pub struct AttributeProto {
     pub ints: Vec<i64>,
     #[prost(int32, optional, tag = "20")]
     pub r#type: Option<i32>,
+    // The members below can carry tensors or graphs (Constant's `value`,
+    // If/Loop/Scan bodies): declared so that they can be checked.
+    #[prost(message, optional, tag = "5")]
+    pub t: Option<TensorProto>,
+    #[prost(message, optional, tag = "6")]
+    pub g: Option<GraphProto>,
+    #[prost(message, repeated, tag = "10")]
+    pub tensors: Vec<TensorProto>,
+    #[prost(message, repeated, tag = "11")]
+    pub graphs: Vec<GraphProto>,
+    #[prost(message, optional, tag = "22")]
+    pub sparse_tensor: Option<SparseTensorProto>,
+    #[prost(message, repeated, tag = "23")]
+    pub sparse_tensors: Vec<SparseTensorProto>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -109,6 +159,24 @@ pub struct TensorProto {
     /// Little-endian bytes of the elements (what we write for weights).
     #[prost(bytes = "vec", optional, tag = "9")]
     pub raw_data: Option<Vec<u8>>,
+    /// `location`, `offset`, `length`, ... of data kept outside the file. Never
+    /// written; declared so that a file using it is refused rather than read
+    /// by whatever the ONNX Runtime build does with it.
+    #[prost(message, repeated, tag = "13")]
+    pub external_data: Vec<StringStringEntryProto>,
+    /// `DEFAULT` (0) or `EXTERNAL` ([`DL_EXTERNAL`]).
+    #[prost(int32, optional, tag = "14")]
+    pub data_location: Option<i32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SparseTensorProto {
+    #[prost(message, optional, tag = "1")]
+    pub values: Option<TensorProto>,
+    #[prost(message, optional, tag = "2")]
+    pub indices: Option<TensorProto>,
+    #[prost(int64, repeated, packed = "false", tag = "3")]
+    pub dims: Vec<i64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -38,7 +38,7 @@ pub struct Args {
 /// Scores test/ with the model: every score's figures, plots and JSON in `--report`.
 pub fn run(a: &Args) -> Result<EvalSummary> {
     let device = a.run.setup()?;
-    let bytes = std::fs::read(&a.model).with_context(|| format!("cannot read model {}", a.model.display()))?;
+    let bytes = ganomaly_core::onnx::check::read_file(&a.model).context("cannot read the model")?;
     let (meta, weights) = ganomaly_core::onnx::read_model(&bytes)
         .with_context(|| format!("model {} is not usable", a.model.display()))?;
     let mut g = NetG::new(&meta.arch, device);
