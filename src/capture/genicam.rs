@@ -199,6 +199,17 @@ impl CompileSource for GenicamConfig {
             return None;
         }
         let (_, media, format) = *format?;
+        #[cfg(feature = "gstreamer")]
+        if cam.probe {
+            let mut needed = vec![("aravissrc", "libaravis-0.8-0"), ("videoconvert", "gstreamer1.0-plugins-base")];
+            if media == "video/x-bayer" {
+                needed.push(("bayer2rgb", "gstreamer1.0-plugins-bad"));
+            }
+            super::gst_engine::require_elements(&needed, &format!("{p}.kind"), problems);
+            if problems.len() != before {
+                return None;
+            }
+        }
         let plan = GenicamPlan {
             camera: camera?,
             media,

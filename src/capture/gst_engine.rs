@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use gst::prelude::*;
+use gst_video::prelude::*;
 
 use super::{CaptureError, FrameData, FrameSource, PixelFormat};
 
@@ -75,6 +76,21 @@ pub enum GstError {
 /// Starts GStreamer once per process (later calls are free).
 pub fn init() -> Result<(), GstError> {
     gst::init().map_err(|e| GstError::Init(e.to_string()))
+}
+
+/// Pushes a problem for each element this machine lacks, naming the Debian
+/// package that ships it (`check-config` probes, so `run` does not fail on a
+/// missing plugin).
+pub fn require_elements(elements: &[(&str, &str)], field: &str, problems: &mut Vec<String>) {
+    if let Err(e) = init() {
+        problems.push(format!("{field}: {e}"));
+        return;
+    }
+    for (name, package) in elements {
+        if gst::ElementFactory::find(name).is_none() {
+            problems.push(format!("{field}: the GStreamer element `{name}` is not installed (Debian package {package})"));
+        }
+    }
 }
 
 /// Sets properties on the parsed pipeline's elements (`rtspsrc`'s location
@@ -136,6 +152,14 @@ impl BusFault {
     }
 }
 
+/// Whether `obj` is a video decoder element (by its factory's class).
+fn is_video_decoder(obj: &gst::Object) -> bool {
+    obj.downcast_ref::<gst::Element>()
+        .and_then(|e| e.factory())
+        .and_then(|f| f.metadata(gst::ELEMENT_METADATA_KLASS.as_str()).map(|k| k.contains("Decoder") && k.contains("Video")))
+        .unwrap_or(false)
+}
+
 /// A bus fault shown as it is.
 pub fn explain_plain(f: &BusFault) -> String {
     f.plain()
@@ -164,11 +188,33 @@ struct Running {
     pending: Option<gst::Sample>,
 }
 
+/// How long the camera thread waits for a pipeline to stop. Stopping talks to
+/// the camera: `aravissrc` stopping the acquisition of a GigE camera that is
+/// gone blocks for about 12 s of control-channel retries (measured with the
+/// fake camera), which would hold the offline report and a daemon stop.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
+
 impl Drop for Running {
     fn drop(&mut self) {
-        // Null releases sockets, devices and threads; its result is not
-        // actionable on the way out.
-        let _ = self.pipeline.set_state(gst::State::Null);
+        // Null releases sockets, devices and threads, on a thread of its own
+        // so that a camera that does not answer delays nothing; its result is
+        // not actionable on the way out.
+        let pipeline = self.pipeline.clone();
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let spawned = std::thread::Builder::new().name("gst-teardown".into()).spawn(move || {
+            let _ = pipeline.set_state(gst::State::Null);
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => {
+                if done_rx.recv_timeout(TEARDOWN_WAIT).is_err() {
+                    tracing::warn!(wait_s = TEARDOWN_WAIT.as_secs_f64(), "a GStreamer pipeline is slow to stop; left to stop on its own");
+                }
+            }
+            Err(_) => {
+                let _ = self.pipeline.set_state(gst::State::Null);
+            }
+        }
     }
 }
 
@@ -180,6 +226,9 @@ pub struct GstSource {
     decoder: Arc<Mutex<Option<String>>>,
     /// Samples the appsink's queue dropped, not yet reported.
     dropped: Arc<AtomicU64>,
+    /// Frames missing from the stream (gaps in its timestamps), not yet
+    /// reported as broken frames.
+    missing: Arc<AtomicU64>,
     last_ts_ms: Option<u64>,
     /// The caps of the last frame and what they mean: re-read only when the
     /// stream changes (a new resolution mid-stream).
@@ -193,6 +242,7 @@ impl GstSource {
             running: None,
             decoder: Arc::new(Mutex::new(None)),
             dropped: Arc::new(AtomicU64::new(0)),
+            missing: Arc::new(AtomicU64::new(0)),
             last_ts_ms: None,
             geometry: None,
         }
@@ -244,12 +294,24 @@ impl GstSource {
         let (sample_tx, sample_rx) = crossbeam_channel::bounded::<gst::Sample>(SAMPLE_QUEUE);
         let (event_tx, event_rx) = crossbeam_channel::bounded::<BusEvent>(64);
         let dropped = self.dropped.clone();
+        let missing = self.missing.clone();
+        let mut last_pts: Option<gst::ClockTime> = None;
         let drop_rx = sample_rx.clone();
         let eos_tx = event_tx.clone();
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    // Counted here, before our queue: its drops are not gaps.
+                    if let Some(pts) = sample.buffer().and_then(|b| b.pts()) {
+                        let rate = sample
+                            .caps()
+                            .and_then(|c| c.structure(0))
+                            .and_then(|s| s.get::<gst::Fraction>("framerate").ok())
+                            .map(|f| (f.numer(), f.denom()));
+                        missing.fetch_add(missing_frames(last_pts, pts, rate), Ordering::Relaxed);
+                        last_pts = Some(pts);
+                    }
                     push_drop_oldest(&sample_tx, &drop_rx, sample, &dropped);
                     Ok(gst::FlowSuccess::Ok)
                 })
@@ -261,9 +323,8 @@ impl GstSource {
 
         let decoder = self.decoder.clone();
         pipeline.connect_deep_element_added(move |_, _, element| {
-            let Some(factory) = element.factory() else { return };
-            let klass = factory.metadata(gst::ELEMENT_METADATA_KLASS.as_str()).unwrap_or_default();
-            if klass.contains("Decoder") && klass.contains("Video") {
+            if is_video_decoder(element.upcast_ref()) {
+                let Some(factory) = element.factory() else { return };
                 // A decode error is one broken frame, not the end of the
                 // stream (GstVideoDecoder's max-errors; -1 = never fatal).
                 if element.find_property("max-errors").is_some() {
@@ -289,6 +350,12 @@ impl GstSource {
                 }
                 gst::MessageView::Warning(w) if w.error().kind::<gst::StreamError>().is_some() => {
                     Some(BusEvent::Warning(w.error().message().to_string()))
+                }
+                // A decoder that drops a frame it could not decode says so
+                // only in a QoS message (its decode errors are debug logs
+                // while max-errors is -1).
+                gst::MessageView::Qos(_) if msg.src().is_some_and(is_video_decoder) => {
+                    Some(BusEvent::Warning("the decoder dropped a frame it could not decode".into()))
                 }
                 gst::MessageView::Eos(_) => Some(BusEvent::Eos),
                 _ => None,
@@ -367,6 +434,21 @@ impl GstSource {
     }
 }
 
+/// Frames missing between two timestamps of a stream at `rate` (n/d fps): a
+/// frame the decoder could not decode, or that never arrived, leaves a gap
+/// (decoders drop such frames with no message on the bus). Unknown or
+/// variable rates (0/1) and backward steps count nothing.
+pub fn missing_frames(prev: Option<gst::ClockTime>, pts: gst::ClockTime, rate: Option<(i32, i32)>) -> u64 {
+    let (Some(prev), Some((n, d))) = (prev, rate) else { return 0 };
+    if n <= 0 || d <= 0 || pts <= prev {
+        return 0;
+    }
+    let interval_ns = 1e9 * f64::from(d) / f64::from(n);
+    let frames = (pts - prev).nseconds() as f64 / interval_ns;
+    // Jitter moves a timestamp by a fraction of a frame, not by half of one.
+    (frames.round() as u64).saturating_sub(1)
+}
+
 /// Sends `sample`, dropping (and counting) the oldest queued one while full.
 fn push_drop_oldest(tx: &Sender<gst::Sample>, rx: &Receiver<gst::Sample>, mut sample: gst::Sample, dropped: &AtomicU64) {
     loop {
@@ -399,6 +481,7 @@ impl FrameSource for GstSource {
     fn open(&mut self) -> Result<(), CaptureError> {
         self.running = None;
         self.geometry = None;
+        self.missing.store(0, Ordering::Relaxed);
         if let Ok(mut d) = self.decoder.lock() {
             *d = None;
         }
@@ -424,6 +507,10 @@ impl FrameSource for GstSource {
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
         let timeout = self.spec.timeout;
         let explain = self.spec.explain;
+        if self.running.is_some() && self.missing.load(Ordering::Relaxed) > 0 {
+            self.missing.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.broken("a frame missing from the stream (it did not decode, or never arrived)".into()));
+        }
         let got = match self.running.as_mut() {
             None => Got::Lost("not open".into()),
             Some(running) => match running.pending.take() {
@@ -488,6 +575,20 @@ mod tests {
             timeout: Duration::from_secs(5),
             explain: explain_plain,
         }
+    }
+
+    #[test]
+    fn gaps_in_timestamps_are_missing_frames() {
+        let ms = gst::ClockTime::from_mseconds;
+        let fps15 = Some((15, 1));
+        assert_eq!(missing_frames(None, ms(100), fps15), 0);
+        assert_eq!(missing_frames(Some(ms(0)), ms(67), fps15), 0, "one interval");
+        assert_eq!(missing_frames(Some(ms(0)), ms(90), fps15), 0, "jitter");
+        assert_eq!(missing_frames(Some(ms(0)), ms(200), fps15), 2);
+        assert_eq!(missing_frames(Some(ms(0)), ms(200), Some((0, 1))), 0, "variable rate");
+        assert_eq!(missing_frames(Some(ms(0)), ms(200), None), 0);
+        assert_eq!(missing_frames(Some(ms(300)), ms(200), fps15), 0, "backwards");
+        assert_eq!(missing_frames(Some(ms(0)), ms(1001), Some((30000, 1001))), 29);
     }
 
     #[test]

@@ -114,8 +114,23 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl CompileSource for RtspConfig {
-    fn compile(&self, _cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+    fn compile(&self, cam: &CameraContext, p: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
         let before = problems.len();
+        #[cfg(feature = "gstreamer")]
+        if cam.probe {
+            super::gst_engine::require_elements(
+                &[
+                    ("rtspsrc", "gstreamer1.0-plugins-good"),
+                    ("decodebin", "gstreamer1.0-plugins-base"),
+                    ("videoconvert", "gstreamer1.0-plugins-base"),
+                    ("appsink", "gstreamer1.0-plugins-base"),
+                ],
+                &format!("{p}.kind"),
+                problems,
+            );
+        }
+        #[cfg(not(feature = "gstreamer"))]
+        let _ = cam;
         let url = split_url(&self.url).map_err(|e| problems.push(format!("{p}.url: {e}"))).ok();
         let transport = match self.transport.as_str() {
             "tcp" => Some(Transport::Tcp),

@@ -77,7 +77,7 @@ impl RtspServer {
         let enc = match o.codec {
             // Key frames every second so a client that joins (or recovers) waits little.
             Codec::H264 => format!(
-                "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={} ! video/x-h264,profile=baseline ! identity name=corrupt ! rtph264pay name=pay0 pt=96 config-interval=-1",
+                "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={} ! video/x-h264,stream-format=byte-stream,profile=baseline ! identity name=corrupt ! rtph264pay name=pay0 pt=96 config-interval=-1",
                 o.fps
             ),
             Codec::H265 => format!(
@@ -148,8 +148,11 @@ impl RtspServer {
             .spawn(move || {
                 ctx.with_thread_default(|| ml.run()).expect("main context");
                 // Stopping: no new connections, and every client cut (their
-                // sockets close, so the camera sees the server go away).
-                source.remove();
+                // sockets close, so the camera sees the server go away). The
+                // source is on this context, not the default one.
+                if let Some(s) = ctx.find_source_by_id(&source) {
+                    s.destroy();
+                }
                 server.client_filter(Some(&mut |_, _| gst_rtsp_server::RTSPFilterResult::Remove));
                 // Let the removals run (they are dispatched on this context).
                 while ctx.iteration(false) {}
@@ -190,8 +193,9 @@ impl Drop for RtspServer {
     }
 }
 
-/// Overwrites the middle of each NAL unit of an Annex B frame with noise
-/// that holds no start code (so the unit stays one, but does not decode).
+/// Breaks each NAL unit of an Annex B frame: the forbidden_zero_bit of its
+/// header set, the rest of it noise that holds no start code. Parsers and
+/// decoders see a unit that is there but does not decode.
 fn corrupt(buf: &mut gst::BufferRef) {
     let Ok(mut map) = buf.map_writable() else { return };
     let data = map.as_mut_slice();
@@ -204,10 +208,10 @@ fn corrupt(buf: &mut gst::BufferRef) {
     starts.push(data.len());
     for w in starts.windows(2) {
         let (s, e) = (w[0], w[1]);
-        // Keep the NAL header and the first bytes of the slice header.
-        let from = s + 4 + (e - s) / 4;
-        let to = e.saturating_sub(4);
-        for (k, b) in data.iter_mut().enumerate().take(to).skip(from) {
+        if s < e {
+            data[s] |= 0x80;
+        }
+        for (k, b) in data.iter_mut().enumerate().take(e.saturating_sub(4)).skip(s + 8) {
             *b = 0x55 ^ (k as u8).wrapping_mul(31) | 0x80;
         }
     }
