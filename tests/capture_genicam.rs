@@ -16,7 +16,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ganomalyd::capture::{genicam, CaptureError, FrameData, FrameSource};
+use ganomalyd::capture::{genicam, CaptureError, FrameData};
 use ganomalyd::events::{Recorded, Recorder};
 use ganomalyd::pipeline::{Pipeline, StartOptions};
 
@@ -103,9 +103,12 @@ fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 fn inside_the_namespace() {
     // The one guard that keeps the camera's stream off any real network.
-    let interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .expect("/sys/class/net")
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+    // /proc/self/net is this namespace's (sysfs would show the mounter's).
+    let interfaces: Vec<String> = std::fs::read_to_string("/proc/self/net/dev")
+        .expect("/proc/self/net/dev")
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim().to_string()))
         .collect();
     assert_eq!(interfaces, ["lo"], "refusing to run a GigE camera with other interfaces present");
 

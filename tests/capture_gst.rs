@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ganomalyd::capture::{CaptureError, FrameData, FrameSource, PixelFormat, SourcePlan};
+use ganomalyd::capture::{CaptureError, FrameData, PixelFormat, SourcePlan};
 use ganomalyd::config::Settings;
 use ganomalyd::events::{Recorded, Recorder};
 use ganomalyd::metrics::CameraCounters;

@@ -371,6 +371,10 @@ impl GstSource {
 
     /// The first bus error, explained; or what else ended the wait.
     fn wait_first(&self, running: &mut Running) -> Result<(), String> {
+        if let Ok(sample) = running.samples.try_recv() {
+            running.pending = Some(sample);
+            return Ok(());
+        }
         crossbeam_channel::select! {
             recv(running.samples) -> s => match s {
                 Ok(sample) => { running.pending = Some(sample); Ok(()) }
@@ -513,7 +517,9 @@ impl FrameSource for GstSource {
         }
         let got = match self.running.as_mut() {
             None => Got::Lost("not open".into()),
-            Some(running) => match running.pending.take() {
+            // Samples before events: the end of a stream comes after its
+            // last frames, and `select!` picks at random among ready channels.
+            Some(running) => match running.pending.take().or_else(|| running.samples.try_recv().ok()) {
                 Some(s) => Got::Sample(s),
                 None => crossbeam_channel::select! {
                     recv(running.samples) -> s => match s {
