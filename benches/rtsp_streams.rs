@@ -135,13 +135,23 @@ fn main() {
     let decided = (d1 - d0) as f64;
     let offered = (streams as u32 * FPS) as f64 * dt;
     let cpu = cpu1 - cpu0;
-    println!("rtsp bench: {streams} streams of {WIDTH}x{HEIGHT} H.264 at {FPS} fps, {dt:.1} s after {warmup} s of warm-up");
+    println!(
+        "rtsp bench: {streams} streams of {WIDTH}x{HEIGHT} H.264 at {FPS} fps, {dt:.1} s after {warmup} s of warm-up"
+    );
     println!("  decoder             {}", decoders.join(", "));
     println!("  cameras online      {online}/{streams}");
     println!("  frames decided/s    {:.1} (offered {:.1})", decided / dt, offered / dt);
     println!("  dropped             {} ({:.2} % of offered)", dr1 - dr0, 100.0 * (dr1 - dr0) as f64 / offered);
     println!("  broken              {}", b1 - b0);
-    println!("  CPU                 {:.2} cores in all, {:.1} % of a core per stream", cpu / dt, 100.0 * cpu / dt / streams as f64);
+    println!(
+        "  CPU                 {:.2} cores in all, {:.1} % of a core per stream",
+        cpu / dt,
+        100.0 * cpu / dt / streams as f64
+    );
     println!("  peak RSS            {:.0} MiB", peak_rss_mib());
-    println!("  latency p50/p99     {:.1} / {:.1} ms (capture → decision)", report.latency.quantile(0.5), report.latency.quantile(0.99));
+    println!(
+        "  latency p50/p99     {:.1} / {:.1} ms (capture → decision)",
+        report.latency.quantile(0.5),
+        report.latency.quantile(0.99)
+    );
 }

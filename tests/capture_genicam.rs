@@ -173,7 +173,10 @@ fn inside_the_namespace() {
     };
     let p = Pipeline::start(&cfg, Arc::new(rec.clone()), opts).expect("pipeline starts");
     let online = |rec: &Recorder| -> Vec<bool> {
-        rec.events().into_iter().filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None }).collect()
+        rec.events()
+            .into_iter()
+            .filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None })
+            .collect()
     };
     wait_for(30, "scored frames", || p.decided() >= 10);
     camera.kill();

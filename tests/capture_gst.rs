@@ -99,7 +99,10 @@ fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn online_changes(rec: &Recorder) -> Vec<bool> {
-    rec.events().into_iter().filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None }).collect()
+    rec.events()
+        .into_iter()
+        .filter_map(|e| if let Recorded::CameraOnline(_, on) = e { Some(on) } else { None })
+        .collect()
 }
 
 /// The compiled plan of a `source = {...}` table, as `run` builds it.
@@ -113,7 +116,8 @@ fn rtsp_h264_is_scored_through_the_whole_pipeline_with_its_decoder_in_stats() {
     log();
     let server = RtspServer::start_new(ServerOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = settings(dir.path(), &format!(r#"{{ kind = "rtsp", url = "{}", latency_ms = 50 }}"#, server.url(None)), "");
+    let cfg =
+        settings(dir.path(), &format!(r#"{{ kind = "rtsp", url = "{}", latency_ms = 50 }}"#, server.url(None)), "");
     let rec = Recorder::default();
     let p = start(&cfg, &rec);
     wait_for(30, "20 decided frames", || p.decided() >= 20);
@@ -242,7 +246,8 @@ fn rtsp_resolution_change_mid_stream() {
 fn rtsp_corrupt_nal_units_are_broken_frames_and_the_camera_stays_up() {
     let server = RtspServer::start_new(ServerOptions { corrupt_every: 4, ..ServerOptions::default() });
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = settings(dir.path(), &format!(r#"{{ kind = "rtsp", url = "{}", latency_ms = 50 }}"#, server.url(None)), "");
+    let cfg =
+        settings(dir.path(), &format!(r#"{{ kind = "rtsp", url = "{}", latency_ms = 50 }}"#, server.url(None)), "");
     let rec = Recorder::default();
     let p = start(&cfg, &rec);
     let c = p.counters()[0].1.clone();
@@ -270,4 +275,32 @@ fn a_user_pipeline_feeds_the_whole_pipeline() {
     p.shutdown();
     let changes = online_changes(&rec);
     assert!(changes.starts_with(&[true, false, true]), "{changes:?}");
+}
+
+#[test]
+fn check_config_names_what_a_gstreamer_source_lacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = support::fixture_model(dir.path(), "m.onnx", 7);
+    let body = |source: &str| {
+        format!("[inference]\nproviders = [\"cpu\"]\n[cameras.c]\nmodel = \"{}\"\nsource = {source}\n", model.display())
+    };
+    let e = ganomalyd::config::compile_str(
+        &body(r#"{ kind = "gstreamer", pipeline = "videotestsrc ! nosuchelement ! appsink name=ganomaly" }"#),
+        dir.path(),
+    )
+    .expect_err("a missing element is refused")
+    .to_string();
+    assert!(e.contains("cameras.c.source.pipeline") && e.contains("nosuchelement"), "{e}");
+    let e = ganomalyd::config::compile_str(
+        &body(r#"{ kind = "rtsp", url = "rtsp://op:hunter2@127.0.0.1:1/x", transport = "sctp" }"#),
+        dir.path(),
+    )
+    .expect_err("a bad transport is refused")
+    .to_string();
+    assert!(e.contains("cameras.c.source.transport") && !e.contains("hunter2"), "{e}");
+    ganomalyd::config::compile_str(
+        &body(r#"{ kind = "genicam", serial = "GV01", pixel_format = "bayer_rggb", features = { ExposureTime = 100.0 } }"#),
+        dir.path(),
+    )
+    .expect("a genicam table compiles (the camera is looked for at open)");
 }

@@ -148,7 +148,8 @@ fn fraction(fps: f64) -> (u64, u64) {
 
 /// A GenICam feature name (SFNC names are letters, digits and underscores).
 fn valid_feature_name(s: &str) -> bool {
-    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 impl CompileSource for GenicamConfig {
@@ -183,7 +184,8 @@ impl CompileSource for GenicamConfig {
                 problems.push(format!("{field}: set by the camera's `{key}`, not as a feature"));
             } else if !valid_feature_name(name) {
                 problems.push(format!("{field}: not a GenICam feature name (letters, digits, `_`)"));
-            } else if matches!(value, FeatureValue::Text(t) if t.is_empty() || t.contains(|c: char| c.is_whitespace() || c == '=')) {
+            } else if matches!(value, FeatureValue::Text(t) if t.is_empty() || t.contains(|c: char| c.is_whitespace() || c == '='))
+            {
                 problems.push(format!("{field}: an enumeration entry is one word (got `{value}`)"));
             } else if matches!(value, FeatureValue::Float(x) if !x.is_finite()) {
                 problems.push(format!("{field}: must be a finite number"));
@@ -259,7 +261,8 @@ pub fn parse_discovery(text: &str) -> Vec<Discovered> {
             let l = l.trim();
             let (id, rest) = l.rsplit_once(" (")?;
             let address = rest.strip_suffix(')')?;
-            (!id.is_empty() && !id.contains(' ')).then(|| Discovered { id: id.to_string(), address: address.to_string() })
+            (!id.is_empty() && !id.contains(' '))
+                .then(|| Discovered { id: id.to_string(), address: address.to_string() })
         })
         .collect()
 }
@@ -297,8 +300,7 @@ mod engine {
     impl GenicamPlan {
         pub fn spec(&self) -> PipelineSpec {
             let camera = self.camera.clone();
-            let features =
-                self.features.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+            let features = self.features.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
             let label = match &self.camera {
                 CameraSelector::First => "genicam (first camera)".to_string(),
                 CameraSelector::Name(n) => format!("genicam {n}"),
@@ -315,7 +317,14 @@ mod engine {
                         // Resolved at each open: the camera may have come up since.
                         CameraSelector::Serial(s) => {
                             let found = discover()?;
-                            Some(by_serial(&found, s).ok_or_else(|| format!("no camera with serial `{s}` found (`ganomalyd cameras` lists them)"))?.id.clone())
+                            Some(
+                                by_serial(&found, s)
+                                    .ok_or_else(|| {
+                                        format!("no camera with serial `{s}` found (`ganomalyd cameras` lists them)")
+                                    })?
+                                    .id
+                                    .clone(),
+                            )
                         }
                     };
                     if let Some(n) = name {
@@ -353,7 +362,14 @@ mod tests {
     use super::*;
 
     fn cam(fps: f64) -> CameraContext<'static> {
-        CameraContext { camera: "cameras.g", base_dir: std::path::Path::new("/"), width: 64, height: 48, fps, probe: false }
+        CameraContext {
+            camera: "cameras.g",
+            base_dir: std::path::Path::new("/"),
+            width: 64,
+            height: 48,
+            fps,
+            probe: false,
+        }
     }
 
     #[test]
@@ -418,7 +434,8 @@ mod tests {
 
     #[test]
     fn discovery_lines_and_serials() {
-        let found = parse_discovery("Aravis-Fake-GV01 (127.0.0.1)\nBasler-acA1300-21234567 (192.168.3.4)\nNo device found\n");
+        let found =
+            parse_discovery("Aravis-Fake-GV01 (127.0.0.1)\nBasler-acA1300-21234567 (192.168.3.4)\nNo device found\n");
         assert_eq!(found.len(), 2);
         assert_eq!(found[0], Discovered { id: "Aravis-Fake-GV01".into(), address: "127.0.0.1".into() });
         assert_eq!(by_serial(&found, "21234567").map(|d| d.id.as_str()), Some("Basler-acA1300-21234567"));

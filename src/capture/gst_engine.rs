@@ -88,7 +88,8 @@ pub fn require_elements(elements: &[(&str, &str)], field: &str, problems: &mut V
     }
     for (name, package) in elements {
         if gst::ElementFactory::find(name).is_none() {
-            problems.push(format!("{field}: the GStreamer element `{name}` is not installed (Debian package {package})"));
+            problems
+                .push(format!("{field}: the GStreamer element `{name}` is not installed (Debian package {package})"));
         }
     }
 }
@@ -156,7 +157,9 @@ impl BusFault {
 fn is_video_decoder(obj: &gst::Object) -> bool {
     obj.downcast_ref::<gst::Element>()
         .and_then(|e| e.factory())
-        .and_then(|f| f.metadata(gst::ELEMENT_METADATA_KLASS.as_str()).map(|k| k.contains("Decoder") && k.contains("Video")))
+        .and_then(|f| {
+            f.metadata(gst::ELEMENT_METADATA_KLASS.as_str()).map(|k| k.contains("Decoder") && k.contains("Video"))
+        })
         .unwrap_or(false)
 }
 
@@ -208,7 +211,10 @@ impl Drop for Running {
         match spawned {
             Ok(_) => {
                 if done_rx.recv_timeout(TEARDOWN_WAIT).is_err() {
-                    tracing::warn!(wait_s = TEARDOWN_WAIT.as_secs_f64(), "a GStreamer pipeline is slow to stop; left to stop on its own");
+                    tracing::warn!(
+                        wait_s = TEARDOWN_WAIT.as_secs_f64(),
+                        "a GStreamer pipeline is slow to stop; left to stop on its own"
+                    );
                 }
             }
             Err(_) => {
@@ -276,7 +282,8 @@ impl GstSource {
         if let Some(configure) = &self.spec.configure {
             configure(&pipeline).map_err(GstError::Setup)?;
         }
-        let clock: gst::SystemClock = gst::glib::Object::builder().property("clock-type", gst::ClockType::Realtime).build();
+        let clock: gst::SystemClock =
+            gst::glib::Object::builder().property("clock-type", gst::ClockType::Realtime).build();
         pipeline.use_clock(Some(&clock));
 
         if sink.caps().is_none() {
@@ -454,7 +461,12 @@ pub fn missing_frames(prev: Option<gst::ClockTime>, pts: gst::ClockTime, rate: O
 }
 
 /// Sends `sample`, dropping (and counting) the oldest queued one while full.
-fn push_drop_oldest(tx: &Sender<gst::Sample>, rx: &Receiver<gst::Sample>, mut sample: gst::Sample, dropped: &AtomicU64) {
+fn push_drop_oldest(
+    tx: &Sender<gst::Sample>,
+    rx: &Receiver<gst::Sample>,
+    mut sample: gst::Sample,
+    dropped: &AtomicU64,
+) {
     loop {
         match tx.try_send(sample) {
             Ok(()) => return,
@@ -648,13 +660,22 @@ mod tests {
         src.next_frame(&mut f).expect("frame after reopen");
 
         let mut src = GstSource::new(spec("videotestsrc ! fakesink"));
-        assert!(matches!(src.open(), Err(CaptureError::Open { reason, .. }) if reason.contains("appsink named `ganomaly`")));
+        assert!(
+            matches!(src.open(), Err(CaptureError::Open { reason, .. }) if reason.contains("appsink named `ganomaly`"))
+        );
         let mut src = GstSource::new(spec("nosuchelement ! appsink name=ganomaly"));
         assert!(matches!(src.open(), Err(CaptureError::Open { reason, .. }) if reason.contains("nosuchelement")));
         // A source that fails at start: the element's own message.
-        let mut src = GstSource::new(spec("filesrc location=/nonexistent/x.mkv ! decodebin ! videoconvert ! appsink name=ganomaly"));
+        let mut src = GstSource::new(spec(
+            "filesrc location=/nonexistent/x.mkv ! decodebin ! videoconvert ! appsink name=ganomaly",
+        ));
         match src.open() {
-            Err(CaptureError::Open { reason, .. }) => assert!(reason.contains("/nonexistent/x.mkv") || reason.contains("not found") || reason.contains("Could not open"), "{reason}"),
+            Err(CaptureError::Open { reason, .. }) => assert!(
+                reason.contains("/nonexistent/x.mkv")
+                    || reason.contains("not found")
+                    || reason.contains("Could not open"),
+                "{reason}"
+            ),
             other => panic!("expected an open error, got {other:?}"),
         }
     }

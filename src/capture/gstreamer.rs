@@ -87,7 +87,8 @@ impl CompileSource for GstreamerConfig {
         if line.is_empty() {
             problems.push(format!("{p}.pipeline: must not be empty"));
         } else if !line.contains("appsink") || !line.contains("name=ganomaly") {
-            problems.push(format!("{p}.pipeline: must end in `appsink name=ganomaly` (where the daemon takes its frames)"));
+            problems
+                .push(format!("{p}.pipeline: must end in `appsink name=ganomaly` (where the daemon takes its frames)"));
         } else if cam.probe {
             // The elements exist (a missing plugin is named now, not at run).
             #[cfg(feature = "gstreamer")]
@@ -98,8 +99,11 @@ impl CompileSource for GstreamerConfig {
         if problems.len() != before {
             return None;
         }
-        let plan =
-            GstreamerPlan { pipeline: line.to_string(), format: format?, timeout: Duration::from_secs_f64(self.timeout_s) };
+        let plan = GstreamerPlan {
+            pipeline: line.to_string(),
+            format: format?,
+            timeout: Duration::from_secs_f64(self.timeout_s),
+        };
         super::plan::with_gstreamer(plan, p, "gstreamer", problems)
     }
 }
@@ -173,10 +177,7 @@ mod tests {
         };
         let (ok, problems) = compile(&cfg, true);
         assert!(!ok && problems[0].contains("nosuchconverter"), "{problems:?}");
-        let cfg = GstreamerConfig {
-            pipeline: "videotestsrc ! videoconvert ! appsink name=ganomaly".into(),
-            ..cfg
-        };
+        let cfg = GstreamerConfig { pipeline: "videotestsrc ! videoconvert ! appsink name=ganomaly".into(), ..cfg };
         let (ok, problems) = compile(&cfg, true);
         assert!(ok, "{problems:?}");
     }
@@ -191,6 +192,9 @@ mod tests {
         };
         let (ok, problems) = compile(&cfg, true);
         assert!(!ok);
-        assert!(problems[0].contains("`gstreamer` reads through GStreamer") && problems[0].contains("built without it"), "{problems:?}");
+        assert!(
+            problems[0].contains("`gstreamer` reads through GStreamer") && problems[0].contains("built without it"),
+            "{problems:?}"
+        );
     }
 }

@@ -170,14 +170,21 @@ mod engine {
 
     /// Only the video stream goes to `decodebin` (a camera with a microphone
     /// offers audio too).
-    const LAUNCH: &str = "rtspsrc name=src ! application/x-rtp,media=video ! decodebin ! videoconvert ! appsink name=ganomaly";
+    const LAUNCH: &str =
+        "rtspsrc name=src ! application/x-rtp,media=video ! decodebin ! videoconvert ! appsink name=ganomaly";
 
     fn explain(f: &BusFault) -> String {
         if f.resource == Some(gst::ResourceError::NotAuthorized) || f.debug.contains("401") {
-            return format!("the camera refused the credentials (RTSP 401 Unauthorized): check the user and password in `url` [{}]", f.plain());
+            return format!(
+                "the camera refused the credentials (RTSP 401 Unauthorized): check the user and password in `url` [{}]",
+                f.plain()
+            );
         }
         if f.debug.contains("404") {
-            return format!("the camera has no such stream (RTSP 404 Not Found): check the path in `url` [{}]", f.plain());
+            return format!(
+                "the camera has no such stream (RTSP 404 Not Found): check the path in `url` [{}]",
+                f.plain()
+            );
         }
         f.plain()
     }

@@ -35,7 +35,15 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { codec: Codec::H264, width: 64, height: 48, fps: 15, auth: None, corrupt_every: 0, shared: false }
+        ServerOptions {
+            codec: Codec::H264,
+            width: 64,
+            height: 48,
+            fps: 15,
+            auth: None,
+            corrupt_every: 0,
+            shared: false,
+        }
     }
 }
 
