@@ -6,6 +6,7 @@
 #   make lint    rustfmt --check, clippy -D warnings (all targets, whole workspace), cargo doc -D warnings
 #   make bench   pipeline benchmark, 1 and 4 cameras (figures, not pass/fail)
 #   make soak    1M frames, 4 cameras, two 20 s broker outages: alarms raised vs received, RSS
+#   make bench-rtsp      8 RTSP streams (640x480 H.264, 15 fps) decoded and scored
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
 #   make bench-quality   detection quality: AUROC per data set x score x seed
 #   make bench-mnist     the paper's MNIST protocol (hours at full size)
@@ -38,13 +39,18 @@ export GANOMALY_PYTHON     := $(VPY)
 export GANOMALY_REQUIRE_PYTHON := 1
 # Likewise the TLS and broker-restart tests, which start their own Mosquitto.
 export GANOMALY_REQUIRE_MOSQUITTO := 1
+# And the GigE camera test, which needs root for its network namespace.
+export GANOMALY_REQUIRE_GSTREAMER := 1
 
 STAMP_ORT   := $(VENV)/.stamp-ort
 STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
 STAMP_TORCH_PY := $(VENV)/.stamp-torch-full-$(TORCH_VER)
 STAMP_APT   := $(CURDIR)/target/.stamp-apt
+GST_DEBS    := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev \
+               gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+               gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp aravis-tools aravis-tools-cli
 
-.PHONY: soak lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-train bench-quality bench-mnist build release install clean-venv
+.PHONY: soak lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-rtsp bench-train bench-quality bench-mnist build release install clean-venv
 
 help:
 	@sed -n '2,13p' Makefile
@@ -69,7 +75,7 @@ $(STAMP_TORCH_PY): $(STAMP_TORCH)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VER)
 	touch $@
 
-$(STAMP_APT):
+$(STAMP_APT): Makefile
 	@mkdir -p $(dir $@)
 	if ! ldconfig -p | grep -q 'libclang-1[0-9]*\.so\|libclang\.so'; then \
 	  $(SUDO) apt-get install -y --no-install-recommends libclang1-14 || \
@@ -84,6 +90,14 @@ $(STAMP_APT):
 	if ! command -v mosquitto_sub >/dev/null; then \
 	  $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients; }; \
+	fi
+	# GStreamer (the rtsp, genicam and gstreamer sources; feature `gstreamer`):
+	# headers to build, plugins the tests use (x264enc is in -ugly, x265enc in
+	# -bad), gst-rtsp-server for the test camera, Aravis's element, its fake
+	# GigE camera (aravis-tools) and discovery tool (aravis-tools-cli).
+	if ! dpkg -s $(GST_DEBS) >/dev/null 2>&1; then \
+	  $(SUDO) apt-get install -y --no-install-recommends $(GST_DEBS) || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(GST_DEBS); }; \
 	fi
 	touch $@
 
@@ -126,6 +140,10 @@ bench: $(STAMP_ORT) $(STAMP_APT)
 # (SOAK_FRAMES=100000 for a quick try). Fails if an alarm event is not received.
 soak: $(STAMP_ORT) $(STAMP_APT)
 	cargo bench -p ganomalyd --bench soak
+
+# 8 RTSP streams, 640x480 H.264 at 15 fps, decoded on the CPU and scored.
+bench-rtsp: $(STAMP_ORT) $(STAMP_APT)
+	cargo bench --bench rtsp_streams -- --streams 8 --seconds 20
 
 trainer-release: $(STAMP_TORCH)
 	cargo build --release -p ganomaly-train

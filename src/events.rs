@@ -109,6 +109,10 @@ pub struct CameraStats {
     pub broken: u64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// The video decoder in use (`avdec_h264`, `nvv4l2decoder`, `vaapih264dec`...),
+    /// for sources that decode through GStreamer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -31,6 +31,8 @@ pub struct CameraCounters {
     pub alarms_raised: AtomicU64,
     /// The latest normalised score (f64 bits; 0.5 = the calibrated threshold).
     pub last_score: AtomicU64,
+    /// The video decoder the source uses, once known (GStreamer sources).
+    pub decoder: Mutex<Option<String>>,
 }
 
 impl CameraCounters {
@@ -40,6 +42,12 @@ impl CameraCounters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn set_decoder(&self, decoder: String) {
+        if let Ok(mut d) = self.decoder.lock() {
+            *d = Some(decoder);
+        }
     }
 
     pub fn set_last_score(&self, score: f64) {
@@ -68,6 +76,7 @@ impl CameraCounters {
             broken: Self::get(&self.broken),
             latency_p50_ms: p50,
             latency_p99_ms: p99,
+            decoder: self.decoder.lock().ok().and_then(|d| d.clone()),
         }
     }
 }

@@ -21,11 +21,16 @@
 
 pub mod decode;
 pub mod frame;
+pub mod genicam;
+#[cfg(feature = "gstreamer")]
+pub mod gst_engine;
+pub mod gstreamer;
 pub mod http_mjpeg;
 pub mod limits;
 pub mod multipart;
 pub mod plan;
 pub mod replay;
+pub mod rtsp;
 pub mod source;
 pub mod synthetic;
 pub mod v4l2;
@@ -99,6 +104,21 @@ pub trait FrameSource {
     fn self_paced(&self) -> bool {
         false
     }
+    /// The decoder in use, once known (GStreamer sources: what `decodebin`
+    /// picked), for the log and `stats`.
+    fn decoder(&self) -> Option<String> {
+        None
+    }
+    /// Frames the source itself dropped since the last call (its own
+    /// drop-oldest queue), added to the camera's `dropped`.
+    fn take_dropped(&mut self) -> u64 {
+        0
+    }
+    /// Wall-clock time (ms since the epoch) the source gave the last frame;
+    /// `None`: the camera thread stamps it on arrival.
+    fn timestamp_ms(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Builds a source on the camera thread.
@@ -155,6 +175,9 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
     let mut opened = false;
     let mut seq: u64 = 0;
     let mut broken_run = 0u32;
+    // The decoder is reported once per open, after the first frame (a
+    // GStreamer decodebin picks it when the stream's format is known).
+    let mut decoder_known = false;
     let period =
         if cam.fps > 0.0 && !source.self_paced() { Some(Duration::from_secs_f64(1.0 / cam.fps)) } else { None };
     let mut next_due = Instant::now();
@@ -171,7 +194,10 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
             let result = source.open();
             watch.read_ended();
             match result {
-                Ok(()) => opened = true,
+                Ok(()) => {
+                    opened = true;
+                    decoder_known = false;
+                }
                 Err(e) => {
                     set_online(false);
                     let wait = backoff.next_delay();
@@ -190,11 +216,20 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 broken_run = 0;
                 backoff.reset();
                 set_online(true);
-                let frame = Frame { camera: cam.index, seq, captured: Instant::now(), ts_ms: now_ms(), pixels };
+                if !decoder_known {
+                    decoder_known = true;
+                    if let Some(d) = source.decoder() {
+                        tracing::info!(camera = %cam.name, decoder = %d, "decoder in use");
+                        cam.counters.set_decoder(d);
+                    }
+                }
+                let ts_ms = source.timestamp_ms().unwrap_or_else(now_ms);
+                let frame = Frame { camera: cam.index, seq, captured: Instant::now(), ts_ms, pixels };
                 seq += 1;
                 CameraCounters::add(&cam.counters.captured, 1);
                 // No queue: the pipeline gave up on this thread at a stop.
                 spare = watch.with_queue(|tx| push_drop_oldest(tx, &cam.rx_for_drops, frame, &cam.counters)).flatten();
+                CameraCounters::add(&cam.counters.dropped, source.take_dropped());
             }
             Err(CaptureError::BrokenFrame { reason, .. }) => {
                 spare = Some(pixels);

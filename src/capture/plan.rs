@@ -46,3 +46,24 @@ pub trait SourcePlan: Debug + Send + Sync {
         None
     }
 }
+
+/// A plan of a kind that runs on GStreamer (`rtsp`, `genicam`, `gstreamer`).
+#[cfg(feature = "gstreamer")]
+pub fn with_gstreamer<P: SourcePlan + 'static>(
+    plan: P,
+    _p: &str,
+    _kind: &str,
+    _problems: &mut Vec<String>,
+) -> Option<Arc<dyn SourcePlan>> {
+    Some(Arc::new(plan))
+}
+
+/// In a build without GStreamer, the problem that says so: check-config
+/// refuses what `run` could not start.
+#[cfg(not(feature = "gstreamer"))]
+pub fn with_gstreamer<P>(_plan: P, p: &str, kind: &str, problems: &mut Vec<String>) -> Option<Arc<dyn SourcePlan>> {
+    problems.push(format!(
+        "{p}.kind: `{kind}` reads through GStreamer, and this ganomalyd was built without it (cargo feature `gstreamer`)"
+    ));
+    None
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{CameraContext, CompileSource, SourcePlan};
-use super::{http_mjpeg, replay, synthetic, v4l2};
+use super::{genicam, gstreamer, http_mjpeg, replay, rtsp, synthetic, v4l2};
 
 /// Where frames come from, as written in the config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub enum SourceConfig {
     Synthetic(synthetic::SyntheticConfig),
     #[serde(rename = "http-mjpeg")]
     HttpMjpeg(http_mjpeg::HttpMjpegConfig),
+    Rtsp(rtsp::RtspConfig),
+    Genicam(genicam::GenicamConfig),
+    Gstreamer(gstreamer::GstreamerConfig),
 }
 
 impl SourceConfig {
@@ -33,6 +36,9 @@ impl SourceConfig {
             SourceConfig::Replay(c) => c,
             SourceConfig::Synthetic(c) => c,
             SourceConfig::HttpMjpeg(c) => c,
+            SourceConfig::Rtsp(c) => c,
+            SourceConfig::Genicam(c) => c,
+            SourceConfig::Gstreamer(c) => c,
         }
     }
 
