@@ -5,7 +5,7 @@
 //! Each kind (`rtsp.rs`, `genicam.rs`, `gstreamer.rs`) only says which
 //! pipeline to build ([`PipelineSpec`]); this file runs it:
 //! - the appsink's streaming thread hands samples to the camera thread through
-//!   a queue of [`SAMPLE_QUEUE`], **dropping the oldest** when the camera thread
+//!   a queue of `SAMPLE_QUEUE`, **dropping the oldest** when the camera thread
 //!   is behind (counted, and added to the camera's `dropped`), so a slow
 //!   consumer never blocks the pipeline (a blocked RTSP pipeline loses packets
 //!   and then decodes garbage);
