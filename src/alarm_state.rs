@@ -14,7 +14,9 @@
 //! journal's own thread, never on the inference thread: [`Journaled`] wraps
 //! the publisher and hands alarm events (and alarm states, to keep their
 //! order) to that thread, which journals a `start` *before* handing it to
-//! the publisher (outbox) and an `end` *after*. A crash between the two
+//! the publisher (outbox) and an `end` *after* the outbox thread confirms
+//! it is in the outbox file (an `end` not confirmed, because it was dropped
+//! on a stalled disk or held in memory, stays open). A crash between the two
 //! leaves either an open entry whose start never went out (the restart then
 //! sends an `end` for an unknown id) or an extra `end` (consumers already
 //! de-duplicate on (`id`, `type`)), never a start without an end.
@@ -168,6 +170,10 @@ enum Op {
     Flush(Sender<()>),
 }
 
+/// How long the journal thread waits for an `end` to reach the outbox file
+/// (milliseconds normally; a stalled disk keeps the alarm open instead).
+const DURABLE_WAIT: Duration = Duration::from_secs(2);
+
 /// A [`Publisher`] whose alarm events go through the journal thread.
 pub struct Journaled {
     inner: Arc<dyn Publisher>,
@@ -232,11 +238,13 @@ impl JournalHandle {
     /// journaled and handed to the publisher. The pipeline calls it once its
     /// threads have ended, before the publisher drains.
     pub fn flush(&self, timeout: Duration) -> bool {
+        // One deadline for both waits: the stop's budget (TimeoutStopSec).
+        let deadline = std::time::Instant::now() + timeout;
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
-        if self.tx.send_timeout(Op::Flush(ack_tx), timeout).is_err() {
+        if self.tx.send_deadline(Op::Flush(ack_tx), deadline).is_err() {
             return false;
         }
-        ack_rx.recv_timeout(timeout).is_ok()
+        ack_rx.recv_deadline(deadline).is_ok()
     }
 }
 
@@ -260,9 +268,13 @@ pub fn start(path: &Path, inner: Arc<dyn Publisher>) -> Result<Started, AlarmSta
             camera = %start.camera, id = %start.id, started = start.start_ts,
             "alarm left open by a previous run (the daemon died during it): ending it (reason restart)"
         );
-        inner.alarm(&end);
+        let durable = inner.alarm_durable(&end, DURABLE_WAIT);
         inner.alarm_state(&start.camera, false);
-        journal.record(&end)?;
+        if durable {
+            journal.record(&end)?;
+        } else {
+            tracing::error!(id = %start.id, "the restart end is not in the outbox file: the alarm stays open in the journal");
+        }
     }
     let last_numbers = journal.last_numbers()?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE);
@@ -289,9 +301,18 @@ fn writer(mut journal: AlarmJournal, rx: Receiver<Op>, inner: Arc<dyn Publisher>
                 record(&mut journal, &ev);
                 inner.alarm(&ev);
             }
+            // Forgotten only once the `end` is in the outbox file: an end
+            // dropped, held in memory, or lost in a crash before its write
+            // leaves the alarm open, so the next start ends it (an extra
+            // `end`, which consumers de-duplicate, rather than none).
             Op::Alarm(ev) => {
-                inner.alarm(&ev);
-                record(&mut journal, &ev);
+                if inner.alarm_durable(&ev, DURABLE_WAIT) {
+                    record(&mut journal, &ev);
+                } else {
+                    tracing::warn!(
+                        id = %ev.id, "alarm end not confirmed in the outbox file: kept open in the journal (a restart ends it)"
+                    );
+                }
             }
             Op::State(camera, active) => inner.alarm_state(&camera, active),
             Op::Flush(ack) => {
@@ -407,6 +428,58 @@ mod tests {
             AlarmJournal::open(&path).unwrap().open_alarms().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(open, [start_event("other", 1).id]);
         assert_eq!(started.handle.waits.load(Ordering::Relaxed), 0);
+    }
+
+    /// A publisher whose outbox never confirms a write (a stalled disk, or
+    /// alarms held in memory after a failed write).
+    struct NotDurable(Recorder);
+    impl Publisher for NotDurable {
+        fn score(&self, ev: &ScoreEvent) {
+            self.0.score(ev)
+        }
+        fn alarm(&self, ev: &AlarmEvent) {
+            self.0.alarm(ev)
+        }
+        fn alarm_durable(&self, ev: &AlarmEvent, _timeout: Duration) -> bool {
+            self.0.alarm(ev);
+            false
+        }
+        fn camera_online(&self, camera: &str, online: bool) {
+            self.0.camera_online(camera, online)
+        }
+        fn alarm_state(&self, camera: &str, active: bool) {
+            self.0.alarm_state(camera, active)
+        }
+        fn snapshot(&self, snap: &Snapshot) {
+            self.0.snapshot(snap)
+        }
+        fn stats(&self, report: &StatsReport) {
+            self.0.stats(report)
+        }
+    }
+
+    #[test]
+    fn an_end_not_confirmed_in_the_outbox_file_keeps_the_alarm_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.sqlite");
+        let rec = Recorder::default();
+        let started = start(&path, Arc::new(NotDurable(rec.clone()))).unwrap();
+        let s = start_event("cam", 1);
+        started.publisher.alarm(&s);
+        started.publisher.alarm(&AlarmEvent { kind: AlarmKind::End, reason: Some(EndReason::Cleared), ..s.clone() });
+        assert!(started.handle.flush(Duration::from_secs(5)));
+        assert_eq!(rec.events().len(), 2, "both went to the publisher: {:?}", rec.events());
+        let open: Vec<String> =
+            AlarmJournal::open(&path).unwrap().open_alarms().unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(open, [s.id.clone()], "the end may be lost in a crash: the next start must end it");
+        drop(started);
+        // The next start ends it; with a durable outbox it is then forgotten.
+        let rec2 = Recorder::default();
+        let _again = start(&path, Arc::new(rec2.clone())).unwrap();
+        assert!(
+            matches!(rec2.events().first(), Some(Recorded::Alarm(e)) if e.id == s.id && e.reason == Some(EndReason::Restart))
+        );
+        assert!(AlarmJournal::open(&path).unwrap().open_alarms().unwrap().is_empty());
     }
 
     #[test]

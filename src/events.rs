@@ -128,6 +128,16 @@ pub struct StatsReport {
 pub trait Publisher: Send + Sync {
     fn score(&self, ev: &ScoreEvent);
     fn alarm(&self, ev: &AlarmEvent);
+    /// [`alarm`](Self::alarm), then waits up to `timeout` until the event is
+    /// stored durably (the MQTT outbox's file); `false` when it is not known
+    /// to be (queue full, write failed, held in memory). The open-alarm
+    /// journal forgets an alarm only once its `end` is durable. Publishers
+    /// with nothing durable behind them hand it over and say `true`.
+    fn alarm_durable(&self, ev: &AlarmEvent, timeout: std::time::Duration) -> bool {
+        let _ = timeout;
+        self.alarm(ev);
+        true
+    }
     fn camera_online(&self, camera: &str, online: bool);
     /// Alarm state of a camera (`ON` while an alarm is active).
     fn alarm_state(&self, camera: &str, active: bool);

@@ -165,6 +165,11 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("a billion fps", vec![("cameras.cam", s("fps = 1e9"))], "cameras.cam.fps"),
         ("NaN fps", vec![("cameras.cam", s("fps = nan"))], "cameras.cam.fps"),
         ("width 0", vec![("cameras.cam", s("width = 0"))], "cameras.cam.width"),
+        (
+            "frames over the camera's limits",
+            vec![("cameras.cam", s("limits = { max_width = 32, max_height = 32 }"))],
+            "cameras.cam.width/height",
+        ),
         ("width 100k", vec![("cameras.cam", s("width = 100000"))], "cameras.cam.width"),
         ("height 4e9", vec![("defaults", s("height = 4000000000"))], "defaults.height"),
         ("empty roi", vec![("cameras.cam", s("roi = { x = 0, y = 0, width = 0, height = 8 }"))], "cameras.cam.roi"),

@@ -42,14 +42,14 @@ pub const APPSINK_NAME: &str = "ganomaly";
 const SAMPLE_QUEUE: usize = 2;
 
 /// A decoded frame's geometry within the camera's `limits`, or why not
-/// (checked from the caps, before a byte is copied).
-pub fn check_frame(width: u32, height: u32, format: PixelFormat, limits: &FrameLimits) -> Result<(), String> {
+/// (checked from the caps, before a byte is copied). A raw frame is bounded
+/// by its width and height; `max_bytes` bounds *encoded* frames (a JPEG part,
+/// a file), so a 4K RGB frame (25 MB) is not refused by the 16 MiB default.
+pub fn check_frame(width: u32, height: u32, limits: &FrameLimits) -> Result<(), String> {
     if width == 0 || height == 0 {
         return Err(format!("an empty {width}x{height} frame"));
     }
-    limits.check_size(u64::from(width), u64::from(height)).map_err(|e| e.to_string())?;
-    let bytes = u64::from(width) * u64::from(height) * format.bytes_per_pixel() as u64;
-    limits.check_bytes(bytes).map_err(|e| e.to_string())
+    limits.check_size(u64::from(width), u64::from(height)).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -409,7 +409,7 @@ impl GstSource {
             }
         };
         let (width, height) = (info.width(), info.height());
-        check_frame(width, height, format, &self.spec.limits)?;
+        check_frame(width, height, &self.spec.limits)?;
         let buffer = sample.buffer().ok_or("a sample without a buffer")?;
         if buffer.flags().contains(gst::BufferFlags::CORRUPTED) {
             return Err("the decoder flagged the frame corrupt".into());
@@ -516,10 +516,6 @@ impl FrameSource for GstSource {
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
         let timeout = self.spec.timeout;
         let explain = self.spec.explain;
-        if self.running.is_some() && self.missing.load(Ordering::Relaxed) > 0 {
-            self.missing.fetch_sub(1, Ordering::Relaxed);
-            return Err(self.broken("a frame missing from the stream (it did not decode, or never arrived)".into()));
-        }
         let got = match self.running.as_mut() {
             None => Got::Lost("not open".into()),
             // Samples before events: the end of a stream comes after its
@@ -567,6 +563,10 @@ impl FrameSource for GstSource {
         self.dropped.swap(0, Ordering::Relaxed)
     }
 
+    fn take_missing(&mut self) -> u64 {
+        self.missing.swap(0, Ordering::Relaxed)
+    }
+
     fn timestamp_ms(&self) -> Option<u64> {
         self.last_ts_ms
     }
@@ -606,12 +606,15 @@ mod tests {
     #[test]
     fn frame_limits() {
         let l = FrameLimits::default();
-        assert!(check_frame(640, 480, PixelFormat::Rgb8, &l).is_ok());
-        assert!(check_frame(0, 480, PixelFormat::Rgb8, &l).unwrap_err().contains("empty"));
-        assert!(check_frame(l.max_width + 1, 2, PixelFormat::Gray8, &l).is_err(), "wider than the limit");
-        let small = FrameLimits { max_bytes: 640 * 480, ..l };
-        assert!(check_frame(640, 480, PixelFormat::Gray8, &small).is_ok());
-        assert!(check_frame(640, 480, PixelFormat::Rgb8, &small).is_err(), "three times the bytes");
+        assert!(check_frame(640, 480, &l).is_ok());
+        assert!(
+            check_frame(3840, 2160, &l).is_ok(),
+            "4K RGB is 25 MB, over max_bytes, and fine: raw frames are bounded by size"
+        );
+        assert!(check_frame(0, 480, &l).unwrap_err().contains("empty"));
+        assert!(check_frame(l.max_width + 1, 2, &l).is_err(), "wider than the limit");
+        let small = FrameLimits { max_width: 320, ..l };
+        assert!(check_frame(640, 480, &small).is_err(), "wider than the camera's own limit");
     }
 
     #[test]

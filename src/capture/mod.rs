@@ -114,6 +114,13 @@ pub trait FrameSource {
     fn take_dropped(&mut self) -> u64 {
         0
     }
+    /// Frames missing from the stream since the last call (it did not decode,
+    /// or never arrived: gaps in a GStreamer stream's timestamps), added to
+    /// the camera's `broken`. Not broken *reads*: a gap of a few seconds in a
+    /// healthy stream must not count toward reopening it.
+    fn take_missing(&mut self) -> u64 {
+        0
+    }
     /// Wall-clock time (ms since the epoch) the source gave the last frame;
     /// `None`: the camera thread stamps it on arrival.
     fn timestamp_ms(&self) -> Option<u64> {
@@ -230,6 +237,7 @@ fn run_camera(cam: CameraThread, make_source: SourceFactory) {
                 // No queue: the pipeline gave up on this thread at a stop.
                 spare = watch.with_queue(|tx| push_drop_oldest(tx, &cam.rx_for_drops, frame, &cam.counters)).flatten();
                 CameraCounters::add(&cam.counters.dropped, source.take_dropped());
+                CameraCounters::add(&cam.counters.broken, source.take_missing());
             }
             Err(CaptureError::BrokenFrame { reason, .. }) => {
                 spare = Some(pixels);

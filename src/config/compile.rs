@@ -418,7 +418,18 @@ fn camera(
     let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
     let roi = t.roi.or(d.roi);
-    if let (Some(r), Some((w, h))) = (&roi, source.and_then(|s| s.frame_size(&cx))) {
+    let frame_size = source.and_then(|s| s.frame_size(&cx));
+    // A source that delivers a known size must fit the camera's limits, or
+    // every frame would be a broken frame at run time.
+    if let Some((w, h)) = frame_size {
+        if w > cx.limits.max_width || h > cx.limits.max_height {
+            problems.push(format!(
+                "{p}.width/height: a {w}x{h} frame is over the camera's limits ({}x{}): raise {p}.limits.max_width/max_height",
+                cx.limits.max_width, cx.limits.max_height
+            ));
+        }
+    }
+    if let (Some(r), Some((w, h))) = (&roi, frame_size) {
         if r.x.saturating_add(r.width) > w || r.y.saturating_add(r.height) > h {
             problems.push(format!(
                 "{p}.roi: {}x{} at ({}, {}) does not fit in the {w}x{h} frame",

@@ -169,10 +169,24 @@ pub struct RowsReply {
 type Call = Box<dyn FnOnce(&mut Store) + Send>;
 
 enum Cmd {
-    Push { camera: String, payload: Vec<u8> },
-    Read { after: i64, limit: usize, seq: u64, reply: tokio::sync::mpsc::UnboundedSender<RowsReply> },
+    /// `stored`: told whether the row reached the file (for
+    /// [`Outbox::push_durable`]).
+    Push {
+        camera: String,
+        payload: Vec<u8>,
+        stored: Option<Sender<bool>>,
+    },
+    Read {
+        after: i64,
+        limit: usize,
+        seq: u64,
+        reply: tokio::sync::mpsc::UnboundedSender<RowsReply>,
+    },
     Ack(i64),
-    DeadLetter { id: i64, reason: String },
+    DeadLetter {
+        id: i64,
+        reason: String,
+    },
     Call(Call),
     Stop,
 }
@@ -228,22 +242,36 @@ impl Outbox {
 
     /// Queues an alarm (see [`ALARM_QUEUE`] for a full queue).
     pub fn push(&self, camera: &str, payload: Vec<u8>) {
-        let cmd = Cmd::Push { camera: camera.to_string(), payload };
+        self.enqueue(Cmd::Push { camera: camera.to_string(), payload, stored: None });
+    }
+
+    /// [`push`](Self::push), then waits up to `timeout` for the outbox thread
+    /// to say whether the alarm is in the file (`false`: dropped, held in
+    /// memory after a failed write, or no answer in time).
+    pub fn push_durable(&self, camera: &str, payload: Vec<u8>, timeout: Duration) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.enqueue(Cmd::Push { camera: camera.to_string(), payload, stored: Some(tx) })
+            && rx.recv_timeout(timeout).unwrap_or(false)
+    }
+
+    /// Queues a push as [`ALARM_QUEUE`]'s policy says; `false` if it was dropped.
+    fn enqueue(&self, cmd: Cmd) -> bool {
         let cmd = match self.alarms.try_send(cmd) {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(TrySendError::Full(cmd)) => match self.alarms.send_timeout(cmd, ALARM_QUEUE_WAIT) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(SendTimeoutError::Timeout(c) | SendTimeoutError::Disconnected(c)) => c,
             },
             Err(TrySendError::Disconnected(cmd)) => cmd,
         };
-        if let Cmd::Push { camera, payload } = cmd {
+        if let Cmd::Push { camera, payload, .. } = cmd {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 camera, payload = %String::from_utf8_lossy(&payload),
                 "alarm outbox not taking alarms (disk stalled): this alarm is dropped, logged here in full"
             );
         }
+        false
     }
 
     /// Asks for up to `limit` rows with an id above `after`, oldest first; the
@@ -338,13 +366,13 @@ fn serve(store: &mut Store, alarms: &Receiver<Cmd>, control: &Receiver<Cmd>, wak
         let mut cmd = cmd;
         loop {
             match cmd.take() {
-                Some(Cmd::Push { camera, payload }) => {
-                    store.push(&camera, &payload);
+                Some(Cmd::Push { camera, payload, stored: ack }) => {
+                    store.push_acked(&camera, &payload, ack);
                     stored = true;
                 }
                 Some(other) => {
-                    while let Ok(Cmd::Push { camera, payload }) = alarms.try_recv() {
-                        store.push(&camera, &payload);
+                    while let Ok(Cmd::Push { camera, payload, stored: ack }) = alarms.try_recv() {
+                        store.push_acked(&camera, &payload, ack);
                         stored = true;
                     }
                     if stored {
@@ -400,6 +428,8 @@ pub struct Store {
     max_age_ms: i64,
     clock: Box<dyn BootClock>,
     stats: Arc<OutboxStats>,
+    /// Whether the last [`push`](Self::push) reached the file.
+    last_in_file: bool,
 }
 
 impl Store {
@@ -412,6 +442,7 @@ impl Store {
             memory: VecDeque::new(),
             last_id: 0,
             in_file: 0,
+            last_in_file: false,
             max_rows: settings.max_rows.max(1),
             max_age_ms: settings.max_age.as_millis().min(i64::MAX as u128) as i64,
             clock,
@@ -522,6 +553,14 @@ impl Store {
         self.stats.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// [`push`](Self::push), telling `ack` whether the row is in the file.
+    fn push_acked(&mut self, camera: &str, payload: &[u8], ack: Option<Sender<bool>>) {
+        self.push(camera, payload);
+        if let Some(ack) = ack {
+            let _ = ack.send(self.last_in_file);
+        }
+    }
+
     /// Appends an alarm; returns its id. Beyond the row bound the oldest rows
     /// are dropped (counted and logged): the newest alarms matter most.
     pub fn push(&mut self, camera: &str, payload: &[u8]) -> i64 {
@@ -545,6 +584,7 @@ impl Store {
             },
             _ => false,
         };
+        self.last_in_file = stored;
         if stored {
             self.in_file += 1;
             self.bound_file();

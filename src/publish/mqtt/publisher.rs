@@ -267,6 +267,16 @@ impl Publisher for MqttPublisher {
         s.outbox.push(&ev.camera, payload);
     }
 
+    fn alarm_durable(&self, ev: &AlarmEvent, timeout: Duration) -> bool {
+        let s = &self.shared;
+        let Ok(payload) = serde_json::to_vec(ev) else {
+            tracing::error!(id = %ev.id, "alarm event does not serialize");
+            return false;
+        };
+        inc(&s.counters.alarms_queued);
+        s.outbox.push_durable(&ev.camera, payload, timeout)
+    }
+
     fn camera_online(&self, camera: &str, online: bool) {
         self.shared.with_pending(|p| {
             p.cameras.entry(camera.to_string()).or_default().online = Some(online);
