@@ -471,7 +471,7 @@ mod tests {
         assert_eq!(rec.events().len(), 2, "both went to the publisher: {:?}", rec.events());
         let open: Vec<String> =
             AlarmJournal::open(&path).unwrap().open_alarms().unwrap().into_iter().map(|e| e.id).collect();
-        assert_eq!(open, [s.id.clone()], "the end may be lost in a crash: the next start must end it");
+        assert_eq!(open, std::slice::from_ref(&s.id), "the end may be lost in a crash: the next start must end it");
         drop(started);
         // The next start ends it; with a durable outbox it is then forgotten.
         let rec2 = Recorder::default();
