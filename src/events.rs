@@ -98,6 +98,65 @@ pub struct Snapshot {
     pub jpeg: Vec<u8>,
 }
 
+/// What a triggered inspection concluded about one part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Scored below the threshold.
+    Ok,
+    /// Scored at or above the threshold: not good.
+    Ng,
+    /// Could not be judged: camera offline, model failure, unusable score.
+    Error,
+    /// Not judged within the camera's deadline (queue full, model too slow).
+    Timeout,
+}
+
+/// The answer for one triggered part, on `<camera>/verdict` (durable, like alarms).
+/// Consumers de-duplicate on (`camera`, `part_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictEvent {
+    pub schema: u32,
+    pub camera: String,
+    pub part_id: String,
+    pub verdict: Verdict,
+    /// Per-camera verdict number, 1, 2, … in the order verdicts were decided.
+    pub seq: u64,
+    /// When the verdict was decided, ms since epoch.
+    pub ts: u64,
+    /// The trigger's time (as sent, else when it arrived), ms since epoch.
+    pub trigger_ts: u64,
+    /// Trigger arrival → verdict decided.
+    pub latency_ms: f64,
+    /// Normalised (threshold at 0.5) and raw aggregate score of the part's frames;
+    /// absent for `error`/`timeout` verdicts without a score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_score: Option<f64>,
+    /// Raw-score threshold in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Score kind (`mahalanobis`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// sha256 (hex) of the model file that scored the part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+    /// Digest of the camera's effective settings (see `docs/mqtt.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings_digest: Option<String>,
+    /// Capture times of the frames scored, ms since epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_ts: Vec<u64>,
+    /// Snapshot file of an `ng` part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Why an `error` or `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Per-camera figures for the periodic `stats` message.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CameraStats {
@@ -143,6 +202,16 @@ pub trait Publisher: Send + Sync {
     fn alarm_state(&self, camera: &str, active: bool);
     fn snapshot(&self, snap: &Snapshot);
     fn stats(&self, report: &StatsReport);
+    /// A triggered part's verdict: durable like an alarm (never dropped).
+    /// Publishers without a durable store log it.
+    fn verdict(&self, ev: &VerdictEvent) {
+        tracing::info!(camera = %ev.camera, part_id = %ev.part_id, verdict = ?ev.verdict, "verdict (not published)");
+    }
+    /// An answer to a command, or an event a stage reports (drift, reload):
+    /// best effort, on the `events` topics (see `commands`).
+    fn event(&self, ev: &crate::commands::CommandEvent) {
+        tracing::info!(command = %ev.command, status = ?ev.status, reason = ev.reason.as_deref().unwrap_or(""), "event (not published)");
+    }
 }
 
 /// Everything a [`Recorder`] was given, in order.
@@ -154,6 +223,8 @@ pub enum Recorded {
     AlarmState(String, bool),
     Snapshot(Snapshot),
     Stats(StatsReport),
+    Verdict(VerdictEvent),
+    Event(crate::commands::CommandEvent),
 }
 
 /// Test double: records every call. Cheap to clone; clones share the log.
@@ -197,6 +268,12 @@ impl Publisher for Recorder {
     }
     fn stats(&self, report: &StatsReport) {
         self.push(Recorded::Stats(report.clone()))
+    }
+    fn verdict(&self, ev: &VerdictEvent) {
+        self.push(Recorded::Verdict(ev.clone()))
+    }
+    fn event(&self, ev: &crate::commands::CommandEvent) {
+        self.push(Recorded::Event(ev.clone()))
     }
 }
 

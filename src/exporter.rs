@@ -41,7 +41,7 @@ use tokio::sync::Semaphore;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -53,6 +53,7 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
 use crate::base::Liveness;
+use crate::commands::{Intake, Status};
 use crate::config::MetricsSettings;
 use crate::metrics::CameraCounters;
 use crate::publish::mqtt::PublisherCounters;
@@ -115,6 +116,7 @@ pub struct Exporter {
     task: tokio::task::JoinHandle<()>,
     sources: Attached,
     pub addr: SocketAddr,
+    commands: Arc<std::sync::OnceLock<Arc<Intake>>>,
 }
 
 impl Exporter {
@@ -132,8 +134,14 @@ impl Exporter {
         let sources: Attached = Arc::default();
         let mut registry = Registry::with_prefix("ganomalyd");
         registry.register_collector(Box::new(DaemonCollector(sources.clone())));
-        let state = Arc::new(AppState { registry, sources: sources.clone(), stale_after });
-        let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(state);
+        let commands: Arc<std::sync::OnceLock<Arc<Intake>>> = Arc::default();
+        let state = Arc::new(AppState { registry, sources: sources.clone(), stale_after, commands: commands.clone() });
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .route("/api/cmd/:camera/:name", post(command))
+            .layer(axum::extract::DefaultBodyLimit::max(COMMAND_BODY_LIMIT))
+            .with_state(state);
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = rt.spawn(async move {
             let until = async move {
@@ -142,7 +150,13 @@ impl Exporter {
             serve(listener, app, limits, until).await;
         });
         tracing::info!(%addr, "metrics on http://{addr}/metrics, health on http://{addr}/healthz");
-        Ok(Exporter { stop, task, sources, addr })
+        Ok(Exporter { stop, task, sources, addr, commands })
+    }
+
+    /// Serves `POST /api/cmd/<camera>/<name>` through `intake` from now on
+    /// (until then such requests are answered 503). Set once.
+    pub fn accept_commands(&self, intake: Arc<Intake>) {
+        let _ = self.commands.set(intake);
     }
 
     /// Starts reporting the running pipeline (once; later calls are ignored).
@@ -238,6 +252,49 @@ struct AppState {
     registry: Registry,
     sources: Attached,
     stale_after: Duration,
+    commands: Arc<std::sync::OnceLock<Arc<Intake>>>,
+}
+
+/// A command is a small JSON object; anything larger is refused unread.
+const COMMAND_BODY_LIMIT: usize = 64 * 1024;
+
+/// How long an HTTP caller waits for a command's first answer: a trigger's
+/// verdict comes within its deadline (seconds at most), long jobs answer
+/// `accepted` at once.
+const COMMAND_ANSWER: Duration = Duration::from_secs(10);
+
+/// `POST /api/cmd/<camera>/<name>` (`-` for node commands): the answer as
+/// JSON; 200 accepted/done, 422 refused, 500 failed, 504 no answer in time.
+async fn command(
+    State(s): State<Arc<AppState>>,
+    axum::extract::Path((camera, name)): axum::extract::Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    let Some(intake) = s.commands.get().cloned() else {
+        let body = r#"{"status":"refused","reason":"the daemon is starting"}"#.to_string();
+        return (StatusCode::SERVICE_UNAVAILABLE, json, body);
+    };
+    let answered =
+        tokio::task::spawn_blocking(move || intake.from_http(&camera, &name, &body, COMMAND_ANSWER)).await;
+    match answered {
+        Ok(Some(ev)) => {
+            let code = match ev.status {
+                Status::Accepted | Status::Done | Status::Progress => StatusCode::OK,
+                Status::Refused => StatusCode::UNPROCESSABLE_ENTITY,
+                Status::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (code, json, serde_json::to_string(&ev).unwrap_or_default())
+        }
+        Ok(None) => {
+            let body = r#"{"status":"failed","reason":"no answer in time"}"#.to_string();
+            (StatusCode::GATEWAY_TIMEOUT, json, body)
+        }
+        Err(_) => {
+            let body = r#"{"status":"failed","reason":"command handling failed"}"#.to_string();
+            (StatusCode::INTERNAL_SERVER_ERROR, json, body)
+        }
+    }
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {

@@ -17,6 +17,8 @@
 //! - [`systemd`]: READY/STOPPING/watchdog notifications. [`runtime`]: finding and loading ONNX Runtime.
 //!
 //! Around them:
+//! - [`commands`]: commands from MQTT and HTTP (`trigger`, `reload`, `record`, `calibrate`, `feedback`),
+//!   checked against `[commands]` and routed to their handlers; answers on the `events` topics.
 //! - [`config`]: the TOML file parsed, checked (every problem at once) and compiled into typed settings.
 //! - [`cmds`]: the subcommands (`run`, `check-config`, `cameras`, `score`, `bench`, `watch`).
 //! - [`base`]: what stages share without importing each other (backoff, stop-aware sleep, heartbeat).
@@ -29,6 +31,7 @@ pub mod alarm_state;
 pub mod base;
 pub mod capture;
 pub mod cmds;
+pub mod commands;
 pub mod config;
 pub mod decide;
 pub mod events;

@@ -253,6 +253,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         cameras,
         mqtt: None,
         metrics: None,
+        commands: Default::default(),
     };
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;

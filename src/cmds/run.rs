@@ -12,6 +12,7 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::base::report::chain;
+use crate::commands::{CommandEvent, CommandName, Intake, Status};
 use crate::config::{self, Settings};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
@@ -85,24 +86,31 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             e.shutdown(rt.handle(), Duration::from_secs(2));
         }
     };
-    let (publisher, handle, publisher_counters): (Arc<dyn Publisher>, _, Option<exporter::CountersFn>) =
-        match cfg.mqtt.as_ref() {
-            Some(m) => {
-                let (p, h) = match MqttPublisher::start(m, rt.handle()) {
-                    Ok(started) => started,
-                    Err(e) => {
-                        stop_exporter(exporter);
-                        return Err(DaemonError::Publish(e));
-                    }
-                };
-                let counters = p.clone();
-                (p, Some(h), Some(Arc::new(move || counters.counters())))
-            }
-            None => {
-                tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
-                (Arc::new(NullPublisher), None, None)
-            }
-        };
+    let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match cfg.mqtt.as_ref() {
+        Some(m) => {
+            let (p, h) = match MqttPublisher::start(m, rt.handle()) {
+                Ok(started) => started,
+                Err(e) => {
+                    stop_exporter(exporter);
+                    return Err(DaemonError::Publish(e));
+                }
+            };
+            (p.clone(), Some(h), Some(p))
+        }
+        None => {
+            tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
+            (Arc::new(NullPublisher), None, None)
+        }
+    };
+    let publisher_counters: Option<exporter::CountersFn> = mqtt.clone().map(|p| {
+        let f: exporter::CountersFn = Arc::new(move || p.counters());
+        f
+    });
+    // Commands: one intake for MQTT and HTTP; each command name's handler
+    // registers its queue before the topics are subscribed.
+    let camera_names: Vec<String> = cfg.cameras.iter().map(|c| c.name.clone()).collect();
+    let intake = Intake::new(cfg.commands.clone(), publisher.clone(), &camera_names);
+    let reload_commands = intake.register(CommandName::Reload);
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
     let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
@@ -130,7 +138,17 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
                 .collect(),
         });
     }
-    tracing::info!(cameras = cfg.cameras.len(), models = %providers.join(", "), "ganomalyd running");
+    // Handlers are registered: from here on commands are taken.
+    if let Some(p) = &mqtt {
+        p.accept_commands(intake.clone());
+    }
+    if let Some(e) = &exporter {
+        e.accept_commands(intake.clone());
+    }
+    tracing::info!(
+        cameras = cfg.cameras.len(), models = %providers.join(", "), commands = cfg.commands.enabled,
+        "ganomalyd running"
+    );
 
     let started = Instant::now();
     let mut ready = false;
@@ -149,8 +167,17 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         match signals.recv_timeout(Duration::from_millis(250)) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(Signal::Reload) => reload(&pipeline, &config_path),
+            Ok(Signal::Reload) => {
+                let outcome = reload(&pipeline, &config_path);
+                publisher.event(&reload_event(None, outcome));
+            }
             Err(RecvTimeoutError::Timeout) => {}
+        }
+        while let Ok(cmd) = reload_commands.try_recv() {
+            match reload(&pipeline, &config_path) {
+                Ok(detail) => cmd.done(detail),
+                Err(reason) => cmd.fail(reason),
+            }
         }
     }
 
@@ -173,8 +200,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     Ok(())
 }
 
-/// SIGHUP: re-reads the file; a file with problems changes nothing.
-fn reload(pipeline: &Pipeline, path: &Path) {
+/// SIGHUP or the `reload` command: re-reads the file; a file with problems
+/// changes nothing. Ok: what was done (for the answer); Err: why not.
+fn reload(pipeline: &Pipeline, path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match config::load(path) {
         Ok(settings) => {
             let not_applied = pipeline.reload_alarms(&settings);
@@ -182,8 +210,24 @@ fn reload(pipeline: &Pipeline, path: &Path) {
                 tracing::warn!(cameras = ?not_applied, "cameras added or removed: restart to apply");
             }
             tracing::info!("alarm settings reloaded (other changes need a restart)");
+            let mut detail = serde_json::Map::new();
+            detail.insert("applied".into(), serde_json::json!(["alarm settings"]));
+            detail.insert("not_applied_cameras".into(), serde_json::json!(not_applied));
+            Ok(detail)
         }
-        Err(e) => tracing::error!(error = %chain(&e), "reload refused: keeping the running settings"),
+        Err(e) => {
+            let reason = chain(&e);
+            tracing::error!(error = %reason, "reload refused: keeping the running settings");
+            Err(format!("reload refused, the running settings are kept: {reason}"))
+        }
+    }
+}
+
+/// The `events` message of a SIGHUP reload (a `reload` command is answered on its own).
+fn reload_event(camera: Option<&str>, outcome: Result<serde_json::Map<String, serde_json::Value>, String>) -> CommandEvent {
+    match outcome {
+        Ok(detail) => CommandEvent { detail, ..CommandEvent::spontaneous("reload", camera, Status::Done) },
+        Err(reason) => CommandEvent { reason: Some(reason), ..CommandEvent::spontaneous("reload", camera, Status::Failed) },
     }
 }
 

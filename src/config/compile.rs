@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig,
+    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig,
+    SnapshotConfig,
 };
 use super::settings::{
     AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
@@ -25,6 +26,7 @@ use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
 use crate::capture::limits::LimitsTable;
 use crate::capture::CameraContext;
+use crate::commands::{CommandName, CommandSettings};
 use crate::publish::config::MqttConfig;
 
 const DEFAULT_WIDTH: u32 = 640;
@@ -67,6 +69,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let pipeline = pipeline(&file.pipeline, &mut problems);
     let snapshots = snapshots(&file.snapshots, base, &mut problems);
     let metrics = metrics(&file.metrics, &mut problems);
+    let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
@@ -101,7 +104,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
         (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics })
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands })
         }
         _ => Err(problems),
     }
@@ -248,6 +251,33 @@ fn metrics(c: &MetricsConfig, problems: &mut Vec<String>) -> Option<MetricsSetti
         }),
         _ => None,
     }
+}
+
+/// `[commands]`: known names only; commands over HTTP only on a loopback port.
+fn commands(c: &CommandsConfig, metrics: Option<&MetricsConfig>, problems: &mut Vec<String>) -> CommandSettings {
+    let mut allow = std::collections::BTreeSet::new();
+    for name in &c.allow {
+        match CommandName::parse(name) {
+            Some(n) => {
+                allow.insert(n);
+            }
+            None => problems.push(format!(
+                "commands.allow: `{name}` is not a command (known: {})",
+                CommandName::names().join(", ")
+            )),
+        }
+    }
+    if let (true, true, Some(m)) = (c.enabled, c.http, metrics) {
+        let public = m.listen.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback());
+        if public {
+            problems.push(format!(
+                "commands.http: the metrics port listens on {} (not loopback), so anyone who reaches it could send \
+                 commands; set commands.http = false (MQTT commands stay), or metrics.listen to a loopback address",
+                m.listen
+            ));
+        }
+    }
+    CommandSettings { enabled: c.enabled, allow, http: c.http }
 }
 
 /// Range checks on the fields one table sets (`[defaults]` or one camera),

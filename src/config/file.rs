@@ -42,6 +42,32 @@ pub struct ConfigFile {
     /// Prometheus `/metrics` and `/healthz` over HTTP (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Commands over MQTT and HTTP (`trigger`, `reload`, …): off by default.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Off unless asked for: a daemon nobody meant to control remotely acts on
+    /// no stray message (each is still answered, `refused`, with the reason).
+    pub enabled: bool,
+    /// The commands carried out; the others are refused.
+    pub allow: Vec<String>,
+    /// Also accept commands as `POST /api/cmd/<camera>/<name>` on the
+    /// `[metrics]` port (which must then listen on loopback).
+    pub http: bool,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            enabled: false,
+            allow: crate::commands::CommandName::names().into_iter().map(String::from).collect(),
+            http: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,7 @@ pub struct Settings {
     pub mqtt: Option<MqttConfig>,
     /// `None`: the metrics endpoint is off.
     pub metrics: Option<MetricsSettings>,
+    pub commands: crate::commands::CommandSettings,
 }
 
 /// Execution provider names, in the order they are tried.

@@ -2,14 +2,15 @@
 //! last-value slots for camera state, snapshots and stats, the alarm outbox,
 //! and the counters both sides update.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
 use super::PublisherCounters;
+use crate::commands::{CommandEvent, Intake};
 use crate::events::{ScoreEvent, Snapshot, StatsReport};
 use crate::publish::outbox::Outbox;
 use crate::publish::Topics;
@@ -23,6 +24,8 @@ pub(super) struct Counters {
     pub scores_dropped: AtomicU64,
     pub alarms_queued: AtomicU64,
     pub alarms_acked: AtomicU64,
+    /// Command answers and stage events lost to a full queue (see [`EVENT_QUEUE`]).
+    pub events_dropped: AtomicU64,
     /// A connection cannot even be attempted: TLS or password files, or the
     /// embedded broker's port (the link task retries with its backoff).
     pub link_fault: AtomicBool,
@@ -55,7 +58,14 @@ pub(super) struct Pending {
     pub snapshots: HashMap<String, Snapshot>,
     /// The pipeline's latest report, not yet published (a newer one replaces it).
     pub stats: Option<StatsReport>,
+    /// Command answers and stage events, oldest first, at most [`EVENT_QUEUE`].
+    pub events: VecDeque<CommandEvent>,
 }
+
+/// Events waiting for the broker: answers are best effort (the command's
+/// effect, e.g. a verdict, is what is durable), so a long outage keeps only
+/// the newest ones; the oldest are dropped and counted.
+pub(super) const EVENT_QUEUE: usize = 256;
 
 pub(super) struct Shared {
     pub topics: Topics,
@@ -69,6 +79,9 @@ pub(super) struct Shared {
     pub wake: Arc<Notify>,
     pub outbox: Outbox,
     pub counters: Counters,
+    /// Where incoming command messages go, once the daemon has set it up
+    /// (the sender task subscribes to the command topics from then on).
+    pub commands: OnceLock<Arc<Intake>>,
 }
 
 impl Shared {
@@ -83,6 +96,7 @@ impl Shared {
             scores_dropped: get(&c.scores_dropped),
             alarms_queued: get(&c.alarms_queued),
             alarms_acked: get(&c.alarms_acked),
+            events_dropped: get(&c.events_dropped),
             alarms_pending: self.outbox.pending(),
             alarms_in_memory: self.outbox.in_memory(),
             alarms_dropped: self.outbox.dropped(),

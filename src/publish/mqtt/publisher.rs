@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::handoff::{inc, Counters, Leaf, Pending, Shared};
+use super::handoff::{inc, Counters, Leaf, Pending, Shared, EVENT_QUEUE};
 use super::link::{self, Link};
 use super::sender::SendTask;
 use crate::base::backoff::Backoff;
 use crate::base::report::chain;
+use crate::commands::{CommandEvent, Intake};
 use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
 use crate::publish::config::MqttConfig;
 use crate::publish::outbox::{Outbox, OutboxSettings};
@@ -35,6 +36,8 @@ pub struct PublisherCounters {
     pub alarms_queued: u64,
     /// Alarm events acknowledged by the broker (re-sends counted once each).
     pub alarms_acked: u64,
+    /// Command answers and events dropped while the broker was down too long.
+    pub events_dropped: u64,
     /// Alarms waiting in the outbox.
     pub alarms_pending: u64,
     /// Of those, held in memory because the outbox file failed.
@@ -143,6 +146,7 @@ impl MqttPublisher {
             wake,
             outbox,
             counters,
+            commands: OnceLock::new(),
         });
         let pending_alarms = shared.outbox.pending();
         tracing::info!(
@@ -189,6 +193,14 @@ impl MqttPublisher {
 
     pub fn topics(&self) -> &Topics {
         &self.shared.topics
+    }
+
+    /// Hands incoming command messages (`<base>/cmd/+`, `<base>/+/cmd/+`)
+    /// to `intake` from now on: the topics are subscribed on this and every
+    /// later connection. Set once; later calls are ignored.
+    pub fn accept_commands(&self, intake: Arc<Intake>) {
+        let _ = self.shared.commands.set(intake);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -306,6 +318,17 @@ impl Publisher for MqttPublisher {
     /// report: keep it to about once a second or less).
     fn stats(&self, report: &StatsReport) {
         self.shared.with_pending(|p| p.stats = Some(report.clone()));
+    }
+
+    fn event(&self, ev: &CommandEvent) {
+        let s = &self.shared;
+        s.with_pending(|p| {
+            if p.events.len() >= EVENT_QUEUE {
+                p.events.pop_front();
+                inc(&s.counters.events_dropped);
+            }
+            p.events.push_back(ev.clone());
+        });
     }
 }
 

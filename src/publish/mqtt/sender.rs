@@ -49,6 +49,8 @@ pub(super) struct SendTask {
     read_seq: u64,
     /// Alarms were stored while a read was in flight: read again after it.
     rescan: bool,
+    /// The command topics are subscribed on the current connection.
+    subscribed: bool,
 }
 
 impl SendTask {
@@ -68,6 +70,7 @@ impl SendTask {
             reading: None,
             read_seq: 0,
             rescan: false,
+            subscribed: false,
         }
     }
 
@@ -153,6 +156,7 @@ impl SendTask {
                 self.client = Some(client);
                 self.delivery.connected(gen);
                 self.reading = None;
+                self.subscribed = false;
                 self.discovered.clear();
                 self.republish_retained();
                 self.flush();
@@ -187,6 +191,13 @@ impl SendTask {
                 );
             }
             Link::Event { gen, event } => {
+                if let Event::Incoming(rumqttc::Packet::Publish(p)) = &event {
+                    if self.delivery.is_current(gen) {
+                        if let Some(intake) = self.shared.commands.get() {
+                            intake.from_mqtt(self.shared.topics.base(), &p.topic, &p.payload, p.retain);
+                        }
+                    }
+                }
                 if let Action::DeleteRow(row) = self.delivery.on_event(gen, &event) {
                     inc(&self.shared.counters.alarms_acked);
                     self.shared.outbox.ack(row);
@@ -289,18 +300,64 @@ impl SendTask {
         }
     }
 
+    /// Subscribes to the command topics once per connection, once the
+    /// daemon accepts commands. The broker answers the SUBSCRIBE; a refusal
+    /// (ACL) shows as a failed SUBACK in the broker's log, not here.
+    fn subscribe_commands(&mut self) {
+        if self.subscribed || self.shared.commands.get().is_none() {
+            return;
+        }
+        let Some(client) = &self.client else { return };
+        let filters = crate::commands::topic_filters(self.shared.topics.base());
+        let subs = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        match client.try_subscribe_many(subs) {
+            Ok(()) => {
+                self.subscribed = true;
+                tracing::info!(filters = ?filters, "listening for commands");
+            }
+            Err(e) => tracing::debug!(error = %e, "command subscription not queued; retried"),
+        }
+    }
+
+    fn event_topic(&self, camera: Option<&str>) -> String {
+        match camera {
+            Some(c) => self.shared.topics.camera(c, "events"),
+            None => format!("{}/events", self.shared.topics.base()),
+        }
+    }
+
     /// Publishes whatever the pipeline left in the pending slots, then alarms.
     fn flush(&mut self) {
         if self.client.is_none() {
             return;
         }
-        let (dirty, cameras, snapshots, stats) = {
+        self.subscribe_commands();
+        let (dirty, cameras, snapshots, stats, events) = {
             let mut p = self.shared.pending();
             let dirty = std::mem::take(&mut p.dirty);
             let cams: BTreeMap<String, CameraState> =
                 dirty.iter().filter_map(|(c, _)| p.cameras.get(c).map(|s| (c.clone(), *s))).collect();
-            (dirty, cams, std::mem::take(&mut p.snapshots), p.stats.take())
+            (dirty, cams, std::mem::take(&mut p.snapshots), p.stats.take(), std::mem::take(&mut p.events))
         };
+        let mut events_retry = std::collections::VecDeque::new();
+        for ev in events {
+            if !events_retry.is_empty() {
+                events_retry.push_back(ev);
+                continue;
+            }
+            let Ok(payload) = serde_json::to_vec(&ev) else { continue };
+            let topic = self.event_topic(ev.camera.as_deref());
+            if !self.publish(topic, QoS::AtLeastOnce, false, payload, Tag::Other) {
+                events_retry.push_back(ev);
+            }
+        }
+        if !events_retry.is_empty() {
+            // In order, ahead of what arrived meanwhile.
+            let mut p = self.shared.pending();
+            while let Some(ev) = events_retry.pop_back() {
+                p.events.push_front(ev);
+            }
+        }
         let mut retry = Vec::new();
         for (cam, leaf) in dirty {
             self.discover(&cam);

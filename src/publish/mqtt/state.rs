@@ -208,6 +208,11 @@ impl Delivery {
         Action::Nothing
     }
 
+    /// Whether `gen` is the connection in use.
+    pub(super) fn is_current(&self, gen: u64) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.gen == gen)
+    }
+
     /// Whether a clean stop may disconnect: `offline` and every alarm sent
     /// are acknowledged (or there is no connection left to wait on).
     pub(super) fn drained(&self) -> bool {
