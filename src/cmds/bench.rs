@@ -252,6 +252,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         snapshots: None,
         cameras,
         mqtt: None,
+        sparkplug: None,
         metrics: None,
         commands: Default::default(),
     };

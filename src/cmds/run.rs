@@ -18,7 +18,8 @@ use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
-use crate::publish::{NullPublisher, PublishError};
+use crate::publish::sparkplug::{self, SparkplugHandle, SparkplugPublisher};
+use crate::publish::{NullPublisher, PublishError, Tee};
 use crate::systemd;
 
 /// `ganomalyd run --config FILE`.
@@ -86,7 +87,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             e.shutdown(rt.handle(), Duration::from_secs(2));
         }
     };
-    let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match cfg.mqtt.as_ref() {
+    // `[sparkplug] plain_topics = false`: the plain publisher stays off,
+    // `[mqtt]` only lends the Sparkplug connection its broker.
+    let plain = cfg.mqtt.as_ref().filter(|_| cfg.sparkplug.as_ref().is_none_or(|s| s.plain_topics));
+    let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match plain {
         Some(m) => {
             let (p, h) = match MqttPublisher::start(m, rt.handle()) {
                 Ok(started) => started,
@@ -97,10 +101,30 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             };
             (p.clone(), Some(h), Some(p))
         }
+        None if cfg.sparkplug.is_some() => (Arc::new(NullPublisher), None, None),
         None => {
             tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
             (Arc::new(NullPublisher), None, None)
         }
+    };
+    let (publisher, sparkplug): (Arc<dyn Publisher>, Option<SparkplugHandle>) = match cfg.sparkplug.as_ref() {
+        Some(s) => {
+            let cameras = cfg.cameras.iter().map(|c| (c.name.clone(), sparkplug::model_info(&c.model))).collect();
+            let (p, h) = match SparkplugPublisher::start(s, cameras, rt.handle()) {
+                Ok(started) => started,
+                Err(e) => {
+                    if let Some(h) = handle {
+                        h.shutdown_blocking(PUBLISHER_FLUSH);
+                    }
+                    stop_exporter(exporter);
+                    return Err(DaemonError::Publish(e));
+                }
+            };
+            let p: Arc<dyn Publisher> = p;
+            let both: Arc<dyn Publisher> = if mqtt.is_some() { Arc::new(Tee(vec![publisher, p])) } else { p };
+            (both, Some(h))
+        }
+        None => (publisher, None),
     };
     let publisher_counters: Option<exporter::CountersFn> = mqtt.clone().map(|p| {
         let f: exporter::CountersFn = Arc::new(move || p.counters());
@@ -118,6 +142,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = handle {
+                h.shutdown_blocking(PUBLISHER_FLUSH);
+            }
+            if let Some(h) = sparkplug {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
             stop_exporter(exporter);
@@ -193,6 +220,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     // Last: /healthz and /metrics answer while the pipeline drains.
     stop_exporter(exporter);
     if let Some(h) = handle {
+        h.shutdown_blocking(PUBLISHER_FLUSH);
+    }
+    // Last: its NDEATH tells SCADA the node is gone.
+    if let Some(h) = sparkplug {
         h.shutdown_blocking(PUBLISHER_FLUSH);
     }
     drop(rt);

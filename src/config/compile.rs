@@ -27,6 +27,7 @@ use crate::capture::limits::LimitsTable;
 use crate::capture::CameraContext;
 use crate::commands::{CommandName, CommandSettings};
 use crate::publish::config::MqttConfig;
+use crate::publish::sparkplug::{SparkplugConfig, SparkplugSettings};
 
 const DEFAULT_WIDTH: u32 = 640;
 const DEFAULT_HEIGHT: u32 = 480;
@@ -70,6 +71,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let metrics = metrics(&file.metrics, &mut problems);
     let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
+    let sparkplug = file.sparkplug.as_ref().and_then(|s| sparkplug(s, file.mqtt.as_ref(), base, probe, &mut problems));
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
@@ -103,7 +105,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
         (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands })
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug })
         }
         _ => Err(problems),
     }
@@ -148,6 +150,39 @@ fn mqtt(m: &MqttConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -
         }
     }
     (problems.len() == before).then_some(m)
+}
+
+/// `[sparkplug]`, checked whether enabled or not; while enabled, its own
+/// broker's password and TLS files are read too (`[mqtt]`'s are read by its
+/// section).
+fn sparkplug(
+    s: &SparkplugConfig,
+    mqtt: Option<&MqttConfig>,
+    base: &Path,
+    probe: Probe,
+    problems: &mut Vec<String>,
+) -> Option<SparkplugSettings> {
+    let before = problems.len();
+    let compiled = s.compile(mqtt, base, problems)?;
+    if !s.enabled {
+        return None;
+    }
+    if let (Some(_), Probe::World) = (&s.broker, probe) {
+        let b = &compiled.broker;
+        match b.password() {
+            Err(e) => problems.push(format!("sparkplug.broker: {}", chain(&e))),
+            Ok(Some(pw)) if pw.expose().len() > crate::base::check::MQTT_STRING_BYTES => {
+                problems.push("sparkplug.broker: the password is longer than 65535 bytes".into())
+            }
+            Ok(_) => {}
+        }
+        if let Some(tls) = &b.tls {
+            if let Err(e) = crate::publish::tls::client_config(tls) {
+                problems.push(format!("sparkplug.broker: {}", chain(&e)));
+            }
+        }
+    }
+    (problems.len() == before).then_some(compiled)
 }
 
 fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -> Option<InferenceSettings> {

@@ -45,6 +45,9 @@ pub struct ConfigFile {
     /// Commands over MQTT and HTTP (`trigger`, `reload`, …): off by default.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// Sparkplug B edge node (absent: none).
+    #[serde(default)]
+    pub sparkplug: Option<crate::publish::sparkplug::SparkplugConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

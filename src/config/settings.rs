@@ -30,6 +30,8 @@ pub struct Settings {
     /// `None`: the metrics endpoint is off.
     pub metrics: Option<MetricsSettings>,
     pub commands: crate::commands::CommandSettings,
+    /// `None`: no `[sparkplug]` table, or `enabled = false`.
+    pub sparkplug: Option<crate::publish::SparkplugSettings>,
 }
 
 /// Execution provider names, in the order they are tried.
