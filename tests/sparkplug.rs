@@ -548,3 +548,46 @@ fn verdicts_of_an_outage_go_out_historical() {
         msgs.len()
     );
 }
+
+/// `plain_topics = false`: the daemon (in-process) publishes Sparkplug only;
+/// `[mqtt]` just names the broker.
+#[test]
+fn sparkplug_only_publishes_no_plain_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((host, port, _mosquitto)) = broker(dir.path()) else { return };
+    let Some(python) = python() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let group = unique("spbo");
+    let plain = rt.block_on(Sub::start(&host, port, &format!("{group}/#"), false));
+    let sparkplug = Host::start(&python, &host, port, &group, "box");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx");
+    let cfg = dir.path().join("ganomalyd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[inference]\nproviders = [\"cpu\"]\n[defaults]\nmodel = \"{}\"\nfps = 10\n\
+             [cameras.cam]\nsource = {{ kind = \"synthetic\", size = 64, variations = 2 }}\n\
+             [mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_prefix = \"{group}\"\nnode_id = \"box\"\noutbox_path = \"outbox.sqlite\"\n\
+             [sparkplug]\ngroup_id = \"{group}\"\nclient_id = \"{group}-spb\"\nplain_topics = false\noutbox_path = \"spb.sqlite\"\n",
+            model.display()
+        ),
+    )
+    .expect("write config");
+    let settings = ganomalyd::config::load(&cfg).expect("the config compiles");
+    assert!(settings.sparkplug.as_ref().is_some_and(|s| !s.plain_topics));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let run = std::thread::spawn(move || ganomalyd::cmds::run::daemon(settings, cfg, rx));
+    sparkplug.wait(Duration::from_secs(60), "a score DDATA", |m| {
+        of_type(m, "DDATA")
+            .iter()
+            .any(|d| d["metrics"].as_array().is_some_and(|ms| ms.iter().any(|x| x["name"] == "Score")))
+    });
+    tx.send(ganomalyd::cmds::run::Signal::Stop).expect("stop");
+    run.join().expect("no panic").expect("a clean stop");
+    let msgs =
+        sparkplug.wait(Duration::from_secs(10), "the NDEATH of the clean stop", |m| !of_type(m, "NDEATH").is_empty());
+    assert_eq!(bd_seq(of_type(&msgs, "NDEATH")[0]), bd_seq(of_type(&msgs, "NBIRTH")[0]));
+    // The plain subscriber has been listening all along.
+    let got = plain.all();
+    assert!(got.is_empty(), "plain topics published: {:?}", got.iter().map(|m| &m.topic).collect::<Vec<_>>());
+}
