@@ -331,6 +331,18 @@ ddata_max_rate_hz = 100
         d["metrics"].as_array().is_some_and(|ms| ms.iter().any(|x| x["name"] == "Alarm" && x["value"] == true))
     });
     assert!(alarm, "the alarm state reached SCADA as a DDATA");
+    let start = of_type(&msgs, "DDATA")
+        .into_iter()
+        .find(|d| {
+            d["metrics"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|x| x["name"] == "Alarm Event/Type" && x["value"] == "start"))
+        })
+        .cloned()
+        .expect("the alarm's start event as a DDATA");
+    assert_eq!(start["qos"], 1, "stored and forwarded: QoS 1");
+    assert!(metric(&start, "Alarm Event/ID")["value"].as_str().is_some_and(|id| id.starts_with("cam-")), "{start}");
+    assert!(!historical_alarm(&start), "raised during the session: {start}");
 
     // A rebirth request, encoded by pysparkplug.
     let births_before = of_type(&msgs, "NBIRTH").len();
@@ -439,6 +451,13 @@ fn historical(msg: &Value) -> bool {
     h[0]
 }
 
+fn historical_alarm(msg: &Value) -> bool {
+    let ms = msg["metrics"].as_array().expect("metrics");
+    ms.iter()
+        .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("Alarm Event/")))
+        .all(|m| m["is_historical"] == true)
+}
+
 #[test]
 fn verdicts_of_an_outage_go_out_historical() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -485,12 +504,30 @@ fn verdicts_of_an_outage_go_out_historical() {
         p.verdict(v);
         std::thread::sleep(Duration::from_millis(20));
     }
+    let alarm = ganomalyd::events::AlarmEvent {
+        schema: PAYLOAD_SCHEMA,
+        id: "a-outage-1".into(),
+        camera: "a".into(),
+        kind: ganomalyd::events::AlarmKind::Start,
+        ts: now_ms(),
+        start_ts: now_ms(),
+        end_ts: None,
+        peak: 0.9,
+        peak_raw: 1.8,
+        frames: 3,
+        first_seq: 1,
+        seq: 3,
+        snapshot: None,
+        reason: None,
+    };
+    p.alarm(&alarm);
     std::thread::sleep(Duration::from_millis(500));
     assert!(!p.counters().connected);
-    assert_eq!(handle.counters().verdicts_pending, 3, "waiting in the Sparkplug outbox");
+    assert_eq!(handle.counters().verdicts_pending, 4, "waiting in the Sparkplug outbox");
     rt.block_on(proxy.restore());
-    let msgs = sparkplug.wait(Duration::from_secs(30), "the outage's verdicts", |m| {
+    let msgs = sparkplug.wait(Duration::from_secs(30), "the outage's verdicts and alarm", |m| {
         outage.iter().all(|v| !verdicts_of(m, &v.part_id).is_empty())
+            && m.iter().any(|v| v["metrics"].as_array().is_some_and(|ms| ms.iter().any(|x| x["value"] == "a-outage-1")))
     });
     // Each CONNECT has its own bdSeq (attempts refused in the outage too).
     let reborn = msgs
@@ -515,6 +552,19 @@ fn verdicts_of_an_outage_go_out_historical() {
         at.push(msgs.iter().position(|m| m == got[0]).expect("position"));
     }
     assert!(at[0] > reborn && at.windows(2).all(|w| w[0] < w[1]), "after the new birth, in order: {at:?}");
+    let alarm_msgs: Vec<&Value> = msgs
+        .iter()
+        .filter(|v| {
+            v["type"] == "DDATA"
+                && v["metrics"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().any(|m| m["name"] == "Alarm Event/ID" && m["value"] == "a-outage-1"))
+        })
+        .collect();
+    assert!(
+        !alarm_msgs.is_empty() && alarm_msgs.iter().all(|m| historical_alarm(m)),
+        "the outage's alarm event, historical: {alarm_msgs:?}"
+    );
 
     // A camera offline: DDEATH; its verdict waits for the DBIRTH and goes out historical.
     p.camera_online("a", false);

@@ -23,11 +23,11 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use super::bdseq::BdSeqFile;
-use super::node::{wants_rebirth, Kind, Out, Qos};
+use super::node::{wants_rebirth, Kind, Out, Qos, Stored};
 use super::{Shared, SparkplugSettings};
 use crate::base::backoff::Backoff;
 use crate::base::report::chain;
-use crate::events::{now_ms, VerdictEvent};
+use crate::events::now_ms;
 use crate::publish::mqtt::state::{Action, Delivery, Tag};
 use crate::publish::outbox::RowsReply;
 
@@ -53,8 +53,9 @@ pub(super) struct EdgeTask {
     client: Option<AsyncClient>,
     gen: u64,
     delivery: Delivery,
-    /// Verdicts read from the outbox, not yet acknowledged, by row.
-    held: BTreeMap<i64, VerdictEvent>,
+    /// Verdicts and alarm events read from the outbox, not yet
+    /// acknowledged, by row.
+    held: BTreeMap<i64, Stored>,
     /// Of those, handed to rumqttc on this connection.
     sent: BTreeSet<i64>,
     read_after: i64,
@@ -201,7 +202,7 @@ impl EdgeTask {
         match client.try_publish(out.topic, qos, false, out.payload.encode()) {
             Ok(()) => {
                 self.delivery.queued(match out.kind {
-                    Kind::Verdict(row) => Tag::Alarm(row),
+                    Kind::Stored(row) => Tag::Alarm(row),
                     Kind::NDeath => Tag::Offline,
                     _ => Tag::Other,
                 });
@@ -265,7 +266,7 @@ impl EdgeTask {
                 break;
             }
             let Some(ev) = self.held.get(&row) else { continue };
-            let out = self.shared.node().verdict(row, ev, now_ms());
+            let out = self.shared.node().stored(row, ev, now_ms());
             // None: its camera is offline; it waits for the DBIRTH.
             if let Some(out) = out {
                 if !self.publish(out) {
@@ -293,14 +294,14 @@ impl EdgeTask {
         }
         for row in reply.rows {
             self.read_after = self.read_after.max(row.id);
-            match serde_json::from_slice::<VerdictEvent>(&row.payload) {
+            match serde_json::from_slice::<Stored>(&row.payload) {
                 Ok(ev) => {
                     self.held.insert(row.id, ev);
                 }
                 Err(e) => {
                     // Only this daemon writes the file; a row it cannot read
                     // would block nothing but is dropped loudly.
-                    tracing::error!(row = row.id, error = %e, "Sparkplug outbox row is not a verdict: dropped");
+                    tracing::error!(row = row.id, error = %e, "Sparkplug outbox row is neither a verdict nor an alarm event: dropped");
                     self.shared.outbox.ack(row.id);
                 }
             }

@@ -18,8 +18,8 @@
 //! state update the edge node's last values under a mutex (the task sends
 //! what is due); verdicts are counted and stored in the Sparkplug outbox (a
 //! SQLite file of its own: [`Outbox`]), from which the task sends them, and
-//! deletes each on its PUBACK. Alarm events, snapshots, stats and command
-//! answers are the plain topics' only.
+//! deletes each on its PUBACK; alarm events likewise. Snapshots, stats and
+//! command answers are the plain topics' only.
 
 pub mod bdseq;
 pub mod config;
@@ -53,9 +53,11 @@ pub struct SparkplugCounters {
     /// Rebirth requests (NCMD) honoured.
     pub rebirths: u64,
     pub verdicts_queued: u64,
-    /// Verdicts acknowledged by the broker.
+    /// Alarm events stored for Sparkplug.
+    pub alarms_queued: u64,
+    /// Verdicts and alarm events acknowledged by the broker.
     pub verdicts_acked: u64,
-    /// Verdicts waiting in the Sparkplug outbox.
+    /// Verdicts and alarm events waiting in the Sparkplug outbox.
     pub verdicts_pending: u64,
     /// Messages not handed to the client (its queue was full).
     pub dropped: u64,
@@ -68,6 +70,7 @@ struct Counters {
     births: AtomicU64,
     rebirths: AtomicU64,
     verdicts_queued: AtomicU64,
+    alarms_queued: AtomicU64,
     verdicts_acked: AtomicU64,
     dropped: AtomicU64,
 }
@@ -97,6 +100,7 @@ impl Shared {
             births: get(&c.births),
             rebirths: get(&c.rebirths),
             verdicts_queued: get(&c.verdicts_queued),
+            alarms_queued: get(&c.alarms_queued),
             verdicts_acked: get(&c.verdicts_acked),
             verdicts_pending: self.outbox.pending(),
             dropped: get(&c.dropped),
@@ -190,15 +194,39 @@ impl SparkplugHandle {
     }
 }
 
+impl SparkplugPublisher {
+    /// Notes an alarm event and returns its outbox payload.
+    fn stored(&self, ev: &AlarmEvent) -> Option<Vec<u8>> {
+        match serde_json::to_vec(ev) {
+            Ok(p) => {
+                self.shared.node().note_alarm(ev);
+                self.shared.counters.alarms_queued.fetch_add(1, Ordering::Relaxed);
+                Some(p)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, id = %ev.id, "alarm event does not serialize");
+                None
+            }
+        }
+    }
+}
+
 impl Publisher for SparkplugPublisher {
     fn score(&self, ev: &ScoreEvent) {
         // Rate-limited by the task's tick: no wake per frame.
         self.shared.node().score(ev);
     }
 
-    /// Alarm events are the plain topics' (`<camera>/alarm`); Sparkplug
-    /// carries the alarm *state* (`Alarm` metric).
-    fn alarm(&self, _: &AlarmEvent) {}
+    /// Stored and forwarded like verdicts (`Alarm Event/...` metrics).
+    fn alarm(&self, ev: &AlarmEvent) {
+        if let Some(payload) = self.stored(ev) {
+            self.shared.outbox.push(&ev.camera, payload);
+        }
+    }
+
+    fn alarm_durable(&self, ev: &AlarmEvent, timeout: Duration) -> bool {
+        self.stored(ev).is_some_and(|payload| self.shared.outbox.push_durable(&ev.camera, payload, timeout))
+    }
 
     fn camera_online(&self, camera: &str, online: bool) {
         self.shared.node().camera_online(camera, online, now_ms());

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::payload::{DataType, Form, Metric, Payload, Value};
-use crate::events::{ScoreEvent, Verdict, VerdictEvent};
+use crate::events::{AlarmEvent, AlarmKind, ScoreEvent, Verdict, VerdictEvent};
 
 /// Topic namespace of Sparkplug B.
 pub const NAMESPACE: &str = "spBv1.0";
@@ -57,8 +57,8 @@ pub enum Kind {
     DData,
     DDeath,
     NDeath,
-    /// A verdict DDATA carrying this outbox row.
-    Verdict(i64),
+    /// A verdict or alarm-event DDATA carrying this outbox row.
+    Stored(i64),
 }
 
 /// One message to publish.
@@ -68,6 +68,31 @@ pub struct Out {
     pub qos: Qos,
     pub kind: Kind,
     pub payload: Payload,
+}
+
+/// What the Sparkplug outbox holds: verdicts and alarm events, as their
+/// JSON payloads (told apart by their fields).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Stored {
+    Verdict(VerdictEvent),
+    Alarm(AlarmEvent),
+}
+
+impl Stored {
+    pub fn camera(&self) -> &str {
+        match self {
+            Stored::Verdict(v) => &v.camera,
+            Stored::Alarm(a) => &a.camera,
+        }
+    }
+    /// When it happened, ms since the epoch.
+    pub fn ts(&self) -> u64 {
+        match self {
+            Stored::Verdict(v) => v.ts,
+            Stored::Alarm(a) => a.ts,
+        }
+    }
 }
 
 /// Verdict counts of one camera since the daemon started, by outcome.
@@ -95,6 +120,7 @@ struct Device {
     counts: Counts,
     model: ModelInfo,
     last_verdict: Option<VerdictEvent>,
+    last_alarm: Option<AlarmEvent>,
     /// When the pipeline last changed each state value (ms since epoch).
     state_ts: u64,
     /// DBIRTH sent on this session (ms since epoch), no DDEATH since.
@@ -230,6 +256,7 @@ impl EdgeNode {
         d.last_data = Some(now);
         let mut metrics = state_metrics(d, t, Form::Birth, true);
         metrics.extend(verdict_metrics(d.last_verdict.as_ref(), t, Form::Birth, false));
+        metrics.extend(alarm_metrics(d.last_alarm.as_ref(), t, Form::Birth, false));
         Out {
             topic,
             qos: Qos::AtMostOnce,
@@ -275,6 +302,11 @@ impl EdgeNode {
         d.last_verdict = Some(ev.clone());
         d.state_ts = now_ms;
         d.changed.urgent = true;
+    }
+
+    /// Notes an alarm event handed over (its DDATA goes through the outbox).
+    pub fn note_alarm(&mut self, ev: &AlarmEvent) {
+        self.devices.entry(ev.camera.clone()).or_default().last_alarm = Some(ev.clone());
     }
 
     /// What is due now: DDEATH for cameras gone offline, DBIRTH for cameras
@@ -327,20 +359,28 @@ impl EdgeNode {
         out
     }
 
-    /// The DDATA of a stored verdict (outbox row `row`), or None while its
-    /// camera's device is not born (it waits).
-    pub fn verdict(&mut self, row: i64, ev: &VerdictEvent, now_ms: u64) -> Option<Out> {
-        let born_ms = self.devices.get(&ev.camera).and_then(|d| d.born_ms).filter(|_| self.live)?;
-        let historical = ev.ts < born_ms;
+    /// The DDATA of a stored verdict or alarm event (outbox row `row`), or
+    /// None while its camera's device is not born (it waits).
+    pub fn stored(&mut self, row: i64, ev: &Stored, now_ms: u64) -> Option<Out> {
+        let born_ms = self.devices.get(ev.camera()).and_then(|d| d.born_ms).filter(|_| self.live)?;
+        let historical = ev.ts() < born_ms;
         let seq = self.next_seq();
-        let metrics = verdict_metrics(Some(ev), ev.ts, Form::Data, historical);
+        let metrics = match ev {
+            Stored::Verdict(v) => verdict_metrics(Some(v), v.ts, Form::Data, historical),
+            Stored::Alarm(a) => alarm_metrics(Some(a), a.ts, Form::Data, historical),
+        };
         Some(Out {
-            topic: self.device_topic("DDATA", &ev.camera),
+            topic: self.device_topic("DDATA", ev.camera()),
             // QoS 1, unlike other DDATA: the outbox row is deleted on its PUBACK.
             qos: Qos::AtLeastOnce,
-            kind: Kind::Verdict(row),
+            kind: Kind::Stored(row),
             payload: Payload { timestamp: Some(now_ms), metrics, seq: Some(seq), ..Payload::default() },
         })
+    }
+
+    /// [`stored`](Self::stored) for a verdict.
+    pub fn verdict(&mut self, row: i64, ev: &VerdictEvent, now_ms: u64) -> Option<Out> {
+        self.stored(row, &Stored::Verdict(ev.clone()), now_ms)
     }
 }
 
@@ -415,6 +455,32 @@ fn verdict_metrics(v: Option<&VerdictEvent>, t: u64, form: Form, historical: boo
             ("Verdict/Model SHA256", Value::Null(DataType::String)),
             ("Verdict/Reason", Value::Null(DataType::String)),
             ("Verdict/JSON", Value::Null(DataType::String)),
+        ],
+    };
+    values.into_iter().map(|(name, value)| Metric::new(name, t, value, form).historical(historical)).collect()
+}
+
+/// `Alarm Event/...` metrics of `a` (nulls of the right types without one).
+fn alarm_metrics(a: Option<&AlarmEvent>, t: u64, form: Form, historical: bool) -> Vec<Metric> {
+    let s = |x: Option<&String>| x.map_or(Value::Null(DataType::String), |x| Value::String(x.clone()));
+    let values = match a {
+        Some(a) => vec![
+            ("Alarm Event/ID", Value::String(a.id.clone())),
+            ("Alarm Event/Type", Value::String(if a.kind == AlarmKind::Start { "start" } else { "end" }.into())),
+            ("Alarm Event/Start", Value::UInt64(a.start_ts)),
+            ("Alarm Event/Peak", Value::Double(a.peak)),
+            ("Alarm Event/Frames", Value::UInt64(a.frames)),
+            ("Alarm Event/Snapshot", s(a.snapshot.as_ref())),
+            ("Alarm Event/JSON", Value::String(serde_json::to_string(a).unwrap_or_default())),
+        ],
+        None => vec![
+            ("Alarm Event/ID", Value::Null(DataType::String)),
+            ("Alarm Event/Type", Value::Null(DataType::String)),
+            ("Alarm Event/Start", Value::Null(DataType::UInt64)),
+            ("Alarm Event/Peak", Value::Null(DataType::Double)),
+            ("Alarm Event/Frames", Value::Null(DataType::UInt64)),
+            ("Alarm Event/Snapshot", Value::Null(DataType::String)),
+            ("Alarm Event/JSON", Value::Null(DataType::String)),
         ],
     };
     values.into_iter().map(|(name, value)| Metric::new(name, t, value, form).historical(historical)).collect()
@@ -599,10 +665,7 @@ mod tests {
         assert_eq!(counts.long_value, Some(1));
         assert_eq!(value(&births[1], "Verdict/Part ID").unwrap().string_value.as_deref(), Some("p1"));
         let out = n.verdict(1, &v, 101).unwrap();
-        assert_eq!(
-            (out.kind, out.qos, out.topic.as_str()),
-            (Kind::Verdict(1), Qos::AtLeastOnce, "spBv1.0/g/DDATA/n/a")
-        );
+        assert_eq!((out.kind, out.qos, out.topic.as_str()), (Kind::Stored(1), Qos::AtLeastOnce, "spBv1.0/g/DDATA/n/a"));
         let part = value(&out, "Verdict/Part ID").unwrap();
         assert_eq!(
             (part.string_value.as_deref(), part.is_historical, part.timestamp),
@@ -615,6 +678,41 @@ mod tests {
         n.camera_online("a", false, 160);
         let _ = n.due(t, 160);
         assert!(n.verdict(3, &verdict("a", "p3", 170), 171).is_none(), "its device is dead: it waits");
+    }
+
+    #[test]
+    fn alarm_events_are_stored_data_too_and_historical_after_an_outage() {
+        let mut n = node();
+        let t = Instant::now();
+        let start = AlarmEvent {
+            schema: PAYLOAD_SCHEMA,
+            id: "a-1".into(),
+            camera: "a".into(),
+            kind: AlarmKind::Start,
+            ts: 40,
+            start_ts: 40,
+            end_ts: None,
+            peak: 0.9,
+            peak_raw: 1.8,
+            frames: 3,
+            first_seq: 1,
+            seq: 3,
+            snapshot: None,
+            reason: None,
+        };
+        let stored = Stored::Alarm(start.clone());
+        let json = serde_json::to_vec(&stored).unwrap();
+        assert_eq!(serde_json::from_slice::<Stored>(&json).unwrap(), stored, "told apart from a verdict");
+        let v = Stored::Verdict(verdict("a", "p", 1));
+        assert_eq!(serde_json::from_slice::<Stored>(&serde_json::to_vec(&v).unwrap()).unwrap(), v);
+        n.note_alarm(&start);
+        let births = n.birth(t, 100);
+        assert_eq!(value(&births[1], "Alarm Event/ID").unwrap().string_value.as_deref(), Some("a-1"));
+        let out = n.stored(7, &stored, 101).unwrap();
+        assert_eq!((out.kind, out.qos), (Kind::Stored(7), Qos::AtLeastOnce));
+        let ty = value(&out, "Alarm Event/Type").unwrap();
+        assert_eq!((ty.string_value.as_deref(), ty.is_historical, ty.timestamp), (Some("start"), Some(true), Some(40)));
+        assert!(out.payload.metrics.iter().all(|m| m.name.as_deref().is_some_and(|n| n.starts_with("Alarm Event/"))));
     }
 
     #[test]
