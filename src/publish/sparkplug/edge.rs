@@ -64,6 +64,9 @@ pub(super) struct EdgeTask {
     /// The outbox stored verdicts while a read was in flight, or the last
     /// read was full: read again.
     unread: bool,
+    /// A held item could not be handed to rumqttc (queue full): try again
+    /// at the next tick.
+    retry: bool,
     rows_tx: mpsc::UnboundedSender<RowsReply>,
 }
 
@@ -87,6 +90,7 @@ impl EdgeTask {
             reading: None,
             read_seq: 0,
             unread: true,
+            retry: false,
             rows_tx,
         }
     }
@@ -248,10 +252,15 @@ impl EdgeTask {
             return;
         }
         let out = self.shared.node().due(Instant::now(), now_ms());
+        // Held items wait for a DBIRTH (or for room in rumqttc's queue):
+        // not looked at on every tick.
+        let born = out.iter().any(|o| o.kind == Kind::DBirth);
         for o in out {
             self.publish(o);
         }
-        self.pump();
+        if born || self.retry {
+            self.pump();
+        }
     }
 
     /// Sends held verdicts whose device is born, in row order, within the
@@ -260,6 +269,7 @@ impl EdgeTask {
         if self.client.is_none() {
             return;
         }
+        self.retry = false;
         let rows: Vec<i64> = self.held.keys().copied().filter(|r| !self.sent.contains(r)).collect();
         for row in rows {
             if self.sent.len() >= WINDOW || !self.delivery.admit(row) {
@@ -270,6 +280,7 @@ impl EdgeTask {
             // None: its camera is offline; it waits for the DBIRTH.
             if let Some(out) = out {
                 if !self.publish(out) {
+                    self.retry = true;
                     break;
                 }
                 self.sent.insert(row);
