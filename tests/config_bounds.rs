@@ -417,6 +417,11 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
             "sparkplug.ddata_max_rate_hz",
         ),
         (
+            "a primary host id with a wildcard",
+            vec![("sparkplug", s("group_id = \"g\"\nprimary_host_id = \"scada#\""))],
+            "sparkplug.primary_host_id",
+        ),
+        (
             "the plain outbox shared",
             vec![
                 ("mqtt", s("outbox_path = \"{DIR}/o.sqlite\"")),

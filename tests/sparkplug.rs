@@ -74,10 +74,20 @@ struct Host {
 
 impl Host {
     fn start(python: &Path, host: &str, port: u16, group: &str, node: &str) -> Host {
+        Host::start_as(python, host, port, group, node, None)
+    }
+
+    /// With `host_id`, it can also publish that primary host's STATE.
+    fn start_as(python: &Path, host: &str, port: u16, group: &str, node: &str, host_id: Option<&str>) -> Host {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sparkplug_host.py");
+        let port = port.to_string();
+        let mut args = vec!["--host", host, "--port", &port, "--group", group, "--node", node];
+        if let Some(id) = host_id {
+            args.extend(["--host-id", id]);
+        }
         let mut child = Command::new(python)
             .arg(script)
-            .args(["--host", host, "--port", &port.to_string(), "--group", group, "--node", node])
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -130,6 +140,15 @@ impl Host {
     fn send(&mut self, cmd: &str) {
         writeln!(self.stdin, "{cmd}").expect("write to the host");
         self.stdin.flush().expect("flush");
+    }
+
+    /// [`send`](Self::send), and waits until the host says it is published.
+    fn command(&mut self, cmd: &str) {
+        let before = self.all().iter().filter(|v| v["type"] == "sent" && v["what"] == cmd).count();
+        self.send(cmd);
+        self.wait(Duration::from_secs(10), cmd, |m| {
+            m.iter().filter(|v| v["type"] == "sent" && v["what"] == cmd).count() > before
+        });
     }
 }
 
@@ -640,4 +659,79 @@ fn sparkplug_only_publishes_no_plain_topic() {
     // The plain subscriber has been listening all along.
     let got = plain.all();
     assert!(got.is_empty(), "plain topics published: {:?}", got.iter().map(|m| &m.topic).collect::<Vec<_>>());
+}
+
+/// Sparkplug 3.0's primary host: no births before its online STATE; its
+/// offline STATE ends the session (NDEATH, a new CONNECT with a new bdSeq)
+/// and data waits, historical afterwards; a stale offline STATE (older than
+/// the last online one) changes nothing.
+#[test]
+fn births_wait_for_the_primary_host_and_its_offline_state_ends_the_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((host, port, _mosquitto)) = broker(dir.path()) else { return };
+    let Some(python) = python() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let group = unique("spbh");
+    let host_id = format!("{group}-scada");
+    let mut scada = Host::start_as(&python, &host, port, &group, "box", Some(&host_id));
+    let text = format!(
+        "group_id = \"{group}\"\nedge_node_id = \"box\"\nclient_id = \"{group}\"\noutbox_path = \"spb.sqlite\"\nprimary_host_id = \"{host_id}\"\n\
+         [broker]\nhost = \"{host}\"\nport = {port}\nkeep_alive_s = 2\nconnect_timeout_s = 2\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n"
+    );
+    let c: SparkplugConfig = toml::from_str(&text).expect("section");
+    let mut problems = Vec::new();
+    let settings = c.compile(None, dir.path(), &mut problems).unwrap_or_else(|| panic!("{problems:?}"));
+    let model = ModelInfo { path: "/models/m.onnx".into(), sha256: "00".repeat(32) };
+    let (p, handle) = SparkplugPublisher::start(&settings, vec![("a".into(), model)], rt.handle()).expect("start");
+    p.camera_online("a", true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.counters().connected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.counters().connected, "connected");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(of_type(&scada.all(), "NBIRTH").is_empty(), "no births before the host is online");
+
+    scada.command("state online");
+    let msgs =
+        scada.wait(Duration::from_secs(20), "births after the online STATE", |m| !of_type(m, "DBIRTH").is_empty());
+    let b0 = bd_seq(of_type(&msgs, "NBIRTH")[0]);
+    p.verdict(&verdict("h1", 1));
+    scada.wait(Duration::from_secs(20), "a live verdict", |m| !verdicts_of(m, "h1").is_empty());
+
+    // An offline STATE older than the last online one: a late death of an
+    // earlier host session. Nothing happens.
+    scada.command("state stale");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(of_type(&scada.all(), "NDEATH").is_empty(), "a stale offline STATE ended the session");
+
+    scada.command("state offline");
+    let msgs =
+        scada.wait(Duration::from_secs(20), "the NDEATH of the session's end", |m| !of_type(m, "NDEATH").is_empty());
+    assert_eq!(bd_seq(of_type(&msgs, "NDEATH")[0]), b0);
+    let waiting = verdict("h2", 2);
+    p.verdict(&waiting);
+    // Reconnected, and waiting for the host.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.counters().connects < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.counters().connects, 2, "a new session after the host's offline STATE");
+    std::thread::sleep(Duration::from_millis(700));
+    let msgs = scada.all();
+    assert_eq!(of_type(&msgs, "NBIRTH").len(), 1, "no births while the host is offline");
+    assert!(verdicts_of(&msgs, "h2").is_empty(), "no data while the host is offline");
+
+    scada.command("state online");
+    let msgs =
+        scada.wait(Duration::from_secs(20), "births and the waiting verdict", |m| !verdicts_of(m, "h2").is_empty());
+    let births = of_type(&msgs, "NBIRTH");
+    assert_eq!(births.len(), 2, "{births:?}");
+    assert!(bd_seq(births[1]) > b0, "a new CONNECT, a new bdSeq");
+    let h2 = verdicts_of(&msgs, "h2")[0];
+    assert!(historical(h2), "it waited for the host: {h2}");
+    check_seq(&msgs);
+    scada.command("clear");
+    handle.shutdown_blocking(Duration::from_secs(10));
+    eprintln!("sparkplug primary host: {:?}", p.counters());
 }

@@ -5,8 +5,11 @@ generated from the specification's sparkplug_b.proto) over paho-mqtt.
 Subscribes to spBv1.0/<group>/# and prints one JSON line per message, decoded
 by pysparkplug (DDATA with the device's DBIRTH, as a host does: data messages
 carry no datatypes). Reads commands on stdin, one per line:
-  rebirth   publish an NCMD `Node Control/Rebirth` = true, encoded by pysparkplug
-  quit      disconnect and exit
+  rebirth         publish an NCMD `Node Control/Rebirth` = true, encoded by pysparkplug
+  state online    publish this host's STATE (Sparkplug 3.0, retained) online, timestamp now
+  state offline   ... offline, timestamp now
+  state stale     ... offline, with a timestamp older than the last online one
+  quit            disconnect and exit
 """
 
 import argparse
@@ -41,7 +44,9 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--group", required=True)
     ap.add_argument("--node", required=True)
+    ap.add_argument("--host-id", default=None)
     args = ap.parse_args()
+    last_online = [0]
 
     births = {}  # device id (or None for the node) -> its last birth
     lock = threading.Lock()
@@ -98,6 +103,20 @@ def main():
             info = client.publish(f"spBv1.0/{args.group}/NCMD/{args.node}", ncmd.encode(include_dtypes=True), qos=0)
             info.wait_for_publish(5)
             out({"type": "sent", "what": "rebirth"})
+        elif cmd.startswith("state ") and args.host_id:
+            what = cmd.split(" ", 1)[1]
+            now = spb.get_current_timestamp()
+            if what == "online":
+                last_online[0] = now
+            ts = last_online[0] - 1000 if what == "stale" else now
+            body = json.dumps({"online": what == "online", "timestamp": ts})
+            info = client.publish(f"spBv1.0/STATE/{args.host_id}", body, qos=1, retain=True)
+            info.wait_for_publish(5)
+            out({"type": "sent", "what": cmd})
+        elif cmd == "clear":
+            if args.host_id:
+                client.publish(f"spBv1.0/STATE/{args.host_id}", b"", qos=1, retain=True).wait_for_publish(5)
+            out({"type": "sent", "what": "clear"})
         elif cmd == "quit":
             break
     client.loop_stop()

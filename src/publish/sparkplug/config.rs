@@ -46,6 +46,11 @@ pub struct SparkplugConfig {
     /// at once.
     #[serde(default = "default_ddata_max_rate_hz")]
     pub ddata_max_rate_hz: f64,
+    /// The primary host application's id (Sparkplug 3.0): births wait for
+    /// its `spBv1.0/STATE/<id>` to say online, and its offline STATE ends
+    /// the session (NDEATH, reconnect, wait again). Empty: no primary host.
+    #[serde(default)]
+    pub primary_host_id: String,
     /// Its own broker; absent: the `[mqtt]` one.
     #[serde(default)]
     pub broker: Option<BrokerTable>,
@@ -116,6 +121,7 @@ pub struct SparkplugSettings {
     pub bdseq_path: PathBuf,
     /// Shortest time between two score DDATA of one camera.
     pub ddata_interval: Duration,
+    pub primary_host_id: Option<String>,
 }
 
 /// A Sparkplug id (group, edge node, device): a topic level, so none of
@@ -156,6 +162,11 @@ impl SparkplugConfig {
         };
         if let Some(e) = bad_id(&edge_node_id) {
             bad("edge_node_id", e);
+        }
+        if !self.primary_host_id.is_empty() {
+            if let Some(e) = bad_id(&self.primary_host_id) {
+                bad("primary_host_id", e);
+            }
         }
         if self.client_id.len() > 65535 || self.client_id.contains('\0') {
             bad("client_id", "must be at most 65535 bytes without NUL characters".into());
@@ -233,6 +244,7 @@ impl SparkplugConfig {
             outbox_path,
             broker,
             ddata_interval: Duration::from_secs_f64(1.0 / hz),
+            primary_host_id: (!self.primary_host_id.is_empty()).then(|| self.primary_host_id.clone()),
         })
     }
 }
@@ -281,6 +293,7 @@ mod tests {
         assert_eq!(s.bdseq_path, Path::new("/var/lib/ganomalyd/sparkplug-outbox.bdseq"));
         assert!(s.plain_topics);
         assert_eq!(s.ddata_interval, Duration::from_secs(1));
+        assert_eq!(s.primary_host_id, None);
     }
 
     #[test]
@@ -305,7 +318,7 @@ mod tests {
     fn every_problem_names_its_key() {
         let mqtt = MqttConfig { outbox_path: "o.sqlite".into(), node_id: "n".into(), ..MqttConfig::default() };
         let p = compile(
-            "group_id = \"a/b\"\nedge_node_id = \"x#\"\nddata_max_rate_hz = 0\noutbox_path = \"o.sqlite\"\n\
+            "group_id = \"a/b\"\nedge_node_id = \"x#\"\nddata_max_rate_hz = 0\noutbox_path = \"o.sqlite\"\nprimary_host_id = \"h/1\"\n\
              [broker]\nhost = \"\"\nkeep_alive_s = 0.5\n",
             Some(&mqtt),
         )
@@ -315,12 +328,13 @@ mod tests {
             "sparkplug.edge_node_id:",
             "sparkplug.ddata_max_rate_hz:",
             "sparkplug.outbox_path:",
+            "sparkplug.primary_host_id:",
             "sparkplug.broker.host:",
             "sparkplug.broker.keep_alive_s:",
         ] {
             assert!(p.iter().any(|s| s.starts_with(key)), "{key} missing from {p:#?}");
         }
-        assert_eq!(p.len(), 6, "{p:#?}");
+        assert_eq!(p.len(), 7, "{p:#?}");
         let p = compile("", None).unwrap_err();
         assert!(p.len() == 1 && p[0].starts_with("sparkplug.group_id: must not be empty"), "{p:?}");
         let e = toml::from_str::<SparkplugConfig>("group_id = \"g\"\n[broker]\nhost = \"h\"\ntopic_prefix = \"x\"")

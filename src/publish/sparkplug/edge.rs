@@ -23,7 +23,7 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use super::bdseq::BdSeqFile;
-use super::node::{wants_rebirth, Kind, Out, Qos, Stored};
+use super::node::{wants_rebirth, EdgeNode, HostAction, HostState, HostWatch, Kind, Out, Qos, Stored};
 use super::{Shared, SparkplugSettings};
 use crate::base::backoff::Backoff;
 use crate::base::report::chain;
@@ -67,6 +67,8 @@ pub(super) struct EdgeTask {
     /// A held item could not be handed to rumqttc (queue full): try again
     /// at the next tick.
     retry: bool,
+    /// With `primary_host_id`: its STATE topic and what it said last.
+    host: Option<(String, HostWatch)>,
     rows_tx: mpsc::UnboundedSender<RowsReply>,
 }
 
@@ -77,6 +79,7 @@ impl EdgeTask {
         bdseq: BdSeqFile,
         rows_tx: mpsc::UnboundedSender<RowsReply>,
     ) -> EdgeTask {
+        let host = settings.primary_host_id.as_deref().map(|h| (EdgeNode::state_topic(h), HostWatch::default()));
         EdgeTask {
             shared,
             settings,
@@ -91,6 +94,7 @@ impl EdgeTask {
             read_seq: 0,
             unread: true,
             retry: false,
+            host,
             rows_tx,
         }
     }
@@ -149,9 +153,15 @@ impl EdgeTask {
                     self.shared.counters.connected.store(false, Ordering::Relaxed);
                     self.reading = None;
                     self.sent.clear();
-                    tracing::warn!(error = %chain(&error), retry_in_ms, "Sparkplug connection lost; verdicts wait in its outbox");
-                } else {
-                    tracing::warn!(error = %chain(&error), retry_in_ms, "Sparkplug connect failed");
+                }
+                match (error, was_up) {
+                    (None, _) => {
+                        tracing::info!(retry_in_ms, "Sparkplug session ended (primary host offline); connecting again")
+                    }
+                    (Some(e), true) => {
+                        tracing::warn!(error = %chain(&e), retry_in_ms, "Sparkplug connection lost; verdicts wait in its outbox")
+                    }
+                    (Some(e), false) => tracing::warn!(error = %chain(&e), retry_in_ms, "Sparkplug connect failed"),
                 }
             }
             Link::Fault { error, retry_in } => {
@@ -169,6 +179,12 @@ impl EdgeTask {
         if let Err(e) = client.try_subscribe(&ncmd, QoS::AtLeastOnce) {
             tracing::warn!(error = %e, "Sparkplug NCMD subscription not queued: rebirth requests are not heard");
         }
+        // The host's STATE is retained: it arrives right after the SUBACK.
+        if let Some((state, _)) = &self.host {
+            if let Err(e) = client.try_subscribe(state, QoS::AtLeastOnce) {
+                tracing::warn!(error = %e, "Sparkplug STATE subscription not queued: no births until it is");
+            }
+        }
         self.client = Some(client);
         self.delivery.connected(self.gen);
         // Everything unacknowledged is sent again on this connection, oldest first.
@@ -183,7 +199,10 @@ impl EdgeTask {
             pending_verdicts = self.shared.outbox.pending(),
             "Sparkplug connected"
         );
-        self.births();
+        // With a primary host, births wait for its online STATE.
+        if self.host.is_none() {
+            self.births();
+        }
         self.pump();
     }
 
@@ -220,11 +239,51 @@ impl EdgeTask {
         }
     }
 
+    /// The primary host's STATE: births once it is online, the end of the
+    /// session when it goes offline (NDEATH, then DISCONNECT: the link task
+    /// connects again, and births wait for the next online STATE).
+    fn on_host_state(&mut self, payload: &[u8]) {
+        let state = match HostState::parse(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Sparkplug STATE payload is not {{\"online\": bool, \"timestamp\": ms}}: ignored");
+                return;
+            }
+        };
+        let live = self.shared.node().is_live();
+        let Some((_, watch)) = self.host.as_mut() else { return };
+        match watch.on_state(state, live) {
+            HostAction::Birth => {
+                tracing::info!("Sparkplug primary host online: births");
+                self.births();
+                self.pump();
+            }
+            HostAction::EndSession => {
+                tracing::warn!("Sparkplug primary host offline: ending this session (NDEATH, disconnect)");
+                let death = self.shared.node().death(now_ms());
+                self.publish(death);
+                // Nothing more on this session: data waits for the next births.
+                self.shared.node().lost();
+                if let Some(c) = &self.client {
+                    let _ = c.try_disconnect();
+                }
+            }
+            HostAction::Nothing => {}
+        }
+    }
+
     fn on_event(&mut self, ev: &Event) {
         if let Event::Incoming(Packet::Publish(p)) = ev {
+            if self.host.as_ref().is_some_and(|(t, _)| *t == p.topic) {
+                let payload = p.payload.clone();
+                self.on_host_state(&payload);
+            }
             let ncmd = self.shared.node().ncmd_topic();
             if p.topic == ncmd {
                 match wants_rebirth(&p.payload) {
+                    Ok(true) if !self.shared.node().is_live() => {
+                        tracing::info!("Sparkplug rebirth requested (NCMD) before the births: they come with the host's online STATE");
+                    }
                     Ok(true) => {
                         tracing::info!("Sparkplug rebirth requested (NCMD)");
                         self.shared.counters.rebirths.fetch_add(1, Ordering::Relaxed);
@@ -360,10 +419,25 @@ impl EdgeTask {
 /// What the link task tells the edge task; `gen` numbers connections so that
 /// events of a dead one are never taken for the current one's.
 enum Link {
-    Up { gen: u64, client: AsyncClient, bd: u8 },
-    Event { gen: u64, event: Event },
-    Down { gen: u64, error: rumqttc::ConnectionError, retry_in: Duration },
-    Fault { error: Box<crate::publish::PublishError>, retry_in: Duration },
+    Up {
+        gen: u64,
+        client: AsyncClient,
+        bd: u8,
+    },
+    Event {
+        gen: u64,
+        event: Event,
+    },
+    /// `error` None: the edge task ended the session itself (its DISCONNECT).
+    Down {
+        gen: u64,
+        error: Option<rumqttc::ConnectionError>,
+        retry_in: Duration,
+    },
+    Fault {
+        error: Box<crate::publish::PublishError>,
+        retry_in: Duration,
+    },
 }
 
 /// The options of one connection: its will is the NDEATH with this
@@ -444,11 +518,19 @@ async fn link_task(
                 }
                 Ok(event) => {
                     let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
-                    if tx.send(Link::Event { gen, event }).is_err() || disconnected {
+                    if tx.send(Link::Event { gen, event }).is_err() {
                         return;
                     }
+                    if disconnected {
+                        // A clean stop ends here; otherwise the primary host
+                        // went offline and a new session is wanted.
+                        if *stop.borrow() {
+                            return;
+                        }
+                        break None;
+                    }
                 }
-                Err(error) => break error,
+                Err(error) => break Some(error),
             }
         };
         let retry_in = backoff.next_delay();

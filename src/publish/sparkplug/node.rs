@@ -168,6 +168,11 @@ impl EdgeNode {
         format!("{NAMESPACE}/{}/{kind}/{}/{camera}", self.group, self.node)
     }
 
+    /// `spBv1.0/STATE/<host_id>`: the primary host's state.
+    pub fn state_topic(host_id: &str) -> String {
+        format!("{NAMESPACE}/STATE/{host_id}")
+    }
+
     /// `spBv1.0/<group>/NCMD/<node>`: subscribed on every session.
     pub fn ncmd_topic(&self) -> String {
         self.node_topic("NCMD")
@@ -381,6 +386,74 @@ impl EdgeNode {
     /// [`stored`](Self::stored) for a verdict.
     pub fn verdict(&mut self, row: i64, ev: &VerdictEvent, now_ms: u64) -> Option<Out> {
         self.stored(row, &Stored::Verdict(ev.clone()), now_ms)
+    }
+}
+
+/// The primary host application's STATE payload (Sparkplug 3.0, JSON on
+/// `spBv1.0/STATE/<host_id>`, retained).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct HostState {
+    pub online: bool,
+    /// The host's time of the message, ms since the epoch.
+    pub timestamp: u64,
+}
+
+impl HostState {
+    pub fn parse(payload: &[u8]) -> Result<HostState, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+}
+
+/// What a STATE message asks of the edge node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostAction {
+    /// The host is online and the node is not born: NBIRTH and DBIRTHs.
+    Birth,
+    /// The host went offline while the node was born: NDEATH, disconnect,
+    /// connect again and wait for it.
+    EndSession,
+    Nothing,
+}
+
+/// The primary host's state as its STATE messages tell it. An offline STATE
+/// older than the last online one is a late death of an earlier host
+/// session and changes nothing (the specification's timestamp rule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostWatch {
+    last_online_ts: Option<u64>,
+    online: bool,
+}
+
+impl HostWatch {
+    /// `live`: the node is born on the current connection.
+    pub fn on_state(&mut self, s: HostState, live: bool) -> HostAction {
+        let last = self.last_online_ts.unwrap_or(0);
+        if s.online {
+            if self.last_online_ts.is_some() && s.timestamp < last {
+                return HostAction::Nothing;
+            }
+            self.last_online_ts = Some(s.timestamp);
+            self.online = true;
+            if live {
+                HostAction::Nothing
+            } else {
+                HostAction::Birth
+            }
+        } else {
+            if s.timestamp < last {
+                return HostAction::Nothing;
+            }
+            self.online = false;
+            if live {
+                HostAction::EndSession
+            } else {
+                HostAction::Nothing
+            }
+        }
+    }
+
+    pub fn online(&self) -> bool {
+        self.online
     }
 }
 
@@ -713,6 +786,28 @@ mod tests {
         let ty = value(&out, "Alarm Event/Type").unwrap();
         assert_eq!((ty.string_value.as_deref(), ty.is_historical, ty.timestamp), (Some("start"), Some(true), Some(40)));
         assert!(out.payload.metrics.iter().all(|m| m.name.as_deref().is_some_and(|n| n.starts_with("Alarm Event/"))));
+    }
+
+    #[test]
+    fn the_primary_host_s_state_births_and_ends_sessions_by_its_timestamps() {
+        let st = |online, timestamp| HostState { online, timestamp };
+        let mut h = HostWatch::default();
+        assert_eq!(h.on_state(st(false, 5), false), HostAction::Nothing, "offline before anything: wait");
+        assert_eq!(h.on_state(st(true, 10), false), HostAction::Birth);
+        assert!(h.online());
+        assert_eq!(h.on_state(st(true, 10), true), HostAction::Nothing, "already born");
+        assert_eq!(h.on_state(st(false, 9), true), HostAction::Nothing, "an older host session's death");
+        assert!(h.online());
+        assert_eq!(h.on_state(st(false, 10), true), HostAction::EndSession, "equal timestamps count");
+        assert!(!h.online());
+        assert_eq!(h.on_state(st(true, 8), false), HostAction::Nothing, "an older online");
+        assert_eq!(h.on_state(st(true, 20), false), HostAction::Birth, "after the reconnect");
+        assert_eq!(
+            HostState::parse(br#"{"online": true, "timestamp": 1700000000000}"#).unwrap(),
+            st(true, 1_700_000_000_000)
+        );
+        assert!(HostState::parse(b"ONLINE").is_err(), "Sparkplug 2.2's plain text STATE is not read");
+        assert_eq!(EdgeNode::state_topic("scada1"), "spBv1.0/STATE/scada1");
     }
 
     #[test]
