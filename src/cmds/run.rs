@@ -1,5 +1,8 @@
 //! `ganomalyd run`: the daemon's lifetime around the pipeline — publisher
-//! start, pipeline start, systemd READY/watchdog, SIGHUP reload, orderly
+//! start, pipeline start, systemd READY/watchdog, reload (SIGHUP or the
+//! `reload` command: the file compiled as `check-config` does, its models
+//! loaded in the background while this loop goes on, then applied by the
+//! pipeline between batches; each answered on the `events` topic), orderly
 //! shutdown (sources stop, stages drain, the publisher flushes and goes
 //! `offline`). [`run`] turns OS signals into [`Signal`]s and calls [`daemon`],
 //! which tests drive in-process through its signal receiver.
@@ -12,11 +15,11 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::base::report::chain;
-use crate::commands::{CommandEvent, CommandName, Intake, Status};
+use crate::commands::{Command, CommandEvent, CommandName, Intake, Status};
 use crate::config::{self, Settings};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
-use crate::pipeline::{Pipeline, PipelineError, StartOptions};
+use crate::pipeline::{Loaded, PendingReload, Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
 use crate::publish::{NullPublisher, PublishError};
 use crate::systemd;
@@ -54,7 +57,7 @@ pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
 pub enum Signal {
     /// SIGTERM / SIGINT.
     Stop,
-    /// SIGHUP: re-read alarm settings.
+    /// SIGHUP: re-read the whole config and apply what changed (`reload.rs`).
     Reload,
 }
 
@@ -114,7 +117,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
     let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
-    let pipeline = match Pipeline::start(&cfg, publisher, opts) {
+    let mut pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = handle {
@@ -125,19 +128,23 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
     };
     let providers: Vec<String> =
-        pipeline.providers.iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
-    if let Some(e) = &exporter {
-        e.attach(exporter::Sources {
-            cameras: pipeline.counters().to_vec(),
-            publisher: publisher_counters,
-            liveness: pipeline.liveness(),
-            models: pipeline
-                .providers
-                .iter()
-                .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
-                .collect(),
-        });
-    }
+        pipeline.providers().iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
+    // Attached again after every reload: the cameras and models change.
+    let attach = |pipeline: &Pipeline| {
+        if let Some(e) = &exporter {
+            e.attach(exporter::Sources {
+                cameras: pipeline.counters(),
+                publisher: publisher_counters.clone(),
+                liveness: pipeline.liveness(),
+                models: pipeline
+                    .providers()
+                    .iter()
+                    .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
+                    .collect(),
+            });
+        }
+    };
+    attach(&pipeline);
     // Handlers are registered: from here on commands are taken.
     if let Some(p) = &mqtt {
         p.accept_commands(intake.clone());
@@ -154,6 +161,8 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let mut ready = false;
     let watchdog = systemd::watchdog_interval();
     let mut last_ping = Instant::now();
+    // A reload whose models load in the background, and the command that asked for it.
+    let mut pending: Option<(PendingReload, Option<Command>)> = None;
     loop {
         if !ready && (pipeline.decided() > 0 || started.elapsed() >= READY_AT_LATEST) {
             ready = true;
@@ -167,18 +176,30 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         match signals.recv_timeout(Duration::from_millis(250)) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(Signal::Reload) => {
-                let outcome = reload(&pipeline, &config_path);
-                publisher.event(&reload_event(None, outcome));
-            }
+            Ok(Signal::Reload) => start_reload(&pipeline, &config_path, None, &mut pending, publisher.as_ref()),
             Err(RecvTimeoutError::Timeout) => {}
         }
         while let Ok(cmd) = reload_commands.try_recv() {
-            match reload(&pipeline, &config_path) {
-                Ok(detail) => cmd.done(detail),
-                Err(reason) => cmd.fail(reason),
+            start_reload(&pipeline, &config_path, Some(cmd), &mut pending, publisher.as_ref());
+        }
+        let done = pending.as_mut().and_then(|(p, _)| p.try_take());
+        if let (Some(result), Some((_, cmd))) = (done, pending.take()) {
+            let answer = finish_reload(&mut pipeline, result);
+            if answer.is_ok() {
+                let names: Vec<String> = pipeline.settings().cameras.iter().map(|c| c.name.clone()).collect();
+                intake.set_cameras(&names);
+                intake.set_settings(pipeline.settings().commands.clone());
+                attach(&pipeline);
+            }
+            match (cmd, answer) {
+                (Some(cmd), Ok(detail)) => cmd.done(detail),
+                (Some(cmd), Err(reason)) => cmd.fail(reason),
+                (None, outcome) => publisher.event(&reload_event(None, outcome)),
             }
         }
+    }
+    if pending.is_some() {
+        tracing::info!("stopping with a reload still loading its models: it is abandoned");
     }
 
     tracing::info!("shutting down: stopping sources, draining the pipeline");
@@ -200,25 +221,68 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     Ok(())
 }
 
-/// SIGHUP or the `reload` command: re-reads the file; a file with problems
-/// changes nothing. Ok: what was done (for the answer); Err: why not.
-fn reload(pipeline: &Pipeline, path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, String> {
-    match config::load(path) {
-        Ok(settings) => {
-            let not_applied = pipeline.reload_alarms(&settings);
-            if !not_applied.is_empty() {
-                tracing::warn!(cameras = ?not_applied, "cameras added or removed: restart to apply");
+/// SIGHUP or the `reload` command: re-reads the file with the same
+/// `config::load` as `check-config` and starts loading the models it needs in
+/// the background. A file with problems, or a reload while one is loading,
+/// is refused at once (published; the running pipeline is untouched).
+fn start_reload(
+    pipeline: &Pipeline,
+    path: &Path,
+    cmd: Option<Command>,
+    pending: &mut Option<(PendingReload, Option<Command>)>,
+    publisher: &dyn Publisher,
+) {
+    let refuse = |cmd: Option<Command>, reason: String| {
+        tracing::error!(reason = %reason, "reload refused: keeping the running settings");
+        match cmd {
+            Some(c) => c.refuse(reason),
+            None => publisher.event(&reload_event(None, Err(reason))),
+        }
+    };
+    if pending.is_some() {
+        refuse(cmd, "a reload is in progress (its models are loading); send it again once that one is answered".into());
+        return;
+    }
+    let settings = match config::load(path) {
+        Ok(s) => s,
+        Err(e) => return refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
+    };
+    match pipeline.prepare_reload(settings) {
+        Ok(p) => {
+            tracing::info!(config = %path.display(), "reload: the new file compiles; loading its models in the background");
+            if let Some(c) = &cmd {
+                c.accept();
             }
-            tracing::info!("alarm settings reloaded (other changes need a restart)");
-            let mut detail = serde_json::Map::new();
-            detail.insert("applied".into(), serde_json::json!(["alarm settings"]));
-            detail.insert("not_applied_cameras".into(), serde_json::json!(not_applied));
-            Ok(detail)
+            *pending = Some((p, cmd));
+        }
+        Err(e) => refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
+    }
+}
+
+/// Applies a reload whose models are loaded. Ok: what was done (the answer's
+/// detail); Err: why nothing was (or, for a failure part-way, not all).
+fn finish_reload(
+    pipeline: &mut Pipeline,
+    loaded: Result<Loaded, String>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let loaded = loaded.map_err(|reason| {
+        tracing::error!(%reason, "reload refused: a model does not load or fit; keeping the running settings");
+        format!("reload refused, the running settings are kept: {reason}")
+    })?;
+    match pipeline.apply_reload(loaded) {
+        Ok(plan) => {
+            for (camera, change) in &plan.cameras {
+                tracing::info!(%camera, change = %crate::reload::describe(change), "reload");
+            }
+            for r in &plan.needs_restart {
+                tracing::warn!(section = r.section, why = r.why, "changed, but applies only after a restart");
+            }
+            Ok(plan.summary())
         }
         Err(e) => {
             let reason = chain(&e);
-            tracing::error!(error = %reason, "reload refused: keeping the running settings");
-            Err(format!("reload refused, the running settings are kept: {reason}"))
+            tracing::error!(error = %reason, "reload failed part-way");
+            Err(format!("reload failed part-way (restart to apply the file): {reason}"))
         }
     }
 }

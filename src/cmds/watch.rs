@@ -201,6 +201,7 @@ pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchA
                         let why = match a.reason {
                             Some(crate::events::EndReason::Shutdown) => " (daemon stopped)",
                             Some(crate::events::EndReason::Restart) => " (daemon restarted after dying)",
+                            Some(crate::events::EndReason::Reload) => " (camera removed or restarted by a reload)",
                             Some(crate::events::EndReason::Cleared) | None => "",
                         };
                         format!(
