@@ -17,6 +17,17 @@
 //! alarm machine and hands scores, alarms and snapshot jobs on without
 //! waiting on any of them.
 //!
+//! Between two batches (and while it waits for frames) it takes the
+//! [`Control`] messages a reload sends: a camera attached, detached (its
+//! decision state handed on to another model's thread, or its alarm ended,
+//! reason `reload`), its decision settings changed, or a new session swapped
+//! in for a changed model file. Its cameras are indexed by slot (the number
+//! a camera's frames carry), so that they come and go without touching the
+//! others; frames of a camera no longer here, or prepared for the input size
+//! of a model swapped out, are dropped and counted. A shadow model's thread
+//! is the same loop with its own cameras (`shadow.rs`) and no part in the
+//! daemon's liveness.
+//!
 //! When its input closes (shutdown), it ends the alarms still active
 //! (reason `shutdown`) before it returns.
 //!

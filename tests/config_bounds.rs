@@ -160,6 +160,13 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("listen without port", vec![("metrics", s("listen = \"localhost\""))], "metrics.listen"),
         ("stale after 1e20 s", vec![("metrics", s("stale_after_s = 1e20"))], "metrics.stale_after_s"),
         ("stale after half a second", vec![("metrics", s("stale_after_s = 0.5"))], "metrics.stale_after_s"),
+        // [commands]
+        ("an unknown command allowed", vec![("commands", s("allow = [\"trigger\", \"explode\"]"))], "commands.allow"),
+        (
+            "commands over HTTP on a public metrics port",
+            vec![("metrics", s("enabled = true\nlisten = \"0.0.0.0:9464\"")), ("commands", s("enabled = true"))],
+            "commands.http",
+        ),
         // cameras and [defaults]
         ("a frame in 3e12 years", vec![("defaults", s("fps = 1e-20"))], "defaults.fps"),
         ("a billion fps", vec![("cameras.cam", s("fps = 1e9"))], "cameras.cam.fps"),

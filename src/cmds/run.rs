@@ -288,10 +288,15 @@ fn finish_reload(
 }
 
 /// The `events` message of a SIGHUP reload (a `reload` command is answered on its own).
-fn reload_event(camera: Option<&str>, outcome: Result<serde_json::Map<String, serde_json::Value>, String>) -> CommandEvent {
+fn reload_event(
+    camera: Option<&str>,
+    outcome: Result<serde_json::Map<String, serde_json::Value>, String>,
+) -> CommandEvent {
     match outcome {
         Ok(detail) => CommandEvent { detail, ..CommandEvent::spontaneous("reload", camera, Status::Done) },
-        Err(reason) => CommandEvent { reason: Some(reason), ..CommandEvent::spontaneous("reload", camera, Status::Failed) },
+        Err(reason) => {
+            CommandEvent { reason: Some(reason), ..CommandEvent::spontaneous("reload", camera, Status::Failed) }
+        }
     }
 }
 

@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig,
-    SnapshotConfig,
+    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig,
 };
 use super::settings::{
     AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
