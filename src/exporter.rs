@@ -718,8 +718,7 @@ mod tests {
     }
 
     fn scrape(s: Sources) -> String {
-        let attached: Attached = Arc::default();
-        let _ = attached.set(s);
+        let attached: Attached = Arc::new(std::sync::RwLock::new(Some(s)));
         scrape_attached(attached)
     }
 

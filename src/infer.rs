@@ -374,7 +374,6 @@ impl InferThread {
     }
 
     fn apply(&mut self, c: Control, orphans: &mut Orphans) {
-        let outputs = |t: &InferThread| Outputs { publisher: t.publisher.as_ref(), snapshots: None };
         match c {
             Control::Attach { slot, camera } => {
                 if self.cameras.len() <= slot {
@@ -398,7 +397,7 @@ impl InferThread {
             Control::Detach { slot, end, to } => {
                 let Some(mut cam) = self.cameras.get_mut(slot).and_then(Option::take) else { return };
                 if let Some(reason) = end {
-                    let out = outputs(self);
+                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None };
                     cam.end_with(reason, &out);
                 }
                 orphans.push((slot, cam.counters.clone()));

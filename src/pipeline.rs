@@ -57,7 +57,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use ganomaly_core::{ModelMetadata, ScoreKind};
+use ganomaly_core::ModelMetadata;
 
 use crate::alarm_state::{self, JournalHandle};
 use crate::base::stop::sleep_unless_stopped;
