@@ -183,7 +183,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             start_reload(&pipeline, &config_path, Some(cmd), &mut pending, publisher.as_ref());
         }
         let done = pending.as_mut().and_then(|(p, _)| p.try_take());
-        if let (Some(result), Some((_, cmd))) = (done, pending.take()) {
+        if let Some((result, (_, cmd))) = done.and_then(|r| pending.take().map(|p| (r, p))) {
             let answer = finish_reload(&mut pipeline, result);
             if answer.is_ok() {
                 let names: Vec<String> = pipeline.settings().cameras.iter().map(|c| c.name.clone()).collect();
