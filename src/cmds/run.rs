@@ -7,6 +7,7 @@
 //! `offline`). [`run`] turns OS signals into [`Signal`]s and calls [`daemon`],
 //! which tests drive in-process through its signal receiver.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +65,10 @@ pub enum Signal {
 /// Longest wait for the first decided frame before READY is sent anyway: a
 /// camera that is offline at boot must not make systemd kill the daemon.
 const READY_AT_LATEST: Duration = Duration::from_secs(10);
+
+/// Reloads that may wait while one loads its models: more means a sender
+/// that does not wait for answers, and is refused (`busy`).
+const RELOADS_QUEUED: usize = 8;
 
 /// How long the publisher may take to flush on the way down.
 const PUBLISHER_FLUSH: Duration = Duration::from_secs(5);
@@ -161,8 +166,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let mut ready = false;
     let watchdog = systemd::watchdog_interval();
     let mut last_ping = Instant::now();
-    // A reload whose models load in the background, and the command that asked for it.
+    // A reload whose models load in the background, and the command that
+    // asked for it (`None`: SIGHUP); the reloads asked for meanwhile.
     let mut pending: Option<(PendingReload, Option<Command>)> = None;
+    let mut queued: VecDeque<Option<Command>> = VecDeque::new();
     loop {
         if !ready && (pipeline.decided() > 0 || started.elapsed() >= READY_AT_LATEST) {
             ready = true;
@@ -176,11 +183,23 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         match signals.recv_timeout(Duration::from_millis(250)) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(Signal::Reload) => start_reload(&pipeline, &config_path, None, &mut pending, publisher.as_ref()),
+            // SIGHUPs while one waits are one reload: it reads the file when it starts.
+            Ok(Signal::Reload) if queued.iter().any(Option::is_none) => {}
+            Ok(Signal::Reload) => queued.push_back(None),
             Err(RecvTimeoutError::Timeout) => {}
         }
         while let Ok(cmd) = reload_commands.try_recv() {
-            start_reload(&pipeline, &config_path, Some(cmd), &mut pending, publisher.as_ref());
+            if queued.len() >= RELOADS_QUEUED {
+                cmd.refuse(format!("busy: {RELOADS_QUEUED} reloads are already waiting; send it again once they are answered"));
+            } else {
+                queued.push_back(Some(cmd));
+            }
+        }
+        // One reload at a time: each reads the file when it starts.
+        if pending.is_none() {
+            if let Some(next) = queued.pop_front() {
+                start_reload(&pipeline, &config_path, next, &mut pending, publisher.as_ref());
+            }
         }
         let done = pending.as_mut().and_then(|(p, _)| p.try_take());
         if let Some((result, (_, cmd))) = done.and_then(|r| pending.take().map(|p| (r, p))) {
@@ -198,8 +217,14 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             }
         }
     }
-    if pending.is_some() {
-        tracing::info!("stopping with a reload still loading its models: it is abandoned");
+    if pending.is_some() || !queued.is_empty() {
+        tracing::info!("stopping with a reload still loading its models or waiting: abandoned");
+        for cmd in queued.into_iter().flatten() {
+            cmd.fail("the daemon is stopping");
+        }
+        if let Some((_, Some(cmd))) = pending.take() {
+            cmd.fail("the daemon is stopping");
+        }
     }
 
     tracing::info!("shutting down: stopping sources, draining the pipeline");
@@ -223,8 +248,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
 
 /// SIGHUP or the `reload` command: re-reads the file with the same
 /// `config::load` as `check-config` and starts loading the models it needs in
-/// the background. A file with problems, or a reload while one is loading,
-/// is refused at once (published; the running pipeline is untouched).
+/// the background (one at a time: the loop queues the others). A file with
+/// problems is answered `failed` at once (published; the running pipeline is
+/// untouched).
 fn start_reload(
     pipeline: &Pipeline,
     path: &Path,
@@ -232,27 +258,24 @@ fn start_reload(
     pending: &mut Option<(PendingReload, Option<Command>)>,
     publisher: &dyn Publisher,
 ) {
+    // `failed`, like a reload whose model does not load: the command was
+    // taken and could not be carried out.
     let refuse = |cmd: Option<Command>, reason: String| {
         tracing::error!(reason = %reason, "reload refused: keeping the running settings");
         match cmd {
-            Some(c) => c.refuse(reason),
+            Some(c) => c.fail(reason),
             None => publisher.event(&reload_event(None, Err(reason))),
         }
     };
-    if pending.is_some() {
-        refuse(cmd, "a reload is in progress (its models are loading); send it again once that one is answered".into());
-        return;
-    }
     let settings = match config::load(path) {
         Ok(s) => s,
         Err(e) => return refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
     };
     match pipeline.prepare_reload(settings) {
         Ok(p) => {
+            // No `accepted` first: an HTTP caller gets the outcome as its
+            // response (within its 10 s; it is published either way).
             tracing::info!(config = %path.display(), "reload: the new file compiles; loading its models in the background");
-            if let Some(c) = &cmd {
-                c.accept();
-            }
             *pending = Some((p, cmd));
         }
         Err(e) => refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
