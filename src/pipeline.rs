@@ -35,6 +35,7 @@
 //!   `reload`); an added camera starts; a removed one stops and goes offline;
 //! - the preprocess workers get the whole new routing ([`PoolSpec`]) and take
 //!   it between two frames.
+//!
 //! Unchanged cameras keep their threads, queues, alarm state and counters;
 //! their frames keep flowing through the same queues (no frame of theirs is
 //! dropped by the reload). See `reload.rs` for what happens to alarms.
@@ -532,8 +533,13 @@ impl Pipeline {
         source: Option<SourceFactory>,
     ) -> Result<(), PipelineError> {
         counters.set_shadow(shadow.clone());
-        let watch =
-            Arc::new(CameraWatch::new(&plan.name, plan.read_timeout, counters.clone(), self.publisher.clone(), frames_tx));
+        let watch = Arc::new(CameraWatch::new(
+            &plan.name,
+            plan.read_timeout,
+            counters.clone(),
+            self.publisher.clone(),
+            frames_tx,
+        ));
         let stop = Arc::new(AtomicBool::new(self.stopping.load(Ordering::Relaxed)));
         let source = source.unwrap_or_else(|| plan.source.factory());
         let thread = capture::spawn_camera(
@@ -671,7 +677,9 @@ impl Pipeline {
                 if !key.shadow && ModelKey::real(&c.plan) == key && ModelKey::real(p) == key {
                     decided.push((c.slot, real));
                 } else if let (true, Some(d)) = (key.shadow, shadow) {
-                    if ModelKey::shadow_of(&c.plan).as_ref() == Some(&key) && ModelKey::shadow_of(p).as_ref() == Some(&key) {
+                    if ModelKey::shadow_of(&c.plan).as_ref() == Some(&key)
+                        && ModelKey::shadow_of(p).as_ref() == Some(&key)
+                    {
                         decided.push((c.slot, d));
                     }
                 }
@@ -700,7 +708,8 @@ impl Pipeline {
                     }
                 }
                 CameraChange::Restart(why) => {
-                    let (Some(p), Some(old)) = (new_plans.get(name), self.stop_camera_thread(name, "restarted by a reload"))
+                    let (Some(p), Some(old)) =
+                        (new_plans.get(name), self.stop_camera_thread(name, "restarted by a reload"))
                     else {
                         continue;
                     };

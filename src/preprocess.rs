@@ -70,6 +70,9 @@ pub struct PoolSpec {
     pub models: Vec<ModelPrep>,
 }
 
+/// Where a worker takes a new [`PoolSpec`] from.
+pub type SpecSender = Sender<Arc<PoolSpec>>;
+
 /// Starts `threads` workers on `spec`. Each takes a new spec (a reload added,
 /// removed or re-routed cameras) from its own channel of the returned list,
 /// between frames. A worker ends once its spec channel is closed and every
@@ -78,7 +81,7 @@ pub struct PoolSpec {
 pub fn spawn_pool(
     threads: usize,
     spec: PoolSpec,
-) -> std::io::Result<(Vec<std::thread::JoinHandle<()>>, Vec<Sender<Arc<PoolSpec>>>)> {
+) -> std::io::Result<(Vec<std::thread::JoinHandle<()>>, Vec<SpecSender>)> {
     let spec = Arc::new(spec);
     let mut handles = Vec::new();
     let mut controls = Vec::new();
@@ -191,7 +194,12 @@ fn shadow_copy(model: &ModelPrep, compare: &ShadowCompare, frame: &Frame, tensor
     let mut copy = model.tensor_recycle.try_recv().unwrap_or_default();
     copy.clear();
     copy.extend_from_slice(tensor);
-    let frame =
-        Frame { camera: frame.camera, seq: frame.seq, captured: frame.captured, ts_ms: frame.ts_ms, pixels: FrameData::default() };
+    let frame = Frame {
+        camera: frame.camera,
+        seq: frame.seq,
+        captured: frame.captured,
+        ts_ms: frame.ts_ms,
+        pixels: FrameData::default(),
+    };
     Some(Prepared { frame, tensor: copy })
 }

@@ -180,11 +180,8 @@ impl Plan {
     pub fn summary(&self) -> serde_json::Map<String, serde_json::Value> {
         let cameras: serde_json::Map<String, serde_json::Value> =
             self.cameras.iter().map(|(name, c)| (name.clone(), serde_json::Value::String(describe(c)))).collect();
-        let restart: Vec<serde_json::Value> = self
-            .needs_restart
-            .iter()
-            .map(|r| serde_json::json!({ "section": r.section, "why": r.why }))
-            .collect();
+        let restart: Vec<serde_json::Value> =
+            self.needs_restart.iter().map(|r| serde_json::json!({ "section": r.section, "why": r.why })).collect();
         let mut m = serde_json::Map::new();
         m.insert("cameras".into(), cameras.into());
         m.insert("commands".into(), serde_json::Value::Bool(self.commands));
@@ -253,9 +250,7 @@ mod tests {
 
     #[test]
     fn added_removed_and_restarted_cameras_are_the_only_ones_touched() {
-        let new = settings(
-            "[cameras.a]\n[cameras.c]\nsource = { kind = \"synthetic\", size = 32 }\n[cameras.d]\n",
-        );
+        let new = settings("[cameras.a]\n[cameras.c]\nsource = { kind = \"synthetic\", size = 32 }\n[cameras.d]\n");
         let p = plan(&three(), &new, &BTreeSet::new());
         assert_eq!(p.cameras["a"], CameraChange::Update(Update::default()));
         assert_eq!(p.cameras["b"], CameraChange::Removed);

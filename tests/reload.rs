@@ -290,7 +290,10 @@ fn a_broken_config_or_model_is_refused_published_and_the_old_model_keeps_scoring
     let msgs = rt.block_on(sub.wait(Duration::from_secs(30), "the refusal", |m| !json_on(m, &events).is_empty()));
     let ev = &json_on(&msgs, &events)[0];
     assert_eq!((ev["command"].as_str(), ev["status"].as_str()), (Some("reload"), Some("failed")), "{ev}");
-    assert!(ev["reason"].as_str().is_some_and(|r| r.contains("fsp") && r.contains("running settings are kept")), "{ev}");
+    assert!(
+        ev["reason"].as_str().is_some_and(|r| r.contains("fsp") && r.contains("running settings are kept")),
+        "{ev}"
+    );
 
     // A broken model file, by the reload command: failed, naming the file.
     let broken = dir.path().join("broken.onnx");
@@ -310,9 +313,9 @@ fn a_broken_config_or_model_is_refused_published_and_the_old_model_keeps_scoring
     // The old model still scores, and a good reload is taken and answered `done`.
     let seen = json_on(&msgs, &scores).len();
     let last_seq = json_on(&msgs, &scores).last().and_then(|s| s["seq"].as_u64()).expect("seq");
-    let msgs = rt.block_on(sub.wait(Duration::from_secs(30), "scores after the refusals", |m| {
-        json_on(m, &scores).len() >= seen + 3
-    }));
+    let msgs = rt.block_on(
+        sub.wait(Duration::from_secs(30), "scores after the refusals", |m| json_on(m, &scores).len() >= seen + 3),
+    );
     assert!(json_on(&msgs, &scores).last().and_then(|s| s["seq"].as_u64()).is_some_and(|s| s > last_seq));
     std::fs::write(&cfg, good(0.6)).expect("write");
     rt.block_on(sub.client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, r#"{"request_id":"r2"}"#))
@@ -365,9 +368,9 @@ fn a_shadow_alarms_on_its_own_topics_is_compared_and_is_promoted_by_reload() {
     }));
     assert!(json_on(&msgs, &t("cam/alarm")).is_empty(), "the shadow raised the camera's alarm");
     assert!(!json_on(&msgs, &t("cam/shadow/score")).is_empty() && !json_on(&msgs, &t("cam/score")).is_empty());
-    let shadow_state = msgs.iter().filter(|m| m.topic == t("cam/shadow/state")).last().map(Msg::text);
+    let shadow_state = msgs.iter().rfind(|m| m.topic == t("cam/shadow/state")).map(Msg::text);
     assert_eq!(shadow_state.as_deref(), Some("ON"));
-    assert_ne!(msgs.iter().filter(|m| m.topic == t("cam/state")).last().map(Msg::text).as_deref(), Some("ON"));
+    assert_eq!(msgs.iter().rfind(|m| m.topic == t("cam/state")).map(Msg::text).as_deref(), Some("OFF"));
     let stats = json_on(&msgs, &t("stats")).into_iter().rev().find(|s| !s["cameras"][0]["shadow"].is_null());
     let sh = stats.expect("stats with a shadow")["cameras"][0]["shadow"].clone();
     let n = |k: &str| sh[k].as_u64().unwrap_or(u64::MAX);
@@ -387,7 +390,8 @@ fn a_shadow_alarms_on_its_own_topics_is_compared_and_is_promoted_by_reload() {
     }));
     let done = json_on(&msgs, &t("events")).into_iter().find(|e| e["status"] == "done").expect("done");
     assert_eq!(done["detail"]["cameras"]["cam"], "updated (model, shadow)", "{done}");
-    let shadow_alarms = alarms_of(&msgs.iter().filter(|m| m.topic == t("cam/shadow/alarm")).cloned().collect::<Vec<_>>());
+    let shadow_alarms =
+        alarms_of(&msgs.iter().filter(|m| m.topic == t("cam/shadow/alarm")).cloned().collect::<Vec<_>>());
     let last = shadow_alarms.last().expect("shadow alarms");
     assert_eq!((last.kind, last.reason), (AlarmKind::End, Some(EndReason::Reload)), "{last:?}");
 

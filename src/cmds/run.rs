@@ -190,7 +190,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         while let Ok(cmd) = reload_commands.try_recv() {
             if queued.len() >= RELOADS_QUEUED {
-                cmd.refuse(format!("busy: {RELOADS_QUEUED} reloads are already waiting; send it again once they are answered"));
+                cmd.refuse(format!(
+                    "busy: {RELOADS_QUEUED} reloads are already waiting; send it again once they are answered"
+                ));
             } else {
                 queued.push_back(Some(cmd));
             }
