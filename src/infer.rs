@@ -351,6 +351,8 @@ pub struct InferThread {
     /// idle (watchdog, `/healthz`): see `base::liveness` for what counts.
     /// `None` for a shadow model's thread: the daemon's health is its real models'.
     pub liveness: Option<Liveness>,
+    /// Run at a lower CPU priority (a shadow model: it must yield the cores to the real ones).
+    pub background: bool,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -453,6 +455,9 @@ impl InferThread {
 }
 
 fn run(mut t: InferThread) {
+    if t.background {
+        crate::base::priority::lower_this_thread();
+    }
     let mut input = vec![0.0f32; t.model.tensor_len() * t.max_batch];
     let mut out = BatchOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
@@ -509,13 +514,15 @@ fn run(mut t: InferThread) {
         if input.len() < len * t.max_batch {
             input.resize(len * t.max_batch, 0.0);
         }
+        // Order kept (`remove`, not `swap_remove`): a camera's frames must
+        // reach its alarm machine in sequence. Drops are rare (a reload).
         let mut i = 0;
         while i < batch.len() {
             let p = &batch[i];
             if p.tensor.len() == len && t.cameras.get(p.frame.camera).is_some_and(Option::is_some) {
                 i += 1;
             } else {
-                let p = batch.swap_remove(i);
+                let p = batch.remove(i);
                 t.drop_frame(p, &orphans);
             }
         }

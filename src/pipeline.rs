@@ -337,7 +337,7 @@ impl Pipeline {
         }
         let mut loaded = BTreeMap::new();
         for key in needed_models(settings) {
-            let model = Model::load(&key.path, &settings.inference)?;
+            let model = load_model(&key, &settings.inference)?;
             loaded.insert(key, model);
         }
         let metas = loaded.iter().map(|(k, m)| (k.clone(), (m.meta.clone(), m.path.clone()))).collect();
@@ -437,6 +437,7 @@ impl Pipeline {
             snapshots: if key.shadow { None } else { self.snapshots.clone() },
             control: control_rx,
             liveness: (!key.shadow).then(|| self.liveness.clone()),
+            background: key.shadow,
         })?;
         self.models.insert(key, ModelRun { meta, provider, digest, input, tensors, control, thread });
         Ok(())
@@ -944,6 +945,16 @@ impl Pipeline {
     }
 }
 
+/// Loads a model for `key`; a shadow's session is built at the lower CPU
+/// priority (ONNX Runtime's threads inherit it from the thread that builds it).
+fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> Result<Model, InferError> {
+    if key.shadow {
+        crate::base::priority::in_background(|| Model::load(&key.path, inference))
+    } else {
+        Model::load(&key.path, inference)
+    }
+}
+
 /// The reload's loader thread: every model `new` needs that does not run
 /// with the same bytes, loaded and checked; then every camera's decisions
 /// checked against the models it will run with. `Err`: the reasons, each
@@ -967,7 +978,10 @@ fn load_for_reload(
             }
             changed.insert(key.path.clone());
         }
-        let model = Model::from_bytes(&bytes, &key.path, inference).map_err(|e| crate::base::report::chain(&e))?;
+        let build = || Model::from_bytes(&bytes, &key.path, inference);
+        // A shadow's session, and so its ONNX Runtime threads, at the lower priority.
+        let model = if key.shadow { crate::base::priority::in_background(build) } else { build() }
+            .map_err(|e| crate::base::report::chain(&e))?;
         metas.insert(key.clone(), (model.meta.clone(), key.path.clone()));
         models.insert(key, model);
     }

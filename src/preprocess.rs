@@ -9,7 +9,7 @@
 //! | pool → inference | `bounded(2 × max_batch)` per model | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes |
 //! | inference → publisher | `Publisher` calls | never block (the publisher queues; scores may be dropped and counted there, alarms never) |
 //! | inference → snapshot writer | `bounded(8)` | the snapshot is **skipped** (counted); the alarm is still published |
-//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`), checked before the copy is made: the real path never waits for a shadow |
+//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's input is full, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
 //! | pipeline → pool (a reload's new spec) | unbounded, one per worker | a worker takes it between frames; the pipeline sends one per reload |
 //! | buffers back to camera / pool | recycle channels | buffer freed if the recycle channel is full |
 //!
@@ -163,7 +163,18 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
         match prep.run(&fr, cam.roi, &mut tensor) {
             Ok(()) => {
                 let shadow = cam.shadow.as_ref().map(|(m, compare)| (&spec.models[*m], compare));
-                let copy = shadow.and_then(|(m, compare)| shadow_copy(m, compare, &frame, &tensor));
+                // The shadow gets only frames the real model has slack for:
+                // with frames already waiting at the real model, the shadow's
+                // copy is dropped (it would take the cores the real path needs).
+                let real_idle = model.output.is_empty();
+                let copy = shadow.and_then(|(m, compare)| {
+                    if real_idle {
+                        shadow_copy(m, compare, &frame, &tensor)
+                    } else {
+                        compare.drop_frame();
+                        None
+                    }
+                });
                 // Blocks while the model is behind (the policy above). An
                 // error: the model's thread is gone (a start-up failure, or a
                 // reload retired it and a new spec is on its way).
