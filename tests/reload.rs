@@ -405,3 +405,68 @@ fn a_shadow_alarms_on_its_own_topics_is_compared_and_is_promoted_by_reload() {
     let real = alarms_of(&msgs.iter().filter(|m| m.topic == t("cam/alarm")).cloned().collect::<Vec<_>>());
     assert_eq!(real.iter().filter(|a| a.kind == AlarmKind::Start).count(), 1, "{real:?}");
 }
+
+#[test]
+fn a_model_swapped_by_sighup_loses_no_alarm_on_the_broker_and_the_other_camera_no_frames() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let b = broker(dir.path());
+    let prefix = unique("reload-sighup");
+    let (m1, m2) = (dir.path().join("m1.onnx"), dir.path().join("m2.onnx"));
+    std::fs::copy(demo(), &m1).expect("copy");
+    std::fs::copy(demo(), &m2).expect("copy");
+    let cfg = dir.path().join("ganomalyd.toml");
+    let body = |model: &Path| {
+        format!(
+            "{HEAD}[cameras.a]\nmodel = \"{}\"\nfps = 25\n\
+             source = {{ kind = \"synthetic\", size = 64, variations = 2, defect_every = 20, defect_frames = 6, strength = 1.0 }}\n\
+             [cameras.a.alarm]\nmin_frames = 2\nclear_frames = 2\n\
+             [cameras.b]\nmodel = \"{}\"\nfps = 25\nsource = {{ kind = \"synthetic\", size = 64, variations = 2 }}\n{}",
+            model.display(),
+            demo().display(),
+            mqtt_section(&b, &prefix).replace("score_max_rate_hz = 50", "score_max_rate_hz = 1000")
+        )
+    };
+    std::fs::write(&cfg, body(&m1)).expect("write");
+    let sub = rt.block_on(Sub::start(&b.host, b.port, &format!("{prefix}/#"), false));
+    let settings = ganomalyd::config::load(&cfg).expect("compiles");
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let path = cfg.clone();
+    let run = std::thread::spawn(move || daemon(settings, path, rx));
+    let t = |leaf: &str| format!("{prefix}/box/{leaf}");
+    let a_alarms = |m: &[Msg]| alarms_of(&m.iter().filter(|m| m.topic == t("a/alarm")).cloned().collect::<Vec<_>>());
+    let started = |m: &[Msg]| a_alarms(m).iter().filter(|a| a.kind == AlarmKind::Start).count();
+    rt.block_on(sub.wait(Duration::from_secs(120), "two alarms before the swap", |m| started(m) >= 2));
+
+    std::fs::write(&cfg, body(&m2)).expect("write");
+    tx.send(Signal::Reload).expect("SIGHUP");
+    let msgs = rt
+        .block_on(sub.wait(Duration::from_secs(120), "the reload's outcome", |m| !json_on(m, &t("events")).is_empty()));
+    let ev = &json_on(&msgs, &t("events"))[0];
+    assert_eq!(
+        (ev["status"].as_str(), ev["detail"]["cameras"]["a"].as_str()),
+        (Some("done"), Some("updated (model)")),
+        "{ev}"
+    );
+    assert_eq!(ev["detail"]["cameras"]["b"], "kept", "{ev}");
+    let n = started(&msgs);
+    rt.block_on(sub.wait(Duration::from_secs(120), "two alarms after the swap", |m| started(m) >= n + 2));
+
+    tx.send(Signal::Stop).expect("stop");
+    run.join().expect("no panic").expect("clean stop");
+    let msgs = rt.block_on(sub.wait(Duration::from_secs(10), "every end", |m| {
+        let (keys, _) = dedupe(&a_alarms(m));
+        let starts = keys.iter().filter(|(_, k)| k == "start").count();
+        starts == keys.len() - starts
+    }));
+    // At least once on the wire: de-duplicated on (id, type), every start has its end.
+    let (keys, _) = dedupe(&a_alarms(&msgs));
+    let starts: BTreeSet<&str> = keys.iter().filter(|(_, k)| k == "start").map(|(id, _)| id.as_str()).collect();
+    let ends: BTreeSet<&str> = keys.iter().filter(|(_, k)| k == "end").map(|(id, _)| id.as_str()).collect();
+    assert!(starts.len() >= 4 && starts == ends, "starts {starts:?} ends {ends:?}");
+    // b: every score, in order, no gap larger than a batch across the swap.
+    let seqs: Vec<u64> = json_on(&msgs, &t("b/score")).iter().filter_map(|s| s["seq"].as_u64()).collect();
+    assert!(seqs.len() > 50, "{}", seqs.len());
+    let gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]) && gap <= 8, "b's frames around the swap: gap {gap}");
+}
