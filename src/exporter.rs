@@ -731,6 +731,31 @@ mod tests {
     }
 
     #[test]
+    fn a_camera_with_a_shadow_reports_the_comparison_and_one_without_nothing() {
+        use crate::shadow::{ShadowCompare, Side};
+        let s = sources(false);
+        let compare = Arc::new(ShadowCompare::new("cand.onnx", Arc::default()));
+        for seq in 0..4 {
+            compare.record(Side::Real, seq, 0.2, false);
+            compare.record(Side::Shadow, seq, 0.9, seq < 3);
+        }
+        compare.drop_frame();
+        assert!(!scrape(s.clone()).contains("shadow"), "no shadow, no shadow families");
+        s.cameras[0].1.set_shadow(Some(compare));
+        let text = scrape(s);
+        for line in [
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"shadow_only\"} 3",
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"neither\"} 1",
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"both\"} 0",
+            "ganomalyd_shadow_score{camera=\"line-1\",model=\"shadow\",quantile=\"0.5\"} 0.901",
+            "ganomalyd_shadow_frames_dropped_total{camera=\"line-1\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert!(!text.contains("camera=\"line-2\",agreement"), "line-2 has no shadow");
+    }
+
+    #[test]
     fn scrape_reports_every_counter_by_camera() {
         let text = scrape(sources(true));
         for line in [

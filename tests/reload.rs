@@ -65,10 +65,16 @@ fn settings(dir: &Path, body: &str) -> ganomalyd::config::Settings {
 }
 
 /// Loads and applies `body` as a reload; returns the plan.
+/// Prints how long the background load and the apply took (a figure, not checked).
 fn reload(p: &mut Pipeline, dir: &Path, body: &str) -> ganomalyd::reload::Plan {
+    let t = Instant::now();
     let mut pending = p.prepare_reload(settings(dir, body)).expect("loader starts");
     let loaded = pending.wait(Duration::from_secs(120)).expect("models loaded in time").expect("the reload loads");
-    p.apply_reload(loaded).expect("applied")
+    let loaded_in = t.elapsed();
+    let t = Instant::now();
+    let plan = p.apply_reload(loaded).expect("applied");
+    println!("reload: models loaded in {loaded_in:?} (background), applied in {:?}", t.elapsed());
+    plan
 }
 
 fn scores_of(rec: &Recorder, camera: &str, from: usize) -> Vec<ganomalyd::events::ScoreEvent> {
