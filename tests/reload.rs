@@ -476,3 +476,50 @@ fn a_model_swapped_by_sighup_loses_no_alarm_on_the_broker_and_the_other_camera_n
     let gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
     assert!(seqs.windows(2).all(|w| w[1] > w[0]) && gap <= 8, "b's frames around the swap: gap {gap}");
 }
+
+#[test]
+fn an_active_alarm_carries_on_across_a_model_swap_and_ends_with_reload_on_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every frame alarms: the alarm starts at once and never clears by itself.
+    let hot1 = fixed_model(dir.path(), "hot1.onnx", 3, -1e6);
+    let hot2 = fixed_model(dir.path(), "hot2.onnx", 4, -1e6);
+    let body = |model: &Path, fps: u32| {
+        format!(
+            "{HEAD}[cameras.a]\nmodel = \"{}\"\nfps = {fps}\nsource = {{ kind = \"synthetic\", size = 64 }}\n\
+             [cameras.a.alarm]\nmin_frames = 1\nclear_frames = 3\n",
+            model.display()
+        )
+    };
+    let rec = Recorder::default();
+    let opts = StartOptions { stats: false, ..StartOptions::default() };
+    let mut p = Pipeline::start(&settings(dir.path(), &body(&hot1, 20)), Arc::new(rec.clone()), opts).expect("starts");
+    wait_for("the alarm", Duration::from_secs(60), || starts(&rec, "a") == 1);
+
+    // Another model: the same alarm goes on (no end, no new start).
+    let from = rec.events().len();
+    let plan = reload(&mut p, dir.path(), &body(&hot2, 20));
+    assert_eq!(plan.cameras["a"], CameraChange::Update(Update { model: true, ..Update::default() }));
+    wait_for("frames scored by the new model", Duration::from_secs(60), || scores_of(&rec, "a", from).len() >= 20);
+    let alarms = rec.alarms();
+    assert_eq!(alarms.len(), 1, "the swap ended or restarted the alarm: {alarms:?}");
+
+    // A restart (new pacing): the alarm ends, reason `reload`; a new one starts with a new id.
+    let plan = reload(&mut p, dir.path(), &body(&hot2, 25));
+    assert_eq!(plan.cameras["a"], CameraChange::Restart(vec!["fps"]));
+    wait_for("the next alarm", Duration::from_secs(60), || starts(&rec, "a") == 2);
+    drop(p.shutdown());
+    let alarms = rec.alarms();
+    let kinds: Vec<(AlarmKind, Option<EndReason>)> = alarms.iter().map(|a| (a.kind, a.reason)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (AlarmKind::Start, None),
+            (AlarmKind::End, Some(EndReason::Reload)),
+            (AlarmKind::Start, None),
+            (AlarmKind::End, Some(EndReason::Shutdown))
+        ]
+    );
+    assert_eq!(alarms[0].id, alarms[1].id);
+    assert_ne!(alarms[0].id, alarms[2].id, "ids stay unique across the restart");
+    assert!(alarms[1].frames >= 20, "the first alarm counted frames of both models: {:?}", alarms[1]);
+}
