@@ -321,6 +321,10 @@ pub struct Handoff {
 pub enum Control {
     /// Decide for this camera from now on (added, restarted, or moved here).
     Attach { slot: usize, camera: Box<Camera> },
+    /// The camera at `slot` is on its way here (handed on by another model's
+    /// thread): its frames that arrive before its `Attach` are dropped and
+    /// counted on these counters.
+    Expect { slot: usize, counters: Arc<CameraCounters> },
     /// New decision settings for a camera: an alarm in progress carries on.
     Configure { slot: usize, decision: Decision },
     /// Stop deciding for a camera: first end its active alarm for `end`, if
@@ -388,6 +392,11 @@ impl InferThread {
                 orphans.retain(|(s, _)| *s != slot);
                 tracing::info!(camera = %camera.name, slot, model = %self.model.path.display(), "camera attached");
                 self.cameras[slot] = Some(*camera);
+            }
+            Control::Expect { slot, counters } => {
+                if self.camera(slot).is_none() {
+                    orphans.push((slot, counters));
+                }
             }
             Control::Configure { slot, decision } => {
                 if let Some(cam) = self.camera(slot) {

@@ -743,7 +743,11 @@ impl Pipeline {
                     let Some(c) = self.cameras.get(name) else { continue };
                     let (slot, old_key, new_key) = (c.slot, ModelKey::real(&c.plan), ModelKey::real(p));
                     if old_key != new_key {
-                        // Handed, alarm state and all, to the new model's thread.
+                        // Handed, alarm state and all, to the new model's thread,
+                        // which counts the frames that beat the handoff there.
+                        if let Some(ctl) = self.control(&new_key) {
+                            let _ = ctl.send(Control::Expect { slot, counters: c.counters.clone() });
+                        }
                         let to = self.control(&new_key).map(|control| Handoff {
                             control: control.clone(),
                             slot,
