@@ -322,8 +322,9 @@ pub struct Pipeline {
     backoff: (Duration, Duration),
 }
 
-/// The cameras the stats thread reports; a reload replaces the list.
-type Listed = Arc<RwLock<Vec<(String, Arc<CameraCounters>)>>>;
+/// The cameras the stats thread reports, and the provider of the first
+/// camera model; a reload replaces both.
+type Listed = Arc<RwLock<(Vec<(String, Arc<CameraCounters>)>, String)>>;
 
 impl Pipeline {
     /// Loads the models and starts every stage.
@@ -406,10 +407,8 @@ impl Pipeline {
         p.relist();
         p.watch = Some(watch::spawn_watch(p.watched.clone(), p.stats_stop.clone())?);
         if opts.stats {
-            let provider = p.providers().first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
             p.stats = Some(spawn_stats(
                 p.listed.clone(),
-                provider,
                 settings.pipeline.stats_interval,
                 p.publisher.clone(),
                 p.stats_stop.clone(),
@@ -624,8 +623,9 @@ impl Pipeline {
 
     /// Hands the stats and watch threads the cameras running now.
     fn relist(&self) {
+        let provider = self.providers().first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
         if let Ok(mut l) = self.listed.write() {
-            *l = self.counters();
+            *l = (self.counters(), provider);
         }
         if let Ok(mut w) = self.watched.write() {
             *w = self.cameras.values().map(|c| c.watch.clone()).collect();
@@ -1001,7 +1001,6 @@ const JOURNAL_FLUSH: Duration = Duration::from_secs(5);
 
 fn spawn_stats(
     cams: Listed,
-    provider: String,
     every: Duration,
     publisher: Arc<dyn Publisher>,
     stop: Arc<AtomicBool>,
@@ -1010,7 +1009,7 @@ fn spawn_stats(
         let decided = |c: &CameraCounters| CameraCounters::get(&c.decided);
         let now_listed = || cams.read().map(|c| c.clone()).unwrap_or_default();
         // By name: a reload adds and removes cameras between two reports.
-        let mut last: BTreeMap<String, u64> = now_listed().iter().map(|(n, c)| (n.clone(), decided(c))).collect();
+        let mut last: BTreeMap<String, u64> = now_listed().0.iter().map(|(n, c)| (n.clone(), decided(c))).collect();
         let mut last_t = Instant::now();
         loop {
             sleep_unless_stopped(every, &stop);
@@ -1019,7 +1018,7 @@ fn spawn_stats(
             }
             let dt = last_t.elapsed().as_secs_f64().max(1e-9);
             last_t = Instant::now();
-            let listed = now_listed();
+            let (listed, provider) = now_listed();
             let cameras = listed
                 .iter()
                 .map(|(name, c)| {
@@ -1029,7 +1028,7 @@ fn spawn_stats(
                 })
                 .collect();
             last.retain(|n, _| listed.iter().any(|(l, _)| l == n));
-            publisher.stats(&StatsReport { schema: PAYLOAD_SCHEMA, ts: now_ms(), provider: provider.clone(), cameras });
+            publisher.stats(&StatsReport { schema: PAYLOAD_SCHEMA, ts: now_ms(), provider, cameras });
         }
     })
 }
