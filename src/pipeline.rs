@@ -719,7 +719,11 @@ impl Pipeline {
                     self.next_slot += 1;
                     tracing::info!(camera = %name, because = %why.join(", "), old_slot = old.slot, slot, "camera restarted");
                     // Its decision state moves to the new slot (alarm numbers
-                    // go on), after its active alarm ends: a new view.
+                    // go on), after its active alarm ends: a new view. The new
+                    // slot's first frames may beat the handoff: counted there.
+                    if let Some(ctl) = self.control(&ModelKey::real(p)) {
+                        let _ = ctl.send(Control::Expect { slot, counters: old.counters.clone() });
+                    }
                     let to = self.control(&ModelKey::real(p)).map(|control| Handoff {
                         control: control.clone(),
                         slot,
