@@ -523,3 +523,41 @@ fn an_active_alarm_carries_on_across_a_model_swap_and_ends_with_reload_on_a_rest
     assert_ne!(alarms[0].id, alarms[2].id, "ids stay unique across the restart");
     assert!(alarms[1].frames >= 20, "the first alarm counted frames of both models: {:?}", alarms[1]);
 }
+
+#[test]
+fn the_loader_refuses_a_model_that_does_not_load_or_fit_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = |model: &Path, extra: &str| {
+        format!(
+            "{HEAD}[cameras.a]\nmodel = \"{}\"\nfps = 20\nsource = {{ kind = \"synthetic\", size = 64 }}\n{extra}",
+            model.display()
+        )
+    };
+    let rec = Recorder::default();
+    let opts = StartOptions { stats: false, ..StartOptions::default() };
+    let mut p =
+        Pipeline::start(&settings(dir.path(), &body(&demo(), "")), Arc::new(rec.clone()), opts).expect("starts");
+    wait_for("scores", Duration::from_secs(60), || scores_of(&rec, "a", 0).len() >= 5);
+    // Compiled offline (no model checks): what the loader itself must catch,
+    // e.g. a file that changed between `config::load` and the load.
+    let offline = |text: &str| {
+        let file = ganomalyd::config::parse(text).expect("parses");
+        ganomalyd::config::compile_with(&file, dir.path(), ganomalyd::config::Probe::Offline).expect("compiles")
+    };
+    let broken = dir.path().join("broken.onnx");
+    std::fs::write(&broken, b"not a model").expect("write");
+    let small = fixed_model(dir.path(), "small.onnx", 5, 0.5);
+    for (text, want) in [
+        (body(&broken, ""), "broken.onnx"),
+        (body(&demo(), &format!("shadow_model = \"{}\"\n", small.display())), "cameras.a.shadow_model"),
+    ] {
+        let mut pending = p.prepare_reload(offline(&text)).expect("loader starts");
+        let err = pending.wait(Duration::from_secs(60)).expect("answered").err().expect("refused");
+        assert!(err.contains(want), "{err}");
+    }
+    assert_eq!(p.settings().cameras[0].model, demo(), "nothing changed");
+    assert!(p.settings().cameras[0].shadow.is_none());
+    let from = rec.events().len();
+    wait_for("the old model scoring on", Duration::from_secs(60), || scores_of(&rec, "a", from).len() >= 5);
+    drop(p.shutdown());
+}
