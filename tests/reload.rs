@@ -535,8 +535,7 @@ fn the_loader_refuses_a_model_that_does_not_load_or_fit_and_changes_nothing() {
     };
     let rec = Recorder::default();
     let opts = StartOptions { stats: false, ..StartOptions::default() };
-    let mut p =
-        Pipeline::start(&settings(dir.path(), &body(&demo(), "")), Arc::new(rec.clone()), opts).expect("starts");
+    let p = Pipeline::start(&settings(dir.path(), &body(&demo(), "")), Arc::new(rec.clone()), opts).expect("starts");
     wait_for("scores", Duration::from_secs(60), || scores_of(&rec, "a", 0).len() >= 5);
     // Compiled offline (no model checks): what the loader itself must catch,
     // e.g. a file that changed between `config::load` and the load.
