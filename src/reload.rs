@@ -209,13 +209,22 @@ pub fn describe(c: &CameraChange) -> String {
 
 /// What runs after the reload: `new`, with the restart-only sections kept as
 /// they run (so the next reload still reports them until a restart).
+///
+/// `commands.http` keeps its running value too while `[metrics]` waits for a
+/// restart: the new file was checked with its own metrics port (HTTP
+/// commands only on loopback), not with the one still running.
 pub fn applied(old: &Settings, new: Settings) -> Settings {
+    let mut commands = new.commands.clone();
+    if new.metrics != old.metrics {
+        commands.http = old.commands.http;
+    }
     Settings {
         inference: old.inference.clone(),
         pipeline: old.pipeline.clone(),
         snapshots: old.snapshots.clone(),
         mqtt: old.mqtt.clone(),
         metrics: old.metrics.clone(),
+        commands,
         ..new
     }
 }
@@ -316,6 +325,22 @@ mod tests {
         let new = settings("[cameras.a]\nmodel = \"/m/cand.onnx\"\n");
         let p = plan(&old, &new, &BTreeSet::new());
         assert_eq!(p.cameras["a"], CameraChange::Update(Update { model: true, shadow: true, ..Update::default() }));
+    }
+
+    #[test]
+    fn http_commands_are_not_opened_on_a_metrics_port_that_waits_for_a_restart() {
+        // Running: metrics on a public port, so HTTP commands off (check-config's rule).
+        let old = settings(
+            "[cameras.a]\n[metrics]\nenabled = true\nlisten = \"0.0.0.0:9464\"\n[commands]\nenabled = true\nhttp = false\n",
+        );
+        // The new file moves metrics to loopback and turns HTTP commands on.
+        let new = settings("[cameras.a]\n[metrics]\nenabled = true\n[commands]\nenabled = true\nhttp = true\n");
+        let running = applied(&old, new.clone());
+        assert!(!running.commands.http, "HTTP commands opened on the public port still running");
+        assert_eq!(running.metrics, old.metrics);
+        // Without a metrics change, `http` applies at once.
+        let same_port = settings("[cameras.a]\n[metrics]\nenabled = true\n[commands]\nenabled = true\nhttp = false\n");
+        assert!(applied(&same_port, new).commands.http);
     }
 
     #[test]
