@@ -19,7 +19,7 @@ use super::file::{
 };
 use super::settings::{
     AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
-    SnapshotSettings,
+    ShadowPlan, SnapshotSettings,
 };
 use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
@@ -317,9 +317,11 @@ fn commands(c: &CommandsConfig, metrics: Option<&MetricsConfig>, problems: &mut 
 /// Range checks on the fields one table sets (`[defaults]` or one camera),
 /// before merging: a bad value is named where it is written.
 fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
-    if let Some(s) = &t.score {
-        if ScoreChoice::parse(s).is_none() {
-            problems.push(format!("{p}.score: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
+    for (key, score) in [("score", &t.score), ("shadow_score", &t.shadow_score)] {
+        if let Some(s) = score {
+            if ScoreChoice::parse(s).is_none() {
+                problems.push(format!("{p}.{key}: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
+            }
         }
     }
     for (key, side) in [("width", t.width), ("height", t.height)] {
@@ -464,9 +466,11 @@ fn camera(
             alarm.clear_threshold
         ));
     }
-    if let (Some(model), Probe::World) = (&model, probe) {
-        model_check(model, score, &p, problems);
-    }
+    let meta = match (&model, probe) {
+        (Some(model), Probe::World) => model_check(model, score, &p, "model", "score", problems),
+        _ => None,
+    };
+    let shadow = shadow(t, d, base, probe, &p, meta.as_ref(), problems);
     let cx = context(&p, t, d, base, probe);
     let fps = cx.fps;
     LimitsTable::merge(t.limits.as_ref(), d.limits.as_ref(), &format!("{p}.limits"), problems);
@@ -481,6 +485,7 @@ fn camera(
     });
     let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
+    let source_key = source_key(source, &cx);
     let roi = t.roi.or(d.roi);
     let frame_size = source.and_then(|s| s.frame_size(&cx));
     // A source that delivers a known size must fit the camera's limits, or
@@ -513,24 +518,93 @@ fn camera(
         roi,
         alarm,
         read_timeout,
+        source_key,
+        shadow: shadow?,
     })
+}
+
+/// What a camera thread is built from, as one number: the source table as
+/// written and the frame size and limits it is compiled with. The table is
+/// hashed, never shown (it may hold a password).
+fn source_key(source: Option<&crate::capture::SourceConfig>, cx: &CameraContext) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&source).unwrap_or_default().hash(&mut h);
+    (cx.width, cx.height, format!("{:?}", cx.limits)).hash(&mut h);
+    h.finish()
+}
+
+/// `shadow_model` / `shadow_score` over `[defaults]`: the shadow must carry
+/// its score and take the camera model's input (colour mode and size), since
+/// it scores the same tensor. `Some(None)`: no shadow; `None`: a problem.
+fn shadow(
+    t: &CameraTable,
+    d: &CameraTable,
+    base: &Path,
+    probe: Probe,
+    p: &str,
+    camera_model: Option<&ganomaly_core::ModelMetadata>,
+    problems: &mut Vec<String>,
+) -> Option<Option<ShadowPlan>> {
+    let written = t.shadow_score.as_ref().or(d.shadow_score.as_ref());
+    let Some(model) = t.shadow_model.as_ref().or(d.shadow_model.as_ref()).map(|m| resolve(base, m)) else {
+        if written.is_some() {
+            problems.push(format!("{p}.shadow_score: set without shadow_model"));
+            return None;
+        }
+        return Some(None);
+    };
+    let score = written.map_or(Some(ScoreChoice::ModelDefault), |s| ScoreChoice::parse(s))?;
+    if probe == Probe::World {
+        let meta = model_check(&model, Some(score), p, "shadow_model", "shadow_score", problems)?;
+        if let Some(cam) = camera_model {
+            let (a, b) = (&cam.preprocess, &meta.preprocess);
+            if (a.color, a.size) != (b.color, b.size) {
+                problems.push(format!(
+                    "{p}.shadow_model: {} takes {} px {:?} input, the camera's model {} px {:?}: a shadow scores the \
+                     camera's own tensor, so it must take the same input (train it at the same size and colour mode)",
+                    model.display(),
+                    b.size,
+                    b.color,
+                    a.size,
+                    a.color
+                ));
+                return None;
+            }
+        }
+    }
+    Some(Some(ShadowPlan { model, score }))
 }
 
 /// The model's own metadata must be readable and carry the score this camera
 /// wants: caught here rather than at the first frame.
-fn model_check(model: &Path, score: Option<ScoreChoice>, p: &str, problems: &mut Vec<String>) {
+/// `model_key`/`score_key` name the fields in problems (`model`/`score`, or
+/// the shadow's). Returns the metadata when the model is usable.
+fn model_check(
+    model: &Path,
+    score: Option<ScoreChoice>,
+    p: &str,
+    model_key: &str,
+    score_key: &str,
+    problems: &mut Vec<String>,
+) -> Option<ganomaly_core::ModelMetadata> {
     if !model.is_file() {
-        problems.push(format!("{p}.model: {} does not exist", model.display()));
-        return;
+        problems.push(format!("{p}.{model_key}: {} does not exist", model.display()));
+        return None;
     }
     match ganomaly_core::onnx::check::check_model_file(model) {
         Ok(meta) => {
             if let Some(ScoreChoice::Kind(k)) = score {
                 if meta.score(k).is_none() {
-                    problems.push(format!("{p}.score: model {} has no `{}` score", model.display(), k.as_str()));
+                    problems.push(format!("{p}.{score_key}: model {} has no `{}` score", model.display(), k.as_str()));
+                    return None;
                 }
             }
+            Some(meta)
         }
-        Err(e) => problems.push(format!("{p}.model: {}: {e}", model.display())),
+        Err(e) => {
+            problems.push(format!("{p}.{model_key}: {}: {e}", model.display()));
+            None
+        }
     }
 }
