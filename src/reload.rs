@@ -75,7 +75,7 @@ pub struct Restart {
 }
 
 /// Sections that cannot change while running, and why.
-pub const RESTART_ONLY: [Restart; 5] = [
+pub const RESTART_ONLY: [Restart; 6] = [
     Restart {
         section: "inference",
         why: "ONNX Runtime's library and execution providers are set up once per process, and the running inference \
@@ -88,6 +88,10 @@ pub const RESTART_ONLY: [Restart; 5] = [
         why: "the broker connection, its last will, the topic tree and the outbox are opened at start",
     },
     Restart { section: "metrics", why: "the endpoint's socket is bound at start" },
+    Restart {
+        section: "sparkplug",
+        why: "the edge node's connection, its NDEATH will with the session's bdSeq and its outbox are opened at start",
+    },
 ];
 
 fn restart(section: &str) -> Restart {
@@ -108,7 +112,7 @@ pub struct Plan {
 /// The plan from `old` (running) to `new`. `changed_files`: model files
 /// (camera or shadow models) whose contents differ from the running session's.
 pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -> Plan {
-    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands } = new;
+    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug } = new;
     let mut needs_restart = Vec::new();
     if *inference != old.inference {
         needs_restart.push(restart("inference"));
@@ -124,6 +128,9 @@ pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -
     }
     if *metrics != old.metrics {
         needs_restart.push(restart("metrics"));
+    }
+    if *sparkplug != old.sparkplug {
+        needs_restart.push(restart("sparkplug"));
     }
     let old_cams: BTreeMap<&str, &CameraPlan> = old.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
     let mut out = BTreeMap::new();
@@ -224,6 +231,7 @@ pub fn applied(old: &Settings, new: Settings) -> Settings {
         snapshots: old.snapshots.clone(),
         mqtt: old.mqtt.clone(),
         metrics: old.metrics.clone(),
+        sparkplug: old.sparkplug.clone(),
         commands,
         ..new
     }
