@@ -224,6 +224,14 @@ impl Publisher for Journaled {
     fn stats(&self, report: &StatsReport) {
         self.inner.stats(report)
     }
+    // Not journaled (verdicts are durable in the outbox on their own), but
+    // passed on: the trait's defaults would only log them.
+    fn verdict(&self, ev: &crate::events::VerdictEvent) {
+        self.inner.verdict(ev)
+    }
+    fn event(&self, ev: &crate::commands::CommandEvent) {
+        self.inner.event(ev)
+    }
 }
 
 /// What the pipeline keeps of a running journal.

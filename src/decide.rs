@@ -87,6 +87,9 @@ pub struct Camera {
     pub counters: Arc<CameraCounters>,
     /// Where this camera's frame buffers go back to.
     pub recycle: Sender<FrameData>,
+    /// A triggered camera: its scored frames go to the trigger thread, not
+    /// through the alarm machine (see `trigger.rs`).
+    pub trigger: Option<Sender<crate::trigger::Scored>>,
 }
 
 /// Where outcomes go (shared by a model's cameras).

@@ -100,6 +100,8 @@ pub struct Model {
     side: usize,
     /// Score kinds the graph exports (per its metadata), checked against its outputs.
     kinds: Vec<ScoreKind>,
+    /// sha256 (hex) of the file's bytes as loaded: what every verdict names.
+    pub sha256: String,
 }
 
 impl Model {
@@ -124,7 +126,8 @@ impl Model {
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
-        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds };
+        let sha256 = crate::base::digest::sha256_hex(bytes);
+        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, sha256 };
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -368,6 +371,13 @@ fn run(mut t: InferThread) {
             let Prepared { frame, tensor } = p;
             let _ = t.tensor_recycle.try_send(tensor);
             let Some(cam) = t.cameras.get_mut(frame.camera).and_then(Option::as_mut) else { continue };
+            if let Some(tx) = &cam.trigger {
+                // A triggered camera's frame: its verdict is decided on the trigger thread.
+                let scored = crate::trigger::scored(frame, &result, out.score(cam.decider.kind, i), &out.maps, i, side);
+                decided += usize::from(scored.raw.is_some());
+                let _ = tx.send(scored);
+                continue;
+            }
             if result.is_err() {
                 CameraCounters::add(&cam.counters.broken, 1);
                 let _ = cam.recycle.try_send(frame.pixels);

@@ -43,6 +43,7 @@ use crate::infer::{self, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
 use crate::snapshot;
+use crate::trigger;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -69,6 +70,9 @@ pub struct StartOptions {
     /// outbox. `None`: no journal (bench, tests, no MQTT): alarms open at a
     /// crash stay open, and ids count from 1 again.
     pub alarm_journal: Option<PathBuf>,
+    /// `trigger` commands (the intake's queue for them): triggered cameras
+    /// judge a part on each. `None`: triggers come from nowhere.
+    pub triggers: Option<Receiver<crate::commands::Command>>,
 }
 
 impl Default for StartOptions {
@@ -79,6 +83,7 @@ impl Default for StartOptions {
             backoff_max: Duration::from_secs(30),
             stats: true,
             alarm_journal: None,
+            triggers: None,
         }
     }
 }
@@ -121,6 +126,9 @@ pub struct Pipeline {
     /// Camera names in pipeline order, with the control channel of their model's inference thread.
     control: Vec<(String, Sender<infer::Control>)>,
     journal: Option<JournalHandle>,
+    /// The trigger thread, and the flag that tells it the cameras have ended.
+    trigger: Option<JoinHandle<()>>,
+    cameras_done: Arc<AtomicBool>,
 }
 
 /// One camera's channels and counters while the pipeline is wired up.
@@ -131,6 +139,9 @@ struct Wiring<'a> {
     counters: Arc<CameraCounters>,
     frames: (Sender<Frame>, Receiver<Frame>),
     recycle: (Sender<FrameData>, Receiver<FrameData>),
+    /// A triggered camera's frames go to the trigger thread's ring buffer
+    /// through this queue; `frames` then carries only the frames chosen to be scored.
+    tap: Option<(Sender<Frame>, Receiver<Frame>)>,
 }
 
 /// One model's channels: frames in from the pool, tensor buffers back to it,
@@ -168,12 +179,25 @@ fn load_and_wire(settings: &Settings) -> Result<(Vec<Model>, Vec<Wiring<'_>>), P
                 models.len() - 1
             }
         };
+        // A triggered camera's scoring queue holds every frame its pending
+        // triggers may ask for (see `trigger.rs`: a full one is a `timeout`).
+        let (frames, tap) = match plan.mode.trigger() {
+            Some(t) => (
+                crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096)),
+                Some(crossbeam_channel::bounded(queue)),
+            ),
+            None => (crossbeam_channel::bounded(queue), None),
+        };
+        let ring = plan.mode.trigger().map_or(0, |t| t.buffer_frames);
+        let counters = Arc::new(CameraCounters::default());
+        counters.triggered.store(tap.is_some(), Ordering::Relaxed);
         cams.push(Wiring {
             plan,
             model,
-            counters: Arc::new(CameraCounters::default()),
-            frames: crossbeam_channel::bounded(queue),
-            recycle: crossbeam_channel::bounded(recycle_cap),
+            counters,
+            frames,
+            recycle: crossbeam_channel::bounded(recycle_cap + ring),
+            tap,
         });
     }
     Ok((models, cams))
@@ -217,6 +241,7 @@ impl Wiring<'_> {
             roi: self.plan.roi,
             counters: self.counters.clone(),
             recycle: self.recycle.0.clone(),
+            trigger: None,
         }
     }
 }
@@ -265,12 +290,41 @@ impl Pipeline {
         let pool = pool_spec(&cams, &models, &channels);
         let providers: Vec<(PathBuf, Provider)> = models.iter().map(|m| (m.path.clone(), m.provider)).collect();
         let control = cams.iter().map(|c| (c.plan.name.clone(), channels[c.model].control.0.clone())).collect();
+        // Triggered cameras: their stations, judged with their model's sha256 and calibration.
+        let (scored_tx, scored_rx) = crossbeam_channel::unbounded();
+        let trigger_cams: Vec<trigger::TriggerCamera> = cams
+            .iter()
+            .zip(&kinds)
+            .enumerate()
+            .filter_map(|(index, (c, &kind))| {
+                let (t, tap) = (c.plan.mode.trigger()?, c.tap.as_ref()?);
+                let model = &models[c.model];
+                let cal = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
+                Some(trigger::TriggerCamera {
+                    index,
+                    station: trigger::Station::new(
+                        &c.plan.name,
+                        *t,
+                        trigger::Judging::new(c.plan, kind, cal, &model.sha256),
+                    ),
+                    tap: tap.1.clone(),
+                    scoring: Some(c.frames.0.clone()),
+                    counters: c.counters.clone(),
+                    recycle: c.recycle.0.clone(),
+                    roi: c.plan.roi,
+                    side: model.side(),
+                })
+            })
+            .collect();
         let mut inference_threads = Vec::new();
         for (m, (model, ch)) in models.into_iter().zip(&channels).enumerate() {
             // Indexed like the pipeline's cameras; `None` for other models' cameras.
             let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| {
                 let last = last_numbers.get(&c.plan.name).copied().unwrap_or(0);
-                (c.model == m).then(|| c.decided_by(&model, kind, last))
+                (c.model == m).then(|| Camera {
+                    trigger: c.tap.is_some().then(|| scored_tx.clone()),
+                    ..c.decided_by(&model, kind, last)
+                })
             });
             inference_threads.push(infer::spawn(InferThread {
                 cameras: cameras.collect(),
@@ -285,6 +339,22 @@ impl Pipeline {
                 liveness: liveness.clone(),
             })?);
         }
+        drop(scored_tx);
+        let cameras_done = Arc::new(AtomicBool::new(false));
+        let trigger = if opts.triggers.is_some() || !trigger_cams.is_empty() {
+            let continuous = cams.iter().filter(|c| c.tap.is_none()).map(|c| c.plan.name.clone()).collect();
+            Some(trigger::spawn(trigger::TriggerThread {
+                cameras: trigger_cams,
+                continuous,
+                commands: opts.triggers.take(),
+                scored: scored_rx,
+                publisher: publisher.clone(),
+                snapshots: snap_queue.clone(),
+                cameras_done: cameras_done.clone(),
+            })?)
+        } else {
+            None
+        };
         drop(snap_queue);
         let workers = preprocess::spawn_pool(settings.pipeline.preprocess_threads, pool)?;
         // Only the workers may hold the inference senders, or inference would
@@ -297,12 +367,17 @@ impl Pipeline {
         let mut watches = Vec::new();
         for (index, c) in cams.into_iter().enumerate() {
             let source = opts.sources.remove(&c.plan.name).unwrap_or_else(|| c.plan.source.factory());
+            // A triggered camera feeds the trigger thread's ring buffer instead of the pool.
+            let (queue, rx_for_drops) = match c.tap {
+                Some((tx, rx)) => (tx, rx),
+                None => (c.frames.0, c.frames.1),
+            };
             let camera_watch = Arc::new(CameraWatch::new(
                 &c.plan.name,
                 c.plan.read_timeout,
                 c.counters.clone(),
                 publisher.clone(),
-                c.frames.0,
+                queue,
             ));
             watches.push(camera_watch.clone());
             camera_threads.push(capture::spawn_camera(
@@ -312,7 +387,7 @@ impl Pipeline {
                     fps: c.plan.fps,
                     counters: c.counters,
                     watch: camera_watch,
-                    rx_for_drops: c.frames.1,
+                    rx_for_drops,
                     recycle: c.recycle.1,
                     stop: stop.clone(),
                     backoff_min: opts.backoff_min,
@@ -353,6 +428,8 @@ impl Pipeline {
             liveness,
             control,
             journal,
+            trigger,
+            cameras_done,
         })
     }
 
@@ -408,6 +485,11 @@ impl Pipeline {
     /// the sources end by themselves) and reports the counts.
     pub fn join(mut self) -> Report {
         self.join_cameras();
+        // The trigger thread answers what is pending, then lets the pool end.
+        self.cameras_done.store(true, Ordering::Relaxed);
+        if let Some(h) = self.trigger.take() {
+            let _ = h.join();
+        }
         for h in self.workers.drain(..) {
             let _ = h.join();
         }

@@ -17,11 +17,14 @@ pub mod settings;
 use std::path::{Path, PathBuf};
 
 pub use compile::Probe;
-pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
+pub use file::{
+    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, RecordConfig, SnapshotConfig,
+    TriggerTable,
+};
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
-    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
-    SnapshotSettings,
+    Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
+    Provider, RecordSettings, ScoreChoice, Settings, SnapshotSettings, TriggerSettings,
 };
 
 /// Errors loading a config file.
