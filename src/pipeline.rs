@@ -5,6 +5,11 @@
 //!                                                                                                   ├─► Publisher (scores, alarms, states)
 //!                                                                                                   └─► snapshot writer ──► Publisher
 //! ```
+//! A triggered camera (`mode = "triggered"`) sends its frames to the trigger
+//! thread's ring buffer instead (`trigger.rs`); the frames a trigger chooses
+//! come back into the camera's queue to the pool, and their scores go from
+//! the inference thread to the trigger thread, which publishes the verdict.
+//!
 //! It starts from compiled [`Settings`]: one [`CameraPlan`] per camera, each
 //! wired to its own queues and to the inference thread of its model.
 //! Start-up is all-or-nothing: models are loaded and checked against the
