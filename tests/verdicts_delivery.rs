@@ -63,7 +63,7 @@ enabled = true
         model = model.display(),
     );
     for i in 0..CAMERAS {
-        body += &format!("[cameras.c{i}]\nsource = {{ kind = \"synthetic\", size = 64, variations = 4, seed = {i}, defect_every = 7 }}\n");
+        body += &format!("[cameras.c{i}]\nsource = {{ kind = \"synthetic\", size = 64, variations = 4, seed = {i}, defect_every = 7, defect_frames = 1, defects = [\"scratch\"] }}\n");
     }
     let p = dir.join("ganomalyd.toml");
     std::fs::write(&p, body).expect("write config");
