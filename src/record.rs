@@ -503,7 +503,7 @@ mod tests {
         let now = now_ms();
         let v = verdict("a", "4711", 1, now);
         p.verdict(&v);
-        let mut alarm = crate::events::AlarmEvent {
+        let mut alarm = AlarmEvent {
             schema: PAYLOAD_SCHEMA,
             id: "b-1-1".into(),
             camera: "b".into(),

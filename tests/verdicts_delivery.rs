@@ -178,9 +178,9 @@ fn thousand_triggers_through_an_outage(what: &str, broker: SocketAddr) {
     let mut order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (m, v) in &received {
         let key = (v.camera.clone(), v.part_id.clone());
-        if !first.contains_key(&key) {
+        if let std::collections::btree_map::Entry::Vacant(e) = first.entry(key) {
             order.entry(v.camera.clone()).or_default().push(v.seq);
-            first.insert(key, (m.clone(), v.clone()));
+            e.insert((m.clone(), v.clone()));
         }
     }
     assert_eq!(first.len(), want, "{what}: one verdict per part id");
