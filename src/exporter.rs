@@ -648,6 +648,7 @@ impl Collector for DaemonCollector {
                 ("scores_dropped", "Score messages lost to a full queue or a broker that was down.", p.scores_dropped),
                 ("alarms_queued", "Alarm events written to the outbox.", p.alarms_queued),
                 ("alarms_acked", "Alarm events the broker acknowledged.", p.alarms_acked),
+                ("verdicts_queued", "Verdicts written to the outbox (delivered like alarms).", p.verdicts_queued),
                 (
                     "alarms_dropped",
                     "Alarm events dropped undelivered by the outbox's size, age and memory bounds.",
