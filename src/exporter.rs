@@ -637,7 +637,7 @@ impl Collector for DaemonCollector {
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
-            let counters: [(&str, &str, u64); 9] = [
+            let counters: [(&str, &str, u64); 10] = [
                 ("mqtt_connects", "Successful broker connections, the first one included.", p.connects),
                 ("scores_published", "Score messages published.", p.scores_published),
                 (
