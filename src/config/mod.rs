@@ -200,6 +200,42 @@ mod tests {
     }
 
     #[test]
+    fn trigger_settings_inherit_defaults_field_by_field_and_the_record_sits_beside_the_outbox() {
+        let text = format!(
+            r#"
+            [commands]
+            enabled = true
+            [defaults]
+            model = "{}"
+            source = {{ kind = "synthetic" }}
+            mode = "triggered"
+            [defaults.trigger]
+            frames = 3
+            deadline_s = 2.0
+            [cameras.a]
+            [cameras.a.trigger]
+            aggregate = "mean"
+            delay_s = 0.25
+            [cameras.b]
+            mode = "continuous"
+            "#,
+            demo_model().display()
+        );
+        let s = compile_str(&text, Path::new("/")).expect("compiles");
+        let a = s.cameras[0].mode.trigger().expect("a is triggered");
+        assert_eq!(
+            (a.frames, a.deadline, a.aggregate, a.from, a.delay_ms, a.buffer_frames),
+            (3, std::time::Duration::from_secs(2), Aggregate::Mean, FramesFrom::Nearest, 250, 8)
+        );
+        assert!(s.cameras[1].mode.trigger().is_none(), "b overrides the default mode");
+        assert_eq!(s.record, None, "without [mqtt] and without a path nothing is recorded");
+        let s =
+            compile_str(&format!("{text}\n[mqtt]\nembedded = true\noutbox_path = \"/d/o.sqlite\"\n"), Path::new("/"))
+                .expect("compiles");
+        assert_eq!(s.record.expect("recorded").path, Path::new("/d/record.sqlite"));
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_dir() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let s = compile_str(
