@@ -223,6 +223,15 @@ fn thousand_triggers_through_an_outage(what: &str, broker: SocketAddr) {
     run.join().expect("no panic").expect("clean stop");
     sub.stop();
 
+    // An `ng` part names its snapshot (unless the writer was behind), and the file is there.
+    let snaps: Vec<&VerdictEvent> = first.values().map(|(_, v)| v).filter(|v| v.snapshot.is_some()).collect();
+    assert!(ng == 0 || !snaps.is_empty(), "{what}: no ng part has a snapshot");
+    for v in &snaps {
+        assert_eq!(v.verdict, Verdict::Ng, "only ng parts have snapshots");
+        let file = dir.path().join("snaps").join(v.snapshot.as_deref().unwrap());
+        assert!(file.is_file(), "{what}: {} missing", file.display());
+    }
+
     // The record, exported by the command-line tool, equals what was published.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ganomalyd"))
         .args(["verdicts", "--config"])
