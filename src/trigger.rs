@@ -23,7 +23,8 @@
 //!
 //! # Always an answer within the deadline
 //! Every trigger ends in exactly one verdict no later than `deadline_s` after
-//! it arrived (the deadline timer is the select timeout of the thread):
+//! it arrived (the deadline timer is the select timeout of the thread; it
+//! fires a little early, see [`timer`]):
 //! camera offline → `error`; no room (`max_pending` waiting, or the camera's
 //! scoring queue full) → `timeout` at once; frames not captured or not scored
 //! in time → `timeout`; inference failure or a non-finite score → `error`.
@@ -145,6 +146,13 @@ pub fn canonical(plan: &CameraPlan, kind: ScoreKind, cal: &Calibration, model_sh
     ];
     lines.sort();
     lines.join("\n") + "\n"
+}
+
+/// When a trigger's deadline timer fires, from its arrival: a little before
+/// the deadline (5 ms, or a tenth of it if that is less), so that its verdict
+/// is out by the deadline, not decided at it.
+pub fn timer(deadline: Duration) -> Duration {
+    deadline.saturating_sub(Duration::from_millis(5).min(deadline / 10))
 }
 
 /// A buffered frame.
@@ -325,7 +333,7 @@ impl<T> Station<T> {
             arrived,
             trigger_ts,
             target_ts: trigger_ts.saturating_add(self.settings.delay_ms),
-            deadline: arrived + self.settings.deadline,
+            deadline: arrived + timer(self.settings.deadline),
             chosen: Vec::new(),
             scores: Vec::new(),
             settled: false,
@@ -968,10 +976,11 @@ mod tests {
         let mut s = station(TriggerSettings { from: FramesFrom::After, ..TriggerSettings::default() });
         let mut out = Vec::new();
         s.on_trigger(trig("late", Some(0)), 1, at(0), 0, true, &mut out);
-        s.on_tick(at(499), true, &mut out);
+        s.on_tick(at(494), true, &mut out);
         assert!(verdicts(&mut out).is_empty());
-        assert_eq!(s.next_deadline(), Some(at(500)));
-        s.on_tick(at(500), true, &mut out);
+        assert_eq!(s.next_deadline(), Some(at(495)), "5 ms before the 500 ms deadline");
+        assert_eq!(timer(Duration::from_millis(20)), Duration::from_millis(18), "a tenth of a short deadline");
+        s.on_tick(at(495), true, &mut out);
         let v = verdicts(&mut out);
         assert_eq!(v[0].verdict, Verdict::Timeout);
         assert!(v[0].reason.as_deref().unwrap().contains("0 of 1 frames"), "{:?}", v[0].reason);
