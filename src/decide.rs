@@ -112,6 +112,9 @@ pub struct Camera {
     pub recycle: Sender<FrameData>,
     /// The camera's comparison with its shadow model, and which side this is.
     pub compare: Option<(Arc<ShadowCompare>, Side)>,
+    /// A triggered camera: its scored frames go to the trigger thread, not
+    /// through the alarm machine (see `trigger.rs`).
+    pub trigger: Option<Sender<crate::trigger::Scored>>,
 }
 
 /// Where outcomes go (shared by a model's cameras).

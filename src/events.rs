@@ -138,9 +138,12 @@ pub struct VerdictEvent {
     pub score: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_score: Option<f64>,
-    /// Raw-score threshold in force.
+    /// Raw-score threshold in force (the raw score that normalises to `threshold_score`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
+    /// The same threshold on the normalised score (the camera's `alarm.threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_score: Option<f64>,
     /// Score kind (`mahalanobis`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
@@ -153,6 +156,9 @@ pub struct VerdictEvent {
     /// Capture times of the frames scored, ms since epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frame_ts: Vec<u64>,
+    /// The camera's frame numbers of those frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_seq: Vec<u64>,
     /// Snapshot file of an `ng` part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
@@ -179,6 +185,22 @@ pub struct CameraStats {
     /// The comparison with the camera's shadow model (`shadow_model`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::ShadowStats>,
+    /// A triggered camera's verdict counts since start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdicts: Option<VerdictStats>,
+}
+
+/// Verdicts of one triggered camera, by outcome, and the triggers refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictStats {
+    pub ok: u64,
+    pub ng: u64,
+    pub error: u64,
+    pub timeout: u64,
+    /// Repeated part ids (answered once).
+    pub duplicates: u64,
+    /// Triggers refused for their payload.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -76,6 +76,8 @@ pub struct Sources {
     pub liveness: Liveness,
     /// (model path, execution provider in use) of each loaded model.
     pub models: Vec<(String, String)>,
+    /// The command intake (its received/refused counts); `None` in tests.
+    pub commands: Option<Arc<Intake>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -512,6 +514,77 @@ impl Collector for DaemonCollector {
         family(&mut enc, "alarm_active", "1 while the camera's alarm is on.", None, MetricType::Gauge, active)?;
         let raised = per_camera(|c| CameraCounters::get(&c.alarms_raised));
         family(&mut enc, "alarms_raised", "Alarms started (alarm `start` events).", None, MetricType::Counter, raised)?;
+        let mut verdicts = Vec::new();
+        for (n, c) in s.cameras.iter().filter(|(_, c)| c.triggered.load(std::sync::atomic::Ordering::Relaxed)) {
+            let by = [
+                ("ok", &c.verdicts_ok),
+                ("ng", &c.verdicts_ng),
+                ("error", &c.verdicts_error),
+                ("timeout", &c.verdicts_timeout),
+            ];
+            for (v, counter) in by {
+                verdicts.push((
+                    vec![("camera", n.clone()), ("verdict", v.to_string())],
+                    ConstCounter::new(CameraCounters::get(counter)),
+                ));
+            }
+        }
+        family(
+            &mut enc,
+            "verdicts",
+            "Verdicts of triggered cameras, by outcome.",
+            None,
+            MetricType::Counter,
+            verdicts,
+        )?;
+        let triggered = |f: fn(&CameraCounters) -> u64| {
+            s.cameras
+                .iter()
+                .filter(|(_, c)| c.triggered.load(std::sync::atomic::Ordering::Relaxed))
+                .map(move |(n, c)| (cam(n), ConstCounter::new(f(c))))
+                .collect::<Vec<_>>()
+        };
+        let dup = triggered(|c| CameraCounters::get(&c.triggers_duplicate));
+        family(
+            &mut enc,
+            "triggers_duplicate",
+            "Triggers refused because their part id was answered already (answered once).",
+            None,
+            MetricType::Counter,
+            dup,
+        )?;
+        let bad = triggered(|c| CameraCounters::get(&c.triggers_refused));
+        family(
+            &mut enc,
+            "triggers_refused",
+            "Triggers refused for their payload (no part id, bad ts).",
+            None,
+            MetricType::Counter,
+            bad,
+        )?;
+        if let Some(intake) = &s.commands {
+            let names = crate::commands::CommandName::ALL;
+            let counts: Vec<(String, (u64, u64))> =
+                names.iter().map(|n| (n.as_str().to_string(), intake.counters(*n))).collect();
+            let received = counts.iter().map(|(n, c)| (vec![("command", n.clone())], ConstCounter::new(c.0)));
+            family(
+                &mut enc,
+                "commands_received",
+                "Commands received, by name (MQTT and HTTP).",
+                None,
+                MetricType::Counter,
+                received,
+            )?;
+            let refused = counts.iter().map(|(n, c)| (vec![("command", n.clone())], ConstCounter::new(c.1)));
+            family(
+                &mut enc,
+                "commands_refused",
+                "Commands the intake refused (disabled, not allowed, unknown camera, bad JSON, retained, busy).",
+                None,
+                MetricType::Counter,
+                refused,
+            )?;
+        }
         // NaN until the camera's first decided frame: 0 would read as "all good".
         let scores = s.cameras.iter().map(|(n, c)| {
             let decided = CameraCounters::get(&c.decided) > 0;
@@ -574,7 +647,7 @@ impl Collector for DaemonCollector {
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
-            let counters: [(&str, &str, u64); 9] = [
+            let counters: [(&str, &str, u64); 10] = [
                 ("mqtt_connects", "Successful broker connections, the first one included.", p.connects),
                 ("scores_published", "Score messages published.", p.scores_published),
                 (
@@ -585,6 +658,7 @@ impl Collector for DaemonCollector {
                 ("scores_dropped", "Score messages lost to a full queue or a broker that was down.", p.scores_dropped),
                 ("alarms_queued", "Alarm events written to the outbox.", p.alarms_queued),
                 ("alarms_acked", "Alarm events the broker acknowledged.", p.alarms_acked),
+                ("verdicts_queued", "Verdicts written to the outbox (delivered like alarms).", p.verdicts_queued),
                 (
                     "alarms_dropped",
                     "Alarm events dropped undelivered by the outbox's size, age and memory bounds.",
@@ -714,6 +788,7 @@ mod tests {
             publisher: publisher.then(|| Arc::new(move || p) as CountersFn),
             liveness: Liveness::new_for_test(250),
             models: vec![("models/demo.onnx".into(), "cpu".into())],
+            commands: None,
         }
     }
 

@@ -111,17 +111,9 @@ pub struct Model {
     side: usize,
     /// Score kinds the graph exports (per its metadata), checked against its outputs.
     kinds: Vec<ScoreKind>,
-    /// [`digest`] of the file's bytes: a reload swaps the model when it changes.
-    pub digest: u64,
-}
-
-/// A digest of a model file's bytes, compared within one process (a reload
-/// tells a changed file from the one running by it).
-pub fn digest(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    /// sha256 (hex) of the file's bytes as loaded: what every verdict names,
+    /// and how a reload tells a changed file from the one running.
+    pub sha256: String,
 }
 
 impl Model {
@@ -146,7 +138,8 @@ impl Model {
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
-        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, digest: digest(bytes) };
+        let sha256 = crate::base::digest::sha256_hex(bytes);
+        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, sha256 };
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -552,6 +545,13 @@ fn run(mut t: InferThread) {
             let Prepared { frame, tensor } = p;
             let _ = t.tensor_recycle.try_send(tensor);
             let Some(cam) = t.cameras.get_mut(frame.camera).and_then(Option::as_mut) else { continue };
+            if let Some(tx) = &cam.trigger {
+                // A triggered camera's frame: its verdict is decided on the trigger thread.
+                let scored = crate::trigger::scored(frame, &result, out.score(cam.decider.kind, i), &out.maps, i, side);
+                decided += usize::from(scored.raw.is_some());
+                let _ = tx.send(scored);
+                continue;
+            }
             if result.is_err() {
                 CameraCounters::add(&cam.counters.broken, 1);
                 let _ = cam.recycle.try_send(frame.pixels);

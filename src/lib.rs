@@ -9,6 +9,9 @@
 //! - [`decide`]: what a scored frame means, as a pure function (normalise, NaN guard, alarm machine →
 //!   actions); [`alarm`] is its per-camera state machine; [`alarm_state`] journals open alarms so that a
 //!   restart after a crash ends them, and keeps alarm ids unique across restarts.
+//! - [`trigger`]: triggered cameras: ring buffer, pending triggers, de-duplication, deadlines, on its own
+//!   thread; [`verdict`] is the pure "scores of a part's frames → ok/ng/error" step.
+//! - [`record`]: the inspection record (every verdict and alarm in SQLite, with retention).
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
@@ -43,8 +46,11 @@ pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
+pub mod record;
 pub mod reload;
 pub mod runtime;
 pub mod shadow;
 pub mod snapshot;
 pub mod systemd;
+pub mod trigger;
+pub mod verdict;

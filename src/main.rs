@@ -34,6 +34,8 @@ enum Cmd {
     Bench(cmds::bench::Args),
     /// Subscribe to a daemon's topics and pretty-print them.
     Watch(cmds::watch::WatchArgs),
+    /// Export the inspection record (verdicts and alarms) as CSV, JSON lines or text.
+    Verdicts(cmds::verdicts::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Cmd::Score(args) => cmds::score::run(&args),
         Cmd::Bench(args) => cmds::bench::run(&args),
         Cmd::Watch(args) => cmds::watch::run(args),
+        Cmd::Verdicts(args) => cmds::verdicts::run(&args),
     };
     result.unwrap_or_else(|e| {
         // The whole chain, each cause once: "MQTT publisher: mqtt.password_file /p: Permission denied".

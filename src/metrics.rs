@@ -36,6 +36,17 @@ pub struct CameraCounters {
     pub decoder: Mutex<Option<String>>,
     /// The comparison with the camera's shadow model, while it has one.
     pub shadow: Mutex<Option<Arc<ShadowCompare>>>,
+    /// Verdicts of a triggered camera, by outcome.
+    pub verdicts_ok: AtomicU64,
+    pub verdicts_ng: AtomicU64,
+    pub verdicts_error: AtomicU64,
+    pub verdicts_timeout: AtomicU64,
+    /// Triggers refused because their part id was answered (or pending) already.
+    pub triggers_duplicate: AtomicU64,
+    /// Triggers refused for their payload (no part id, bad `ts`).
+    pub triggers_refused: AtomicU64,
+    /// The camera is triggered (its stats carry verdict counts).
+    pub triggered: AtomicBool,
 }
 
 impl CameraCounters {
@@ -92,6 +103,14 @@ impl CameraCounters {
             latency_p99_ms: p99,
             decoder: self.decoder.lock().ok().and_then(|d| d.clone()),
             shadow: self.shadow().map(|s| s.stats()),
+            verdicts: self.triggered.load(Ordering::Relaxed).then(|| crate::events::VerdictStats {
+                ok: Self::get(&self.verdicts_ok),
+                ng: Self::get(&self.verdicts_ng),
+                error: Self::get(&self.verdicts_error),
+                timeout: Self::get(&self.verdicts_timeout),
+                duplicates: Self::get(&self.triggers_duplicate),
+                refused: Self::get(&self.triggers_refused),
+            }),
         }
     }
 }
@@ -134,6 +153,11 @@ impl LatencyHistogram {
 
     pub fn count(&self) -> u64 {
         self.total
+    }
+
+    /// The largest value recorded.
+    pub fn max_ms(&self) -> f64 {
+        self.max_ms
     }
 
     pub fn merge(&mut self, other: &LatencyHistogram) {

@@ -6,6 +6,11 @@
 //!                                                            │                                      └─► snapshot writer ──► Publisher
 //!                                                            └─try_send, dropped when full──► shadow inference thread (one per shadow model)
 //! ```
+//! A triggered camera (`mode = "triggered"`) sends its frames to the trigger
+//! thread's ring buffer instead (`trigger.rs`); the frames a trigger chooses
+//! come back into the camera's queue to the pool, and their scores go from
+//! the inference thread to the trigger thread, which publishes the verdict.
+//!
 //! It starts from compiled [`Settings`]: one [`CameraPlan`] per camera, each
 //! with its own camera thread, queue and counters, and a **slot** (the
 //! number its frames carry); one inference thread per distinct model file
@@ -74,6 +79,7 @@ use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
 use crate::reload::{self, CameraChange, Plan};
 use crate::shadow::{self, ShadowCompare, Side};
 use crate::snapshot::{self, SnapshotQueue};
+use crate::trigger;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -100,6 +106,9 @@ pub struct StartOptions {
     /// outbox. `None`: no journal (bench, tests, no MQTT): alarms open at a
     /// crash stay open, and ids count from 1 again.
     pub alarm_journal: Option<PathBuf>,
+    /// `trigger` commands (the intake's queue for them): triggered cameras
+    /// judge a part on each. `None`: triggers come from nowhere.
+    pub triggers: Option<Receiver<crate::commands::Command>>,
 }
 
 impl Default for StartOptions {
@@ -110,6 +119,7 @@ impl Default for StartOptions {
             backoff_max: Duration::from_secs(30),
             stats: true,
             alarm_journal: None,
+            triggers: None,
         }
     }
 }
@@ -235,7 +245,8 @@ struct CameraRun {
 struct ModelRun {
     meta: ModelMetadata,
     provider: Provider,
-    digest: u64,
+    /// Of the file's bytes: verdicts name it, a reload compares it.
+    sha256: String,
     /// The pool's way in (cloned into each spec; dropped to retire the model).
     input: Sender<Prepared>,
     /// Tensor buffers coming back from the thread, for the pool.
@@ -320,6 +331,15 @@ pub struct Pipeline {
     settings: Settings,
     next_slot: usize,
     backoff: (Duration, Duration),
+    /// Triggered cameras: where their inference threads send scored frames
+    /// (the trigger thread's input), and the stations gathered while the
+    /// cameras start; both are handed to the trigger thread at the end of
+    /// `start` (a reload does not add triggered cameras: see `reload.rs`).
+    scored: Option<(Sender<trigger::Scored>, Receiver<trigger::Scored>)>,
+    trigger_cams: Vec<trigger::TriggerCamera>,
+    /// The trigger thread, and the flag that tells it the cameras have ended.
+    trigger: Option<JoinHandle<()>>,
+    cameras_done: Arc<AtomicBool>,
 }
 
 /// The cameras the stats thread reports, and the provider of the first
@@ -393,6 +413,10 @@ impl Pipeline {
             settings: settings.clone(),
             next_slot: 0,
             backoff: (opts.backoff_min, opts.backoff_max),
+            scored: Some(crossbeam_channel::unbounded()),
+            trigger_cams: Vec::new(),
+            trigger: None,
+            cameras_done: Arc::new(AtomicBool::new(false)),
         };
         for (key, model) in loaded {
             p.spawn_model(key, model)?;
@@ -400,6 +424,23 @@ impl Pipeline {
         for plan in &settings.cameras {
             let source = opts.sources.remove(&plan.name);
             p.add_camera(plan.clone(), None, None, source)?;
+        }
+        // The trigger thread takes the triggered cameras' stations; it also
+        // runs without any, to answer triggers sent to continuous cameras.
+        let stations = std::mem::take(&mut p.trigger_cams);
+        let scored = p.scored.take().map(|(_, rx)| rx);
+        if let (true, Some(scored)) = (opts.triggers.is_some() || !stations.is_empty(), scored) {
+            let continuous =
+                settings.cameras.iter().filter(|c| c.mode.trigger().is_none()).map(|c| c.name.clone()).collect();
+            p.trigger = Some(trigger::spawn(trigger::TriggerThread {
+                cameras: stations,
+                continuous,
+                commands: opts.triggers.take(),
+                scored,
+                publisher: p.publisher.clone(),
+                snapshots: p.snapshots.clone(),
+                cameras_done: p.cameras_done.clone(),
+            })?);
         }
         let (workers, pool) = preprocess::spawn_pool(settings.pipeline.preprocess_threads, p.spec())?;
         p.workers = workers;
@@ -423,7 +464,7 @@ impl Pipeline {
         let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
         let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
         let (control, control_rx) = crossbeam_channel::unbounded();
-        let (meta, provider, digest) = (model.meta.clone(), model.provider, model.digest);
+        let (meta, provider, sha256) = (model.meta.clone(), model.provider, model.sha256.clone());
         let thread = infer::spawn(InferThread {
             cameras: Vec::new(),
             model,
@@ -438,7 +479,7 @@ impl Pipeline {
             liveness: (!key.shadow).then(|| self.liveness.clone()),
             background: key.shadow,
         })?;
-        self.models.insert(key, ModelRun { meta, provider, digest, input, tensors, control, thread });
+        self.models.insert(key, ModelRun { meta, provider, sha256, input, tensors, control, thread });
         Ok(())
     }
 
@@ -470,26 +511,80 @@ impl Pipeline {
         self.next_slot += 1;
         let queue = self.settings.pipeline.frame_queue.max(1);
         let max_batch = self.settings.inference.max_batch.max(1);
-        // Enough spare buffers to cover the queue, the pool and a batch.
-        let recycle_cap = queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2;
+        let trig = plan.mode.trigger().copied();
+        // Enough spare buffers to cover the queue, the pool and a batch (and
+        // a triggered camera's ring buffer).
+        let recycle_cap =
+            queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2 + trig.map_or(0, |t| t.buffer_frames);
         let recycle = recycle.unwrap_or_else(|| crossbeam_channel::bounded(recycle_cap));
         let counters = counters.unwrap_or_default();
-        let (frames_tx, frames) = crossbeam_channel::bounded(queue);
+        counters.triggered.store(trig.is_some(), Ordering::Relaxed);
+        // A triggered camera's queue to the pool holds every frame its pending
+        // triggers may ask for (see `trigger.rs`: a full one is a `timeout`);
+        // its camera thread feeds the trigger thread's ring buffer instead.
+        let (frames_tx, frames) = match trig {
+            Some(t) => crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096)),
+            None => crossbeam_channel::bounded(queue),
+        };
         let compare = self.attach_shadow(&plan, slot, shadow)?;
+        let scored = match (trig, &self.scored) {
+            (Some(_), Some((tx, _))) => Some(tx.clone()),
+            (Some(_), None) => {
+                return Err(PipelineError::Score {
+                    camera: plan.name.clone(),
+                    field: "mode",
+                    reason: "a triggered camera starts with the daemon (not on a reload)".into(),
+                })
+            }
+            (None, _) => None,
+        };
         let camera = Camera {
             name: plan.name.clone(),
-            decider: Decider::new(&plan.name, real.kind, real.calibration, real.alarm, self.last_number(&plan.name)),
+            decider: Decider::new(
+                &plan.name,
+                real.kind,
+                real.calibration.clone(),
+                real.alarm,
+                self.last_number(&plan.name),
+            ),
             roi: plan.roi,
             counters: counters.clone(),
             recycle: recycle.0.clone(),
             compare: compare.clone().map(|c| (c, Side::Real)),
+            trigger: scored,
         };
         // Before the camera thread exists: the model's thread has the camera
         // before its first frame can arrive.
         if let Some(c) = self.control(&ModelKey::real(&plan)) {
             let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
         }
-        self.spawn_camera_thread(plan, slot, counters, recycle, frames_tx, frames, compare, source)?;
+        let camera_queue = match trig {
+            Some(t) => {
+                let (tap_tx, tap_rx) = crossbeam_channel::bounded(queue);
+                let (sha256, side) = self
+                    .models
+                    .get(&ModelKey::real(&plan))
+                    .map(|m| (m.sha256.clone(), m.meta.preprocess.size as usize))
+                    .unwrap_or_default();
+                self.trigger_cams.push(trigger::TriggerCamera {
+                    index: slot,
+                    station: trigger::Station::new(
+                        &plan.name,
+                        t,
+                        trigger::Judging::new(&plan, real.kind, real.calibration, &sha256),
+                    ),
+                    tap: tap_rx.clone(),
+                    scoring: Some(frames_tx),
+                    counters: counters.clone(),
+                    recycle: recycle.0.clone(),
+                    roi: plan.roi,
+                    side,
+                });
+                (tap_tx, tap_rx)
+            }
+            None => (frames_tx, frames.clone()),
+        };
+        self.spawn_camera_thread(plan, slot, counters, recycle, camera_queue, frames, compare, source)?;
         Ok(slot)
     }
 
@@ -513,6 +608,7 @@ impl Pipeline {
             counters: compare.counters.clone(),
             recycle: nowhere,
             compare: Some((compare.clone(), Side::Shadow)),
+            trigger: None,
         };
         if let Some(c) = self.control(&key) {
             let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
@@ -527,11 +623,14 @@ impl Pipeline {
         slot: usize,
         counters: Arc<CameraCounters>,
         recycle: (Sender<FrameData>, Receiver<FrameData>),
-        frames_tx: Sender<Frame>,
+        (frames_tx, drops): (Sender<Frame>, Receiver<Frame>),
         frames: Receiver<Frame>,
         shadow: Option<Arc<ShadowCompare>>,
         source: Option<SourceFactory>,
     ) -> Result<(), PipelineError> {
+        // `(frames_tx, drops)`: the queue the camera thread fills (its own
+        // end for drop-oldest); `frames`: what the pool reads (the same
+        // queue, except for a triggered camera).
         counters.set_shadow(shadow.clone());
         let watch = Arc::new(CameraWatch::new(
             &plan.name,
@@ -549,7 +648,7 @@ impl Pipeline {
                 fps: plan.fps,
                 counters: counters.clone(),
                 watch: watch.clone(),
-                rx_for_drops: frames.clone(),
+                rx_for_drops: drops,
                 recycle: recycle.1.clone(),
                 stop: stop.clone(),
                 backoff_min: self.backoff.0,
@@ -638,8 +737,8 @@ impl Pipeline {
     /// camera's score and shadow against the models. The running pipeline is
     /// untouched; [`apply_reload`](Self::apply_reload) applies the result.
     pub fn prepare_reload(&self, new: Settings) -> Result<PendingReload, PipelineError> {
-        let running: BTreeMap<ModelKey, (u64, ModelMetadata)> =
-            self.models.iter().map(|(k, m)| (k.clone(), (m.digest, m.meta.clone()))).collect();
+        let running: BTreeMap<ModelKey, (String, ModelMetadata)> =
+            self.models.iter().map(|(k, m)| (k.clone(), (m.sha256.clone(), m.meta.clone()))).collect();
         // New sessions are built as the running ones were: `[inference]` changes need a restart.
         let inference = self.settings.inference.clone();
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -687,7 +786,7 @@ impl Pipeline {
             }
             run.meta = model.meta.clone();
             run.provider = model.provider;
-            run.digest = model.digest;
+            run.sha256 = model.sha256.clone();
             let _ = run.control.send(Control::Swap { model: Box::new(model), decisions: decided });
         }
 
@@ -738,7 +837,8 @@ impl Pipeline {
                     let queue = self.settings.pipeline.frame_queue.max(1);
                     let (frames_tx, frames) = crossbeam_channel::bounded(queue);
                     let CameraRun { counters, recycle, .. } = old;
-                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, frames_tx, frames, compare, None)?;
+                    let queue = (frames_tx, frames.clone());
+                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queue, frames, compare, None)?;
                 }
                 CameraChange::Update(u) if u.is_empty() => {}
                 CameraChange::Update(u) => {
@@ -853,6 +953,12 @@ impl Pipeline {
     /// the sources end by themselves) and reports the counts.
     pub fn join(mut self) -> Report {
         self.join_cameras();
+        // The trigger thread answers what is pending, then lets the pool end
+        // (it holds the triggered cameras' scoring queues).
+        self.cameras_done.store(true, Ordering::Relaxed);
+        if let Some(h) = self.trigger.take() {
+            let _ = h.join();
+        }
         // Closing the spec channels lets the workers end once their queues are drained.
         self.pool.clear();
         for h in self.workers.drain(..) {
@@ -969,7 +1075,7 @@ fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> R
 /// naming its camera or file.
 fn load_for_reload(
     new: Settings,
-    running: &BTreeMap<ModelKey, (u64, ModelMetadata)>,
+    running: &BTreeMap<ModelKey, (String, ModelMetadata)>,
     inference: &crate::config::InferenceSettings,
 ) -> Result<Loaded, String> {
     let mut models = BTreeMap::new();
@@ -978,11 +1084,22 @@ fn load_for_reload(
     for key in needed_models(&new) {
         let bytes = ganomaly_core::onnx::check::read_file(&key.path)
             .map_err(|e| format!("model {}: {e}", key.path.display()))?;
-        let digest = infer::digest(&bytes);
+        let sha256 = crate::base::digest::sha256_hex(&bytes);
         if let Some((d, meta)) = running.get(&key) {
-            if *d == digest {
+            if *d == sha256 {
                 metas.insert(key.clone(), (meta.clone(), key.path.clone()));
                 continue;
+            }
+            // A triggered camera's verdicts name the model they were judged
+            // with (its station is set up at start): its file cannot change under it.
+            if let Some(c) =
+                new.cameras.iter().find(|c| c.mode.trigger().is_some() && !key.shadow && c.model == key.path)
+            {
+                return Err(format!(
+                    "model {} changed, and triggered camera `{}` runs it: restart to change a triggered camera's model",
+                    key.path.display(),
+                    c.name
+                ));
             }
             changed.insert(key.path.clone());
         }

@@ -479,6 +479,44 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         // renamed keys and the whole file
         ("renamed key", vec![("inference", s("max_wait_ms = 5"))], "inference.max_wait_ms"),
     ];
+    // Triggered cameras and the record (issue 14).
+    let trig = |body: &str| -> Changes {
+        vec![
+            ("cameras.cam", s("mode = \"triggered\"")),
+            ("cameras.cam.trigger", s(body)),
+            ("commands", s("enabled = true")),
+        ]
+    };
+    c.extend([
+        ("a mode misspelt", vec![("cameras.cam", s("mode = \"sometimes\""))], "cameras.cam.mode"),
+        ("triggered without commands", vec![("cameras.cam", s("mode = \"triggered\""))], "cameras.cam.mode"),
+        ("no frame per part", trig("frames = 0"), "cameras.cam.trigger.frames"),
+        ("33 frames per part", trig("frames = 33"), "cameras.cam.trigger.frames"),
+        ("more nearest frames than the buffer", trig("frames = 10\nbuffer_frames = 4"), "cameras.cam.trigger.frames"),
+        ("an empty ring buffer", trig("buffer_frames = 0"), "cameras.cam.trigger.buffer_frames"),
+        ("a huge ring buffer", trig("buffer_frames = 1000"), "cameras.cam.trigger.buffer_frames"),
+        ("no deadline", trig("deadline_s = 0.0"), "cameras.cam.trigger.deadline_s"),
+        ("a deadline beyond a Duration", trig("deadline_s = 1e30"), "cameras.cam.trigger.deadline_s"),
+        ("a deadline inside the delay", trig("delay_s = 1.0\ndeadline_s = 0.5"), "cameras.cam.trigger.deadline_s"),
+        ("a negative delay", trig("delay_s = -1.0"), "cameras.cam.trigger.delay_s"),
+        ("no tolerance", trig("tolerance_s = 0.0"), "cameras.cam.trigger.tolerance_s"),
+        ("no pending trigger", trig("max_pending = 0"), "cameras.cam.trigger.max_pending"),
+        ("no dedup window", trig("dedup_parts = 0"), "cameras.cam.trigger.dedup_parts"),
+        ("an unknown aggregate", trig("aggregate = \"median\""), "cameras.cam.trigger.aggregate"),
+        ("an unknown frame choice", trig("from = \"before\""), "cameras.cam.trigger.from"),
+        ("a defaults trigger key misspelt", vec![("defaults.trigger", s("deadline = 1"))], "defaults.trigger"),
+        ("no record row", vec![("record", s("max_rows = 0"))], "record.max_rows"),
+        ("a record kept a second", vec![("record", s("max_age_s = 1.0"))], "record.max_age_s"),
+        ("an empty record path", vec![("record", s("path = \"\""))], "record.path"),
+        (
+            "the record in the outbox file",
+            vec![
+                ("mqtt", s("embedded = true\noutbox_path = \"{DIR}/same.sqlite\"")),
+                ("record", s("path = \"{DIR}/same.sqlite\"")),
+            ],
+            "record.path",
+        ),
+    ]);
     c.push(("a name of 65 bytes", vec![], "cameras.c"));
     // The long name replaces `cam` (the only camera then has that name).
     let last = c.len() - 1;
@@ -622,6 +660,33 @@ fn boundary_configs_run() {
                         .into(),
                 ),
                 ("metrics", "enabled = true\nlisten = \"127.0.0.1:0\"\nstale_after_s = 3600.0".into()),
+            ],
+        ),
+        (
+            "triggered minima, the record's minima",
+            vec![
+                ("cameras.cam", "mode = \"triggered\"".into()),
+                (
+                    "cameras.cam.trigger",
+                    "frames = 1\nbuffer_frames = 1\ndelay_s = 0.0\ndeadline_s = 0.01\ntolerance_s = 0.001\nmax_pending = 1\ndedup_parts = 1"
+                        .into(),
+                ),
+                ("commands", "enabled = true".into()),
+                ("record", format!("path = \"{d}/rec-min.sqlite\"\nmax_age_s = 60.0\nmax_rows = 1")),
+            ],
+        ),
+        (
+            "triggered maxima, the record's maxima",
+            vec![
+                ("cameras.cam", "mode = \"triggered\"\nwidth = 64\nheight = 64".into()),
+                (
+                    "cameras.cam.trigger",
+                    "frames = 32\nbuffer_frames = 300\ndelay_s = 10.0\ndeadline_s = 60.0\ntolerance_s = 3600.0\n\
+                     max_pending = 4096\ndedup_parts = 1000000\nfrom = \"after\"\naggregate = \"mean\""
+                        .into(),
+                ),
+                ("commands", "enabled = true".into()),
+                ("record", format!("path = \"{d}/rec-max.sqlite\"\nmax_age_s = 315360000.0\nmax_rows = 100000000")),
             ],
         ),
         (

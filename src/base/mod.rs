@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod check;
+pub mod digest;
 pub mod liveness;
 pub mod paths;
 pub mod priority;

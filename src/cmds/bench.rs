@@ -22,8 +22,12 @@ use ganomaly_core::synth::{self, Texture};
 use serde::Serialize;
 
 use crate::capture::{self, CaptureError, FrameData, FrameSource, PixelFormat, SourceFactory, SourcePlan};
-use crate::config::{AlarmConfig, CameraPlan, InferenceSettings, PipelineSettings, Provider, ScoreChoice, Settings};
-use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
+use crate::commands::{CommandName, CommandSettings, Intake};
+use crate::config::{
+    AlarmConfig, CameraMode, CameraPlan, InferenceSettings, PipelineSettings, Provider, ScoreChoice, Settings,
+    TriggerSettings,
+};
+use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport, Verdict, VerdictEvent};
 use crate::infer::{BatchOutput, InferError, Model};
 use crate::metrics::{peak_rss_mb, CameraCounters, LatencyHistogram};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
@@ -76,6 +80,20 @@ pub struct Args {
     /// libonnxruntime to load (default: ORT_DYLIB_PATH, then /usr/lib/ganomalyd/).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
+    /// Triggered inspection instead: `--cameras` triggered cameras (use 4) at
+    /// `--parts-per-s` parts a second each; trigger → verdict latency next to
+    /// one batch-1 inference plus preprocessing.
+    #[arg(long)]
+    pub triggered: bool,
+    /// Parts a second per camera (`--triggered`).
+    #[arg(long, default_value_t = 10.0)]
+    pub parts_per_s: f64,
+    /// Parts per camera measured (`--triggered`).
+    #[arg(long, default_value_t = 200)]
+    pub parts: u64,
+    /// Frame rate of each triggered camera (`--triggered`).
+    #[arg(long, default_value_t = 30.0)]
+    pub camera_fps: f64,
 }
 
 /// A wait in seconds that a `Duration` can hold (0..=1 s, as the config allows).
@@ -90,6 +108,15 @@ fn seconds(s: &str) -> Result<f64, String> {
 
 /// Runs the bench and prints its report (text, or one JSON line).
 pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
+    if args.triggered {
+        let report = measure_triggered(args)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", report.text());
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let report = measure(args)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -242,6 +269,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
             read_timeout: Duration::from_secs(10),
             source_key: i as u64,
             shadow: None,
+            mode: CameraMode::Continuous,
         })
         .collect();
     let settings = Settings {
@@ -257,6 +285,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         sparkplug: None,
         metrics: None,
         commands: Default::default(),
+        record: None,
     };
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;
@@ -411,5 +440,259 @@ impl BenchReport {
             self.dropped,
             self.peak_rss_mb
         )
+    }
+}
+
+/// The figures of `bench --triggered`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriggeredReport {
+    pub model: String,
+    pub provider: String,
+    pub cameras: usize,
+    pub parts_per_s: f64,
+    pub camera_fps: f64,
+    pub frame_size: String,
+    pub max_wait_s: f64,
+    /// Triggers sent (measured ones) and verdicts received for them.
+    pub triggers: u64,
+    pub verdicts: u64,
+    pub ok: u64,
+    pub ng: u64,
+    pub error: u64,
+    pub timeout: u64,
+    /// Trigger arrival → verdict decided.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// One batch-1 inference (median) and one frame's preprocessing (median), measured in this run.
+    pub infer_b1_ms: f64,
+    pub preprocess_ms: f64,
+    pub reference_ms: f64,
+    /// p99 / reference; the goal is ≤ 2.
+    pub p99_ratio: f64,
+}
+
+impl TriggeredReport {
+    pub fn text(&self) -> String {
+        format!(
+            "model {} on {} ({} triggered camera(s) of {} at {} fps, {} parts/s each, max_wait_s {})\n\
+             verdicts        {:>8} of {} triggers (ok {}, ng {}, error {}, timeout {})\n\
+             trigger→verdict {:>8.2} / {:.2} ms p50/p99 (max {:.2})\n\
+             reference       {:>8.2} ms = batch-1 inference {:.2} + preprocessing {:.2} (medians, this run)\n\
+             p99 / reference {:>8.2} (goal ≤ 2)",
+            self.model,
+            self.provider,
+            self.cameras,
+            self.frame_size,
+            self.camera_fps,
+            self.parts_per_s,
+            self.max_wait_s,
+            self.verdicts,
+            self.triggers,
+            self.ok,
+            self.ng,
+            self.error,
+            self.timeout,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.reference_ms,
+            self.infer_b1_ms,
+            self.preprocess_ms,
+            self.p99_ratio
+        )
+    }
+}
+
+/// Collects the verdicts' latencies; everything else is dropped.
+#[derive(Default)]
+struct VerdictMeter {
+    latency: std::sync::Mutex<LatencyHistogram>,
+    counts: std::sync::Mutex<[u64; 4]>,
+}
+
+impl VerdictMeter {
+    fn reset(&self) {
+        if let (Ok(mut h), Ok(mut c)) = (self.latency.lock(), self.counts.lock()) {
+            *h = LatencyHistogram::default();
+            *c = [0; 4];
+        }
+    }
+    fn total(&self) -> u64 {
+        self.counts.lock().map(|c| c.iter().sum()).unwrap_or(0)
+    }
+}
+
+impl Publisher for VerdictMeter {
+    fn score(&self, _: &ScoreEvent) {}
+    fn alarm(&self, _: &AlarmEvent) {}
+    fn camera_online(&self, _: &str, _: bool) {}
+    fn alarm_state(&self, _: &str, _: bool) {}
+    fn snapshot(&self, _: &Snapshot) {}
+    fn stats(&self, _: &StatsReport) {}
+    fn verdict(&self, ev: &VerdictEvent) {
+        if let (Ok(mut h), Ok(mut c)) = (self.latency.lock(), self.counts.lock()) {
+            h.record(ev.latency_ms);
+            c[ev.verdict as usize] += 1;
+        }
+    }
+    fn event(&self, _: &crate::commands::CommandEvent) {}
+}
+
+/// `bench --triggered`: triggered cameras fed by the intake like MQTT triggers.
+pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
+    let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    let model = model_path(opts, &tmp)?;
+    let infer = InferenceSettings {
+        providers: vec![Provider::Cpu],
+        max_batch: opts.max_batch.max(1),
+        max_wait: Duration::from_secs_f64(opts.max_wait_s),
+        intra_threads: opts.intra_threads,
+        ort_library: opts.ort_library.as_deref().map(crate::base::paths::absolute),
+        ..InferenceSettings::default()
+    };
+    let frames = Arc::new(frames(opts.width, opts.height));
+    // The reference: one frame's preprocessing and one batch-1 run, medians.
+    let (infer_b1_ms, preprocess_ms, provider) = {
+        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames)?;
+        (raw.batch1_ms(300)?, raw.preprocess_ms(&frames, 300)?, raw.provider())
+    };
+    let n = opts.cameras.max(1);
+    let names: Vec<String> = (0..n).map(|i| format!("trig{i}")).collect();
+    let trigger = TriggerSettings { deadline: Duration::from_secs(5), ..TriggerSettings::default() };
+    let cameras = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| CameraPlan {
+            name: name.clone(),
+            source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
+            model: model.clone(),
+            score: ScoreChoice::ModelDefault,
+            fps: opts.camera_fps,
+            roi: None,
+            alarm: AlarmConfig::default(),
+            read_timeout: Duration::from_secs(10),
+            source_key: i as u64,
+            shadow: None,
+            mode: CameraMode::Triggered(trigger),
+        })
+        .collect();
+    let settings = Settings {
+        inference: infer,
+        pipeline: PipelineSettings {
+            preprocess_threads: opts.preprocess_threads.max(1),
+            frame_queue: 2,
+            stats_interval: Duration::from_secs(3600),
+        },
+        snapshots: None,
+        cameras,
+        mqtt: None,
+        metrics: None,
+        commands: Default::default(),
+        sparkplug: None,
+        record: None,
+    };
+    let meter = Arc::new(VerdictMeter::default());
+    let commands = CommandSettings { enabled: true, ..CommandSettings::default() };
+    let intake = Intake::new(commands, meter.clone(), &names);
+    let triggers = intake.register(CommandName::Trigger);
+    let opts_start = StartOptions { stats: false, triggers: Some(triggers), ..StartOptions::default() };
+    let pipeline = Pipeline::start(&settings, meter.clone(), opts_start)?;
+    // Rings filled, sessions warm: a second of frames, then 5 parts per camera not counted.
+    std::thread::sleep(Duration::from_secs(1));
+    let send = |cam: &str, part: &str| {
+        let topic = format!("bench/box/{cam}/cmd/trigger");
+        intake.from_mqtt("bench/box", &topic, format!("{{\"part_id\":\"{part}\"}}").as_bytes(), false);
+    };
+    let limit = Duration::from_secs(30);
+    for k in 0..5 {
+        for name in &names {
+            send(name, &format!("warm{k}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    while meter.total() < 5 * n as u64 {
+        if t.elapsed() > limit {
+            return Err(BenchError::Stalled(limit));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    meter.reset();
+    // Cameras take turns: each gets `parts_per_s`, spread evenly over the second.
+    let gap = Duration::from_secs_f64(1.0 / (opts.parts_per_s.max(0.1) * n as f64));
+    let start = Instant::now();
+    let total = opts.parts * n as u64;
+    for k in 0..total {
+        let due = start + gap * k as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        send(&names[(k % n as u64) as usize], &format!("p{}", k / n as u64));
+    }
+    let t = Instant::now();
+    while meter.total() < total {
+        if t.elapsed() > limit {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pipeline.shutdown();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let h = meter.latency.lock().map(|h| h.clone()).unwrap_or_default();
+    let c = meter.counts.lock().map(|c| *c).unwrap_or_default();
+    let reference_ms = infer_b1_ms + preprocess_ms;
+    let p99 = h.quantile(0.99);
+    Ok(TriggeredReport {
+        model: model.display().to_string(),
+        provider,
+        cameras: n,
+        parts_per_s: opts.parts_per_s,
+        camera_fps: opts.camera_fps,
+        frame_size: format!("{}x{}", opts.width, opts.height),
+        max_wait_s: opts.max_wait_s,
+        triggers: total,
+        verdicts: c.iter().sum(),
+        ok: c[Verdict::Ok as usize],
+        ng: c[Verdict::Ng as usize],
+        error: c[Verdict::Error as usize],
+        timeout: c[Verdict::Timeout as usize],
+        p50_ms: h.quantile(0.5),
+        p99_ms: p99,
+        max_ms: h.max_ms(),
+        infer_b1_ms,
+        preprocess_ms,
+        reference_ms,
+        p99_ratio: p99 / reference_ms.max(1e-9),
+    })
+}
+
+impl RawRun {
+    /// Median milliseconds of one run of the batch this was built for.
+    fn batch1_ms(&mut self, runs: usize) -> Result<f64, BenchError> {
+        let mut out = BatchOutput::default();
+        let mut h = LatencyHistogram::default();
+        for i in 0..runs + 10 {
+            let t = Instant::now();
+            self.model.run(&self.input, self.batch, &mut out)?;
+            if i >= 10 {
+                h.record(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        Ok(h.quantile(0.5))
+    }
+
+    /// Median milliseconds of one frame's preprocessing.
+    fn preprocess_ms(&self, frames: &[FrameData], n: usize) -> Result<f64, BenchError> {
+        let mut prep = Preprocessor::from_meta(&self.model.meta.preprocess);
+        let mut out = vec![0.0f32; self.model.tensor_len()];
+        let mut h = LatencyHistogram::default();
+        for i in 0..n {
+            let t = Instant::now();
+            prep.run(&frame_ref(&frames[i % frames.len()]), None, &mut out)?;
+            h.record(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(h.quantile(0.5))
     }
 }

@@ -7,4 +7,5 @@ pub mod cameras;
 pub mod check_config;
 pub mod run;
 pub mod score;
+pub mod verdicts;
 pub mod watch;

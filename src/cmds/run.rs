@@ -134,6 +134,17 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         None => (publisher, None),
     };
+    // Every verdict and alarm is also kept in the inspection record.
+    let (publisher, record) = match &cfg.record {
+        Some(r) => match crate::record::start(r, publisher.clone()) {
+            Ok((p, h)) => (p, Some(h)),
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "inspection record not started: verdicts and alarms are not recorded");
+                (publisher, None)
+            }
+        },
+        None => (publisher, None),
+    };
     let publisher_counters: Option<exporter::CountersFn> = mqtt.clone().map(|p| {
         let f: exporter::CountersFn = Arc::new(move || p.counters());
         f
@@ -143,12 +154,16 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let camera_names: Vec<String> = cfg.cameras.iter().map(|c| c.name.clone()).collect();
     let intake = Intake::new(cfg.commands.clone(), publisher.clone(), &camera_names);
     let reload_commands = intake.register(CommandName::Reload);
+    let trigger_commands = intake.register(CommandName::Trigger);
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
-    let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
+    let opts = StartOptions { alarm_journal: journal, triggers: Some(trigger_commands), ..StartOptions::default() };
     let mut pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
+            if let Some(r) = record {
+                r.close(PUBLISHER_FLUSH);
+            }
             if let Some(h) = handle {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
@@ -173,6 +188,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
                     .iter()
                     .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
                     .collect(),
+                commands: Some(intake.clone()),
             });
         }
     };
@@ -267,6 +283,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     }
     // Last: /healthz and /metrics answer while the pipeline drains.
     stop_exporter(exporter);
+    if let Some(r) = record {
+        r.close(PUBLISHER_FLUSH);
+    }
     if let Some(h) = handle {
         h.shutdown_blocking(PUBLISHER_FLUSH);
     }

@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig,
+    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, RecordConfig,
+    SnapshotConfig, TriggerTable,
 };
 use super::settings::{
-    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
-    ShadowPlan, SnapshotSettings,
+    Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
+    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
 };
 use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
@@ -72,6 +73,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
     let sparkplug = file.sparkplug.as_ref().and_then(|s| sparkplug(s, file.mqtt.as_ref(), base, probe, &mut problems));
+    let record = record(&file.record, base, mqtt.as_ref(), &mut problems);
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
@@ -100,12 +102,23 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
             }
         }
     }
+    // A triggered camera hears only `cmd/trigger`: without commands it would never judge a part.
+    let triggers_on = commands.enabled && commands.allow.contains(&CommandName::Trigger);
+    for cam in cameras.iter().filter(|c| c.mode.trigger().is_some()) {
+        if !triggers_on {
+            problems.push(format!(
+                "cameras.{}.mode: triggered, but `trigger` commands are off ([commands] enabled = true and \
+                 `trigger` in allow are needed): no part would ever be judged",
+                cam.name
+            ));
+        }
+    }
     // A problem in `[defaults]` shows once, not once per camera that inherits it.
     let mut seen = std::collections::HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
         (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug })
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record })
         }
         _ => Err(problems),
     }
@@ -314,6 +327,138 @@ fn commands(c: &CommandsConfig, metrics: Option<&MetricsConfig>, problems: &mut 
     CommandSettings { enabled: c.enabled, allow, http: c.http }
 }
 
+/// Largest `[record].max_rows`: a row is a few hundred bytes, so 100 million
+/// rows are tens of GB, more than an edge box's disk.
+const MAX_RECORD_ROWS: u64 = 100_000_000;
+/// Longest record retention: ten years, longer than any warranty claim.
+const MAX_RECORD_AGE_S: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// `[record]`: the file beside the MQTT outbox unless set.
+fn record(
+    c: &RecordConfig,
+    base: &Path,
+    mqtt: Option<&MqttConfig>,
+    problems: &mut Vec<String>,
+) -> Option<RecordSettings> {
+    let p = "record";
+    let age_ok = between(problems, &format!("{p}.max_age_s"), c.max_age_s, 60.0, MAX_RECORD_AGE_S, "");
+    let rows_ok = count_between(problems, &format!("{p}.max_rows"), c.max_rows, 1, MAX_RECORD_ROWS);
+    if c.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        problems.push(format!("{p}.path: must not be empty (leave it out for the default)"));
+    }
+    // Without MQTT there is no outbox to sit beside: only a path set asks for it.
+    let path = match (&c.path, mqtt) {
+        (Some(path), _) => resolve(base, path),
+        (None, Some(m)) => m.outbox_path.with_file_name("record.sqlite"),
+        (None, None) => return None,
+    };
+    if let Some(m) = mqtt {
+        if path == m.outbox_path {
+            problems.push(format!("{p}.path: {} is the MQTT outbox; the record needs its own file", path.display()));
+        }
+    }
+    (c.enabled && age_ok && rows_ok).then(|| RecordSettings {
+        path,
+        max_age: Duration::from_secs_f64(c.max_age_s),
+        max_rows: c.max_rows,
+    })
+}
+
+/// Most frames one part is judged on: each is an inference.
+const MAX_TRIGGER_FRAMES: u64 = 32;
+/// Most frames a ring buffer holds: 300 frames of 640×480 RGB are 276 MB.
+const MAX_BUFFER_FRAMES: u64 = 300;
+/// Most triggers pending per camera (each holds a few frames' worth of work).
+const MAX_PENDING_TRIGGERS: u64 = 4096;
+/// Most part ids remembered per camera for de-duplication (tens of bytes each).
+const MAX_DEDUP_PARTS: u64 = 1_000_000;
+
+const MODES: [&str; 2] = ["continuous", "triggered"];
+
+fn trigger_fields(t: &TriggerTable, p: &str, problems: &mut Vec<String>) {
+    if let Some(v) = t.frames {
+        count_between(problems, &format!("{p}.frames"), v, 1, MAX_TRIGGER_FRAMES);
+    }
+    if let Some(v) = t.buffer_frames {
+        count_between(problems, &format!("{p}.buffer_frames"), v, 1, MAX_BUFFER_FRAMES);
+    }
+    if let Some(v) = t.max_pending {
+        count_between(problems, &format!("{p}.max_pending"), v, 1, MAX_PENDING_TRIGGERS);
+    }
+    if let Some(v) = t.dedup_parts {
+        count_between(problems, &format!("{p}.dedup_parts"), v, 1, MAX_DEDUP_PARTS);
+    }
+    if let Some(v) = t.delay_s {
+        between(problems, &format!("{p}.delay_s"), v, 0.0, 10.0, "");
+    }
+    if let Some(v) = t.deadline_s {
+        between(problems, &format!("{p}.deadline_s"), v, 0.01, 60.0, "");
+    }
+    if let Some(v) = t.tolerance_s {
+        between(problems, &format!("{p}.tolerance_s"), v, 0.001, 3600.0, "");
+    }
+    if let Some(v) = t.from.as_deref().filter(|v| !matches!(*v, "nearest" | "after")) {
+        problems.push(format!("{p}.from: `{v}` is not one of nearest, after"));
+    }
+    if let Some(v) = t.aggregate.as_deref().filter(|v| !matches!(*v, "max" | "mean")) {
+        problems.push(format!("{p}.aggregate: `{v}` is not one of max, mean"));
+    }
+}
+
+/// The trigger settings of a camera: its own table over `[defaults.trigger]`
+/// over the built-in defaults, field by field; the merged product is checked.
+fn merged_trigger(
+    own: Option<&TriggerTable>,
+    defaults: Option<&TriggerTable>,
+    p: &str,
+    problems: &mut Vec<String>,
+) -> TriggerSettings {
+    let empty = TriggerTable::default();
+    let (t, d) = (own.unwrap_or(&empty), defaults.unwrap_or(&empty));
+    let base = TriggerSettings::default();
+    // Ranges were checked per table; clamped here so that a bad value is a
+    // problem, never a panic.
+    let secs = |v: Option<f64>, lo: f64, hi: f64| v.filter(|v| v.is_finite()).map(|v| v.clamp(lo, hi));
+    let s = TriggerSettings {
+        frames: t.frames.or(d.frames).map_or(base.frames, |v| v.clamp(1, MAX_TRIGGER_FRAMES) as usize),
+        from: match t.from.as_deref().or(d.from.as_deref()) {
+            Some("after") => FramesFrom::After,
+            _ => FramesFrom::Nearest,
+        },
+        delay_ms: secs(t.delay_s.or(d.delay_s), 0.0, 10.0).map_or(base.delay_ms, |v| (v * 1000.0).round() as u64),
+        aggregate: match t.aggregate.as_deref().or(d.aggregate.as_deref()) {
+            Some("mean") => Aggregate::Mean,
+            _ => Aggregate::Max,
+        },
+        deadline: secs(t.deadline_s.or(d.deadline_s), 0.01, 60.0).map_or(base.deadline, Duration::from_secs_f64),
+        buffer_frames: t
+            .buffer_frames
+            .or(d.buffer_frames)
+            .map_or(base.buffer_frames, |v| v.clamp(1, MAX_BUFFER_FRAMES) as usize),
+        tolerance_ms: secs(t.tolerance_s.or(d.tolerance_s), 0.001, 3600.0)
+            .map_or(base.tolerance_ms, |v| (v * 1000.0).round() as u64),
+        max_pending: t
+            .max_pending
+            .or(d.max_pending)
+            .map_or(base.max_pending, |v| v.clamp(1, MAX_PENDING_TRIGGERS) as usize),
+        dedup_parts: t.dedup_parts.or(d.dedup_parts).map_or(base.dedup_parts, |v| v.clamp(1, MAX_DEDUP_PARTS) as usize),
+    };
+    if s.from == FramesFrom::Nearest && s.frames > s.buffer_frames {
+        problems.push(format!(
+            "{p}.frames: {} nearest frames need buffer_frames ≥ {} (got {})",
+            s.frames, s.frames, s.buffer_frames
+        ));
+    }
+    if s.deadline.as_millis() as u64 <= s.delay_ms {
+        problems.push(format!(
+            "{p}.deadline_s: must be longer than delay_s ({} ms ≤ {} ms): every part would time out",
+            s.deadline.as_millis(),
+            s.delay_ms
+        ));
+    }
+    s
+}
+
 /// Range checks on the fields one table sets (`[defaults]` or one camera),
 /// before merging: a bad value is named where it is written.
 fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
@@ -347,6 +492,12 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
     }
     if let Some(a) = &t.alarm {
         alarm_fields(a, &format!("{p}.alarm"), problems);
+    }
+    if let Some(m) = t.mode.as_deref().filter(|m| !MODES.contains(m)) {
+        problems.push(format!("{p}.mode: `{m}` is not one of {}", MODES.join(", ")));
+    }
+    if let Some(tr) = &t.trigger {
+        trigger_fields(tr, &format!("{p}.trigger"), problems);
     }
     if let Some(l) = &t.limits {
         l.check(&format!("{p}.limits"), problems);
@@ -450,6 +601,15 @@ fn camera(
     let score =
         t.score.as_ref().or(d.score.as_ref()).map_or(Some(ScoreChoice::ModelDefault), |s| ScoreChoice::parse(s));
     let alarm = merged_alarm(t.alarm.as_ref(), d.alarm.as_ref());
+    let mode = match t.mode.as_deref().or(d.mode.as_deref()) {
+        Some("triggered") => CameraMode::Triggered(merged_trigger(
+            t.trigger.as_ref(),
+            d.trigger.as_ref(),
+            &format!("{p}.trigger"),
+            problems,
+        )),
+        _ => CameraMode::Continuous,
+    };
     if alarm.clear_threshold > alarm.threshold {
         problems.push(format!(
             "{p}.alarm.clear_threshold: must be ≤ threshold ({} > {}): the alarm would end while still anomalous",
@@ -520,6 +680,7 @@ fn camera(
         read_timeout,
         source_key,
         shadow: shadow?,
+        mode,
     })
 }
 

@@ -48,6 +48,29 @@ pub struct ConfigFile {
     /// Sparkplug B edge node (absent: none).
     #[serde(default)]
     pub sparkplug: Option<crate::publish::sparkplug::SparkplugConfig>,
+    /// The inspection record: every verdict and alarm, kept in SQLite with retention.
+    #[serde(default)]
+    pub record: RecordConfig,
+}
+
+/// `[record]`: the audit trail of verdicts and alarms (`record.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordConfig {
+    pub enabled: bool,
+    /// The SQLite file; unset: `record.sqlite` beside the MQTT outbox (without
+    /// `[mqtt]` and without `path`, nothing is recorded).
+    pub path: Option<PathBuf>,
+    /// Rows older than this (wall clock) are deleted: 90 days by default.
+    pub max_age_s: f64,
+    /// At most this many rows are kept (oldest deleted first).
+    pub max_rows: u64,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        RecordConfig { enabled: true, path: None, max_age_s: 90.0 * 86_400.0, max_rows: 1_000_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +244,37 @@ pub struct CameraTable {
     pub shadow_model: Option<PathBuf>,
     /// The shadow model's score (`model-default` unless set).
     pub shadow_score: Option<String>,
+    /// `continuous` (every frame scored, alarms) or `triggered` (a verdict per
+    /// part on `cmd/trigger`, see `[cameras.<name>.trigger]`).
+    pub mode: Option<String>,
+    /// Triggered inspection; fields inherit `[defaults.trigger]` one by one.
+    pub trigger: Option<TriggerTable>,
+}
+
+/// `[defaults.trigger]` or `[cameras.<name>.trigger]`; unset fields inherit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerTable {
+    /// Frames scored per part (default 1).
+    pub frames: Option<u64>,
+    /// `nearest`: the buffered frames captured nearest the trigger time (+ delay);
+    /// `after`: the next `frames` frames captured from the trigger time + delay on.
+    pub from: Option<String>,
+    /// Seconds from the trigger to the part being in view (added to the trigger time).
+    pub delay_s: Option<f64>,
+    /// How the part's frame scores combine: `max` or `mean`.
+    pub aggregate: Option<String>,
+    /// Seconds from the trigger's arrival within which a verdict is always
+    /// published (`timeout` or `error` if no better one).
+    pub deadline_s: Option<f64>,
+    /// Frames kept in the camera's ring buffer (memory: frames × width × height × 3 bytes).
+    pub buffer_frames: Option<u64>,
+    /// A frame further than this from the trigger time does not judge the part (`error`).
+    pub tolerance_s: Option<f64>,
+    /// Triggers waiting for their verdict at once; one more is answered `timeout`.
+    pub max_pending: Option<u64>,
+    /// Part ids remembered per camera for de-duplication (the newest this many).
+    pub dedup_parts: Option<u64>,
 }
 
 /// `[defaults.alarm]` or `[cameras.<name>.alarm]`; unset fields inherit.

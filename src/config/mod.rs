@@ -17,11 +17,14 @@ pub mod settings;
 use std::path::{Path, PathBuf};
 
 pub use compile::Probe;
-pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
+pub use file::{
+    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, RecordConfig, SnapshotConfig,
+    TriggerTable,
+};
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
-    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
-    ShadowPlan, SnapshotSettings,
+    Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
+    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
 };
 
 /// Errors loading a config file.
@@ -199,6 +202,42 @@ mod tests {
         assert_eq!(b.score, ScoreChoice::Kind(ganomaly_core::ScoreKind::MapMax));
         assert_eq!(a.model, demo_model());
         assert!(format!("{:?}", a.source).starts_with("SyntheticPlan"), "{:?}", a.source);
+    }
+
+    #[test]
+    fn trigger_settings_inherit_defaults_field_by_field_and_the_record_sits_beside_the_outbox() {
+        let text = format!(
+            r#"
+            [commands]
+            enabled = true
+            [defaults]
+            model = "{}"
+            source = {{ kind = "synthetic" }}
+            mode = "triggered"
+            [defaults.trigger]
+            frames = 3
+            deadline_s = 2.0
+            [cameras.a]
+            [cameras.a.trigger]
+            aggregate = "mean"
+            delay_s = 0.25
+            [cameras.b]
+            mode = "continuous"
+            "#,
+            demo_model().display()
+        );
+        let s = compile_str(&text, Path::new("/")).expect("compiles");
+        let a = s.cameras[0].mode.trigger().expect("a is triggered");
+        assert_eq!(
+            (a.frames, a.deadline, a.aggregate, a.from, a.delay_ms, a.buffer_frames),
+            (3, std::time::Duration::from_secs(2), Aggregate::Mean, FramesFrom::Nearest, 250, 8)
+        );
+        assert!(s.cameras[1].mode.trigger().is_none(), "b overrides the default mode");
+        assert_eq!(s.record, None, "without [mqtt] and without a path nothing is recorded");
+        let s =
+            compile_str(&format!("{text}\n[mqtt]\nembedded = true\noutbox_path = \"/d/o.sqlite\"\n"), Path::new("/"))
+                .expect("compiles");
+        assert_eq!(s.record.expect("recorded").path, Path::new("/d/record.sqlite"));
     }
 
     #[test]

@@ -32,6 +32,17 @@ pub struct Settings {
     pub commands: crate::commands::CommandSettings,
     /// `None`: no `[sparkplug]` table, or `enabled = false`.
     pub sparkplug: Option<crate::publish::SparkplugSettings>,
+    /// `None`: `[record] enabled = false`.
+    pub record: Option<RecordSettings>,
+}
+
+/// `[record]` while enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordSettings {
+    /// Absolute.
+    pub path: PathBuf,
+    pub max_age: Duration,
+    pub max_rows: u64,
 }
 
 /// Execution provider names, in the order they are tried.
@@ -177,6 +188,79 @@ pub struct CameraPlan {
     pub source_key: u64,
     /// A candidate model scoring the same frames (`shadow_model`).
     pub shadow: Option<ShadowPlan>,
+    pub mode: CameraMode,
+}
+
+/// How a camera is inspected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CameraMode {
+    /// Every frame scored; alarms and scores published.
+    Continuous,
+    /// Frames buffered; a verdict per triggered part (`trigger.rs`).
+    Triggered(TriggerSettings),
+}
+
+impl CameraMode {
+    pub fn trigger(&self) -> Option<&TriggerSettings> {
+        match self {
+            CameraMode::Continuous => None,
+            CameraMode::Triggered(t) => Some(t),
+        }
+    }
+}
+
+/// Which frames judge a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FramesFrom {
+    /// The buffered frames captured nearest the trigger time (+ delay).
+    Nearest,
+    /// The next frames captured from the trigger time (+ delay) on.
+    After,
+}
+
+/// How the scores of a part's frames combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    Max,
+    Mean,
+}
+
+/// `[cameras.<name>.trigger]`, compiled (ranges in `config/compile.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TriggerSettings {
+    pub frames: usize,
+    pub from: FramesFrom,
+    /// Milliseconds (ms, not a `Duration`: it is added to wall-clock trigger times).
+    pub delay_ms: u64,
+    pub aggregate: Aggregate,
+    #[serde(serialize_with = "millis")]
+    pub deadline: Duration,
+    pub buffer_frames: usize,
+    pub tolerance_ms: u64,
+    pub max_pending: usize,
+    pub dedup_parts: usize,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+impl Default for TriggerSettings {
+    fn default() -> Self {
+        TriggerSettings {
+            frames: 1,
+            from: FramesFrom::Nearest,
+            delay_ms: 0,
+            aggregate: Aggregate::Max,
+            deadline: Duration::from_millis(500),
+            buffer_frames: 8,
+            tolerance_ms: 1000,
+            max_pending: 64,
+            dedup_parts: 1024,
+        }
+    }
 }
 
 /// `shadow_model` / `shadow_score` of a camera, compiled: checked to take the

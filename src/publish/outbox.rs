@@ -59,6 +59,11 @@ pub const ALARM_QUEUE_WAIT: Duration = Duration::from_secs(1);
 /// Alarms held in memory while the file cannot take them (a few hundred bytes
 /// each: well under a megabyte).
 pub const MEMORY_ROWS: usize = 1000;
+/// The topic leaf of alarm rows.
+pub const LEAF_ALARM: &str = "alarm";
+/// The topic leaf of verdict rows.
+pub const LEAF_VERDICT: &str = "verdict";
+
 /// How often the thread prunes by age, records the boot-clock time it was
 /// last seen, and retries writing alarms held in memory.
 const TICK: Duration = Duration::from_secs(60);
@@ -77,11 +82,14 @@ pub enum OutboxError {
     Thread(#[source] std::io::Error),
 }
 
-/// One queued alarm.
+/// One queued alarm (or verdict: `leaf` says which topic it goes to).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     pub id: i64,
     pub camera: String,
+    /// The topic leaf it is published on: `<prefix>/<node>/<camera>/<leaf>`
+    /// (`alarm`, `verdict`). Rows of outboxes written before verdicts are `alarm`.
+    pub leaf: String,
     /// The JSON payload exactly as it will be published.
     pub payload: Vec<u8>,
     /// Wall-clock time it was queued (informative only: ages use the boot clock).
@@ -173,6 +181,7 @@ enum Cmd {
     /// [`Outbox::push_durable`]).
     Push {
         camera: String,
+        leaf: &'static str,
         payload: Vec<u8>,
         stored: Option<Sender<bool>>,
     },
@@ -242,7 +251,12 @@ impl Outbox {
 
     /// Queues an alarm (see [`ALARM_QUEUE`] for a full queue).
     pub fn push(&self, camera: &str, payload: Vec<u8>) {
-        self.enqueue(Cmd::Push { camera: camera.to_string(), payload, stored: None });
+        self.push_to(camera, LEAF_ALARM, payload);
+    }
+
+    /// Queues a message for `<camera>/<leaf>` (`verdict`), durable like an alarm.
+    pub fn push_to(&self, camera: &str, leaf: &'static str, payload: Vec<u8>) {
+        self.enqueue(Cmd::Push { camera: camera.to_string(), leaf, payload, stored: None });
     }
 
     /// [`push`](Self::push), then waits up to `timeout` for the outbox thread
@@ -250,7 +264,7 @@ impl Outbox {
     /// memory after a failed write, or no answer in time).
     pub fn push_durable(&self, camera: &str, payload: Vec<u8>, timeout: Duration) -> bool {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.enqueue(Cmd::Push { camera: camera.to_string(), payload, stored: Some(tx) })
+        self.enqueue(Cmd::Push { camera: camera.to_string(), leaf: LEAF_ALARM, payload, stored: Some(tx) })
             && rx.recv_timeout(timeout).unwrap_or(false)
     }
 
@@ -264,11 +278,11 @@ impl Outbox {
             },
             Err(TrySendError::Disconnected(cmd)) => cmd,
         };
-        if let Cmd::Push { camera, payload, .. } = cmd {
+        if let Cmd::Push { camera, leaf, payload, .. } = cmd {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
-                camera, payload = %String::from_utf8_lossy(&payload),
-                "alarm outbox not taking alarms (disk stalled): this alarm is dropped, logged here in full"
+                camera, leaf, payload = %String::from_utf8_lossy(&payload),
+                "alarm outbox not taking alarms (disk stalled): this message is dropped, logged here in full"
             );
         }
         false
@@ -366,13 +380,13 @@ fn serve(store: &mut Store, alarms: &Receiver<Cmd>, control: &Receiver<Cmd>, wak
         let mut cmd = cmd;
         loop {
             match cmd.take() {
-                Some(Cmd::Push { camera, payload, stored: ack }) => {
-                    store.push_acked(&camera, &payload, ack);
+                Some(Cmd::Push { camera, leaf, payload, stored: ack }) => {
+                    store.push_acked(&camera, leaf, &payload, ack);
                     stored = true;
                 }
                 Some(other) => {
-                    while let Ok(Cmd::Push { camera, payload, stored: ack }) = alarms.try_recv() {
-                        store.push_acked(&camera, &payload, ack);
+                    while let Ok(Cmd::Push { camera, leaf, payload, stored: ack }) = alarms.try_recv() {
+                        store.push_acked(&camera, leaf, &payload, ack);
                         stored = true;
                     }
                     if stored {
@@ -486,7 +500,8 @@ impl Store {
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  camera TEXT NOT NULL,
                  payload BLOB NOT NULL,
-                 created_ms INTEGER NOT NULL
+                 created_ms INTEGER NOT NULL,
+                 leaf TEXT NOT NULL DEFAULT 'alarm'
              );
              CREATE TABLE IF NOT EXISTS alarm_dead_letter (
                  id INTEGER PRIMARY KEY,
@@ -494,7 +509,8 @@ impl Store {
                  payload BLOB NOT NULL,
                  created_ms INTEGER NOT NULL,
                  dead_ms INTEGER NOT NULL,
-                 reason TEXT NOT NULL
+                 reason TEXT NOT NULL,
+                 leaf TEXT NOT NULL DEFAULT 'alarm'
              );
              CREATE TABLE IF NOT EXISTS outbox_clock (
                  k INTEGER PRIMARY KEY CHECK (k = 0),
@@ -515,6 +531,17 @@ impl Store {
         }
         conn.execute("UPDATE alarm_outbox SET origin_ms = ?1 WHERE origin_ms IS NULL", params![now])
             .map_err(open_err)?;
+        // Outboxes written before verdicts shared them: every row they hold is an alarm.
+        for table in ["alarm_outbox", "alarm_dead_letter"] {
+            let has_leaf = conn
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = 'leaf'"))
+                .and_then(|mut st| st.exists([]))
+                .map_err(open_err)?;
+            if !has_leaf {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN leaf TEXT NOT NULL DEFAULT 'alarm'"))
+                    .map_err(open_err)?;
+            }
+        }
         let boot = self.clock.boot_id();
         let last: Option<(String, i64)> = conn
             .query_row("SELECT boot_id, seen_ms FROM outbox_clock WHERE k = 0", [], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -554,8 +581,8 @@ impl Store {
     }
 
     /// [`push`](Self::push), telling `ack` whether the row is in the file.
-    fn push_acked(&mut self, camera: &str, payload: &[u8], ack: Option<Sender<bool>>) {
-        self.push(camera, payload);
+    fn push_acked(&mut self, camera: &str, leaf: &str, payload: &[u8], ack: Option<Sender<bool>>) {
+        self.push_leaf(camera, leaf, payload);
         if let Some(ack) = ack {
             let _ = ack.send(self.last_in_file);
         }
@@ -564,9 +591,15 @@ impl Store {
     /// Appends an alarm; returns its id. Beyond the row bound the oldest rows
     /// are dropped (counted and logged): the newest alarms matter most.
     pub fn push(&mut self, camera: &str, payload: &[u8]) -> i64 {
+        self.push_leaf(camera, LEAF_ALARM, payload)
+    }
+
+    /// [`push`](Self::push) for the topic leaf `leaf`.
+    pub fn push_leaf(&mut self, camera: &str, leaf: &str, payload: &[u8]) -> i64 {
         let row = OutboxRow {
             id: self.last_id + 1,
             camera: camera.to_string(),
+            leaf: leaf.to_string(),
             payload: payload.to_vec(),
             created_ms: crate::events::now_ms(),
             origin_ms: self.clock.now_ms(),
@@ -782,15 +815,15 @@ impl Store {
 
 fn insert(db: &Connection, row: &OutboxRow) -> rusqlite::Result<()> {
     db.prepare_cached(
-        "INSERT INTO alarm_outbox (id, camera, payload, created_ms, origin_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO alarm_outbox (id, camera, payload, created_ms, origin_ms, leaf) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![row.id, row.camera, row.payload, row.created_ms as i64, row.origin_ms])?;
+    .execute(params![row.id, row.camera, row.payload, row.created_ms as i64, row.origin_ms, row.leaf])?;
     Ok(())
 }
 
 fn select_after(db: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut st = db.prepare_cached(
-        "SELECT id, camera, payload, created_ms, origin_ms FROM alarm_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+        "SELECT id, camera, payload, created_ms, origin_ms, leaf FROM alarm_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     let rows = st.query_map(params![after, limit as i64], |r| {
         Ok(OutboxRow {
@@ -799,6 +832,7 @@ fn select_after(db: &Connection, after: i64, limit: usize) -> rusqlite::Result<V
             payload: r.get(2)?,
             created_ms: r.get::<_, i64>(3)?.max(0) as u64,
             origin_ms: r.get(4)?,
+            leaf: r.get(5)?,
         })
     })?;
     rows.collect()
@@ -808,7 +842,7 @@ fn move_to_dead_letter(db: &Connection, id: i64, reason: &str, max_rows: u64) ->
     let tx = db.unchecked_transaction()?;
     let row = tx
         .query_row(
-            "SELECT id, camera, payload, created_ms, origin_ms FROM alarm_outbox WHERE id = ?1",
+            "SELECT id, camera, payload, created_ms, origin_ms, leaf FROM alarm_outbox WHERE id = ?1",
             params![id],
             |r| {
                 Ok(OutboxRow {
@@ -817,15 +851,24 @@ fn move_to_dead_letter(db: &Connection, id: i64, reason: &str, max_rows: u64) ->
                     payload: r.get(2)?,
                     created_ms: r.get::<_, i64>(3)?.max(0) as u64,
                     origin_ms: r.get(4)?,
+                    leaf: r.get(5)?,
                 })
             },
         )
         .optional()?;
     if let Some(row) = &row {
         tx.execute(
-            "INSERT OR REPLACE INTO alarm_dead_letter (id, camera, payload, created_ms, dead_ms, reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![row.id, row.camera, row.payload, row.created_ms as i64, crate::events::now_ms() as i64, reason],
+            "INSERT OR REPLACE INTO alarm_dead_letter (id, camera, payload, created_ms, dead_ms, reason, leaf)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                row.id,
+                row.camera,
+                row.payload,
+                row.created_ms as i64,
+                crate::events::now_ms() as i64,
+                reason,
+                row.leaf
+            ],
         )?;
         tx.execute("DELETE FROM alarm_outbox WHERE id = ?1", params![id])?;
         // Bounded like the outbox: a broker refusing everything cannot fill the disk.
@@ -975,6 +1018,51 @@ mod tests {
         assert_eq!(ob.push("cam", b"{}"), 2);
         clock.set("b", 1_061_000);
         assert_eq!(ob.prune(), 2);
+    }
+
+    #[test]
+    fn an_outbox_from_before_verdicts_keeps_its_alarms_and_takes_verdicts_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        // The schema as the previous release wrote it, with a queued alarm and a dead letter.
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE alarm_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, camera TEXT NOT NULL,
+                 payload BLOB NOT NULL, created_ms INTEGER NOT NULL, origin_ms INTEGER);
+                 CREATE TABLE alarm_dead_letter (id INTEGER PRIMARY KEY, camera TEXT NOT NULL, payload BLOB NOT NULL,
+                 created_ms INTEGER NOT NULL, dead_ms INTEGER NOT NULL, reason TEXT NOT NULL);
+                 CREATE TABLE outbox_clock (k INTEGER PRIMARY KEY CHECK (k = 0), boot_id TEXT NOT NULL, seen_ms INTEGER NOT NULL);
+                 INSERT INTO alarm_outbox (camera, payload, created_ms, origin_ms) VALUES ('cam', X'7B7D', 0, 0);
+                 INSERT INTO alarm_outbox (camera, payload, created_ms, origin_ms) VALUES ('cam', X'7B317D', 0, 0);
+                 INSERT INTO alarm_dead_letter VALUES (9, 'cam', X'7B7D', 0, 0, 'old');",
+            )
+            .unwrap();
+        }
+        let clock = FakeClock::default();
+        clock.set("b", 1_000);
+        let mut ob = store(&settings(&path, 100, 3600), &clock);
+        assert_eq!(ob.len(), 2);
+        let v = ob.push_leaf("cam", LEAF_VERDICT, b"{\"part_id\":\"1\"}");
+        assert_eq!(v, 3, "ids go on after the old rows");
+        let rows = ob.rows_after(0, 10);
+        let leaves: Vec<(&str, i64)> = rows.iter().map(|r| (r.leaf.as_str(), r.id)).collect();
+        assert_eq!(leaves, [("alarm", 1), ("alarm", 2), ("verdict", 3)]);
+        assert_eq!(rows[1].payload, b"{1}");
+        assert!(ob.dead_letter(v, "refused"));
+        drop(ob);
+        // Reopened (migrated already): still the same rows, the dead letter keeps its leaf.
+        let ob = store(&settings(&path, 100, 3600), &clock);
+        assert_eq!(ob.len(), 2);
+        let c = Connection::open(&path).unwrap();
+        let dead: Vec<(i64, String)> = c
+            .prepare("SELECT id, leaf FROM alarm_dead_letter ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(dead, [(3, "verdict".to_string()), (9, "alarm".to_string())]);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub(super) struct Counters {
     pub scores_dropped: AtomicU64,
     pub alarms_queued: AtomicU64,
     pub alarms_acked: AtomicU64,
+    /// Verdicts written to the outbox (they share it with alarms).
+    pub verdicts_queued: AtomicU64,
     /// Command answers and stage events lost to a full queue (see [`EVENT_QUEUE`]).
     pub events_dropped: AtomicU64,
     /// A connection cannot even be attempted: TLS or password files, or the
@@ -96,6 +98,7 @@ impl Shared {
             scores_dropped: get(&c.scores_dropped),
             alarms_queued: get(&c.alarms_queued),
             alarms_acked: get(&c.alarms_acked),
+            verdicts_queued: get(&c.verdicts_queued),
             events_dropped: get(&c.events_dropped),
             alarms_pending: self.outbox.pending(),
             alarms_in_memory: self.outbox.in_memory(),

@@ -16,9 +16,9 @@ use super::sender::SendTask;
 use crate::base::backoff::Backoff;
 use crate::base::report::chain;
 use crate::commands::{CommandEvent, Intake};
-use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport};
+use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport, VerdictEvent};
 use crate::publish::config::MqttConfig;
-use crate::publish::outbox::{Outbox, OutboxSettings};
+use crate::publish::outbox::{Outbox, OutboxSettings, LEAF_VERDICT};
 use crate::publish::{EmbeddedBroker, PublishError, Topics};
 
 /// Counters of what the publisher did, for logs, `stats` and metrics.
@@ -36,6 +36,9 @@ pub struct PublisherCounters {
     pub alarms_queued: u64,
     /// Alarm events acknowledged by the broker (re-sends counted once each).
     pub alarms_acked: u64,
+    /// Verdicts written to the outbox (delivered like alarms; the outbox's
+    /// pending, dropped and dead-letter counts include them).
+    pub verdicts_queued: u64,
     /// Command answers and events dropped while the broker was down too long.
     pub events_dropped: u64,
     /// Alarms waiting in the outbox.
@@ -287,6 +290,21 @@ impl Publisher for MqttPublisher {
         };
         inc(&s.counters.alarms_queued);
         s.outbox.push_durable(&ev.camera, payload, timeout)
+    }
+
+    /// Through the outbox like an alarm: stored before it is sent, deleted
+    /// on PUBACK, in the order decided (one outbox, ids in order).
+    fn verdict(&self, ev: &VerdictEvent) {
+        let s = &self.shared;
+        let payload = match serde_json::to_vec(ev) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, camera = %ev.camera, part_id = %ev.part_id, "verdict does not serialize");
+                return;
+            }
+        };
+        inc(&s.counters.verdicts_queued);
+        s.outbox.push_to(&ev.camera, LEAF_VERDICT, payload);
     }
 
     fn camera_online(&self, camera: &str, online: bool) {

@@ -418,7 +418,7 @@ impl SendTask {
             if !self.delivery.admit(row.id) {
                 return; // behind a row that travels alone: after its PUBACK
             }
-            let topic = self.shared.topics.camera(&row.camera, "alarm");
+            let topic = self.shared.topics.camera(&row.camera, &row.leaf);
             if !self.publish(topic, QoS::AtLeastOnce, false, row.payload, Tag::Alarm(row.id)) {
                 return; // rumqttc's queue is full: the housekeeping tick retries
             }
