@@ -93,6 +93,8 @@ pub struct Camera {
 pub struct Outputs<'a> {
     pub publisher: &'a dyn Publisher,
     pub snapshots: Option<&'a SnapshotQueue>,
+    /// The console's live-view taps (non-blocking; see `console::live`).
+    pub live: Option<&'a crate::console::LiveTaps>,
 }
 
 impl Camera {
@@ -123,6 +125,9 @@ impl Camera {
                 });
                 if let Some(ev) = alarm {
                     self.alarm(ev, &frame, map, side, out);
+                }
+                if let Some(live) = out.live {
+                    live.offer(&frame, map, side, score);
                 }
             }
         }

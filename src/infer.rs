@@ -298,6 +298,8 @@ pub struct InferThread {
     /// Told after every batch whether it was decided, and once a second when
     /// idle (watchdog, `/healthz`): see `base::liveness` for what counts.
     pub liveness: Liveness,
+    /// The console's live-view taps, if a console runs.
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -362,7 +364,7 @@ fn run(mut t: InferThread) {
         if let Err(e) = &result {
             tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
         }
-        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
+        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref(), live: t.live.as_deref() };
         let mut decided = 0usize;
         for (i, p) in batch.drain(..).enumerate() {
             let Prepared { frame, tensor } = p;
@@ -384,7 +386,7 @@ fn run(mut t: InferThread) {
     // Input closed: the sources have stopped, every frame is decided. An
     // alarm still active would dangle on the broker (a `start` with no `end`
     // forever); end it, through the same outbox, before the publisher drains.
-    let outputs = Outputs { publisher: &*t.publisher, snapshots: None };
+    let outputs = Outputs { publisher: &*t.publisher, snapshots: None, live: None };
     for cam in t.cameras.iter_mut().flatten() {
         cam.stop(&outputs);
     }

@@ -69,6 +69,8 @@ pub struct StartOptions {
     /// outbox. `None`: no journal (bench, tests, no MQTT): alarms open at a
     /// crash stay open, and ids count from 1 again.
     pub alarm_journal: Option<PathBuf>,
+    /// The console's live-view taps (`run` with `[console]`).
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 impl Default for StartOptions {
@@ -79,6 +81,7 @@ impl Default for StartOptions {
             backoff_max: Duration::from_secs(30),
             stats: true,
             alarm_journal: None,
+            live: None,
         }
     }
 }
@@ -283,6 +286,7 @@ impl Pipeline {
                 snapshots: snap_queue.clone(),
                 control: ch.control.1.clone(),
                 liveness: liveness.clone(),
+                live: opts.live.clone(),
             })?);
         }
         drop(snap_queue);

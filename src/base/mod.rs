@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod check;
+pub mod http;
 pub mod liveness;
 pub mod paths;
 pub mod redact;

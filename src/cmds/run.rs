@@ -14,11 +14,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::base::report::chain;
 use crate::commands::{CommandEvent, CommandName, Intake, Status};
 use crate::config::{self, Settings};
+use crate::console::{Console, ConsoleError};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
-use crate::publish::{NullPublisher, PublishError};
+use crate::publish::{NullPublisher, PublishError, Tee};
 use crate::systemd;
 
 /// `ganomalyd run --config FILE`.
@@ -38,6 +39,8 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Exporter(#[from] ExporterError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
 }
 
 /// Loads the config (the same compile as `check-config`) and runs the daemon
@@ -86,11 +89,27 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             e.shutdown(rt.handle(), Duration::from_secs(2));
         }
     };
+    let console = match &cfg.console {
+        Some(c) => match Console::start(c, &cfg, rt.handle()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                stop_exporter(exporter);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let stop_console = |c: Option<Console>| {
+        if let Some(c) = c {
+            c.shutdown(rt.handle(), Duration::from_secs(2));
+        }
+    };
     let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match cfg.mqtt.as_ref() {
         Some(m) => {
             let (p, h) = match MqttPublisher::start(m, rt.handle()) {
                 Ok(started) => started,
                 Err(e) => {
+                    stop_console(console);
                     stop_exporter(exporter);
                     return Err(DaemonError::Publish(e));
                 }
@@ -101,6 +120,11 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
             (Arc::new(NullPublisher), None, None)
         }
+    };
+    // The console sees what MQTT is given (scores, alarms, snapshots, verdicts, events).
+    let publisher: Arc<dyn Publisher> = match &console {
+        Some(c) => Arc::new(Tee::new(publisher, vec![c.publisher()])),
+        None => publisher,
     };
     let publisher_counters: Option<exporter::CountersFn> = mqtt.clone().map(|p| {
         let f: exporter::CountersFn = Arc::new(move || p.counters());
@@ -113,13 +137,15 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let reload_commands = intake.register(CommandName::Reload);
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
-    let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
+    let live = console.as_ref().map(Console::live);
+    let opts = StartOptions { alarm_journal: journal, live, ..StartOptions::default() };
     let pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = handle {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
+            stop_console(console);
             stop_exporter(exporter);
             return Err(e.into());
         }
@@ -144,6 +170,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     }
     if let Some(e) = &exporter {
         e.accept_commands(intake.clone());
+    }
+    if let Some(c) = &console {
+        c.attach(pipeline.counters().iter().map(|(_, c)| c.clone()).collect(), intake.clone());
     }
     tracing::info!(
         cameras = cfg.cameras.len(), models = %providers.join(", "), commands = cfg.commands.enabled,
@@ -190,7 +219,8 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             "camera totals"
         );
     }
-    // Last: /healthz and /metrics answer while the pipeline drains.
+    // Last: /healthz and /metrics (and the console) answer while the pipeline drains.
+    stop_console(console);
     stop_exporter(exporter);
     if let Some(h) = handle {
         h.shutdown_blocking(PUBLISHER_FLUSH);

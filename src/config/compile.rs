@@ -70,6 +70,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let metrics = metrics(&file.metrics, &mut problems);
     let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
+    let console = crate::console::config::compile(&file.console, base, probe == Probe::World, &mut problems);
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
@@ -103,7 +104,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
         (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands })
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, console })
         }
         _ => Err(problems),
     }

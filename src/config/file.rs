@@ -45,6 +45,9 @@ pub struct ConfigFile {
     /// Commands over MQTT and HTTP (`trigger`, `reload`, …): off by default.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// The web console (`console/`): off by default.
+    #[serde(default)]
+    pub console: crate::console::config::ConsoleConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

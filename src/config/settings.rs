@@ -30,6 +30,8 @@ pub struct Settings {
     /// `None`: the metrics endpoint is off.
     pub metrics: Option<MetricsSettings>,
     pub commands: crate::commands::CommandSettings,
+    /// `None`: the console is off.
+    pub console: Option<crate::console::config::ConsoleSettings>,
 }
 
 /// Execution provider names, in the order they are tried.

@@ -10,6 +10,7 @@
 //! - [`tls`]: the rustls client config (ring provider).
 //! - [`discovery`]: Home Assistant discovery messages.
 //! - [`broker`]: the embedded rumqttd broker.
+//! - [`tee`]: one publisher that feeds several (MQTT and the console).
 //!
 //! Topics and payloads are documented in `docs/mqtt.md`.
 
@@ -18,11 +19,13 @@ pub mod config;
 pub mod discovery;
 pub mod mqtt;
 pub mod outbox;
+pub mod tee;
 pub mod tls;
 
 pub use broker::EmbeddedBroker;
 pub use config::{MqttConfig, TlsConfig};
 pub use mqtt::{MqttPublisher, PublisherCounters, PublisherHandle};
+pub use tee::Tee;
 
 use std::path::PathBuf;
 
