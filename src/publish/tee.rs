@@ -72,7 +72,7 @@ mod tests {
         let tee = Tee::new(Arc::new(a.clone()), vec![Arc::new(b.clone())]);
         tee.camera_online("cam", true);
         tee.alarm_state("cam", false);
-        let ev = crate::commands::CommandEvent::spontaneous("drift", Some("cam"), crate::commands::Status::Done);
+        let ev = CommandEvent::spontaneous("drift", Some("cam"), crate::commands::Status::Done);
         tee.event(&ev);
         for r in [&a, &b] {
             assert_eq!(
