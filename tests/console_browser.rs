@@ -249,7 +249,8 @@ impl Chrome {
 
     fn click(&mut self, selector: &str) {
         let at = self.eval(&format!(
-            "(() => {{ const r = document.querySelector({selector:?}).getBoundingClientRect(); \
+            "(() => {{ const e = document.querySelector({selector:?}); e.scrollIntoView({{ block: 'center' }}); \
+             const r = e.getBoundingClientRect(); \
              return {{ x: r.x + r.width / 2, y: r.y + r.height / 2 }}; }})()"
         ));
         for kind in ["mousePressed", "mouseReleased"] {
