@@ -10,6 +10,7 @@
 //!   answer is on the page and among the daemon's events, with the page's
 //!   `request_id`). Without a `feedback` handler in this build the answer is
 //!   the intake's refusal; once one lands, its own answer;
+//! - the model page shows the model's scores and its training report's plots;
 //! - with a credential configured, a request without it is refused (401) and
 //!   one with it served; a non-loopback listen without a credential is
 //!   refused by the config compile (`check-config`).
@@ -372,6 +373,16 @@ fn the_console_works_in_a_real_browser() {
         other => panic!("unexpected answer {other:?}: {answered}"),
     }
     eprintln!("feedback answer: {shown}");
+
+    // The model page: the demo model's calibration and its training report's plots.
+    chrome.navigate(&format!("{base}/model"));
+    chrome.wait_for(
+        "document.querySelectorAll('#models .panel table tr').length > 1 && \
+         [...document.querySelectorAll('.plots img')].some(i => i.complete && i.naturalWidth > 0)",
+        "the model page with its scores and a report plot",
+        Duration::from_secs(30),
+    );
+    chrome.screenshot(&shots.join("model.png"));
 
     drop(chrome);
     d.stop();
