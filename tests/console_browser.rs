@@ -12,7 +12,8 @@
 //!   the intake's refusal; once one lands, its own answer;
 //! - the model page shows the model's scores and its training report's plots;
 //! - with a credential configured, a request without it is refused (401) and
-//!   one with it served; a non-loopback listen without a credential is
+//!   one with it served (the pages, the API, and the MJPEG stream, which
+//!   keeps sending JPEG parts); a non-loopback listen without a credential is
 //!   refused by the config compile (`check-config`).
 //!
 //! Screenshots go to `target/console/`. Chromium is started with a dead
@@ -421,5 +422,26 @@ fn a_console_with_a_credential_refuses_requests_without_it() {
     let (code, page) = get(addr, "/", Some(&format!("Basic {basic}")));
     assert_eq!(code, 200, "a browser's login prompt (any user, the token as password)");
     assert!(String::from_utf8_lossy(&page).contains("console.js"));
+
+    // The MJPEG live stream, as another viewer reads it: JPEG parts keep coming.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.write_all(b"GET /api/live/cam/stream.mjpg HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken-SECRET\r\n\r\n")
+        .expect("send");
+    let (mut got, mut buf, t) = (Vec::new(), [0u8; 65536], Instant::now());
+    let parts = |g: &[u8]| g.windows(16).filter(|w| w == b"--ganomalydframe").count();
+    while parts(&got) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "fewer than 3 MJPEG parts in 30 s");
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the stream closed"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("multipart/x-mixed-replace; boundary=ganomalydframe"), "{}", &text[..200.min(text.len())]);
+    let jpegs = got.windows(2).filter(|w| *w == [0xFF, 0xD8]).count();
+    assert!(jpegs >= 2, "JPEG parts: {jpegs}");
+    drop(s);
     d.stop();
 }
