@@ -350,6 +350,8 @@ pub struct InferThread {
     pub liveness: Option<Liveness>,
     /// Run at a lower CPU priority (a shadow model: it must yield the cores to the real ones).
     pub background: bool,
+    /// The console's live-view taps, if a console runs (none for a shadow).
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -401,7 +403,7 @@ impl InferThread {
             Control::Detach { slot, end, to } => {
                 let Some(mut cam) = self.cameras.get_mut(slot).and_then(Option::take) else { return };
                 if let Some(reason) = end {
-                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None };
+                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None, live: None };
                     cam.end_with(reason, &out);
                 }
                 orphans.push((slot, cam.counters.clone()));
@@ -539,7 +541,7 @@ fn run(mut t: InferThread) {
         if let Err(e) = &result {
             tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
         }
-        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
+        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref(), live: t.live.as_deref() };
         let mut decided = 0usize;
         for (i, p) in batch.drain(..).enumerate() {
             let Prepared { frame, tensor } = p;
@@ -569,7 +571,7 @@ fn run(mut t: InferThread) {
     // alarm still active would dangle on the broker (a `start` with no `end`
     // forever); end it, through the same outbox, before the publisher drains.
     t.take_control(&mut orphans);
-    let outputs = Outputs { publisher: &*t.publisher, snapshots: None };
+    let outputs = Outputs { publisher: &*t.publisher, snapshots: None, live: None };
     for cam in t.cameras.iter_mut().flatten() {
         cam.stop(&outputs);
     }

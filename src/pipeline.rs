@@ -109,6 +109,8 @@ pub struct StartOptions {
     /// `trigger` commands (the intake's queue for them): triggered cameras
     /// judge a part on each. `None`: triggers come from nowhere.
     pub triggers: Option<Receiver<crate::commands::Command>>,
+    /// The console's live-view taps (`run` with `[console]`).
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 impl Default for StartOptions {
@@ -120,6 +122,7 @@ impl Default for StartOptions {
             stats: true,
             alarm_journal: None,
             triggers: None,
+            live: None,
         }
     }
 }
@@ -337,6 +340,8 @@ pub struct Pipeline {
     /// `start` (a reload does not add triggered cameras: see `reload.rs`).
     scored: Option<(Sender<trigger::Scored>, Receiver<trigger::Scored>)>,
     trigger_cams: Vec<trigger::TriggerCamera>,
+    /// The console's live-view taps, handed to every camera model's thread.
+    live: Option<Arc<crate::console::LiveTaps>>,
     /// The trigger thread, and the flag that tells it the cameras have ended.
     trigger: Option<JoinHandle<()>>,
     cameras_done: Arc<AtomicBool>,
@@ -415,6 +420,7 @@ impl Pipeline {
             backoff: (opts.backoff_min, opts.backoff_max),
             scored: Some(crossbeam_channel::unbounded()),
             trigger_cams: Vec::new(),
+            live: opts.live.clone(),
             trigger: None,
             cameras_done: Arc::new(AtomicBool::new(false)),
         };
@@ -478,6 +484,7 @@ impl Pipeline {
             control: control_rx,
             liveness: (!key.shadow).then(|| self.liveness.clone()),
             background: key.shadow,
+            live: if key.shadow { None } else { self.live.clone() },
         })?;
         self.models.insert(key, ModelRun { meta, provider, sha256, input, tensors, control, thread });
         Ok(())

@@ -75,7 +75,7 @@ pub struct Restart {
 }
 
 /// Sections that cannot change while running, and why.
-pub const RESTART_ONLY: [Restart; 8] = [
+pub const RESTART_ONLY: [Restart; 9] = [
     Restart {
         section: "inference",
         why: "ONNX Runtime's library and execution providers are set up once per process, and the running inference \
@@ -93,6 +93,7 @@ pub const RESTART_ONLY: [Restart; 8] = [
         why: "the edge node's connection, its NDEATH will with the session's bdSeq and its outbox are opened at start",
     },
     Restart { section: "record", why: "the inspection record's file and thread are opened at start" },
+    Restart { section: "console", why: "the console's socket and credentials are set up at start" },
     Restart {
         section: "triggered cameras",
         why: "a triggered camera's trigger station (ring buffer, deadlines, the model sha256 and calibration its \
@@ -146,7 +147,7 @@ pub struct Plan {
 /// The plan from `old` (running) to `new`. `changed_files`: model files
 /// (camera or shadow models) whose contents differ from the running session's.
 pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -> Plan {
-    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record } = new;
+    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record, console } = new;
     let mut needs_restart = Vec::new();
     if *inference != old.inference {
         needs_restart.push(restart("inference"));
@@ -168,6 +169,9 @@ pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -
     }
     if *record != old.record {
         needs_restart.push(restart("record"));
+    }
+    if *console != old.console {
+        needs_restart.push(restart("console"));
     }
     let held = held_triggered(old, new);
     if !held.is_empty() {
@@ -289,6 +293,7 @@ pub fn applied(old: &Settings, new: Settings) -> Settings {
         metrics: old.metrics.clone(),
         sparkplug: old.sparkplug.clone(),
         record: old.record.clone(),
+        console: old.console.clone(),
         commands,
     }
 }
