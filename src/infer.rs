@@ -275,10 +275,12 @@ fn build_session(
 }
 
 /// Run-time changes for the inference thread.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Control {
     /// New alarm thresholds/timing for the camera at this pipeline index.
     Alarm { camera: usize, cfg: AlarmConfig },
+    /// Start a live calibration of the camera at this pipeline index.
+    Calibrate { camera: usize, req: crate::decide::CalibrateRequest },
 }
 
 /// Inputs and outputs of the inference thread.
@@ -336,6 +338,12 @@ fn run(mut t: InferThread) {
                         tracing::info!(camera = %cam.name, ?cfg, "alarm settings reloaded");
                     }
                 }
+                Control::Calibrate { camera, req } => match t.cameras.get_mut(camera).and_then(Option::as_mut) {
+                    Some(cam) => cam.start_calibration(req),
+                    None => {
+                        let _ = req.reply.try_send(crate::decide::CalibrateReply::Refused("camera not on this model".into()));
+                    }
+                },
             }
         }
         let deadline = Instant::now() + t.max_wait;

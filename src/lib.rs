@@ -10,11 +10,15 @@
 //!   actions); [`alarm`] is its per-camera state machine; [`alarm_state`] journals open alarms so that a
 //!   restart after a crash ends them, and keeps alarm ids unique across restarts.
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
+//! - [`record`]: good frames of a camera, through its ROI, into `DIR/train/good/` (near-duplicates skipped).
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
 //! - [`pipeline`]: wires the stages together from the compiled settings and owns shutdown.
 //! - [`metrics`], [`exporter`]: per-camera counters and latency histograms; Prometheus `/metrics`, `/healthz`.
 //! - [`systemd`]: READY/STOPPING/watchdog notifications. [`runtime`]: finding and loading ONNX Runtime.
+//!
+//! - [`drift`]: rolling statistics of alarm-free scores against the calibration's (pure).
+//! - [`commission`]: the `record`, `calibrate` and `feedback` command handlers and the live-calibration state file.
 //!
 //! Around them:
 //! - [`commands`]: commands from MQTT and HTTP (`trigger`, `reload`, `record`, `calibrate`, `feedback`),
@@ -32,8 +36,10 @@ pub mod base;
 pub mod capture;
 pub mod cmds;
 pub mod commands;
+pub mod commission;
 pub mod config;
 pub mod decide;
+pub mod drift;
 pub mod events;
 pub mod exporter;
 pub mod infer;
@@ -41,6 +47,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
+pub mod record;
 pub mod runtime;
 pub mod snapshot;
 pub mod systemd;

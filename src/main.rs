@@ -34,6 +34,10 @@ enum Cmd {
     Bench(cmds::bench::Args),
     /// Subscribe to a daemon's topics and pretty-print them.
     Watch(cmds::watch::WatchArgs),
+    /// Write good frames of a configured camera (through its ROI) into DIR/train/good for training.
+    Record(cmds::record::Args),
+    /// Score a camera's good parts live and set its threshold (kept in [commissioning] dir/calibration.json).
+    Calibrate(cmds::calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,8 @@ fn main() -> ExitCode {
         Cmd::Score(args) => cmds::score::run(&args),
         Cmd::Bench(args) => cmds::bench::run(&args),
         Cmd::Watch(args) => cmds::watch::run(args),
+        Cmd::Record(args) => cmds::record::run(&args),
+        Cmd::Calibrate(args) => cmds::calibrate::run(&args),
     };
     result.unwrap_or_else(|e| {
         // The whole chain, each cause once: "MQTT publisher: mqtt.password_file /p: Permission denied".

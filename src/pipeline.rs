@@ -36,8 +36,10 @@ use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
 use crate::capture::watch::{self, STOP_GRACE};
 use crate::capture::{self, CameraThread, CameraWatch, Frame, FrameData, SourceFactory};
-use crate::config::{CameraPlan, Provider, Settings};
-use crate::decide::{Camera, Decider};
+use crate::commission::{self, CalibrationState, CameraHooks, Calibrator};
+use crate::config::{CameraPlan, CommissioningSettings, Provider, Settings};
+use crate::decide::{AlarmFrames, CalibrateRequest, Camera, Decider};
+use crate::record::Tap;
 use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
 use crate::infer::{self, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
@@ -121,6 +123,8 @@ pub struct Pipeline {
     /// Camera names in pipeline order, with the control channel of their model's inference thread.
     control: Vec<(String, Sender<infer::Control>)>,
     journal: Option<JournalHandle>,
+    /// What the record/calibrate/feedback handlers need of each camera.
+    hooks: Vec<CameraHooks>,
 }
 
 /// One camera's channels and counters while the pipeline is wired up.
@@ -131,6 +135,8 @@ struct Wiring<'a> {
     counters: Arc<CameraCounters>,
     frames: (Sender<Frame>, Receiver<Frame>),
     recycle: (Sender<FrameData>, Receiver<FrameData>),
+    tap: Arc<Tap>,
+    alarm_frames: Arc<AlarmFrames>,
 }
 
 /// One model's channels: frames in from the pool, tensor buffers back to it,
@@ -174,6 +180,8 @@ fn load_and_wire(settings: &Settings) -> Result<(Vec<Model>, Vec<Wiring<'_>>), P
             counters: Arc::new(CameraCounters::default()),
             frames: crossbeam_channel::bounded(queue),
             recycle: crossbeam_channel::bounded(recycle_cap),
+            tap: Arc::new(Tap::default()),
+            alarm_frames: Arc::new(AlarmFrames::new(settings.commissioning.keep_alarm_frames)),
         });
     }
     Ok((models, cams))
@@ -191,6 +199,7 @@ fn pool_spec(cams: &[Wiring], models: &[Model], channels: &[ModelChannels]) -> P
                 counters: c.counters.clone(),
                 input: c.frames.1.clone(),
                 recycle: c.recycle.0.clone(),
+                tap: c.tap.clone(),
             })
             .collect(),
         models: models
@@ -208,15 +217,46 @@ fn pool_spec(cams: &[Wiring], models: &[Model], channels: &[ModelChannels]) -> P
 
 impl Wiring<'_> {
     /// The camera as its model's inference thread decides for it; its alarm
-    /// numbers continue after `last_alarm`.
-    fn decided_by(&self, model: &Model, kind: ScoreKind, last_alarm: u64) -> Camera {
-        let calibration = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
+    /// numbers continue after `last_alarm`. Its calibration: the live one in
+    /// `live` when it fits the model, else the model's (`commission` module doc).
+    fn decided_by(
+        &self,
+        model: &Model,
+        kind: ScoreKind,
+        last_alarm: u64,
+        live: Option<(&std::path::Path, &CalibrationState)>,
+        c: &CommissioningSettings,
+    ) -> Camera {
+        let calibration = match commission::effective(live, &self.plan.name, &model.meta, kind) {
+            Some((cal, src)) => {
+                if let commission::ThresholdSource::Live { file, ts, .. } = src {
+                    tracing::info!(camera = %self.plan.name, threshold = cal.threshold, file = %file.display(), ts, "live calibration in force");
+                }
+                cal
+            }
+            None => ganomaly_core::Calibration::uncalibrated(),
+        };
         Camera {
             name: self.plan.name.clone(),
-            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm, last_alarm),
+            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm, last_alarm)
+                .with_drift(c.drift_window, c.drift_bound),
             roi: self.plan.roi,
             counters: self.counters.clone(),
             recycle: self.recycle.0.clone(),
+            collecting: None,
+            alarm_frames: self.alarm_frames.clone(),
+        }
+    }
+
+    fn hooks(&self, model: &Model) -> CameraHooks {
+        CameraHooks {
+            name: self.plan.name.clone(),
+            tap: self.tap.clone(),
+            alarm_frames: self.alarm_frames.clone(),
+            counters: self.counters.clone(),
+            roi: self.plan.roi,
+            model: self.plan.model.clone(),
+            model_id: commission::model_id(&model.meta),
         }
     }
 }
@@ -250,6 +290,18 @@ impl Pipeline {
             },
             None => (publisher, None, BTreeMap::new()),
         };
+        // Live calibrations (`calibrate`): a file that cannot be read is logged and
+        // the models' own calibrations are used; `check-config` reports it too.
+        let live_file = settings.commissioning.calibration_file();
+        let live_state = live_file.as_ref().and_then(|f| match CalibrationState::load(f) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %crate::base::report::chain(&e), "ignoring the live calibrations: using the models' own");
+                None
+            }
+        });
+        let live = live_file.as_deref().zip(live_state.as_ref());
+        let hooks: Vec<CameraHooks> = cams.iter().map(|c| c.hooks(&models[c.model])).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let liveness = Liveness::start();
         let (snap_queue, snapshot_writer) = match &settings.snapshots {
@@ -270,7 +322,7 @@ impl Pipeline {
             // Indexed like the pipeline's cameras; `None` for other models' cameras.
             let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| {
                 let last = last_numbers.get(&c.plan.name).copied().unwrap_or(0);
-                (c.model == m).then(|| c.decided_by(&model, kind, last))
+                (c.model == m).then(|| c.decided_by(&model, kind, last, live, &settings.commissioning))
             });
             inference_threads.push(infer::spawn(InferThread {
                 cameras: cameras.collect(),
@@ -353,7 +405,19 @@ impl Pipeline {
             liveness,
             control,
             journal,
+            hooks,
         })
+    }
+
+    /// What the commissioning command handlers need of each camera.
+    pub fn hooks(&self) -> Vec<CameraHooks> {
+        self.hooks.clone()
+    }
+
+    /// A [`Calibrator`] for the `calibrate` handler (live calibrations run on the
+    /// camera's inference thread).
+    pub fn calibrator(&self) -> Arc<dyn Calibrator> {
+        Arc::new(ControlCalibrator { control: self.control.clone() })
     }
 
     /// Applies the alarm settings of `settings` to the running cameras without
@@ -489,6 +553,24 @@ impl Pipeline {
     pub fn shutdown(self) -> Report {
         self.stop();
         self.join()
+    }
+}
+
+/// Sends live calibrations to the inference thread of the camera's model.
+struct ControlCalibrator {
+    control: Vec<(String, Sender<infer::Control>)>,
+}
+
+impl Calibrator for ControlCalibrator {
+    fn start(&self, camera: &str, req: CalibrateRequest) -> Result<(), String> {
+        let (i, tx) = self
+            .control
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == camera)
+            .map(|(i, (_, tx))| (i, tx))
+            .ok_or_else(|| format!("unknown camera `{camera}`"))?;
+        tx.send(infer::Control::Calibrate { camera: i, req }).map_err(|_| "the inference thread has stopped".to_string())
     }
 }
 

@@ -160,6 +160,12 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("listen without port", vec![("metrics", s("listen = \"localhost\""))], "metrics.listen"),
         ("stale after 1e20 s", vec![("metrics", s("stale_after_s = 1e20"))], "metrics.stale_after_s"),
         ("stale after half a second", vec![("metrics", s("stale_after_s = 0.5"))], "metrics.stale_after_s"),
+        // [commissioning]
+        ("257 alarm frames", vec![("commissioning", s("keep_alarm_frames = 257"))], "commissioning.keep_alarm_frames"),
+        ("a drift window of 49", vec![("commissioning", s("drift_window = 49"))], "commissioning.drift_window"),
+        ("a drift bound of 0.05", vec![("commissioning", s("drift_bound = 0.05"))], "commissioning.drift_bound"),
+        ("a drift bound of 1e9", vec![("commissioning", s("drift_bound = 1e9"))], "commissioning.drift_bound"),
+        ("a file as the commissioning dir", vec![("commissioning", s("dir = \"{DIR}/frames/a.png\""))], "commissioning.dir"),
         // cameras and [defaults]
         ("a frame in 3e12 years", vec![("defaults", s("fps = 1e-20"))], "defaults.fps"),
         ("a billion fps", vec![("cameras.cam", s("fps = 1e9"))], "cameras.cam.fps"),
@@ -518,6 +524,7 @@ fn boundary_configs_run() {
                 ),
                 ("cameras.cam.alarm", "threshold = 0.06\nmin_frames = 1\nclear_frames = 1\ncooldown_s = 0.0".into()),
                 ("metrics", "enabled = true\nlisten = \"127.0.0.1:0\"\nstale_after_s = 2.0".into()),
+                ("commissioning", format!("dir = \"{d}/comm\"\nkeep_alarm_frames = 0\ndrift_window = 50\ndrift_bound = 0.1")),
             ],
         ),
         (
@@ -537,6 +544,7 @@ fn boundary_configs_run() {
                         .into(),
                 ),
                 ("metrics", "enabled = true\nlisten = \"127.0.0.1:0\"\nstale_after_s = 3600.0".into()),
+                ("commissioning", "keep_alarm_frames = 256\ndrift_window = 100000\ndrift_bound = 100.0".into()),
             ],
         ),
         (

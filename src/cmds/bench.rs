@@ -254,6 +254,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         mqtt: None,
         metrics: None,
         commands: Default::default(),
+        commissioning: Default::default(),
     };
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;

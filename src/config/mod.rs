@@ -20,7 +20,7 @@ pub use compile::Probe;
 pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
-    AlarmConfig, CameraPlan, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
+    AlarmConfig, CameraPlan, CommissioningSettings, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
     SnapshotSettings,
 };
 

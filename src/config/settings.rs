@@ -30,6 +30,31 @@ pub struct Settings {
     /// `None`: the metrics endpoint is off.
     pub metrics: Option<MetricsSettings>,
     pub commands: crate::commands::CommandSettings,
+    pub commissioning: CommissioningSettings,
+}
+
+/// `[commissioning]`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommissioningSettings {
+    /// Absolute; `None`: record/calibrate/feedback commands are refused.
+    pub dir: Option<PathBuf>,
+    pub keep_alarm_frames: usize,
+    pub drift_window: usize,
+    /// 0: no drift events.
+    pub drift_bound: f64,
+}
+
+impl Default for CommissioningSettings {
+    fn default() -> Self {
+        CommissioningSettings { dir: None, keep_alarm_frames: 16, drift_window: 500, drift_bound: 1.0 }
+    }
+}
+
+impl CommissioningSettings {
+    /// Where live calibrations are kept (`calibration.json` in `dir`).
+    pub fn calibration_file(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("calibration.json"))
+    }
 }
 
 /// Execution provider names, in the order they are tried.

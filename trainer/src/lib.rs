@@ -7,6 +7,7 @@
 //! - [`adam`]: torch's Adam, written out so its moments can be checkpointed.
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
 //!   held-out calibration slice, the validation split, the data digest.
+//! - [`feedback`]: the daemon's feedback folder merged into validation and calibration.
 //! - [`features`]: the `mahalanobis` score's statistics (Ledoit–Wolf whitening of
 //!   the encoder features).
 //! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
@@ -36,6 +37,7 @@ pub mod cmd;
 pub mod data;
 pub mod evaluate;
 pub mod export;
+pub mod feedback;
 pub mod features;
 #[cfg(test)]
 mod fixtures;
