@@ -232,7 +232,7 @@ impl Command {
 /// Why the intake refused a command before any handler saw it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("unknown command `{0}` (known: {})", CommandName::names().join(", "))]
+    #[error("unknown command `{name}` (known: {known})", name = .0, known = CommandName::names().join(", "))]
     UnknownCommand(String),
     #[error("commands are disabled: set [commands] enabled = true to accept them")]
     Disabled,
@@ -450,12 +450,7 @@ impl Intake {
         if let Some(e) = bad_json {
             return Err(Refusal::BadJson(e));
         }
-        self.handlers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&cmd.name)
-            .cloned()
-            .ok_or(Refusal::NoHandler(name))
+        self.handlers.lock().unwrap_or_else(|e| e.into_inner()).get(&cmd.name).cloned().ok_or(Refusal::NoHandler(name))
     }
 }
 

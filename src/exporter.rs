@@ -275,8 +275,7 @@ async fn command(
         let body = r#"{"status":"refused","reason":"the daemon is starting"}"#.to_string();
         return (StatusCode::SERVICE_UNAVAILABLE, json, body);
     };
-    let answered =
-        tokio::task::spawn_blocking(move || intake.from_http(&camera, &name, &body, COMMAND_ANSWER)).await;
+    let answered = tokio::task::spawn_blocking(move || intake.from_http(&camera, &name, &body, COMMAND_ANSWER)).await;
     match answered {
         Ok(Some(ev)) => {
             let code = match ev.status {

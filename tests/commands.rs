@@ -98,8 +98,13 @@ fn start(
     b: &Broker,
     enabled: bool,
     rt: &tokio::runtime::Runtime,
-) -> (String, u16, Sub, crossbeam_channel::Sender<Signal>, std::thread::JoinHandle<Result<(), ganomalyd::cmds::run::DaemonError>>)
-{
+) -> (
+    String,
+    u16,
+    Sub,
+    crossbeam_channel::Sender<Signal>,
+    std::thread::JoinHandle<Result<(), ganomalyd::cmds::run::DaemonError>>,
+) {
     let prefix = unique("cmd");
     let metrics_port = free_port();
     let cfg = write_config(dir, b, &prefix, metrics_port, enabled);

@@ -166,6 +166,13 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("a drift bound of 0.05", vec![("commissioning", s("drift_bound = 0.05"))], "commissioning.drift_bound"),
         ("a drift bound of 1e9", vec![("commissioning", s("drift_bound = 1e9"))], "commissioning.drift_bound"),
         ("a file as the commissioning dir", vec![("commissioning", s("dir = \"{DIR}/frames/a.png\""))], "commissioning.dir"),
+        // [commands]
+        ("an unknown command allowed", vec![("commands", s("allow = [\"trigger\", \"explode\"]"))], "commands.allow"),
+        (
+            "commands over HTTP on a public metrics port",
+            vec![("metrics", s("enabled = true\nlisten = \"0.0.0.0:9464\"")), ("commands", s("enabled = true"))],
+            "commands.http",
+        ),
         // cameras and [defaults]
         ("a frame in 3e12 years", vec![("defaults", s("fps = 1e-20"))], "defaults.fps"),
         ("a billion fps", vec![("cameras.cam", s("fps = 1e9"))], "cameras.cam.fps"),

@@ -117,7 +117,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
     let opts = StartOptions { alarm_journal: journal, ..StartOptions::default() };
-    let pipeline = match Pipeline::start(&cfg, publisher, opts) {
+    let pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
             if let Some(h) = handle {
@@ -243,10 +243,15 @@ fn reload(pipeline: &Pipeline, path: &Path) -> Result<serde_json::Map<String, se
 }
 
 /// The `events` message of a SIGHUP reload (a `reload` command is answered on its own).
-fn reload_event(camera: Option<&str>, outcome: Result<serde_json::Map<String, serde_json::Value>, String>) -> CommandEvent {
+fn reload_event(
+    camera: Option<&str>,
+    outcome: Result<serde_json::Map<String, serde_json::Value>, String>,
+) -> CommandEvent {
     match outcome {
         Ok(detail) => CommandEvent { detail, ..CommandEvent::spontaneous("reload", camera, Status::Done) },
-        Err(reason) => CommandEvent { reason: Some(reason), ..CommandEvent::spontaneous("reload", camera, Status::Failed) },
+        Err(reason) => {
+            CommandEvent { reason: Some(reason), ..CommandEvent::spontaneous("reload", camera, Status::Failed) }
+        }
     }
 }
 

@@ -458,6 +458,7 @@ mod tests {
             wake: wake.clone(),
             outbox: Outbox::spawn(settings, wake).unwrap(),
             counters: Counters::default(),
+            commands: std::sync::OnceLock::new(),
         });
         let mut t = SendTask::new(shared, inflight, 5, None);
         let (client, el) = AsyncClient::new(MqttOptions::new("x", "127.0.0.1", 1), 100);
