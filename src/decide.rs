@@ -438,7 +438,7 @@ mod tests {
 
     fn t(ms: u64) -> Instant {
         static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *T0.get_or_init(Instant::now) + std::time::Duration::from_millis(ms)
+        *T0.get_or_init(Instant::now) + Duration::from_millis(ms)
     }
 
     #[test]
