@@ -110,7 +110,11 @@ impl CalibrationState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ThresholdSource {
     /// `calibration.json`, made live at this time (ms) from this many scores.
-    Live { file: PathBuf, ts: u64, scores: usize },
+    Live {
+        file: PathBuf,
+        ts: u64,
+        scores: usize,
+    },
     Model,
 }
 
@@ -466,7 +470,9 @@ fn feedback_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
     };
     let body: FeedbackBody = match serde_json::from_value(serde_json::Value::Object(cmd.body.clone())) {
         Ok(b) => b,
-        Err(e) => return cmd.refuse(format!("bad feedback: {e} (expected alarm_id, verdict ok|defect, defect?, note?)")),
+        Err(e) => {
+            return cmd.refuse(format!("bad feedback: {e} (expected alarm_id, verdict ok|defect, defect?, note?)"))
+        }
     };
     let class = match (&body.verdict, &body.defect) {
         (Verdict::Ok, None) => "good".to_string(),
@@ -490,7 +496,11 @@ fn feedback_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
     let folder = feedback_dir(root, &h.name).join("val").join(&class);
     match store_feedback(&folder, &alarm, &body, h, cmd.received_ms) {
         Ok(image) => {
-            let counter = if body.verdict == Verdict::Ok { &h.counters.feedback_false_alarms } else { &h.counters.feedback_defects };
+            let counter = if body.verdict == Verdict::Ok {
+                &h.counters.feedback_false_alarms
+            } else {
+                &h.counters.feedback_defects
+            };
             counter.fetch_add(1, Ordering::Relaxed);
             cmd.done(detail(serde_json::json!({"alarm_id": body.alarm_id, "stored": image, "class": class})));
         }

@@ -26,10 +26,10 @@ use ganomaly_core::metadata::CalibrationMethod;
 use ganomaly_core::{Calibration, ScoreKind};
 
 use crate::alarm::{AlarmMachine, Scored};
-use crate::drift::{DriftChange, DriftMonitor, Reference};
 use crate::capture::{Frame, FrameData};
-use crate::config::{AlarmConfig, Roi};
 use crate::commands::{CommandEvent, Status};
+use crate::config::{AlarmConfig, Roi};
+use crate::drift::{DriftChange, DriftMonitor, Reference};
 use crate::events::{AlarmEvent, AlarmKind, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
 use crate::metrics::CameraCounters;
 use crate::snapshot::{SnapshotJob, SnapshotQueue};

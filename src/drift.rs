@@ -210,7 +210,16 @@ mod tests {
         assert!(feed(&mut quiet, 500, 9.0, false).is_empty(), "bound 0: no events");
         assert!(quiet.last().unwrap().shift > 5.0, "but readings");
         assert_eq!(
-            Reference::from_stats(&ScoreStats { n: 3, mean: 1.0, std: 0.0, min: 1.0, p50: 1.0, p95: 1.0, p99: 1.0, max: 1.0 }),
+            Reference::from_stats(&ScoreStats {
+                n: 3,
+                mean: 1.0,
+                std: 0.0,
+                min: 1.0,
+                p50: 1.0,
+                p95: 1.0,
+                p99: 1.0,
+                max: 1.0
+            }),
             None
         );
     }

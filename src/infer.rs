@@ -341,7 +341,9 @@ fn run(mut t: InferThread) {
                 Control::Calibrate { camera, req } => match t.cameras.get_mut(camera).and_then(Option::as_mut) {
                     Some(cam) => cam.start_calibration(req),
                     None => {
-                        let _ = req.reply.try_send(crate::decide::CalibrateReply::Refused("camera not on this model".into()));
+                        let _ = req
+                            .reply
+                            .try_send(crate::decide::CalibrateReply::Refused("camera not on this model".into()));
                     }
                 },
             }

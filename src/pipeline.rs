@@ -36,14 +36,14 @@ use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
 use crate::capture::watch::{self, STOP_GRACE};
 use crate::capture::{self, CameraThread, CameraWatch, Frame, FrameData, SourceFactory};
-use crate::commission::{self, CalibrationState, CameraHooks, Calibrator};
+use crate::commission::{self, CalibrationState, Calibrator, CameraHooks};
 use crate::config::{CameraPlan, CommissioningSettings, Provider, Settings};
 use crate::decide::{AlarmFrames, CalibrateRequest, Camera, Decider};
-use crate::record::Tap;
 use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
 use crate::infer::{self, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
+use crate::record::Tap;
 use crate::snapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -570,7 +570,8 @@ impl Calibrator for ControlCalibrator {
             .find(|(_, (n, _))| n == camera)
             .map(|(i, (_, tx))| (i, tx))
             .ok_or_else(|| format!("unknown camera `{camera}`"))?;
-        tx.send(infer::Control::Calibrate { camera: i, req }).map_err(|_| "the inference thread has stopped".to_string())
+        tx.send(infer::Control::Calibrate { camera: i, req })
+            .map_err(|_| "the inference thread has stopped".to_string())
     }
 }
 

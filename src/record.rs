@@ -148,11 +148,9 @@ pub fn thumbnail(frame: &FrameData, roi: Option<Roi>) -> Result<Thumb, RecordErr
             let p = row + x * bpp;
             let v = match frame.format {
                 PixelFormat::Gray8 => u32::from(frame.data[p]),
-                PixelFormat::Rgb8 => u32::from(ganomaly_core::preprocess::luma(
-                    frame.data[p],
-                    frame.data[p + 1],
-                    frame.data[p + 2],
-                )),
+                PixelFormat::Rgb8 => {
+                    u32::from(ganomaly_core::preprocess::luma(frame.data[p], frame.data[p + 1], frame.data[p + 2]))
+                }
             };
             sums[ty * THUMB + tx] += v;
             counts[ty * THUMB + tx] += 1;
@@ -303,7 +301,13 @@ pub fn crop(frame: &FrameData, roi: Option<Roi>) -> Result<image::DynamicImage, 
 }
 
 /// Writes the ROI of `frame` as PNG `dir/<prefix>-<n:06>.png`; returns the path.
-pub fn write_png(dir: &Path, prefix: &str, n: usize, frame: &FrameData, roi: Option<Roi>) -> Result<PathBuf, RecordError> {
+pub fn write_png(
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    frame: &FrameData,
+    roi: Option<Roi>,
+) -> Result<PathBuf, RecordError> {
     let img = crop(frame, roi)?;
     let path = dir.join(format!("{prefix}-{n:06}.png"));
     // Written under a temporary name and renamed: the trainer never reads half a PNG.

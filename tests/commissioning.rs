@@ -43,7 +43,6 @@ fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
-        .env("LIBTORCH_CXX11_ABI", "1")
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -51,7 +50,9 @@ fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
 
 fn images(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "png")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "png")).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -107,10 +108,14 @@ impl Daemon {
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             // The latest: the daemon keeps only the last few alarms' frames.
-            let last = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| {
-                let f = &v["fields"];
-                f["message"] == "alarm" && f["camera"] == camera && f["kind"] == "Start"
-            }).last();
+            let last = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| {
+                    let f = &v["fields"];
+                    f["message"] == "alarm" && f["camera"] == camera && f["kind"] == "Start"
+                })
+                .last();
             if let Some(v) = last {
                 return v["fields"]["id"].as_str().unwrap_or_default().to_string();
             }
@@ -146,7 +151,21 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let frames = t.join("frames");
     let (ok, _, err) = run(
         &train,
-        &["datagen", "--out", s(&frames), "--size", "64", "--seed", "3", "--train-good", "48", "--test-good", "4", "--test-per-defect", "2"],
+        &[
+            "datagen",
+            "--out",
+            s(&frames),
+            "--size",
+            "64",
+            "--seed",
+            "3",
+            "--train-good",
+            "48",
+            "--test-good",
+            "4",
+            "--test-per-defect",
+            "2",
+        ],
     );
     assert!(ok, "datagen: {err}");
     let commissioning = t.join("commissioning");
@@ -173,22 +192,57 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let cfg = t.join("ganomalyd.toml");
     std::fs::write(&cfg, config(&demo)).expect("config");
     let rec = t.join("rec");
-    let (ok, out, err) =
-        run(Path::new(DAEMON), &["record", "--config", s(&cfg), "--camera", "good", "--out", s(&rec), "--count", "30", "--min-change", "0.5", "--quiet"]);
+    let (ok, out, err) = run(
+        Path::new(DAEMON),
+        &[
+            "record",
+            "--config",
+            s(&cfg),
+            "--camera",
+            "good",
+            "--out",
+            s(&rec),
+            "--count",
+            "30",
+            "--min-change",
+            "0.5",
+            "--quiet",
+        ],
+    );
     assert!(ok, "record: {out}{err}");
     let recorded = images(&rec.join("train/good"));
     assert_eq!(recorded.len(), 30, "{out}");
     assert!(out.contains("recorded 30 image(s)"), "{out}");
     assert_eq!(image::open(&recorded[0]).expect("a PNG").to_rgb8().dimensions(), (64, 64), "full resolution");
     // Bad input: the same folder again without --append is refused, nothing lost.
-    let (ok, _, err) =
-        run(Path::new(DAEMON), &["record", "--config", s(&cfg), "--camera", "good", "--out", s(&rec), "--count", "5", "--quiet"]);
+    let (ok, _, err) = run(
+        Path::new(DAEMON),
+        &["record", "--config", s(&cfg), "--camera", "good", "--out", s(&rec), "--count", "5", "--quiet"],
+    );
     assert!(!ok && err.contains("--append") && err.contains("30 file(s)"), "{err}");
     assert_eq!(images(&rec.join("train/good")), recorded, "nothing lost or added");
 
     // 2. ganomaly-train train on the recording (small and short: the test is the loop, not the model).
     let model = t.join("line.onnx");
-    let common = ["--isize", "32", "--ngf", "8", "--ndf", "8", "--nz", "16", "--batch", "16", "--threads", "1", "--device", "cpu", "--quiet", "--holdout", "0.2"];
+    let common = [
+        "--isize",
+        "32",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--nz",
+        "16",
+        "--batch",
+        "16",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--holdout",
+        "0.2",
+    ];
     let mut args = vec!["train", "--data", s(&rec), "--out", s(&model), "--epochs", "2"];
     args.extend(common);
     let (ok, out, err) = run(&train, &args);
@@ -238,7 +292,8 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let (code, ans) = post(addr, "/api/cmd/line/feedback", r#"{"alarm_id": "line-0-999", "verdict": "ok"}"#);
     assert_eq!(code, 422, "{ans}");
     assert!(ans["reason"].as_str().unwrap_or("").contains("unknown alarm id `line-0-999`"), "{ans}");
-    let (code, ans) = post(addr, "/api/cmd/line/feedback", &format!(r#"{{"alarm_id": "{id}", "verdict": "ok", "note": "glare"}}"#));
+    let (code, ans) =
+        post(addr, "/api/cmd/line/feedback", &format!(r#"{{"alarm_id": "{id}", "verdict": "ok", "note": "glare"}}"#));
     assert_eq!(code, 200, "{ans}");
     let fb = commissioning.join("feedback/line");
     let stored = images(&fb.join("val/good"));
@@ -255,13 +310,25 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let model2 = t.join("line2.onnx");
     let report = t.join("report2");
     let mut args = vec![
-        "train", "--data", s(&rec), "--out", s(&model2), "--epochs", "1", "--init", s(&model), "--feedback", s(&fb),
-        "--report", s(&report),
+        "train",
+        "--data",
+        s(&rec),
+        "--out",
+        s(&model2),
+        "--epochs",
+        "1",
+        "--init",
+        s(&model),
+        "--feedback",
+        s(&fb),
+        "--report",
+        s(&report),
     ];
     args.extend(common);
     let (ok, out, err) = run(&train, &args);
     assert!(ok, "retrain: {out}{err}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report.join("report.json")).expect("report")).expect("json");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("report.json")).expect("report")).expect("json");
     assert_eq!(r["feedback"]["good"], 1, "{}", r["feedback"]);
     assert_eq!(r["init"].as_str(), Some(s(&model)));
     assert!(r["n_holdout"].as_u64().is_some());

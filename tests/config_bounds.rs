@@ -165,7 +165,11 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("a drift window of 49", vec![("commissioning", s("drift_window = 49"))], "commissioning.drift_window"),
         ("a drift bound of 0.05", vec![("commissioning", s("drift_bound = 0.05"))], "commissioning.drift_bound"),
         ("a drift bound of 1e9", vec![("commissioning", s("drift_bound = 1e9"))], "commissioning.drift_bound"),
-        ("a file as the commissioning dir", vec![("commissioning", s("dir = \"{DIR}/frames/a.png\""))], "commissioning.dir"),
+        (
+            "a file as the commissioning dir",
+            vec![("commissioning", s("dir = \"{DIR}/frames/a.png\""))],
+            "commissioning.dir",
+        ),
         // [commands]
         ("an unknown command allowed", vec![("commands", s("allow = [\"trigger\", \"explode\"]"))], "commands.allow"),
         (

@@ -167,7 +167,10 @@ fn order_far_interval(v: &[f64], threshold: f64, what: &str) -> Option<FarInterv
         low,
         high,
         level: 0.95,
-        how: format!("{what}: {k} of {n} normal scores at or above the threshold; exceedance ~ Beta({k}, {})", n + 1 - k),
+        how: format!(
+            "{what}: {k} of {n} normal scores at or above the threshold; exceedance ~ Beta({k}, {})",
+            n + 1 - k
+        ),
     })
 }
 
@@ -568,7 +571,12 @@ mod tests {
         assert!((clean.threshold / exact - 1.0).abs() < 0.05, "{} vs {exact}", clean.threshold);
         assert!(q.threshold > 2.0 * exact, "the quantile follows the outlier: {}", q.threshold);
         // The outlier widens the fit (σ 0.25 → ~0.35) but does not set the threshold.
-        assert!(fit.threshold < 1.4 * exact && fit.threshold < 0.7 * q.threshold, "{} vs {}", fit.threshold, q.threshold);
+        assert!(
+            fit.threshold < 1.4 * exact && fit.threshold < 0.7 * q.threshold,
+            "{} vs {}",
+            fit.threshold,
+            q.threshold
+        );
         let far = fit.expected_far.unwrap();
         assert!((far.estimate - 0.01).abs() < 1e-6 && far.low < 0.01 && far.high > 0.01, "{far:?}");
     }
@@ -576,7 +584,8 @@ mod tests {
     #[test]
     fn a_bad_fit_falls_back_to_conformal_and_says_so() {
         // Two well separated clumps: no log-normal fits them.
-        let v: Vec<f64> = (0..200).map(|i| if i % 2 == 0 { 1.0 + i as f64 * 1e-4 } else { 10.0 + i as f64 * 1e-4 }).collect();
+        let v: Vec<f64> =
+            (0..200).map(|i| if i % 2 == 0 { 1.0 + i as f64 * 1e-4 } else { 10.0 + i as f64 * 1e-4 }).collect();
         let c = normal_calibration(&v, 0.01, CalibrationMethod::LognormalTail);
         assert_eq!(c.method, CalibrationMethod::Conformal);
         let fit = c.tail_fit.as_ref().unwrap();
@@ -589,7 +598,11 @@ mod tests {
         assert!((far.estimate - 2.0 / 201.0).abs() < 1e-12, "{far:?}");
         assert!(far.low < far.estimate && far.estimate < far.high);
         // Non-positive scores cannot be log-normal.
-        let c = normal_calibration(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.1, CalibrationMethod::LognormalTail);
+        let c = normal_calibration(
+            &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+            0.1,
+            CalibrationMethod::LognormalTail,
+        );
         assert_eq!((c.method, c.tail_fit), (CalibrationMethod::Conformal, None));
     }
 

@@ -508,7 +508,10 @@ mod tests {
         p.insert(KEY_DEFAULT_SCORE.into(), "latent".into());
         let m = ModelMetadata::from_props(&p).expect("version 1 loads");
         let c = &m.score(ScoreKind::Latent).unwrap().calibration;
-        assert_eq!((c.method, c.tail_fit.as_ref(), c.expected_far.as_ref()), (CalibrationMethod::NormalQuantile, None, None));
+        assert_eq!(
+            (c.method, c.tail_fit.as_ref(), c.expected_far.as_ref()),
+            (CalibrationMethod::NormalQuantile, None, None)
+        );
     }
 
     #[test]

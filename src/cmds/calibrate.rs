@@ -62,8 +62,8 @@ pub fn run(a: &Args) -> anyhow::Result<ExitCode> {
     body.insert("target_far".into(), a.target_far.into());
     body.insert("method".into(), a.method.clone().into());
     // The command's checks, so that both ways refuse the same input.
-    let (frames, duration, target, method) =
-        commission::calibrate_options(&body).map_err(|e| anyhow::anyhow!("{}", e.replace("duration_s", "--duration")))?;
+    let (frames, duration, target, method) = commission::calibrate_options(&body)
+        .map_err(|e| anyhow::anyhow!("{}", e.replace("duration_s", "--duration")))?;
     let mut model = Model::load(&plan.model, &settings.inference)?;
     let kind = plan.score.kind(model.meta.default_score);
     let state = CalibrationState::load(&file)?;

@@ -102,7 +102,8 @@ pub fn run(a: &Args) -> anyhow::Result<ExitCode> {
             Err(e @ (CaptureError::Disconnected { .. } | CaptureError::Open { .. })) => {
                 reconnects += 1;
                 if reconnects > RECONNECTS {
-                    return Err(anyhow::Error::new(e).context(format!("camera {}: gave up after {RECONNECTS} reconnects", plan.name)));
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("camera {}: gave up after {RECONNECTS} reconnects", plan.name)));
                 }
                 tracing::warn!(error = %e, attempt = reconnects, "camera lost: reopening");
                 source.close();

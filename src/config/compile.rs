@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, CommandsConfig, CommissioningConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig,
-    SnapshotConfig,
+    AlarmTable, CameraTable, CommandsConfig, CommissioningConfig, ConfigFile, InferenceConfig, MetricsConfig,
+    PipelineConfig, SnapshotConfig,
 };
 use super::settings::{
     AlarmConfig, CameraPlan, CommissioningSettings, InferenceSettings, MetricsSettings, PipelineSettings, Provider,
@@ -288,7 +288,12 @@ const MAX_KEEP_ALARM_FRAMES: u64 = 256;
 const DRIFT_WINDOW: (u64, u64) = (50, 100_000);
 
 /// `[commissioning]`: bounds; the folder is resolved, not created (the commands create it).
-fn commissioning(c: &CommissioningConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -> CommissioningSettings {
+fn commissioning(
+    c: &CommissioningConfig,
+    base: &Path,
+    probe: Probe,
+    problems: &mut Vec<String>,
+) -> CommissioningSettings {
     let p = "commissioning";
     count_between(problems, &format!("{p}.keep_alarm_frames"), c.keep_alarm_frames as u64, 0, MAX_KEEP_ALARM_FRAMES);
     count_between(problems, &format!("{p}.drift_window"), c.drift_window as u64, DRIFT_WINDOW.0, DRIFT_WINDOW.1);

@@ -20,8 +20,8 @@ pub use compile::Probe;
 pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, SnapshotConfig};
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
-    AlarmConfig, CameraPlan, CommissioningSettings, InferenceSettings, MetricsSettings, PipelineSettings, Provider, ScoreChoice, Settings,
-    SnapshotSettings,
+    AlarmConfig, CameraPlan, CommissioningSettings, InferenceSettings, MetricsSettings, PipelineSettings, Provider,
+    ScoreChoice, Settings, SnapshotSettings,
 };
 
 /// Errors loading a config file.

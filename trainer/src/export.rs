@@ -10,8 +10,8 @@ use ganomaly_core::calibrate::{normal_calibration, NORMAL_METHODS};
 use ganomaly_core::metadata::{
     CalibrationMethod, FarInterval, ModelMetadata, PreprocessMeta, Provenance, ScoreKind, ScoreMeta,
 };
-use serde::Serialize;
 use ganomaly_core::onnx::{write_model, OnnxError};
+use serde::Serialize;
 use tch::Device;
 
 use crate::data::Splits;

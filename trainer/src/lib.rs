@@ -37,8 +37,8 @@ pub mod cmd;
 pub mod data;
 pub mod evaluate;
 pub mod export;
-pub mod feedback;
 pub mod features;
+pub mod feedback;
 #[cfg(test)]
 mod fixtures;
 pub mod model;

@@ -118,9 +118,10 @@ impl EvalSummary {
         // FAR@calib column above, to hold against the target and its interval.
         for (kind, c) in &s.calibrations {
             let target = c.target_false_alarm_rate.map_or("-".to_string(), |t| format!("{t}"));
-            let expected = c.expected_far.as_ref().map_or("-".to_string(), |f| {
-                format!("{:.4} [{:.4}, {:.4}]", f.estimate, f.low, f.high)
-            });
+            let expected = c
+                .expected_far
+                .as_ref()
+                .map_or("-".to_string(), |f| format!("{:.4} [{:.4}, {:.4}]", f.estimate, f.low, f.high));
             println!(
                 "calibration {:<11} {:<15} threshold {:<12.6} target FAR {:<6} expected FAR {}",
                 kind.as_str(),

@@ -125,11 +125,7 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     for kind in ScoreKind::ALL {
         let c = &meta.score(kind).unwrap().calibration;
         // The default `--calibration lognormal_tail`, or its recorded fallback.
-        assert!(
-            matches!(c.method, CalibrationMethod::LognormalTail | CalibrationMethod::Conformal),
-            "{:?}",
-            c.method
-        );
+        assert!(matches!(c.method, CalibrationMethod::LognormalTail | CalibrationMethod::Conformal), "{:?}", c.method);
         assert_eq!(c.method == CalibrationMethod::LognormalTail, c.tail_fit.as_ref().is_some_and(|f| f.accepted));
         let far = c.expected_far.as_ref().expect("an expected false-alarm interval");
         assert!(far.low <= far.estimate && far.estimate <= far.high, "{far:?}");

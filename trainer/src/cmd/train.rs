@@ -15,8 +15,8 @@ use super::flags::{checked_arch, CalibArgs, RunArgs};
 use crate::checkpoint::{load_checkpoint, CheckpointState};
 use crate::data::{self, Splits};
 use crate::evaluate::thresholds;
-use crate::feedback;
 use crate::export::{finish, now_rfc3339, versions, write_onnx};
+use crate::feedback;
 use crate::model::{Hyper, Model};
 use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
 use crate::select::{Select, SelectArgs, Tracker};
@@ -367,7 +367,8 @@ impl Init {
                 .with_context(|| format!("--init {}: not a usable checkpoint folder", path.display()))?;
             return Ok(Init { arch: state.arch, source: InitSource::Checkpoint(Box::new(model)), path: path.into() });
         }
-        let bytes = ganomaly_core::onnx::check::read_file(path).with_context(|| format!("--init {}", path.display()))?;
+        let bytes =
+            ganomaly_core::onnx::check::read_file(path).with_context(|| format!("--init {}", path.display()))?;
         let (meta, weights) = ganomaly_core::onnx::read_model(&bytes)
             .with_context(|| format!("--init {}: not a model ganomaly-train exported", path.display()))?;
         Ok(Init { arch: meta.arch, source: InitSource::Onnx(weights), path: path.into() })
