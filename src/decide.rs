@@ -52,7 +52,9 @@ pub enum Outcome {
     Broken { raw: f64 },
     /// Decided: publish the score; an alarm started or ended on this frame; the
     /// score drift crossed its bound on this frame.
-    Scored { score: f64, raw: f64, alarm: Option<AlarmEvent>, drift: Option<DriftChange> },
+    /// (The drift change is boxed: it happens a few times a day, and the
+    /// outcome of every frame would otherwise carry its size.)
+    Scored { score: f64, raw: f64, alarm: Option<AlarmEvent>, drift: Option<Box<DriftChange>> },
 }
 
 impl Decider {
@@ -97,7 +99,7 @@ impl Decider {
         let alarm = self.alarm.observe(Scored { seq, ts_ms, at, score, raw });
         // The frame that ends an alarm belongs to it too.
         let in_alarm = self.alarm.is_active() || alarm.is_some();
-        let drift = self.drift.observe(raw, in_alarm);
+        let drift = self.drift.observe(raw, in_alarm).map(Box::new);
         Outcome::Scored { score, raw, alarm, drift }
     }
 
@@ -285,7 +287,7 @@ impl Camera {
                     self.counters.set_drift_shift(d.shift);
                 }
                 if let Some(change) = drift {
-                    self.publish_drift(change, out);
+                    self.publish_drift(*change, out);
                 }
                 self.collect(raw, started, frame.captured);
             }

@@ -108,14 +108,10 @@ impl Daemon {
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             // The latest: the daemon keeps only the last few alarms' frames.
-            let last = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| {
-                    let f = &v["fields"];
-                    f["message"] == "alarm" && f["camera"] == camera && f["kind"] == "Start"
-                })
-                .last();
+            let last = text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
+                let f = &v["fields"];
+                f["message"] == "alarm" && f["camera"] == camera && f["kind"] == "Start"
+            });
             if let Some(v) = last {
                 return v["fields"]["id"].as_str().unwrap_or_default().to_string();
             }
