@@ -267,6 +267,18 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let (ok, out, _) = run(Path::new(DAEMON), &["check-config", s(&cfg)]);
     assert!(ok && out.contains("camera good: threshold") && out.contains("live calibration in"), "{out}");
 
+    // The running daemon records too (frames tapped on their way to preprocessing).
+    let (code, ans) = post(addr, "/api/cmd/good/record", r#"{"name": "live", "count": 5, "min_change": 0.5}"#);
+    assert_eq!(code, 200, "{ans}");
+    let live_dir = commissioning.join("record/live/train/good");
+    wait_for("5 recorded frames", Duration::from_secs(60), || images(&live_dir).len() == 5);
+    wait_for("the recording ends", Duration::from_secs(30), || {
+        let (code, ans) = post(addr, "/api/cmd/good/record", r#"{"name": "live", "count": 1}"#);
+        // While the first runs the tap is busy; once it is done the folder is not empty.
+        code == 422 && ans["reason"].as_str().unwrap_or("").contains("append")
+    });
+    assert_eq!(images(&live_dir).len(), 5, "the refused recordings added nothing");
+
     // Bad input: calibrate `line` while its alarm is active: refused, saying why.
     let mut refused = None;
     for _ in 0..40 {
