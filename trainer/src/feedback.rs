@@ -90,3 +90,53 @@ pub fn merge(dir: &Path, splits: &mut Splits, pre: &mut Preprocessor) -> Result<
     );
     Ok(used)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ganomaly_core::metadata::ColorMode;
+
+    fn png(path: &Path, v: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::GrayImage::from_pixel(20, 12, image::Luma([v])).save(path).unwrap();
+    }
+
+    #[test]
+    fn false_alarms_join_calibration_and_validation_defects_only_validation() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("val/good/a.png"), 10);
+        png(&d.path().join("val/good/b.png"), 20);
+        png(&d.path().join("val/scratch/c.png"), 200);
+        std::fs::write(d.path().join("val/good/a.json"), "{}").unwrap();
+        let mut pre = Preprocessor::new(ColorMode::Gray, 16);
+        let mut splits = Splits {
+            fit: Tensor::zeros([4, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
+            hold: Tensor::zeros([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
+            test: None,
+            val: None,
+        };
+        let used = merge(d.path(), &mut splits, &mut pre).unwrap();
+        assert_eq!((used.good, used.defects.get("scratch").copied()), (2, Some(1)));
+        assert_eq!(splits.n_hold(), 5, "3 held out + 2 confirmed false alarms");
+        assert_eq!(splits.n_fit(), 4, "never trained on");
+        let val = splits.val.as_ref().expect("a validation split with a defect");
+        assert_eq!(val.items.len(), 3);
+        assert_eq!(val.items.iter().filter(|i| i.defect.as_deref() == Some("scratch")).count(), 1);
+        assert!(used.summary().contains("2 confirmed false alarm(s)"), "{}", used.summary());
+
+        // Only false alarms: calibration grows, no validation split (nothing to compare).
+        let only_good = tempfile::tempdir().unwrap();
+        png(&only_good.path().join("val/good/a.png"), 10);
+        let mut splits = Splits {
+            fit: Tensor::zeros([4, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
+            hold: Tensor::zeros([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
+            test: None,
+            val: None,
+        };
+        merge(only_good.path(), &mut splits, &mut pre).unwrap();
+        assert_eq!((splits.n_hold(), splits.val.is_none()), (4, true));
+
+        let err = merge(&d.path().join("nope"), &mut splits, &mut pre).unwrap_err();
+        assert!(err.to_string().contains("nope/val"), "{err}");
+    }
+}
