@@ -479,6 +479,122 @@ mod tests {
         assert_eq!(events, [(1, AlarmKind::Start), (4, AlarmKind::End)]);
     }
 
+    /// A camera on the inference thread's side, with its frames' recycle queue.
+    fn camera(keep: usize) -> (Camera, crossbeam_channel::Receiver<FrameData>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stats = ganomaly_core::calibrate::score_stats(&[1.0, 1.5, 2.0, 2.5, 3.0]);
+        let cal = Calibration {
+            threshold: 2.0,
+            min: 1.0,
+            max: 5.0,
+            normal_stats: Some(stats),
+            ..Calibration::uncalibrated()
+        };
+        let alarm =
+            AlarmConfig { threshold: 0.5, clear_threshold: 0.4, min_frames: 2, clear_frames: 2, cooldown_ms: 0 };
+        let cam = Camera {
+            name: "cam".into(),
+            decider: Decider::new("cam", ScoreKind::Recon, cal, alarm, 0).with_drift(50, 1.0),
+            roi: None,
+            counters: Arc::new(CameraCounters::default()),
+            recycle: tx,
+            collecting: None,
+            alarm_frames: Arc::new(AlarmFrames::new(keep)),
+        };
+        (cam, rx)
+    }
+
+    fn feed(cam: &mut Camera, seq: u64, raw: f32, out: &Outputs) {
+        let frame = Frame { camera: 0, seq, captured: t(seq), ts_ms: seq, pixels: FrameData::default() };
+        let outcome = cam.decider.decide(seq, seq, t(seq), Some(raw));
+        cam.act(outcome, frame, &[0.0], 1, out);
+    }
+
+    fn request(frames: u64) -> (CalibrateRequest, crossbeam_channel::Receiver<CalibrateReply>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let req = CalibrateRequest {
+            frames: Some(frames),
+            duration: None,
+            target_far: 0.05,
+            method: CalibrationMethod::Conformal,
+            reply: tx,
+        };
+        (req, rx)
+    }
+
+    #[test]
+    fn a_live_calibration_applies_when_complete_and_gives_way_to_alarms() {
+        let rec = crate::events::Recorder::default();
+        let out = Outputs { publisher: &rec, snapshots: None };
+        let (mut cam, _frames) = camera(2);
+        // 20 good scores 1.00..1.19: conformal at 5 % takes the ⌈21 · 0.95⌉ = 20th.
+        let (req, reply) = request(20);
+        cam.start_calibration(req);
+        for i in 0..20 {
+            feed(&mut cam, i, 1.0 + i as f32 * 0.01, &out);
+        }
+        match reply.try_recv().expect("a reply") {
+            CalibrateReply::Done { before, after, scores, .. } => {
+                assert_eq!((before.threshold, scores), (2.0, 20));
+                assert!((after.threshold - 1.19).abs() < 1e-6, "{}", after.threshold);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!((cam.decider.calibration.threshold - 1.19).abs() < 1e-6, "applied at once");
+        assert!(cam.collecting.is_none());
+
+        // An alarm during the collection gives it up; the threshold stays.
+        let (req, reply) = request(100);
+        cam.start_calibration(req);
+        for i in 20..25 {
+            feed(&mut cam, i, 9.0, &out);
+        }
+        assert!(matches!(reply.try_recv(), Ok(CalibrateReply::Aborted(r)) if r.contains("alarm started")));
+        assert!((cam.decider.calibration.threshold - 1.19).abs() < 1e-6);
+        // While the alarm is active, a calibration is refused.
+        assert!(cam.decider.alarm_active());
+        let (req, reply) = request(20);
+        cam.start_calibration(req);
+        assert!(matches!(reply.try_recv(), Ok(CalibrateReply::Refused(r)) if r.contains("alarm is active")));
+        // Its frame was kept for feedback (2 at most).
+        let ids = cam.alarm_frames.ids();
+        assert_eq!(ids.len(), 1);
+        assert!(cam.alarm_frames.take(&ids[0]).is_some() && cam.alarm_frames.take(&ids[0]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn drift_is_published_on_the_events_topic_and_in_the_counters() {
+        let rec = crate::events::Recorder::default();
+        let out = Outputs { publisher: &rec, snapshots: None };
+        let (mut cam, _frames) = camera(0);
+        // Reference p50 2.0, p95 2.9: scores at 1.95 are normal, at 3.9 drifted,
+        // below the alarm (threshold 2 raw → normalized 0.5; 3.9 → 0.975 … so
+        // the alarm is kept off by raising its threshold).
+        cam.decider.reconfigure(AlarmConfig {
+            threshold: 1.1,
+            clear_threshold: 1.0,
+            min_frames: 1,
+            clear_frames: 1,
+            cooldown_ms: 0,
+        });
+        for i in 0..100 {
+            feed(&mut cam, i, 1.95, &out);
+        }
+        assert!(cam.counters.drift_shift().abs() < 0.2, "{}", cam.counters.drift_shift());
+        for i in 100..200 {
+            feed(&mut cam, i, 3.9, &out);
+        }
+        let drifts: Vec<_> = rec
+            .events()
+            .into_iter()
+            .filter_map(|e| if let crate::events::Recorded::Event(e) = e { Some(e) } else { None })
+            .filter(|e| e.command == "drift")
+            .collect();
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        assert_eq!((drifts[0].camera.as_deref(), drifts[0].detail["state"].as_str()), (Some("cam"), Some("drifted")));
+        assert!(cam.counters.drift_shift() >= 1.0);
+    }
+
     #[test]
     fn reconfigure_applies_new_thresholds() {
         let mut d = decider();
