@@ -177,7 +177,15 @@ pub fn spawn_record(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cmd-record".into()).spawn(move || {
         for cmd in rx {
-            record_one(&cmd, dir.as_deref(), &hooks);
+            // One thread per recording: cameras record side by side (the tap
+            // refuses a second recording of the same camera).
+            let (dir, hooks) = (dir.clone(), hooks.clone());
+            let spawned = std::thread::Builder::new()
+                .name("record".into())
+                .spawn(move || record_one(&cmd, dir.as_deref(), &hooks));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a recording thread");
+            }
         }
     })
 }
@@ -269,8 +277,18 @@ pub fn spawn_calibrate(
     calibrator: Arc<dyn Calibrator>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cmd-calibrate".into()).spawn(move || {
+        // Calibrations of different cameras run side by side (each waits minutes
+        // for its scores); the state file is rewritten under this lock.
+        let file_lock = Arc::new(std::sync::Mutex::new(()));
         for cmd in rx {
-            calibrate_one(&cmd, state_file.as_deref(), &hooks, &*calibrator);
+            let (file, hooks, calibrator, lock) =
+                (state_file.clone(), hooks.clone(), calibrator.clone(), file_lock.clone());
+            let spawned = std::thread::Builder::new()
+                .name("calibrate".into())
+                .spawn(move || calibrate_one(&cmd, file.as_deref(), &hooks, &*calibrator, &lock));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a calibration thread");
+            }
         }
     })
 }
@@ -278,7 +296,13 @@ pub fn spawn_calibrate(
 /// Most frames a live calibration may ask for.
 pub const MAX_CALIBRATION_FRAMES: u64 = 100_000;
 
-fn calibrate_one(cmd: &Command, state_file: Option<&Path>, hooks: &[CameraHooks], calibrator: &dyn Calibrator) {
+fn calibrate_one(
+    cmd: &Command,
+    state_file: Option<&Path>,
+    hooks: &[CameraHooks],
+    calibrator: &dyn Calibrator,
+    lock: &std::sync::Mutex<()>,
+) {
     let Some(file) = state_file else {
         return cmd.refuse("[commissioning] dir is not set: nowhere to keep the calibration");
     };
@@ -299,7 +323,7 @@ fn calibrate_one(cmd: &Command, state_file: Option<&Path>, hooks: &[CameraHooks]
     let wait = duration.unwrap_or(Duration::ZERO) + Duration::from_secs(3600);
     match reply.recv_timeout(Duration::from_secs(5)) {
         Ok(CalibrateReply::Refused(r)) => return cmd.refuse(r),
-        Ok(other) => return finish_calibration(cmd, file, h, other),
+        Ok(other) => return finish_calibration(cmd, file, h, other, lock),
         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
             return cmd.fail("the camera's inference thread stopped");
         }
@@ -307,7 +331,7 @@ fn calibrate_one(cmd: &Command, state_file: Option<&Path>, hooks: &[CameraHooks]
     }
     cmd.accept();
     match reply.recv_timeout(wait) {
-        Ok(r) => finish_calibration(cmd, file, h, r),
+        Ok(r) => finish_calibration(cmd, file, h, r, lock),
         Err(_) => cmd.fail("no calibration result (camera without frames, or the daemon is stopping)"),
     }
 }
@@ -358,7 +382,7 @@ pub fn calibrate_options(body: &serde_json::Map<String, serde_json::Value>) -> R
     }
 }
 
-fn finish_calibration(cmd: &Command, file: &Path, h: &CameraHooks, reply: CalibrateReply) {
+fn finish_calibration(cmd: &Command, file: &Path, h: &CameraHooks, reply: CalibrateReply, lock: &std::sync::Mutex<()>) {
     match reply {
         CalibrateReply::Refused(r) => cmd.refuse(r),
         CalibrateReply::Aborted(r) => cmd.fail(r),
@@ -371,6 +395,7 @@ fn finish_calibration(cmd: &Command, file: &Path, h: &CameraHooks, reply: Calibr
                           "target_far": after.target_false_alarm_rate},
                 "state_file": file,
             });
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let saved = CalibrationState::load(file).and_then(|mut s| {
                 s.cameras.insert(
                     h.name.clone(),
