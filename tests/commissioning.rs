@@ -314,6 +314,15 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     });
     drop(daemon);
 
+    // Without a running daemon, `ganomalyd calibrate` does the same with its own source.
+    let (ok, out, err) =
+        run(Path::new(DAEMON), &["calibrate", "--config", s(&cfg), "--camera", "good", "--frames", "30"]);
+    assert!(ok && out.contains("camera good: threshold on raw") && out.contains("30 live scores"), "{out}{err}");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_file).expect("read")).expect("json");
+    assert_eq!(state["cameras"]["good"]["scores"], 30, "{state}");
+    let (ok, _, err) = run(Path::new(DAEMON), &["calibrate", "--config", s(&cfg), "--camera", "good"]);
+    assert!(!ok && err.contains("frames and/or --duration"), "{err}");
+
     // 6. The next training run starts from the model and uses the feedback.
     let model2 = t.join("line2.onnx");
     let report = t.join("report2");
