@@ -579,7 +579,7 @@ fn store_feedback(
     let dir = png.parent().unwrap_or(folder);
     let name = png.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     // write_png adds `-<n>`; write under the alarm's own name instead.
-    let img = record::crop(&alarm.frame, alarm.roi).map_err(|e| e.to_string())?;
+    let img = &alarm.image;
     let tmp = dir.join(format!(".{name}.png.tmp"));
     img.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &png).map_err(|e| format!("cannot write {}: {e}", png.display()))?;

@@ -181,11 +181,11 @@ pub struct AlarmFrame {
     pub peak_raw: f64,
     pub threshold: f64,
     pub kind: ScoreKind,
-    pub frame: FrameData,
-    pub roi: Option<Roi>,
+    /// The frame's ROI at full resolution.
+    pub image: image::DynamicImage,
 }
 
-/// The frames of a camera's last `keep` alarm starts (oldest forgotten first).
+/// The ROIs of a camera's last `keep` alarm starts (oldest forgotten first).
 /// Memory is bounded by `keep` frames; the inference thread copies a frame in
 /// only when an alarm starts.
 #[derive(Debug, Default)]
@@ -380,18 +380,22 @@ impl Camera {
     fn alarm(&self, mut ev: AlarmEvent, frame: &Frame, map: &[f32], side: usize, out: &Outputs) {
         let start = ev.kind == AlarmKind::Start;
         if start && self.alarm_frames.keep() > 0 {
-            self.alarm_frames.push(AlarmFrame {
-                id: ev.id.clone(),
-                camera: self.name.clone(),
-                ts: ev.ts,
-                seq: ev.seq,
-                peak: ev.peak,
-                peak_raw: ev.peak_raw,
-                threshold: self.decider.calibration.threshold,
-                kind: self.decider.kind,
-                frame: frame.pixels.clone(),
-                roi: self.roi,
-            });
+            // Only the ROI is kept (what the model saw, at full resolution): a
+            // ROI of a large frame costs a fraction of the whole frame.
+            match crate::record::crop(&frame.pixels, self.roi) {
+                Ok(image) => self.alarm_frames.push(AlarmFrame {
+                    id: ev.id.clone(),
+                    camera: self.name.clone(),
+                    ts: ev.ts,
+                    seq: ev.seq,
+                    peak: ev.peak,
+                    peak_raw: ev.peak_raw,
+                    threshold: self.decider.calibration.threshold,
+                    kind: self.decider.kind,
+                    image,
+                }),
+                Err(e) => tracing::debug!(camera = %self.name, error = %e, "alarm frame not kept for feedback"),
+            }
         }
         if let (true, Some(q)) = (start, out.snapshots) {
             let name = crate::snapshot::file_name(ev.ts, &ev.id);
@@ -505,7 +509,9 @@ mod tests {
     }
 
     fn feed(cam: &mut Camera, seq: u64, raw: f32, out: &Outputs) {
-        let frame = Frame { camera: 0, seq, captured: t(seq), ts_ms: seq, pixels: FrameData::default() };
+        let mut pixels = FrameData::default();
+        pixels.reshape(2, 2, crate::capture::PixelFormat::Gray8);
+        let frame = Frame { camera: 0, seq, captured: t(seq), ts_ms: seq, pixels };
         let outcome = cam.decider.decide(seq, seq, t(seq), Some(raw));
         cam.act(outcome, frame, &[0.0], 1, out);
     }

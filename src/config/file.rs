@@ -59,8 +59,8 @@ pub struct CommissioningConfig {
     /// `calibration.json` (live calibrations). Relative to the config file.
     /// Unset: those commands are refused and no live calibration is read.
     pub dir: Option<PathBuf>,
-    /// Frames of the most recent alarm starts kept in memory per camera, for
-    /// `feedback` to store (a 640×480 RGB frame is 0.9 MiB).
+    /// ROIs (full resolution) of the most recent alarm starts kept in memory per
+    /// camera, for `feedback` to store (a 640×480 RGB ROI is 0.9 MiB).
     pub keep_alarm_frames: usize,
     /// Scores of alarm-free frames in the drift window.
     pub drift_window: usize,
