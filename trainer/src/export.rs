@@ -118,7 +118,7 @@ pub struct MethodCheck {
     pub threshold: f64,
     pub target_far: f64,
     pub expected_far: Option<FarInterval>,
-    /// False-alarm rate on test/good and recall on test/<defect> at this threshold.
+    /// False-alarm rate on test/good and recall on `test/<defect>` at this threshold.
     pub test: Option<AtThreshold>,
 }
 
