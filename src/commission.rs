@@ -144,11 +144,20 @@ pub struct CameraHooks {
     pub roi: Option<ganomaly_core::preprocess::Roi>,
     pub model: PathBuf,
     pub model_id: String,
+    /// Its slot on its model's inference thread, and that thread's control
+    /// channel (a live calibration runs there).
+    pub slot: usize,
+    pub control: crossbeam_channel::Sender<crate::infer::Control>,
 }
 
-/// Starts live calibrations on the inference thread (the pipeline implements it).
-pub trait Calibrator: Send + Sync {
-    fn start(&self, camera: &str, req: CalibrateRequest) -> Result<(), String>;
+/// The cameras as they run now: the pipeline replaces the list after a
+/// reload added, removed or restarted cameras.
+pub type SharedHooks = Arc<std::sync::RwLock<Vec<CameraHooks>>>;
+
+/// The camera a command addresses, as it runs now.
+fn hook_of(hooks: &SharedHooks, cmd: &Command) -> Option<CameraHooks> {
+    let list = hooks.read().unwrap_or_else(|e| e.into_inner());
+    list.iter().find(|h| Some(h.name.as_str()) == cmd.camera.as_deref()).cloned()
 }
 
 fn detail(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
@@ -173,7 +182,7 @@ pub fn safe_name(s: &str) -> bool {
 pub fn spawn_record(
     rx: Receiver<Command>,
     dir: Option<PathBuf>,
-    hooks: Vec<CameraHooks>,
+    hooks: SharedHooks,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cmd-record".into()).spawn(move || {
         for cmd in rx {
@@ -194,11 +203,11 @@ pub fn spawn_record(
 /// flood the events topic on a fast line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
-fn record_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
+fn record_one(cmd: &Command, dir: Option<&Path>, hooks: &SharedHooks) {
     let Some(root) = dir else {
         return cmd.refuse("[commissioning] dir is not set: nowhere to record to");
     };
-    let Some(h) = hooks.iter().find(|h| Some(h.name.as_str()) == cmd.camera.as_deref()) else {
+    let Some(h) = hook_of(hooks, cmd) else {
         return cmd.refuse("unknown camera");
     };
     let mut body = cmd.body.clone();
@@ -273,19 +282,17 @@ fn record_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
 pub fn spawn_calibrate(
     rx: Receiver<Command>,
     state_file: Option<PathBuf>,
-    hooks: Vec<CameraHooks>,
-    calibrator: Arc<dyn Calibrator>,
+    hooks: SharedHooks,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cmd-calibrate".into()).spawn(move || {
         // Calibrations of different cameras run side by side (each waits minutes
         // for its scores); the state file is rewritten under this lock.
         let file_lock = Arc::new(std::sync::Mutex::new(()));
         for cmd in rx {
-            let (file, hooks, calibrator, lock) =
-                (state_file.clone(), hooks.clone(), calibrator.clone(), file_lock.clone());
+            let (file, hooks, lock) = (state_file.clone(), hooks.clone(), file_lock.clone());
             let spawned = std::thread::Builder::new()
                 .name("calibrate".into())
-                .spawn(move || calibrate_one(&cmd, file.as_deref(), &hooks, &*calibrator, &lock));
+                .spawn(move || calibrate_one(&cmd, file.as_deref(), &hooks, &lock));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a calibration thread");
             }
@@ -296,17 +303,11 @@ pub fn spawn_calibrate(
 /// Most frames a live calibration may ask for.
 pub const MAX_CALIBRATION_FRAMES: u64 = 100_000;
 
-fn calibrate_one(
-    cmd: &Command,
-    state_file: Option<&Path>,
-    hooks: &[CameraHooks],
-    calibrator: &dyn Calibrator,
-    lock: &std::sync::Mutex<()>,
-) {
+fn calibrate_one(cmd: &Command, state_file: Option<&Path>, hooks: &SharedHooks, lock: &std::sync::Mutex<()>) {
     let Some(file) = state_file else {
         return cmd.refuse("[commissioning] dir is not set: nowhere to keep the calibration");
     };
-    let Some(h) = hooks.iter().find(|h| Some(h.name.as_str()) == cmd.camera.as_deref()) else {
+    let Some(h) = hook_of(hooks, cmd) else {
         return cmd.refuse("unknown camera");
     };
     let req = match calibrate_options(&cmd.body) {
@@ -316,14 +317,14 @@ fn calibrate_one(
     let (frames, duration, target, method) = req;
     let (tx, reply) = crossbeam_channel::bounded(1);
     let request = CalibrateRequest { frames, duration, target_far: target, method, reply: tx };
-    if let Err(e) = calibrator.start(&h.name, request) {
-        return cmd.refuse(e);
+    if h.control.send(crate::infer::Control::Calibrate { slot: h.slot, req: request }).is_err() {
+        return cmd.fail("the camera's inference thread has stopped");
     }
     // Refusals come back at once (the inference thread checks between batches).
     let wait = duration.unwrap_or(Duration::ZERO) + Duration::from_secs(3600);
     match reply.recv_timeout(Duration::from_secs(5)) {
         Ok(CalibrateReply::Refused(r)) => return cmd.refuse(r),
-        Ok(other) => return finish_calibration(cmd, file, h, other, lock),
+        Ok(other) => return finish_calibration(cmd, file, &h, other, lock),
         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
             return cmd.fail("the camera's inference thread stopped");
         }
@@ -331,7 +332,7 @@ fn calibrate_one(
     }
     cmd.accept();
     match reply.recv_timeout(wait) {
-        Ok(r) => finish_calibration(cmd, file, h, r, lock),
+        Ok(r) => finish_calibration(cmd, file, &h, r, lock),
         Err(_) => cmd.fail("no calibration result (camera without frames, or the daemon is stopping)"),
     }
 }
@@ -472,7 +473,7 @@ pub struct FeedbackRecord {
 pub fn spawn_feedback(
     rx: Receiver<Command>,
     dir: Option<PathBuf>,
-    hooks: Vec<CameraHooks>,
+    hooks: SharedHooks,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cmd-feedback".into()).spawn(move || {
         for cmd in rx {
@@ -486,11 +487,11 @@ pub fn feedback_dir(root: &Path, camera: &str) -> PathBuf {
     root.join("feedback").join(camera)
 }
 
-fn feedback_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
+fn feedback_one(cmd: &Command, dir: Option<&Path>, hooks: &SharedHooks) {
     let Some(root) = dir else {
         return cmd.refuse("[commissioning] dir is not set: nowhere to keep feedback");
     };
-    let Some(h) = hooks.iter().find(|h| Some(h.name.as_str()) == cmd.camera.as_deref()) else {
+    let Some(h) = hook_of(hooks, cmd) else {
         return cmd.refuse("unknown camera");
     };
     let body: FeedbackBody = match serde_json::from_value(serde_json::Value::Object(cmd.body.clone())) {
@@ -519,7 +520,7 @@ fn feedback_one(cmd: &Command, dir: Option<&Path>, hooks: &[CameraHooks]) {
         ));
     };
     let folder = feedback_dir(root, &h.name).join("val").join(&class);
-    match store_feedback(&folder, &alarm, &body, h, cmd.received_ms) {
+    match store_feedback(&folder, &alarm, &body, &h, cmd.received_ms) {
         Ok(image) => {
             let counter = if body.verdict == Verdict::Ok {
                 &h.counters.feedback_false_alarms

@@ -30,8 +30,9 @@ use crate::capture::{Frame, FrameData};
 use crate::commands::{CommandEvent, Status};
 use crate::config::{AlarmConfig, Roi};
 use crate::drift::{DriftChange, DriftMonitor, Reference};
-use crate::events::{AlarmEvent, AlarmKind, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
+use crate::events::{AlarmEvent, AlarmKind, EndReason, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
 use crate::metrics::CameraCounters;
+use crate::shadow::{ShadowCompare, Side};
 use crate::snapshot::{SnapshotJob, SnapshotQueue};
 
 /// A camera's decision state: its score, its calibration, its alarm machine.
@@ -84,10 +85,6 @@ impl Decider {
         self.calibration = calibration;
     }
 
-    pub fn alarm_active(&self) -> bool {
-        self.alarm.is_active()
-    }
-
     /// Decides one frame (`raw`: the camera's score from the batch, if the
     /// model produced one) captured at `at` (monotonic) / `ts_ms` (wall clock).
     pub fn decide(&mut self, seq: u64, ts_ms: u64, at: Instant, raw: Option<f32>) -> Outcome {
@@ -111,6 +108,32 @@ impl Decider {
     /// New alarm thresholds/timing (SIGHUP); an alarm in progress carries on under them.
     pub fn reconfigure(&mut self, cfg: AlarmConfig) {
         self.alarm.reconfigure(cfg);
+    }
+
+    /// A new score kind and calibration (a model swapped by a reload). The
+    /// alarm machine carries on: it works on normalised scores, where 0.5 is
+    /// each model's own calibrated threshold (see `reload.rs`).
+    pub fn rebase(&mut self, kind: ScoreKind, calibration: Calibration) {
+        // Drift is measured against the normal scores of the calibration in force.
+        if kind != self.kind || calibration != self.calibration {
+            self.drift.reset(reference(&calibration));
+        }
+        self.kind = kind;
+        self.calibration = calibration;
+    }
+
+    /// Ends an active alarm now (see [`AlarmMachine::end_with`]).
+    pub fn end_with(&mut self, reason: EndReason) -> Option<AlarmEvent> {
+        self.alarm.end_with(reason)
+    }
+
+    pub fn alarm_active(&self) -> bool {
+        self.alarm.is_active()
+    }
+
+    /// The normalised score at or above which a frame counts toward an alarm.
+    pub fn threshold(&self) -> f64 {
+        self.alarm.config().threshold
     }
 }
 
@@ -245,6 +268,8 @@ pub struct Camera {
     pub collecting: Option<Collecting>,
     /// Frames of the last alarm starts, shared with the `feedback` handler.
     pub alarm_frames: Arc<AlarmFrames>,
+    /// The camera's comparison with its shadow model, and which side this is.
+    pub compare: Option<(Arc<ShadowCompare>, Side)>,
 }
 
 /// Where outcomes go (shared by a model's cameras).
@@ -267,6 +292,9 @@ impl Camera {
                 self.counters.record_latency(latency_ms);
                 self.counters.set_last_score(score);
                 CameraCounters::add(&self.counters.decided, 1);
+                if let Some((compare, side)) = &self.compare {
+                    compare.record(*side, frame.seq, score, score >= self.decider.threshold());
+                }
                 tracing::trace!(camera = %self.name, seq = frame.seq, raw, score, "scored");
                 out.publisher.score(&ScoreEvent {
                     schema: PAYLOAD_SCHEMA,
@@ -372,7 +400,12 @@ impl Camera {
     /// The daemon is stopping: ends this camera's active alarm, if any
     /// (published like any end: through the outbox, before the publisher drains).
     pub fn stop(&mut self, out: &Outputs) {
-        if let Some(ev) = self.decider.stop() {
+        self.end_with(EndReason::Shutdown, out);
+    }
+
+    /// Ends this camera's active alarm, if any, for `reason` (published like any end).
+    pub fn end_with(&mut self, reason: EndReason, out: &Outputs) {
+        if let Some(ev) = self.decider.end_with(reason) {
             self.publish_alarm(&ev, out);
         }
     }
@@ -502,6 +535,7 @@ mod tests {
             roi: None,
             counters: Arc::new(CameraCounters::default()),
             recycle: tx,
+            compare: None,
             collecting: None,
             alarm_frames: Arc::new(AlarmFrames::new(keep)),
         };

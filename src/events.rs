@@ -57,6 +57,10 @@ pub enum EndReason {
     /// The daemon found the alarm still open when it started again (it died
     /// during the alarm: crash, power cut, kill -9).
     Restart,
+    /// A reload removed the camera, or restarted it (its source, frame size,
+    /// ROI or pacing changed: a new view), or replaced or removed the shadow
+    /// model whose alarm this was. See `reload.rs`.
+    Reload,
 }
 
 /// An alarm start or end. `id` is shared by the start and end of one alarm.
@@ -181,6 +185,9 @@ pub struct CameraStats {
     pub feedback_false_alarms: u64,
     #[serde(default)]
     pub feedback_defects: u64,
+    /// The comparison with the camera's shadow model (`shadow_model`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowStats>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -7,9 +7,10 @@
 //! readers take briefly.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::events::CameraStats;
+use crate::shadow::ShadowCompare;
 
 /// Everything counted for one camera.
 #[derive(Debug, Default)]
@@ -40,6 +41,8 @@ pub struct CameraCounters {
     /// Operator feedback stored: alarms confirmed false (`ok`), and confirmed defects.
     pub feedback_false_alarms: AtomicU64,
     pub feedback_defects: AtomicU64,
+    /// The comparison with the camera's shadow model, while it has one.
+    pub shadow: Mutex<Option<Arc<ShadowCompare>>>,
 }
 
 impl CameraCounters {
@@ -49,6 +52,17 @@ impl CameraCounters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// The camera's shadow comparison from now on (`None`: no shadow).
+    pub fn set_shadow(&self, shadow: Option<Arc<ShadowCompare>>) {
+        if let Ok(mut s) = self.shadow.lock() {
+            *s = shadow;
+        }
+    }
+
+    pub fn shadow(&self) -> Option<Arc<ShadowCompare>> {
+        self.shadow.lock().ok().and_then(|s| s.clone())
     }
 
     pub fn set_decoder(&self, decoder: String) {
@@ -101,6 +115,7 @@ impl CameraCounters {
             drift_shift: Some(self.drift_shift()).filter(|v| v.is_finite()),
             feedback_false_alarms: Self::get(&self.feedback_false_alarms),
             feedback_defects: Self::get(&self.feedback_defects),
+            shadow: self.shadow().map(|s| s.stats()),
         }
     }
 }

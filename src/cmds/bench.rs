@@ -240,6 +240,8 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
             roi: None,
             alarm: AlarmConfig::default(),
             read_timeout: Duration::from_secs(10),
+            source_key: i as u64,
+            shadow: None,
         })
         .collect();
     let settings = Settings {
@@ -252,6 +254,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         snapshots: None,
         cameras,
         mqtt: None,
+        sparkplug: None,
         metrics: None,
         commands: Default::default(),
         commissioning: Default::default(),

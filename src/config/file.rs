@@ -45,6 +45,9 @@ pub struct ConfigFile {
     /// Commands over MQTT and HTTP (`trigger`, `reload`, …): off by default.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// Sparkplug B edge node (absent: none).
+    #[serde(default)]
+    pub sparkplug: Option<crate::publish::sparkplug::SparkplugConfig>,
     /// Recording, live calibration, drift and operator feedback (README "Commissioning a line").
     #[serde(default)]
     pub commissioning: CommissioningConfig,
@@ -242,6 +245,11 @@ pub struct CameraTable {
     /// Seconds one read of the source (a frame, or opening it) may take before
     /// the camera is reported offline: a driver read that never returns.
     pub read_timeout_s: Option<f64>,
+    /// A candidate model that scores the same frames on `<camera>/shadow/...`
+    /// and never raises the camera's alarm (see `shadow.rs`).
+    pub shadow_model: Option<PathBuf>,
+    /// The shadow model's score (`model-default` unless set).
+    pub shadow_score: Option<String>,
 }
 
 /// `[defaults.alarm]` or `[cameras.<name>.alarm]`; unset fields inherit.

@@ -21,7 +21,7 @@ pub use file::{AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConf
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
     AlarmConfig, CameraPlan, CommissioningSettings, InferenceSettings, MetricsSettings, PipelineSettings, Provider,
-    ScoreChoice, Settings, SnapshotSettings,
+    ScoreChoice, Settings, ShadowPlan, SnapshotSettings,
 };
 
 /// Errors loading a config file.
@@ -129,6 +129,11 @@ fn compile_text(text: &str, base: &Path, probe: Probe) -> Result<Settings, Error
 /// Checks and compiles a parsed file, with the files and devices it names.
 pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
     compile::compile(file, base, Probe::World)
+}
+
+/// [`compile`], looking at the world the file names or not.
+pub fn compile_with(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings, Vec<String>> {
+    compile::compile(file, base, probe)
 }
 
 #[cfg(test)]
