@@ -121,6 +121,17 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Log lines whose message is `message`.
+    fn log_lines(&self, message: &str) -> usize {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .count()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -253,7 +264,9 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
     wait_for("/healthz ok", Duration::from_secs(60), || get(addr, "/healthz").starts_with("HTTP/1.1 200"));
 
-    // ---- SIGHUP model swap (issue 13 item 2, the `reload` helper's): the coordinator joins it here. ----
+    // ---- SIGHUP model swap (issue 13 item 2): its guarantees (every alarm arrives, no
+    // frame gap on the other camera) are tests/reload.rs's; here only how it meets a
+    // live calibration, below (step 4b). ----
 
     // 4. Live calibration of `good` on 60 frames: applied at once, kept in calibration.json.
     let (code, ans) = post(addr, "/api/cmd/good/calibrate", r#"{"frames": 60, "target_far": 0.05}"#);
@@ -266,6 +279,31 @@ fn record_train_run_calibrate_feedback_and_retrain() {
     assert!(live["calibration"]["threshold"].as_f64().is_some_and(f64::is_finite), "{state}");
     let (ok, out, _) = run(Path::new(DAEMON), &["check-config", s(&cfg)]);
     assert!(ok && out.contains("camera good: threshold") && out.contains("live calibration in"), "{out}");
+
+    // 4b. A second export swapped in by SIGHUP: the live calibration was made for the
+    // first, so the camera decides with the new model's own until calibrated again,
+    // and a calibration then is kept for the new model.
+    let model_b = t.join("line-b.onnx");
+    let mut args = vec!["train", "--data", s(&rec), "--out", s(&model_b), "--epochs", "1", "--seed", "7"];
+    args.extend(common);
+    let (ok, out, err) = run(&train, &args);
+    assert!(ok, "train b: {out}{err}");
+    std::fs::write(&cfg, config(&model_b)).expect("config");
+    let (ok, out, _) = run(Path::new(DAEMON), &["check-config", s(&cfg)]);
+    assert!(ok && out.contains("camera good: threshold") && out.contains("from model metadata"), "{out}");
+    let before_swap = daemon.log_lines("reload");
+    assert!(Command::new("kill").args(["-HUP", &daemon.child.id().to_string()]).status().expect("kill").success());
+    wait_for("the swap", Duration::from_secs(60), || daemon.log_lines("reload") > before_swap);
+    let (code, ans) = post(addr, "/api/cmd/good/calibrate", r#"{"frames": 40, "target_far": 0.05}"#);
+    assert_eq!(code, 200, "{ans}");
+    let model_b_id = |st: &serde_json::Value| st["cameras"]["good"]["model"].as_str().map(String::from);
+    wait_for("a calibration for the new model", Duration::from_secs(60), || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_file).unwrap_or_default()).unwrap_or_default();
+        model_b_id(&st).as_deref() == Some(s(&model_b))
+    });
+    let (ok, out, _) = run(Path::new(DAEMON), &["check-config", s(&cfg)]);
+    assert!(ok && out.contains("live calibration in"), "{out}");
 
     // The running daemon records too (frames tapped on their way to preprocessing).
     let (code, ans) = post(addr, "/api/cmd/good/record", r#"{"name": "live", "count": 5, "min_change": 0.5}"#);
