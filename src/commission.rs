@@ -415,7 +415,7 @@ fn finish_calibration(cmd: &Command, file: &Path, h: &CameraHooks, reply: Calibr
                 Ok(()) => cmd.done(detail(d)),
                 Err(e) => cmd.answer(
                     Status::Failed,
-                    Some(format!("applied until the daemon restarts, but not kept: {e}")),
+                    Some(format!("applied until the daemon restarts or reloads, but not kept: {e}")),
                     detail(d),
                 ),
             }
