@@ -399,3 +399,33 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     out.with_file_name(format!("{stem}{suffix}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_from_an_onnx_model_overwrites_the_fresh_generator() {
+        let arch = ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.onnx");
+        std::fs::write(&path, ganomaly_core::onnx::random_model(&arch, 3).unwrap()).unwrap();
+        let init = Init::read(&path).unwrap();
+        assert_eq!(init.arch, arch);
+        let (_, want) = ganomaly_core::onnx::read_model(&std::fs::read(&path).unwrap()).unwrap();
+        let mut model = Model::new(&arch, Hyper::default(), 11, Device::Cpu);
+        let name = &arch.generator_params()[0].name;
+        let before = model.g.to_weights().unwrap().get(name).unwrap().data.clone();
+        assert_ne!(before, want.get(name).unwrap().data, "a fresh model has other weights");
+        init.apply(&mut model, Device::Cpu).unwrap();
+        let after = model.g.to_weights().unwrap();
+        for spec in arch.generator_params() {
+            assert_eq!(after.get(&spec.name).unwrap().data, want.get(&spec.name).unwrap().data, "{}", spec.name);
+        }
+        // Not a model: the error names the file.
+        let bad = d.path().join("x.onnx");
+        std::fs::write(&bad, b"not onnx").unwrap();
+        let err = Init::read(&bad).err().expect("refused").to_string();
+        assert!(err.contains("x.onnx"), "{err}");
+    }
+}
