@@ -43,6 +43,8 @@ export GANOMALY_REQUIRE_MOSQUITTO := 1
 export GANOMALY_REQUIRE_GSTREAMER := 1
 # And the console's browser test, which needs Debian's chromium.
 export GANOMALY_REQUIRE_CHROMIUM := 1
+# And the commissioning test, which runs the trainer binary (built by `cargo test --workspace`).
+export GANOMALY_REQUIRE_TRAINER := 1
 
 STAMP_ORT   := $(VENV)/.stamp-ort
 STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)

@@ -182,6 +182,15 @@ pub struct CameraStats {
     /// for sources that decode through GStreamer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder: Option<String>,
+    /// Score drift: the alarm-free scores' median shift in reference spreads
+    /// (README "Drift"); absent until judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_shift: Option<f64>,
+    /// Operator feedback stored: false alarms confirmed, defects confirmed.
+    #[serde(default)]
+    pub feedback_false_alarms: u64,
+    #[serde(default)]
+    pub feedback_defects: u64,
     /// The comparison with the camera's shadow model (`shadow_model`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::ShadowStats>,

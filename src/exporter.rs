@@ -475,6 +475,33 @@ impl Collector for DaemonCollector {
                 refused,
             )?;
         }
+        let drift = s.cameras.iter().map(|(n, c)| (cam(n), ConstGauge::new(c.drift_shift())));
+        family(
+            &mut enc,
+            "score_drift",
+            "Median of the latest alarm-free raw scores minus the calibration's normal median, in its p95 - p50 spreads (NaN until judged; README \"Drift\").",
+            None,
+            MetricType::Gauge,
+            drift,
+        )?;
+        let fb = per_camera(|c| CameraCounters::get(&c.feedback_false_alarms));
+        family(
+            &mut enc,
+            "feedback_false_alarms",
+            "Alarms the operator confirmed false (feedback `ok`).",
+            None,
+            MetricType::Counter,
+            fb,
+        )?;
+        let fb = per_camera(|c| CameraCounters::get(&c.feedback_defects));
+        family(
+            &mut enc,
+            "feedback_defects",
+            "Alarms the operator confirmed as defects (feedback `defect`).",
+            None,
+            MetricType::Counter,
+            fb,
+        )?;
         // NaN until the camera's first decided frame: 0 would read as "all good".
         let scores = s.cameras.iter().map(|(n, c)| {
             let decided = CameraCounters::get(&c.decided) > 0;

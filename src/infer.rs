@@ -328,6 +328,8 @@ pub enum Control {
     /// the decisions of its cameras under it. Queued frames prepared for the
     /// old input shape are dropped (counted).
     Swap { model: Box<Model>, decisions: Vec<(usize, Decision)> },
+    /// Start a live calibration of the camera at `slot` (the `calibrate` command).
+    Calibrate { slot: usize, req: crate::decide::CalibrateRequest },
 }
 
 /// Inputs and outputs of the inference thread.
@@ -419,6 +421,14 @@ impl InferThread {
                     None => tracing::info!(camera = %cam.name, "camera detached"),
                 }
             }
+            Control::Calibrate { slot, req } => match self.camera(slot) {
+                Some(cam) => cam.start_calibration(req),
+                None => {
+                    let _ = req.reply.try_send(crate::decide::CalibrateReply::Refused(
+                        "the camera is being moved by a reload: try again".into(),
+                    ));
+                }
+            },
             Control::Swap { model, decisions } => {
                 tracing::info!(
                     old = %self.model.path.display(), new = %model.path.display(), provider = model.provider.as_str(),

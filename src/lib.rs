@@ -13,6 +13,7 @@
 //!   thread; [`verdict`] is the pure "scores of a part's frames → ok/ng/error" step.
 //! - [`record`]: the inspection record (every verdict and alarm in SQLite, with retention).
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
+//! - [`recording`]: good frames of a camera, through its ROI, into `DIR/train/good/` (near-duplicates skipped).
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
 //! - [`pipeline`]: wires the stages together from the compiled settings, rewires them on a reload, and owns
@@ -20,6 +21,9 @@
 //!   candidate model with its model on the same frames.
 //! - [`metrics`], [`exporter`]: per-camera counters and latency histograms; Prometheus `/metrics`, `/healthz`.
 //! - [`systemd`]: READY/STOPPING/watchdog notifications. [`runtime`]: finding and loading ONNX Runtime.
+//!
+//! - [`drift`]: rolling statistics of alarm-free scores against the calibration's (pure).
+//! - [`commission`]: the `record`, `calibrate` and `feedback` command handlers and the live-calibration state file.
 //!
 //! Around them:
 //! - [`commands`]: commands from MQTT and HTTP (`trigger`, `reload`, `record`, `calibrate`, `feedback`),
@@ -38,9 +42,11 @@ pub mod base;
 pub mod capture;
 pub mod cmds;
 pub mod commands;
+pub mod commission;
 pub mod config;
 pub mod console;
 pub mod decide;
+pub mod drift;
 pub mod events;
 pub mod exporter;
 pub mod infer;
@@ -49,6 +55,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
 pub mod record;
+pub mod recording;
 pub mod reload;
 pub mod runtime;
 pub mod shadow;

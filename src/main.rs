@@ -36,6 +36,10 @@ enum Cmd {
     Watch(cmds::watch::WatchArgs),
     /// Export the inspection record (verdicts and alarms) as CSV, JSON lines or text.
     Verdicts(cmds::verdicts::Args),
+    /// Write good frames of a configured camera (through its ROI) into DIR/train/good for training.
+    Record(cmds::record::Args),
+    /// Score a camera's good parts live and set its threshold (kept in [commissioning] dir/calibration.json).
+    Calibrate(cmds::calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +53,8 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => cmds::bench::run(&args),
         Cmd::Watch(args) => cmds::watch::run(args),
         Cmd::Verdicts(args) => cmds::verdicts::run(&args),
+        Cmd::Record(args) => cmds::record::run(&args),
+        Cmd::Calibrate(args) => cmds::calibrate::run(&args),
     };
     result.unwrap_or_else(|e| {
         // The whole chain, each cause once: "MQTT publisher: mqtt.password_file /p: Permission denied".

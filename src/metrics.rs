@@ -34,6 +34,13 @@ pub struct CameraCounters {
     pub last_score: AtomicU64,
     /// The video decoder the source uses, once known (GStreamer sources).
     pub decoder: Mutex<Option<String>>,
+    /// Score drift (`drift`): the latest shift of the alarm-free scores' median
+    /// in reference spreads (f64 bits), once judged.
+    pub drift_shift: AtomicU64,
+    pub drift_known: AtomicBool,
+    /// Operator feedback stored: alarms confirmed false (`ok`), and confirmed defects.
+    pub feedback_false_alarms: AtomicU64,
+    pub feedback_defects: AtomicU64,
     /// The comparison with the camera's shadow model, while it has one.
     pub shadow: Mutex<Option<Arc<ShadowCompare>>>,
     /// Verdicts of a triggered camera, by outcome.
@@ -83,6 +90,20 @@ impl CameraCounters {
         f64::from_bits(self.last_score.load(Ordering::Relaxed))
     }
 
+    pub fn set_drift_shift(&self, shift: f64) {
+        self.drift_shift.store(shift.to_bits(), Ordering::Relaxed);
+        self.drift_known.store(true, Ordering::Relaxed);
+    }
+
+    /// NaN until the first judgement (a 0 would read as "no drift").
+    pub fn drift_shift(&self) -> f64 {
+        if self.drift_known.load(Ordering::Relaxed) {
+            f64::from_bits(self.drift_shift.load(Ordering::Relaxed))
+        } else {
+            f64::NAN
+        }
+    }
+
     pub fn record_latency(&self, ms: f64) {
         if let Ok(mut h) = self.latency.lock() {
             h.record(ms);
@@ -102,6 +123,9 @@ impl CameraCounters {
             latency_p50_ms: p50,
             latency_p99_ms: p99,
             decoder: self.decoder.lock().ok().and_then(|d| d.clone()),
+            drift_shift: Some(self.drift_shift()).filter(|v| v.is_finite()),
+            feedback_false_alarms: Self::get(&self.feedback_false_alarms),
+            feedback_defects: Self::get(&self.feedback_defects),
             shadow: self.shadow().map(|s| s.stats()),
             verdicts: self.triggered.load(Ordering::Relaxed).then(|| crate::events::VerdictStats {
                 ok: Self::get(&self.verdicts_ok),

@@ -70,12 +70,14 @@ use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
 use crate::capture::watch::{self, Watched, STOP_GRACE};
 use crate::capture::{self, CameraThread, CameraWatch, Frame, FrameData, SourceFactory};
+use crate::commission::{self, CalibrationState, CameraHooks, SharedHooks};
 use crate::config::{CameraPlan, Provider, ScoreChoice, Settings};
-use crate::decide::{Camera, Decider};
+use crate::decide::{AlarmFrames, Camera, Decider};
 use crate::events::{now_ms, EndReason, Publisher, StatsReport, PAYLOAD_SCHEMA};
 use crate::infer::{self, Control, Decision, Handoff, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
+use crate::recording::Tap;
 use crate::reload::{self, CameraChange, Plan};
 use crate::shadow::{self, ShadowCompare, Side};
 use crate::snapshot::{self, SnapshotQueue};
@@ -204,9 +206,14 @@ fn same_input(camera: &str, real: &ModelMetadata, shadow: &ModelMetadata) -> Res
 }
 
 /// The decisions of a camera under `metas` (its model's and its shadow's).
+/// The camera's own calibration comes from `live` (`calibration.json`) when
+/// that holds one made for this model export and score (`commission` module
+/// doc), else from the model: a reload re-reads it, so a live calibration
+/// outlives reloads that keep the model, and a new model starts from its own.
 fn decisions(
     plan: &CameraPlan,
     metas: &BTreeMap<ModelKey, (ModelMetadata, PathBuf)>,
+    live: Option<&std::path::Path>,
 ) -> Result<(Decision, Option<Decision>), PipelineError> {
     let missing = |key: &ModelKey| PipelineError::Score {
         camera: plan.name.clone(),
@@ -215,7 +222,22 @@ fn decisions(
     };
     let key = ModelKey::real(plan);
     let (meta, path) = metas.get(&key).ok_or_else(|| missing(&key))?;
-    let real = decision(&plan.name, "score", plan.score, plan.alarm, meta, path)?;
+    let mut real = decision(&plan.name, "score", plan.score, plan.alarm, meta, path)?;
+    if let Some(file) = live {
+        match CalibrationState::load(file) {
+            Ok(state) => {
+                if let Some((cal, commission::ThresholdSource::Live { ts, .. })) =
+                    commission::effective(Some((file, &state)), &plan.name, meta, real.kind)
+                {
+                    tracing::info!(camera = %plan.name, threshold = cal.threshold, file = %file.display(), ts, "live calibration in force");
+                    real.calibration = cal;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::base::report::chain(&e), "ignoring the live calibrations: using the models' own")
+            }
+        }
+    }
     let shadow = match (&plan.shadow, ModelKey::shadow_of(plan)) {
         (Some(s), Some(skey)) => {
             let (smeta, spath) = metas.get(&skey).ok_or_else(|| missing(&skey))?;
@@ -242,6 +264,9 @@ struct CameraRun {
     recycle: (Sender<FrameData>, Receiver<FrameData>),
     /// The comparison with its shadow, while it has one.
     shadow: Option<Arc<ShadowCompare>>,
+    /// The `record` command's copies of its frames; its last alarms' ROIs (`feedback`).
+    tap: Arc<Tap>,
+    alarm_frames: Arc<AlarmFrames>,
 }
 
 /// One running model: its thread and the ends of its channels the pipeline keeps.
@@ -345,6 +370,8 @@ pub struct Pipeline {
     /// The trigger thread, and the flag that tells it the cameras have ended.
     trigger: Option<JoinHandle<()>>,
     cameras_done: Arc<AtomicBool>,
+    /// What the record/calibrate/feedback handlers see of each camera (kept current by `relist`).
+    hooks: SharedHooks,
 }
 
 /// The cameras the stats thread reports, and the provider of the first
@@ -368,7 +395,7 @@ impl Pipeline {
         }
         let metas = loaded.iter().map(|(k, m)| (k.clone(), (m.meta.clone(), m.path.clone()))).collect();
         for plan in &settings.cameras {
-            decisions(plan, &metas)?;
+            decisions(plan, &metas, None)?;
         }
 
         // After the models loaded (a run that cannot start publishes
@@ -423,6 +450,7 @@ impl Pipeline {
             live: opts.live.clone(),
             trigger: None,
             cameras_done: Arc::new(AtomicBool::new(false)),
+            hooks: SharedHooks::default(),
         };
         for (key, model) in loaded {
             p.spawn_model(key, model)?;
@@ -513,7 +541,7 @@ impl Pipeline {
         recycle: Option<(Sender<FrameData>, Receiver<FrameData>)>,
         source: Option<SourceFactory>,
     ) -> Result<usize, PipelineError> {
-        let (real, shadow) = decisions(&plan, &self.metas())?;
+        let (real, shadow) = decisions(&plan, &self.metas(), self.live_file().as_deref())?;
         let slot = self.next_slot;
         self.next_slot += 1;
         let queue = self.settings.pipeline.frame_queue.max(1);
@@ -545,6 +573,8 @@ impl Pipeline {
             }
             (None, _) => None,
         };
+        let c = &self.settings.commissioning;
+        let alarm_frames = Arc::new(AlarmFrames::new(c.keep_alarm_frames));
         let camera = Camera {
             name: plan.name.clone(),
             decider: Decider::new(
@@ -553,12 +583,15 @@ impl Pipeline {
                 real.calibration.clone(),
                 real.alarm,
                 self.last_number(&plan.name),
-            ),
+            )
+            .with_drift(c.drift_window, c.drift_bound),
             roi: plan.roi,
             counters: counters.clone(),
             recycle: recycle.0.clone(),
             compare: compare.clone().map(|c| (c, Side::Real)),
             trigger: scored,
+            collecting: None,
+            alarm_frames: alarm_frames.clone(),
         };
         // Before the camera thread exists: the model's thread has the camera
         // before its first frame can arrive.
@@ -591,7 +624,8 @@ impl Pipeline {
             }
             None => (frames_tx, frames.clone()),
         };
-        self.spawn_camera_thread(plan, slot, counters, recycle, camera_queue, frames, compare, source)?;
+        let hooks = (Arc::new(Tap::default()), alarm_frames);
+        self.spawn_camera_thread(plan, slot, counters, recycle, camera_queue, frames, compare, source, hooks)?;
         Ok(slot)
     }
 
@@ -610,12 +644,16 @@ impl Pipeline {
         let (nowhere, _) = crossbeam_channel::bounded(0);
         let camera = Camera {
             name: name.clone(),
-            decider: Decider::new(&name, d.kind, d.calibration, d.alarm, self.last_number(&name)),
+            // A shadow's drift is not the line's: no drift events for it.
+            decider: Decider::new(&name, d.kind, d.calibration, d.alarm, self.last_number(&name))
+                .with_drift(self.settings.commissioning.drift_window, 0.0),
             roi: None,
             counters: compare.counters.clone(),
             recycle: nowhere,
             compare: Some((compare.clone(), Side::Shadow)),
             trigger: None,
+            collecting: None,
+            alarm_frames: Arc::new(AlarmFrames::new(0)),
         };
         if let Some(c) = self.control(&key) {
             let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
@@ -634,6 +672,7 @@ impl Pipeline {
         frames: Receiver<Frame>,
         shadow: Option<Arc<ShadowCompare>>,
         source: Option<SourceFactory>,
+        (tap, alarm_frames): (Arc<Tap>, Arc<AlarmFrames>),
     ) -> Result<(), PipelineError> {
         // `(frames_tx, drops)`: the queue the camera thread fills (its own
         // end for drop-oldest); `frames`: what the pool reads (the same
@@ -665,7 +704,10 @@ impl Pipeline {
         )?;
         let name = plan.name.clone();
         let thread = Some(thread);
-        self.cameras.insert(name, CameraRun { slot, plan, counters, watch, stop, thread, frames, recycle, shadow });
+        self.cameras.insert(
+            name,
+            CameraRun { slot, plan, counters, watch, stop, thread, frames, recycle, shadow, tap, alarm_frames },
+        );
         Ok(())
     }
 
@@ -711,6 +753,7 @@ impl Pipeline {
                     counters: c.counters.clone(),
                     input: c.frames.clone(),
                     recycle: c.recycle.0.clone(),
+                    tap: c.tap.clone(),
                 })
             })
             .collect();
@@ -736,6 +779,39 @@ impl Pipeline {
         if let Ok(mut w) = self.watched.write() {
             *w = self.cameras.values().map(|c| c.watch.clone()).collect();
         }
+        let hooks: Vec<CameraHooks> = self
+            .cameras
+            .values()
+            .filter_map(|c| {
+                let key = ModelKey::real(&c.plan);
+                let run = self.models.get(&key)?;
+                Some(CameraHooks {
+                    name: c.plan.name.clone(),
+                    tap: c.tap.clone(),
+                    alarm_frames: c.alarm_frames.clone(),
+                    counters: c.counters.clone(),
+                    roi: c.plan.roi,
+                    model: c.plan.model.clone(),
+                    model_id: commission::model_id(&run.meta),
+                    slot: c.slot,
+                    control: run.control.clone(),
+                })
+            })
+            .collect();
+        if let Ok(mut h) = self.hooks.write() {
+            *h = hooks;
+        }
+    }
+
+    /// What the commissioning command handlers see of each camera (kept
+    /// current across reloads).
+    pub fn hooks(&self) -> SharedHooks {
+        self.hooks.clone()
+    }
+
+    /// `calibration.json` of the running settings, if `[commissioning] dir` is set.
+    fn live_file(&self) -> Option<PathBuf> {
+        self.settings.commissioning.calibration_file()
     }
 
     /// Starts a reload of `new` (compiled by `config::load`, like
@@ -764,6 +840,7 @@ impl Pipeline {
         let new_plans: BTreeMap<String, CameraPlan> = new.cameras.iter().map(|c| (c.name.clone(), c.clone())).collect();
 
         // Models: a changed file is swapped in its thread; a new one gets a thread.
+        let live = self.live_file();
         let mut metas = self.metas();
         for (key, model) in &models {
             metas.insert(key.clone(), (model.meta.clone(), key.path.clone()));
@@ -780,7 +857,7 @@ impl Pipeline {
                 if !matches!(plan.cameras.get(name), Some(CameraChange::Update(_))) {
                     continue;
                 }
-                let (real, shadow) = decisions(p, &metas)?;
+                let (real, shadow) = decisions(p, &metas, live.as_deref())?;
                 if !key.shadow && ModelKey::real(&c.plan) == key && ModelKey::real(p) == key {
                     decided.push((c.slot, real));
                 } else if let (true, Some(d)) = (key.shadow, shadow) {
@@ -820,7 +897,7 @@ impl Pipeline {
                     else {
                         continue;
                     };
-                    let (real, shadow) = decisions(p, &metas)?;
+                    let (real, shadow) = decisions(p, &metas, live.as_deref())?;
                     let slot = self.next_slot;
                     self.next_slot += 1;
                     tracing::info!(camera = %name, because = %why.join(", "), old_slot = old.slot, slot, "camera restarted");
@@ -843,14 +920,16 @@ impl Pipeline {
                     let compare = self.attach_shadow(p, slot, shadow)?;
                     let queue = self.settings.pipeline.frame_queue.max(1);
                     let (frames_tx, frames) = crossbeam_channel::bounded(queue);
-                    let CameraRun { counters, recycle, .. } = old;
+                    // Its decision state (with its kept alarm frames) moved on; so do its hooks.
+                    let CameraRun { counters, recycle, tap, alarm_frames, .. } = old;
+                    let hooks = (tap, alarm_frames);
                     let queue = (frames_tx, frames.clone());
-                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queue, frames, compare, None)?;
+                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queue, frames, compare, None, hooks)?;
                 }
                 CameraChange::Update(u) if u.is_empty() => {}
                 CameraChange::Update(u) => {
                     let Some(p) = new_plans.get(name) else { continue };
-                    let (real, shadow) = decisions(p, &metas)?;
+                    let (real, shadow) = decisions(p, &metas, live.as_deref())?;
                     let Some(c) = self.cameras.get(name) else { continue };
                     let (slot, old_key, new_key) = (c.slot, ModelKey::real(&c.plan), ModelKey::real(p));
                     if old_key != new_key {
@@ -1118,7 +1197,7 @@ fn load_for_reload(
         models.insert(key, model);
     }
     for plan in &new.cameras {
-        decisions(plan, &metas).map_err(|e| e.to_string())?;
+        decisions(plan, &metas, None).map_err(|e| e.to_string())?;
     }
     Ok(Loaded { settings: new, models, changed })
 }

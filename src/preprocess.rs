@@ -53,6 +53,9 @@ pub struct CameraPrep {
     pub counters: Arc<CameraCounters>,
     pub input: Receiver<Frame>,
     pub recycle: Sender<FrameData>,
+    /// A `record` command's copies of this camera's frames (one atomic load per
+    /// frame while none records; see `recording::Tap` for its drop-first policy).
+    pub tap: Arc<crate::recording::Tap>,
 }
 
 /// One model's input shape and where its tensors go.
@@ -154,6 +157,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 continue;
             }
         };
+        cam.tap.offer(&frame.pixels);
         let model = &spec.models[cam.model];
         let prep = &mut preps[cam.model];
         let mut tensor = model.tensor_recycle.try_recv().unwrap_or_default();

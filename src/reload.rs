@@ -75,7 +75,7 @@ pub struct Restart {
 }
 
 /// Sections that cannot change while running, and why.
-pub const RESTART_ONLY: [Restart; 9] = [
+pub const RESTART_ONLY: [Restart; 10] = [
     Restart {
         section: "inference",
         why: "ONNX Runtime's library and execution providers are set up once per process, and the running inference \
@@ -99,6 +99,10 @@ pub const RESTART_ONLY: [Restart; 9] = [
         why: "a triggered camera's trigger station (ring buffer, deadlines, the model sha256 and calibration its \
               verdicts name) is set up at start: a triggered camera added, removed or changed keeps running as it \
               was until a restart",
+    },
+    Restart {
+        section: "commissioning",
+        why: "the record, calibrate and feedback handlers start with their folder, and cameras with their drift window",
     },
 ];
 
@@ -147,7 +151,19 @@ pub struct Plan {
 /// The plan from `old` (running) to `new`. `changed_files`: model files
 /// (camera or shadow models) whose contents differ from the running session's.
 pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -> Plan {
-    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record, console } = new;
+    let Settings {
+        inference,
+        pipeline,
+        snapshots,
+        cameras,
+        mqtt,
+        metrics,
+        commands,
+        sparkplug,
+        record,
+        console,
+        commissioning,
+    } = new;
     let mut needs_restart = Vec::new();
     if *inference != old.inference {
         needs_restart.push(restart("inference"));
@@ -176,6 +192,11 @@ pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -
     let held = held_triggered(old, new);
     if !held.is_empty() {
         needs_restart.push(restart("triggered cameras"));
+    }
+    // The commissioning handlers hold their folder from the start; drift
+    // settings apply to cameras as they start.
+    if *commissioning != old.commissioning {
+        needs_restart.push(restart("commissioning"));
     }
     let old_cams: BTreeMap<&str, &CameraPlan> = old.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
     let mut out = BTreeMap::new();
@@ -294,6 +315,7 @@ pub fn applied(old: &Settings, new: Settings) -> Settings {
         sparkplug: old.sparkplug.clone(),
         record: old.record.clone(),
         console: old.console.clone(),
+        commissioning: old.commissioning.clone(),
         commands,
     }
 }

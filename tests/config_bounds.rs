@@ -160,6 +160,16 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
         ("listen without port", vec![("metrics", s("listen = \"localhost\""))], "metrics.listen"),
         ("stale after 1e20 s", vec![("metrics", s("stale_after_s = 1e20"))], "metrics.stale_after_s"),
         ("stale after half a second", vec![("metrics", s("stale_after_s = 0.5"))], "metrics.stale_after_s"),
+        // [commissioning]
+        ("257 alarm frames", vec![("commissioning", s("keep_alarm_frames = 257"))], "commissioning.keep_alarm_frames"),
+        ("a drift window of 49", vec![("commissioning", s("drift_window = 49"))], "commissioning.drift_window"),
+        ("a drift bound of 0.05", vec![("commissioning", s("drift_bound = 0.05"))], "commissioning.drift_bound"),
+        ("a drift bound of 1e9", vec![("commissioning", s("drift_bound = 1e9"))], "commissioning.drift_bound"),
+        (
+            "a file as the commissioning dir",
+            vec![("commissioning", s("dir = \"{DIR}/frames/a.png\""))],
+            "commissioning.dir",
+        ),
         // [commands]
         ("an unknown command allowed", vec![("commands", s("allow = [\"trigger\", \"explode\"]"))], "commands.allow"),
         (
@@ -685,6 +695,7 @@ fn boundary_configs_run() {
                      alarms_kept = 10\nsnapshots_kept = 1\nmax_connections = 4"
                         .into(),
                 ),
+                ("commissioning", format!("dir = \"{d}/comm\"\nkeep_alarm_frames = 0\ndrift_window = 50\ndrift_bound = 0.1")),
             ],
         ),
         (
@@ -711,6 +722,7 @@ fn boundary_configs_run() {
                          alarms_kept = 100000\nsnapshots_kept = 1000\nmax_connections = 1024\nuser = \"op\"\npassword_env = \"{PW_VAR}\""
                     ),
                 ),
+                ("commissioning", "keep_alarm_frames = 256\ndrift_window = 100000\ndrift_bound = 100.0".into()),
             ],
         ),
         (

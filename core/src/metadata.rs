@@ -14,7 +14,13 @@ use serde::{Deserialize, Serialize};
 use crate::arch::ArchSpec;
 
 /// Version of the metadata schema this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2 added the calibration's `tail_fit` and `expected_far` and the methods
+/// `conformal` and `lognormal_tail`; version 1 files read unchanged (the new fields are
+/// optional), so models exported before still load.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Schema versions this build reads.
+pub const SCHEMA_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=SCHEMA_VERSION;
 
 pub const KEY_SCHEMA: &str = "ganomaly.schema_version";
 pub const KEY_ARCH: &str = "ganomaly.arch";
@@ -30,7 +36,7 @@ pub enum MetadataError {
     Missing(&'static str),
     #[error("model metadata key `{key}` is invalid: {reason}")]
     Invalid { key: &'static str, reason: String },
-    #[error("model metadata schema version {found} is not supported (this build reads version {supported})")]
+    #[error("model metadata schema version {found} is not supported (this build reads versions 1 to {supported})")]
     Version { found: u32, supported: u32 },
 }
 
@@ -147,6 +153,55 @@ pub enum CalibrationMethod {
     F1Optimal,
     /// Not calibrated (fixtures, random weights): threshold is a placeholder.
     Uncalibrated,
+    /// Split-conformal quantile: the ⌈(n+1)(1−α)⌉-th smallest normal score, the
+    /// smallest rank that keeps the false-alarm rate at most α for exchangeable
+    /// data (capped at the sample maximum when n is too small to certify α).
+    Conformal,
+    /// A log-normal fitted to the normal scores (mean and standard deviation of
+    /// their logs), threshold at its 1−α quantile; used only when the fit passes
+    /// its check ([`TailFit::accepted`]), else the calibration falls back to `conformal`.
+    LognormalTail,
+}
+
+impl CalibrationMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CalibrationMethod::NormalQuantile => "normal_quantile",
+            CalibrationMethod::F1Optimal => "f1_optimal",
+            CalibrationMethod::Uncalibrated => "uncalibrated",
+            CalibrationMethod::Conformal => "conformal",
+            CalibrationMethod::LognormalTail => "lognormal_tail",
+        }
+    }
+}
+
+/// A parametric fit of the normal scores' upper tail and its check of fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TailFit {
+    /// `lognormal`: ln(score) ~ N(mu, sigma²).
+    pub family: String,
+    pub mu: f64,
+    pub sigma: f64,
+    /// Kolmogorov–Smirnov distance between the fit and the scores (parameters estimated).
+    pub ks: f64,
+    /// Lilliefors' 1 % critical value for that distance at this n (≈ 1.031/√n).
+    pub ks_critical: f64,
+    /// `ks <= ks_critical` and enough scores (≥ 10): the fit is used.
+    pub accepted: bool,
+}
+
+/// The false-alarm rate expected on good images at a threshold, with an interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FarInterval {
+    pub estimate: f64,
+    pub low: f64,
+    pub high: f64,
+    /// Coverage of [low, high] (0.95).
+    pub level: f64,
+    /// How the interval was made, in words.
+    pub how: String,
 }
 
 /// Summary of the normal validation scores a calibration came from.
@@ -183,6 +238,13 @@ pub struct Calibration {
     pub val_auroc: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_f1: Option<f64>,
+    /// The tail fit a `lognormal_tail` calibration was made with (or, when its check
+    /// failed and `conformal` was used instead, the rejected fit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_fit: Option<TailFit>,
+    /// The false-alarm rate to expect on good images at `threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_far: Option<FarInterval>,
 }
 
 impl Calibration {
@@ -197,6 +259,8 @@ impl Calibration {
             normal_stats: None,
             val_auroc: None,
             val_f1: None,
+            tail_fit: None,
+            expected_far: None,
         }
     }
 
@@ -298,7 +362,7 @@ impl ModelMetadata {
             key: KEY_SCHEMA,
             reason: format!("`{version_text}` is not a number"),
         })?;
-        if found != SCHEMA_VERSION {
+        if !SCHEMA_VERSIONS_READ.contains(&found) {
             return Err(MetadataError::Version { found, supported: SCHEMA_VERSION });
         }
         let arch: ArchSpec = parse(props, KEY_ARCH)?;
@@ -426,12 +490,28 @@ mod tests {
         assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_DEFAULT_SCORE, .. })));
 
         let mut p = sample().to_props();
-        p.insert(KEY_SCHEMA.into(), "2".into());
-        assert_eq!(ModelMetadata::from_props(&p), Err(MetadataError::Version { found: 2, supported: 1 }));
+        p.insert(KEY_SCHEMA.into(), "3".into());
+        assert_eq!(ModelMetadata::from_props(&p), Err(MetadataError::Version { found: 3, supported: 2 }));
 
         let mut p = sample().to_props();
         p.insert(KEY_SCORES.into(), "not json".into());
         assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_SCORES, .. })));
+    }
+
+    #[test]
+    fn version_1_models_still_load() {
+        // A version-1 calibration document has none of the version-2 fields.
+        let mut p = sample().to_props();
+        p.insert(KEY_SCHEMA.into(), "1".into());
+        let v1_scores = r#"[{"kind":"latent","calibration":{"threshold":0.5,"min":0.0,"max":1.0,"method":"normal_quantile","target_false_alarm_rate":0.01}}]"#;
+        p.insert(KEY_SCORES.into(), v1_scores.into());
+        p.insert(KEY_DEFAULT_SCORE.into(), "latent".into());
+        let m = ModelMetadata::from_props(&p).expect("version 1 loads");
+        let c = &m.score(ScoreKind::Latent).unwrap().calibration;
+        assert_eq!(
+            (c.method, c.tail_fit.as_ref(), c.expected_far.as_ref()),
+            (CalibrationMethod::NormalQuantile, None, None)
+        );
     }
 
     #[test]

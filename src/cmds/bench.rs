@@ -287,6 +287,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         commands: Default::default(),
         record: None,
         console: None,
+        commissioning: Default::default(),
     };
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;
@@ -594,6 +595,7 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
         sparkplug: None,
         record: None,
         console: None,
+        commissioning: Default::default(),
     };
     let meter = Arc::new(VerdictMeter::default());
     let commands = CommandSettings { enabled: true, ..CommandSettings::default() };

@@ -3,8 +3,10 @@
 //! crate; nothing here is on the frame path.
 
 pub mod bench;
+pub mod calibrate;
 pub mod cameras;
 pub mod check_config;
+pub mod record;
 pub mod run;
 pub mod score;
 pub mod verdicts;

@@ -180,6 +180,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let intake = Intake::new(cfg.commands.clone(), publisher.clone(), &camera_names);
     let reload_commands = intake.register(CommandName::Reload);
     let trigger_commands = intake.register(CommandName::Trigger);
+    let record_commands = intake.register(CommandName::Record);
+    let calibrate_commands = intake.register(CommandName::Calibrate);
+    let feedback_commands = intake.register(CommandName::Feedback);
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
     let live = console.as_ref().map(Console::live);
@@ -202,6 +205,17 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             return Err(e.into());
         }
     };
+    // Commissioning handlers: each on its own thread, ending with the process.
+    let dir = cfg.commissioning.dir.clone();
+    let hooks = pipeline.hooks();
+    let spawned = crate::commission::spawn_record(record_commands, dir.clone(), hooks.clone())
+        .and_then(|_| {
+            crate::commission::spawn_calibrate(calibrate_commands, cfg.commissioning.calibration_file(), hooks.clone())
+        })
+        .and_then(|_| crate::commission::spawn_feedback(feedback_commands, dir, hooks));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the commissioning command handlers: record, calibrate and feedback are not answered");
+    }
     let providers: Vec<String> =
         pipeline.providers().iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
     // Attached again after every reload: the cameras and models change.

@@ -15,12 +15,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, CommandsConfig, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, RecordConfig,
-    SnapshotConfig, TriggerTable,
+    AlarmTable, CameraTable, CommandsConfig, CommissioningConfig, ConfigFile, InferenceConfig, MetricsConfig,
+    PipelineConfig, RecordConfig, SnapshotConfig, TriggerTable,
 };
 use super::settings::{
-    Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
-    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
+    Aggregate, AlarmConfig, CameraMode, CameraPlan, CommissioningSettings, FramesFrom, InferenceSettings,
+    MetricsSettings, PipelineSettings, Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings,
+    TriggerSettings,
 };
 use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
@@ -71,6 +72,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let snapshots = snapshots(&file.snapshots, base, &mut problems);
     let metrics = metrics(&file.metrics, &mut problems);
     let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
+    let commissioning = commissioning(&file.commissioning, base, probe, &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
     let sparkplug = file.sparkplug.as_ref().and_then(|s| sparkplug(s, file.mqtt.as_ref(), base, probe, &mut problems));
     let record = record(&file.record, base, mqtt.as_ref(), &mut problems);
@@ -129,6 +131,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
             sparkplug,
             record,
             console,
+            commissioning,
         }),
         _ => Err(problems),
     }
@@ -467,6 +470,39 @@ fn merged_trigger(
         ));
     }
     s
+}
+
+/// Most alarm frames kept per camera for `feedback`: 256 full-HD RGB frames are 1.5 GiB.
+const MAX_KEEP_ALARM_FRAMES: u64 = 256;
+/// The drift window: 50 scores give a median worth comparing; 100,000 is about an
+/// hour at 30 fps (the window is sorted every `drift::EVERY` frames).
+const DRIFT_WINDOW: (u64, u64) = (50, 100_000);
+
+/// `[commissioning]`: bounds; the folder is resolved, not created (the commands create it).
+fn commissioning(
+    c: &CommissioningConfig,
+    base: &Path,
+    probe: Probe,
+    problems: &mut Vec<String>,
+) -> CommissioningSettings {
+    let p = "commissioning";
+    count_between(problems, &format!("{p}.keep_alarm_frames"), c.keep_alarm_frames as u64, 0, MAX_KEEP_ALARM_FRAMES);
+    count_between(problems, &format!("{p}.drift_window"), c.drift_window as u64, DRIFT_WINDOW.0, DRIFT_WINDOW.1);
+    if c.drift_bound != 0.0 {
+        between(problems, &format!("{p}.drift_bound"), c.drift_bound, 0.1, 100.0, " (or 0: no drift events)");
+    }
+    if let (Some(d), Probe::World) = (&c.dir, probe) {
+        let abs = resolve(base, d);
+        if abs.exists() && !abs.is_dir() {
+            problems.push(format!("{p}.dir: {} exists and is not a folder", abs.display()));
+        }
+    }
+    CommissioningSettings {
+        dir: c.dir.as_ref().map(|d| resolve(base, d)),
+        keep_alarm_frames: c.keep_alarm_frames,
+        drift_window: c.drift_window,
+        drift_bound: c.drift_bound,
+    }
 }
 
 /// Range checks on the fields one table sets (`[defaults]` or one camera),

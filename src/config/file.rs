@@ -54,6 +54,9 @@ pub struct ConfigFile {
     /// The web console (`console/`): off by default.
     #[serde(default)]
     pub console: crate::console::config::ConsoleConfig,
+    /// Recording, live calibration, drift and operator feedback (README "Commissioning a line").
+    #[serde(default)]
+    pub commissioning: CommissioningConfig,
 }
 
 /// `[record]`: the audit trail of verdicts and alarms (`record.rs`).
@@ -73,6 +76,32 @@ pub struct RecordConfig {
 impl Default for RecordConfig {
     fn default() -> Self {
         RecordConfig { enabled: true, path: None, max_age_s: 90.0 * 86_400.0, max_rows: 1_000_000 }
+    }
+}
+
+/// `[commissioning]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommissioningConfig {
+    /// Folder of the line's own data: `record/<name>/train/good/` (the `record`
+    /// command), `feedback/<camera>/val/...` (the `feedback` command) and
+    /// `calibration.json` (live calibrations). Relative to the config file.
+    /// Unset: those commands are refused and no live calibration is read.
+    pub dir: Option<PathBuf>,
+    /// ROIs (full resolution) of the most recent alarm starts kept in memory per
+    /// camera, for `feedback` to store (a 640×480 RGB ROI is 0.9 MiB).
+    pub keep_alarm_frames: usize,
+    /// Scores of alarm-free frames in the drift window.
+    pub drift_window: usize,
+    /// Drift bound: the window's median may move this many reference spreads
+    /// (the calibration's p95 − p50) from the reference median before a `drift`
+    /// event; 0 turns drift events off (the metric stays).
+    pub drift_bound: f64,
+}
+
+impl Default for CommissioningConfig {
+    fn default() -> Self {
+        CommissioningConfig { dir: None, keep_alarm_frames: 16, drift_window: 500, drift_bound: 1.0 }
     }
 }
 

@@ -23,8 +23,9 @@ pub use file::{
 };
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
-    Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
-    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
+    Aggregate, AlarmConfig, CameraMode, CameraPlan, CommissioningSettings, FramesFrom, InferenceSettings,
+    MetricsSettings, PipelineSettings, Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings,
+    TriggerSettings,
 };
 
 /// Errors loading a config file.

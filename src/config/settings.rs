@@ -36,6 +36,7 @@ pub struct Settings {
     pub record: Option<RecordSettings>,
     /// `None`: the console is off.
     pub console: Option<crate::console::config::ConsoleSettings>,
+    pub commissioning: CommissioningSettings,
 }
 
 /// `[record]` while enabled.
@@ -45,6 +46,30 @@ pub struct RecordSettings {
     pub path: PathBuf,
     pub max_age: Duration,
     pub max_rows: u64,
+}
+
+/// `[commissioning]`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommissioningSettings {
+    /// Absolute; `None`: record/calibrate/feedback commands are refused.
+    pub dir: Option<PathBuf>,
+    pub keep_alarm_frames: usize,
+    pub drift_window: usize,
+    /// 0: no drift events.
+    pub drift_bound: f64,
+}
+
+impl Default for CommissioningSettings {
+    fn default() -> Self {
+        CommissioningSettings { dir: None, keep_alarm_frames: 16, drift_window: 500, drift_bound: 1.0 }
+    }
+}
+
+impl CommissioningSettings {
+    /// Where live calibrations are kept (`calibration.json` in `dir`).
+    pub fn calibration_file(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("calibration.json"))
+    }
 }
 
 /// Execution provider names, in the order they are tried.

@@ -6,9 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ganomaly_core::calibrate::quantile_calibration;
-use ganomaly_core::metadata::{ModelMetadata, PreprocessMeta, Provenance, ScoreKind, ScoreMeta};
+use ganomaly_core::calibrate::{normal_calibration, NORMAL_METHODS};
+use ganomaly_core::metadata::{
+    CalibrationMethod, FarInterval, ModelMetadata, PreprocessMeta, Provenance, ScoreKind, ScoreMeta,
+};
 use ganomaly_core::onnx::{write_model, OnnxError};
+use serde::Serialize;
 use tch::Device;
 
 use crate::data::Splits;
@@ -34,12 +37,14 @@ pub enum ExportError {
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
     pub target_far: f64,
+    /// The good-only threshold method (`--calibration`).
+    pub calibration: CalibrationMethod,
     pub map_kernel: u32,
     pub default_score: ScoreChoice,
 }
 
-/// Builds the metadata: one `normal_quantile` calibration per kind from the held-out
-/// scores; test-set AUROC/F1 recorded next to each when `test` is given.
+/// Builds the metadata: one calibration per kind from the held-out scores with
+/// `settings.calibration`; test-set AUROC/F1 recorded next to each when `test` is given.
 pub fn build_metadata(
     g: &NetG,
     holdout: &Scores,
@@ -61,7 +66,7 @@ pub fn build_metadata(
         .into_iter()
         .filter(|&kind| holdout.has(kind))
         .map(|kind| {
-            let mut calibration = quantile_calibration(holdout.get(kind), settings.target_far);
+            let mut calibration = normal_calibration(holdout.get(kind), settings.target_far, settings.calibration);
             if let Some(e) = test.and_then(|t| t.get(&kind)) {
                 if e.auroc.is_finite() {
                     calibration.val_auroc = Some(e.auroc);
@@ -98,6 +103,54 @@ pub struct Finished {
     pub meta: Option<ModelMetadata>,
     /// Every score's test figures, at the calibrated thresholds; `None` without test defects.
     pub evals: Option<BTreeMap<ScoreKind, KindEval>>,
+    /// Every good-only calibration method on the same held-out scores, and what each
+    /// threshold does on test/ (the comparison behind the default method).
+    pub methods: BTreeMap<ScoreKind, Vec<MethodCheck>>,
+}
+
+/// One calibration method's threshold for one score, and its test figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodCheck {
+    /// The method asked for.
+    pub asked: CalibrationMethod,
+    /// The method used (`lognormal_tail` falls back to `conformal`).
+    pub method: CalibrationMethod,
+    pub threshold: f64,
+    pub target_far: f64,
+    pub expected_far: Option<FarInterval>,
+    /// False-alarm rate on test/good and recall on `test/<defect>` at this threshold.
+    pub test: Option<AtThreshold>,
+}
+
+/// [`MethodCheck`]s of every method for every kind the held-out scores cover.
+pub fn compare_methods(
+    holdout: &Scores,
+    test: Option<&BTreeMap<ScoreKind, KindEval>>,
+    target_far: f64,
+) -> BTreeMap<ScoreKind, Vec<MethodCheck>> {
+    ScoreKind::ALL
+        .into_iter()
+        .filter(|&kind| holdout.has(kind))
+        .map(|kind| {
+            let checks = NORMAL_METHODS
+                .into_iter()
+                .map(|asked| {
+                    let c = normal_calibration(holdout.get(kind), target_far, asked);
+                    MethodCheck {
+                        asked,
+                        method: c.method,
+                        threshold: c.threshold,
+                        target_far,
+                        expected_far: c.expected_far,
+                        test: test
+                            .and_then(|t| t.get(&kind))
+                            .map(|e| AtThreshold::new(&e.normal, &e.defect, c.threshold)),
+                    }
+                })
+                .collect();
+            (kind, checks)
+        })
+        .collect()
 }
 
 /// Scores `g` on the test and held-out images of `splits`, resolves `--score auto`
@@ -113,8 +166,10 @@ pub fn finish(
         .test
         .as_ref()
         .map(|t| evaluate(&t.items, &score_all(g, &t.x, settings.map_kernel, 64, device), &BTreeMap::new()));
+    let mut methods = BTreeMap::new();
     let meta = if splits.n_hold() > 0 {
         let hold_scores: Scores = score_all(g, &splits.hold, settings.map_kernel, 64, device);
+        methods = compare_methods(&hold_scores, raw_evals.as_ref(), settings.target_far);
         let mut settings = settings.clone();
         if settings.default_score == ScoreChoice::Auto {
             let (kind, evidence) = choose_score(g, &hold_scores, splits.val.as_ref(), settings.map_kernel, device);
@@ -134,7 +189,7 @@ pub fn finish(
         }
         e
     });
-    Ok(Finished { meta, evals })
+    Ok(Finished { meta, evals, methods })
 }
 
 /// Writes NetG with `meta` as ONNX to `path`.

@@ -7,6 +7,7 @@
 //! - [`adam`]: torch's Adam, written out so its moments can be checkpointed.
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
 //!   held-out calibration slice, the validation split, the data digest.
+//! - [`feedback`]: the daemon's feedback folder merged into validation and calibration.
 //! - [`features`]: the `mahalanobis` score's statistics (Ledoit–Wolf whitening of
 //!   the encoder features).
 //! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
@@ -37,6 +38,7 @@ pub mod data;
 pub mod evaluate;
 pub mod export;
 pub mod features;
+pub mod feedback;
 #[cfg(test)]
 mod fixtures;
 pub mod model;

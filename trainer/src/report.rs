@@ -8,11 +8,12 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use ganomaly_core::arch::ArchSpec;
-use ganomaly_core::metadata::ScoreKind;
+use ganomaly_core::metadata::{Calibration, ModelMetadata, ScoreKind};
 use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::evaluate::KindEval;
+use crate::export::MethodCheck;
 use crate::model::{EpochRecord, Hyper};
 use crate::select::SelectionSummary;
 
@@ -46,6 +47,10 @@ pub struct EvalSummary {
     /// The kind with the highest AUROC here.
     pub best_score: ScoreKind,
     pub scores: BTreeMap<ScoreKind, KindEval>,
+    /// The model's calibration of each score (method, target and expected
+    /// false-alarm rate), beside what its threshold does here (`scores[k].calibrated`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub calibrations: BTreeMap<ScoreKind, Calibration>,
 }
 
 impl EvalSummary {
@@ -75,7 +80,14 @@ impl EvalSummary {
             n_defect: d.defect.len(),
             best_score,
             scores: evals,
+            calibrations: BTreeMap::new(),
         }
+    }
+
+    /// The same summary with the calibrations of `meta` attached (printed under the table).
+    pub fn with_calibrations(mut self, meta: &ModelMetadata) -> EvalSummary {
+        self.calibrations = meta.scores.iter().map(|s| (s.kind, s.calibration.clone())).collect();
+        self
     }
 
     /// The table on stdout (`eval` without `--json`, and the end of `train`).
@@ -101,6 +113,23 @@ impl EvalSummary {
                 print!(" {:>9.4}", e.per_defect.get(*d).copied().unwrap_or(f64::NAN));
             }
             println!();
+        }
+        // What the threshold was meant to do: the rate on good images is the
+        // FAR@calib column above, to hold against the target and its interval.
+        for (kind, c) in &s.calibrations {
+            let target = c.target_false_alarm_rate.map_or("-".to_string(), |t| format!("{t}"));
+            let expected = c
+                .expected_far
+                .as_ref()
+                .map_or("-".to_string(), |f| format!("{:.4} [{:.4}, {:.4}]", f.estimate, f.low, f.high));
+            println!(
+                "calibration {:<11} {:<15} threshold {:<12.6} target FAR {:<6} expected FAR {}",
+                kind.as_str(),
+                c.method.as_str(),
+                c.threshold,
+                target,
+                expected
+            );
         }
     }
 }
@@ -129,6 +158,15 @@ pub struct TrainReport {
     pub best_epoch_optimistic: Option<BestEpoch>,
     /// Calibrated threshold per kind (from the held-out normal images).
     pub thresholds: BTreeMap<ScoreKind, f64>,
+    /// Every calibration method on the same held-out scores and its test figures
+    /// (benches/calibration_table.py reads these).
+    pub calibration_methods: BTreeMap<ScoreKind, Vec<MethodCheck>>,
+    /// `--init`: the model or checkpoint training started from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// `--feedback`: what the run took from the operator's feedback folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<crate::feedback::FeedbackUse>,
     pub default_score: Option<ScoreKind>,
     pub plots: Vec<String>,
     /// Which epoch's generator (raw or weight average) was evaluated and exported.

@@ -124,7 +124,11 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
     assert_eq!(meta.map_kernel(), Some(5));
     for kind in ScoreKind::ALL {
         let c = &meta.score(kind).unwrap().calibration;
-        assert_eq!(c.method, CalibrationMethod::NormalQuantile);
+        // The default `--calibration lognormal_tail`, or its recorded fallback.
+        assert!(matches!(c.method, CalibrationMethod::LognormalTail | CalibrationMethod::Conformal), "{:?}", c.method);
+        assert_eq!(c.method == CalibrationMethod::LognormalTail, c.tail_fit.as_ref().is_some_and(|f| f.accepted));
+        let far = c.expected_far.as_ref().expect("an expected false-alarm interval");
+        assert!(far.low <= far.estimate && far.estimate <= far.high, "{far:?}");
         assert_eq!(c.target_false_alarm_rate, Some(0.01));
         assert_eq!(c.normal_stats.as_ref().unwrap().n, 24, "10% of 240 held out");
         assert!(c.val_auroc.is_some());
@@ -158,6 +162,12 @@ fn short_cpu_run_learns_strong_defects_and_exports() {
         assert!(report_dir.join(f).is_file(), "{f} missing");
     }
     assert_eq!(report.history.len(), 15);
+    // Every method compared on the same held-out scores, with its test figures.
+    for (kind, checks) in &report.calibration_methods {
+        assert_eq!(checks.len(), 3, "{kind:?}");
+        assert!(checks.iter().all(|c| c.test.is_some() && c.threshold.is_finite()), "{checks:?}");
+    }
+    assert_eq!(report.calibration_methods.len(), ScoreKind::ALL.len());
     assert!(report.best_epoch_optimistic.as_ref().is_some_and(|b| b.note.contains("optimistic")));
 
     // eval from the ONNX file gives the training report's figures (same weights, same preprocessing).

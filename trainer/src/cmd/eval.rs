@@ -52,7 +52,7 @@ pub fn run(a: &Args) -> Result<EvalSummary> {
     let kernel = meta.map_kernel().unwrap_or(7);
     let scores = score_all(&g, &test.x, kernel, a.batch.max(1) as i64, device);
     let evals = evaluate(&test.items, &scores, &thresholds(&meta));
-    let summary = EvalSummary::new(Some(&a.model), &a.data, meta.default_score, evals);
+    let summary = EvalSummary::new(Some(&a.model), &a.data, meta.default_score, evals).with_calibrations(&meta);
     if let Some(dir) = &a.report {
         report::write_plots(dir, None, Some(&summary.scores))?;
         report::write_json(&dir.join("report.json"), &summary)?;

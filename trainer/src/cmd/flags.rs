@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ganomaly_core::arch::ArchSpec;
+use ganomaly_core::metadata::CalibrationMethod;
 use serde::Serialize;
 use tch::Device;
 
@@ -51,10 +52,17 @@ impl RunArgs {
 #[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, Args)]
 pub struct CalibArgs {
-    /// Target false-alarm rate on normal images: each score's threshold is this
-    /// upper quantile of the held-out normal scores.
+    /// Target false-alarm rate on normal images: each score's threshold is set on the
+    /// held-out normal scores (`--calibration`) so that about this share of good
+    /// images scores at or above it.
     #[arg(long, default_value_t = 0.01)]
     pub target_far: f64,
+    /// How the threshold is estimated from the held-out normal scores (see
+    /// `ganomaly_core::calibrate`): a log-normal tail fit (falls back to `conformal`
+    /// when the fit fails its check), the conformal rank, or the plain sample quantile
+    /// (the method before schema 2).
+    #[arg(long, value_enum, default_value_t = CalibChoice::LognormalTail)]
+    pub calibration: CalibChoice,
     /// Side (odd) of the box filter applied to the anomaly map before `score_map` takes its max.
     #[arg(long, default_value_t = 7)]
     pub map_kernel: u32,
@@ -75,9 +83,29 @@ impl CalibArgs {
         }
         Ok(ExportSettings {
             target_far: self.target_far,
+            calibration: self.calibration.method(),
             map_kernel: self.map_kernel,
             default_score: self.default_score,
         })
+    }
+}
+
+/// `--calibration`: the good-only threshold methods of `ganomaly_core::calibrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibChoice {
+    LognormalTail,
+    Conformal,
+    NormalQuantile,
+}
+
+impl CalibChoice {
+    pub fn method(self) -> CalibrationMethod {
+        match self {
+            CalibChoice::LognormalTail => CalibrationMethod::LognormalTail,
+            CalibChoice::Conformal => CalibrationMethod::Conformal,
+            CalibChoice::NormalQuantile => CalibrationMethod::NormalQuantile,
+        }
     }
 }
 

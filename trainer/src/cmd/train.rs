@@ -16,6 +16,7 @@ use crate::checkpoint::{load_checkpoint, CheckpointState};
 use crate::data::{self, Splits};
 use crate::evaluate::thresholds;
 use crate::export::{finish, now_rfc3339, versions, write_onnx};
+use crate::feedback;
 use crate::model::{Hyper, Model};
 use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
 use crate::select::{Select, SelectArgs, Tracker};
@@ -88,6 +89,18 @@ pub struct Args {
     /// Continue from the checkpoint folder's last epoch.
     #[arg(long)]
     pub resume: bool,
+    /// Start from this model's generator weights: an ONNX file ganomaly-train exported
+    /// (the daemon's current model), or a checkpoint folder. The architecture is the
+    /// model's (differing --isize/--nc/--nz/--ngf/--ndf/--extralayers are ignored, with a
+    /// warning); NetD starts fresh unless a checkpoint carries one. --epochs counts from 0.
+    #[arg(long, conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
+    /// Operator feedback folder (the daemon's `[feedback] dir`, MVTec layout): its
+    /// val/good/ (confirmed false alarms) and val/<defect>/ images join the validation
+    /// split that --select and --score auto read, and its val/good/ images also join the
+    /// held-out slice the thresholds are calibrated on. Never trained on.
+    #[arg(long)]
+    pub feedback: Option<PathBuf>,
     /// Report folder for plots and report.json (default: MODEL.report next to --out).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -103,7 +116,7 @@ pub struct Args {
 pub fn run(a: &Args) -> Result<TrainReport> {
     let files = data::scan(&a.data, true)?;
     let nc = a.nc.unwrap_or(files.mode.channels());
-    let arch = checked_arch(ArchSpec {
+    let flags_arch = ArchSpec {
         isize: a.isize,
         nc,
         nz: a.nz,
@@ -111,6 +124,19 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         ndf: a.ndf,
         extralayers: a.extralayers,
         ..Default::default()
+    };
+    let init = a.init.as_deref().map(Init::read).transpose()?;
+    let arch = checked_arch(match &init {
+        Some(i) => {
+            if i.arch != flags_arch {
+                tracing::warn!(
+                    model = ?i.arch, flags = ?flags_arch,
+                    "--init: training the initial model's architecture; the architecture flags are ignored"
+                );
+            }
+            i.arch
+        }
+        None => flags_arch,
     })?;
     if a.batch == 0 {
         bail!("--batch must be at least 1");
@@ -125,7 +151,11 @@ pub fn run(a: &Args) -> Result<TrainReport> {
 
     let color = ColorMode::from_channels(nc).context("nc")?;
     let mut pre = Preprocessor::new(color, a.isize);
-    let splits = Splits::load(&files, a.holdout, a.seed, &mut pre)?;
+    let mut splits = Splits::load(&files, a.holdout, a.seed, &mut pre)?;
+    let feedback = match &a.feedback {
+        Some(dir) => Some(feedback::merge(dir, &mut splits, &mut pre)?),
+        None => None,
+    };
     let digest = data::digest(&files.root, &files.train)?;
     let select_args = a.select.resolve(splits.val.as_ref(), &files.root)?;
     let (n_fit, n_hold) = (splits.n_fit(), splits.n_hold());
@@ -142,6 +172,9 @@ pub fn run(a: &Args) -> Result<TrainReport> {
 
     let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".ckpt"));
     let (mut model, mut state) = start(a, &ckpt_dir, arch, hyper, batch, &digest, device)?;
+    if let Some(i) = init {
+        i.apply(&mut model, device)?;
+    }
     let seed = state.seed;
     if a.resume && select_args.ema_decay > 0.0 && model.ema.is_none() {
         tracing::info!("the checkpoint holds no weight average; --ema-decay starts one from its weights");
@@ -193,6 +226,12 @@ pub fn run(a: &Args) -> Result<TrainReport> {
             hyper.w_enc
         ),
     };
+    if let Some(p) = &a.init {
+        provenance.notes.push_str(&format!("; initialised from {}", p.display()));
+    }
+    if let Some(f) = &feedback {
+        provenance.notes.push_str(&format!("; {}", f.summary()));
+    }
     let (g_out, selection) = tracker.chosen(&model);
     if let Some(reason) = &selection.reason {
         // The exported epoch and why, in the log and in the model itself.
@@ -211,8 +250,13 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         _ => None,
     };
     let default = finished.meta.as_ref().map_or(ScoreKind::Latent, |m| m.default_score);
-    let last_epoch =
-        finished.evals.map(|e| EvalSummary::new(model_path.as_deref().map(Path::new), &a.data, default, e));
+    let last_epoch = finished.evals.map(|e| {
+        let s = EvalSummary::new(model_path.as_deref().map(Path::new), &a.data, default, e);
+        match &finished.meta {
+            Some(meta) => s.with_calibrations(meta),
+            None => s,
+        }
+    });
     let best_epoch_optimistic = state
         .history
         .iter()
@@ -245,6 +289,9 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         last_epoch,
         best_epoch_optimistic,
         thresholds: finished.meta.as_ref().map(thresholds).unwrap_or_default(),
+        calibration_methods: finished.methods,
+        init: a.init.as_ref().map(|p| p.display().to_string()),
+        feedback,
         default_score: Some(default),
         plots,
         selection,
@@ -300,8 +347,85 @@ fn start(
     Ok((model, state))
 }
 
+/// Where `--init` starts from: an exported model's generator, or a checkpoint's
+/// networks (and optimiser moments), read before anything is trained.
+enum InitSource {
+    Onnx(ganomaly_core::weights::Weights),
+    Checkpoint(Box<Model>),
+}
+
+struct Init {
+    arch: ArchSpec,
+    source: InitSource,
+    path: PathBuf,
+}
+
+impl Init {
+    fn read(path: &Path) -> Result<Init> {
+        if path.is_dir() {
+            let (model, state) = load_checkpoint(path, Device::Cpu)
+                .with_context(|| format!("--init {}: not a usable checkpoint folder", path.display()))?;
+            return Ok(Init { arch: state.arch, source: InitSource::Checkpoint(Box::new(model)), path: path.into() });
+        }
+        let bytes =
+            ganomaly_core::onnx::check::read_file(path).with_context(|| format!("--init {}", path.display()))?;
+        let (meta, weights) = ganomaly_core::onnx::read_model(&bytes)
+            .with_context(|| format!("--init {}: not a model ganomaly-train exported", path.display()))?;
+        Ok(Init { arch: meta.arch, source: InitSource::Onnx(weights), path: path.into() })
+    }
+
+    /// Overwrites the fresh model's generator (and, from a checkpoint, its
+    /// discriminator) with the initial weights.
+    fn apply(self, model: &mut Model, device: Device) -> Result<()> {
+        let weights = match self.source {
+            InitSource::Onnx(w) => w,
+            InitSource::Checkpoint(m) => {
+                tch::no_grad(|| model.d.vs.copy(&m.d.vs)).context("--init: the checkpoint's discriminator")?;
+                m.g.to_weights()?
+            }
+        };
+        model.g.load_weights(&weights).with_context(|| format!("--init {}: generator weights", self.path.display()))?;
+        // The weight average starts from the initial weights, not from the fresh ones.
+        if let Some(ema) = model.ema.as_mut() {
+            ema.g.load_weights(&weights)?;
+        }
+        tracing::info!(init = %self.path.display(), ?device, "training starts from the initial model's weights");
+        Ok(())
+    }
+}
+
 /// `out` with its extension replaced by `suffix` (`m.onnx` → `m.ckpt`).
 fn sibling(out: &Path, suffix: &str) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     out.with_file_name(format!("{stem}{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_from_an_onnx_model_overwrites_the_fresh_generator() {
+        let arch = ArchSpec { isize: 16, nc: 1, nz: 8, ngf: 8, ndf: 8, extralayers: 0, ..Default::default() };
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.onnx");
+        std::fs::write(&path, ganomaly_core::onnx::random_model(&arch, 3).unwrap()).unwrap();
+        let init = Init::read(&path).unwrap();
+        assert_eq!(init.arch, arch);
+        let (_, want) = ganomaly_core::onnx::read_model(&std::fs::read(&path).unwrap()).unwrap();
+        let mut model = Model::new(&arch, Hyper::default(), 11, Device::Cpu);
+        let name = &arch.generator_params()[0].name;
+        let before = model.g.to_weights().unwrap().get(name).unwrap().data.clone();
+        assert_ne!(before, want.get(name).unwrap().data, "a fresh model has other weights");
+        init.apply(&mut model, Device::Cpu).unwrap();
+        let after = model.g.to_weights().unwrap();
+        for spec in arch.generator_params() {
+            assert_eq!(after.get(&spec.name).unwrap().data, want.get(&spec.name).unwrap().data, "{}", spec.name);
+        }
+        // Not a model: the error names the file.
+        let bad = d.path().join("x.onnx");
+        std::fs::write(&bad, b"not onnx").unwrap();
+        let err = Init::read(&bad).err().expect("refused").to_string();
+        assert!(err.contains("x.onnx"), "{err}");
+    }
 }
