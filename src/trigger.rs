@@ -640,12 +640,10 @@ impl<T> Station<T> {
             score,
             raw_score: raw,
             threshold: Some(verdict::raw_threshold(&j.calibration, j.threshold)),
-            threshold_score: Some(j.threshold),
             kind: Some(j.kind.as_str().to_string()),
             model_sha256: Some(j.model_sha256.clone()),
             settings_digest: Some(j.settings_digest.clone()),
             frame_ts: if judged { p.chosen.iter().map(|c| c.1).collect() } else { Vec::new() },
-            frame_seq: if judged { p.chosen.iter().map(|c| c.0).collect() } else { Vec::new() },
             snapshot: None,
             reason,
         }
@@ -938,7 +936,7 @@ mod tests {
         assert_eq!(v.len(), 1);
         let v = &v[0];
         assert_eq!((v.verdict, v.seq, v.part_id.as_str(), v.trigger_ts), (Verdict::Ng, 1, "p1", 210));
-        assert_eq!((v.frame_ts.as_slice(), v.frame_seq.as_slice()), ([200u64].as_slice(), [2u64].as_slice()));
+        assert_eq!(v.frame_ts, [200]);
         assert!((v.latency_ms - 5.0).abs() < 1e-6, "{}", v.latency_ms);
         assert_eq!((v.raw_score, v.threshold), (Some(3.0), Some(2.0)));
         assert_eq!(s.counts, StationCounts { ng: 1, ..StationCounts::default() });
