@@ -162,10 +162,21 @@ impl AlarmMachine {
     /// The daemon is stopping: ends an active alarm (reason `shutdown`, at its
     /// last frame) so that it does not dangle on the broker.
     pub fn stop(&mut self) -> Option<AlarmEvent> {
+        self.end_with(EndReason::Shutdown)
+    }
+
+    /// Ends an active alarm now, at its last frame, for `reason` (`shutdown`,
+    /// or `reload` for a camera a reload removed or restarted); the machine
+    /// is idle afterwards and its numbering goes on.
+    pub fn end_with(&mut self, reason: EndReason) -> Option<AlarmEvent> {
         let State::Active { id, first, last, peak, peak_raw, frames, .. } = &self.state else { return None };
-        let ev = self.end(id, EndReason::Shutdown, last, first, *peak, *peak_raw, *frames);
+        let ev = self.end(id, reason, last, first, *peak, *peak_raw, *frames);
         self.state = idle();
         Some(ev)
+    }
+
+    pub fn config(&self) -> AlarmConfig {
+        self.cfg
     }
 
     #[allow(clippy::too_many_arguments)]

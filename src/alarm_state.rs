@@ -224,8 +224,8 @@ impl Publisher for Journaled {
     fn stats(&self, report: &StatsReport) {
         self.inner.stats(report)
     }
-    // Not journaled (verdicts are durable in the outbox on their own), but
-    // passed on: the trait's defaults would only log them.
+    // Without these the trait's defaults would only log them: verdicts and
+    // command answers would never reach a broker.
     fn verdict(&self, ev: &crate::events::VerdictEvent) {
         self.inner.verdict(ev)
     }
@@ -464,6 +464,36 @@ mod tests {
         fn stats(&self, report: &StatsReport) {
             self.0.stats(report)
         }
+    }
+
+    #[test]
+    fn verdicts_and_command_answers_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Recorder::default();
+        let started = start(&dir.path().join("j.sqlite"), Arc::new(rec.clone())).unwrap();
+        let v = crate::events::VerdictEvent {
+            schema: PAYLOAD_SCHEMA,
+            camera: "cam".into(),
+            part_id: "p1".into(),
+            verdict: crate::events::Verdict::Ok,
+            seq: 1,
+            ts: 1,
+            trigger_ts: 1,
+            latency_ms: 1.0,
+            score: None,
+            raw_score: None,
+            threshold: None,
+            kind: None,
+            model_sha256: None,
+            settings_digest: None,
+            frame_ts: Vec::new(),
+            snapshot: None,
+            reason: None,
+        };
+        started.publisher.verdict(&v);
+        let answer = crate::commands::CommandEvent::spontaneous("reload", None, crate::commands::Status::Done);
+        started.publisher.event(&answer);
+        assert_eq!(rec.events(), vec![Recorded::Verdict(v), Recorded::Event(answer)]);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use ganomaly_core::{Calibration, ScoreKind};
 use crate::alarm::{AlarmMachine, Scored};
 use crate::capture::{Frame, FrameData};
 use crate::config::{AlarmConfig, Roi};
-use crate::events::{AlarmEvent, AlarmKind, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
+use crate::events::{AlarmEvent, AlarmKind, EndReason, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
 use crate::metrics::CameraCounters;
+use crate::shadow::{ShadowCompare, Side};
 use crate::snapshot::{SnapshotJob, SnapshotQueue};
 
 /// A camera's decision state: its score, its calibration, its alarm machine.
@@ -75,6 +76,28 @@ impl Decider {
     pub fn reconfigure(&mut self, cfg: AlarmConfig) {
         self.alarm.reconfigure(cfg);
     }
+
+    /// A new score kind and calibration (a model swapped by a reload). The
+    /// alarm machine carries on: it works on normalised scores, where 0.5 is
+    /// each model's own calibrated threshold (see `reload.rs`).
+    pub fn rebase(&mut self, kind: ScoreKind, calibration: Calibration) {
+        self.kind = kind;
+        self.calibration = calibration;
+    }
+
+    /// Ends an active alarm now (see [`AlarmMachine::end_with`]).
+    pub fn end_with(&mut self, reason: EndReason) -> Option<AlarmEvent> {
+        self.alarm.end_with(reason)
+    }
+
+    pub fn alarm_active(&self) -> bool {
+        self.alarm.is_active()
+    }
+
+    /// The normalised score at or above which a frame counts toward an alarm.
+    pub fn threshold(&self) -> f64 {
+        self.alarm.config().threshold
+    }
 }
 
 /// What the inference thread knows about one camera.
@@ -87,6 +110,8 @@ pub struct Camera {
     pub counters: Arc<CameraCounters>,
     /// Where this camera's frame buffers go back to.
     pub recycle: Sender<FrameData>,
+    /// The camera's comparison with its shadow model, and which side this is.
+    pub compare: Option<(Arc<ShadowCompare>, Side)>,
     /// A triggered camera: its scored frames go to the trigger thread, not
     /// through the alarm machine (see `trigger.rs`).
     pub trigger: Option<Sender<crate::trigger::Scored>>,
@@ -112,6 +137,9 @@ impl Camera {
                 self.counters.record_latency(latency_ms);
                 self.counters.set_last_score(score);
                 CameraCounters::add(&self.counters.decided, 1);
+                if let Some((compare, side)) = &self.compare {
+                    compare.record(*side, frame.seq, score, score >= self.decider.threshold());
+                }
                 tracing::trace!(camera = %self.name, seq = frame.seq, raw, score, "scored");
                 out.publisher.score(&ScoreEvent {
                     schema: PAYLOAD_SCHEMA,
@@ -135,7 +163,12 @@ impl Camera {
     /// The daemon is stopping: ends this camera's active alarm, if any
     /// (published like any end: through the outbox, before the publisher drains).
     pub fn stop(&mut self, out: &Outputs) {
-        if let Some(ev) = self.decider.stop() {
+        self.end_with(EndReason::Shutdown, out);
+    }
+
+    /// Ends this camera's active alarm, if any, for `reason` (published like any end).
+    pub fn end_with(&mut self, reason: EndReason, out: &Outputs) {
+        if let Some(ev) = self.decider.end_with(reason) {
             self.publish_alarm(&ev, out);
         }
     }

@@ -57,6 +57,10 @@ pub enum EndReason {
     /// The daemon found the alarm still open when it started again (it died
     /// during the alarm: crash, power cut, kill -9).
     Restart,
+    /// A reload removed the camera, or restarted it (its source, frame size,
+    /// ROI or pacing changed: a new view), or replaced or removed the shadow
+    /// model whose alarm this was. See `reload.rs`.
+    Reload,
 }
 
 /// An alarm start or end. `id` is shared by the start and end of one alarm.
@@ -173,6 +177,9 @@ pub struct CameraStats {
     /// for sources that decode through GStreamer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder: Option<String>,
+    /// The comparison with the camera's shadow model (`shadow_model`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowStats>,
     /// A triggered camera's verdict counts since start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdicts: Option<VerdictStats>,

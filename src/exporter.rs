@@ -109,8 +109,13 @@ pub fn bind(cfg: &MetricsSettings) -> Result<Bound, ExporterError> {
 /// The sources, once the pipeline is up. Until then (models loading, which
 /// takes minutes when TensorRT builds engines) `/healthz` answers 503
 /// `starting` and `/metrics` only the build info, instead of leaving probes
-/// hanging on a socket nobody serves.
-type Attached = Arc<std::sync::OnceLock<Sources>>;
+/// hanging on a socket nobody serves. A reload attaches the new cameras and models.
+type Attached = Arc<std::sync::RwLock<Option<Sources>>>;
+
+/// The sources attached now (a clone: a few `Arc`s).
+fn attached(a: &Attached) -> Option<Sources> {
+    a.read().ok().and_then(|s| s.clone())
+}
 
 /// The running endpoint; [`Exporter::shutdown`] stops it.
 pub struct Exporter {
@@ -161,9 +166,12 @@ impl Exporter {
         let _ = self.commands.set(intake);
     }
 
-    /// Starts reporting the running pipeline (once; later calls are ignored).
+    /// Starts reporting the running pipeline; a reload calls it again with
+    /// the cameras and models running after it.
     pub fn attach(&self, sources: Sources) {
-        let _ = self.sources.set(sources);
+        if let Ok(mut s) = self.sources.write() {
+            *s = Some(sources);
+        }
     }
 
     /// Stops serving (in-flight requests finish) and waits up to `timeout`.
@@ -406,8 +414,8 @@ pub fn health(sources: &Sources, stale_after: Duration) -> Health {
 }
 
 async fn healthz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    let judged = tokio::task::spawn_blocking(move || match s.sources.get() {
-        Some(sources) => health(sources, s.stale_after),
+    let judged = tokio::task::spawn_blocking(move || match attached(&s.sources) {
+        Some(sources) => health(&sources, s.stale_after),
         None => Health::starting(),
     });
     match judged.await {
@@ -466,7 +474,8 @@ impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]);
         info.encode(enc.encode_descriptor("build", "ganomalyd build.", None, MetricType::Info)?)?;
-        let Some(s) = self.0.get() else { return Ok(()) };
+        let Some(s) = attached(&self.0) else { return Ok(()) };
+        let s = &s;
         let cam = |name: &String| vec![("camera", name.clone())];
         let per_camera = |f: fn(&CameraCounters) -> u64| {
             s.cameras.iter().map(move |(n, c)| (cam(n), ConstCounter::new(f(c)))).collect::<Vec<_>>()
@@ -634,6 +643,7 @@ impl Collector for DaemonCollector {
             MetricType::Gauge,
             models,
         )?;
+        shadow_families(&mut enc, s)?;
         if let Some(p) = s.publisher.as_ref().map(|p| p()) {
             let connected = ConstGauge::new(i64::from(p.connected));
             single(&mut enc, "mqtt_connected", "1 while connected to the broker.", None, MetricType::Gauge, connected)?;
@@ -698,6 +708,65 @@ impl Collector for DaemonCollector {
     }
 }
 
+/// The comparison of each camera that has a shadow model (see `shadow.rs`).
+fn shadow_families(enc: &mut DescriptorEncoder, s: &Sources) -> Result<(), std::fmt::Error> {
+    let shadows: Vec<(String, crate::shadow::ShadowStats)> =
+        s.cameras.iter().filter_map(|(n, c)| c.shadow().map(|sh| (n.clone(), sh.stats()))).collect();
+    if shadows.is_empty() {
+        return Ok(());
+    }
+    let mut frames = Vec::new();
+    let mut quantiles = Vec::new();
+    for (n, st) in &shadows {
+        for (agreement, v) in
+            [("both", st.both), ("real_only", st.real_only), ("shadow_only", st.shadow_only), ("neither", st.neither)]
+        {
+            frames.push((vec![("camera", n.clone()), ("agreement", agreement.to_string())], ConstCounter::new(v)));
+        }
+        for (model, q) in [("real", st.real), ("shadow", st.shadow)] {
+            for (quantile, v) in [("0.5", q.p50), ("0.9", q.p90), ("0.99", q.p99)] {
+                let labels =
+                    vec![("camera", n.clone()), ("model", model.to_string()), ("quantile", quantile.to_string())];
+                quantiles.push((labels, ConstGauge::new(v)));
+            }
+        }
+    }
+    family(
+        enc,
+        "shadow_frames",
+        "Frames both the camera's model and its shadow scored, by whether each was at or above the alarm threshold.",
+        None,
+        MetricType::Counter,
+        frames,
+    )?;
+    family(
+        enc,
+        "shadow_score",
+        "Normalised score quantiles of the camera's model and its shadow over the frames both scored.",
+        None,
+        MetricType::Gauge,
+        quantiles,
+    )?;
+    let dropped = shadows.iter().map(|(n, st)| (vec![("camera", n.clone())], ConstCounter::new(st.dropped)));
+    family(
+        enc,
+        "shadow_frames_dropped",
+        "Frames the shadow model did not score because it was behind (dropped first, by design).",
+        None,
+        MetricType::Counter,
+        dropped,
+    )?;
+    let alarms = shadows.iter().map(|(n, st)| (vec![("camera", n.clone())], ConstCounter::new(st.shadow_alarms)));
+    family(
+        enc,
+        "shadow_alarms_raised",
+        "Alarms the shadow model raised (on <camera>/shadow/alarm; never the camera's alarm).",
+        None,
+        MetricType::Counter,
+        alarms,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,8 +793,7 @@ mod tests {
     }
 
     fn scrape(s: Sources) -> String {
-        let attached: Attached = Arc::default();
-        let _ = attached.set(s);
+        let attached: Attached = Arc::new(std::sync::RwLock::new(Some(s)));
         scrape_attached(attached)
     }
 
@@ -735,6 +803,31 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         out
+    }
+
+    #[test]
+    fn a_camera_with_a_shadow_reports_the_comparison_and_one_without_nothing() {
+        use crate::shadow::{ShadowCompare, Side};
+        let s = sources(false);
+        let compare = Arc::new(ShadowCompare::new("cand.onnx", Arc::default()));
+        for seq in 0..4 {
+            compare.record(Side::Real, seq, 0.2, false);
+            compare.record(Side::Shadow, seq, 0.9, seq < 3);
+        }
+        compare.drop_frame();
+        assert!(!scrape(s.clone()).contains("shadow"), "no shadow, no shadow families");
+        s.cameras[0].1.set_shadow(Some(compare));
+        let text = scrape(s);
+        for line in [
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"shadow_only\"} 3",
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"neither\"} 1",
+            "ganomalyd_shadow_frames_total{camera=\"line-1\",agreement=\"both\"} 0",
+            "ganomalyd_shadow_score{camera=\"line-1\",model=\"shadow\",quantile=\"0.5\"} 0.901",
+            "ganomalyd_shadow_frames_dropped_total{camera=\"line-1\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert!(!text.contains("camera=\"line-2\",agreement"), "line-2 has no shadow");
     }
 
     #[test]

@@ -17,6 +17,17 @@
 //! alarm machine and hands scores, alarms and snapshot jobs on without
 //! waiting on any of them.
 //!
+//! Between two batches (and while it waits for frames) it takes the
+//! [`Control`] messages a reload sends: a camera attached, detached (its
+//! decision state handed on to another model's thread, or its alarm ended,
+//! reason `reload`), its decision settings changed, or a new session swapped
+//! in for a changed model file. Its cameras are indexed by slot (the number
+//! a camera's frames carry), so that they come and go without touching the
+//! others; frames of a camera no longer here, or prepared for the input size
+//! of a model swapped out, are dropped and counted. A shadow model's thread
+//! is the same loop with its own cameras (`shadow.rs`) and no part in the
+//! daemon's liveness.
+//!
 //! When its input closes (shutdown), it ends the alarms still active
 //! (reason `shutdown`) before it returns.
 //!
@@ -29,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use ganomaly_core::metadata::ColorMode;
 use ganomaly_core::{Calibration, ModelMetadata, ScoreKind};
 use ort::ep::{ExecutionProvider, TensorRT, CUDA};
@@ -41,7 +52,7 @@ use crate::base::liveness::Beat;
 use crate::base::Liveness;
 use crate::config::{AlarmConfig, InferenceSettings, Provider};
 use crate::decide::{Camera, Outputs};
-use crate::events::Publisher;
+use crate::events::{EndReason, Publisher};
 use crate::metrics::CameraCounters;
 use crate::preprocess::Prepared;
 use crate::snapshot::SnapshotQueue;
@@ -102,6 +113,17 @@ pub struct Model {
     kinds: Vec<ScoreKind>,
     /// sha256 (hex) of the file's bytes as loaded: what every verdict names.
     pub sha256: String,
+    /// [`digest`] of the file's bytes: a reload swaps the model when it changes.
+    pub digest: u64,
+}
+
+/// A digest of a model file's bytes, compared within one process (a reload
+/// tells a changed file from the one running by it).
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 impl Model {
@@ -127,7 +149,8 @@ impl Model {
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
         let sha256 = crate::base::digest::sha256_hex(bytes);
-        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, sha256 };
+        let model =
+            Model { session, meta, path: path.into(), provider, channels, side, kinds, digest: digest(bytes), sha256 };
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -277,11 +300,47 @@ fn build_session(
     Ok((session, provider))
 }
 
-/// Run-time changes for the inference thread.
-#[derive(Debug, Clone)]
+/// How one camera is decided: its score kind and the model's calibration of
+/// it, and its alarm settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub kind: ScoreKind,
+    pub calibration: Calibration,
+    pub alarm: AlarmConfig,
+}
+
+/// Where a detached camera goes next (a reload moved it to another model's
+/// thread, or restarted it under a new slot).
+pub struct Handoff {
+    pub control: Sender<Control>,
+    /// Its slot from now on (a restarted camera has a new one).
+    pub slot: usize,
+    pub decision: Decision,
+    pub roi: Option<crate::config::Roi>,
+    /// Where its scored frames go if it is triggered there (`trigger.rs`).
+    pub trigger: Option<Sender<crate::trigger::Scored>>,
+}
+
+/// Run-time changes for the inference thread, applied between batches. The
+/// pipeline sends them on a reload (`pipeline.rs`); they are taken before a
+/// batch runs and while the thread waits for frames.
 pub enum Control {
-    /// New alarm thresholds/timing for the camera at this pipeline index.
-    Alarm { camera: usize, cfg: AlarmConfig },
+    /// Decide for this camera from now on (added, restarted, or moved here).
+    Attach { slot: usize, camera: Box<Camera> },
+    /// The camera at `slot` is on its way here (handed on by another model's
+    /// thread): its frames that arrive before its `Attach` are dropped and
+    /// counted on these counters.
+    Expect { slot: usize, counters: Arc<CameraCounters> },
+    /// New decision settings for a camera: an alarm in progress carries on.
+    Configure { slot: usize, decision: Decision },
+    /// Stop deciding for a camera: first end its active alarm for `end`, if
+    /// set; then hand it on to `to`, or drop it. Its frames still in this
+    /// thread's queue are dropped (counted in the camera's `dropped`).
+    Detach { slot: usize, end: Option<EndReason>, to: Option<Handoff> },
+    /// A new session in place of this thread's (the model file changed), with
+    /// the decisions of its cameras under it. Queued frames prepared for the
+    /// old input shape are dropped (counted).
+    Swap { model: Box<Model>, decisions: Vec<(usize, Decision)> },
 }
 
 /// Inputs and outputs of the inference thread.
@@ -290,17 +349,20 @@ pub struct InferThread {
     pub rx: Receiver<Prepared>,
     /// Tensor buffers go back to the preprocess workers.
     pub tensor_recycle: Sender<Vec<f32>>,
-    /// Indexed by the pipeline's camera index; `None` for cameras of other models.
+    /// Indexed by camera slot (`Frame::camera`); `None` for cameras of other models.
     pub cameras: Vec<Option<Camera>>,
     pub max_batch: usize,
     pub max_wait: Duration,
     pub publisher: Arc<dyn Publisher>,
     pub snapshots: Option<SnapshotQueue>,
-    /// Settings changed at run time (SIGHUP), applied between batches.
+    /// Changes at run time (reload), applied between batches.
     pub control: Receiver<Control>,
     /// Told after every batch whether it was decided, and once a second when
     /// idle (watchdog, `/healthz`): see `base::liveness` for what counts.
-    pub liveness: Liveness,
+    /// `None` for a shadow model's thread: the daemon's health is its real models'.
+    pub liveness: Option<Liveness>,
+    /// Run at a lower CPU priority (a shadow model: it must yield the cores to the real ones).
+    pub background: bool,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -308,12 +370,114 @@ pub fn spawn(t: InferThread) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("infer".into()).spawn(move || run(t))
 }
 
+/// Cameras detached from this thread whose frames may still be queued, so
+/// that those frames count as dropped for them.
+type Orphans = Vec<(usize, Arc<CameraCounters>)>;
+
+impl InferThread {
+    fn beat(&self, b: Beat) {
+        if let Some(l) = &self.liveness {
+            l.beat(b);
+        }
+    }
+
+    fn camera(&mut self, slot: usize) -> Option<&mut Camera> {
+        self.cameras.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    fn apply(&mut self, c: Control, orphans: &mut Orphans) {
+        match c {
+            Control::Attach { slot, camera } => {
+                if self.cameras.len() <= slot {
+                    self.cameras.resize_with(slot + 1, || None);
+                }
+                // A retained `ON` from an earlier life of this camera name must not stay.
+                if !camera.decider.alarm_active() {
+                    self.publisher.alarm_state(&camera.name, false);
+                }
+                orphans.retain(|(s, _)| *s != slot);
+                tracing::info!(camera = %camera.name, slot, model = %self.model.path.display(), "camera attached");
+                self.cameras[slot] = Some(*camera);
+            }
+            Control::Expect { slot, counters } => {
+                if self.camera(slot).is_none() {
+                    orphans.push((slot, counters));
+                }
+            }
+            Control::Configure { slot, decision } => {
+                if let Some(cam) = self.camera(slot) {
+                    cam.decider.rebase(decision.kind, decision.calibration);
+                    cam.decider.reconfigure(decision.alarm);
+                    tracing::info!(camera = %cam.name, kind = decision.kind.as_str(), alarm = ?decision.alarm, "decision settings reloaded");
+                }
+            }
+            Control::Detach { slot, end, to } => {
+                let Some(mut cam) = self.cameras.get_mut(slot).and_then(Option::take) else { return };
+                if let Some(reason) = end {
+                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None };
+                    cam.end_with(reason, &out);
+                }
+                orphans.push((slot, cam.counters.clone()));
+                match to {
+                    Some(h) => {
+                        cam.decider.rebase(h.decision.kind, h.decision.calibration);
+                        cam.decider.reconfigure(h.decision.alarm);
+                        cam.roi = h.roi;
+                        cam.trigger = h.trigger.clone();
+                        tracing::info!(camera = %cam.name, from = slot, to = h.slot, "camera handed on");
+                        // The receiving thread is gone only at shutdown.
+                        let _ = h.control.send(Control::Attach { slot: h.slot, camera: Box::new(cam) });
+                    }
+                    None => tracing::info!(camera = %cam.name, "camera detached"),
+                }
+            }
+            Control::Swap { model, decisions } => {
+                tracing::info!(
+                    old = %self.model.path.display(), new = %model.path.display(), provider = model.provider.as_str(),
+                    "model swapped between batches"
+                );
+                self.model = *model;
+                for (slot, d) in decisions {
+                    self.apply(Control::Configure { slot, decision: d }, orphans);
+                }
+            }
+        }
+    }
+
+    /// Takes every control message waiting.
+    fn take_control(&mut self, orphans: &mut Orphans) {
+        while let Ok(c) = self.control.try_recv() {
+            self.apply(c, orphans);
+        }
+    }
+
+    /// A frame this thread will not score: the camera is not (or no longer)
+    /// here, or it was prepared for another input shape (before a swap).
+    fn drop_frame(&mut self, p: Prepared, orphans: &Orphans) {
+        let Prepared { frame, tensor } = p;
+        let _ = self.tensor_recycle.try_send(tensor);
+        let slot = frame.camera;
+        let counters = match self.camera(slot) {
+            Some(cam) => {
+                let _ = cam.recycle.try_send(frame.pixels);
+                Some(cam.counters.clone())
+            }
+            None => orphans.iter().find(|(s, _)| *s == slot).map(|(_, c)| c.clone()),
+        };
+        if let Some(c) = counters {
+            CameraCounters::add(&c.dropped, 1);
+        }
+    }
+}
+
 fn run(mut t: InferThread) {
-    let len = t.model.tensor_len();
-    let side = t.model.side();
-    let mut input = vec![0.0f32; len * t.max_batch];
+    if t.background {
+        crate::base::priority::lower_this_thread();
+    }
+    let mut input = vec![0.0f32; t.model.tensor_len() * t.max_batch];
     let mut out = BatchOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
+    let mut orphans: Orphans = Vec::new();
     // Every alarm machine starts idle: say so, so that a retained `ON` left by a
     // previous run that died mid-alarm does not stay on the broker.
     for cam in t.cameras.iter().flatten() {
@@ -321,26 +485,27 @@ fn run(mut t: InferThread) {
     }
     loop {
         // Wake at least every second so the watchdog sees a live thread even
-        // when no camera delivers (nothing to decide is not a wedge).
-        let first = match t.rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(p) => p,
-            Err(RecvTimeoutError::Timeout) => {
-                t.liveness.beat(Beat::Idle);
+        // when no camera delivers (nothing to decide is not a wedge); control
+        // messages are taken while waiting too.
+        let first = crossbeam_channel::select! {
+            recv(t.rx) -> p => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            recv(t.control) -> c => {
+                match c {
+                    Ok(c) => t.apply(c, &mut orphans),
+                    // The pipeline is going down; the input closes next.
+                    Err(_) => t.control = crossbeam_channel::never(),
+                }
                 continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
+            },
+            default(Duration::from_secs(1)) => {
+                t.beat(Beat::Idle);
+                continue;
+            },
         };
         batch.push(first);
-        while let Ok(c) = t.control.try_recv() {
-            match c {
-                Control::Alarm { camera, cfg } => {
-                    if let Some(cam) = t.cameras.get_mut(camera).and_then(Option::as_mut) {
-                        cam.decider.reconfigure(cfg);
-                        tracing::info!(camera = %cam.name, ?cfg, "alarm settings reloaded");
-                    }
-                }
-            }
-        }
         let deadline = Instant::now() + t.max_wait;
         while batch.len() < t.max_batch {
             // Whatever is already queued joins without waiting.
@@ -356,6 +521,29 @@ fn run(mut t: InferThread) {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
             }
+        }
+        // Between batches: a camera added by a reload is attached before its
+        // first frame can be here (the pipeline sends the attach first).
+        t.take_control(&mut orphans);
+        let len = t.model.tensor_len();
+        let side = t.model.side();
+        if input.len() < len * t.max_batch {
+            input.resize(len * t.max_batch, 0.0);
+        }
+        // Order kept (`remove`, not `swap_remove`): a camera's frames must
+        // reach its alarm machine in sequence. Drops are rare (a reload).
+        let mut i = 0;
+        while i < batch.len() {
+            let p = &batch[i];
+            if p.tensor.len() == len && t.cameras.get(p.frame.camera).is_some_and(Option::is_some) {
+                i += 1;
+            } else {
+                let p = batch.remove(i);
+                t.drop_frame(p, &orphans);
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         for (i, p) in batch.iter().enumerate() {
             input[i * len..(i + 1) * len].copy_from_slice(&p.tensor[..len]);
@@ -389,11 +577,12 @@ fn run(mut t: InferThread) {
         }
         // Life is decided frames: a failed run, or a batch of only unusable
         // scores, does not count (see `base::liveness`).
-        t.liveness.beat(if decided > 0 { Beat::Decided } else { Beat::Failed });
+        t.beat(if decided > 0 { Beat::Decided } else { Beat::Failed });
     }
     // Input closed: the sources have stopped, every frame is decided. An
     // alarm still active would dangle on the broker (a `start` with no `end`
     // forever); end it, through the same outbox, before the publisher drains.
+    t.take_control(&mut orphans);
     let outputs = Outputs { publisher: &*t.publisher, snapshots: None };
     for cam in t.cameras.iter_mut().flatten() {
         cam.stop(&outputs);

@@ -15,7 +15,9 @@
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
 //! - [`publish`]: MQTT publisher (rumqttc), durable alarm outbox (SQLite), embedded broker.
-//! - [`pipeline`]: wires the stages together from the compiled settings and owns shutdown.
+//! - [`pipeline`]: wires the stages together from the compiled settings, rewires them on a reload, and owns
+//!   shutdown; [`reload`] says what a new config changes (a pure plan); [`shadow`] compares a camera's
+//!   candidate model with its model on the same frames.
 //! - [`metrics`], [`exporter`]: per-camera counters and latency histograms; Prometheus `/metrics`, `/healthz`.
 //! - [`systemd`]: READY/STOPPING/watchdog notifications. [`runtime`]: finding and loading ONNX Runtime.
 //!
@@ -45,7 +47,9 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
 pub mod record;
+pub mod reload;
 pub mod runtime;
+pub mod shadow;
 pub mod snapshot;
 pub mod systemd;
 pub mod trigger;

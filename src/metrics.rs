@@ -7,9 +7,10 @@
 //! readers take briefly.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::events::CameraStats;
+use crate::shadow::ShadowCompare;
 
 /// Everything counted for one camera.
 #[derive(Debug, Default)]
@@ -33,6 +34,8 @@ pub struct CameraCounters {
     pub last_score: AtomicU64,
     /// The video decoder the source uses, once known (GStreamer sources).
     pub decoder: Mutex<Option<String>>,
+    /// The comparison with the camera's shadow model, while it has one.
+    pub shadow: Mutex<Option<Arc<ShadowCompare>>>,
     /// Verdicts of a triggered camera, by outcome.
     pub verdicts_ok: AtomicU64,
     pub verdicts_ng: AtomicU64,
@@ -53,6 +56,17 @@ impl CameraCounters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// The camera's shadow comparison from now on (`None`: no shadow).
+    pub fn set_shadow(&self, shadow: Option<Arc<ShadowCompare>>) {
+        if let Ok(mut s) = self.shadow.lock() {
+            *s = shadow;
+        }
+    }
+
+    pub fn shadow(&self) -> Option<Arc<ShadowCompare>> {
+        self.shadow.lock().ok().and_then(|s| s.clone())
     }
 
     pub fn set_decoder(&self, decoder: String) {
@@ -88,6 +102,7 @@ impl CameraCounters {
             latency_p50_ms: p50,
             latency_p99_ms: p99,
             decoder: self.decoder.lock().ok().and_then(|d| d.clone()),
+            shadow: self.shadow().map(|s| s.stats()),
             verdicts: self.triggered.load(Ordering::Relaxed).then(|| crate::events::VerdictStats {
                 ok: Self::get(&self.verdicts_ok),
                 ng: Self::get(&self.verdicts_ng),

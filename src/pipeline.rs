@@ -1,22 +1,46 @@
-//! Wires the stages together and owns shutdown.
+//! Wires the stages together, rewires them on a reload, and owns shutdown.
 //!
 //! ```text
 //! camera threads ──bounded(frame_queue), drop-oldest──► preprocess pool ──bounded(2·max_batch)──► inference thread (one per model)
-//!                                                                                                   ├─► Publisher (scores, alarms, states)
-//!                                                                                                   └─► snapshot writer ──► Publisher
+//!                                                            │                                      ├─► Publisher (scores, alarms, states)
+//!                                                            │                                      └─► snapshot writer ──► Publisher
+//!                                                            └─try_send, dropped when full──► shadow inference thread (one per shadow model)
 //! ```
-//! A triggered camera (`mode = "triggered"`) sends its frames to the trigger
-//! thread's ring buffer instead (`trigger.rs`); the frames a trigger chooses
-//! come back into the camera's queue to the pool, and their scores go from
-//! the inference thread to the trigger thread, which publishes the verdict.
-//!
 //! It starts from compiled [`Settings`]: one [`CameraPlan`] per camera, each
-//! wired to its own queues and to the inference thread of its model.
-//! Start-up is all-or-nothing: models are loaded and checked against the
-//! plans before any thread starts, so a bad model or an impossible score
-//! choice fails `run` with an error naming it.
+//! with its own camera thread, queue and counters, and a **slot** (the
+//! number its frames carry); one inference thread per distinct model file
+//! (and one per distinct shadow model file: a shadow never shares a real
+//! model's thread, so it cannot slow it). Start-up is all-or-nothing: models
+//! are loaded and checked against the plans before any thread starts, so a
+//! bad model or an impossible score choice fails `run` with an error naming it.
 //!
-//! Shutdown ([`Pipeline::shutdown`]): the stop flag ends the camera threads;
+//! # Reload ([`Pipeline::prepare_reload`], [`Pipeline::apply_reload`])
+//! The structure is a set of parts that are added and removed one by one:
+//! cameras by name (thread, queue, slot), models by [`ModelKey`] (session,
+//! thread, input). A reload first loads, on a thread of its own, every model
+//! file the new settings need that does not run yet or whose bytes changed
+//! (the running sessions keep scoring meanwhile), and checks each camera's
+//! score and shadow against them; any failure refuses the whole reload and
+//! changes nothing. Then [`reload::plan`] says what changed and
+//! `apply_reload` carries it out, all without waiting on any stage:
+//! - a new model file gets a new inference thread; a changed file is sent
+//!   to its thread, which swaps sessions between two batches
+//!   ([`infer::Control::Swap`]); a model no camera uses any more is retired
+//!   (its input closes once the workers drop it, and its thread ends);
+//! - a camera whose model changed is handed, decision state and all, from its
+//!   old model's thread to the new one's ([`infer::Control::Detach`] with a
+//!   handoff); its camera thread and queue are untouched;
+//! - a camera whose source, size, ROI or pacing changed gets a new thread,
+//!   queue and slot (its counters go on; its active alarm ends, reason
+//!   `reload`); an added camera starts; a removed one stops and goes offline;
+//! - the preprocess workers get the whole new routing ([`PoolSpec`]) and take
+//!   it between two frames.
+//!
+//! Unchanged cameras keep their threads, queues, alarm state and counters;
+//! their frames keep flowing through the same queues (no frame of theirs is
+//! dropped by the reload). See `reload.rs` for what happens to alarms.
+//!
+//! Shutdown ([`Pipeline::shutdown`]): the stop flags end the camera threads;
 //! their queues close, the preprocess workers drain them and exit, which
 //! closes the inference inputs; inference drains, ends the alarms still
 //! active (reason `shutdown`) and exits, dropping the snapshot queue, so the
@@ -26,36 +50,38 @@
 //! at most, then left behind with its queue closed (see `capture::watch`), so
 //! a wedged driver cannot hold up a stop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use ganomaly_core::ScoreKind;
+use ganomaly_core::ModelMetadata;
 
 use crate::alarm_state::{self, JournalHandle};
 use crate::base::stop::sleep_unless_stopped;
 use crate::base::Liveness;
-use crate::capture::watch::{self, STOP_GRACE};
+use crate::capture::watch::{self, Watched, STOP_GRACE};
 use crate::capture::{self, CameraThread, CameraWatch, Frame, FrameData, SourceFactory};
-use crate::config::{CameraPlan, Provider, Settings};
+use crate::config::{CameraPlan, Provider, ScoreChoice, Settings};
 use crate::decide::{Camera, Decider};
-use crate::events::{now_ms, Publisher, StatsReport, PAYLOAD_SCHEMA};
-use crate::infer::{self, InferError, InferThread, Model};
+use crate::events::{now_ms, EndReason, Publisher, StatsReport, PAYLOAD_SCHEMA};
+use crate::infer::{self, Control, Decision, Handoff, InferError, InferThread, Model};
 use crate::metrics::{CameraCounters, LatencyHistogram};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
-use crate::snapshot;
+use crate::reload::{self, CameraChange, Plan};
+use crate::shadow::{self, ShadowCompare, Side};
+use crate::snapshot::{self, SnapshotQueue};
 use crate::trigger;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
     Model(#[from] InferError),
-    #[error("cameras.{camera}.score: {reason}")]
-    Score { camera: String, reason: String },
+    #[error("cameras.{camera}.{field}: {reason}")]
+    Score { camera: String, field: &'static str, reason: String },
     #[error("no cameras configured")]
     NoCameras,
     #[error("cannot start thread: {0}")]
@@ -111,145 +137,219 @@ pub struct Report {
     pub snapshots_skipped: u64,
 }
 
+/// Which inference thread a model file runs on: a shadow model always gets a
+/// thread of its own, even when the same file is a camera's model too.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ModelKey {
+    pub path: PathBuf,
+    pub shadow: bool,
+}
+
+impl ModelKey {
+    fn real(plan: &CameraPlan) -> ModelKey {
+        ModelKey { path: plan.model.clone(), shadow: false }
+    }
+
+    fn shadow_of(plan: &CameraPlan) -> Option<ModelKey> {
+        plan.shadow.as_ref().map(|s| ModelKey { path: s.model.clone(), shadow: true })
+    }
+}
+
+/// Every model a set of settings runs.
+fn needed_models(settings: &Settings) -> BTreeSet<ModelKey> {
+    settings.cameras.iter().flat_map(|c| std::iter::once(ModelKey::real(c)).chain(ModelKey::shadow_of(c))).collect()
+}
+
+/// How a camera is decided under a model: its score (which the model must
+/// export: checked again here, the file may have changed since the config
+/// was compiled), the model's calibration of it, the alarm settings.
+fn decision(
+    camera: &str,
+    field: &'static str,
+    choice: ScoreChoice,
+    alarm: crate::config::AlarmConfig,
+    meta: &ModelMetadata,
+    path: &std::path::Path,
+) -> Result<Decision, PipelineError> {
+    let kind = choice.kind(meta.default_score);
+    let Some(score) = meta.score(kind) else {
+        return Err(PipelineError::Score {
+            camera: camera.to_string(),
+            field,
+            reason: format!("model {} has no `{}` score", path.display(), kind.as_str()),
+        });
+    };
+    Ok(Decision { kind, calibration: score.calibration.clone(), alarm })
+}
+
+/// A shadow must take its camera model's input: it scores a copy of the same tensor.
+fn same_input(camera: &str, real: &ModelMetadata, shadow: &ModelMetadata) -> Result<(), PipelineError> {
+    let (a, b) = (&real.preprocess, &shadow.preprocess);
+    if (a.color, a.size) != (b.color, b.size) {
+        return Err(PipelineError::Score {
+            camera: camera.to_string(),
+            field: "shadow_model",
+            reason: format!("takes {} px {:?} input, the camera's model {} px {:?}", b.size, b.color, a.size, a.color),
+        });
+    }
+    Ok(())
+}
+
+/// The decisions of a camera under `metas` (its model's and its shadow's).
+fn decisions(
+    plan: &CameraPlan,
+    metas: &BTreeMap<ModelKey, (ModelMetadata, PathBuf)>,
+) -> Result<(Decision, Option<Decision>), PipelineError> {
+    let missing = |key: &ModelKey| PipelineError::Score {
+        camera: plan.name.clone(),
+        field: if key.shadow { "shadow_model" } else { "model" },
+        reason: format!("{} is not loaded", key.path.display()),
+    };
+    let key = ModelKey::real(plan);
+    let (meta, path) = metas.get(&key).ok_or_else(|| missing(&key))?;
+    let real = decision(&plan.name, "score", plan.score, plan.alarm, meta, path)?;
+    let shadow = match (&plan.shadow, ModelKey::shadow_of(plan)) {
+        (Some(s), Some(skey)) => {
+            let (smeta, spath) = metas.get(&skey).ok_or_else(|| missing(&skey))?;
+            same_input(&plan.name, meta, smeta)?;
+            Some(decision(&plan.name, "shadow_score", s.score, plan.alarm, smeta, spath)?)
+        }
+        _ => None,
+    };
+    Ok((real, shadow))
+}
+
+/// One running camera.
+struct CameraRun {
+    slot: usize,
+    plan: CameraPlan,
+    counters: Arc<CameraCounters>,
+    watch: Arc<CameraWatch>,
+    stop: Arc<AtomicBool>,
+    /// Taken when the thread is stopped for good or joined.
+    thread: Option<JoinHandle<()>>,
+    /// Its queue, as the preprocess pool reads it.
+    frames: Receiver<Frame>,
+    /// Buffers back to the camera thread (kept across a restart).
+    recycle: (Sender<FrameData>, Receiver<FrameData>),
+    /// The comparison with its shadow, while it has one.
+    shadow: Option<Arc<ShadowCompare>>,
+}
+
+/// The queues of one camera (see [`Pipeline::queues`]).
+struct Queues {
+    /// Where its camera thread sends frames, and takes the oldest from when full.
+    camera: Sender<Frame>,
+    drops: Receiver<Frame>,
+    /// What the preprocess pool reads for it.
+    pool: Receiver<Frame>,
+    /// A triggered camera: where its scored frames go (its `decide::Camera`).
+    trigger: Option<Sender<trigger::Scored>>,
+}
+
+/// One running model: its thread and the ends of its channels the pipeline keeps.
+struct ModelRun {
+    meta: ModelMetadata,
+    provider: Provider,
+    digest: u64,
+    /// sha256 of the file: what a triggered camera's verdicts name.
+    sha256: String,
+    /// The pool's way in (cloned into each spec; dropped to retire the model).
+    input: Sender<Prepared>,
+    /// Tensor buffers coming back from the thread, for the pool.
+    tensors: Receiver<Vec<f32>>,
+    control: Sender<Control>,
+    thread: JoinHandle<()>,
+}
+
+/// Models loaded by [`Pipeline::prepare_reload`], ready to be applied.
+pub struct Loaded {
+    settings: Settings,
+    models: BTreeMap<ModelKey, Model>,
+    /// Model files that run now and whose bytes changed.
+    changed: BTreeSet<PathBuf>,
+}
+
+/// A reload whose models are loading in the background.
+pub struct PendingReload {
+    rx: Receiver<Result<Loaded, String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PendingReload {
+    /// The loaded models once ready (`Err`: why the reload is refused).
+    pub fn try_take(&mut self) -> Option<Result<Loaded, String>> {
+        let got = match self.rx.try_recv() {
+            Ok(r) => r,
+            Err(crossbeam_channel::TryRecvError::Empty) => return None,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err("the model loader stopped unexpectedly".into()),
+        };
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+        Some(got)
+    }
+
+    /// Waits up to `timeout` (tests, and callers without a loop of their own).
+    pub fn wait(&mut self, timeout: Duration) -> Option<Result<Loaded, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.try_take() {
+                return Some(r);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A running pipeline.
 pub struct Pipeline {
-    stop: Arc<AtomicBool>,
-    cameras: Vec<JoinHandle<()>>,
+    cameras: BTreeMap<String, CameraRun>,
+    models: BTreeMap<ModelKey, ModelRun>,
+    /// One spec channel per preprocess worker.
+    pool: Vec<Sender<Arc<PoolSpec>>>,
     workers: Vec<JoinHandle<()>>,
-    inference: Vec<JoinHandle<()>>,
+    /// Camera threads a reload stopped (joined at the end if they ended).
+    retired_cameras: Vec<(JoinHandle<()>, Arc<CameraWatch>)>,
+    /// Inference threads of models a reload retired.
+    retired_models: Vec<JoinHandle<()>>,
+    /// Counters of cameras a reload removed, for the final report.
+    removed: Vec<(String, Arc<CameraCounters>)>,
     snapshot_writer: Option<JoinHandle<()>>,
+    snapshots: Option<SnapshotQueue>,
+    snapshots_skipped: Option<Arc<AtomicU64>>,
     stats: Option<JoinHandle<()>>,
     stats_stop: Arc<AtomicBool>,
     /// The thread that reports wedged cameras offline, stopped with stats.
     watch: Option<JoinHandle<()>>,
-    watches: Vec<Arc<CameraWatch>>,
-    counters: Vec<(String, Arc<CameraCounters>)>,
-    snapshots_skipped: Option<Arc<AtomicU64>>,
-    /// Provider of each loaded model, by model path.
-    pub providers: Vec<(PathBuf, Provider)>,
+    watched: Watched,
+    /// What the stats thread reports.
+    listed: Listed,
+    stopping: Arc<AtomicBool>,
     liveness: Liveness,
-    /// Camera names in pipeline order, with the control channel of their model's inference thread.
-    control: Vec<(String, Sender<infer::Control>)>,
     journal: Option<JournalHandle>,
-    /// The trigger thread, and the flag that tells it the cameras have ended.
+    /// Each camera's last alarm number before this run (open-alarm journal).
+    last_numbers: BTreeMap<String, u64>,
+    publisher: Arc<dyn Publisher>,
+    /// The settings running now.
+    settings: Settings,
+    next_slot: usize,
+    backoff: (Duration, Duration),
+    /// The trigger thread (`trigger.rs`), its control, the channel scored
+    /// frames of triggered cameras take back to it, and the flag that tells
+    /// it the cameras have ended.
     trigger: Option<JoinHandle<()>>,
+    trigger_control: Sender<trigger::Control>,
+    scored: Sender<trigger::Scored>,
     cameras_done: Arc<AtomicBool>,
 }
 
-/// One camera's channels and counters while the pipeline is wired up.
-struct Wiring<'a> {
-    plan: &'a CameraPlan,
-    /// Index of its model in the pipeline's model list.
-    model: usize,
-    counters: Arc<CameraCounters>,
-    frames: (Sender<Frame>, Receiver<Frame>),
-    recycle: (Sender<FrameData>, Receiver<FrameData>),
-    /// A triggered camera's frames go to the trigger thread's ring buffer
-    /// through this queue; `frames` then carries only the frames chosen to be scored.
-    tap: Option<(Sender<Frame>, Receiver<Frame>)>,
-}
-
-/// One model's channels: frames in from the pool, tensor buffers back to it,
-/// run-time settings (SIGHUP).
-struct ModelChannels {
-    input: (Sender<Prepared>, Receiver<Prepared>),
-    tensors: (Sender<Vec<f32>>, Receiver<Vec<f32>>),
-    control: (Sender<infer::Control>, Receiver<infer::Control>),
-}
-
-impl ModelChannels {
-    fn new(max_batch: usize) -> ModelChannels {
-        ModelChannels {
-            input: crossbeam_channel::bounded(2 * max_batch),
-            tensors: crossbeam_channel::bounded(4 * max_batch + 8),
-            control: crossbeam_channel::unbounded(),
-        }
-    }
-}
-
-/// Loads each distinct model file once (one session, one inference thread)
-/// and gives every camera its queues.
-fn load_and_wire(settings: &Settings) -> Result<(Vec<Model>, Vec<Wiring<'_>>), PipelineError> {
-    let max_batch = settings.inference.max_batch.max(1);
-    let queue = settings.pipeline.frame_queue.max(1);
-    // Enough spare buffers to cover the queue, the pool and a batch.
-    let recycle_cap = queue + settings.pipeline.preprocess_threads + 2 * max_batch + 2;
-    let mut models: Vec<Model> = Vec::new();
-    let mut cams = Vec::new();
-    for plan in &settings.cameras {
-        let model = match models.iter().position(|m| m.path == plan.model) {
-            Some(m) => m,
-            None => {
-                models.push(Model::load(&plan.model, &settings.inference)?);
-                models.len() - 1
-            }
-        };
-        // A triggered camera's scoring queue holds every frame its pending
-        // triggers may ask for (see `trigger.rs`: a full one is a `timeout`).
-        let (frames, tap) = match plan.mode.trigger() {
-            Some(t) => (
-                crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096)),
-                Some(crossbeam_channel::bounded(queue)),
-            ),
-            None => (crossbeam_channel::bounded(queue), None),
-        };
-        let ring = plan.mode.trigger().map_or(0, |t| t.buffer_frames);
-        let counters = Arc::new(CameraCounters::default());
-        counters.triggered.store(tap.is_some(), Ordering::Relaxed);
-        cams.push(Wiring {
-            plan,
-            model,
-            counters,
-            frames,
-            recycle: crossbeam_channel::bounded(recycle_cap + ring),
-            tap,
-        });
-    }
-    Ok((models, cams))
-}
-
-/// What the preprocess workers need: every camera's queue, every model's shape.
-fn pool_spec(cams: &[Wiring], models: &[Model], channels: &[ModelChannels]) -> PoolSpec {
-    PoolSpec {
-        cameras: cams
-            .iter()
-            .map(|c| CameraPrep {
-                name: c.plan.name.clone(),
-                roi: c.plan.roi,
-                model: c.model,
-                counters: c.counters.clone(),
-                input: c.frames.1.clone(),
-                recycle: c.recycle.0.clone(),
-            })
-            .collect(),
-        models: models
-            .iter()
-            .zip(channels)
-            .map(|(model, ch)| ModelPrep {
-                color: model.color(),
-                size: model.side() as u32,
-                output: ch.input.0.clone(),
-                tensor_recycle: ch.tensors.1.clone(),
-            })
-            .collect(),
-    }
-}
-
-impl Wiring<'_> {
-    /// The camera as its model's inference thread decides for it; its alarm
-    /// numbers continue after `last_alarm`.
-    fn decided_by(&self, model: &Model, kind: ScoreKind, last_alarm: u64) -> Camera {
-        let calibration = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
-        Camera {
-            name: self.plan.name.clone(),
-            decider: Decider::new(&self.plan.name, kind, calibration, self.plan.alarm, last_alarm),
-            roi: self.plan.roi,
-            counters: self.counters.clone(),
-            recycle: self.recycle.0.clone(),
-            trigger: None,
-        }
-    }
-}
+/// The cameras the stats thread reports, and the provider of the first
+/// camera model; a reload replaces both.
+type Listed = Arc<RwLock<(Vec<(String, Arc<CameraCounters>)>, String)>>;
 
 impl Pipeline {
     /// Loads the models and starts every stage.
@@ -261,9 +361,15 @@ impl Pipeline {
         if settings.cameras.is_empty() {
             return Err(PipelineError::NoCameras);
         }
-        let max_batch = settings.inference.max_batch.max(1);
-        let (models, cams) = load_and_wire(settings)?;
-        let kinds = cams.iter().map(|c| score_kind(c.plan, &models[c.model])).collect::<Result<Vec<ScoreKind>, _>>()?;
+        let mut loaded = BTreeMap::new();
+        for key in needed_models(settings) {
+            let model = load_model(&key, &settings.inference)?;
+            loaded.insert(key, model);
+        }
+        let metas = loaded.iter().map(|(k, m)| (k.clone(), (m.meta.clone(), m.path.clone()))).collect();
+        for plan in &settings.cameras {
+            decisions(plan, &metas)?;
+        }
 
         // After the models loaded (a run that cannot start publishes
         // nothing), before any thread can raise an alarm.
@@ -280,199 +386,544 @@ impl Pipeline {
             },
             None => (publisher, None, BTreeMap::new()),
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let liveness = Liveness::start();
-        let (snap_queue, snapshot_writer) = match &settings.snapshots {
+        let (snapshots, snapshot_writer) = match &settings.snapshots {
             Some(s) => {
                 let (q, h) = snapshot::spawn_writer(s.clone(), publisher.clone())?;
                 (Some(q), Some(h))
             }
             None => (None, None),
         };
-        let snapshots_skipped = snap_queue.as_ref().map(|q| q.skipped.clone());
+        let snapshots_skipped = snapshots.as_ref().map(|q| q.skipped.clone());
+        let (scored, scored_rx) = crossbeam_channel::unbounded();
+        let (trigger_control, control_rx) = crossbeam_channel::unbounded();
+        let cameras_done = Arc::new(AtomicBool::new(false));
+        let trigger = trigger::spawn(trigger::TriggerThread {
+            cameras: Vec::new(),
+            control: control_rx,
+            commands: opts.triggers.take(),
+            scored: scored_rx,
+            publisher: publisher.clone(),
+            snapshots: snapshots.clone(),
+            cameras_done: cameras_done.clone(),
+        })?;
+        let mut p = Pipeline {
+            cameras: BTreeMap::new(),
+            models: BTreeMap::new(),
+            pool: Vec::new(),
+            workers: Vec::new(),
+            retired_cameras: Vec::new(),
+            retired_models: Vec::new(),
+            removed: Vec::new(),
+            snapshot_writer,
+            snapshots,
+            snapshots_skipped,
+            stats: None,
+            stats_stop: Arc::new(AtomicBool::new(false)),
+            watch: None,
+            watched: Arc::default(),
+            listed: Arc::default(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            liveness: Liveness::start(),
+            journal,
+            last_numbers,
+            publisher,
+            settings: settings.clone(),
+            next_slot: 0,
+            backoff: (opts.backoff_min, opts.backoff_max),
+            trigger: Some(trigger),
+            trigger_control,
+            scored,
+            cameras_done,
+        };
+        for (key, model) in loaded {
+            p.spawn_model(key, model)?;
+        }
+        for plan in &settings.cameras {
+            let source = opts.sources.remove(&plan.name);
+            p.add_camera(plan.clone(), None, None, source)?;
+        }
+        let (workers, pool) = preprocess::spawn_pool(settings.pipeline.preprocess_threads, p.spec())?;
+        p.workers = workers;
+        p.pool = pool;
+        p.relist();
+        p.watch = Some(watch::spawn_watch(p.watched.clone(), p.stats_stop.clone())?);
+        if opts.stats {
+            p.stats = Some(spawn_stats(
+                p.listed.clone(),
+                settings.pipeline.stats_interval,
+                p.publisher.clone(),
+                p.stats_stop.clone(),
+            )?);
+        }
+        Ok(p)
+    }
 
-        let channels: Vec<ModelChannels> = models.iter().map(|_| ModelChannels::new(max_batch)).collect();
-        let pool = pool_spec(&cams, &models, &channels);
-        let providers: Vec<(PathBuf, Provider)> = models.iter().map(|m| (m.path.clone(), m.provider)).collect();
-        let control = cams.iter().map(|c| (c.plan.name.clone(), channels[c.model].control.0.clone())).collect();
-        // Triggered cameras: their stations, judged with their model's sha256 and calibration.
-        let (scored_tx, scored_rx) = crossbeam_channel::unbounded();
-        let trigger_cams: Vec<trigger::TriggerCamera> = cams
-            .iter()
-            .zip(&kinds)
-            .enumerate()
-            .filter_map(|(index, (c, &kind))| {
-                let (t, tap) = (c.plan.mode.trigger()?, c.tap.as_ref()?);
-                let model = &models[c.model];
-                let cal = model.calibration(kind).cloned().unwrap_or_else(ganomaly_core::Calibration::uncalibrated);
-                Some(trigger::TriggerCamera {
-                    index,
-                    station: trigger::Station::new(
-                        &c.plan.name,
-                        *t,
-                        trigger::Judging::new(c.plan, kind, cal, &model.sha256),
-                    ),
-                    tap: tap.1.clone(),
-                    scoring: Some(c.frames.0.clone()),
-                    counters: c.counters.clone(),
-                    recycle: c.recycle.0.clone(),
+    /// Starts the inference thread of a loaded model, with no camera yet.
+    fn spawn_model(&mut self, key: ModelKey, model: Model) -> Result<(), PipelineError> {
+        let max_batch = self.settings.inference.max_batch.max(1);
+        let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
+        let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
+        let (control, control_rx) = crossbeam_channel::unbounded();
+        let (meta, provider, digest, sha256) = (model.meta.clone(), model.provider, model.digest, model.sha256.clone());
+        let thread = infer::spawn(InferThread {
+            cameras: Vec::new(),
+            model,
+            rx,
+            tensor_recycle: tensor_tx,
+            max_batch,
+            max_wait: self.settings.inference.max_wait,
+            publisher: self.publisher.clone(),
+            // A shadow takes no snapshots and says nothing about the daemon's health.
+            snapshots: if key.shadow { None } else { self.snapshots.clone() },
+            control: control_rx,
+            liveness: (!key.shadow).then(|| self.liveness.clone()),
+            background: key.shadow,
+        })?;
+        self.models.insert(key, ModelRun { meta, provider, digest, sha256, input, tensors, control, thread });
+        Ok(())
+    }
+
+    fn metas(&self) -> BTreeMap<ModelKey, (ModelMetadata, PathBuf)> {
+        self.models.iter().map(|(k, m)| (k.clone(), (m.meta.clone(), k.path.clone()))).collect()
+    }
+
+    fn control(&self, key: &ModelKey) -> Option<&Sender<Control>> {
+        self.models.get(key).map(|m| &m.control)
+    }
+
+    /// The alarm number the camera (or pseudo-camera) `name` continues after.
+    fn last_number(&self, name: &str) -> u64 {
+        self.last_numbers.get(name).copied().unwrap_or(0)
+    }
+
+    /// Starts a camera: a new slot, queue and thread; its decision state is
+    /// `carried` (a restart hands the old one on) or new. `counters`: kept
+    /// from before a restart.
+    fn add_camera(
+        &mut self,
+        plan: CameraPlan,
+        counters: Option<Arc<CameraCounters>>,
+        recycle: Option<(Sender<FrameData>, Receiver<FrameData>)>,
+        source: Option<SourceFactory>,
+    ) -> Result<usize, PipelineError> {
+        let (real, shadow) = decisions(&plan, &self.metas())?;
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let queue = self.settings.pipeline.frame_queue.max(1);
+        let max_batch = self.settings.inference.max_batch.max(1);
+        // Enough spare buffers to cover the queue, the pool and a batch.
+        let recycle_cap = queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2;
+        let recycle = recycle.unwrap_or_else(|| crossbeam_channel::bounded(recycle_cap));
+        let counters = counters.unwrap_or_default();
+        let compare = self.attach_shadow(&plan, slot, shadow)?;
+        let queues = self.queues(&plan, slot, &real, &counters, &recycle.0);
+        let camera = Camera {
+            name: plan.name.clone(),
+            decider: Decider::new(&plan.name, real.kind, real.calibration, real.alarm, self.last_number(&plan.name)),
+            roi: plan.roi,
+            counters: counters.clone(),
+            recycle: recycle.0.clone(),
+            compare: compare.clone().map(|c| (c, Side::Real)),
+            trigger: queues.trigger.clone(),
+        };
+        // Before the camera thread exists: the model's thread has the camera
+        // before its first frame can arrive.
+        if let Some(c) = self.control(&ModelKey::real(&plan)) {
+            let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
+        }
+        self.spawn_camera_thread(plan, slot, counters, recycle, queues, compare, source)?;
+        Ok(slot)
+    }
+
+    /// A camera's queues: a continuous camera's thread feeds the pool's queue
+    /// directly; a triggered camera's feeds the trigger thread's ring buffer
+    /// (the tap), and the pool's queue carries only the frames a trigger
+    /// chose, sent by the trigger thread (whose station is attached here).
+    fn queues(
+        &self,
+        plan: &CameraPlan,
+        slot: usize,
+        real: &Decision,
+        counters: &Arc<CameraCounters>,
+        recycle: &Sender<FrameData>,
+    ) -> Queues {
+        let queue = self.settings.pipeline.frame_queue.max(1);
+        counters.triggered.store(plan.mode.trigger().is_some(), Ordering::Relaxed);
+        let Some(t) = plan.mode.trigger() else {
+            let (tx, rx) = crossbeam_channel::bounded(queue);
+            return Queues { camera: tx, drops: rx.clone(), pool: rx, trigger: None };
+        };
+        let (tap_tx, tap_rx) = crossbeam_channel::bounded(queue);
+        // Every frame its pending triggers may ask for (a full one is a `timeout`).
+        let (scoring, pool) = crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096));
+        let model = self.models.get(&ModelKey::real(plan));
+        let sha256 = model.map(|m| m.sha256.clone()).unwrap_or_default();
+        let side = model.map_or(0, |m| m.meta.preprocess.size as usize);
+        let judging = trigger::Judging::new(plan, real.kind, real.calibration.clone(), &sha256);
+        let station = trigger::TriggerCamera {
+            index: slot,
+            station: trigger::Station::new(&plan.name, *t, judging),
+            tap: tap_rx.clone(),
+            scoring: Some(scoring),
+            counters: counters.clone(),
+            recycle: recycle.clone(),
+            roi: plan.roi,
+            side,
+            open: true,
+        };
+        let _ = self.trigger_control.send(trigger::Control::Attach(Box::new(station)));
+        Queues { camera: tap_tx, drops: tap_rx, pool, trigger: Some(self.scored.clone()) }
+    }
+
+    /// A new shadow camera for `plan` at `slot` on its shadow model's thread;
+    /// returns the comparison both sides record into.
+    fn attach_shadow(
+        &mut self,
+        plan: &CameraPlan,
+        slot: usize,
+        decision: Option<Decision>,
+    ) -> Result<Option<Arc<ShadowCompare>>, PipelineError> {
+        let (Some(d), Some(key)) = (decision, ModelKey::shadow_of(plan)) else { return Ok(None) };
+        let name = shadow::publish_name(&plan.name);
+        let compare = Arc::new(ShadowCompare::new(&key.path.display().to_string(), Arc::default()));
+        // A shadow's frames carry no pixels; its buffers have nowhere to go.
+        let (nowhere, _) = crossbeam_channel::bounded(0);
+        let camera = Camera {
+            name: name.clone(),
+            decider: Decider::new(&name, d.kind, d.calibration, d.alarm, self.last_number(&name)),
+            roi: None,
+            counters: compare.counters.clone(),
+            recycle: nowhere,
+            compare: Some((compare.clone(), Side::Shadow)),
+            trigger: None,
+        };
+        if let Some(c) = self.control(&key) {
+            let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
+        }
+        Ok(Some(compare))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_camera_thread(
+        &mut self,
+        plan: CameraPlan,
+        slot: usize,
+        counters: Arc<CameraCounters>,
+        recycle: (Sender<FrameData>, Receiver<FrameData>),
+        queues: Queues,
+        shadow: Option<Arc<ShadowCompare>>,
+        source: Option<SourceFactory>,
+    ) -> Result<(), PipelineError> {
+        let Queues { camera: frames_tx, drops, pool: frames, .. } = queues;
+        counters.set_shadow(shadow.clone());
+        let watch = Arc::new(CameraWatch::new(
+            &plan.name,
+            plan.read_timeout,
+            counters.clone(),
+            self.publisher.clone(),
+            frames_tx,
+        ));
+        let stop = Arc::new(AtomicBool::new(self.stopping.load(Ordering::Relaxed)));
+        let source = source.unwrap_or_else(|| plan.source.factory());
+        let thread = capture::spawn_camera(
+            CameraThread {
+                index: slot,
+                name: plan.name.clone(),
+                fps: plan.fps,
+                counters: counters.clone(),
+                watch: watch.clone(),
+                rx_for_drops: drops,
+                recycle: recycle.1.clone(),
+                stop: stop.clone(),
+                backoff_min: self.backoff.0,
+                backoff_max: self.backoff.1,
+            },
+            source,
+        )?;
+        let name = plan.name.clone();
+        let thread = Some(thread);
+        self.cameras.insert(name, CameraRun { slot, plan, counters, watch, stop, thread, frames, recycle, shadow });
+        Ok(())
+    }
+
+    /// Stops a camera's thread and takes it out of the pipeline (its
+    /// decision state stays with its model's thread until detached).
+    fn stop_camera_thread(&mut self, name: &str, why: &str) -> Option<CameraRun> {
+        let mut c = self.cameras.remove(name)?;
+        c.stop.store(true, Ordering::Relaxed);
+        if c.plan.mode.trigger().is_some() {
+            let _ = self.trigger_control.send(trigger::Control::Detach(c.slot));
+        }
+        c.watch.retire(why);
+        // Its thread may be stuck in a read: not waited for here (see `join`).
+        if let Some(thread) = c.thread.take() {
+            self.retired_cameras.push((thread, c.watch.clone()));
+        }
+        Some(c)
+    }
+
+    /// Ends a camera's shadow (its alarm ends, reason `reload`).
+    fn detach_shadow(&self, plan: &CameraPlan, slot: usize) {
+        if let Some(c) = ModelKey::shadow_of(plan).and_then(|k| self.control(&k)) {
+            let _ = c.send(Control::Detach { slot, end: Some(EndReason::Reload), to: None });
+        }
+    }
+
+    /// The routing the preprocess workers run.
+    fn spec(&self) -> PoolSpec {
+        let keys: Vec<&ModelKey> = self.models.keys().collect();
+        let index = |k: &ModelKey| keys.iter().position(|x| *x == k);
+        let cameras = self
+            .cameras
+            .values()
+            .filter_map(|c| {
+                let model = index(&ModelKey::real(&c.plan))?;
+                let shadow = match (ModelKey::shadow_of(&c.plan).and_then(|k| index(&k)), &c.shadow) {
+                    (Some(i), Some(cmp)) => Some((i, cmp.clone())),
+                    _ => None,
+                };
+                Some(CameraPrep {
+                    name: c.plan.name.clone(),
+                    slot: c.slot,
                     roi: c.plan.roi,
-                    side: model.side(),
+                    model,
+                    shadow,
+                    counters: c.counters.clone(),
+                    input: c.frames.clone(),
+                    recycle: c.recycle.0.clone(),
                 })
             })
             .collect();
-        let mut inference_threads = Vec::new();
-        for (m, (model, ch)) in models.into_iter().zip(&channels).enumerate() {
-            // Indexed like the pipeline's cameras; `None` for other models' cameras.
-            let cameras = cams.iter().zip(&kinds).map(|(c, &kind)| {
-                let last = last_numbers.get(&c.plan.name).copied().unwrap_or(0);
-                (c.model == m).then(|| Camera {
-                    trigger: c.tap.is_some().then(|| scored_tx.clone()),
-                    ..c.decided_by(&model, kind, last)
-                })
-            });
-            inference_threads.push(infer::spawn(InferThread {
-                cameras: cameras.collect(),
-                model,
-                rx: ch.input.1.clone(),
-                tensor_recycle: ch.tensors.0.clone(),
-                max_batch,
-                max_wait: settings.inference.max_wait,
-                publisher: publisher.clone(),
-                snapshots: snap_queue.clone(),
-                control: ch.control.1.clone(),
-                liveness: liveness.clone(),
-            })?);
-        }
-        drop(scored_tx);
-        let cameras_done = Arc::new(AtomicBool::new(false));
-        let trigger = if opts.triggers.is_some() || !trigger_cams.is_empty() {
-            let continuous = cams.iter().filter(|c| c.tap.is_none()).map(|c| c.plan.name.clone()).collect();
-            Some(trigger::spawn(trigger::TriggerThread {
-                cameras: trigger_cams,
-                continuous,
-                commands: opts.triggers.take(),
-                scored: scored_rx,
-                publisher: publisher.clone(),
-                snapshots: snap_queue.clone(),
-                cameras_done: cameras_done.clone(),
-            })?)
-        } else {
-            None
-        };
-        drop(snap_queue);
-        let workers = preprocess::spawn_pool(settings.pipeline.preprocess_threads, pool)?;
-        // Only the workers may hold the inference senders, or inference would
-        // never see its input close.
-        drop(channels);
-
-        let named: Vec<(String, Arc<CameraCounters>)> =
-            cams.iter().map(|c| (c.plan.name.clone(), c.counters.clone())).collect();
-        let mut camera_threads = Vec::new();
-        let mut watches = Vec::new();
-        for (index, c) in cams.into_iter().enumerate() {
-            let source = opts.sources.remove(&c.plan.name).unwrap_or_else(|| c.plan.source.factory());
-            // A triggered camera feeds the trigger thread's ring buffer instead of the pool.
-            let (queue, rx_for_drops) = match c.tap {
-                Some((tx, rx)) => (tx, rx),
-                None => (c.frames.0, c.frames.1),
-            };
-            let camera_watch = Arc::new(CameraWatch::new(
-                &c.plan.name,
-                c.plan.read_timeout,
-                c.counters.clone(),
-                publisher.clone(),
-                queue,
-            ));
-            watches.push(camera_watch.clone());
-            camera_threads.push(capture::spawn_camera(
-                CameraThread {
-                    index,
-                    name: c.plan.name.clone(),
-                    fps: c.plan.fps,
-                    counters: c.counters,
-                    watch: camera_watch,
-                    rx_for_drops,
-                    recycle: c.recycle.1,
-                    stop: stop.clone(),
-                    backoff_min: opts.backoff_min,
-                    backoff_max: opts.backoff_max,
-                },
-                source,
-            )?);
-        }
-
-        let stats_stop = Arc::new(AtomicBool::new(false));
-        let watch = Some(watch::spawn_watch(watches.clone(), stats_stop.clone())?);
-        let stats = if opts.stats {
-            let provider = providers.first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
-            Some(spawn_stats(
-                named.clone(),
-                provider,
-                settings.pipeline.stats_interval,
-                publisher.clone(),
-                stats_stop.clone(),
-            )?)
-        } else {
-            None
-        };
-
-        Ok(Pipeline {
-            stop,
-            cameras: camera_threads,
-            workers,
-            inference: inference_threads,
-            snapshot_writer,
-            stats,
-            stats_stop,
-            watch,
-            watches,
-            counters: named,
-            snapshots_skipped,
-            providers,
-            liveness,
-            control,
-            journal,
-            trigger,
-            cameras_done,
-        })
+        let models = self
+            .models
+            .values()
+            .map(|m| ModelPrep {
+                color: m.meta.preprocess.color,
+                size: m.meta.preprocess.size,
+                output: m.input.clone(),
+                tensor_recycle: m.tensors.clone(),
+            })
+            .collect();
+        PoolSpec { cameras, models }
     }
 
-    /// Applies the alarm settings of `settings` to the running cameras without
-    /// touching the frame path (SIGHUP). Other changes need a restart; the
-    /// cameras they concern are returned so they can be logged.
-    pub fn reload_alarms(&self, settings: &Settings) -> Vec<String> {
-        let new: BTreeMap<&str, &CameraPlan> = settings.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
-        let mut not_applied = Vec::new();
-        for (i, (name, tx)) in self.control.iter().enumerate() {
-            match new.get(name.as_str()) {
-                Some(c) => {
-                    let _ = tx.send(infer::Control::Alarm { camera: i, cfg: c.alarm });
+    /// Hands the stats and watch threads the cameras running now.
+    fn relist(&self) {
+        let provider = self.providers().first().map(|p| p.1.as_str()).unwrap_or("cpu").to_string();
+        if let Ok(mut l) = self.listed.write() {
+            *l = (self.counters(), provider);
+        }
+        if let Ok(mut w) = self.watched.write() {
+            *w = self.cameras.values().map(|c| c.watch.clone()).collect();
+        }
+    }
+
+    /// Starts a reload of `new` (compiled by `config::load`, like
+    /// `check-config`): loads, on a thread of its own, every model file it
+    /// needs that does not run yet or whose bytes changed, and checks each
+    /// camera's score and shadow against the models. The running pipeline is
+    /// untouched; [`apply_reload`](Self::apply_reload) applies the result.
+    pub fn prepare_reload(&self, new: Settings) -> Result<PendingReload, PipelineError> {
+        let running: BTreeMap<ModelKey, (u64, ModelMetadata)> =
+            self.models.iter().map(|(k, m)| (k.clone(), (m.digest, m.meta.clone()))).collect();
+        // New sessions are built as the running ones were: `[inference]` changes need a restart.
+        let inference = self.settings.inference.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new().name("reload".into()).spawn(move || {
+            let _ = tx.send(load_for_reload(new, &running, &inference));
+        })?;
+        Ok(PendingReload { rx, thread: Some(thread) })
+    }
+
+    /// Applies loaded models and settings (see the module doc); returns the
+    /// plan carried out. Nothing here waits on a stage.
+    pub fn apply_reload(&mut self, loaded: Loaded) -> Result<Plan, PipelineError> {
+        let Loaded { settings: new, models, changed } = loaded;
+        let plan = reload::plan(&self.settings, &new, &changed);
+        let new = reload::applied(&self.settings, new);
+        let new_plans: BTreeMap<String, CameraPlan> = new.cameras.iter().map(|c| (c.name.clone(), c.clone())).collect();
+
+        // Models: a changed file is swapped in its thread; a new one gets a thread.
+        let mut metas = self.metas();
+        for (key, model) in &models {
+            metas.insert(key.clone(), (model.meta.clone(), key.path.clone()));
+        }
+        for (key, model) in models {
+            let Some(run) = self.models.get_mut(&key) else {
+                self.spawn_model(key, model)?;
+                continue;
+            };
+            // The cameras that stay on this thread get their decisions under the new model.
+            let mut decided = Vec::new();
+            for (name, c) in &self.cameras {
+                let Some(p) = new_plans.get(name) else { continue };
+                if !matches!(plan.cameras.get(name), Some(CameraChange::Update(_))) {
+                    continue;
                 }
-                None => not_applied.push(name.clone()),
+                let (real, shadow) = decisions(p, &metas)?;
+                if !key.shadow && ModelKey::real(&c.plan) == key && ModelKey::real(p) == key {
+                    decided.push((c.slot, real));
+                } else if let (true, Some(d)) = (key.shadow, shadow) {
+                    if ModelKey::shadow_of(&c.plan).as_ref() == Some(&key)
+                        && ModelKey::shadow_of(p).as_ref() == Some(&key)
+                    {
+                        decided.push((c.slot, d));
+                    }
+                }
+            }
+            run.meta = model.meta.clone();
+            run.provider = model.provider;
+            run.digest = model.digest;
+            run.sha256 = model.sha256.clone();
+            let _ = run.control.send(Control::Swap { model: Box::new(model), decisions: decided });
+        }
+
+        for (name, change) in &plan.cameras {
+            match change {
+                CameraChange::Removed => {
+                    if let Some(c) = self.stop_camera_thread(name, "removed by a reload") {
+                        if let Some(ctl) = self.control(&ModelKey::real(&c.plan)) {
+                            let _ = ctl.send(Control::Detach { slot: c.slot, end: Some(EndReason::Reload), to: None });
+                        }
+                        self.detach_shadow(&c.plan, c.slot);
+                        c.counters.set_shadow(None);
+                        self.removed.push((name.clone(), c.counters.clone()));
+                    }
+                }
+                CameraChange::Added => {
+                    if let Some(p) = new_plans.get(name) {
+                        self.add_camera(p.clone(), None, None, None)?;
+                    }
+                }
+                CameraChange::Restart(why) => {
+                    let (Some(p), Some(old)) =
+                        (new_plans.get(name), self.stop_camera_thread(name, "restarted by a reload"))
+                    else {
+                        continue;
+                    };
+                    let (real, shadow) = decisions(p, &metas)?;
+                    let slot = self.next_slot;
+                    self.next_slot += 1;
+                    tracing::info!(camera = %name, because = %why.join(", "), old_slot = old.slot, slot, "camera restarted");
+                    // Its decision state moves to the new slot (alarm numbers
+                    // go on), after its active alarm ends: a new view. The new
+                    // slot's first frames may beat the handoff: counted there.
+                    if let Some(ctl) = self.control(&ModelKey::real(p)) {
+                        let _ = ctl.send(Control::Expect { slot, counters: old.counters.clone() });
+                    }
+                    let queues = self.queues(p, slot, &real, &old.counters, &old.recycle.0);
+                    let to = self.control(&ModelKey::real(p)).map(|control| Handoff {
+                        control: control.clone(),
+                        slot,
+                        decision: real,
+                        roi: p.roi,
+                        trigger: queues.trigger.clone(),
+                    });
+                    if let Some(ctl) = self.control(&ModelKey::real(&old.plan)) {
+                        let _ = ctl.send(Control::Detach { slot: old.slot, end: Some(EndReason::Reload), to });
+                    }
+                    self.detach_shadow(&old.plan, old.slot);
+                    let compare = self.attach_shadow(p, slot, shadow)?;
+                    let CameraRun { counters, recycle, .. } = old;
+                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queues, compare, None)?;
+                }
+                CameraChange::Update(u) if u.is_empty() => {}
+                CameraChange::Update(u) => {
+                    let Some(p) = new_plans.get(name) else { continue };
+                    let (real, shadow) = decisions(p, &metas)?;
+                    let Some(c) = self.cameras.get(name) else { continue };
+                    let (slot, old_key, new_key) = (c.slot, ModelKey::real(&c.plan), ModelKey::real(p));
+                    if old_key != new_key {
+                        // Handed, alarm state and all, to the new model's thread,
+                        // which counts the frames that beat the handoff there.
+                        if let Some(ctl) = self.control(&new_key) {
+                            let _ = ctl.send(Control::Expect { slot, counters: c.counters.clone() });
+                        }
+                        let to = self.control(&new_key).map(|control| Handoff {
+                            control: control.clone(),
+                            slot,
+                            decision: real,
+                            roi: p.roi,
+                            trigger: None,
+                        });
+                        if let Some(ctl) = self.control(&old_key) {
+                            let _ = ctl.send(Control::Detach { slot, end: None, to });
+                        }
+                    } else if u.model || u.score || u.alarm {
+                        if let Some(ctl) = self.control(&new_key) {
+                            let _ = ctl.send(Control::Configure { slot, decision: real });
+                        }
+                    }
+                    let old_plan = c.plan.clone();
+                    if u.shadow {
+                        self.detach_shadow(&old_plan, slot);
+                        let compare = self.attach_shadow(p, slot, shadow)?;
+                        if let Some(c) = self.cameras.get_mut(name) {
+                            c.counters.set_shadow(compare.clone());
+                            c.shadow = compare;
+                        }
+                    } else if let (true, Some(d), Some(key)) = (u.alarm, shadow, ModelKey::shadow_of(p)) {
+                        if let Some(ctl) = self.control(&key) {
+                            let _ = ctl.send(Control::Configure { slot, decision: d });
+                        }
+                    }
+                    if let Some(c) = self.cameras.get_mut(name) {
+                        c.plan = p.clone();
+                    }
+                }
             }
         }
-        not_applied.extend(new.keys().filter(|n| !self.control.iter().any(|(c, _)| c == *n)).map(|n| n.to_string()));
-        not_applied
+
+        // Models no camera uses any more: their inputs close once the workers
+        // take the new spec, and their threads end.
+        let used = needed_models(&new);
+        let unused: Vec<ModelKey> = self.models.keys().filter(|k| !used.contains(k)).cloned().collect();
+        for key in unused {
+            if let Some(m) = self.models.remove(&key) {
+                tracing::info!(model = %key.path.display(), shadow = key.shadow, "model retired");
+                self.retired_models.push(m.thread);
+            }
+        }
+        let spec = Arc::new(self.spec());
+        for w in &self.pool {
+            let _ = w.send(spec.clone());
+        }
+        self.settings = new;
+        self.relist();
+        Ok(plan)
+    }
+
+    /// The settings running now (after the reloads applied so far).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Asks the sources to stop; the rest drains (see the module doc).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
+        for c in self.cameras.values() {
+            c.stop.store(true, Ordering::Relaxed);
+        }
     }
 
     /// True once every camera thread has ended (stopped, or a finite replay ran out).
     pub fn sources_done(&self) -> bool {
-        self.cameras.iter().all(|h| h.is_finished())
+        self.cameras.values().all(|c| c.thread.as_ref().is_none_or(JoinHandle::is_finished))
     }
 
     /// Frames decided so far, all cameras.
     pub fn decided(&self) -> u64 {
-        self.counters.iter().map(|(_, c)| CameraCounters::get(&c.decided)).sum()
+        self.cameras.values().map(|c| CameraCounters::get(&c.counters.decided)).sum()
     }
 
-    pub fn counters(&self) -> &[(String, Arc<CameraCounters>)] {
-        &self.counters
+    /// The running cameras' counters, in name order.
+    pub fn counters(&self) -> Vec<(String, Arc<CameraCounters>)> {
+        self.cameras.iter().map(|(n, c)| (n.clone(), c.counters.clone())).collect()
+    }
+
+    /// Each running (camera) model and the execution provider running it.
+    pub fn providers(&self) -> Vec<(PathBuf, Provider)> {
+        self.models.iter().filter(|(k, _)| !k.shadow).map(|(k, m)| (k.path.clone(), m.provider)).collect()
     }
 
     /// Milliseconds since the inference threads last showed life.
@@ -490,17 +941,26 @@ impl Pipeline {
     /// the sources end by themselves) and reports the counts.
     pub fn join(mut self) -> Report {
         self.join_cameras();
-        // The trigger thread answers what is pending, then lets the pool end.
+        // The trigger thread answers what is pending, then drops the triggered
+        // cameras' queues to the pool, so that the workers can end.
         self.cameras_done.store(true, Ordering::Relaxed);
         if let Some(h) = self.trigger.take() {
             let _ = h.join();
         }
+        // Closing the spec channels lets the workers end once their queues are drained.
+        self.pool.clear();
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
-        for h in self.inference.drain(..) {
+        // The pipeline's own ends of the model inputs, or inference would
+        // never see its input close.
+        let models = std::mem::take(&mut self.models);
+        let mut inference: Vec<JoinHandle<()>> = models.into_values().map(|m| m.thread).collect();
+        inference.append(&mut self.retired_models);
+        for h in inference {
             let _ = h.join();
         }
+        self.snapshots = None;
         if let Some(h) = self.snapshot_writer.take() {
             let _ = h.join();
         }
@@ -520,8 +980,9 @@ impl Pipeline {
             }
         }
         let mut latency = LatencyHistogram::default();
-        let cameras = self
-            .counters
+        let mut all = self.counters();
+        all.append(&mut self.removed);
+        let cameras = all
             .iter()
             .map(|(name, c)| {
                 if let Ok(h) = c.latency.lock() {
@@ -540,17 +1001,24 @@ impl Pipeline {
         Report { cameras, latency, snapshots_skipped }
     }
 
-    /// Joins the camera threads: all of them while the sources run on their
-    /// own; once a stop is asked for, only those that end within
-    /// [`STOP_GRACE`]. The others are stuck in a read: their queues are
-    /// closed so the rest drains, and the threads are left to the process exit.
+    /// Joins the camera threads (those a reload stopped too): all of them
+    /// while the sources run on their own; once a stop is asked for, only
+    /// those that end within [`STOP_GRACE`]. The others are stuck in a read:
+    /// their queues are closed so the rest drains, and the threads are left
+    /// to the process exit.
     fn join_cameras(&mut self) {
+        let mut threads: Vec<(JoinHandle<()>, Arc<CameraWatch>)> = std::mem::take(&mut self.retired_cameras);
+        for c in self.cameras.values_mut() {
+            if let Some(h) = c.thread.take() {
+                threads.push((h, c.watch.clone()));
+            }
+        }
         let mut stopping_since: Option<Instant> = None;
-        while !self.cameras.iter().all(|h| h.is_finished()) {
-            if self.stop.load(Ordering::Relaxed) {
+        while !threads.iter().all(|(h, _)| h.is_finished()) {
+            if self.stopping.load(Ordering::Relaxed) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= STOP_GRACE {
-                    for (h, w) in self.cameras.iter().zip(&self.watches) {
+                    for (h, w) in &threads {
                         if !h.is_finished() {
                             tracing::warn!(
                                 camera = w.name(),
@@ -565,7 +1033,7 @@ impl Pipeline {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        for h in self.cameras.drain(..) {
+        for (h, _) in threads {
             if h.is_finished() {
                 let _ = h.join();
             }
@@ -579,32 +1047,67 @@ impl Pipeline {
     }
 }
 
+/// Loads a model for `key`; a shadow's session is built at the lower CPU
+/// priority (ONNX Runtime's threads inherit it from the thread that builds it).
+fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> Result<Model, InferError> {
+    if key.shadow {
+        crate::base::priority::in_background(|| Model::load(&key.path, inference))
+    } else {
+        Model::load(&key.path, inference)
+    }
+}
+
+/// The reload's loader thread: every model `new` needs that does not run
+/// with the same bytes, loaded and checked; then every camera's decisions
+/// checked against the models it will run with. `Err`: the reasons, each
+/// naming its camera or file.
+fn load_for_reload(
+    new: Settings,
+    running: &BTreeMap<ModelKey, (u64, ModelMetadata)>,
+    inference: &crate::config::InferenceSettings,
+) -> Result<Loaded, String> {
+    let mut models = BTreeMap::new();
+    let mut changed = BTreeSet::new();
+    let mut metas: BTreeMap<ModelKey, (ModelMetadata, PathBuf)> = BTreeMap::new();
+    for key in needed_models(&new) {
+        let bytes = ganomaly_core::onnx::check::read_file(&key.path)
+            .map_err(|e| format!("model {}: {e}", key.path.display()))?;
+        let digest = infer::digest(&bytes);
+        if let Some((d, meta)) = running.get(&key) {
+            if *d == digest {
+                metas.insert(key.clone(), (meta.clone(), key.path.clone()));
+                continue;
+            }
+            changed.insert(key.path.clone());
+        }
+        let build = || Model::from_bytes(&bytes, &key.path, inference);
+        // A shadow's session, and so its ONNX Runtime threads, at the lower priority.
+        let model = if key.shadow { crate::base::priority::in_background(build) } else { build() }
+            .map_err(|e| crate::base::report::chain(&e))?;
+        metas.insert(key.clone(), (model.meta.clone(), key.path.clone()));
+        models.insert(key, model);
+    }
+    for plan in &new.cameras {
+        decisions(plan, &metas).map_err(|e| e.to_string())?;
+    }
+    Ok(Loaded { settings: new, models, changed })
+}
+
 /// How long `join` waits for the open-alarm journal to hand its last events
 /// on: a few SQLite commits, unless the disk has stalled.
 const JOURNAL_FLUSH: Duration = Duration::from_secs(5);
 
-/// The score kind a camera uses, which its model must export (checked again
-/// here: the file may have changed since the config was compiled).
-fn score_kind(c: &CameraPlan, model: &Model) -> Result<ScoreKind, PipelineError> {
-    let kind = c.score.kind(model.meta.default_score);
-    if !model.has_score(kind) {
-        return Err(PipelineError::Score {
-            camera: c.name.clone(),
-            reason: format!("model {} has no `{}` score", model.path.display(), kind.as_str()),
-        });
-    }
-    Ok(kind)
-}
-
 fn spawn_stats(
-    cams: Vec<(String, Arc<CameraCounters>)>,
-    provider: String,
+    cams: Listed,
     every: Duration,
     publisher: Arc<dyn Publisher>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("stats".into()).spawn(move || {
-        let mut last: Vec<u64> = cams.iter().map(|(_, c)| CameraCounters::get(&c.decided)).collect();
+        let decided = |c: &CameraCounters| CameraCounters::get(&c.decided);
+        let now_listed = || cams.read().map(|c| c.clone()).unwrap_or_default();
+        // By name: a reload adds and removes cameras between two reports.
+        let mut last: BTreeMap<String, u64> = now_listed().0.iter().map(|(n, c)| (n.clone(), decided(c))).collect();
         let mut last_t = Instant::now();
         loop {
             sleep_unless_stopped(every, &stop);
@@ -613,17 +1116,17 @@ fn spawn_stats(
             }
             let dt = last_t.elapsed().as_secs_f64().max(1e-9);
             last_t = Instant::now();
-            let cameras = cams
+            let (listed, provider) = now_listed();
+            let cameras = listed
                 .iter()
-                .zip(last.iter_mut())
-                .map(|((name, c), prev)| {
-                    let now = CameraCounters::get(&c.decided);
-                    let fps = (now - *prev) as f64 / dt;
-                    *prev = now;
-                    c.stats(name, fps)
+                .map(|(name, c)| {
+                    let now = decided(c);
+                    let prev = last.insert(name.clone(), now).unwrap_or(now);
+                    c.stats(name, now.saturating_sub(prev) as f64 / dt)
                 })
                 .collect();
-            publisher.stats(&StatsReport { schema: PAYLOAD_SCHEMA, ts: now_ms(), provider: provider.clone(), cameras });
+            last.retain(|n, _| listed.iter().any(|(l, _)| l == n));
+            publisher.stats(&StatsReport { schema: PAYLOAD_SCHEMA, ts: now_ms(), provider, cameras });
         }
     })
 }

@@ -9,11 +9,16 @@
 //! | pool → inference | `bounded(2 × max_batch)` per model | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes |
 //! | inference → publisher | `Publisher` calls | never block (the publisher queues; scores may be dropped and counted there, alarms never) |
 //! | inference → snapshot writer | `bounded(8)` | the snapshot is **skipped** (counted); the alarm is still published |
+//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's input is full, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
+//! | pipeline → pool (a reload's new spec) | unbounded, one per worker | a worker takes it between frames; the pipeline sends one per reload |
 //! | buffers back to camera / pool | recycle channels | buffer freed if the recycle channel is full |
 //!
 //! Workers take frames from all camera queues with `crossbeam_channel::Select`,
 //! which picks among ready queues at random, so one busy camera cannot starve
-//! the others.
+//! the others. A reload sends each worker the whole new [`PoolSpec`] (cameras
+//! added, removed or routed to another model); a worker switches to it
+//! between two frames, so the queues of unchanged cameras are never closed
+//! and none of their frames is lost.
 
 use std::sync::Arc;
 
@@ -23,6 +28,7 @@ use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
 
 use crate::capture::{Frame, FrameData, PixelFormat};
 use crate::metrics::CameraCounters;
+use crate::shadow::ShadowCompare;
 use ganomaly_core::preprocess::Roi;
 
 /// A frame with its model input, on its way to inference.
@@ -36,9 +42,14 @@ pub struct Prepared {
 #[derive(Clone)]
 pub struct CameraPrep {
     pub name: String,
+    /// The slot its frames carry (`Frame::camera`).
+    pub slot: usize,
     pub roi: Option<Roi>,
     /// Index of the camera's model in [`PoolSpec::models`].
     pub model: usize,
+    /// Its shadow model's index in [`PoolSpec::models`] (same input shape),
+    /// with the comparison that counts dropped shadow frames.
+    pub shadow: Option<(usize, Arc<ShadowCompare>)>,
     pub counters: Arc<CameraCounters>,
     pub input: Receiver<Frame>,
     pub recycle: Sender<FrameData>,
@@ -59,15 +70,30 @@ pub struct PoolSpec {
     pub models: Vec<ModelPrep>,
 }
 
-/// Starts `threads` workers. They end when every camera queue is closed and
-/// drained; their inference senders drop with them, which ends inference.
-pub fn spawn_pool(threads: usize, spec: PoolSpec) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    (0..threads.max(1))
-        .map(|i| {
-            let spec = spec.clone();
-            std::thread::Builder::new().name(format!("prep-{i}")).spawn(move || worker(spec))
-        })
-        .collect()
+/// Where a worker takes a new [`PoolSpec`] from.
+pub type SpecSender = Sender<Arc<PoolSpec>>;
+
+/// Starts `threads` workers on `spec`. Each takes a new spec (a reload added,
+/// removed or re-routed cameras) from its own channel of the returned list,
+/// between frames. A worker ends once its spec channel is closed and every
+/// camera queue of its spec is closed and drained; its inference senders drop
+/// with it, which ends inference.
+pub fn spawn_pool(
+    threads: usize,
+    spec: PoolSpec,
+) -> std::io::Result<(Vec<std::thread::JoinHandle<()>>, Vec<SpecSender>)> {
+    let spec = Arc::new(spec);
+    let mut handles = Vec::new();
+    let mut controls = Vec::new();
+    for i in 0..threads.max(1) {
+        // A worker holds the newest spec only: one pending is enough (the
+        // pipeline sends the whole spec each time, never a delta).
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let spec = spec.clone();
+        handles.push(std::thread::Builder::new().name(format!("prep-{i}")).spawn(move || worker(spec, rx))?);
+        controls.push(tx);
+    }
+    Ok((handles, controls))
 }
 
 pub fn layout(f: PixelFormat) -> PixelLayout {
@@ -77,17 +103,48 @@ pub fn layout(f: PixelFormat) -> PixelLayout {
     }
 }
 
-fn worker(spec: PoolSpec) {
+fn worker(mut spec: Arc<PoolSpec>, control: Receiver<Arc<PoolSpec>>) {
+    let never = crossbeam_channel::never();
+    let mut control_open = true;
+    loop {
+        let ctl = if control_open { &control } else { &never };
+        match serve(&spec, ctl, &mut control_open) {
+            Some(next) => spec = next,
+            None => return,
+        }
+    }
+}
+
+/// Prepares the frames of `spec`'s cameras until a new spec arrives
+/// (returned) or, with the spec channel closed, every camera queue is closed
+/// and drained (`None`).
+fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut bool) -> Option<Arc<PoolSpec>> {
     let mut preps: Vec<Preprocessor> = spec.models.iter().map(|m| Preprocessor::new(m.color, m.size)).collect();
     let mut sel = Select::new();
+    // Index 0 is the spec channel; the cameras follow.
+    sel.recv(control);
     for c in &spec.cameras {
         sel.recv(&c.input);
     }
     let mut live = spec.cameras.len();
-    while live > 0 {
+    loop {
+        if live == 0 && !*control_open {
+            return None;
+        }
         let op = sel.select();
         let idx = op.index();
-        let cam = &spec.cameras[idx];
+        if idx == 0 {
+            match op.recv(control) {
+                Ok(next) => return Some(next),
+                Err(_) => {
+                    // The pipeline is going down: finish the queues.
+                    sel.remove(0);
+                    *control_open = false;
+                    continue;
+                }
+            }
+        }
+        let cam = &spec.cameras[idx - 1];
         let frame = match op.recv(&cam.input) {
             Ok(f) => f,
             Err(_) => {
@@ -105,9 +162,27 @@ fn worker(spec: PoolSpec) {
         let fr = FrameRef { width: px.width, height: px.height, layout: layout(px.format), data: &px.data };
         match prep.run(&fr, cam.roi, &mut tensor) {
             Ok(()) => {
-                if model.output.send(Prepared { frame, tensor }).is_err() {
-                    // Inference is gone (start-up failure or shutdown): nothing left to do.
-                    return;
+                let shadow = cam.shadow.as_ref().map(|(m, compare)| (&spec.models[*m], compare));
+                // The shadow gets only frames the real model has slack for:
+                // with frames already waiting at the real model, the shadow's
+                // copy is dropped (it would take the cores the real path needs).
+                let real_idle = model.output.is_empty();
+                let copy = shadow.and_then(|(m, compare)| {
+                    if real_idle {
+                        shadow_copy(m, compare, &frame, &tensor)
+                    } else {
+                        compare.drop_frame();
+                        None
+                    }
+                });
+                // Blocks while the model is behind (the policy above). An
+                // error: the model's thread is gone (a start-up failure, or a
+                // reload retired it and a new spec is on its way).
+                let _ = model.output.send(Prepared { frame, tensor });
+                if let (Some((m, compare)), Some(p)) = (shadow, copy) {
+                    if m.output.try_send(p).is_err() {
+                        compare.drop_frame();
+                    }
                 }
             }
             Err(e) => {
@@ -117,4 +192,25 @@ fn worker(spec: PoolSpec) {
             }
         }
     }
+}
+
+/// The shadow's copy of a frame's tensor (its pixels stay with the real
+/// frame: a shadow takes no snapshots), or `None` when the shadow's input is
+/// full: dropped before any work is spent on it (counted).
+fn shadow_copy(model: &ModelPrep, compare: &ShadowCompare, frame: &Frame, tensor: &[f32]) -> Option<Prepared> {
+    if model.output.is_full() {
+        compare.drop_frame();
+        return None;
+    }
+    let mut copy = model.tensor_recycle.try_recv().unwrap_or_default();
+    copy.clear();
+    copy.extend_from_slice(tensor);
+    let frame = Frame {
+        camera: frame.camera,
+        seq: frame.seq,
+        captured: frame.captured,
+        ts_ms: frame.ts_ms,
+        pixels: FrameData::default(),
+    };
+    Some(Prepared { frame, tensor: copy })
 }

@@ -666,13 +666,24 @@ pub struct TriggerCamera {
     pub roi: Option<Roi>,
     /// Side of the model's anomaly map (for snapshots).
     pub side: usize,
+    /// Its camera thread still sends frames.
+    pub open: bool,
+}
+
+/// Cameras coming and going (start, reload).
+pub enum Control {
+    /// Judge this camera's parts from now on.
+    Attach(Box<TriggerCamera>),
+    /// The camera at this slot stopped (removed or restarted by a reload): its
+    /// pending triggers are answered `error`, its scoring queue dropped.
+    Detach(usize),
 }
 
 /// The trigger thread's inputs and outputs.
 pub struct TriggerThread {
     pub cameras: Vec<TriggerCamera>,
-    /// Cameras that take no triggers (continuous), for the refusal's wording.
-    pub continuous: BTreeSet<String>,
+    /// Cameras attached and detached at run time.
+    pub control: Receiver<Control>,
     /// `trigger` commands from the intake; `None`: no intake (bench, tests).
     pub commands: Option<Receiver<Command>>,
     /// Frames scored by the inference threads.
@@ -694,22 +705,23 @@ const IDLE_WAKE: Duration = Duration::from_millis(200);
 
 fn run(mut t: TriggerThread) {
     let mut out: Vec<Action<Command>> = Vec::new();
-    let mut open: Vec<bool> = vec![true; t.cameras.len()];
     // Closed once every inference thread has ended (or none holds a sender).
     let mut scored_open = true;
+    let mut control_open = true;
     loop {
         let now = Instant::now();
-        for (i, c) in t.cameras.iter_mut().enumerate() {
+        for c in t.cameras.iter_mut() {
             c.station.on_tick(now, c.counters.online.load(Ordering::Relaxed), &mut out);
             carry_out(&t.publisher, &t.snapshots, c, &mut out);
             // The camera stopped and nothing is in flight: let the pool end.
-            if !open[i] && c.station.in_flight() == 0 && c.station.pending() == 0 {
+            if !c.open && c.station.in_flight() == 0 && c.station.pending() == 0 {
                 c.scoring = None;
             }
         }
+        // Detached cameras go once nothing of theirs is left.
+        t.cameras.retain(|c| c.open || c.scoring.is_some());
         let done = t.cameras_done.load(Ordering::Relaxed);
-        let idle = t.cameras.iter().all(|c| c.station.pending() == 0 && c.station.in_flight() == 0);
-        if done && open.iter().all(|o| !o) && idle {
+        if done && t.cameras.iter().all(|c| !c.open && c.scoring.is_none()) {
             break;
         }
         let next = t.cameras.iter().filter_map(|c| c.station.next_deadline()).min();
@@ -719,13 +731,15 @@ fn run(mut t: TriggerThread) {
             let mut sel = Select::new();
             let cmd_op = t.commands.as_ref().map(|rx| sel.recv(rx));
             let scored_op = if scored_open { sel.recv(&t.scored) } else { usize::MAX };
+            let control_op = if control_open { sel.recv(&t.control) } else { usize::MAX };
             let taps: Vec<(usize, usize)> =
-                t.cameras.iter().enumerate().filter(|(i, _)| open[*i]).map(|(i, c)| (sel.recv(&c.tap), i)).collect();
+                t.cameras.iter().enumerate().filter(|(_, c)| c.open).map(|(i, c)| (sel.recv(&c.tap), i)).collect();
             let Ok(op) = sel.select_timeout(wait) else { continue };
             let index = op.index();
             match (t.commands.as_ref(), taps.iter().find(|(o, _)| *o == index)) {
                 (Some(rx), _) if Some(index) == cmd_op => Got::Command(op.recv(rx).ok()),
                 _ if index == scored_op => Got::Scored(op.recv(&t.scored).ok()),
+                _ if index == control_op => Got::Control(op.recv(&t.control).ok()),
                 (_, Some(&(_, i))) => Got::Frame(i, op.recv(&t.cameras[i].tap).ok()),
                 // Unreachable: every operation registered is matched above.
                 _ => continue,
@@ -743,6 +757,15 @@ fn run(mut t: TriggerThread) {
                 }
             }
             Got::Scored(None) => scored_open = false,
+            Got::Control(Some(Control::Attach(c))) => t.cameras.push(*c),
+            Got::Control(Some(Control::Detach(slot))) => {
+                if let Some(c) = t.cameras.iter_mut().find(|c| c.index == slot && c.open) {
+                    c.open = false;
+                    c.station.on_closed(Instant::now(), &mut out);
+                    carry_out(&t.publisher, &t.snapshots, c, &mut out);
+                }
+            }
+            Got::Control(None) => control_open = false,
             Got::Frame(i, frame) => {
                 let c = &mut t.cameras[i];
                 match frame {
@@ -751,7 +774,7 @@ fn run(mut t: TriggerThread) {
                         c.station.on_frame(ring, Instant::now(), now_ms(), &mut out);
                     }
                     None => {
-                        open[i] = false;
+                        c.open = false;
                         c.station.on_closed(Instant::now(), &mut out);
                     }
                 }
@@ -766,6 +789,7 @@ fn run(mut t: TriggerThread) {
 enum Got {
     Command(Option<Command>),
     Scored(Option<Scored>),
+    Control(Option<Control>),
     Frame(usize, Option<Frame>),
 }
 
@@ -774,13 +798,11 @@ fn on_command(t: &mut TriggerThread, cmd: Command, out: &mut Vec<Action<Command>
         cmd.refuse("`trigger` is a camera command");
         return;
     };
-    let Some(c) = t.cameras.iter_mut().find(|c| c.station.name == camera) else {
-        let why = if t.continuous.contains(&camera) {
-            format!("camera `{camera}` is continuous: set [cameras.{camera}] mode = \"triggered\" to judge parts on a trigger")
-        } else {
-            format!("unknown camera `{camera}`")
-        };
-        cmd.refuse(why);
+    let Some(c) = t.cameras.iter_mut().find(|c| c.open && c.station.name == camera) else {
+        // The intake knows the cameras: one it let through that has no station is continuous.
+        cmd.refuse(format!(
+            "camera `{camera}` is continuous: set [cameras.{camera}] mode = \"triggered\" to judge parts on a trigger"
+        ));
         return;
     };
     let trig = match parse(&cmd.body) {

@@ -398,6 +398,84 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
             vec![("mqtt", format!("tls = {{ ca_file = \"x\", password = \"{SECRET}\", cafile = 1 }}"))],
             "mqtt.tls",
         ),
+        // [sparkplug]
+        ("sparkplug without a group", vec![("sparkplug", String::new())], "sparkplug.group_id"),
+        ("a group of two levels", vec![("sparkplug", s("group_id = \"a/b\""))], "sparkplug.group_id"),
+        (
+            "an edge node with a wildcard",
+            vec![("sparkplug", s("group_id = \"g\"\nedge_node_id = \"n+\""))],
+            "sparkplug.edge_node_id",
+        ),
+        (
+            "DDATA at a billion Hz",
+            vec![("sparkplug", s("group_id = \"g\"\nddata_max_rate_hz = 1e9"))],
+            "sparkplug.ddata_max_rate_hz",
+        ),
+        (
+            "DDATA never",
+            vec![("sparkplug", s("group_id = \"g\"\nddata_max_rate_hz = 0.0"))],
+            "sparkplug.ddata_max_rate_hz",
+        ),
+        (
+            "a primary host id with a wildcard",
+            vec![("sparkplug", s("group_id = \"g\"\nprimary_host_id = \"scada#\""))],
+            "sparkplug.primary_host_id",
+        ),
+        (
+            "the plain outbox shared",
+            vec![
+                ("mqtt", s("outbox_path = \"{DIR}/o.sqlite\"")),
+                ("sparkplug", s("group_id = \"g\"\noutbox_path = \"{DIR}/o.sqlite\"")),
+            ],
+            "sparkplug.outbox_path",
+        ),
+        (
+            "the plain client id",
+            vec![("mqtt", s("client_id = \"same\"")), ("sparkplug", s("group_id = \"g\"\nclient_id = \"same\""))],
+            "sparkplug.client_id",
+        ),
+        (
+            "its broker's keep-alive half a second",
+            vec![
+                ("sparkplug", s("group_id = \"g\"")),
+                ("sparkplug.broker", s("host = \"127.0.0.1\"\nkeep_alive_s = 0.5")),
+            ],
+            "sparkplug.broker.keep_alive_s",
+        ),
+        (
+            "its broker's credentials in clear text",
+            vec![
+                ("sparkplug", s("group_id = \"g\"")),
+                ("sparkplug.broker", s("host = \"10.0.0.5\"\nusername = \"u\"\npassword_file = \"{DIR}/pw\"")),
+            ],
+            "sparkplug.broker.username",
+        ),
+        (
+            "its broker's missing password file",
+            vec![
+                ("sparkplug", s("group_id = \"g\"")),
+                ("sparkplug.broker", s("host = \"127.0.0.1\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"")),
+            ],
+            "sparkplug.broker",
+        ),
+        (
+            "its broker's missing CA",
+            vec![
+                ("sparkplug", s("group_id = \"g\"")),
+                ("sparkplug.broker", s("host = \"127.0.0.1\"\ntls = { ca_file = \"/nonexistent/ca.pem\" }")),
+            ],
+            "sparkplug.broker",
+        ),
+        (
+            "a plain-topic key in its broker",
+            vec![("sparkplug", s("group_id = \"g\"")), ("sparkplug.broker", s("host = \"h\"\ntopic_prefix = \"x\""))],
+            "topic_prefix",
+        ),
+        (
+            "Sparkplug only on the embedded broker",
+            vec![("mqtt", s("embedded = true")), ("sparkplug", s("group_id = \"g\"\nplain_topics = false"))],
+            "sparkplug.plain_topics",
+        ),
         // renamed keys and the whole file
         ("renamed key", vec![("inference", s("max_wait_ms = 5"))], "inference.max_wait_ms"),
     ];
@@ -624,6 +702,8 @@ fn boundary_configs_run() {
                          outbox_max_age_s = 1.0\nalarm_inflight = 1\nscore_max_rate_hz = 0.001\ntopic_prefix = \"a\"\nnode_id = \"b\""
                     ),
                 ),
+                // Its own connection to the embedded broker.
+                ("sparkplug", format!("group_id = \"g\"\nddata_max_rate_hz = 0.001\noutbox_path = \"{d}/spb-min.sqlite\"")),
             ],
         ),
         (
@@ -637,6 +717,13 @@ fn boundary_configs_run() {
                          outbox_max_age_s = 31622400.0\nalarm_inflight = 1000\nscore_max_rate_hz = 1000.0\n\
                          topic_prefix = \"{prefix}\"\nnode_id = \"{node}\"\ndiscovery = true\ndiscovery_prefix = \"{prefix}\"\n\
                          client_id = \"{}\"", "i".repeat(65_535)
+                    ),
+                ),
+                (
+                    "sparkplug",
+                    format!(
+                        "group_id = \"{}\"\nedge_node_id = \"{node}\"\nddata_max_rate_hz = 100.0\noutbox_path = \"{d}/spb-max.sqlite\"",
+                        "g".repeat(256)
                     ),
                 ),
                 ("rename", name64.clone()),

@@ -14,7 +14,7 @@
 //! and leaves the thread behind for the process exit to end.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -50,6 +50,8 @@ pub struct CameraWatch {
     publisher: Arc<dyn Publisher>,
     /// The camera's queue: taken from a thread that never came back.
     queue: Mutex<Option<Sender<Frame>>>,
+    /// A reload removed or restarted the camera: its last word was `offline`.
+    retired: AtomicBool,
 }
 
 impl std::fmt::Debug for CameraWatch {
@@ -75,16 +77,28 @@ impl CameraWatch {
             counters,
             publisher,
             queue: Mutex::new(Some(queue)),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// A reload removed this camera (or replaced its thread): reports it
+    /// offline once, and ignores what its ending thread still reports.
+    pub fn retire(&self, why: &str) {
+        self.set_online(false, why);
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Reports the camera online or offline, once per change.
+    /// Reports the camera online or offline, once per change (nothing more
+    /// once [`retire`](Self::retire)d).
     pub fn set_online(&self, online: bool, source: &str) {
         let Ok(mut state) = self.state.lock() else { return };
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         if *state != Some(online) {
             *state = Some(online);
             self.counters.online.store(online, Ordering::Relaxed);
@@ -141,18 +155,19 @@ impl CameraWatch {
     }
 }
 
+/// The cameras the watch thread checks; a reload replaces the list.
+pub type Watched = Arc<RwLock<Vec<Arc<CameraWatch>>>>;
+
 /// Checks every camera a few times per shortest timeout until `stop`.
-pub fn spawn_watch(
-    cameras: Vec<Arc<CameraWatch>>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let shortest = cameras.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(1));
-    let every = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+pub fn spawn_watch(cameras: Watched, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cam-watch".into()).spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            for c in &cameras {
+            let now: Vec<Arc<CameraWatch>> = cameras.read().map(|c| c.clone()).unwrap_or_default();
+            for c in &now {
                 c.check();
             }
+            let shortest = now.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(1));
+            let every = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
             sleep_unless_stopped(every, &stop);
         }
     })

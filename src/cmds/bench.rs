@@ -267,6 +267,8 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
             roi: None,
             alarm: AlarmConfig::default(),
             read_timeout: Duration::from_secs(10),
+            source_key: i as u64,
+            shadow: None,
             mode: CameraMode::Continuous,
         })
         .collect();
@@ -280,6 +282,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         snapshots: None,
         cameras,
         mqtt: None,
+        sparkplug: None,
         metrics: None,
         commands: Default::default(),
         record: None,
@@ -570,6 +573,8 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
             roi: None,
             alarm: AlarmConfig::default(),
             read_timeout: Duration::from_secs(10),
+            source_key: i as u64,
+            shadow: None,
             mode: CameraMode::Triggered(trigger),
         })
         .collect();
@@ -585,6 +590,7 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
         mqtt: None,
         metrics: None,
         commands: Default::default(),
+        sparkplug: None,
         record: None,
     };
     let meter = Arc::new(VerdictMeter::default());

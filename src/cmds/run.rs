@@ -1,9 +1,13 @@
 //! `ganomalyd run`: the daemon's lifetime around the pipeline — publisher
-//! start, pipeline start, systemd READY/watchdog, SIGHUP reload, orderly
+//! start, pipeline start, systemd READY/watchdog, reload (SIGHUP or the
+//! `reload` command: the file compiled as `check-config` does, its models
+//! loaded in the background while this loop goes on, then applied by the
+//! pipeline between batches; each answered on the `events` topic), orderly
 //! shutdown (sources stop, stages drain, the publisher flushes and goes
 //! `offline`). [`run`] turns OS signals into [`Signal`]s and calls [`daemon`],
 //! which tests drive in-process through its signal receiver.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,13 +16,14 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::base::report::chain;
-use crate::commands::{CommandEvent, CommandName, Intake, Status};
+use crate::commands::{Command, CommandEvent, CommandName, Intake, Status};
 use crate::config::{self, Settings};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
-use crate::pipeline::{Pipeline, PipelineError, StartOptions};
+use crate::pipeline::{Loaded, PendingReload, Pipeline, PipelineError, StartOptions};
 use crate::publish::mqtt::MqttPublisher;
-use crate::publish::{NullPublisher, PublishError};
+use crate::publish::sparkplug::{self, SparkplugHandle, SparkplugPublisher};
+use crate::publish::{NullPublisher, PublishError, Tee};
 use crate::systemd;
 
 /// `ganomalyd run --config FILE`.
@@ -54,13 +59,17 @@ pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
 pub enum Signal {
     /// SIGTERM / SIGINT.
     Stop,
-    /// SIGHUP: re-read alarm settings.
+    /// SIGHUP: re-read the whole config and apply what changed (`reload.rs`).
     Reload,
 }
 
 /// Longest wait for the first decided frame before READY is sent anyway: a
 /// camera that is offline at boot must not make systemd kill the daemon.
 const READY_AT_LATEST: Duration = Duration::from_secs(10);
+
+/// Reloads that may wait while one loads its models: more means a sender
+/// that does not wait for answers, and is refused (`busy`).
+const RELOADS_QUEUED: usize = 8;
 
 /// How long the publisher may take to flush on the way down.
 const PUBLISHER_FLUSH: Duration = Duration::from_secs(5);
@@ -86,7 +95,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             e.shutdown(rt.handle(), Duration::from_secs(2));
         }
     };
-    let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match cfg.mqtt.as_ref() {
+    // `[sparkplug] plain_topics = false`: the plain publisher stays off,
+    // `[mqtt]` only lends the Sparkplug connection its broker.
+    let plain = cfg.mqtt.as_ref().filter(|_| cfg.sparkplug.as_ref().is_none_or(|s| s.plain_topics));
+    let (publisher, handle, mqtt): (Arc<dyn Publisher>, _, Option<Arc<MqttPublisher>>) = match plain {
         Some(m) => {
             let (p, h) = match MqttPublisher::start(m, rt.handle()) {
                 Ok(started) => started,
@@ -97,10 +109,30 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             };
             (p.clone(), Some(h), Some(p))
         }
+        None if cfg.sparkplug.is_some() => (Arc::new(NullPublisher), None, None),
         None => {
             tracing::warn!("no [mqtt] section (or enabled = false): alarms are only logged");
             (Arc::new(NullPublisher), None, None)
         }
+    };
+    let (publisher, sparkplug): (Arc<dyn Publisher>, Option<SparkplugHandle>) = match cfg.sparkplug.as_ref() {
+        Some(s) => {
+            let cameras = cfg.cameras.iter().map(|c| (c.name.clone(), sparkplug::model_info(&c.model))).collect();
+            let (p, h) = match SparkplugPublisher::start(s, cameras, rt.handle()) {
+                Ok(started) => started,
+                Err(e) => {
+                    if let Some(h) = handle {
+                        h.shutdown_blocking(PUBLISHER_FLUSH);
+                    }
+                    stop_exporter(exporter);
+                    return Err(DaemonError::Publish(e));
+                }
+            };
+            let p: Arc<dyn Publisher> = p;
+            let both: Arc<dyn Publisher> = if mqtt.is_some() { Arc::new(Tee(vec![publisher, p])) } else { p };
+            (both, Some(h))
+        }
+        None => (publisher, None),
     };
     // Every verdict and alarm is also kept in the inspection record.
     let (publisher, record) = match &cfg.record {
@@ -126,7 +158,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
     let opts = StartOptions { alarm_journal: journal, triggers: Some(trigger_commands), ..StartOptions::default() };
-    let pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
+    let mut pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
             if let Some(r) = record {
@@ -135,25 +167,32 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             if let Some(h) = handle {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
+            if let Some(h) = sparkplug {
+                h.shutdown_blocking(PUBLISHER_FLUSH);
+            }
             stop_exporter(exporter);
             return Err(e.into());
         }
     };
     let providers: Vec<String> =
-        pipeline.providers.iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
-    if let Some(e) = &exporter {
-        e.attach(exporter::Sources {
-            cameras: pipeline.counters().to_vec(),
-            publisher: publisher_counters,
-            liveness: pipeline.liveness(),
-            models: pipeline
-                .providers
-                .iter()
-                .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
-                .collect(),
-            commands: Some(intake.clone()),
-        });
-    }
+        pipeline.providers().iter().map(|(p, prov)| format!("{} on {}", p.display(), prov.as_str())).collect();
+    // Attached again after every reload: the cameras and models change.
+    let attach = |pipeline: &Pipeline| {
+        if let Some(e) = &exporter {
+            e.attach(exporter::Sources {
+                cameras: pipeline.counters(),
+                publisher: publisher_counters.clone(),
+                liveness: pipeline.liveness(),
+                models: pipeline
+                    .providers()
+                    .iter()
+                    .map(|(p, prov)| (p.display().to_string(), prov.as_str().to_string()))
+                    .collect(),
+                commands: Some(intake.clone()),
+            });
+        }
+    };
+    attach(&pipeline);
     // Handlers are registered: from here on commands are taken.
     if let Some(p) = &mqtt {
         p.accept_commands(intake.clone());
@@ -170,6 +209,10 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let mut ready = false;
     let watchdog = systemd::watchdog_interval();
     let mut last_ping = Instant::now();
+    // A reload whose models load in the background, and the command that
+    // asked for it (`None`: SIGHUP); the reloads asked for meanwhile.
+    let mut pending: Option<(PendingReload, Option<Command>)> = None;
+    let mut queued: VecDeque<Option<Command>> = VecDeque::new();
     loop {
         if !ready && (pipeline.decided() > 0 || started.elapsed() >= READY_AT_LATEST) {
             ready = true;
@@ -183,17 +226,49 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         }
         match signals.recv_timeout(Duration::from_millis(250)) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Ok(Signal::Reload) => {
-                let outcome = reload(&pipeline, &config_path);
-                publisher.event(&reload_event(None, outcome));
-            }
+            // SIGHUPs while one waits are one reload: it reads the file when it starts.
+            Ok(Signal::Reload) if queued.iter().any(Option::is_none) => {}
+            Ok(Signal::Reload) => queued.push_back(None),
             Err(RecvTimeoutError::Timeout) => {}
         }
         while let Ok(cmd) = reload_commands.try_recv() {
-            match reload(&pipeline, &config_path) {
-                Ok(detail) => cmd.done(detail),
-                Err(reason) => cmd.fail(reason),
+            if queued.len() >= RELOADS_QUEUED {
+                cmd.refuse(format!(
+                    "busy: {RELOADS_QUEUED} reloads are already waiting; send it again once they are answered"
+                ));
+            } else {
+                queued.push_back(Some(cmd));
             }
+        }
+        // One reload at a time: each reads the file when it starts.
+        if pending.is_none() {
+            if let Some(next) = queued.pop_front() {
+                start_reload(&pipeline, &config_path, next, &mut pending, publisher.as_ref());
+            }
+        }
+        let done = pending.as_mut().and_then(|(p, _)| p.try_take());
+        if let Some((result, (_, cmd))) = done.and_then(|r| pending.take().map(|p| (r, p))) {
+            let answer = finish_reload(&mut pipeline, result);
+            if answer.is_ok() {
+                let names: Vec<String> = pipeline.settings().cameras.iter().map(|c| c.name.clone()).collect();
+                intake.set_cameras(&names);
+                intake.set_settings(pipeline.settings().commands.clone());
+                attach(&pipeline);
+            }
+            match (cmd, answer) {
+                (Some(cmd), Ok(detail)) => cmd.done(detail),
+                (Some(cmd), Err(reason)) => cmd.fail(reason),
+                (None, outcome) => publisher.event(&reload_event(None, outcome)),
+            }
+        }
+    }
+    if pending.is_some() || !queued.is_empty() {
+        tracing::info!("stopping with a reload still loading its models or waiting: abandoned");
+        for cmd in queued.into_iter().flatten() {
+            cmd.fail("the daemon is stopping");
+        }
+        if let Some((_, Some(cmd))) = pending.take() {
+            cmd.fail("the daemon is stopping");
         }
     }
 
@@ -214,30 +289,75 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     if let Some(h) = handle {
         h.shutdown_blocking(PUBLISHER_FLUSH);
     }
+    // Last: its NDEATH tells SCADA the node is gone.
+    if let Some(h) = sparkplug {
+        h.shutdown_blocking(PUBLISHER_FLUSH);
+    }
     drop(rt);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGHUP or the `reload` command: re-reads the file; a file with problems
-/// changes nothing. Ok: what was done (for the answer); Err: why not.
-fn reload(pipeline: &Pipeline, path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, String> {
-    match config::load(path) {
-        Ok(settings) => {
-            let not_applied = pipeline.reload_alarms(&settings);
-            if !not_applied.is_empty() {
-                tracing::warn!(cameras = ?not_applied, "cameras added or removed: restart to apply");
+/// SIGHUP or the `reload` command: re-reads the file with the same
+/// `config::load` as `check-config` and starts loading the models it needs in
+/// the background (one at a time: the loop queues the others). A file with
+/// problems is answered `failed` at once (published; the running pipeline is
+/// untouched).
+fn start_reload(
+    pipeline: &Pipeline,
+    path: &Path,
+    cmd: Option<Command>,
+    pending: &mut Option<(PendingReload, Option<Command>)>,
+    publisher: &dyn Publisher,
+) {
+    // `failed`, like a reload whose model does not load: the command was
+    // taken and could not be carried out.
+    let refuse = |cmd: Option<Command>, reason: String| {
+        tracing::error!(reason = %reason, "reload refused: keeping the running settings");
+        match cmd {
+            Some(c) => c.fail(reason),
+            None => publisher.event(&reload_event(None, Err(reason))),
+        }
+    };
+    let settings = match config::load(path) {
+        Ok(s) => s,
+        Err(e) => return refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
+    };
+    match pipeline.prepare_reload(settings) {
+        Ok(p) => {
+            // No `accepted` first: an HTTP caller gets the outcome as its
+            // response (within its 10 s; it is published either way).
+            tracing::info!(config = %path.display(), "reload: the new file compiles; loading its models in the background");
+            *pending = Some((p, cmd));
+        }
+        Err(e) => refuse(cmd, format!("reload refused, the running settings are kept: {}", chain(&e))),
+    }
+}
+
+/// Applies a reload whose models are loaded. Ok: what was done (the answer's
+/// detail); Err: why nothing was (or, for a failure part-way, not all).
+fn finish_reload(
+    pipeline: &mut Pipeline,
+    loaded: Result<Loaded, String>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let loaded = loaded.map_err(|reason| {
+        tracing::error!(%reason, "reload refused: a model does not load or fit; keeping the running settings");
+        format!("reload refused, the running settings are kept: {reason}")
+    })?;
+    match pipeline.apply_reload(loaded) {
+        Ok(plan) => {
+            for (camera, change) in &plan.cameras {
+                tracing::info!(%camera, change = %crate::reload::describe(change), "reload");
             }
-            tracing::info!("alarm settings reloaded (other changes need a restart)");
-            let mut detail = serde_json::Map::new();
-            detail.insert("applied".into(), serde_json::json!(["alarm settings"]));
-            detail.insert("not_applied_cameras".into(), serde_json::json!(not_applied));
-            Ok(detail)
+            for r in &plan.needs_restart {
+                tracing::warn!(section = r.section, why = r.why, "changed, but applies only after a restart");
+            }
+            Ok(plan.summary())
         }
         Err(e) => {
             let reason = chain(&e);
-            tracing::error!(error = %reason, "reload refused: keeping the running settings");
-            Err(format!("reload refused, the running settings are kept: {reason}"))
+            tracing::error!(error = %reason, "reload failed part-way");
+            Err(format!("reload failed part-way (restart to apply the file): {reason}"))
         }
     }
 }

@@ -150,13 +150,19 @@ fn clock(ts_ms: u64) -> String {
 pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchArgs) -> Option<String> {
     let levels: Vec<&str> = topic.split('/').collect();
     let last = *levels.last()?;
+    let n = levels.len();
+    // A shadow model's topics are `<camera>/shadow/<leaf>` (see `shadow.rs`).
+    let shadow = n >= 4 && levels[n - 2] == "shadow" && matches!(last, "score" | "alarm" | "state");
     let (node, camera, kind) = match last {
-        "status" | "stats" if levels.len() >= 2 => (levels[levels.len() - 2], None, last),
-        _ if levels.len() >= 3 => (levels[levels.len() - 3], Some(levels[levels.len() - 2]), last),
+        "status" | "stats" if n >= 2 => (levels[n - 2], None, last),
+        _ if shadow => (levels[n - 4], Some(crate::shadow::publish_name(levels[n - 3])), last),
+        _ if n >= 3 => (levels[n - 3], Some(levels[n - 2].to_string()), last),
         _ => return None,
     };
+    let camera = camera.as_deref();
     if let (Some(want), Some(cam)) = (&args.camera, camera) {
-        if want != cam {
+        // `--camera line3` shows its shadow too.
+        if want != cam && crate::shadow::publish_name(want) != cam {
             return None;
         }
     }
@@ -201,6 +207,7 @@ pub fn format_message(topic: &str, payload: &[u8], retained: bool, args: &WatchA
                         let why = match a.reason {
                             Some(crate::events::EndReason::Shutdown) => " (daemon stopped)",
                             Some(crate::events::EndReason::Restart) => " (daemon restarted after dying)",
+                            Some(crate::events::EndReason::Reload) => " (camera removed or restarted by a reload)",
                             Some(crate::events::EndReason::Cleared) | None => "",
                         };
                         format!(
@@ -295,6 +302,13 @@ mod tests {
         quiet.camera = Some("other".into());
         assert!(format_message("g/box1/line3/score", b"{}", false, &quiet).is_none());
         assert!(format_message("g/box1/line3/state", b"ON", false, &quiet).is_none());
+        let line = format_message("g/box1/line3/shadow/state", b"ON", false, &a).unwrap();
+        assert!(line.ends_with("box1/line3/shadow    alarm state ON"), "{line}");
+        let mut only = args(false);
+        only.camera = Some("line3".into());
+        assert!(
+            format_message("g/box1/line3/shadow/score", &serde_json::to_vec(&score).unwrap(), false, &only).is_some()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::file::{
 };
 use super::settings::{
     Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
-    Provider, RecordSettings, ScoreChoice, Settings, SnapshotSettings, TriggerSettings,
+    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
 };
 use crate::base::check::{between, count_between, level_name, not_zero};
 use crate::base::report::chain;
@@ -28,6 +28,7 @@ use crate::capture::limits::LimitsTable;
 use crate::capture::CameraContext;
 use crate::commands::{CommandName, CommandSettings};
 use crate::publish::config::MqttConfig;
+use crate::publish::sparkplug::{SparkplugConfig, SparkplugSettings};
 
 const DEFAULT_WIDTH: u32 = 640;
 const DEFAULT_HEIGHT: u32 = 480;
@@ -71,6 +72,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let metrics = metrics(&file.metrics, &mut problems);
     let commands = commands(&file.commands, file.metrics.enabled.then_some(&file.metrics), &mut problems);
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
+    let sparkplug = file.sparkplug.as_ref().and_then(|s| sparkplug(s, file.mqtt.as_ref(), base, probe, &mut problems));
     let record = record(&file.record, base, mqtt.as_ref(), &mut problems);
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
@@ -116,7 +118,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
         (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, record })
+            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record })
         }
         _ => Err(problems),
     }
@@ -161,6 +163,39 @@ fn mqtt(m: &MqttConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -
         }
     }
     (problems.len() == before).then_some(m)
+}
+
+/// `[sparkplug]`, checked whether enabled or not; while enabled, its own
+/// broker's password and TLS files are read too (`[mqtt]`'s are read by its
+/// section).
+fn sparkplug(
+    s: &SparkplugConfig,
+    mqtt: Option<&MqttConfig>,
+    base: &Path,
+    probe: Probe,
+    problems: &mut Vec<String>,
+) -> Option<SparkplugSettings> {
+    let before = problems.len();
+    let compiled = s.compile(mqtt, base, problems)?;
+    if !s.enabled {
+        return None;
+    }
+    if let (Some(_), Probe::World) = (&s.broker, probe) {
+        let b = &compiled.broker;
+        match b.password() {
+            Err(e) => problems.push(format!("sparkplug.broker: {}", chain(&e))),
+            Ok(Some(pw)) if pw.expose().len() > crate::base::check::MQTT_STRING_BYTES => {
+                problems.push("sparkplug.broker: the password is longer than 65535 bytes".into())
+            }
+            Ok(_) => {}
+        }
+        if let Some(tls) = &b.tls {
+            if let Err(e) = crate::publish::tls::client_config(tls) {
+                problems.push(format!("sparkplug.broker: {}", chain(&e)));
+            }
+        }
+    }
+    (problems.len() == before).then_some(compiled)
 }
 
 fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<String>) -> Option<InferenceSettings> {
@@ -427,9 +462,11 @@ fn merged_trigger(
 /// Range checks on the fields one table sets (`[defaults]` or one camera),
 /// before merging: a bad value is named where it is written.
 fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
-    if let Some(s) = &t.score {
-        if ScoreChoice::parse(s).is_none() {
-            problems.push(format!("{p}.score: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
+    for (key, score) in [("score", &t.score), ("shadow_score", &t.shadow_score)] {
+        if let Some(s) = score {
+            if ScoreChoice::parse(s).is_none() {
+                problems.push(format!("{p}.{key}: `{s}` is not one of {}", ScoreChoice::names().join(", ")));
+            }
         }
     }
     for (key, side) in [("width", t.width), ("height", t.height)] {
@@ -589,9 +626,11 @@ fn camera(
             alarm.clear_threshold
         ));
     }
-    if let (Some(model), Probe::World) = (&model, probe) {
-        model_check(model, score, &p, problems);
-    }
+    let meta = match (&model, probe) {
+        (Some(model), Probe::World) => model_check(model, score, &p, "model", "score", problems),
+        _ => None,
+    };
+    let shadow = shadow(t, d, base, probe, &p, meta.as_ref(), problems);
     let cx = context(&p, t, d, base, probe);
     let fps = cx.fps;
     LimitsTable::merge(t.limits.as_ref(), d.limits.as_ref(), &format!("{p}.limits"), problems);
@@ -606,6 +645,7 @@ fn camera(
     });
     let read_timeout = Duration::from_secs_f64(read_timeout_s.clamp(0.1, 3600.0));
     let plan = source.and_then(|s| s.compile(&cx, &source_path, problems));
+    let source_key = source_key(source, &cx);
     let roi = t.roi.or(d.roi);
     let frame_size = source.and_then(|s| s.frame_size(&cx));
     // A source that delivers a known size must fit the camera's limits, or
@@ -638,25 +678,94 @@ fn camera(
         roi,
         alarm,
         read_timeout,
+        source_key,
+        shadow: shadow?,
         mode,
     })
 }
 
+/// What a camera thread is built from, as one number: the source table as
+/// written and the frame size and limits it is compiled with. The table is
+/// hashed, never shown (it may hold a password).
+fn source_key(source: Option<&crate::capture::SourceConfig>, cx: &CameraContext) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&source).unwrap_or_default().hash(&mut h);
+    (cx.width, cx.height, format!("{:?}", cx.limits)).hash(&mut h);
+    h.finish()
+}
+
+/// `shadow_model` / `shadow_score` over `[defaults]`: the shadow must carry
+/// its score and take the camera model's input (colour mode and size), since
+/// it scores the same tensor. `Some(None)`: no shadow; `None`: a problem.
+fn shadow(
+    t: &CameraTable,
+    d: &CameraTable,
+    base: &Path,
+    probe: Probe,
+    p: &str,
+    camera_model: Option<&ganomaly_core::ModelMetadata>,
+    problems: &mut Vec<String>,
+) -> Option<Option<ShadowPlan>> {
+    let written = t.shadow_score.as_ref().or(d.shadow_score.as_ref());
+    let Some(model) = t.shadow_model.as_ref().or(d.shadow_model.as_ref()).map(|m| resolve(base, m)) else {
+        if written.is_some() {
+            problems.push(format!("{p}.shadow_score: set without shadow_model"));
+            return None;
+        }
+        return Some(None);
+    };
+    let score = written.map_or(Some(ScoreChoice::ModelDefault), |s| ScoreChoice::parse(s))?;
+    if probe == Probe::World {
+        let meta = model_check(&model, Some(score), p, "shadow_model", "shadow_score", problems)?;
+        if let Some(cam) = camera_model {
+            let (a, b) = (&cam.preprocess, &meta.preprocess);
+            if (a.color, a.size) != (b.color, b.size) {
+                problems.push(format!(
+                    "{p}.shadow_model: {} takes {} px {:?} input, the camera's model {} px {:?}: a shadow scores the \
+                     camera's own tensor, so it must take the same input (train it at the same size and colour mode)",
+                    model.display(),
+                    b.size,
+                    b.color,
+                    a.size,
+                    a.color
+                ));
+                return None;
+            }
+        }
+    }
+    Some(Some(ShadowPlan { model, score }))
+}
+
 /// The model's own metadata must be readable and carry the score this camera
 /// wants: caught here rather than at the first frame.
-fn model_check(model: &Path, score: Option<ScoreChoice>, p: &str, problems: &mut Vec<String>) {
+/// `model_key`/`score_key` name the fields in problems (`model`/`score`, or
+/// the shadow's). Returns the metadata when the model is usable.
+fn model_check(
+    model: &Path,
+    score: Option<ScoreChoice>,
+    p: &str,
+    model_key: &str,
+    score_key: &str,
+    problems: &mut Vec<String>,
+) -> Option<ganomaly_core::ModelMetadata> {
     if !model.is_file() {
-        problems.push(format!("{p}.model: {} does not exist", model.display()));
-        return;
+        problems.push(format!("{p}.{model_key}: {} does not exist", model.display()));
+        return None;
     }
     match ganomaly_core::onnx::check::check_model_file(model) {
         Ok(meta) => {
             if let Some(ScoreChoice::Kind(k)) = score {
                 if meta.score(k).is_none() {
-                    problems.push(format!("{p}.score: model {} has no `{}` score", model.display(), k.as_str()));
+                    problems.push(format!("{p}.{score_key}: model {} has no `{}` score", model.display(), k.as_str()));
+                    return None;
                 }
             }
+            Some(meta)
         }
-        Err(e) => problems.push(format!("{p}.model: {}: {e}", model.display())),
+        Err(e) => {
+            problems.push(format!("{p}.{model_key}: {}: {e}", model.display()));
+            None
+        }
     }
 }

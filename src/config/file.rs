@@ -45,6 +45,9 @@ pub struct ConfigFile {
     /// Commands over MQTT and HTTP (`trigger`, `reload`, …): off by default.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// Sparkplug B edge node (absent: none).
+    #[serde(default)]
+    pub sparkplug: Option<crate::publish::sparkplug::SparkplugConfig>,
     /// The inspection record: every verdict and alarm, kept in SQLite with retention.
     #[serde(default)]
     pub record: RecordConfig,
@@ -236,6 +239,11 @@ pub struct CameraTable {
     /// Seconds one read of the source (a frame, or opening it) may take before
     /// the camera is reported offline: a driver read that never returns.
     pub read_timeout_s: Option<f64>,
+    /// A candidate model that scores the same frames on `<camera>/shadow/...`
+    /// and never raises the camera's alarm (see `shadow.rs`).
+    pub shadow_model: Option<PathBuf>,
+    /// The shadow model's score (`model-default` unless set).
+    pub shadow_score: Option<String>,
     /// `continuous` (every frame scored, alarms) or `triggered` (a verdict per
     /// part on `cmd/trigger`, see `[cameras.<name>.trigger]`).
     pub mode: Option<String>,

@@ -24,7 +24,7 @@ pub use file::{
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{
     Aggregate, AlarmConfig, CameraMode, CameraPlan, FramesFrom, InferenceSettings, MetricsSettings, PipelineSettings,
-    Provider, RecordSettings, ScoreChoice, Settings, SnapshotSettings, TriggerSettings,
+    Provider, RecordSettings, ScoreChoice, Settings, ShadowPlan, SnapshotSettings, TriggerSettings,
 };
 
 /// Errors loading a config file.
@@ -132,6 +132,11 @@ fn compile_text(text: &str, base: &Path, probe: Probe) -> Result<Settings, Error
 /// Checks and compiles a parsed file, with the files and devices it names.
 pub fn compile(file: &ConfigFile, base: &Path) -> Result<Settings, Vec<String>> {
     compile::compile(file, base, Probe::World)
+}
+
+/// [`compile`], looking at the world the file names or not.
+pub fn compile_with(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings, Vec<String>> {
+    compile::compile(file, base, probe)
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub struct Settings {
     /// `None`: the metrics endpoint is off.
     pub metrics: Option<MetricsSettings>,
     pub commands: crate::commands::CommandSettings,
+    /// `None`: no `[sparkplug]` table, or `enabled = false`.
+    pub sparkplug: Option<crate::publish::SparkplugSettings>,
     /// `None`: `[record] enabled = false`.
     pub record: Option<RecordSettings>,
 }
@@ -180,6 +182,12 @@ pub struct CameraPlan {
     pub alarm: AlarmConfig,
     /// A read of the source longer than this reports the camera offline.
     pub read_timeout: Duration,
+    /// Digest of what the camera thread is built from (the source table as
+    /// written, width, height, limits): a reload restarts the camera when it
+    /// changes. Compared within one process only.
+    pub source_key: u64,
+    /// A candidate model scoring the same frames (`shadow_model`).
+    pub shadow: Option<ShadowPlan>,
     pub mode: CameraMode,
 }
 
@@ -253,6 +261,15 @@ impl Default for TriggerSettings {
             dedup_parts: 1024,
         }
     }
+}
+
+/// `shadow_model` / `shadow_score` of a camera, compiled: checked to take the
+/// same input as the camera's model (it scores the same tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowPlan {
+    /// Absolute.
+    pub model: PathBuf,
+    pub score: ScoreChoice,
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! - [`tls`]: the rustls client config (ring provider).
 //! - [`discovery`]: Home Assistant discovery messages.
 //! - [`broker`]: the embedded rumqttd broker.
+//! - [`sparkplug`]: the Sparkplug B edge node (its own connection).
+//! - [`tee`]: one publisher feeding several (plain topics and Sparkplug).
 //!
 //! Topics and payloads are documented in `docs/mqtt.md`.
 
@@ -18,11 +20,15 @@ pub mod config;
 pub mod discovery;
 pub mod mqtt;
 pub mod outbox;
+pub mod sparkplug;
+pub mod tee;
 pub mod tls;
 
 pub use broker::EmbeddedBroker;
 pub use config::{MqttConfig, TlsConfig};
 pub use mqtt::{MqttPublisher, PublisherCounters, PublisherHandle};
+pub use sparkplug::{SparkplugPublisher, SparkplugSettings};
+pub use tee::Tee;
 
 use std::path::PathBuf;
 

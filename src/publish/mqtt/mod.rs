@@ -37,7 +37,7 @@ mod handoff;
 mod link;
 mod publisher;
 mod sender;
-mod state;
+pub(crate) mod state;
 
 pub use link::secure;
 pub use publisher::{MqttPublisher, PublisherCounters, PublisherHandle};

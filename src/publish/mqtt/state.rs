@@ -24,7 +24,7 @@ use rumqttc::{Event, Outgoing, Packet};
 /// What a publish handed to rumqttc is, so that the packet id rumqttc reports
 /// for it (`Outgoing::Publish(pkid)`) can be matched to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Tag {
+pub(crate) enum Tag {
     /// The outbox row with this id.
     Alarm(i64),
     /// The retained `offline` of a clean stop, whose PUBACK the stop waits for.
@@ -36,7 +36,7 @@ pub(super) enum Tag {
 /// What the sender task has to do after an event.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Action {
+pub(crate) enum Action {
     Nothing,
     /// The broker has this outbox row: delete it. The window has room for one
     /// more alarm.
@@ -46,7 +46,7 @@ pub(super) enum Action {
 /// What a lost connection means for the outbox.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Lost {
+pub(crate) struct Lost {
     /// It was the current connection (false: a connect attempt that never came up).
     pub current: bool,
     /// This row reached the strike limit: move it to the dead-letter table.
@@ -55,14 +55,14 @@ pub(super) struct Lost {
 
 /// The outbox rows to send next: ids above `after`, oldest first, at most `limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct NextRows {
+pub(crate) struct NextRows {
     pub after: i64,
     pub limit: usize,
 }
 
 /// Alarm delivery across connections.
 #[derive(Debug)]
-pub(super) struct Delivery {
+pub(crate) struct Delivery {
     /// Alarms awaiting their PUBACK at once (`alarm_inflight`). It bounds what
     /// a reconnect sends again in one go, and leaves rumqttc's in-flight slots
     /// (window + 64) to the retained state that follows a reconnect.
@@ -109,13 +109,13 @@ struct Numbering {
 }
 
 impl Delivery {
-    pub(super) fn new(window: usize, max_closes: u32) -> Self {
+    pub(crate) fn new(window: usize, max_closes: u32) -> Self {
         Delivery { window: window.max(1), conn: None, strikes: HashMap::new(), max_closes: max_closes.max(1) }
     }
 
     /// Connection `gen` is up (CONNACK). The old numbering is forgotten, and
     /// the outbox is read again from its oldest row.
-    pub(super) fn connected(&mut self, gen: u64) {
+    pub(crate) fn connected(&mut self, gen: u64) {
         self.conn = Some(Numbering {
             gen,
             unnumbered: VecDeque::new(),
@@ -132,7 +132,7 @@ impl Delivery {
 
     /// Connection `gen` failed. The oldest alarm sent on it and not
     /// acknowledged gets a strike (see the module doc).
-    pub(super) fn disconnected(&mut self, gen: u64) -> Lost {
+    pub(crate) fn disconnected(&mut self, gen: u64) -> Lost {
         let current = self.conn.as_ref().is_some_and(|c| c.gen == gen);
         if !current {
             return Lost { current, dead_letter: None };
@@ -155,7 +155,7 @@ impl Delivery {
     /// Whether `row` may be handed to rumqttc now: a row with strikes goes
     /// only when nothing else is in flight, and nothing goes after it until
     /// its PUBACK.
-    pub(super) fn admit(&self, row: i64) -> bool {
+    pub(crate) fn admit(&self, row: i64) -> bool {
         let Some(c) = self.conn.as_ref() else { return false };
         if c.in_flight.iter().any(|r| self.strikes.contains_key(r)) {
             return false;
@@ -164,7 +164,7 @@ impl Delivery {
     }
 
     /// rumqttc accepted a publish into its request queue.
-    pub(super) fn queued(&mut self, tag: Tag) {
+    pub(crate) fn queued(&mut self, tag: Tag) {
         let Some(c) = self.conn.as_mut() else { return };
         c.unnumbered.push_back(tag);
         if let Tag::Alarm(row) = tag {
@@ -175,7 +175,7 @@ impl Delivery {
 
     /// Which outbox rows to send now; None without a connection or with the
     /// window full.
-    pub(super) fn next_rows(&self) -> Option<NextRows> {
+    pub(crate) fn next_rows(&self) -> Option<NextRows> {
         let c = self.conn.as_ref()?;
         if c.in_flight.iter().any(|r| self.strikes.contains_key(r)) {
             // A row with strikes travels alone.
@@ -187,7 +187,7 @@ impl Delivery {
 
     /// An event of connection `gen`, as rumqttc's event loop reported it.
     /// Events of any other connection change nothing.
-    pub(super) fn on_event(&mut self, gen: u64, event: &Event) -> Action {
+    pub(crate) fn on_event(&mut self, gen: u64, event: &Event) -> Action {
         let Some(c) = self.conn.as_mut().filter(|c| c.gen == gen) else { return Action::Nothing };
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => c.sent(*pkid),
@@ -209,23 +209,23 @@ impl Delivery {
     }
 
     /// Whether `gen` is the connection in use.
-    pub(super) fn is_current(&self, gen: u64) -> bool {
+    pub(crate) fn is_current(&self, gen: u64) -> bool {
         self.conn.as_ref().is_some_and(|c| c.gen == gen)
     }
 
     /// Whether a clean stop may disconnect: `offline` and every alarm sent
     /// are acknowledged (or there is no connection left to wait on).
-    pub(super) fn drained(&self) -> bool {
+    pub(crate) fn drained(&self) -> bool {
         self.conn.as_ref().is_none_or(|c| c.offline_acked && c.in_flight.is_empty())
     }
 
     #[cfg(test)]
-    pub(super) fn alarms_in_flight(&self) -> usize {
+    pub(crate) fn alarms_in_flight(&self) -> usize {
         self.conn.as_ref().map_or(0, |c| c.in_flight.len())
     }
 
     #[cfg(test)]
-    pub(super) fn last_sent(&self) -> i64 {
+    pub(crate) fn last_sent(&self) -> i64 {
         self.conn.as_ref().map_or(0, |c| c.last_sent)
     }
 }
