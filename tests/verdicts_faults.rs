@@ -242,3 +242,80 @@ enabled = true
     run.join().expect("no panic").expect("clean stop");
     sub.stop();
 }
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    let code = got.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, got.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// A reload turns a continuous camera triggered (it is restarted with a ring
+/// buffer and a station) and back: triggers are judged only while it is.
+#[test]
+fn a_reload_turns_a_camera_triggered_and_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics_port = free_port();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo.onnx");
+    let body = |mode: &str| {
+        format!(
+            "[inference]\nproviders = [\"cpu\"]\n[snapshots]\nenabled = false\n[defaults]\nmodel = \"{}\"\nfps = 30\n\
+             source = {{ kind = \"synthetic\", size = 64, variations = 2 }}\n[cameras.x]\nmode = \"{mode}\"\n\
+             [metrics]\nenabled = true\nlisten = \"127.0.0.1:{metrics_port}\"\n[commands]\nenabled = true\n",
+            model.display()
+        )
+    };
+    let cfg = dir.path().join("ganomalyd.toml");
+    std::fs::write(&cfg, body("continuous")).expect("write config");
+    let settings = ganomalyd::config::load(&cfg).expect("the config compiles");
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let run = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || daemon(settings, cfg, rx))
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let trigger = |part: &str| {
+        let t = std::time::Instant::now();
+        loop {
+            if TcpStream::connect(addr).is_ok() {
+                let (code, text) = post(addr, "/api/cmd/x/trigger", &format!(r#"{{"part_id":"{part}"}}"#));
+                // 503 while the daemon starts; an `error` while the restarted camera has no frame yet.
+                let settled = code != 503 && !text.contains("camera offline");
+                if settled || t.elapsed() > Duration::from_secs(30) {
+                    return (code, text);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (code, text) = trigger("a");
+    assert_eq!(code, 422, "{text}");
+    assert!(text.contains("is continuous"), "{text}");
+
+    std::fs::write(&cfg, body("triggered")).expect("write config");
+    let (code, text) = post(addr, "/api/cmd/-/reload", "{}");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("restarted") && text.contains("mode"), "{text}");
+    let (code, text) = trigger("b");
+    assert_eq!(code, 200, "{text}");
+    let ev: CommandEvent = serde_json::from_str(&text).expect("JSON");
+    let v: VerdictEvent = serde_json::from_value(serde_json::Value::Object(ev.detail)).expect("a verdict");
+    assert!(matches!(v.verdict, Verdict::Ok | Verdict::Ng), "{v:?}");
+    assert_eq!(v.part_id, "b");
+
+    std::fs::write(&cfg, body("continuous")).expect("write config");
+    let (code, text) = post(addr, "/api/cmd/-/reload", "{}");
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = trigger("c");
+    assert_eq!(code, 422, "continuous again: {text}");
+    assert!(text.contains("is continuous"), "{text}");
+    tx.send(Signal::Stop).unwrap();
+    run.join().expect("no panic").expect("clean stop");
+}
