@@ -426,7 +426,7 @@ impl<T> Station<T> {
         self.in_flight.retain(|s| wanted.contains(s));
     }
 
-    /// The camera stopped (shutdown): triggers still waiting for frames are
+    /// The camera stopped (shutdown, or a reload restarted or removed it): triggers still waiting for frames are
     /// answered `error`; those waiting only for scores keep their deadline.
     pub fn on_closed(&mut self, now: Instant, out: &mut Vec<Action<T>>) {
         let mut i = 0;
@@ -436,7 +436,13 @@ impl<T> Station<T> {
                 continue;
             }
             let p = self.pending.remove(i);
-            self.finish(p, Verdict::Error, Some("camera stopped (daemon shutting down)".into()), now, out);
+            self.finish(
+                p,
+                Verdict::Error,
+                Some("camera stopped (the daemon is stopping, or a reload restarted or removed the camera)".into()),
+                now,
+                out,
+            );
         }
         for f in self.ring.drain(..) {
             out.push(Action::Recycle(f.pixels));
@@ -746,7 +752,14 @@ fn run(mut t: TriggerThread) {
             }
         };
         match got {
-            Got::Command(Some(cmd)) => on_command(&mut t, cmd, &mut out),
+            Got::Command(Some(cmd)) => {
+                // Cameras attached before the command was sent (a reload that
+                // answered already) are in place before it is handled.
+                while let Ok(c) = t.control.try_recv() {
+                    on_control(&mut t, c, &mut out);
+                }
+                on_command(&mut t, cmd, &mut out)
+            }
             // The intake is gone: no more triggers come.
             Got::Command(None) => t.commands = None,
             Got::Scored(Some(s)) => {
@@ -757,14 +770,7 @@ fn run(mut t: TriggerThread) {
                 }
             }
             Got::Scored(None) => scored_open = false,
-            Got::Control(Some(Control::Attach(c))) => t.cameras.push(*c),
-            Got::Control(Some(Control::Detach(slot))) => {
-                if let Some(c) = t.cameras.iter_mut().find(|c| c.index == slot && c.open) {
-                    c.open = false;
-                    c.station.on_closed(Instant::now(), &mut out);
-                    carry_out(&t.publisher, &t.snapshots, c, &mut out);
-                }
-            }
+            Got::Control(Some(c)) => on_control(&mut t, c, &mut out),
             Got::Control(None) => control_open = false,
             Got::Frame(i, frame) => {
                 let c = &mut t.cameras[i];
@@ -783,6 +789,19 @@ fn run(mut t: TriggerThread) {
         }
     }
     tracing::info!("trigger thread stopped");
+}
+
+fn on_control(t: &mut TriggerThread, c: Control, out: &mut Vec<Action<Command>>) {
+    match c {
+        Control::Attach(c) => t.cameras.push(*c),
+        Control::Detach(slot) => {
+            if let Some(c) = t.cameras.iter_mut().find(|c| c.index == slot && c.open) {
+                c.open = false;
+                c.station.on_closed(Instant::now(), out);
+                carry_out(&t.publisher, &t.snapshots, c, out);
+            }
+        }
+    }
 }
 
 /// What one wait of the thread brought.
