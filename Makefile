@@ -41,6 +41,8 @@ export GANOMALY_REQUIRE_PYTHON := 1
 export GANOMALY_REQUIRE_MOSQUITTO := 1
 # And the GigE camera test, which needs root for its network namespace.
 export GANOMALY_REQUIRE_GSTREAMER := 1
+# And the console's browser test, which needs Debian's chromium.
+export GANOMALY_REQUIRE_CHROMIUM := 1
 
 STAMP_ORT   := $(VENV)/.stamp-ort
 STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VER)
@@ -90,6 +92,11 @@ $(STAMP_APT): Makefile
 	if ! command -v mosquitto_sub >/dev/null; then \
 	  $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends mosquitto-clients; }; \
+	fi
+	# The console's browser test (tests/console_browser.rs): headless Chromium.
+	if ! command -v chromium >/dev/null; then \
+	  $(SUDO) apt-get install -y --no-install-recommends chromium || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }; \
 	fi
 	# GStreamer (the rtsp, genicam and gstreamer sources; feature `gstreamer`):
 	# headers to build, plugins the tests use (x264enc is in -ugly, x265enc in

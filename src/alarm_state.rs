@@ -487,6 +487,8 @@ mod tests {
             model_sha256: None,
             settings_digest: None,
             frame_ts: Vec::new(),
+            frame_seq: Vec::new(),
+            threshold_score: None,
             snapshot: None,
             reason: None,
         };

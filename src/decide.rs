@@ -121,6 +121,8 @@ pub struct Camera {
 pub struct Outputs<'a> {
     pub publisher: &'a dyn Publisher,
     pub snapshots: Option<&'a SnapshotQueue>,
+    /// The console's live-view taps (non-blocking; see `console::live`).
+    pub live: Option<&'a crate::console::LiveTaps>,
 }
 
 impl Camera {
@@ -154,6 +156,9 @@ impl Camera {
                 });
                 if let Some(ev) = alarm {
                     self.alarm(ev, &frame, map, side, out);
+                }
+                if let Some(live) = out.live {
+                    live.offer(&frame, map, side, score);
                 }
             }
         }

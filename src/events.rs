@@ -138,10 +138,12 @@ pub struct VerdictEvent {
     pub score: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_score: Option<f64>,
-    /// Raw-score threshold in force (the raw score that normalises to the
-    /// camera's `alarm.threshold`).
+    /// Raw-score threshold in force (the raw score that normalises to `threshold_score`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
+    /// The same threshold on the normalised score (the camera's `alarm.threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_score: Option<f64>,
     /// Score kind (`mahalanobis`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
@@ -154,6 +156,9 @@ pub struct VerdictEvent {
     /// Capture times of the frames scored, ms since epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frame_ts: Vec<u64>,
+    /// The camera's frame numbers of those frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_seq: Vec<u64>,
     /// Snapshot file of an `ng` part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,

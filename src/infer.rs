@@ -111,19 +111,9 @@ pub struct Model {
     side: usize,
     /// Score kinds the graph exports (per its metadata), checked against its outputs.
     kinds: Vec<ScoreKind>,
-    /// sha256 (hex) of the file's bytes as loaded: what every verdict names.
+    /// sha256 (hex) of the file's bytes as loaded: what every verdict names,
+    /// and how a reload tells a changed file from the one running.
     pub sha256: String,
-    /// [`digest`] of the file's bytes: a reload swaps the model when it changes.
-    pub digest: u64,
-}
-
-/// A digest of a model file's bytes, compared within one process (a reload
-/// tells a changed file from the one running by it).
-pub fn digest(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
 }
 
 impl Model {
@@ -149,8 +139,7 @@ impl Model {
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
         let sha256 = crate::base::digest::sha256_hex(bytes);
-        let model =
-            Model { session, meta, path: path.into(), provider, channels, side, kinds, digest: digest(bytes), sha256 };
+        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, sha256 };
         tracing::info!(
             model = %path.display(),
             provider = provider.as_str(),
@@ -317,8 +306,6 @@ pub struct Handoff {
     pub slot: usize,
     pub decision: Decision,
     pub roi: Option<crate::config::Roi>,
-    /// Where its scored frames go if it is triggered there (`trigger.rs`).
-    pub trigger: Option<Sender<crate::trigger::Scored>>,
 }
 
 /// Run-time changes for the inference thread, applied between batches. The
@@ -363,6 +350,8 @@ pub struct InferThread {
     pub liveness: Option<Liveness>,
     /// Run at a lower CPU priority (a shadow model: it must yield the cores to the real ones).
     pub background: bool,
+    /// The console's live-view taps, if a console runs (none for a shadow).
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 /// Starts the inference thread; it ends when its input channel closes.
@@ -414,7 +403,7 @@ impl InferThread {
             Control::Detach { slot, end, to } => {
                 let Some(mut cam) = self.cameras.get_mut(slot).and_then(Option::take) else { return };
                 if let Some(reason) = end {
-                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None };
+                    let out = Outputs { publisher: self.publisher.as_ref(), snapshots: None, live: None };
                     cam.end_with(reason, &out);
                 }
                 orphans.push((slot, cam.counters.clone()));
@@ -423,7 +412,6 @@ impl InferThread {
                         cam.decider.rebase(h.decision.kind, h.decision.calibration);
                         cam.decider.reconfigure(h.decision.alarm);
                         cam.roi = h.roi;
-                        cam.trigger = h.trigger.clone();
                         tracing::info!(camera = %cam.name, from = slot, to = h.slot, "camera handed on");
                         // The receiving thread is gone only at shutdown.
                         let _ = h.control.send(Control::Attach { slot: h.slot, camera: Box::new(cam) });
@@ -553,7 +541,7 @@ fn run(mut t: InferThread) {
         if let Err(e) = &result {
             tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
         }
-        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref() };
+        let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref(), live: t.live.as_deref() };
         let mut decided = 0usize;
         for (i, p) in batch.drain(..).enumerate() {
             let Prepared { frame, tensor } = p;
@@ -583,7 +571,7 @@ fn run(mut t: InferThread) {
     // alarm still active would dangle on the broker (a `start` with no `end`
     // forever); end it, through the same outbox, before the publisher drains.
     t.take_control(&mut orphans);
-    let outputs = Outputs { publisher: &*t.publisher, snapshots: None };
+    let outputs = Outputs { publisher: &*t.publisher, snapshots: None, live: None };
     for cam in t.cameras.iter_mut().flatten() {
         cam.stop(&outputs);
     }

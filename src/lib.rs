@@ -24,6 +24,7 @@
 //! Around them:
 //! - [`commands`]: commands from MQTT and HTTP (`trigger`, `reload`, `record`, `calibrate`, `feedback`),
 //!   checked against `[commands]` and routed to their handlers; answers on the `events` topics.
+//! - [`console`]: the web console (live view with heat maps, scores, history, model, command buttons).
 //! - [`config`]: the TOML file parsed, checked (every problem at once) and compiled into typed settings.
 //! - [`cmds`]: the subcommands (`run`, `check-config`, `cameras`, `score`, `bench`, `watch`).
 //! - [`base`]: what stages share without importing each other (backoff, stop-aware sleep, heartbeat).
@@ -38,6 +39,7 @@ pub mod capture;
 pub mod cmds;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod decide;
 pub mod events;
 pub mod exporter;

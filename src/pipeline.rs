@@ -6,6 +6,11 @@
 //!                                                            │                                      └─► snapshot writer ──► Publisher
 //!                                                            └─try_send, dropped when full──► shadow inference thread (one per shadow model)
 //! ```
+//! A triggered camera (`mode = "triggered"`) sends its frames to the trigger
+//! thread's ring buffer instead (`trigger.rs`); the frames a trigger chooses
+//! come back into the camera's queue to the pool, and their scores go from
+//! the inference thread to the trigger thread, which publishes the verdict.
+//!
 //! It starts from compiled [`Settings`]: one [`CameraPlan`] per camera, each
 //! with its own camera thread, queue and counters, and a **slot** (the
 //! number its frames carry); one inference thread per distinct model file
@@ -104,6 +109,8 @@ pub struct StartOptions {
     /// `trigger` commands (the intake's queue for them): triggered cameras
     /// judge a part on each. `None`: triggers come from nowhere.
     pub triggers: Option<Receiver<crate::commands::Command>>,
+    /// The console's live-view taps (`run` with `[console]`).
+    pub live: Option<Arc<crate::console::LiveTaps>>,
 }
 
 impl Default for StartOptions {
@@ -115,6 +122,7 @@ impl Default for StartOptions {
             stats: true,
             alarm_journal: None,
             triggers: None,
+            live: None,
         }
     }
 }
@@ -236,23 +244,11 @@ struct CameraRun {
     shadow: Option<Arc<ShadowCompare>>,
 }
 
-/// The queues of one camera (see [`Pipeline::queues`]).
-struct Queues {
-    /// Where its camera thread sends frames, and takes the oldest from when full.
-    camera: Sender<Frame>,
-    drops: Receiver<Frame>,
-    /// What the preprocess pool reads for it.
-    pool: Receiver<Frame>,
-    /// A triggered camera: where its scored frames go (its `decide::Camera`).
-    trigger: Option<Sender<trigger::Scored>>,
-}
-
 /// One running model: its thread and the ends of its channels the pipeline keeps.
 struct ModelRun {
     meta: ModelMetadata,
     provider: Provider,
-    digest: u64,
-    /// sha256 of the file: what a triggered camera's verdicts name.
+    /// Of the file's bytes: verdicts name it, a reload compares it.
     sha256: String,
     /// The pool's way in (cloned into each spec; dropped to retire the model).
     input: Sender<Prepared>,
@@ -338,12 +334,16 @@ pub struct Pipeline {
     settings: Settings,
     next_slot: usize,
     backoff: (Duration, Duration),
-    /// The trigger thread (`trigger.rs`), its control, the channel scored
-    /// frames of triggered cameras take back to it, and the flag that tells
-    /// it the cameras have ended.
+    /// Triggered cameras: where their inference threads send scored frames
+    /// (the trigger thread's input), and the stations gathered while the
+    /// cameras start; both are handed to the trigger thread at the end of
+    /// `start` (a reload does not add triggered cameras: see `reload.rs`).
+    scored: Option<(Sender<trigger::Scored>, Receiver<trigger::Scored>)>,
+    trigger_cams: Vec<trigger::TriggerCamera>,
+    /// The console's live-view taps, handed to every camera model's thread.
+    live: Option<Arc<crate::console::LiveTaps>>,
+    /// The trigger thread, and the flag that tells it the cameras have ended.
     trigger: Option<JoinHandle<()>>,
-    trigger_control: Sender<trigger::Control>,
-    scored: Sender<trigger::Scored>,
     cameras_done: Arc<AtomicBool>,
 }
 
@@ -394,18 +394,6 @@ impl Pipeline {
             None => (None, None),
         };
         let snapshots_skipped = snapshots.as_ref().map(|q| q.skipped.clone());
-        let (scored, scored_rx) = crossbeam_channel::unbounded();
-        let (trigger_control, control_rx) = crossbeam_channel::unbounded();
-        let cameras_done = Arc::new(AtomicBool::new(false));
-        let trigger = trigger::spawn(trigger::TriggerThread {
-            cameras: Vec::new(),
-            control: control_rx,
-            commands: opts.triggers.take(),
-            scored: scored_rx,
-            publisher: publisher.clone(),
-            snapshots: snapshots.clone(),
-            cameras_done: cameras_done.clone(),
-        })?;
         let mut p = Pipeline {
             cameras: BTreeMap::new(),
             models: BTreeMap::new(),
@@ -430,10 +418,11 @@ impl Pipeline {
             settings: settings.clone(),
             next_slot: 0,
             backoff: (opts.backoff_min, opts.backoff_max),
-            trigger: Some(trigger),
-            trigger_control,
-            scored,
-            cameras_done,
+            scored: Some(crossbeam_channel::unbounded()),
+            trigger_cams: Vec::new(),
+            live: opts.live.clone(),
+            trigger: None,
+            cameras_done: Arc::new(AtomicBool::new(false)),
         };
         for (key, model) in loaded {
             p.spawn_model(key, model)?;
@@ -441,6 +430,23 @@ impl Pipeline {
         for plan in &settings.cameras {
             let source = opts.sources.remove(&plan.name);
             p.add_camera(plan.clone(), None, None, source)?;
+        }
+        // The trigger thread takes the triggered cameras' stations; it also
+        // runs without any, to answer triggers sent to continuous cameras.
+        let stations = std::mem::take(&mut p.trigger_cams);
+        let scored = p.scored.take().map(|(_, rx)| rx);
+        if let (true, Some(scored)) = (opts.triggers.is_some() || !stations.is_empty(), scored) {
+            let continuous =
+                settings.cameras.iter().filter(|c| c.mode.trigger().is_none()).map(|c| c.name.clone()).collect();
+            p.trigger = Some(trigger::spawn(trigger::TriggerThread {
+                cameras: stations,
+                continuous,
+                commands: opts.triggers.take(),
+                scored,
+                publisher: p.publisher.clone(),
+                snapshots: p.snapshots.clone(),
+                cameras_done: p.cameras_done.clone(),
+            })?);
         }
         let (workers, pool) = preprocess::spawn_pool(settings.pipeline.preprocess_threads, p.spec())?;
         p.workers = workers;
@@ -464,7 +470,7 @@ impl Pipeline {
         let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
         let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
         let (control, control_rx) = crossbeam_channel::unbounded();
-        let (meta, provider, digest, sha256) = (model.meta.clone(), model.provider, model.digest, model.sha256.clone());
+        let (meta, provider, sha256) = (model.meta.clone(), model.provider, model.sha256.clone());
         let thread = infer::spawn(InferThread {
             cameras: Vec::new(),
             model,
@@ -478,8 +484,9 @@ impl Pipeline {
             control: control_rx,
             liveness: (!key.shadow).then(|| self.liveness.clone()),
             background: key.shadow,
+            live: if key.shadow { None } else { self.live.clone() },
         })?;
-        self.models.insert(key, ModelRun { meta, provider, digest, sha256, input, tensors, control, thread });
+        self.models.insert(key, ModelRun { meta, provider, sha256, input, tensors, control, thread });
         Ok(())
     }
 
@@ -511,68 +518,81 @@ impl Pipeline {
         self.next_slot += 1;
         let queue = self.settings.pipeline.frame_queue.max(1);
         let max_batch = self.settings.inference.max_batch.max(1);
-        // Enough spare buffers to cover the queue, the pool and a batch.
-        let recycle_cap = queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2;
+        let trig = plan.mode.trigger().copied();
+        // Enough spare buffers to cover the queue, the pool and a batch (and
+        // a triggered camera's ring buffer).
+        let recycle_cap =
+            queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2 + trig.map_or(0, |t| t.buffer_frames);
         let recycle = recycle.unwrap_or_else(|| crossbeam_channel::bounded(recycle_cap));
         let counters = counters.unwrap_or_default();
+        counters.triggered.store(trig.is_some(), Ordering::Relaxed);
+        // A triggered camera's queue to the pool holds every frame its pending
+        // triggers may ask for (see `trigger.rs`: a full one is a `timeout`);
+        // its camera thread feeds the trigger thread's ring buffer instead.
+        let (frames_tx, frames) = match trig {
+            Some(t) => crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096)),
+            None => crossbeam_channel::bounded(queue),
+        };
         let compare = self.attach_shadow(&plan, slot, shadow)?;
-        let queues = self.queues(&plan, slot, &real, &counters, &recycle.0);
+        let scored = match (trig, &self.scored) {
+            (Some(_), Some((tx, _))) => Some(tx.clone()),
+            (Some(_), None) => {
+                return Err(PipelineError::Score {
+                    camera: plan.name.clone(),
+                    field: "mode",
+                    reason: "a triggered camera starts with the daemon (not on a reload)".into(),
+                })
+            }
+            (None, _) => None,
+        };
         let camera = Camera {
             name: plan.name.clone(),
-            decider: Decider::new(&plan.name, real.kind, real.calibration, real.alarm, self.last_number(&plan.name)),
+            decider: Decider::new(
+                &plan.name,
+                real.kind,
+                real.calibration.clone(),
+                real.alarm,
+                self.last_number(&plan.name),
+            ),
             roi: plan.roi,
             counters: counters.clone(),
             recycle: recycle.0.clone(),
             compare: compare.clone().map(|c| (c, Side::Real)),
-            trigger: queues.trigger.clone(),
+            trigger: scored,
         };
         // Before the camera thread exists: the model's thread has the camera
         // before its first frame can arrive.
         if let Some(c) = self.control(&ModelKey::real(&plan)) {
             let _ = c.send(Control::Attach { slot, camera: Box::new(camera) });
         }
-        self.spawn_camera_thread(plan, slot, counters, recycle, queues, compare, source)?;
+        let camera_queue = match trig {
+            Some(t) => {
+                let (tap_tx, tap_rx) = crossbeam_channel::bounded(queue);
+                let (sha256, side) = self
+                    .models
+                    .get(&ModelKey::real(&plan))
+                    .map(|m| (m.sha256.clone(), m.meta.preprocess.size as usize))
+                    .unwrap_or_default();
+                self.trigger_cams.push(trigger::TriggerCamera {
+                    index: slot,
+                    station: trigger::Station::new(
+                        &plan.name,
+                        t,
+                        trigger::Judging::new(&plan, real.kind, real.calibration, &sha256),
+                    ),
+                    tap: tap_rx.clone(),
+                    scoring: Some(frames_tx),
+                    counters: counters.clone(),
+                    recycle: recycle.0.clone(),
+                    roi: plan.roi,
+                    side,
+                });
+                (tap_tx, tap_rx)
+            }
+            None => (frames_tx, frames.clone()),
+        };
+        self.spawn_camera_thread(plan, slot, counters, recycle, camera_queue, frames, compare, source)?;
         Ok(slot)
-    }
-
-    /// A camera's queues: a continuous camera's thread feeds the pool's queue
-    /// directly; a triggered camera's feeds the trigger thread's ring buffer
-    /// (the tap), and the pool's queue carries only the frames a trigger
-    /// chose, sent by the trigger thread (whose station is attached here).
-    fn queues(
-        &self,
-        plan: &CameraPlan,
-        slot: usize,
-        real: &Decision,
-        counters: &Arc<CameraCounters>,
-        recycle: &Sender<FrameData>,
-    ) -> Queues {
-        let queue = self.settings.pipeline.frame_queue.max(1);
-        counters.triggered.store(plan.mode.trigger().is_some(), Ordering::Relaxed);
-        let Some(t) = plan.mode.trigger() else {
-            let (tx, rx) = crossbeam_channel::bounded(queue);
-            return Queues { camera: tx, drops: rx.clone(), pool: rx, trigger: None };
-        };
-        let (tap_tx, tap_rx) = crossbeam_channel::bounded(queue);
-        // Every frame its pending triggers may ask for (a full one is a `timeout`).
-        let (scoring, pool) = crossbeam_channel::bounded((t.max_pending * t.frames).clamp(1, 4096));
-        let model = self.models.get(&ModelKey::real(plan));
-        let sha256 = model.map(|m| m.sha256.clone()).unwrap_or_default();
-        let side = model.map_or(0, |m| m.meta.preprocess.size as usize);
-        let judging = trigger::Judging::new(plan, real.kind, real.calibration.clone(), &sha256);
-        let station = trigger::TriggerCamera {
-            index: slot,
-            station: trigger::Station::new(&plan.name, *t, judging),
-            tap: tap_rx.clone(),
-            scoring: Some(scoring),
-            counters: counters.clone(),
-            recycle: recycle.clone(),
-            roi: plan.roi,
-            side,
-            open: true,
-        };
-        let _ = self.trigger_control.send(trigger::Control::Attach(Box::new(station)));
-        Queues { camera: tap_tx, drops: tap_rx, pool, trigger: Some(self.scored.clone()) }
     }
 
     /// A new shadow camera for `plan` at `slot` on its shadow model's thread;
@@ -610,11 +630,14 @@ impl Pipeline {
         slot: usize,
         counters: Arc<CameraCounters>,
         recycle: (Sender<FrameData>, Receiver<FrameData>),
-        queues: Queues,
+        (frames_tx, drops): (Sender<Frame>, Receiver<Frame>),
+        frames: Receiver<Frame>,
         shadow: Option<Arc<ShadowCompare>>,
         source: Option<SourceFactory>,
     ) -> Result<(), PipelineError> {
-        let Queues { camera: frames_tx, drops, pool: frames, .. } = queues;
+        // `(frames_tx, drops)`: the queue the camera thread fills (its own
+        // end for drop-oldest); `frames`: what the pool reads (the same
+        // queue, except for a triggered camera).
         counters.set_shadow(shadow.clone());
         let watch = Arc::new(CameraWatch::new(
             &plan.name,
@@ -651,9 +674,6 @@ impl Pipeline {
     fn stop_camera_thread(&mut self, name: &str, why: &str) -> Option<CameraRun> {
         let mut c = self.cameras.remove(name)?;
         c.stop.store(true, Ordering::Relaxed);
-        if c.plan.mode.trigger().is_some() {
-            let _ = self.trigger_control.send(trigger::Control::Detach(c.slot));
-        }
         c.watch.retire(why);
         // Its thread may be stuck in a read: not waited for here (see `join`).
         if let Some(thread) = c.thread.take() {
@@ -724,8 +744,8 @@ impl Pipeline {
     /// camera's score and shadow against the models. The running pipeline is
     /// untouched; [`apply_reload`](Self::apply_reload) applies the result.
     pub fn prepare_reload(&self, new: Settings) -> Result<PendingReload, PipelineError> {
-        let running: BTreeMap<ModelKey, (u64, ModelMetadata)> =
-            self.models.iter().map(|(k, m)| (k.clone(), (m.digest, m.meta.clone()))).collect();
+        let running: BTreeMap<ModelKey, (String, ModelMetadata)> =
+            self.models.iter().map(|(k, m)| (k.clone(), (m.sha256.clone(), m.meta.clone()))).collect();
         // New sessions are built as the running ones were: `[inference]` changes need a restart.
         let inference = self.settings.inference.clone();
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -773,7 +793,6 @@ impl Pipeline {
             }
             run.meta = model.meta.clone();
             run.provider = model.provider;
-            run.digest = model.digest;
             run.sha256 = model.sha256.clone();
             let _ = run.control.send(Control::Swap { model: Box::new(model), decisions: decided });
         }
@@ -811,21 +830,22 @@ impl Pipeline {
                     if let Some(ctl) = self.control(&ModelKey::real(p)) {
                         let _ = ctl.send(Control::Expect { slot, counters: old.counters.clone() });
                     }
-                    let queues = self.queues(p, slot, &real, &old.counters, &old.recycle.0);
                     let to = self.control(&ModelKey::real(p)).map(|control| Handoff {
                         control: control.clone(),
                         slot,
                         decision: real,
                         roi: p.roi,
-                        trigger: queues.trigger.clone(),
                     });
                     if let Some(ctl) = self.control(&ModelKey::real(&old.plan)) {
                         let _ = ctl.send(Control::Detach { slot: old.slot, end: Some(EndReason::Reload), to });
                     }
                     self.detach_shadow(&old.plan, old.slot);
                     let compare = self.attach_shadow(p, slot, shadow)?;
+                    let queue = self.settings.pipeline.frame_queue.max(1);
+                    let (frames_tx, frames) = crossbeam_channel::bounded(queue);
                     let CameraRun { counters, recycle, .. } = old;
-                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queues, compare, None)?;
+                    let queue = (frames_tx, frames.clone());
+                    self.spawn_camera_thread(p.clone(), slot, counters, recycle, queue, frames, compare, None)?;
                 }
                 CameraChange::Update(u) if u.is_empty() => {}
                 CameraChange::Update(u) => {
@@ -844,7 +864,6 @@ impl Pipeline {
                             slot,
                             decision: real,
                             roi: p.roi,
-                            trigger: None,
                         });
                         if let Some(ctl) = self.control(&old_key) {
                             let _ = ctl.send(Control::Detach { slot, end: None, to });
@@ -941,8 +960,8 @@ impl Pipeline {
     /// the sources end by themselves) and reports the counts.
     pub fn join(mut self) -> Report {
         self.join_cameras();
-        // The trigger thread answers what is pending, then drops the triggered
-        // cameras' queues to the pool, so that the workers can end.
+        // The trigger thread answers what is pending, then lets the pool end
+        // (it holds the triggered cameras' scoring queues).
         self.cameras_done.store(true, Ordering::Relaxed);
         if let Some(h) = self.trigger.take() {
             let _ = h.join();
@@ -1063,7 +1082,7 @@ fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> R
 /// naming its camera or file.
 fn load_for_reload(
     new: Settings,
-    running: &BTreeMap<ModelKey, (u64, ModelMetadata)>,
+    running: &BTreeMap<ModelKey, (String, ModelMetadata)>,
     inference: &crate::config::InferenceSettings,
 ) -> Result<Loaded, String> {
     let mut models = BTreeMap::new();
@@ -1072,11 +1091,22 @@ fn load_for_reload(
     for key in needed_models(&new) {
         let bytes = ganomaly_core::onnx::check::read_file(&key.path)
             .map_err(|e| format!("model {}: {e}", key.path.display()))?;
-        let digest = infer::digest(&bytes);
+        let sha256 = crate::base::digest::sha256_hex(&bytes);
         if let Some((d, meta)) = running.get(&key) {
-            if *d == digest {
+            if *d == sha256 {
                 metas.insert(key.clone(), (meta.clone(), key.path.clone()));
                 continue;
+            }
+            // A triggered camera's verdicts name the model they were judged
+            // with (its station is set up at start): its file cannot change under it.
+            if let Some(c) =
+                new.cameras.iter().find(|c| c.mode.trigger().is_some() && !key.shadow && c.model == key.path)
+            {
+                return Err(format!(
+                    "model {} changed, and triggered camera `{}` runs it: restart to change a triggered camera's model",
+                    key.path.display(),
+                    c.name
+                ));
             }
             changed.insert(key.path.clone());
         }

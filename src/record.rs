@@ -482,10 +482,12 @@ mod tests {
             score: Some(0.4),
             raw_score: Some(1.2),
             threshold: Some(1.5),
+            threshold_score: Some(0.5),
             kind: Some("recon".into()),
             model_sha256: Some("ab".into()),
             settings_digest: Some("cd".into()),
             frame_ts: vec![ts - 5],
+            frame_seq: vec![seq],
             snapshot: None,
             reason: None,
         }

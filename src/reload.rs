@@ -75,7 +75,7 @@ pub struct Restart {
 }
 
 /// Sections that cannot change while running, and why.
-pub const RESTART_ONLY: [Restart; 7] = [
+pub const RESTART_ONLY: [Restart; 9] = [
     Restart {
         section: "inference",
         why: "ONNX Runtime's library and execution providers are set up once per process, and the running inference \
@@ -93,7 +93,41 @@ pub const RESTART_ONLY: [Restart; 7] = [
         why: "the edge node's connection, its NDEATH will with the session's bdSeq and its outbox are opened at start",
     },
     Restart { section: "record", why: "the inspection record's file and thread are opened at start" },
+    Restart { section: "console", why: "the console's socket and credentials are set up at start" },
+    Restart {
+        section: "triggered cameras",
+        why: "a triggered camera's trigger station (ring buffer, deadlines, the model sha256 and calibration its \
+              verdicts name) is set up at start: a triggered camera added, removed or changed keeps running as it \
+              was until a restart",
+    },
 ];
+
+/// Cameras a reload leaves as they run: triggered (before or after) and
+/// changed in any way, added or removed.
+pub fn held_triggered(old: &Settings, new: &Settings) -> BTreeSet<String> {
+    let triggered = |c: &CameraPlan| c.mode.trigger().is_some();
+    let mut held = BTreeSet::new();
+    for c in &new.cameras {
+        match old.cameras.iter().find(|o| o.name == c.name) {
+            Some(o)
+                if o.mode == c.mode
+                    && matches!(camera_change(o, c, &BTreeSet::new()), CameraChange::Update(u) if u.is_empty()) => {}
+            Some(o) if triggered(o) || triggered(c) => {
+                held.insert(c.name.clone());
+            }
+            None if triggered(c) => {
+                held.insert(c.name.clone());
+            }
+            _ => {}
+        }
+    }
+    for o in &old.cameras {
+        if triggered(o) && !new.cameras.iter().any(|c| c.name == o.name) {
+            held.insert(o.name.clone());
+        }
+    }
+    held
+}
 
 fn restart(section: &str) -> Restart {
     RESTART_ONLY.into_iter().find(|r| r.section == section).unwrap_or(Restart { section: "?", why: "" })
@@ -113,7 +147,7 @@ pub struct Plan {
 /// The plan from `old` (running) to `new`. `changed_files`: model files
 /// (camera or shadow models) whose contents differ from the running session's.
 pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -> Plan {
-    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record } = new;
+    let Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record, console } = new;
     let mut needs_restart = Vec::new();
     if *inference != old.inference {
         needs_restart.push(restart("inference"));
@@ -136,25 +170,41 @@ pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -
     if *record != old.record {
         needs_restart.push(restart("record"));
     }
+    if *console != old.console {
+        needs_restart.push(restart("console"));
+    }
+    let held = held_triggered(old, new);
+    if !held.is_empty() {
+        needs_restart.push(restart("triggered cameras"));
+    }
     let old_cams: BTreeMap<&str, &CameraPlan> = old.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
     let mut out = BTreeMap::new();
     for cam in cameras {
         let change = match old_cams.get(cam.name.as_str()) {
+            _ if held.contains(&cam.name) => continue,
             None => CameraChange::Added,
             Some(was) => camera_change(was, cam, changed_files),
         };
         out.insert(cam.name.clone(), change);
     }
     for name in old_cams.keys() {
-        if !cameras.iter().any(|c| c.name == *name) {
+        if !cameras.iter().any(|c| c.name == *name) && !held.contains(*name) {
             out.insert(name.to_string(), CameraChange::Removed);
+        }
+    }
+    // Held cameras run on as they are.
+    for name in &held {
+        if old_cams.contains_key(name.as_str()) {
+            out.insert(name.clone(), CameraChange::Update(Update::default()));
         }
     }
     Plan { cameras: out, commands: *commands != old.commands, needs_restart }
 }
 
 fn camera_change(old: &CameraPlan, new: &CameraPlan, changed_files: &BTreeSet<PathBuf>) -> CameraChange {
-    let CameraPlan { name: _, source: _, model, score, fps, roi, alarm, read_timeout, source_key, shadow, mode } = new;
+    // `mode`: a camera triggered before or after is held by `plan` (see `held_triggered`).
+    let CameraPlan { name: _, source: _, model, score, fps, roi, alarm, read_timeout, source_key, shadow, mode: _ } =
+        new;
     // `source` is compiled from the table `source_key` digests.
     let mut restart = Vec::new();
     if *source_key != old.source_key {
@@ -168,16 +218,6 @@ fn camera_change(old: &CameraPlan, new: &CameraPlan, changed_files: &BTreeSet<Pa
     }
     if *read_timeout != old.read_timeout {
         restart.push("read_timeout_s");
-    }
-    // A triggered camera's frames take other queues, and its trigger thread
-    // station holds its settings, model sha256 and calibration: any change of
-    // what judges its parts restarts it (a new station; pending parts end `error`).
-    if *mode != old.mode {
-        restart.push("mode");
-    } else if mode.trigger().is_some()
-        && (*model != old.model || changed_files.contains(model) || *score != old.score || *alarm != old.alarm)
-    {
-        restart.push("trigger");
     }
     if !restart.is_empty() {
         return CameraChange::Restart(restart);
@@ -239,7 +279,13 @@ pub fn applied(old: &Settings, new: Settings) -> Settings {
     if new.metrics != old.metrics {
         commands.http = old.commands.http;
     }
+    // Held triggered cameras keep their running plans (an added one is not running).
+    let held = held_triggered(old, &new);
+    let mut cameras: Vec<CameraPlan> = new.cameras.iter().filter(|c| !held.contains(&c.name)).cloned().collect();
+    cameras.extend(old.cameras.iter().filter(|c| held.contains(&c.name)).cloned());
+    cameras.sort_by(|a, b| a.name.cmp(&b.name));
     Settings {
+        cameras,
         inference: old.inference.clone(),
         pipeline: old.pipeline.clone(),
         snapshots: old.snapshots.clone(),
@@ -247,8 +293,8 @@ pub fn applied(old: &Settings, new: Settings) -> Settings {
         metrics: old.metrics.clone(),
         sparkplug: old.sparkplug.clone(),
         record: old.record.clone(),
+        console: old.console.clone(),
         commands,
-        ..new
     }
 }
 
@@ -270,6 +316,28 @@ mod tests {
 
     fn three() -> Settings {
         settings("[cameras.a]\n[cameras.b]\n[cameras.c]\n")
+    }
+
+    #[test]
+    fn triggered_cameras_are_held_as_they_run_until_a_restart() {
+        let on = "[commands]\nenabled = true\n";
+        let old = settings(&format!("{on}[cameras.a]\n[cameras.t]\nmode = \"triggered\"\n"));
+        // t changed, u added (triggered), a changed (continuous: applied).
+        let new = settings(&format!(
+            "{on}[cameras.a]\nfps = 7\n[cameras.t]\nmode = \"triggered\"\nfps = 3\n[cameras.u]\nmode = \"triggered\"\n"
+        ));
+        let p = plan(&old, &new, &BTreeSet::new());
+        assert_eq!(p.cameras.get("t"), Some(&CameraChange::Update(Update::default())), "{p:?}");
+        assert!(!p.cameras.contains_key("u"), "{p:?}");
+        assert!(matches!(p.cameras.get("a"), Some(CameraChange::Restart(_))), "{p:?}");
+        assert!(p.needs_restart.iter().any(|r| r.section == "triggered cameras"));
+        let running = applied(&old, new);
+        let names: Vec<&str> = running.cameras.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "t"]);
+        assert_eq!(running.cameras[1].fps, old.cameras[1].fps, "t keeps its running plan");
+        // A triggered camera removed keeps running too.
+        let p = plan(&old, &settings(&format!("{on}[cameras.a]\n")), &BTreeSet::new());
+        assert_eq!(p.cameras.get("t"), Some(&CameraChange::Update(Update::default())));
     }
 
     #[test]
@@ -375,7 +443,7 @@ mod tests {
         );
         let p = plan(&old, &new, &BTreeSet::new());
         let sections: Vec<&str> = p.needs_restart.iter().map(|r| r.section).collect();
-        // `[record]` follows `[mqtt]`: its file sits beside the outbox by default.
+        // `[record]` follows `[mqtt]`: it lies beside the outbox by default.
         assert_eq!(sections, ["inference", "pipeline", "snapshots", "mqtt", "metrics", "record"]);
         assert!(p.needs_restart.iter().all(|r| !r.why.is_empty()));
         assert!(p.commands && p.cameras_unchanged());
@@ -385,7 +453,6 @@ mod tests {
         assert_eq!(running.snapshots, old.snapshots);
         assert_eq!(running.mqtt, old.mqtt);
         assert_eq!(running.metrics, old.metrics);
-        assert_eq!(running.record, old.record);
         assert_eq!(running.commands, new.commands, "commands apply at once");
         // The next reload of the same file still names them.
         assert_eq!(plan(&running, &new, &BTreeSet::new()).needs_restart.len(), 6);

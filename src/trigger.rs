@@ -426,7 +426,7 @@ impl<T> Station<T> {
         self.in_flight.retain(|s| wanted.contains(s));
     }
 
-    /// The camera stopped (shutdown, or a reload restarted or removed it): triggers still waiting for frames are
+    /// The camera stopped (shutdown): triggers still waiting for frames are
     /// answered `error`; those waiting only for scores keep their deadline.
     pub fn on_closed(&mut self, now: Instant, out: &mut Vec<Action<T>>) {
         let mut i = 0;
@@ -436,13 +436,7 @@ impl<T> Station<T> {
                 continue;
             }
             let p = self.pending.remove(i);
-            self.finish(
-                p,
-                Verdict::Error,
-                Some("camera stopped (the daemon is stopping, or a reload restarted or removed the camera)".into()),
-                now,
-                out,
-            );
+            self.finish(p, Verdict::Error, Some("camera stopped (daemon shutting down)".into()), now, out);
         }
         for f in self.ring.drain(..) {
             out.push(Action::Recycle(f.pixels));
@@ -646,10 +640,12 @@ impl<T> Station<T> {
             score,
             raw_score: raw,
             threshold: Some(verdict::raw_threshold(&j.calibration, j.threshold)),
+            threshold_score: Some(j.threshold),
             kind: Some(j.kind.as_str().to_string()),
             model_sha256: Some(j.model_sha256.clone()),
             settings_digest: Some(j.settings_digest.clone()),
             frame_ts: if judged { p.chosen.iter().map(|c| c.1).collect() } else { Vec::new() },
+            frame_seq: if judged { p.chosen.iter().map(|c| c.0).collect() } else { Vec::new() },
             snapshot: None,
             reason,
         }
@@ -672,24 +668,13 @@ pub struct TriggerCamera {
     pub roi: Option<Roi>,
     /// Side of the model's anomaly map (for snapshots).
     pub side: usize,
-    /// Its camera thread still sends frames.
-    pub open: bool,
-}
-
-/// Cameras coming and going (start, reload).
-pub enum Control {
-    /// Judge this camera's parts from now on.
-    Attach(Box<TriggerCamera>),
-    /// The camera at this slot stopped (removed or restarted by a reload): its
-    /// pending triggers are answered `error`, its scoring queue dropped.
-    Detach(usize),
 }
 
 /// The trigger thread's inputs and outputs.
 pub struct TriggerThread {
     pub cameras: Vec<TriggerCamera>,
-    /// Cameras attached and detached at run time.
-    pub control: Receiver<Control>,
+    /// Cameras that take no triggers (continuous), for the refusal's wording.
+    pub continuous: BTreeSet<String>,
     /// `trigger` commands from the intake; `None`: no intake (bench, tests).
     pub commands: Option<Receiver<Command>>,
     /// Frames scored by the inference threads.
@@ -711,23 +696,22 @@ const IDLE_WAKE: Duration = Duration::from_millis(200);
 
 fn run(mut t: TriggerThread) {
     let mut out: Vec<Action<Command>> = Vec::new();
+    let mut open: Vec<bool> = vec![true; t.cameras.len()];
     // Closed once every inference thread has ended (or none holds a sender).
     let mut scored_open = true;
-    let mut control_open = true;
     loop {
         let now = Instant::now();
-        for c in t.cameras.iter_mut() {
+        for (i, c) in t.cameras.iter_mut().enumerate() {
             c.station.on_tick(now, c.counters.online.load(Ordering::Relaxed), &mut out);
             carry_out(&t.publisher, &t.snapshots, c, &mut out);
             // The camera stopped and nothing is in flight: let the pool end.
-            if !c.open && c.station.in_flight() == 0 && c.station.pending() == 0 {
+            if !open[i] && c.station.in_flight() == 0 && c.station.pending() == 0 {
                 c.scoring = None;
             }
         }
-        // Detached cameras go once nothing of theirs is left.
-        t.cameras.retain(|c| c.open || c.scoring.is_some());
         let done = t.cameras_done.load(Ordering::Relaxed);
-        if done && t.cameras.iter().all(|c| !c.open && c.scoring.is_none()) {
+        let idle = t.cameras.iter().all(|c| c.station.pending() == 0 && c.station.in_flight() == 0);
+        if done && open.iter().all(|o| !o) && idle {
             break;
         }
         let next = t.cameras.iter().filter_map(|c| c.station.next_deadline()).min();
@@ -737,29 +721,20 @@ fn run(mut t: TriggerThread) {
             let mut sel = Select::new();
             let cmd_op = t.commands.as_ref().map(|rx| sel.recv(rx));
             let scored_op = if scored_open { sel.recv(&t.scored) } else { usize::MAX };
-            let control_op = if control_open { sel.recv(&t.control) } else { usize::MAX };
             let taps: Vec<(usize, usize)> =
-                t.cameras.iter().enumerate().filter(|(_, c)| c.open).map(|(i, c)| (sel.recv(&c.tap), i)).collect();
+                t.cameras.iter().enumerate().filter(|(i, _)| open[*i]).map(|(i, c)| (sel.recv(&c.tap), i)).collect();
             let Ok(op) = sel.select_timeout(wait) else { continue };
             let index = op.index();
             match (t.commands.as_ref(), taps.iter().find(|(o, _)| *o == index)) {
                 (Some(rx), _) if Some(index) == cmd_op => Got::Command(op.recv(rx).ok()),
                 _ if index == scored_op => Got::Scored(op.recv(&t.scored).ok()),
-                _ if index == control_op => Got::Control(op.recv(&t.control).ok()),
                 (_, Some(&(_, i))) => Got::Frame(i, op.recv(&t.cameras[i].tap).ok()),
                 // Unreachable: every operation registered is matched above.
                 _ => continue,
             }
         };
         match got {
-            Got::Command(Some(cmd)) => {
-                // Cameras attached before the command was sent (a reload that
-                // answered already) are in place before it is handled.
-                while let Ok(c) = t.control.try_recv() {
-                    on_control(&mut t, c, &mut out);
-                }
-                on_command(&mut t, cmd, &mut out)
-            }
+            Got::Command(Some(cmd)) => on_command(&mut t, cmd, &mut out),
             // The intake is gone: no more triggers come.
             Got::Command(None) => t.commands = None,
             Got::Scored(Some(s)) => {
@@ -770,8 +745,6 @@ fn run(mut t: TriggerThread) {
                 }
             }
             Got::Scored(None) => scored_open = false,
-            Got::Control(Some(c)) => on_control(&mut t, c, &mut out),
-            Got::Control(None) => control_open = false,
             Got::Frame(i, frame) => {
                 let c = &mut t.cameras[i];
                 match frame {
@@ -780,7 +753,7 @@ fn run(mut t: TriggerThread) {
                         c.station.on_frame(ring, Instant::now(), now_ms(), &mut out);
                     }
                     None => {
-                        c.open = false;
+                        open[i] = false;
                         c.station.on_closed(Instant::now(), &mut out);
                     }
                 }
@@ -791,24 +764,10 @@ fn run(mut t: TriggerThread) {
     tracing::info!("trigger thread stopped");
 }
 
-fn on_control(t: &mut TriggerThread, c: Control, out: &mut Vec<Action<Command>>) {
-    match c {
-        Control::Attach(c) => t.cameras.push(*c),
-        Control::Detach(slot) => {
-            if let Some(c) = t.cameras.iter_mut().find(|c| c.index == slot && c.open) {
-                c.open = false;
-                c.station.on_closed(Instant::now(), out);
-                carry_out(&t.publisher, &t.snapshots, c, out);
-            }
-        }
-    }
-}
-
 /// What one wait of the thread brought.
 enum Got {
     Command(Option<Command>),
     Scored(Option<Scored>),
-    Control(Option<Control>),
     Frame(usize, Option<Frame>),
 }
 
@@ -817,11 +776,13 @@ fn on_command(t: &mut TriggerThread, cmd: Command, out: &mut Vec<Action<Command>
         cmd.refuse("`trigger` is a camera command");
         return;
     };
-    let Some(c) = t.cameras.iter_mut().find(|c| c.open && c.station.name == camera) else {
-        // The intake knows the cameras: one it let through that has no station is continuous.
-        cmd.refuse(format!(
-            "camera `{camera}` is continuous: set [cameras.{camera}] mode = \"triggered\" to judge parts on a trigger"
-        ));
+    let Some(c) = t.cameras.iter_mut().find(|c| c.station.name == camera) else {
+        let why = if t.continuous.contains(&camera) {
+            format!("camera `{camera}` is continuous: set [cameras.{camera}] mode = \"triggered\" to judge parts on a trigger")
+        } else {
+            format!("unknown camera `{camera}`")
+        };
+        cmd.refuse(why);
         return;
     };
     let trig = match parse(&cmd.body) {
@@ -977,7 +938,7 @@ mod tests {
         assert_eq!(v.len(), 1);
         let v = &v[0];
         assert_eq!((v.verdict, v.seq, v.part_id.as_str(), v.trigger_ts), (Verdict::Ng, 1, "p1", 210));
-        assert_eq!(v.frame_ts, [200]);
+        assert_eq!((v.frame_ts.as_slice(), v.frame_seq.as_slice()), ([200u64].as_slice(), [2u64].as_slice()));
         assert!((v.latency_ms - 5.0).abs() < 1e-6, "{}", v.latency_ms);
         assert_eq!((v.raw_score, v.threshold), (Some(3.0), Some(2.0)));
         assert_eq!(s.counts, StationCounts { ng: 1, ..StationCounts::default() });

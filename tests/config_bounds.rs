@@ -167,6 +167,42 @@ fn cases() -> Vec<(&'static str, Changes, &'static str)> {
             vec![("metrics", s("enabled = true\nlisten = \"0.0.0.0:9464\"")), ("commands", s("enabled = true"))],
             "commands.http",
         ),
+        // [console]
+        (
+            "a public console without a credential",
+            vec![("console", s("enabled = true\nlisten = \"0.0.0.0:8090\""))],
+            "console.listen",
+        ),
+        ("console listen without port", vec![("console", s("listen = \"localhost\""))], "console.listen"),
+        ("console at 100 fps", vec![("console", s("live_fps = 100.0"))], "console.live_fps"),
+        ("console history of a year", vec![("console", s("history_s = 3e7"))], "console.history_s"),
+        ("console samples at 0 Hz", vec![("console", s("score_rate_hz = 0.0"))], "console.score_rate_hz"),
+        ("no console alarms kept", vec![("console", s("alarms_kept = 0"))], "console.alarms_kept"),
+        ("a million console snapshots", vec![("console", s("snapshots_kept = 1000000"))], "console.snapshots_kept"),
+        ("console connections 0", vec![("console", s("max_connections = 0"))], "console.max_connections"),
+        (
+            "console token unset",
+            vec![("console", s("enabled = true\ntoken_env = \"GANOMALYD_TEST_UNSET_43\""))],
+            "console.token_env",
+        ),
+        (
+            "console token and user",
+            vec![(
+                "console",
+                format!("enabled = true\ntoken_env = \"{PW_VAR}\"\nuser = \"op\"\npassword_env = \"{PW_VAR}\""),
+            )],
+            "console.token_file",
+        ),
+        (
+            "console password without user",
+            vec![("console", format!("enabled = true\npassword_env = \"{PW_VAR}\""))],
+            "console.user",
+        ),
+        (
+            "missing console password file",
+            vec![("console", s("enabled = true\nuser = \"op\"\npassword_file = \"/nonexistent/pw\""))],
+            "console.password_file",
+        ),
         // cameras and [defaults]
         ("a frame in 3e12 years", vec![("defaults", s("fps = 1e-20"))], "defaults.fps"),
         ("a billion fps", vec![("cameras.cam", s("fps = 1e9"))], "cameras.cam.fps"),
@@ -620,6 +656,8 @@ fn runs_for_a_second(dir: &Path, what: &str, body: &str, online: Option<(u16, St
 #[test]
 fn boundary_configs_run() {
     support::dev_ort();
+    // The console's basic-auth password in the maxima.
+    std::env::set_var(PW_VAR, SECRET);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().display().to_string();
     let name64 = "n".repeat(64);
@@ -641,6 +679,12 @@ fn boundary_configs_run() {
                 ),
                 ("cameras.cam.alarm", "threshold = 0.06\nmin_frames = 1\nclear_frames = 1\ncooldown_s = 0.0".into()),
                 ("metrics", "enabled = true\nlisten = \"127.0.0.1:0\"\nstale_after_s = 2.0".into()),
+                (
+                    "console",
+                    "enabled = true\nlisten = \"127.0.0.1:0\"\nlive_fps = 0.2\nscore_rate_hz = 0.5\nhistory_s = 30.0\n\
+                     alarms_kept = 10\nsnapshots_kept = 1\nmax_connections = 4"
+                        .into(),
+                ),
             ],
         ),
         (
@@ -660,6 +704,13 @@ fn boundary_configs_run() {
                         .into(),
                 ),
                 ("metrics", "enabled = true\nlisten = \"127.0.0.1:0\"\nstale_after_s = 3600.0".into()),
+                (
+                    "console",
+                    format!(
+                        "enabled = true\nlisten = \"127.0.0.1:0\"\nlive_fps = 15.0\nscore_rate_hz = 50.0\nhistory_s = 3600.0\n\
+                         alarms_kept = 100000\nsnapshots_kept = 1000\nmax_connections = 1024\nuser = \"op\"\npassword_env = \"{PW_VAR}\""
+                    ),
+                ),
             ],
         ),
         (

@@ -442,6 +442,8 @@ fn verdict(part: &str, seq: u64) -> VerdictEvent {
         model_sha256: Some("00".repeat(32)),
         settings_digest: None,
         frame_ts: vec![ts],
+        frame_seq: vec![seq],
+        threshold_score: Some(0.5),
         snapshot: None,
         reason: None,
     }

@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod check;
 pub mod digest;
+pub mod http;
 pub mod liveness;
 pub mod paths;
 pub mod priority;

@@ -286,6 +286,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         metrics: None,
         commands: Default::default(),
         record: None,
+        console: None,
     };
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;
@@ -592,6 +593,7 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
         commands: Default::default(),
         sparkplug: None,
         record: None,
+        console: None,
     };
     let meter = Arc::new(VerdictMeter::default());
     let commands = CommandSettings { enabled: true, ..CommandSettings::default() };

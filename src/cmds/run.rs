@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::base::report::chain;
 use crate::commands::{Command, CommandEvent, CommandName, Intake, Status};
 use crate::config::{self, Settings};
+use crate::console::{Console, ConsoleError};
 use crate::events::Publisher;
 use crate::exporter::{self, Exporter, ExporterError};
 use crate::pipeline::{Loaded, PendingReload, Pipeline, PipelineError, StartOptions};
@@ -43,6 +44,8 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Exporter(#[from] ExporterError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
 }
 
 /// Loads the config (the same compile as `check-config`) and runs the daemon
@@ -95,6 +98,21 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             e.shutdown(rt.handle(), Duration::from_secs(2));
         }
     };
+    let console = match &cfg.console {
+        Some(c) => match Console::start(c, &cfg, rt.handle()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                stop_exporter(exporter);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let stop_console = |c: Option<Console>| {
+        if let Some(c) = c {
+            c.shutdown(rt.handle(), Duration::from_secs(2));
+        }
+    };
     // `[sparkplug] plain_topics = false`: the plain publisher stays off,
     // `[mqtt]` only lends the Sparkplug connection its broker.
     let plain = cfg.mqtt.as_ref().filter(|_| cfg.sparkplug.as_ref().is_none_or(|s| s.plain_topics));
@@ -103,6 +121,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             let (p, h) = match MqttPublisher::start(m, rt.handle()) {
                 Ok(started) => started,
                 Err(e) => {
+                    stop_console(console);
                     stop_exporter(exporter);
                     return Err(DaemonError::Publish(e));
                 }
@@ -124,6 +143,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
                     if let Some(h) = handle {
                         h.shutdown_blocking(PUBLISHER_FLUSH);
                     }
+                    stop_console(console);
                     stop_exporter(exporter);
                     return Err(DaemonError::Publish(e));
                 }
@@ -133,6 +153,11 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             (both, Some(h))
         }
         None => (publisher, None),
+    };
+    // The console sees what MQTT is given (scores, alarms, snapshots, verdicts, events).
+    let publisher: Arc<dyn Publisher> = match &console {
+        Some(c) => Arc::new(Tee(vec![publisher, c.publisher()])),
+        None => publisher,
     };
     // Every verdict and alarm is also kept in the inspection record.
     let (publisher, record) = match &cfg.record {
@@ -157,7 +182,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     let trigger_commands = intake.register(CommandName::Trigger);
     // Open alarms are journaled beside the outbox: a restart after a crash ends them.
     let journal = cfg.mqtt.as_ref().map(|m| crate::alarm_state::path_beside(&m.outbox_path));
-    let opts = StartOptions { alarm_journal: journal, triggers: Some(trigger_commands), ..StartOptions::default() };
+    let live = console.as_ref().map(Console::live);
+    let opts =
+        StartOptions { alarm_journal: journal, triggers: Some(trigger_commands), live, ..StartOptions::default() };
     let mut pipeline = match Pipeline::start(&cfg, publisher.clone(), opts) {
         Ok(p) => p,
         Err(e) => {
@@ -170,6 +197,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             if let Some(h) = sparkplug {
                 h.shutdown_blocking(PUBLISHER_FLUSH);
             }
+            stop_console(console);
             stop_exporter(exporter);
             return Err(e.into());
         }
@@ -199,6 +227,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     }
     if let Some(e) = &exporter {
         e.accept_commands(intake.clone());
+    }
+    if let Some(c) = &console {
+        c.attach(pipeline.counters().iter().map(|(_, c)| c.clone()).collect(), intake.clone());
     }
     tracing::info!(
         cameras = cfg.cameras.len(), models = %providers.join(", "), commands = cfg.commands.enabled,
@@ -281,7 +312,8 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             "camera totals"
         );
     }
-    // Last: /healthz and /metrics answer while the pipeline drains.
+    // Last: /healthz and /metrics (and the console) answer while the pipeline drains.
+    stop_console(console);
     stop_exporter(exporter);
     if let Some(r) = record {
         r.close(PUBLISHER_FLUSH);

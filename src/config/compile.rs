@@ -74,6 +74,7 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let mqtt = file.mqtt.as_ref().and_then(|m| mqtt(m, base, probe, &mut problems));
     let sparkplug = file.sparkplug.as_ref().and_then(|s| sparkplug(s, file.mqtt.as_ref(), base, probe, &mut problems));
     let record = record(&file.record, base, mqtt.as_ref(), &mut problems);
+    let console = crate::console::config::compile(&file.console, base, probe == Probe::World, &mut problems);
     table_fields(&file.defaults, "defaults", &mut problems);
     if file.cameras.is_empty() {
         problems.push("cameras: at least one camera is needed ([cameras.<name>])".into());
@@ -117,9 +118,18 @@ pub fn compile(file: &ConfigFile, base: &Path, probe: Probe) -> Result<Settings,
     let mut seen = std::collections::HashSet::new();
     problems.retain(|p| seen.insert(p.clone()));
     match (problems.is_empty(), inference, pipeline) {
-        (true, Some(inference), Some(pipeline)) => {
-            Ok(Settings { inference, pipeline, snapshots, cameras, mqtt, metrics, commands, sparkplug, record })
-        }
+        (true, Some(inference), Some(pipeline)) => Ok(Settings {
+            inference,
+            pipeline,
+            snapshots,
+            cameras,
+            mqtt,
+            metrics,
+            commands,
+            sparkplug,
+            record,
+            console,
+        }),
         _ => Err(problems),
     }
 }

@@ -51,6 +51,9 @@ pub struct ConfigFile {
     /// The inspection record: every verdict and alarm, kept in SQLite with retention.
     #[serde(default)]
     pub record: RecordConfig,
+    /// The web console (`console/`): off by default.
+    #[serde(default)]
+    pub console: crate::console::config::ConsoleConfig,
 }
 
 /// `[record]`: the audit trail of verdicts and alarms (`record.rs`).

@@ -34,6 +34,8 @@ pub struct Settings {
     pub sparkplug: Option<crate::publish::SparkplugSettings>,
     /// `None`: `[record] enabled = false`.
     pub record: Option<RecordSettings>,
+    /// `None`: the console is off.
+    pub console: Option<crate::console::config::ConsoleSettings>,
 }
 
 /// `[record]` while enabled.

@@ -11,7 +11,7 @@
 //! - [`discovery`]: Home Assistant discovery messages.
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`sparkplug`]: the Sparkplug B edge node (its own connection).
-//! - [`tee`]: one publisher feeding several (plain topics and Sparkplug).
+//! - [`tee`]: one publisher feeding several (plain topics, Sparkplug, the console).
 //!
 //! Topics and payloads are documented in `docs/mqtt.md`.
 

@@ -609,6 +609,8 @@ mod tests {
             model_sha256: Some("ab".into()),
             settings_digest: None,
             frame_ts: vec![ts],
+            frame_seq: vec![1],
+            threshold_score: Some(0.5),
             snapshot: None,
             reason: None,
         }
