@@ -8,6 +8,8 @@
 //! inspection record, exported by `ganomalyd verdicts --csv`, holds exactly
 //! the payloads that were published. Against the embedded rumqttd and
 //! against Mosquitto (`MQTT_TEST_URL`, else a `mosquitto` the test starts).
+//! And verdicts decided with no broker at all wait in the outbox file across a
+//! daemon restart and are published on `verdict` (their topic leaf kept).
 
 mod mqtt_support;
 
@@ -288,4 +290,65 @@ fn a_thousand_verdicts_survive_a_mosquitto_outage() {
         },
     };
     thousand_triggers_through_an_outage("mosquitto", addr);
+}
+
+/// Verdicts decided while the broker is unreachable wait in the outbox file
+/// across a daemon restart, and are then published on `<camera>/verdict`
+/// (the row's topic leaf survived), not on `alarm`.
+#[test]
+fn verdicts_queued_during_an_outage_survive_a_daemon_restart() {
+    let b = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap()).expect("embedded broker");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let proxy = rt.block_on(Proxy::start(b.addr()));
+    proxy.cut();
+    let prefix = unique("vrestart");
+    let metrics_port = free_port();
+    let cfg = write_config(dir.path(), proxy.port, &prefix, metrics_port);
+    let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let start = || {
+        let settings = ganomalyd::config::load(&cfg).expect("the config compiles");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let path = cfg.clone();
+        (tx, std::thread::spawn(move || daemon(settings, path, rx)))
+    };
+    // First run: no broker at all. Triggers over HTTP until the cameras deliver frames.
+    let (tx, run) = start();
+    let mut sent = Vec::new();
+    let t = Instant::now();
+    while sent.len() < 20 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no verdicts without a broker");
+        let part = format!("r{}", sent.len());
+        let body = format!(r#"{{"part_id":"{part}"}}"#);
+        let (code, text) = match TcpStream::connect(addr) {
+            Ok(_) => http(addr, "POST", "/api/cmd/c0/trigger", &body),
+            Err(_) => (0, String::new()),
+        };
+        let judged = code == 200
+            && serde_json::from_str::<CommandEvent>(&text)
+                .ok()
+                .and_then(|ev| serde_json::from_value::<VerdictEvent>(serde_json::Value::Object(ev.detail)).ok())
+                .is_some_and(|v| matches!(v.verdict, Verdict::Ok | Verdict::Ng));
+        if judged {
+            sent.push(part);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    tx.send(Signal::Stop).unwrap();
+    run.join().expect("no panic").expect("clean stop");
+
+    // Second run, with the broker back: the queued verdicts are published.
+    let sub = rt.block_on(Sub::start("127.0.0.1", b.addr().port(), &format!("{prefix}/#"), false));
+    rt.block_on(proxy.restore());
+    let (tx, run) = start();
+    let msgs = rt.block_on(sub.wait(Duration::from_secs(60), "the queued verdicts", |m| {
+        let got: BTreeSet<String> = verdicts_of(m).into_iter().map(|(_, v)| v.part_id).collect();
+        sent.iter().all(|p| got.contains(p))
+    }));
+    let on_alarm = msgs.iter().filter(|m| m.topic.ends_with("/alarm")).count();
+    assert_eq!(on_alarm, 0, "a verdict row was published as an alarm");
+    tx.send(Signal::Stop).unwrap();
+    run.join().expect("no panic").expect("clean stop");
+    sub.stop();
 }
