@@ -42,6 +42,10 @@ pub enum ScoreChoice {
     MapMax,
     /// Mahalanobis distance of the encoder features from the training images'.
     Mahalanobis,
+    /// Peak of the feature anomaly map: a Gaussian per position of encoder1's maps.
+    Patch,
+    /// The mean z-score of latent, mahalanobis and patch (standardised on held-out good images).
+    Fused,
     /// The kind with the highest validation AUROC when `DIR/val/<defect>` exists,
     /// else the quality benchmark's default ([`choose_score`] resolves it before
     /// `export::build_metadata`; never chosen on test/).
@@ -62,6 +66,8 @@ impl ScoreChoice {
             ScoreChoice::Recon => Some(ScoreKind::Recon),
             ScoreChoice::MapMax => Some(ScoreKind::MapMax),
             ScoreChoice::Mahalanobis => Some(ScoreKind::Mahalanobis),
+            ScoreChoice::Patch => Some(ScoreKind::Patch),
+            ScoreChoice::Fused => Some(ScoreKind::Fused),
             ScoreChoice::Auto => None,
         }
     }
@@ -75,6 +81,8 @@ impl From<ScoreKind> for ScoreChoice {
             ScoreKind::Recon => ScoreChoice::Recon,
             ScoreKind::MapMax => ScoreChoice::MapMax,
             ScoreKind::Mahalanobis => ScoreChoice::Mahalanobis,
+            ScoreKind::Patch => ScoreChoice::Patch,
+            ScoreKind::Fused => ScoreChoice::Fused,
         }
     }
 }
@@ -224,13 +232,7 @@ pub fn val_aurocs(g: &NetG, hold: &Scores, val: &LabelledSet, kernel: u32, devic
     let mut items: Vec<TestItem> =
         (0..hold.len()).map(|i| TestItem { path: PathBuf::from(format!("holdout/{i}")), defect: None }).collect();
     items.extend(val.items.iter().cloned());
-    let cat = |a: &[f64], b: &[f64]| a.iter().chain(b).copied().collect::<Vec<f64>>();
-    let all = Scores {
-        latent: cat(&hold.latent, &vs.latent),
-        recon: cat(&hold.recon, &vs.recon),
-        map_max: cat(&hold.map_max, &vs.map_max),
-        mahalanobis: cat(&hold.mahalanobis, &vs.mahalanobis),
-    };
+    let all = hold.concat(&vs);
     let evals: BTreeMap<ScoreKind, KindEval> = evaluate(&items, &all, &BTreeMap::new());
     let aurocs: BTreeMap<ScoreKind, f64> = evals.iter().map(|(&k, e)| (k, e.auroc)).collect();
     let base = incumbent(|k| evals.contains_key(&k));
@@ -309,6 +311,7 @@ mod tests {
             recon: vec![0.3, 0.4],
             map_max: vec![0.5, 0.6],
             mahalanobis: vec![0.7, 0.8],
+            ..Default::default()
         };
         let (kind, evidence) = choose_score(&g, &hold, None, 3, Device::Cpu);
         assert_eq!(kind, BENCH_DEFAULT_SCORE);

@@ -273,7 +273,7 @@ impl Tracker {
         match &mut self.kept {
             Some(k) => {
                 tch::no_grad(|| k.g.vs.copy(&g.vs)).expect("same architecture");
-                k.g.feature_stats = g.feature_stats.clone();
+                k.g.copy_score_stats(g);
                 k.epoch = epoch;
                 k.val = val;
             }
