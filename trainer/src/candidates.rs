@@ -249,10 +249,11 @@ mod tests {
         let maps = vec![vec![0.1f32, 0.2, 0.1, 0.0], vec![0.0, 0.9, 0.3, 0.2]];
         let masks = vec![vec![false; 4], vec![false, true, false, false]];
         assert_eq!(pixel_auroc(&maps, &masks, |_| true), 1.0);
-        // A map that peaks beside the defect: the defect pixel ranks below two good ones.
+        // A map that peaks beside the defect: the defect pixel (0.15) ranks above 4 of
+        // the 7 good pixels (0.1, 0.1, 0.0, 0.0) and below 0.2, 0.9, 0.3.
         let maps = vec![vec![0.1f32, 0.2, 0.1, 0.0], vec![0.0, 0.15, 0.9, 0.3]];
         let a = pixel_auroc(&maps, &masks, |_| true);
-        assert!((a - 5.0 / 7.0).abs() < 1e-12, "{a}");
+        assert!((a - 4.0 / 7.0).abs() < 1e-12, "{a}");
         assert!(pixel_auroc(&maps, &masks, |i| i == 0).is_nan(), "no defect pixel, no AUROC");
     }
 
