@@ -579,10 +579,10 @@ mod tests {
         meta.scores.retain(|s| s.kind != ScoreKind::Patch && s.kind != ScoreKind::Fused);
         let (_, outputs) = describe(&write_model(&arch, &w, &meta).unwrap()).unwrap();
         assert!(outputs.iter().all(|o| !o.name.contains("patch") && o.name != "score_fused"));
-        w.tensors.remove(crate::patch::PATCH_WHITEN);
+        w.tensors.remove(PATCH_WHITEN);
         write_model(&arch, &w, &meta).expect("patch statistics are not needed without the score");
         let err = write_model(&arch, &w, &ModelMetadata::uncalibrated(arch, 5)).unwrap_err();
-        assert!(err.to_string().contains(crate::patch::PATCH_WHITEN), "{err}");
+        assert!(err.to_string().contains(PATCH_WHITEN), "{err}");
         // A patch configuration that does not fit the architecture is refused on read.
         let mut m = ModelMetadata::uncalibrated(arch, 5);
         m.scores.iter_mut().for_each(|s| {
