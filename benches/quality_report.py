@@ -6,7 +6,7 @@
 Reads every OUTDIR/<recipe>/<dataset>/seed<s>/report/report.json and
 OUTDIR/<recipe>/mnist/digit<d>-seed<s>/report/report.json written by
 `ganomaly-train train`, and writes OUTDIR/quality.md, OUTDIR/quality.json and
-bar charts OUTDIR/quality_<recipe>_<variant>.svg, OUTDIR/localisation.svg.
+bar charts OUTDIR/quality_<recipe>_<variant>.svg (variants raw/last, ema/sel, exported).
 
 Also, from each run's report.json: `localisation` (pixel AUROC of the
 reconstruction map and of the patch score's map, where the data set has masks)
