@@ -51,7 +51,7 @@ while getopts "s:r:j:t:o:q" opt; do
     t) THREADS=$OPTARG ;;
     o) OUT=$OPTARG ;;
     q) QUICK=1 ;;
-    *) sed -n '2,29p' "$0"; exit 2 ;;
+    *) sed -n '2,31p' "$0"; exit 2 ;;
   esac
 done
 
@@ -92,7 +92,7 @@ recipe_flags() {
     *) echo "unknown recipe $1" >&2; exit 2 ;;
   esac
 }
-COMMON="--isize $ISIZE --ngf $NGF --ndf $NGF --nz $NZ --eval-every 1 --map-kernel $KERNEL --score auto --threads $THREADS --device cpu --quiet $NO_EXPORT"
+COMMON="--isize $ISIZE --ngf $NGF --ndf $NGF --nz $NZ --eval-every 1 --map-kernel $KERNEL --score auto --candidates --threads $THREADS --device cpu --quiet $NO_EXPORT"
 
 # --- data (generated once, shared by every recipe and seed) ---
 DATA=$OUT/data
@@ -135,7 +135,7 @@ for r in $RECIPES; do
     for s in $SEEDS; do
       mkdir -p "$OUT/$r/mnist"
       ln -sfn "$(realpath "$CACHE/mnist")" "$OUT/$r/mnist/mnist"
-      echo "$MNIST_KEEP TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT PREP_HOOK='$PY benches/quality_data.py split-val --good $MNIST_VAL --per-defect $MNIST_VAL --data' TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto $flags' \
+      echo "$MNIST_KEEP TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT PREP_HOOK='$PY benches/quality_data.py split-val --good $MNIST_VAL --per-defect $MNIST_VAL --data' TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto --candidates $flags' \
 benches/mnist_protocol.sh -d $d -s $s -e $MNIST_EPOCHS -t $THREADS -o $OUT/$r/mnist > $OUT/$r/mnist/log-$d-$s.txt 2>&1" >> "$JOBLIST"
     done
   done

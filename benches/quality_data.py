@@ -6,6 +6,9 @@ as MVTec-style folders that ganomaly-train reads with its normal loader.
     quality_data.py textures --wheel-dir DIR --out DIR [--patch 32] [--train 400] ...
     quality_data.py split-val --data DIR [--good 30] [--per-defect 10]
 
+Defect masks go to ground_truth/<defect>/<name>_mask.png (MVTec's layout), for
+the trainer's pixel-localisation figure.
+
 The 512×512 texture is split by rows: training patches come from the top three
 quarters, every test patch (good or defective) from the bottom quarter, so no
 test pixel was ever trained on. Defects are painted here with numpy, by a
@@ -165,7 +168,14 @@ def textures(a):
                 for i in range(n):
                     patch = crop(tex, rows, a.patch, rng)
                     if defect is not None:
-                        patch, _ = paint(patch, defect, rng)
+                        patch, m = paint(patch, defect, rng)
+                        # MVTec-style ground truth (pixel localisation): where the soft
+                        # mask is over one half. Writing it draws nothing from rng, so
+                        # the images are those of earlier runs.
+                        gt = os.path.join(root, "ground_truth", defect)
+                        os.makedirs(gt, exist_ok=True)
+                        png_write_gray(os.path.join(gt, f"{i:04}_mask.png"),
+                                       np.ascontiguousarray(np.where(m > 0.5, 255, 0).astype(np.uint8)))
                     png_write_gray(os.path.join(root, sub, f"{i:04}.png"), np.ascontiguousarray(patch))
             print(f"{root}: {a.train} train/good, {a.test_good} test/good, {a.test_per_defect} × {len(DEFECTS)} defective")
 

@@ -6,7 +6,12 @@
 Reads every OUTDIR/<recipe>/<dataset>/seed<s>/report/report.json and
 OUTDIR/<recipe>/mnist/digit<d>-seed<s>/report/report.json written by
 `ganomaly-train train`, and writes OUTDIR/quality.md, OUTDIR/quality.json and
-bar charts OUTDIR/quality_<recipe>_<variant>.svg.
+bar charts OUTDIR/quality_<recipe>_<variant>.svg (variants raw/last, ema/sel, exported).
+
+Also, from each run's report.json: `localisation` (pixel AUROC of the
+reconstruction map and of the patch score's map, where the data set has masks)
+and `candidates` (`train --candidates`: other patch configurations and fusion
+recipes measured on the same generator).
 
 Variants of one run (from its per-epoch history):
   raw/last  the last epoch's generator: the paper's reference training
@@ -24,7 +29,7 @@ import os
 import statistics
 import sys
 
-KINDS = ("latent", "recon", "map_max", "mahalanobis")
+KINDS = ("latent", "recon", "map_max", "mahalanobis", "patch", "fused")
 VARIANTS = ("raw/last", "ema/last", "raw/sel", "ema/sel", "exported")
 
 
@@ -85,6 +90,69 @@ def collect(out):
         figs = variant_figures(json.load(open(path)))
         rows.setdefault((recipe, f"mnist-{d}"), {})[int(s)] = {v: f[0] for v, f in figs.items()}
     return rows
+
+
+def collect_extra(out):
+    """extra[(recipe, dataset)][seed] = {"localisation": {...}, "candidates": {name: auroc}, "pixel": {name: pixel auroc}}."""
+    extra = {}
+    paths = [(p, p.split(os.sep)[-4]) for p in glob.glob(os.path.join(out, "*", "*", "seed*", "report", "report.json"))]
+    paths += [(p, "mnist-" + p.split(os.sep)[-3][len("digit"):].split("-seed")[0])
+              for p in glob.glob(os.path.join(out, "*", "mnist", "digit*-seed*", "report", "report.json"))]
+    for path, ds in sorted(paths):
+        parts = path.split(os.sep)
+        recipe = parts[-5]
+        seed = int(parts[-3].split("seed")[-1])
+        r = json.load(open(path))
+        cell = {"localisation": r.get("localisation"),
+                "candidates": {k: v["auroc"] for k, v in r.get("candidates", {}).items()},
+                "pixel": {k: v["pixel_auroc"] for k, v in r.get("candidates", {}).items() if v.get("pixel_auroc") is not None}}
+        extra.setdefault((recipe, ds), {})[seed] = cell
+    return extra
+
+
+def extra_tables(extra, recipe, datasets):
+    """Markdown: pixel localisation per data set, candidates per data set (mean over seeds)."""
+    lines = []
+    rows = [(d, extra[(recipe, d)]) for d in datasets if (recipe, d) in extra]
+    loc = [(d, seeds) for d, seeds in rows if any(c["localisation"] for c in seeds.values())]
+    if loc:
+        lines += [f"## Pixel localisation (recipe `{recipe}`): pixel AUROC of each map on test/, all images", "",
+                  "| data set | anomaly_map (reconstruction) | patch_map | patch − recon |", "| --- | --- | --- | --- |"]
+        for d, seeds in loc:
+            a = [c["localisation"]["anomaly_map"] for c in seeds.values() if c["localisation"]]
+            p = [c["localisation"].get("patch_map") for c in seeds.values() if c["localisation"] and c["localisation"].get("patch_map") is not None]
+            fa, fp = stats(a), stats(p)
+            cell = lambda f: f"{f['mean']:.3f} ({f['spread']:.3f})" if f else "–"
+            diff = f"{fp['mean'] - fa['mean']:+.3f}" if fa and fp else "–"
+            lines.append(f"| {d} | {cell(fa)} | {cell(fp)} | {diff} |")
+        lines.append("")
+    names = sorted({n for _, seeds in rows for c in seeds.values() for n in c["candidates"]})
+    if names:
+        lines += [f"## Candidates (recipe `{recipe}`, `--candidates`): image AUROC, mean over seeds", "",
+                  "| candidate | " + " | ".join(d for d, _ in rows) + " | mean (worst) | max spread on tex-* |",
+                  "| --- " * (len(rows) + 3) + "|"]
+        for n in names:
+            ms, sps, cells = [], [], []
+            for d, seeds in rows:
+                st = stats([c["candidates"][n] for c in seeds.values() if n in c["candidates"]])
+                cells.append(f"{st['mean']:.3f}" if st else "–")
+                if st:
+                    ms.append(st["mean"])
+                    if d.startswith("tex-"):
+                        sps.append(st["spread"])
+            mw = f"{statistics.mean(ms):.3f} ({min(ms):.3f})" if len(ms) == len(rows) else "–"
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {mw} | {max(sps):.3f} |" if sps else f"| {n} | " + " | ".join(cells) + f" | {mw} | – |")
+        lines.append("")
+        pnames = sorted({n for _, seeds in rows for c in seeds.values() for n in c["pixel"]})
+        prow = [(d, seeds) for d, seeds in rows if any(c["pixel"] for c in seeds.values())]
+        if pnames and prow:
+            lines += ["Pixel AUROC of the patch candidates' maps:", "",
+                      "| candidate | " + " | ".join(d for d, _ in prow) + " | mean |", "| --- " * (len(prow) + 2) + "|"]
+            for n in pnames:
+                ms = [statistics.mean([c["pixel"][n] for c in seeds.values() if n in c["pixel"]] or [float("nan")]) for _, seeds in prow]
+                lines.append(f"| {n} | " + " | ".join(f"{m:.3f}" for m in ms) + f" | {statistics.mean(ms):.3f} |")
+            lines.append("")
+    return lines
 
 
 def stats(values):
@@ -177,6 +245,9 @@ def main():
                     (f"{cell[k]['mean']:.3f} ({cell[k]['spread']:.3f})" + (f" {'/'.join(cell[k]['chosen'])}" if k == "auto" else ""))
                     if k in cell else "–" for k in cols) + " |")
             lines.append("")
+    extra = collect_extra(out)
+    for recipe in recipes:
+        lines += extra_tables(extra, recipe, pooled)
     lines.append("## Ranking (mean over pooled data sets of the mean AUROC)")
     lines.append("")
     lines.append("| recipe | variant | score | mean AUROC | worst data set | max spread on textures |")
@@ -188,7 +259,8 @@ def main():
     text = "\n".join(lines)
     open(os.path.join(out, "quality.md"), "w").write(text + "\n")
     per_seed = {f"{r}|{d}": {str(s): v for s, v in seeds.items()} for (r, d), seeds in rows.items()}
-    json.dump({"settings": settings, "summary": summary, "ranking": ranking, "per_seed": per_seed},
+    extra_json = {f"{r}|{d}": {str(s): v for s, v in seeds.items()} for (r, d), seeds in extra.items()}
+    json.dump({"settings": settings, "summary": summary, "ranking": ranking, "per_seed": per_seed, "extra": extra_json},
               open(os.path.join(out, "quality.json"), "w"), indent=1)
     print(text)
     plots(out, summary, recipes, pooled)
@@ -196,9 +268,10 @@ def main():
 
 def plots(out, summary, recipes, pooled):
     """One SVG bar chart per recipe and variant (hand-written SVG: no plotting library in the venv)."""
-    colors = {"latent": "#d62728", "recon": "#1f77b4", "map_max": "#2ca02c", "mahalanobis": "#9467bd"}
+    colors = {"latent": "#d62728", "recon": "#1f77b4", "map_max": "#2ca02c", "mahalanobis": "#9467bd",
+              "patch": "#ff7f0e", "fused": "#8c564b", "auto": "#000000"}
     for recipe in recipes:
-        for v in ("raw/last", "ema/sel"):
+        for v in ("raw/last", "ema/sel", "exported"):
             cells = summary.get(recipe, {}).get(v)
             if not cells:
                 continue
@@ -216,6 +289,8 @@ def plots(out, summary, recipes, pooled):
                 x0 = left + gap / 2 + j * (len(colors) * bw + gap)
                 for i, k in enumerate(colors):
                     c = cells[d].get(k)
+                    if not isinstance(c, dict) or "mean" not in c:
+                        continue
                     if not c:
                         continue
                     x = x0 + i * bw

@@ -88,11 +88,27 @@ pub struct BatchOutput {
     pub scores: [Vec<f32>; ScoreKind::ALL.len()],
     /// `n × side × side` anomaly maps.
     pub maps: Vec<f32>,
+    /// `n × side × side` maps of the `patch` score (`patch_map`); empty when the
+    /// model does not export it.
+    pub patch_maps: Vec<f32>,
 }
 
 impl BatchOutput {
     pub fn score(&self, kind: ScoreKind, i: usize) -> Option<f32> {
         self.scores[kind_index(kind)].get(i).copied()
+    }
+
+    /// Image `i`'s heat map for a camera scoring with `kind`: that score's own map
+    /// when it has one and the model exports it (`patch`), else the reconstruction
+    /// map. `side × side`; empty if `i` is out of range.
+    pub fn map(&self, kind: ScoreKind, i: usize, side: usize) -> &[f32] {
+        let px = side * side;
+        let maps = if kind.map_output().is_some() && self.patch_maps.len() == self.maps.len() {
+            &self.patch_maps
+        } else {
+            &self.maps
+        };
+        maps.get(i * px..(i + 1) * px).unwrap_or(&[])
     }
 }
 
@@ -201,6 +217,14 @@ impl Model {
         }
         out.maps.clear();
         out.maps.extend_from_slice(maps);
+        out.patch_maps.clear();
+        if let Some(name) = ScoreKind::Patch.map_output().filter(|_| self.kinds.contains(&ScoreKind::Patch)) {
+            let (_, pm) = outputs[name].try_extract_tensor::<f32>()?;
+            if pm.len() != maps.len() {
+                return Err(InferError::Output(format!("output `{name}` has {} values for {n} images", pm.len())));
+            }
+            out.patch_maps.extend_from_slice(pm);
+        }
         Ok(())
     }
 }
@@ -571,7 +595,7 @@ fn run(mut t: InferThread) {
             }
             let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, out.score(cam.decider.kind, i));
             decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
-            cam.act(outcome, frame, &out.maps[i * side * side..(i + 1) * side * side], side, &outputs);
+            cam.act(outcome, frame, out.map(cam.decider.kind, i, side), side, &outputs);
         }
         // Life is decided frames: a failed run, or a batch of only unusable
         // scores, does not count (see `base::liveness`).
@@ -598,5 +622,19 @@ mod tests {
         o.scores[kind_index(ScoreKind::Recon)] = vec![1.0, 2.0];
         assert_eq!(o.score(ScoreKind::Recon, 1), Some(2.0));
         assert_eq!(o.score(ScoreKind::Latent, 0), None);
+    }
+
+    #[test]
+    fn heat_map_follows_the_cameras_score_when_it_has_a_map() {
+        // Two images of 2×2: reconstruction maps 0..8, patch maps 10..18.
+        let mut o = BatchOutput { n: 2, maps: (0..8).map(|v| v as f32).collect(), ..Default::default() };
+        // A model without the patch score: every camera gets the reconstruction map.
+        assert_eq!(o.map(ScoreKind::Patch, 1, 2), [4.0, 5.0, 6.0, 7.0]);
+        o.patch_maps = (10..18).map(|v| v as f32).collect();
+        assert_eq!(o.map(ScoreKind::Patch, 1, 2), [14.0, 15.0, 16.0, 17.0]);
+        for kind in [ScoreKind::Latent, ScoreKind::Mahalanobis, ScoreKind::Fused] {
+            assert_eq!(o.map(kind, 0, 2), [0.0, 1.0, 2.0, 3.0], "{kind:?} has no map of its own");
+        }
+        assert!(o.map(ScoreKind::Patch, 2, 2).is_empty());
     }
 }

@@ -201,7 +201,7 @@ fn score_prints_every_kind_and_warns_about_the_cpu_fallback() {
     assert_eq!(first["path"], img.display().to_string());
     let kinds: Vec<&str> =
         first["scores"].as_array().expect("scores").iter().map(|k| k["kind"].as_str().expect("kind")).collect();
-    assert_eq!(kinds, ["latent", "recon", "map_max", "mahalanobis"]);
+    assert_eq!(kinds, ["latent", "recon", "map_max", "mahalanobis", "patch", "fused"]);
     for k in first["scores"].as_array().expect("scores") {
         let (raw, norm) = (k["raw"].as_f64().expect("raw"), k["normalized"].as_f64().expect("normalized"));
         assert!(raw.is_finite() && (0.0..=1.0).contains(&norm), "{k}");

@@ -113,9 +113,14 @@ fn onnx_graph_matches_reference_forward_pass() {
         let d_smap = max_abs_diff(got.get("score_map"), &want.score_map);
         let want_mahal = want.score_mahalanobis.as_ref().expect("fixture weights carry feature statistics");
         let d_mahal = max_abs_diff(got.get("score_mahalanobis"), want_mahal);
+        let want_patch = want.score_patch.as_ref().expect("fixture weights carry patch statistics");
+        let d_patch = max_abs_diff(got.get("score_patch"), want_patch);
+        assert_eq!(got.shape("patch_map"), [BATCH as i64, 1, s, s]);
+        let d_pmap = max_abs_diff(got.get("patch_map"), &want.patch_map.as_ref().unwrap().data);
+        let d_fused = max_abs_diff(got.get("score_fused"), want.score_fused.as_ref().unwrap());
         report.push(format!(
-            "isize {:3} nc {} extra {}: score {:.1e} (|score| ≈ {:.3}) recon {:.1e} map {:.1e} score_recon {:.1e} score_map {:.1e} score_mahalanobis {:.1e} (≈ {:.3})",
-            arch.isize, arch.nc, arch.extralayers, d_score, want.score[0], d_recon, d_map, d_srecon, d_smap, d_mahal, want_mahal[0]
+            "isize {:3} nc {} extra {}: score {:.1e} (|score| ≈ {:.3}) recon {:.1e} map {:.1e} score_recon {:.1e} score_map {:.1e} score_mahalanobis {:.1e} (≈ {:.3}) score_patch {:.1e} (≈ {:.3}) patch_map {:.1e} score_fused {:.1e}",
+            arch.isize, arch.nc, arch.extralayers, d_score, want.score[0], d_recon, d_map, d_srecon, d_smap, d_mahal, want_mahal[0], d_patch, want_patch[0], d_pmap, d_fused
         ));
         for (name, d) in [
             ("score", d_score),
@@ -124,6 +129,9 @@ fn onnx_graph_matches_reference_forward_pass() {
             ("score_recon", d_srecon),
             ("score_map", d_smap),
             ("score_mahalanobis", d_mahal),
+            ("score_patch", d_patch),
+            ("patch_map", d_pmap),
+            ("score_fused", d_fused),
         ] {
             assert!(d <= 1e-4, "{arch:?}: `{name}` differs by {d:e} from the reference\n{}", report.join("\n"));
         }
@@ -131,6 +139,7 @@ fn onnx_graph_matches_reference_forward_pass() {
         // input (or the batch dimension) would pass the diff checks above only by luck.
         assert_ne!(got.get("score")[0], got.get("score")[1], "{arch:?}");
         assert_ne!(got.get("score_mahalanobis")[0], got.get("score_mahalanobis")[1], "{arch:?}");
+        assert_ne!(got.get("score_patch")[0], got.get("score_patch")[1], "{arch:?}");
     }
     eprintln!("{}", report.join("\n"));
 }

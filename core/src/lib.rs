@@ -6,6 +6,7 @@
 //! - [`weights`]: plain f32 weights keyed by those names.
 //! - [`onnx`]: ONNX protobuf messages (prost) and the graph writer/reader.
 //! - [`metadata`]: the versioned model metadata inside the ONNX file.
+//! - [`patch`]: the `patch` score's configuration (maps, grid, channels) and statistics.
 //! - [`preprocess`]: the one frame → tensor function (trainer and daemon alike).
 //! - [`calibrate`]: thresholds, normalized scores, AUROC and F1.
 //! - [`synth`]: deterministic synthetic textures and defects, MVTec-style writer.
@@ -18,6 +19,7 @@ pub mod arch;
 pub mod calibrate;
 pub mod metadata;
 pub mod onnx;
+pub mod patch;
 pub mod preprocess;
 pub mod reference;
 pub mod synth;

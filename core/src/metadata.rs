@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::ArchSpec;
+use crate::patch::PatchSpec;
 
 /// Version of the metadata schema this build writes and reads.
 /// Version 2 added the calibration's `tail_fit` and `expected_far` and the methods
@@ -114,10 +115,25 @@ pub enum ScoreKind {
     /// shrunk) covariance. The graph carries μ and W as `score.feature_mean` and
     /// `score.feature_whiten`. About 1 on typical training images.
     Mahalanobis,
+    /// The maximum of the feature anomaly map `patch_map`: per position of a grid
+    /// over encoder1's feature maps, the squared Mahalanobis distance (divided by d)
+    /// of the position's feature vector from the training images' at that position
+    /// ([`crate::patch`]; its configuration is the entry's `patch`).
+    Patch,
+    /// A fusion of other scores, each standardised on the held-out good images:
+    /// `combine` over k of (s_k − mean_k) / std_k (the entry's `fusion`).
+    Fused,
 }
 
 impl ScoreKind {
-    pub const ALL: [ScoreKind; 4] = [ScoreKind::Latent, ScoreKind::Recon, ScoreKind::MapMax, ScoreKind::Mahalanobis];
+    pub const ALL: [ScoreKind; 6] = [
+        ScoreKind::Latent,
+        ScoreKind::Recon,
+        ScoreKind::MapMax,
+        ScoreKind::Mahalanobis,
+        ScoreKind::Patch,
+        ScoreKind::Fused,
+    ];
 
     /// Name of the graph output that carries this score.
     pub fn output(self) -> &'static str {
@@ -126,6 +142,8 @@ impl ScoreKind {
             ScoreKind::Recon => "score_recon",
             ScoreKind::MapMax => "score_map",
             ScoreKind::Mahalanobis => "score_mahalanobis",
+            ScoreKind::Patch => "score_patch",
+            ScoreKind::Fused => "score_fused",
         }
     }
 
@@ -135,11 +153,101 @@ impl ScoreKind {
             ScoreKind::Recon => "recon",
             ScoreKind::MapMax => "map_max",
             ScoreKind::Mahalanobis => "mahalanobis",
+            ScoreKind::Patch => "patch",
+            ScoreKind::Fused => "fused",
         }
     }
 
     pub fn parse(s: &str) -> Option<ScoreKind> {
         ScoreKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Name of the graph output with this score's own anomaly map `[N, 1, S, S]`,
+    /// for the kinds that have one (the snapshot heat map follows the camera's score).
+    pub fn map_output(self) -> Option<&'static str> {
+        match self {
+            ScoreKind::Patch => Some(OUTPUT_PATCH_MAP),
+            _ => None,
+        }
+    }
+}
+
+/// Graph output of the `patch` score's feature anomaly map `[N, 1, S, S]`.
+pub const OUTPUT_PATCH_MAP: &str = "patch_map";
+
+/// How a fused score combines its standardised components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The largest z-score: any one score far off alarms.
+    Max,
+    /// The mean z-score: the scores' evidence added up.
+    Mean,
+}
+
+/// The `fused` score's recipe, with the standardisation measured on the held-out
+/// good images (the graph carries `mean` and `std` as `score.fusion_mean` and
+/// `score.fusion_std`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionSpec {
+    pub components: Vec<ScoreKind>,
+    pub combine: Combine,
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl FusionSpec {
+    /// The components and rule of the trainer's `fused` score (benches/README.md: the
+    /// scores that stay above chance on every benchmark set, their z-scores averaged).
+    pub const DEFAULT_COMPONENTS: [ScoreKind; 3] = [ScoreKind::Latent, ScoreKind::Mahalanobis, ScoreKind::Patch];
+    pub const DEFAULT_COMBINE: Combine = Combine::Mean;
+
+    /// The default recipe with placeholder standardisation (mean 0, std 1): fixtures.
+    pub fn uncalibrated() -> FusionSpec {
+        let k = Self::DEFAULT_COMPONENTS.len();
+        FusionSpec {
+            components: Self::DEFAULT_COMPONENTS.to_vec(),
+            combine: Self::DEFAULT_COMBINE,
+            mean: vec![0.0; k],
+            std: vec![1.0; k],
+        }
+    }
+
+    /// The fused value of one image's component scores (same order as `components`).
+    pub fn fuse(&self, values: &[f64]) -> f64 {
+        let z = values.iter().zip(self.mean.iter().zip(&self.std)).map(|(v, (m, s))| (v - m) / s);
+        match self.combine {
+            Combine::Max => z.fold(f64::NEG_INFINITY, f64::max),
+            Combine::Mean => z.sum::<f64>() / self.components.len().max(1) as f64,
+        }
+    }
+
+    /// Every problem with the recipe against the scores listed beside it.
+    fn check(&self, listed: &[ScoreKind]) -> Result<(), String> {
+        let k = self.components.len();
+        if k == 0 {
+            return Err("`fused` needs at least one component".into());
+        }
+        if self.mean.len() != k || self.std.len() != k {
+            return Err(format!(
+                "`fused` has {k} components but {} means and {} stds",
+                self.mean.len(),
+                self.std.len()
+            ));
+        }
+        for (i, c) in self.components.iter().enumerate() {
+            if *c == ScoreKind::Fused || self.components[..i].contains(c) {
+                return Err(format!("`fused` component `{}` is repeated or is `fused` itself", c.as_str()));
+            }
+            if !listed.contains(c) {
+                return Err(format!("`fused` component `{}` has no entry of its own", c.as_str()));
+            }
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err("`fused` needs finite means and finite, positive stds".into());
+        }
+        Ok(())
     }
 }
 
@@ -281,6 +389,12 @@ pub struct ScoreMeta {
     /// Box-filter side for `map_max` (odd); absent for other kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<u32>,
+    /// The `patch` score's maps, grid and channels; absent for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchSpec>,
+    /// The `fused` score's recipe; absent for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<FusionSpec>,
 }
 
 /// Where the weights came from.
@@ -325,6 +439,8 @@ impl ModelMetadata {
                     kind,
                     calibration: Calibration::uncalibrated(),
                     kernel: (kind == ScoreKind::MapMax).then_some(map_kernel),
+                    patch: (kind == ScoreKind::Patch).then(|| arch.default_patch()),
+                    fusion: (kind == ScoreKind::Fused).then(FusionSpec::uncalibrated),
                 })
                 .collect(),
             default_score: ScoreKind::Latent,
@@ -340,6 +456,16 @@ impl ModelMetadata {
     /// Box-filter side used for `map_max`.
     pub fn map_kernel(&self) -> Option<u32> {
         self.score(ScoreKind::MapMax).and_then(|s| s.kernel)
+    }
+
+    /// The `patch` score's configuration, when the model exports it.
+    pub fn patch(&self) -> Option<&PatchSpec> {
+        self.score(ScoreKind::Patch).and_then(|s| s.patch.as_ref())
+    }
+
+    /// The `fused` score's recipe, when the model exports it.
+    pub fn fusion(&self) -> Option<&FusionSpec> {
+        self.score(ScoreKind::Fused).and_then(|s| s.fusion.as_ref())
     }
 
     /// Key/value pairs for `metadata_props`.
@@ -404,11 +530,24 @@ impl ModelMetadata {
                     reason: "`map_max` needs an odd `kernel`".into(),
                 });
             }
+            let invalid = |reason: String| MetadataError::Invalid { key: KEY_SCORES, reason };
+            if s.kind == ScoreKind::Patch {
+                let spec = s.patch.as_ref().ok_or_else(|| invalid("`patch` needs its `patch` configuration".into()))?;
+                arch.check_patch(spec).map_err(|e| invalid(e.to_string()))?;
+            }
+            if s.kind == ScoreKind::Fused {
+                let listed: Vec<ScoreKind> = scores.iter().map(|s| s.kind).collect();
+                let f = s.fusion.as_ref().ok_or_else(|| invalid("`fused` needs its `fusion` recipe".into()))?;
+                f.check(&listed).map_err(invalid)?;
+            }
         }
         let default_text = props.get(KEY_DEFAULT_SCORE).ok_or(MetadataError::Missing(KEY_DEFAULT_SCORE))?;
         let default_score = ScoreKind::parse(default_text.trim()).ok_or_else(|| MetadataError::Invalid {
             key: KEY_DEFAULT_SCORE,
-            reason: format!("`{default_text}` is not one of latent, recon, map_max"),
+            reason: format!(
+                "`{default_text}` is not one of {}",
+                ScoreKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         })?;
         if scores.iter().all(|s| s.kind != default_score) {
             return Err(MetadataError::Invalid {

@@ -4,6 +4,8 @@
 //! use it on the hot path.
 
 use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
+use crate::metadata::{FusionSpec, ScoreKind};
+use crate::patch::{PatchSpec, PATCH_MEAN, PATCH_WHITEN};
 use crate::weights::{Weights, WeightsError};
 
 /// A dense `[N, C, H, W]` tensor.
@@ -38,12 +40,32 @@ pub struct Outputs {
     pub score_map: Vec<f32>,
     /// `score_mahalanobis`, when the weights carry the feature statistics.
     pub score_mahalanobis: Option<Vec<f32>>,
+    /// `score_patch` and `patch_map`, when the weights carry the patch statistics.
+    pub score_patch: Option<Vec<f32>>,
+    pub patch_map: Option<Nchw>,
+    /// `score_fused`, when a recipe is given and its components were computed.
+    pub score_fused: Option<Vec<f32>>,
     pub recon: Nchw,
     pub anomaly_map: Nchw,
 }
 
-/// Runs NetG on `x` and computes every score exactly as the ONNX graph defines them.
+/// Runs NetG on `x` and computes every score exactly as the ONNX graph of
+/// `ModelMetadata::uncalibrated` defines them: the default patch configuration
+/// (when the weights carry its statistics) and the default fusion recipe.
 pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Result<Outputs, WeightsError> {
+    let patch = w.tensors.contains_key(PATCH_MEAN).then(|| arch.default_patch());
+    forward_spec(arch, w, x, map_kernel, patch.as_ref(), Some(&FusionSpec::uncalibrated()))
+}
+
+/// [`forward`] with an explicit patch configuration and fusion recipe.
+pub fn forward_spec(
+    arch: &ArchSpec,
+    w: &Weights,
+    x: &Nchw,
+    map_kernel: usize,
+    patch: Option<&PatchSpec>,
+    fusion: Option<&FusionSpec>,
+) -> Result<Outputs, WeightsError> {
     let z_i = sequential(&arch.encoder1(), w, x)?;
     let recon = sequential(&arch.decoder(), w, &z_i)?;
     let z_o = sequential(&arch.encoder2(), w, &recon)?;
@@ -126,7 +148,132 @@ pub fn forward(arch: &ArchSpec, w: &Weights, x: &Nchw, map_kernel: usize) -> Res
         }
         _ => None,
     };
-    Ok(Outputs { score, score_recon, score_map, score_mahalanobis, recon, anomaly_map: map })
+    let (score_patch, patch_map) = match patch {
+        Some(spec) => {
+            let (s, m) = patch_forward(arch, w, x, spec)?;
+            (Some(s), Some(m))
+        }
+        None => (None, None),
+    };
+    let mut out = Outputs {
+        score,
+        score_recon,
+        score_map,
+        score_mahalanobis,
+        score_patch,
+        patch_map,
+        score_fused: None,
+        recon,
+        anomaly_map: map,
+    };
+    if let Some(f) = fusion {
+        let cols: Option<Vec<&Vec<f32>>> = f
+            .components
+            .iter()
+            .map(|k| match k {
+                ScoreKind::Latent => Some(&out.score),
+                ScoreKind::Recon => Some(&out.score_recon),
+                ScoreKind::MapMax => Some(&out.score_map),
+                ScoreKind::Mahalanobis => out.score_mahalanobis.as_ref(),
+                ScoreKind::Patch => out.score_patch.as_ref(),
+                ScoreKind::Fused => None,
+            })
+            .collect();
+        // The graph standardises in f32 with the recipe's values rounded to f32.
+        let r = |v: f64| v as f32 as f64;
+        let rounded = FusionSpec {
+            mean: f.mean.iter().map(|&m| r(m)).collect(),
+            std: f.std.iter().map(|&s| r(s)).collect(),
+            ..f.clone()
+        };
+        out.score_fused = cols.map(|cols| {
+            (0..n).map(|b| rounded.fuse(&cols.iter().map(|c| c[b] as f64).collect::<Vec<_>>()) as f32).collect()
+        });
+    }
+    Ok(out)
+}
+
+/// Bilinear resampling of one plane `h × w` to `oh × ow`, half-pixel centres, edges
+/// clamped (ONNX `Resize` linear/half_pixel, PyTorch `align_corners=False`).
+fn bilinear(src: &[f64], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f64> {
+    let coord = |o: usize, inn: usize, out: usize| {
+        let c = ((o as f64 + 0.5) * inn as f64 / out as f64 - 0.5).max(0.0);
+        let i0 = (c.floor() as usize).min(inn - 1);
+        let i1 = (i0 + 1).min(inn - 1);
+        (i0, i1, c - i0 as f64)
+    };
+    let mut out = vec![0.0; oh * ow];
+    for y in 0..oh {
+        let (y0, y1, fy) = coord(y, h, oh);
+        for x in 0..ow {
+            let (x0, x1, fx) = coord(x, w, ow);
+            let top = src[y0 * w + x0] * (1.0 - fx) + src[y0 * w + x1] * fx;
+            let bot = src[y1 * w + x0] * (1.0 - fx) + src[y1 * w + x1] * fx;
+            out[y * ow + x] = top * (1.0 - fy) + bot * fy;
+        }
+    }
+    out
+}
+
+/// The `patch` score and its map, in plain loops.
+fn patch_forward(arch: &ArchSpec, w: &Weights, x: &Nchw, spec: &PatchSpec) -> Result<(Vec<f32>, Nchw), WeightsError> {
+    let enc = arch.encoder1();
+    let maps = arch.patch_maps(spec).map_err(|e| WeightsError::Missing(e.to_string()))?;
+    let (mean, whiten) = (w.get(PATCH_MEAN)?, w.get(PATCH_WHITEN)?);
+    let g = spec.grid as usize;
+    let p = g * g;
+    let d = spec.channels.len();
+    // Concatenated channels on the grid: planes[b][c] of g×g.
+    let mut planes: Vec<Vec<Vec<f64>>> = vec![Vec::new(); x.n];
+    for m in &maps {
+        let f = sequential(&enc[..=m.layer], w, x)?;
+        let side = f.h;
+        for (b, pl) in planes.iter_mut().enumerate() {
+            for c in 0..f.c {
+                let src: Vec<f64> = (0..side * side).map(|i| f.at(b, c, i / side, i % side) as f64).collect();
+                let on_grid = if side > g {
+                    let k = side / g;
+                    (0..p)
+                        .map(|q| {
+                            let (gy, gx) = (q / g, q % g);
+                            let mut s = 0.0;
+                            for dy in 0..k {
+                                for dx in 0..k {
+                                    s += src[(gy * k + dy) * side + gx * k + dx];
+                                }
+                            }
+                            s / (k * k) as f64
+                        })
+                        .collect()
+                } else if side < g {
+                    bilinear(&src, side, side, g, g)
+                } else {
+                    src
+                };
+                pl.push(on_grid);
+            }
+        }
+    }
+    let mut scores = Vec::with_capacity(x.n);
+    let mut map = Nchw::zeros(x.n, 1, x.h, x.w);
+    for (b, pl) in planes.iter().enumerate() {
+        let mut grid_map = vec![0.0f64; p];
+        for (q, cell) in grid_map.iter_mut().enumerate() {
+            let v: Vec<f64> = spec
+                .channels
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| pl[c as usize][q] - mean.data[q * d + i] as f64)
+                .collect();
+            let wq = &whiten.data[q * d * d..(q + 1) * d * d];
+            let s: f64 = (0..d).map(|j| (0..d).map(|i| v[i] * wq[i * d + j] as f64).sum::<f64>().powi(2)).sum();
+            *cell = s / d as f64;
+        }
+        scores.push(grid_map.iter().copied().fold(f64::NEG_INFINITY, f64::max) as f32);
+        let up = bilinear(&grid_map, g, g, x.h, x.w);
+        map.data[b * x.h * x.w..(b + 1) * x.h * x.w].iter_mut().zip(up).for_each(|(o, v)| *o = v as f32);
+    }
+    Ok((scores, map))
 }
 
 /// Applies one `nn.Sequential` part.

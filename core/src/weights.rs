@@ -105,6 +105,15 @@ impl Weights {
             .collect();
         w.insert(crate::arch::FEATURE_MEAN, vec![d], mean);
         w.insert(crate::arch::FEATURE_WHITEN, vec![d, d], whiten);
+        // The default `patch` score's per-position statistics, dense likewise.
+        let spec = arch.default_patch();
+        let (p, d) = ((spec.grid * spec.grid) as usize, spec.channels.len());
+        let mean = (0..p * d).map(|_| normal(&mut rng) * 0.1).collect();
+        let whiten = (0..p * d * d)
+            .map(|i| if i % (d * d) % (d + 1) == 0 { 1.0 } else { 0.0 } + normal(&mut rng) * 0.3 / (d as f32).sqrt())
+            .collect();
+        w.insert(crate::patch::PATCH_MEAN, vec![p, 1, d], mean);
+        w.insert(crate::patch::PATCH_WHITEN, vec![p, d, d], whiten);
         w
     }
 }

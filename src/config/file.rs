@@ -256,7 +256,7 @@ impl Default for SnapshotConfig {
 pub struct CameraTable {
     pub source: Option<SourceConfig>,
     pub model: Option<PathBuf>,
-    /// `latent`, `recon`, `map_max`, `mahalanobis` or `model-default`.
+    /// `latent`, `recon`, `map_max`, `mahalanobis`, `patch`, `fused` or `model-default` (the snapshot heat map is the score's own map when it has one: `patch`).
     pub score: Option<String>,
     pub width: Option<u32>,
     pub height: Option<u32>,

@@ -160,7 +160,7 @@ mod tests {
         let item = |d: Option<&str>| TestItem { path: PathBuf::new(), defect: d.map(String::from) };
         let items = vec![item(None), item(None), item(Some("a")), item(Some("b")), item(Some("b"))];
         let v = vec![0.1, 0.2, 0.15, 0.9, 0.8];
-        let scores = Scores { latent: v.clone(), recon: v.clone(), map_max: v, mahalanobis: vec![] };
+        let scores = Scores { latent: v.clone(), recon: v.clone(), map_max: v, ..Default::default() };
         let th = BTreeMap::from([(ScoreKind::Latent, 0.5)]);
         let e = evaluate(&items, &scores, &th);
         let l = &e[&ScoreKind::Latent];

@@ -61,7 +61,8 @@ pub fn build_metadata(
         return Err(ExportError::Calibration(format!("--map-kernel must be odd, got {}", settings.map_kernel)));
     }
     let arch = g.arch;
-    // Every kind the generator scores (`mahalanobis` needs its feature statistics).
+    // Every kind the generator scores (`mahalanobis` and `patch` need their statistics,
+    // `fused` its recipe).
     let scores = ScoreKind::ALL
         .into_iter()
         .filter(|&kind| holdout.has(kind))
@@ -73,7 +74,13 @@ pub fn build_metadata(
                     calibration.val_f1 = Some(e.f1);
                 }
             }
-            ScoreMeta { kind, calibration, kernel: (kind == ScoreKind::MapMax).then_some(settings.map_kernel) }
+            ScoreMeta {
+                kind,
+                calibration,
+                kernel: (kind == ScoreKind::MapMax).then_some(settings.map_kernel),
+                patch: (kind == ScoreKind::Patch).then(|| g.patch_stats.as_ref().map(|p| p.spec.clone())).flatten(),
+                fusion: (kind == ScoreKind::Fused).then(|| g.fusion.clone()).flatten(),
+            }
         })
         .collect::<Vec<_>>();
     let default_score = match settings.default_score.fixed() {

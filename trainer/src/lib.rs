@@ -8,8 +8,8 @@
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
 //!   held-out calibration slice, the validation split, the data digest.
 //! - [`feedback`]: the daemon's feedback folder merged into validation and calibration.
-//! - [`features`]: the `mahalanobis` score's statistics (Ledoit–Wolf whitening of
-//!   the encoder features).
+//! - [`features`]: the `mahalanobis` and `patch` scores' statistics (Ledoit–Wolf
+//!   whitening of the encoder features: one Gaussian, or one per grid position).
 //! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
 //!   weights to and from `ganomaly_core::Weights`; fitting the feature statistics.
 //! - [`score`]: eval-mode scores, op for op what the ONNX graph computes.
@@ -23,6 +23,8 @@
 //!   images) and the learning-rate schedule.
 //! - [`train`]: the epoch loop of a run.
 //! - [`export`]: calibration + test figures + provenance → metadata → core's ONNX writer.
+//! - [`candidates`]: measurement only: pixel AUROC of the maps where masks exist,
+//!   other patch configurations and fusion recipes on one generator (`--candidates`).
 //! - [`report`]: the JSON report, the table on stdout, PNG plots.
 //! - [`cmd`]: the command line, one module per command (`datagen`, `train`,
 //!   `eval`, `export`, `bench-step`).
@@ -32,6 +34,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod adam;
+pub mod candidates;
 pub mod checkpoint;
 pub mod cmd;
 pub mod data;

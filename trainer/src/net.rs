@@ -8,7 +8,9 @@ use ganomaly_core::arch::{ArchSpec, Layer, Op, BN_EPS};
 use ganomaly_core::weights::{Weights, WeightsError};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::features::{FeatureStats, StatsError};
+use crate::features::{FeatureStats, PatchStats, StatsError};
+use ganomaly_core::metadata::{FusionSpec, ModelMetadata};
+use ganomaly_core::patch::PatchSpec;
 
 /// PyTorch's BatchNorm momentum default, which the reference keeps.
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -170,6 +172,12 @@ pub struct NetG {
     /// once fitted ([`NetG::fit_feature_stats`]); outside the VarStore, so neither the
     /// optimiser nor the weight average touches them.
     pub feature_stats: Option<FeatureStats>,
+    /// The `patch` score's configuration ([`NetG::fit_score_stats`] fits it).
+    pub patch_spec: PatchSpec,
+    /// The `patch` score's per-position statistics, once fitted.
+    pub patch_stats: Option<PatchStats>,
+    /// The `fused` score's recipe, once standardised on held-out good images.
+    pub fusion: Option<FusionSpec>,
 }
 
 /// What NetG computes for a batch.
@@ -182,6 +190,9 @@ pub struct GOut {
     pub latent_o: Tensor,
     /// encoder1's last activation, `[N, C, 4, 4]`: the `mahalanobis` score's input.
     pub feature_map: Tensor,
+    /// encoder1's maps by depth (`ArchSpec::encoder1_maps`), the last being
+    /// `feature_map`: the `patch` score's inputs.
+    pub maps: Vec<Tensor>,
 }
 
 impl NetG {
@@ -196,6 +207,9 @@ impl NetG {
             enc2: Seq::new(&root, &arch.encoder2()),
             vs,
             feature_stats: None,
+            patch_spec: arch.default_patch(),
+            patch_stats: None,
+            fusion: None,
         };
         // Module order of the reference: encoder1, decoder, encoder2.
         g.enc1.init();
@@ -205,14 +219,27 @@ impl NetG {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> GOut {
-        // encoder1 in two ranges, so the `mahalanobis` score reads the feature map
-        // without running the encoder a second time.
+        // encoder1 in ranges ending at each map, so the `mahalanobis` and `patch`
+        // scores read them without running the encoder a second time.
+        let maps = self.encoder_maps(x, train);
         let split = self.arch.feature_layer() + 1;
-        let feature_map = self.enc1.forward(x, train, 0..split);
+        let feature_map = maps.last().map_or_else(|| self.enc1.forward(x, train, 0..split), |m| m.shallow_clone());
         let latent_i = self.enc1.forward(&feature_map, train, split..self.enc1.len());
         let fake = self.dec.forward(&latent_i, train, 0..self.dec.len());
         let latent_o = self.enc2.forward(&fake, train, 0..self.enc2.len());
-        GOut { fake, latent_i, latent_o, feature_map }
+        GOut { fake, latent_i, latent_o, feature_map, maps }
+    }
+
+    /// encoder1's maps by depth (the last is the `mahalanobis` feature map).
+    fn encoder_maps(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        let (mut at, mut h) = (0, x.shallow_clone());
+        for m in self.arch.encoder1_maps() {
+            h = self.enc1.forward(&h, train, at..m.layer + 1);
+            at = m.layer + 1;
+            out.push(h.shallow_clone());
+        }
+        out
     }
 
     /// Trainable parameters in `arch.generator_params()` order (running stats excluded).
@@ -230,6 +257,9 @@ impl NetG {
             w.insert(spec.name, spec.shape, data);
         }
         if let Some(stats) = &self.feature_stats {
+            stats.insert_into(&mut w)?;
+        }
+        if let Some(stats) = &self.patch_stats {
             stats.insert_into(&mut w)?;
         }
         Ok(w)
@@ -258,8 +288,60 @@ impl NetG {
     pub fn duplicate(&self) -> NetG {
         let mut c = NetG::new(&self.arch, self.vs.device());
         tch::no_grad(|| c.vs.copy(&self.vs)).expect("same architecture, same variables");
-        c.feature_stats = self.feature_stats.clone();
+        c.copy_score_stats(self);
         c
+    }
+
+    /// Takes `other`'s score statistics (feature, patch, fusion) and patch configuration.
+    pub fn copy_score_stats(&mut self, other: &NetG) {
+        self.feature_stats = other.feature_stats.clone();
+        self.patch_spec = other.patch_spec.clone();
+        self.patch_stats = other.patch_stats.clone();
+        self.fusion = other.fusion.clone();
+    }
+
+    /// Fits the `patch` score's statistics for `self.patch_spec` on the training
+    /// images `x` (CPU tensor), `batch` at a time on `device`.
+    pub fn fit_patch_stats(&self, x: &Tensor, batch: i64, device: Device) -> Result<PatchStats, NetError> {
+        let n = x.size()[0];
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = batch.min(n - start);
+            let maps = tch::no_grad(|| self.encoder_maps(&x.narrow(0, start, len).to_device(device), false));
+            parts.push(PatchStats::grid_features(&self.patch_spec, &maps));
+            start += len;
+        }
+        Ok(PatchStats::fit(&self.patch_spec, &parts)?)
+    }
+
+    /// Fits every score statistic in place: the `mahalanobis` and `patch` Gaussians on
+    /// the training images `x_fit`, then the `fused` score's standardisation on the
+    /// held-out good images `x_hold` (skipped when there are fewer than 2).
+    pub fn fit_score_stats(&mut self, x_fit: &Tensor, x_hold: &Tensor, device: Device) -> Result<(), NetError> {
+        self.feature_stats = Some(self.fit_feature_stats(x_fit, 256, device)?);
+        self.patch_stats = Some(self.fit_patch_stats(x_fit, 256, device)?);
+        self.fusion = None;
+        if x_hold.size()[0] >= 2 {
+            let hold = crate::score::score_all(self, x_hold, 1, 256, device);
+            self.fusion = crate::score::fit_fusion(&hold);
+        }
+        Ok(())
+    }
+
+    /// The statistics and recipes a model file carries (`meta`, `weights`): the
+    /// feature statistics, the patch configuration and statistics, the fusion recipe.
+    pub fn load_score_stats(&mut self, meta: &ModelMetadata, weights: &Weights) -> Result<(), NetError> {
+        self.feature_stats = FeatureStats::from_weights(&self.arch, weights, self.vs.device())?;
+        self.patch_stats = match meta.patch() {
+            Some(spec) => {
+                self.patch_spec = spec.clone();
+                Some(PatchStats::from_weights(&self.arch, spec, weights, self.vs.device())?)
+            }
+            None => None,
+        };
+        self.fusion = meta.fusion().cloned();
+        Ok(())
     }
 
     /// Fits the `mahalanobis` score's statistics on the features of `x` (CPU tensor
@@ -276,18 +358,24 @@ impl NetG {
         Ok(FeatureStats::fit(&parts)?)
     }
 
-    /// A copy of this generator with its feature statistics fitted on the training
-    /// images `x_fit` (never the held-out slice, which calibrates): what is exported.
-    pub fn with_feature_stats(&self, x_fit: &Tensor, device: Device) -> Result<NetG, NetError> {
+    /// A copy of this generator with its score statistics fitted ([`NetG::fit_score_stats`]):
+    /// the Gaussians on the training images `x_fit` (never the held-out slice, which
+    /// calibrates), the fusion's standardisation on the held-out slice: what is exported.
+    pub fn with_feature_stats(&self, x_fit: &Tensor, x_hold: &Tensor, device: Device) -> Result<NetG, NetError> {
         let mut c = self.duplicate();
-        let stats = c.fit_feature_stats(x_fit, 256, device)?;
+        c.fit_score_stats(x_fit, x_hold, device)?;
+        let shrink = |s: Option<f64>| format!("{:.3}", s.unwrap_or(f64::NAN));
         tracing::info!(
             values = self.arch.feature_dim(),
             images = x_fit.size()[0],
-            ledoit_wolf_shrinkage = %format_args!("{:.3}", stats.shrinkage),
-            "feature statistics for the mahalanobis score"
+            ledoit_wolf_shrinkage = %shrink(c.feature_stats.as_ref().map(|s| s.shrinkage)),
+            patch_maps = ?c.patch_spec.maps,
+            patch_grid = c.patch_spec.grid,
+            patch_dim = c.patch_spec.channels.len(),
+            patch_shrinkage = %shrink(c.patch_stats.as_ref().map(|s| s.shrinkage)),
+            fusion = ?c.fusion.as_ref().map(|f| (&f.components, &f.mean, &f.std)),
+            "score statistics (mahalanobis, patch, fused)"
         );
-        c.feature_stats = Some(stats);
         Ok(c)
     }
 

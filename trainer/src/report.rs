@@ -171,6 +171,14 @@ pub struct TrainReport {
     pub plots: Vec<String>,
     /// Which epoch's generator (raw or weight average) was evaluated and exported.
     pub selection: SelectionSummary,
+    /// Pixel AUROC of each map of the exported generator on test/, where
+    /// `DIR/ground_truth/<defect>/<name>_mask.png` exists (`crate::candidates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub localisation: Option<crate::candidates::Localisation>,
+    /// `--candidates`: test figures of other patch configurations and fusion recipes
+    /// on the same generator (measurement only; nothing is chosen with them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub candidates: BTreeMap<String, crate::candidates::Candidate>,
 }
 
 /// The epoch with the best test AUROC (`TrainReport::best_epoch_optimistic`).
@@ -186,8 +194,14 @@ pub struct BestEpoch {
 type Series = (&'static str, fn(&EpochRecord) -> f64);
 
 const SIZE: (u32, u32) = (900, 560);
-const KIND_COLORS: [RGBColor; ScoreKind::ALL.len()] =
-    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+const KIND_COLORS: [RGBColor; ScoreKind::ALL.len()] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+];
 
 fn kind_color(kind: ScoreKind) -> RGBColor {
     KIND_COLORS[ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) % KIND_COLORS.len()]

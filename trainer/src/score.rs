@@ -1,8 +1,9 @@
 //! Eval-mode scoring in libtorch, op for op what the exported ONNX graph computes
-//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `anomaly_map`), so that figures measured
-//! here are the figures the daemon will see.
+//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `score_patch`,
+//! `score_fused`, `anomaly_map`, `patch_map`), so that figures measured here are the
+//! figures the daemon will see.
 
-use ganomaly_core::metadata::ScoreKind;
+use ganomaly_core::metadata::{FusionSpec, ScoreKind};
 use tch::{Device, Kind, Tensor};
 
 use crate::net::NetG;
@@ -15,6 +16,10 @@ pub struct Scores {
     pub map_max: Vec<f64>,
     /// Empty when the generator has no feature statistics.
     pub mahalanobis: Vec<f64>,
+    /// Empty when the generator has no patch statistics.
+    pub patch: Vec<f64>,
+    /// Empty when the generator has no fusion recipe.
+    pub fused: Vec<f64>,
 }
 
 impl Scores {
@@ -24,7 +29,31 @@ impl Scores {
             ScoreKind::Recon => &self.recon,
             ScoreKind::MapMax => &self.map_max,
             ScoreKind::Mahalanobis => &self.mahalanobis,
+            ScoreKind::Patch => &self.patch,
+            ScoreKind::Fused => &self.fused,
         }
+    }
+
+    fn get_mut(&mut self, kind: ScoreKind) -> &mut Vec<f64> {
+        match kind {
+            ScoreKind::Latent => &mut self.latent,
+            ScoreKind::Recon => &mut self.recon,
+            ScoreKind::MapMax => &mut self.map_max,
+            ScoreKind::Mahalanobis => &mut self.mahalanobis,
+            ScoreKind::Patch => &mut self.patch,
+            ScoreKind::Fused => &mut self.fused,
+        }
+    }
+
+    /// These scores followed by `other`'s, kind by kind (a kind missing from either is dropped).
+    pub fn concat(&self, other: &Scores) -> Scores {
+        let mut out = Scores::default();
+        for kind in ScoreKind::ALL {
+            if self.has(kind) && other.has(kind) {
+                *out.get_mut(kind) = self.get(kind).iter().chain(other.get(kind)).copied().collect();
+            }
+        }
+        out
     }
     pub fn len(&self) -> usize {
         self.latent.len()
@@ -45,8 +74,64 @@ pub struct Outputs {
     pub score_map: Tensor,
     /// `None` without feature statistics.
     pub score_mahalanobis: Option<Tensor>,
+    /// `None` without patch statistics.
+    pub score_patch: Option<Tensor>,
+    pub patch_map: Option<Tensor>,
+    /// `None` without a fusion recipe (or without one of its components).
+    pub score_fused: Option<Tensor>,
     pub recon: Tensor,
     pub anomaly_map: Tensor,
+}
+
+impl Outputs {
+    /// The output tensor of `kind`, when computed.
+    pub fn get(&self, kind: ScoreKind) -> Option<&Tensor> {
+        match kind {
+            ScoreKind::Latent => Some(&self.score),
+            ScoreKind::Recon => Some(&self.score_recon),
+            ScoreKind::MapMax => Some(&self.score_map),
+            ScoreKind::Mahalanobis => self.score_mahalanobis.as_ref(),
+            ScoreKind::Patch => self.score_patch.as_ref(),
+            ScoreKind::Fused => self.score_fused.as_ref(),
+        }
+    }
+}
+
+/// `score_fused` of a batch: the recipe's components standardised in f32 with its
+/// values rounded to f32, as the graph does.
+fn fused(f: &FusionSpec, o: &Outputs) -> Option<Tensor> {
+    let cols: Option<Vec<Tensor>> = f.components.iter().map(|&k| o.get(k).map(|t| t.reshape([-1, 1]))).collect();
+    let cat = Tensor::cat(&cols?, 1);
+    let dev = cat.device();
+    let as_f32 = |v: &[f64]| Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<f32>>()).to_device(dev);
+    let z = (cat - as_f32(&f.mean)) / as_f32(&f.std);
+    Some(match f.combine {
+        ganomaly_core::metadata::Combine::Max => z.amax(&[1i64][..], false),
+        ganomaly_core::metadata::Combine::Mean => z.mean_dim(&[1i64][..], false, Kind::Float),
+    })
+}
+
+/// The `fused` recipe standardised on held-out good images' scores: each default
+/// component's mean and standard deviation. `None` when a component is missing or
+/// has no spread (a constant score cannot be standardised).
+pub fn fit_fusion(hold: &Scores) -> Option<FusionSpec> {
+    let comps = FusionSpec::DEFAULT_COMPONENTS;
+    let mut mean = Vec::new();
+    let mut std = Vec::new();
+    for k in comps {
+        let v = hold.get(k);
+        if v.len() < 2 || v.len() != hold.len() {
+            return None;
+        }
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let s = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt();
+        if !(s.is_finite() && s > 0.0) {
+            return None;
+        }
+        mean.push(m);
+        std.push(s);
+    }
+    Some(FusionSpec { components: comps.to_vec(), combine: FusionSpec::DEFAULT_COMBINE, mean, std })
 }
 
 /// Runs NetG in eval mode on `x` (`[N, C, S, S]` on any device) and computes the
@@ -62,7 +147,26 @@ pub fn outputs(g: &NetG, x: &Tensor, kernel: u32) -> Outputs {
         let smoothed = anomaly_map.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>);
         let score_map = smoothed.amax(&[1i64, 2, 3][..], false);
         let score_mahalanobis = g.feature_stats.as_ref().map(|c| c.score(&g.pool_features(&out.feature_map)));
-        Outputs { score, score_recon, score_map, score_mahalanobis, recon: out.fake, anomaly_map }
+        let (score_patch, patch_map) = match &g.patch_stats {
+            Some(p) => {
+                let (s, m) = p.score_and_map(&g.arch, &out.maps);
+                (Some(s), Some(m))
+            }
+            None => (None, None),
+        };
+        let mut o = Outputs {
+            score,
+            score_recon,
+            score_map,
+            score_mahalanobis,
+            score_patch,
+            patch_map,
+            score_fused: None,
+            recon: out.fake,
+            anomaly_map,
+        };
+        o.score_fused = g.fusion.as_ref().and_then(|f| fused(f, &o));
+        o
     })
 }
 
@@ -75,16 +179,11 @@ pub fn score_all(g: &NetG, x: &Tensor, kernel: u32, batch: i64, device: Device) 
         let len = batch.min(n - start);
         let xb = x.narrow(0, start, len).to_device(device);
         let o = outputs(g, &xb, kernel);
-        let mahal = o.score_mahalanobis.as_ref();
-        let pairs = [
-            (&mut s.latent, Some(&o.score)),
-            (&mut s.recon, Some(&o.score_recon)),
-            (&mut s.map_max, Some(&o.score_map)),
-            (&mut s.mahalanobis, mahal),
-        ];
-        for (dst, t) in pairs.into_iter().filter_map(|(d, t)| t.map(|t| (d, t))) {
-            let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float)).unwrap_or_default();
-            dst.extend(v.into_iter().map(f64::from));
+        for kind in ScoreKind::ALL {
+            if let Some(t) = o.get(kind) {
+                let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float)).unwrap_or_default();
+                s.get_mut(kind).extend(v.into_iter().map(f64::from));
+            }
         }
         start += len;
     }

@@ -273,7 +273,7 @@ impl Tracker {
         match &mut self.kept {
             Some(k) => {
                 tch::no_grad(|| k.g.vs.copy(&g.vs)).expect("same architecture");
-                k.g.feature_stats = g.feature_stats.clone();
+                k.g.copy_score_stats(g);
                 k.epoch = epoch;
                 k.val = val;
             }
@@ -428,7 +428,8 @@ mod tests {
         for e in 0..4 {
             let mut rec = run_epoch(&mut m, &x, 8, 3, e, Device::Cpu, |_, _| {});
             let ema = m.ema.as_mut().unwrap();
-            ema.g.feature_stats = Some(ema.g.fit_feature_stats(&x, 64, Device::Cpu).unwrap());
+            // Every score's statistics, as the epoch loop fits them (hold-out: 4 images).
+            ema.g.fit_score_stats(&x, &hold, Device::Cpu).unwrap();
             t.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
             fixed.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
             for kind in ScoreKind::ALL {

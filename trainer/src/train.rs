@@ -77,15 +77,16 @@ pub fn run_epochs(
         bar.finish_and_clear();
         let last = epoch + 1 == plan.epochs;
         let test = splits.test.as_ref();
-        // The `mahalanobis` score of a generator needs its feature statistics (one
-        // encoder pass over the training images): both generators when they are
-        // scored on test/, only the selection candidate for `val-auroc`.
+        // The `mahalanobis` and `patch` scores of a generator need their statistics (one
+        // encoder pass over the training images), `fused` its standardisation (a pass
+        // over the held-out ones): both generators when they are scored on test/, only
+        // the selection candidate for `val-auroc`.
         let select_stats = tracker.needs_feature_stats() && splits.val.is_some();
         if test.is_some() || (select_stats && model.ema.is_none()) {
-            model.g.feature_stats = Some(model.g.fit_feature_stats(&splits.fit, 256, device)?);
+            model.g.fit_score_stats(&splits.fit, &splits.hold, device)?;
         }
         if let Some(ema) = model.ema.as_mut().filter(|_| test.is_some() || select_stats) {
-            ema.g.feature_stats = Some(ema.g.fit_feature_stats(&splits.fit, 256, device)?);
+            ema.g.fit_score_stats(&splits.fit, &splits.hold, device)?;
         }
         if let Some(t) = test.filter(|_| plan.eval_every > 0 && ((epoch + 1) % plan.eval_every == 0 || last)) {
             let s = score_all(&model.g, &t.x, plan.map_kernel, 64, device);

@@ -1,14 +1,15 @@
 //! Parity: the ONNX file the trainer exports, run through ONNX Runtime as the
 //! daemon runs it, agrees with the tch model in eval mode on every output
-//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `recon`,
-//! `anomaly_map`) for a batch of real (synthetic-texture) images, within 1e-4.
+//! (`score`, `score_recon`, `score_map`, `score_mahalanobis`, `score_patch`,
+//! `score_fused`, `recon`, `anomaly_map`, `patch_map`) for a batch of real
+//! (synthetic-texture) images, within 1e-4.
 //!
 //! Needs ONNX Runtime: `ORT_DYLIB_PATH`, else the onnxruntime wheel in `.venv`.
 
 use std::path::PathBuf;
 
 use ganomaly_core::arch::ArchSpec;
-use ganomaly_core::metadata::{ColorMode, ModelMetadata};
+use ganomaly_core::metadata::{ColorMode, ModelMetadata, ScoreKind};
 use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Defect, Texture};
 use ganomaly_core::weights::Weights;
@@ -71,13 +72,22 @@ fn assert_close(name: &str, onnx: &[f32], torch: &Tensor) {
         .map(|(a, b)| (a - b).abs())
         .enumerate()
         .fold((0f32, 0), |(w, wi), (i, d)| if d > w { (d, i) } else { (w, wi) });
+    eprintln!("{name}: max |onnx − tch| = {worst:.2e} over {} values", onnx.len());
     assert!(worst <= TOL, "{name}: |onnx − tch| = {worst} at {at} (onnx {}, tch {})", onnx[at], torch[at]);
 }
 
 fn check(g: &NetG, kernel: u32, n: usize) {
     let arch = g.arch;
     let (buf, x) = images(&arch, n);
-    let meta = ModelMetadata::uncalibrated(arch, kernel);
+    // The generator's own patch configuration and fusion recipe go into the file.
+    let mut meta = ModelMetadata::uncalibrated(arch, kernel);
+    for e in &mut meta.scores {
+        match e.kind {
+            ScoreKind::Patch => e.patch = Some(g.patch_stats.as_ref().expect("patch statistics").spec.clone()),
+            ScoreKind::Fused => e.fusion = Some(g.fusion.clone().expect("a fusion recipe")),
+            _ => {}
+        }
+    }
     let bytes = ganomaly_core::onnx::write_model(&arch, &g.to_weights().unwrap(), &meta).unwrap();
     let mut sess = session(&bytes);
     let s = arch.isize as usize;
@@ -85,8 +95,13 @@ fn check(g: &NetG, kernel: u32, n: usize) {
     let out = sess.run(ort::inputs!["image" => input]).unwrap();
     let want = outputs(g, &x, kernel);
     let mahal = want.score_mahalanobis.as_ref().expect("the generator has feature statistics");
+    let patch = want.score_patch.as_ref().expect("the generator has patch statistics");
+    let fused = want.score_fused.as_ref().expect("the generator has a fusion recipe");
     for (name, t) in [
         ("score_mahalanobis", mahal),
+        ("score_patch", patch),
+        ("patch_map", want.patch_map.as_ref().unwrap()),
+        ("score_fused", fused),
         ("score", &want.score),
         ("score_recon", &want.score_recon),
         ("score_map", &want.score_map),
@@ -97,7 +112,7 @@ fn check(g: &NetG, kernel: u32, n: usize) {
         assert_close(name, v, t);
     }
     // The check must have teeth: scores differ between images.
-    for t in [&want.score, mahal] {
+    for t in [&want.score, mahal, patch, fused] {
         let sc = Vec::<f32>::try_from(t).unwrap();
         assert!(sc.iter().any(|&v| (v - sc[0]).abs() > 1e-6), "degenerate scores {sc:?}");
     }
@@ -109,7 +124,10 @@ fn onnx_matches_tch_with_nontrivial_batchnorm_statistics() {
     // network's are 0/1 and would hide a writer that swaps them).
     let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 1, ..Default::default() };
     let mut g = seeded(0, || NetG::new(&arch, Device::Cpu));
-    g.load_weights(&Weights::random_generator(&arch, 11)).unwrap();
+    let w = Weights::random_generator(&arch, 11);
+    g.load_weights(&w).unwrap();
+    // The fixture's statistics (default patch configuration, placeholder fusion).
+    g.load_score_stats(&ModelMetadata::uncalibrated(arch, 5), &w).unwrap();
     check(&g, 5, 6);
 }
 
@@ -125,6 +143,18 @@ fn onnx_matches_tch_after_training_steps() {
     // Code statistics fitted as the trainer does (here on the batch itself: 8 codes of
     // 32 dimensions, so the shrinkage must carry the covariance).
     m.g.feature_stats = Some(m.g.fit_feature_stats(&x, 3, Device::Cpu).unwrap());
+    // The patch score over all three maps (16×16 grid: depth 3 upsampled ×4, depth 2
+    // ×2), and a max-fusion, fitted as the trainer does, on 40 other images: the
+    // fusion divides by each score's spread on good images, so a spread taken from
+    // 8 images would magnify float rounding beyond what a real hold-out shows.
+    let (_, xs) = images(&arch, 48);
+    let (fit, hold) = (xs.narrow(0, 8, 24), xs.narrow(0, 32, 16));
+    m.g.patch_spec = arch.patch_spec(&[1, 2, 3], 48, 7).unwrap();
+    m.g.patch_stats = Some(m.g.fit_patch_stats(&fit, 5, Device::Cpu).unwrap());
+    let hold = ganomaly_train::score::score_all(&m.g, &hold, 1, 8, Device::Cpu);
+    let mut f = ganomaly_train::score::fit_fusion(&hold).unwrap();
+    f.combine = ganomaly_core::metadata::Combine::Max;
+    m.g.fusion = Some(f);
     check(&m.g, 7, 8);
 }
 
@@ -140,6 +170,7 @@ fn onnx_matches_tch_for_the_weight_average() {
         m.step(&x);
     }
     let ema = &mut m.ema.as_mut().unwrap().g;
-    ema.feature_stats = Some(ema.fit_feature_stats(&x, 64, Device::Cpu).unwrap());
+    // Default patch configuration (isize/4 and isize/8 maps at 8×8), mean-fusion.
+    ema.fit_score_stats(&x, &x, Device::Cpu).unwrap();
     check(&m.ema.as_ref().unwrap().g, 5, 8);
 }

@@ -241,6 +241,11 @@ fn check_graph(g: &GraphProto, meta: &ModelMetadata) -> Result<(), OnnxError> {
         .map(|k| (k.kind.output(), vec![n], format!("the `{}` score listed in ganomaly.scores", k.kind.as_str())))
         .collect();
     required.push((OUTPUT_MAP, vec![n, Some(1), Some(s), Some(s)], "the snapshot heat map".into()));
+    for k in &meta.scores {
+        if let Some(map) = k.kind.map_output() {
+            required.push((map, vec![n, Some(1), Some(s), Some(s)], format!("the `{}` score's map", k.kind.as_str())));
+        }
+    }
     for (name, want, why) in &required {
         let out = g.output.iter().find(|v| v.name.as_deref() == Some(*name)).ok_or_else(|| {
             let names: Vec<&str> = g.output.iter().map(|v| v.name.as_deref().unwrap_or("")).collect();

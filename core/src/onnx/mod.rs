@@ -16,6 +16,17 @@
 //!   activation, average-pooled to D ≤ 1024 values and flattened; μ and W are the
 //!   initializers `score.feature_mean` and `score.feature_whiten` (statistics of
 //!   the training images' f).
+//! - `score_patch` `[N]` and `patch_map` `[N, 1, S, S]`, only when the metadata
+//!   lists the `patch` score ([`crate::patch`]): encoder1's maps named by its
+//!   configuration, average-pooled or bilinearly upsampled (`Resize`, half-pixel)
+//!   to a G×G grid, concatenated, the kept channels gathered (`[N, d, G, G]`);
+//!   per position p, mean over d of ((fₚ − μₚ)ᵀWₚ)² (batched `MatMul` over
+//!   `score.patch_mean` `[P, 1, d]`, `score.patch_whiten` `[P, d, d]`) is the
+//!   G×G map; `score_patch` is its maximum, `patch_map` its bilinear upsampling
+//!   to S×S;
+//! - `score_fused` `[N]`, only when the metadata lists `fused`: its components'
+//!   outputs, standardised by `score.fusion_mean` / `score.fusion_std` `[K]`
+//!   (from the metadata's recipe), combined by `ReduceMax` or `ReduceMean`.
 //!
 //! BatchNorm is written as `BatchNormalization` with the running statistics
 //! (inference mode); ONNX Runtime folds it into the convolutions itself.
@@ -28,7 +39,8 @@ use std::collections::BTreeMap;
 use prost::Message;
 
 use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
-use crate::metadata::{MetadataError, ModelMetadata, ScoreKind};
+use crate::metadata::{Combine, MetadataError, ModelMetadata, ScoreKind, OUTPUT_PATCH_MAP};
+use crate::patch::{PATCH_MEAN, PATCH_WHITEN};
 use crate::weights::{Tensor, Weights, WeightsError};
 use proto::*;
 
@@ -38,6 +50,9 @@ pub const IR_VERSION: i64 = 8;
 pub const INPUT: &str = "image";
 pub const OUTPUT_RECON: &str = "recon";
 pub const OUTPUT_MAP: &str = "anomaly_map";
+/// Initializers of the `fused` score's standardisation (from its metadata recipe).
+pub const FUSION_MEAN: &str = "score.fusion_mean";
+pub const FUSION_STD: &str = "score.fusion_std";
 
 /// Errors writing or reading a model file.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +118,12 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
     if mahalanobis {
         weights.check(&arch.feature_stats_params())?;
     }
+    let patch = meta.patch();
+    if let Some(spec) = patch {
+        arch.check_patch(spec).map_err(|e| OnnxError::Mismatch(e.to_string()))?;
+        weights.check(&arch.patch_params(spec))?;
+    }
+    let fusion = meta.fusion();
 
     let mut g = GraphBuilder::default();
     let z_i = g.sequential(&arch.encoder1(), INPUT, weights)?;
@@ -155,6 +176,76 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
         g.node("ReduceMean", &[&sq], ScoreKind::Mahalanobis.output(), vec![ints("axes", &[1]), int("keepdims", 0)]);
     }
 
+    if let Some(spec) = patch {
+        for p in arch.patch_params(spec) {
+            g.init(&p.name, weights.get(&p.name)?);
+        }
+        let maps = arch.patch_maps(spec).map_err(|e| OnnxError::Mismatch(e.to_string()))?;
+        let enc = arch.encoder1();
+        let grid = spec.grid;
+        let mut parts = Vec::new();
+        for (i, m) in maps.iter().enumerate() {
+            let name = format!("{}.out", enc[m.layer].name);
+            let part = if m.side > grid {
+                let k = i64::from(m.side / grid);
+                g.tmp("AveragePool", &[&name], vec![ints("kernel_shape", &[k, k]), ints("strides", &[k, k])])
+            } else if m.side < grid {
+                let f = (grid / m.side) as f32;
+                let scales = format!("score.patch_scale_{i}");
+                g.init(&scales, &Tensor { shape: vec![4], data: vec![1.0, 1.0, f, f] });
+                g.tmp("Resize", &[&name, "", &scales], resize_linear())
+            } else {
+                name
+            };
+            parts.push(part);
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let cat = if refs.len() > 1 { g.tmp("Concat", &refs, vec![int("axis", 1)]) } else { parts[0].clone() };
+        let (d, p) = (spec.channels.len() as i64, i64::from(grid * grid));
+        let channels: Vec<i64> = spec.channels.iter().map(|&c| i64::from(c)).collect();
+        g.init_i64("score.patch_channels", &[d], &channels);
+        let kept = g.tmp("Gather", &[&cat, "score.patch_channels"], vec![int("axis", 1)]);
+        g.init_i64("score.patch_shape_ndp", &[3], &[0, d, p]);
+        let flat = g.tmp("Reshape", &[&kept, "score.patch_shape_ndp"], vec![]);
+        let pnd = g.tmp("Transpose", &[&flat], vec![ints("perm", &[2, 0, 1])]);
+        let centred = g.tmp("Sub", &[&pnd, PATCH_MEAN], vec![]);
+        let white = g.tmp("MatMul", &[&centred, PATCH_WHITEN], vec![]);
+        let sq = g.tmp("Mul", &[&white, &white], vec![]);
+        let dist = g.tmp("ReduceMean", &[&sq], vec![ints("axes", &[2]), int("keepdims", 0)]);
+        let np = g.tmp("Transpose", &[&dist], vec![ints("perm", &[1, 0])]);
+        let gside = i64::from(grid);
+        g.init_i64("score.patch_shape_grid", &[4], &[-1, 1, gside, gside]);
+        let grid_map = g.tmp("Reshape", &[&np, "score.patch_shape_grid"], vec![]);
+        g.node(
+            "ReduceMax",
+            &[&grid_map],
+            ScoreKind::Patch.output(),
+            vec![ints("axes", &[1, 2, 3]), int("keepdims", 0)],
+        );
+        let up = (arch.isize / grid) as f32;
+        g.init("score.patch_scale_map", &Tensor { shape: vec![4], data: vec![1.0, 1.0, up, up] });
+        g.node("Resize", &[&grid_map, "", "score.patch_scale_map"], OUTPUT_PATCH_MAP, resize_linear());
+    }
+
+    if let Some(f) = fusion {
+        let k = f.components.len();
+        g.init_i64("score.fusion_shape", &[2], &[-1, 1]);
+        let cols: Vec<String> =
+            f.components.iter().map(|c| g.tmp("Reshape", &[c.output(), "score.fusion_shape"], vec![])).collect();
+        let refs: Vec<&str> = cols.iter().map(String::as_str).collect();
+        let cat = if k > 1 { g.tmp("Concat", &refs, vec![int("axis", 1)]) } else { cols[0].clone() };
+        let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        g.init(FUSION_MEAN, &Tensor { shape: vec![k], data: as_f32(&f.mean) });
+        g.init(FUSION_STD, &Tensor { shape: vec![k], data: as_f32(&f.std) });
+        let centred = g.tmp("Sub", &[&cat, FUSION_MEAN], vec![]);
+        let z = g.tmp("Div", &[&centred, FUSION_STD], vec![]);
+        let op = match f.combine {
+            Combine::Max => "ReduceMax",
+            Combine::Mean => "ReduceMean",
+        };
+        g.node(op, &[&z], ScoreKind::Fused.output(), vec![ints("axes", &[1]), int("keepdims", 0)]);
+    }
+
     let (c, s) = (arch.nc as i64, arch.isize as i64);
     let n = || Dim::Param("N");
     let graph = GraphProto {
@@ -172,6 +263,11 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
         ]
         .into_iter()
         .chain(mahalanobis.then(|| value_info(ScoreKind::Mahalanobis.output(), &[n()])))
+        .chain(patch.is_some().then(|| value_info(ScoreKind::Patch.output(), &[n()])))
+        .chain(
+            patch.is_some().then(|| value_info(OUTPUT_PATCH_MAP, &[n(), Dim::Fixed(1), Dim::Fixed(s), Dim::Fixed(s)])),
+        )
+        .chain(fusion.is_some().then(|| value_info(ScoreKind::Fused.output(), &[n()])))
         .collect(),
         ..Default::default()
     };
@@ -297,6 +393,20 @@ fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(AT_INTS), ..Default::default() }
 }
 
+fn string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        s: Some(v.as_bytes().to_vec()),
+        r#type: Some(AT_STRING),
+        ..Default::default()
+    }
+}
+
+/// `Resize` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`.
+fn resize_linear() -> Vec<AttributeProto> {
+    vec![string("mode", "linear"), string("coordinate_transformation_mode", "half_pixel")]
+}
+
 fn float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: Some(name.into()), f: Some(v), r#type: Some(AT_FLOAT), ..Default::default() }
 }
@@ -336,6 +446,17 @@ impl GraphBuilder {
             float_data: vec![],
             name: Some(name.into()),
             raw_data: Some(raw),
+            ..Default::default()
+        });
+    }
+
+    fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) {
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: Some(DT_INT64),
+            float_data: vec![],
+            name: Some(name.into()),
+            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
             ..Default::default()
         });
     }
@@ -411,7 +532,20 @@ mod tests {
         assert_eq!(inputs[0].name, "image");
         assert_eq!(inputs[0].dims, vec![None, Some(1), Some(32), Some(32)]);
         let names: Vec<_> = outputs.iter().map(|o| o.name.as_str()).collect();
-        assert_eq!(names, ["score", "recon", "anomaly_map", "score_recon", "score_map", "score_mahalanobis"]);
+        assert_eq!(
+            names,
+            [
+                "score",
+                "recon",
+                "anomaly_map",
+                "score_recon",
+                "score_map",
+                "score_mahalanobis",
+                "score_patch",
+                "patch_map",
+                "score_fused"
+            ]
+        );
         let model = ModelProto::decode(bytes.as_slice()).unwrap();
         assert_eq!(model.ir_version, Some(IR_VERSION));
         assert_eq!(model.opset_import[0].version, Some(OPSET));
@@ -422,13 +556,50 @@ mod tests {
         let arch = small();
         let mut w = Weights::random_generator(&arch, 3);
         let mut meta = ModelMetadata::uncalibrated(arch, 5);
-        meta.scores.retain(|s| s.kind != ScoreKind::Mahalanobis);
+        // `fused` reads `mahalanobis`: it goes too.
+        meta.scores.retain(|s| s.kind != ScoreKind::Mahalanobis && s.kind != ScoreKind::Fused);
         let (_, outputs) = describe(&write_model(&arch, &w, &meta).unwrap()).unwrap();
         assert!(outputs.iter().all(|o| o.name != "score_mahalanobis"));
         w.tensors.remove(FEATURE_WHITEN);
         write_model(&arch, &w, &meta).expect("statistics are not needed without the score");
         let err = write_model(&arch, &w, &ModelMetadata::uncalibrated(arch, 5)).unwrap_err();
         assert!(err.to_string().contains(FEATURE_WHITEN), "{err}");
+    }
+
+    #[test]
+    fn patch_and_fused_outputs_only_when_listed_and_checked() {
+        let arch = small();
+        let mut w = Weights::random_generator(&arch, 3);
+        let mut meta = ModelMetadata::uncalibrated(arch, 5);
+        // A fused score over a score the model does not list is refused by name.
+        let mut m = meta.clone();
+        m.scores.retain(|s| s.kind != ScoreKind::Patch);
+        let err = write_model(&arch, &w, &m).unwrap_err();
+        assert!(err.to_string().contains("`fused` component `patch` has no entry"), "{err}");
+        meta.scores.retain(|s| s.kind != ScoreKind::Patch && s.kind != ScoreKind::Fused);
+        let (_, outputs) = describe(&write_model(&arch, &w, &meta).unwrap()).unwrap();
+        assert!(outputs.iter().all(|o| !o.name.contains("patch") && o.name != "score_fused"));
+        w.tensors.remove(PATCH_WHITEN);
+        write_model(&arch, &w, &meta).expect("patch statistics are not needed without the score");
+        let err = write_model(&arch, &w, &ModelMetadata::uncalibrated(arch, 5)).unwrap_err();
+        assert!(err.to_string().contains(PATCH_WHITEN), "{err}");
+        // A patch configuration that does not fit the architecture is refused on read.
+        let mut m = ModelMetadata::uncalibrated(arch, 5);
+        m.scores.iter_mut().for_each(|s| {
+            if let Some(p) = s.patch.as_mut() {
+                p.maps = vec![9];
+            }
+        });
+        let err = ModelMetadata::from_props(&m.to_props()).unwrap_err();
+        assert!(err.to_string().contains("patch maps [9]"), "{err}");
+        let mut m = ModelMetadata::uncalibrated(arch, 5);
+        m.scores.iter_mut().for_each(|s| {
+            if let Some(f) = s.fusion.as_mut() {
+                f.std[1] = 0.0;
+            }
+        });
+        let err = ModelMetadata::from_props(&m.to_props()).unwrap_err();
+        assert!(err.to_string().contains("positive stds"), "{err}");
     }
 
     #[test]

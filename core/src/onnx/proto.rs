@@ -19,6 +19,7 @@ pub const DL_EXTERNAL: i32 = 1;
 /// `onnx.AttributeProto.AttributeType` values used here.
 pub const AT_FLOAT: i32 = 1;
 pub const AT_INT: i32 = 2;
+pub const AT_STRING: i32 = 3;
 pub const AT_INTS: i32 = 7;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -126,6 +127,8 @@ pub struct AttributeProto {
     pub f: Option<f32>,
     #[prost(int64, optional, tag = "3")]
     pub i: Option<i64>,
+    #[prost(bytes = "vec", optional, tag = "4")]
+    pub s: Option<Vec<u8>>,
     #[prost(int64, repeated, packed = "false", tag = "8")]
     pub ints: Vec<i64>,
     #[prost(int32, optional, tag = "20")]

@@ -43,6 +43,7 @@ pub fn run(a: &Args) -> Result<EvalSummary> {
         .with_context(|| format!("model {} is not usable", a.model.display()))?;
     let mut g = NetG::new(&meta.arch, device);
     g.load_weights(&weights).with_context(|| format!("weights of {}", a.model.display()))?;
+    g.load_score_stats(&meta, &weights).with_context(|| format!("score statistics of {}", a.model.display()))?;
     let files = data::scan(&a.data, false)?;
     if files.defect_types().is_empty() {
         bail!("{} has no test/<defect> folders: AUROC needs defect images", a.data.display());

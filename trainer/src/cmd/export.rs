@@ -54,7 +54,9 @@ pub fn run(a: &Args) -> Result<()> {
         score_choice: None,
         notes: format!("ganomaly-train export of {}", a.checkpoint.display()),
     };
-    let g = &model.candidate().with_feature_stats(&splits.fit, device)?;
+    let mut g = model.candidate().duplicate();
+    g.patch_spec = a.calib.patch_spec(&state.arch)?;
+    let g = &g.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g, &splits, &settings, provenance, device)?;
     let meta = finished
         .meta

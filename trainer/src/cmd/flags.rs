@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ganomaly_core::arch::ArchSpec;
 use ganomaly_core::metadata::CalibrationMethod;
+use ganomaly_core::patch::{PatchSpec, PATCH_DIM_DEFAULT};
 use serde::Serialize;
 use tch::Device;
 
@@ -71,9 +72,32 @@ pub struct CalibArgs {
     /// score leads it by more than one standard error), else that default.
     #[arg(long, alias = "score", value_enum, default_value_t = ScoreChoice::Auto)]
     pub default_score: ScoreChoice,
+    /// Depths of encoder1's feature maps the `patch` score reads, comma-separated,
+    /// finest first (1: side isize/2, each next depth halves it). Default: 2,3 (the
+    /// maps at isize/4 and isize/8; see benches/README.md).
+    #[arg(long, value_delimiter = ',')]
+    pub patch_maps: Option<Vec<u32>>,
+    /// Channels the `patch` score keeps of the concatenated maps (a seeded random
+    /// subset); fewer when the per-position statistics would pass 4 MiB.
+    #[arg(long, default_value_t = PATCH_DIM_DEFAULT)]
+    pub patch_dim: u32,
 }
 
 impl CalibArgs {
+    /// The `patch` score's configuration for `arch`; refused with the reason.
+    pub fn patch_spec(&self, arch: &ArchSpec) -> Result<PatchSpec> {
+        match &self.patch_maps {
+            None if self.patch_dim == PATCH_DIM_DEFAULT => Ok(arch.default_patch()),
+            maps => {
+                let maps = maps.clone().unwrap_or_else(|| arch.default_patch().maps);
+                if self.patch_dim == 0 {
+                    bail!("--patch-dim must be at least 1");
+                }
+                arch.patch_spec(&maps, self.patch_dim, 0).map_err(|e| anyhow::anyhow!("--patch-maps/--patch-dim: {e}"))
+            }
+        }
+    }
+
     pub fn settings(&self) -> Result<ExportSettings> {
         if !(self.target_far > 0.0 && self.target_far < 1.0) {
             bail!("--target-far must be in (0, 1), got {}", self.target_far);

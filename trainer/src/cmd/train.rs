@@ -110,6 +110,10 @@ pub struct Args {
     /// No progress bar (logs per epoch instead).
     #[arg(long)]
     pub quiet: bool,
+    /// Also measure other `patch` configurations and `fused` recipes on test/ with the
+    /// exported generator (report.json `candidates`; measurement only, nothing chosen).
+    #[arg(long)]
+    pub candidates: bool,
 }
 
 /// Trains, then exports and reports unless told otherwise; returns the report.
@@ -182,7 +186,12 @@ pub fn run(a: &Args) -> Result<TrainReport> {
     if a.resume && select_args.select == Select::ValAuroc && state.epoch > 0 {
         tracing::warn!("--select val-auroc chooses among the epochs trained from here on; the checkpoint keeps no earlier candidates");
     }
+    let patch_spec = a.calib.patch_spec(&arch)?;
+    model.g.patch_spec = patch_spec.clone();
     let mut tracker = Tracker::new(&select_args, settings.default_score.fixed(), &mut model);
+    if let Some(ema) = model.ema.as_mut() {
+        ema.g.patch_spec = patch_spec;
+    }
     tracing::info!(
         nc = arch.nc,
         isize = arch.isize,
@@ -238,7 +247,7 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         tracing::info!(epoch = selection.epoch, %reason, "exporting the selected epoch");
         provenance.notes.push_str(&format!("; exported epoch {}: {reason}", selection.epoch));
     }
-    let g_out = &g_out.with_feature_stats(&splits.fit, device)?;
+    let g_out = &g_out.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g_out, &splits, &settings, provenance, device)?;
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
@@ -248,6 +257,16 @@ pub fn run(a: &Args) -> Result<TrainReport> {
             Some(a.out.display().to_string())
         }
         _ => None,
+    };
+    let localisation = splits
+        .test
+        .as_ref()
+        .and_then(|t| crate::candidates::localisation(g_out, &files.root, t, settings.map_kernel, device));
+    let candidates = match (&splits.test, a.candidates) {
+        (Some(t), true) => {
+            crate::candidates::measure(g_out, &files.root, &splits.fit, &splits.hold, t, settings.map_kernel, device)?
+        }
+        _ => Default::default(),
     };
     let default = finished.meta.as_ref().map_or(ScoreKind::Latent, |m| m.default_score);
     let last_epoch = finished.evals.map(|e| {
@@ -295,6 +314,8 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         default_score: Some(default),
         plots,
         selection,
+        localisation,
+        candidates,
     };
     report::write_json(&report_dir.join("report.json"), &report)?;
     if let Some(s) = &report.last_epoch {
