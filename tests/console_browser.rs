@@ -370,7 +370,7 @@ fn the_console_works_in_a_real_browser() {
     eprintln!("feedback answer: {shown}");
     // The `feedback` handler stored the alarm's frame as a validation image of a good part.
     let stored = dir.path().join(format!("comm/feedback/cam/val/good/{alarm_id}.png"));
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     while !stored.exists() {
         assert!(t.elapsed() < Duration::from_secs(20), "no feedback file {}", stored.display());
         std::thread::sleep(Duration::from_millis(50));
