@@ -505,6 +505,8 @@ fn run(mut t: InferThread) {
     for cam in t.cameras.iter().flatten() {
         t.publisher.alarm_state(&cam.name, false);
     }
+    // Frames in the batch before this one (see `batch_wait`).
+    let mut last_batch = 0usize;
     loop {
         // Wake at least every second so the watchdog sees a live thread even
         // when no camera delivers (nothing to decide is not a wedge); control
@@ -528,7 +530,7 @@ fn run(mut t: InferThread) {
             },
         };
         batch.push(first);
-        let deadline = Instant::now() + t.max_wait;
+        let deadline = Instant::now() + batch_wait(last_batch, t.max_wait);
         while batch.len() < t.max_batch {
             // Whatever is already queued joins without waiting.
             match t.rx.try_recv() {
@@ -544,6 +546,7 @@ fn run(mut t: InferThread) {
                 Err(_) => break,
             }
         }
+        last_batch = batch.len();
         // Between batches: a camera added by a reload is attached before its
         // first frame can be here (the pipeline sends the attach first).
         t.take_control(&mut orphans);
@@ -612,9 +615,32 @@ fn run(mut t: InferThread) {
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");
 }
 
+/// How long a batch that holds one frame waits for company: `max_wait`
+/// only while the thread is loaded, i.e. its last batch held more than one
+/// frame. When it keeps up, frames arrive one at a time and waiting would
+/// only add `max_wait` to each one's latency (a triggered part's verdict, an
+/// alarm); under load frames queue up while the model runs, and whatever is
+/// queued joins the batch without waiting anyway.
+fn batch_wait(last_batch: usize, max_wait: Duration) -> Duration {
+    if last_batch > 1 {
+        max_wait
+    } else {
+        Duration::ZERO
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_waits_for_company_only_under_load() {
+        let w = Duration::from_millis(5);
+        // Idle or keeping up (one frame at a time): no wait.
+        assert_eq!((batch_wait(0, w), batch_wait(1, w)), (Duration::ZERO, Duration::ZERO));
+        // Loaded: the last batch had company, so this one may wait for it.
+        assert_eq!((batch_wait(2, w), batch_wait(8, w)), (w, w));
+    }
 
     #[test]
     fn batch_output_indexes_by_kind() {
