@@ -333,7 +333,16 @@ impl Camera {
 
     /// Starts a live calibration, unless it cannot be one now.
     pub fn start_calibration(&mut self, req: CalibrateRequest) {
-        let refuse = if self.decider.alarm_active() {
+        // A triggered camera's scores go to the trigger thread, never through
+        // `collect`: a calibration would wait for scores that never come, and
+        // its verdicts are judged with the calibration it started with.
+        let refuse = if self.trigger.is_some() {
+            Some(format!(
+                "camera {} is triggered: its verdicts keep the calibration it started with; calibrate it offline \
+                 (`ganomalyd calibrate`) and restart",
+                self.name
+            ))
+        } else if self.decider.alarm_active() {
             Some(format!(
                 "an alarm is active on camera {}: calibrate only while the line runs good parts (after the alarm ends)",
                 self.name
@@ -609,6 +618,17 @@ mod tests {
         let ids = cam.alarm_frames.ids();
         assert_eq!(ids.len(), 1);
         assert!(cam.alarm_frames.take(&ids[0]).is_some() && cam.alarm_frames.take(&ids[0]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_live_calibration_of_a_triggered_camera_is_refused_at_once() {
+        let (mut cam, _frames) = camera(0);
+        let (scored, _rx) = crossbeam_channel::unbounded();
+        cam.trigger = Some(scored);
+        let (req, reply) = request(20);
+        cam.start_calibration(req);
+        assert!(matches!(reply.try_recv(), Ok(CalibrateReply::Refused(r)) if r.contains("triggered")));
+        assert!(cam.collecting.is_none(), "nothing waits for scores that never come");
     }
 
     #[test]
