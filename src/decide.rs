@@ -317,7 +317,7 @@ impl Camera {
                     self.alarm(ev, &frame, map, side, out);
                 }
                 if let Some(live) = out.live {
-                    live.offer(&frame, map, side, score);
+                    live.offer(&self.name, &frame, map, side, score);
                 }
                 if let Some(d) = self.decider.drift.last() {
                     self.counters.set_drift_shift(d.shift);
