@@ -244,7 +244,16 @@ fn record_one(cmd: &Command, dir: Option<&Path>, hooks: &SharedHooks) {
     while !sel.finished(started.elapsed()) {
         let frame = match frames.recv_timeout(Duration::from_millis(500)) {
             Ok(f) => f,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                // A camera a reload removed sends no more frames, but its tap
+                // lives on in `h`: without this a `count` recording never ends.
+                let runs = hooks.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| Arc::ptr_eq(&x.tap, &h.tap));
+                if !runs {
+                    failure = Some(format!("camera {} was removed by a reload", h.name));
+                    break;
+                }
+                continue;
+            }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
         let Ok(thumb) = recording::thumbnail(&frame, h.roi) else { continue };
@@ -590,6 +599,44 @@ fn store_feedback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recording_of_a_camera_a_reload_removed_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = crate::events::Recorder::default();
+        let settings = crate::commands::CommandSettings { enabled: true, ..Default::default() };
+        let intake = crate::commands::Intake::new(settings, Arc::new(rec.clone()), &["cam".to_string()]);
+        let rx = intake.register(crate::commands::CommandName::Record);
+        intake.from_mqtt("g/n", "g/n/cam/cmd/record", br#"{"count": 5}"#, false);
+        let cmd = rx.try_recv().expect("the command");
+        let (control, _control_rx) = crossbeam_channel::unbounded();
+        let hook = CameraHooks {
+            name: "cam".into(),
+            tap: Arc::new(Tap::default()),
+            alarm_frames: Arc::new(AlarmFrames::new(0)),
+            counters: Arc::default(),
+            roi: None,
+            model: PathBuf::from("m.onnx"),
+            model_id: String::new(),
+            slot: 0,
+            control,
+        };
+        let hooks: SharedHooks = Arc::new(std::sync::RwLock::new(vec![hook]));
+        let (root, h2) = (dir.path().to_path_buf(), hooks.clone());
+        let t = std::thread::spawn(move || record_one(&cmd, Some(&root), &h2));
+        std::thread::sleep(Duration::from_millis(100));
+        hooks.write().unwrap().clear(); // the reload removed the camera
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(t.is_finished(), "the recording still waits for frames of a removed camera");
+        let failed = rec.events().into_iter().any(|e| {
+            matches!(e, crate::events::Recorded::Event(ev) if ev.status == Status::Failed
+                && ev.reason.as_deref().is_some_and(|r| r.contains("removed")))
+        });
+        assert!(failed, "{:?}", rec.events());
+    }
 
     #[test]
     fn calibrate_options_are_checked_all_at_once() {

@@ -284,6 +284,16 @@ pub struct Outputs<'a> {
 }
 
 impl Camera {
+    /// A triggered camera's scored frame (`raw`: its score, `None` when the
+    /// run failed) for its shadow comparison: its frames skip [`act`](Self::act),
+    /// where continuous cameras record theirs, so without this the shadow's
+    /// halves would never be paired.
+    pub fn compare_triggered(&self, seq: u64, raw: Option<f64>) {
+        let (Some((compare, side)), Some(raw)) = (&self.compare, raw.filter(|r| r.is_finite())) else { return };
+        let score = self.decider.calibration.normalize(raw);
+        compare.record(*side, seq, score, score >= self.decider.threshold());
+    }
+
     /// Carries out `outcome` for `frame`; `map` is the frame's anomaly map
     /// (`side × side`), copied only when a snapshot is taken.
     pub fn act(&mut self, outcome: Outcome, frame: Frame, map: &[f32], side: usize, out: &Outputs) {
@@ -317,7 +327,7 @@ impl Camera {
                     self.alarm(ev, &frame, map, side, out);
                 }
                 if let Some(live) = out.live {
-                    live.offer(&frame, map, side, score);
+                    live.offer(&self.name, &frame, map, side, score);
                 }
                 if let Some(d) = self.decider.drift.last() {
                     self.counters.set_drift_shift(d.shift);
@@ -333,7 +343,16 @@ impl Camera {
 
     /// Starts a live calibration, unless it cannot be one now.
     pub fn start_calibration(&mut self, req: CalibrateRequest) {
-        let refuse = if self.decider.alarm_active() {
+        // A triggered camera's scores go to the trigger thread, never through
+        // `collect`: a calibration would wait for scores that never come, and
+        // its verdicts are judged with the calibration it started with.
+        let refuse = if self.trigger.is_some() {
+            Some(format!(
+                "camera {} is triggered: its verdicts keep the calibration it started with; calibrate it offline \
+                 (`ganomalyd calibrate`) and restart",
+                self.name
+            ))
+        } else if self.decider.alarm_active() {
             Some(format!(
                 "an alarm is active on camera {}: calibrate only while the line runs good parts (after the alarm ends)",
                 self.name
@@ -609,6 +628,31 @@ mod tests {
         let ids = cam.alarm_frames.ids();
         assert_eq!(ids.len(), 1);
         assert!(cam.alarm_frames.take(&ids[0]).is_some() && cam.alarm_frames.take(&ids[0]).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_triggered_cameras_scores_pair_with_its_shadows() {
+        let (mut cam, _frames) = camera(0);
+        let compare = Arc::new(ShadowCompare::new("shadow.onnx", Arc::default()));
+        cam.compare = Some((compare.clone(), Side::Real));
+        // raw 5.0 is the top of the calibration (normalised 1.0): above 0.5.
+        cam.compare_triggered(7, Some(5.0));
+        cam.compare_triggered(8, None);
+        compare.record(Side::Shadow, 7, 0.9, true);
+        compare.record(Side::Shadow, 8, 0.1, false);
+        let st = compare.stats();
+        assert_eq!((st.frames, st.both), (1, 1), "the scored frame is compared, the failed one is not");
+    }
+
+    #[test]
+    fn a_live_calibration_of_a_triggered_camera_is_refused_at_once() {
+        let (mut cam, _frames) = camera(0);
+        let (scored, _rx) = crossbeam_channel::unbounded();
+        cam.trigger = Some(scored);
+        let (req, reply) = request(20);
+        cam.start_calibration(req);
+        assert!(matches!(reply.try_recv(), Ok(CalibrateReply::Refused(r)) if r.contains("triggered")));
+        assert!(cam.collecting.is_none(), "nothing waits for scores that never come");
     }
 
     #[test]

@@ -587,6 +587,7 @@ fn run(mut t: InferThread) {
             if let Some(tx) = &cam.trigger {
                 // A triggered camera's frame: its verdict is decided on the trigger thread.
                 let scored = crate::trigger::scored(frame, &result, out.score(cam.decider.kind, i), &out.maps, i, side);
+                cam.compare_triggered(scored.seq, scored.raw.filter(|_| scored.error.is_none()));
                 decided += usize::from(scored.raw.is_some());
                 let _ = tx.send(scored);
                 continue;

@@ -824,9 +824,10 @@ impl Pipeline {
             self.models.iter().map(|(k, m)| (k.clone(), (m.sha256.clone(), m.meta.clone()))).collect();
         // New sessions are built as the running ones were: `[inference]` changes need a restart.
         let inference = self.settings.inference.clone();
+        let old = self.settings.clone();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new().name("reload".into()).spawn(move || {
-            let _ = tx.send(load_for_reload(new, &running, &inference));
+            let _ = tx.send(load_for_reload(&old, new, &running, &inference));
         })?;
         Ok(PendingReload { rx, thread: Some(thread) })
     }
@@ -1160,6 +1161,7 @@ fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> R
 /// checked against the models it will run with. `Err`: the reasons, each
 /// naming its camera or file.
 fn load_for_reload(
+    old: &Settings,
     new: Settings,
     running: &BTreeMap<ModelKey, (String, ModelMetadata)>,
     inference: &crate::config::InferenceSettings,
@@ -1177,14 +1179,12 @@ fn load_for_reload(
                 continue;
             }
             // A triggered camera's verdicts name the model they were judged
-            // with (its station is set up at start): its file cannot change under it.
-            if let Some(c) =
-                new.cameras.iter().find(|c| c.mode.trigger().is_some() && !key.shadow && c.model == key.path)
-            {
+            // with (its station is set up at start): its file cannot change
+            // under it, nor under a held one that runs on after this reload.
+            if let Some(c) = (!key.shadow).then(|| reload::triggered_on(old, &new, &key.path)).flatten() {
                 return Err(format!(
-                    "model {} changed, and triggered camera `{}` runs it: restart to change a triggered camera's model",
+                    "model {} changed, and triggered camera `{c}` runs it: restart to change a triggered camera's model",
                     key.path.display(),
-                    c.name
                 ));
             }
             changed.insert(key.path.clone());

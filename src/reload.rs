@@ -29,7 +29,7 @@
 //! a field added to either does not compile until it is classified here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::{CameraPlan, Settings};
 
@@ -131,6 +131,20 @@ pub fn held_triggered(old: &Settings, new: &Settings) -> BTreeSet<String> {
         }
     }
     held
+}
+
+/// The triggered camera that runs model file `path` once `new` is applied
+/// over `old` (held cameras keep their running plans, so a triggered camera
+/// may run a model the new file no longer gives it), or that the new file
+/// puts on it. Such a file cannot change under it: its verdicts name the
+/// model they were judged with, set up at start.
+pub fn triggered_on(old: &Settings, new: &Settings, path: &Path) -> Option<String> {
+    let runs = applied(old, new.clone());
+    runs.cameras
+        .iter()
+        .chain(&new.cameras)
+        .find(|c| c.mode.trigger().is_some() && c.model == path)
+        .map(|c| c.name.clone())
 }
 
 fn restart(section: &str) -> Restart {
@@ -338,6 +352,18 @@ mod tests {
 
     fn three() -> Settings {
         settings("[cameras.a]\n[cameras.b]\n[cameras.c]\n")
+    }
+
+    #[test]
+    fn a_held_triggered_camera_still_owns_the_model_it_runs() {
+        let on = "[commands]\nenabled = true\n";
+        let old = settings(&format!("{on}[cameras.t]\nmode = \"triggered\"\n"));
+        // The new file moves t to b.onnx (held: t runs on a.onnx until a
+        // restart) and puts a continuous camera on a.onnx.
+        let new = settings(&format!("{on}[cameras.c]\n[cameras.t]\nmode = \"triggered\"\nmodel = \"/m/b.onnx\"\n"));
+        assert_eq!(triggered_on(&old, &new, Path::new("/m/a.onnx")).as_deref(), Some("t"));
+        assert_eq!(triggered_on(&old, &new, Path::new("/m/b.onnx")).as_deref(), Some("t"), "named by the new file");
+        assert_eq!(triggered_on(&old, &old, Path::new("/m/b.onnx")), None);
     }
 
     #[test]

@@ -307,15 +307,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
             }
         }
     }
-    if pending.is_some() || !queued.is_empty() {
-        tracing::info!("stopping with a reload still loading its models or waiting: abandoned");
-        for cmd in queued.into_iter().flatten() {
-            cmd.fail("the daemon is stopping");
-        }
-        if let Some((_, Some(cmd))) = pending.take() {
-            cmd.fail("the daemon is stopping");
-        }
-    }
+    abandon_reloads(pending, queued, reload_commands);
 
     tracing::info!("shutting down: stopping sources, draining the pipeline");
     systemd::stopping();
@@ -342,6 +334,28 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
     drop(rt);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The daemon stops: the reload loading its models, those waiting, and the
+/// `reload` commands not yet taken (the stop may arrive with them, and more
+/// may come while the pipeline drains) are answered `failed`; the queue is
+/// closed, so later ones are refused at once instead of never answered.
+fn abandon_reloads(
+    pending: Option<(PendingReload, Option<Command>)>,
+    mut queued: VecDeque<Option<Command>>,
+    reload_commands: Receiver<Command>,
+) {
+    queued.extend(reload_commands.try_iter().map(Some));
+    drop(reload_commands);
+    if pending.is_some() || !queued.is_empty() {
+        tracing::info!("stopping with a reload still loading its models or waiting: abandoned");
+    }
+    for cmd in queued.into_iter().flatten() {
+        cmd.fail("the daemon is stopping");
+    }
+    if let Some((_, Some(cmd))) = pending {
+        cmd.fail("the daemon is stopping");
+    }
 }
 
 /// SIGHUP or the `reload` command: re-reads the file with the same
@@ -454,4 +468,36 @@ fn spawn_signal_thread() -> anyhow::Result<Receiver<Signal>> {
         })
     })?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::CommandSettings;
+    use crate::events::{Recorded, Recorder};
+
+    fn failed(rec: &Recorder) -> Vec<CommandEvent> {
+        let evs = rec.events().into_iter();
+        evs.filter_map(|e| if let Recorded::Event(e) = e { Some(e) } else { None })
+            .filter(|e| e.status == Status::Failed)
+            .collect()
+    }
+
+    #[test]
+    fn reload_commands_left_in_the_queue_at_a_stop_are_answered() {
+        let rec = Recorder::default();
+        let settings = CommandSettings { enabled: true, ..CommandSettings::default() };
+        let intake = Intake::new(settings, Arc::new(rec.clone()), &[]);
+        let rx = intake.register(CommandName::Reload);
+        // Sent in the last wait of the loop, not yet taken from the queue.
+        intake.from_mqtt("g/n", "g/n/cmd/reload", b"", false);
+        abandon_reloads(None, VecDeque::new(), rx);
+        let answers = failed(&rec);
+        assert_eq!(answers.len(), 1, "{:?}", rec.events());
+        assert_eq!(answers[0].reason.as_deref(), Some("the daemon is stopping"));
+        // One sent while the pipeline drains is refused at once, not left unanswered.
+        intake.from_mqtt("g/n", "g/n/cmd/reload", b"", false);
+        let evs = rec.events();
+        assert!(matches!(evs.last(), Some(Recorded::Event(e)) if e.status == Status::Refused), "{evs:?}");
+    }
 }

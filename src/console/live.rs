@@ -99,10 +99,14 @@ struct Tap {
     next_ms: AtomicU64,
 }
 
-/// The taps of every camera (indexed like the pipeline's cameras), offered
+/// The taps of every camera (indexed like the console's cameras), offered
 /// frames by the inference threads.
 #[derive(Debug)]
 pub struct LiveTaps {
+    /// The console's cameras, in its order. Frames are matched by name: a
+    /// frame's `camera` is its pipeline slot, which a reload that restarts
+    /// the camera changes.
+    names: Vec<String>,
     epoch: Instant,
     interval_ms: u64,
     taps: Vec<Tap>,
@@ -125,13 +129,14 @@ impl LiveTaps {
         true
     }
 
-    /// Offered every decided frame by the inference thread; never blocks.
-    pub fn offer(&self, frame: &Frame, map: &[f32], side: usize, score: f64) {
-        if !self.due(frame.camera, frame.captured) {
+    /// Offered every decided frame of camera `name` by the inference thread; never blocks.
+    pub fn offer(&self, name: &str, frame: &Frame, map: &[f32], side: usize, score: f64) {
+        let Some(camera) = self.names.iter().position(|n| n == name) else { return };
+        if !self.due(camera, frame.captured) {
             return;
         }
         let mut job = self.free.try_recv().unwrap_or_default();
-        job.camera = frame.camera;
+        job.camera = camera;
         job.seq = frame.seq;
         job.ts_ms = frame.ts_ms;
         job.score = score;
@@ -168,11 +173,13 @@ pub struct Encoder {
     latest: Vec<tokio::sync::watch::Sender<Option<LiveFrame>>>,
 }
 
-/// The taps, the encoder to run, and a receiver of each camera's latest frame.
+/// The taps, the encoder to run, and a receiver of each camera's latest frame
+/// (`cameras`: each camera's name and ROI, in the console's order).
 pub fn taps(
-    rois: Vec<Option<Roi>>,
+    cameras: Vec<(String, Option<Roi>)>,
     interval: Duration,
 ) -> (Arc<LiveTaps>, Encoder, Vec<tokio::sync::watch::Receiver<Option<LiveFrame>>>) {
+    let (names, rois): (Vec<String>, Vec<Option<Roi>>) = cameras.into_iter().unzip();
     let n = rois.len();
     // One frame in flight per camera; the free list holds the buffers back.
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(n.max(1));
@@ -180,6 +187,7 @@ pub fn taps(
     let taps = (0..n).map(|_| Tap { wanted_until_ms: AtomicU64::new(0), next_ms: AtomicU64::new(0) }).collect();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| tokio::sync::watch::channel(None)).unzip();
     let live = Arc::new(LiveTaps {
+        names,
         epoch: Instant::now(),
         interval_ms: (interval.as_millis() as u64).max(1),
         taps,
@@ -231,6 +239,23 @@ mod tests {
     use super::*;
     use crate::capture::PixelFormat;
 
+    /// Cameras `c0`, `c1`, … without ROI.
+    fn cams(n: usize) -> Vec<(String, Option<Roi>)> {
+        (0..n).map(|i| (format!("c{i}"), None)).collect()
+    }
+
+    #[test]
+    fn frames_are_matched_by_camera_name_not_by_pipeline_slot() {
+        // Camera `c1` restarted by a reload runs at slot 7 now.
+        let (live, enc, _rx) = taps(cams(2), Duration::from_millis(1));
+        live.want(1);
+        live.offer("c1", &frame(7, Instant::now() + Duration::from_millis(5)), &[0.0; 4], 2, 0.3);
+        let job = enc.jobs.try_recv().expect("the watched camera's frame is copied");
+        assert_eq!(job.camera, 1, "under its console index");
+        live.offer("gone", &frame(1, Instant::now() + Duration::from_millis(50)), &[0.0; 4], 2, 0.3);
+        assert!(enc.jobs.try_recv().is_err(), "a camera the console does not know is not copied");
+    }
+
     fn frame(camera: usize, at: Instant) -> Frame {
         Frame {
             camera,
@@ -243,10 +268,10 @@ mod tests {
 
     #[test]
     fn nothing_is_copied_until_a_viewer_wants_it_then_at_most_once_per_interval() {
-        let (live, enc, _rx) = taps(vec![None, None], Duration::from_millis(200));
+        let (live, enc, _rx) = taps(cams(2), Duration::from_millis(200));
         let t0 = live.epoch;
         let at = |ms| t0 + Duration::from_millis(ms);
-        live.offer(&frame(0, at(10)), &[0.0; 4], 2, 0.1);
+        live.offer("c0", &frame(0, at(10)), &[0.0; 4], 2, 0.1);
         assert!(enc.jobs.try_recv().is_err(), "no viewer: no copy");
         live.want(0);
         assert!(live.due(0, at(10)));
@@ -273,11 +298,11 @@ mod tests {
 
     #[test]
     fn a_busy_encoder_skips_frames_and_counts_them() {
-        let (live, enc, _rx) = taps(vec![None], Duration::from_millis(1));
+        let (live, enc, _rx) = taps(cams(1), Duration::from_millis(1));
         live.want(0);
         let t0 = Instant::now();
         for i in 0..4 {
-            live.offer(&frame(0, t0 + Duration::from_millis(10 * i)), &[0.0; 4], 2, 0.1);
+            live.offer("c0", &frame(0, t0 + Duration::from_millis(10 * i)), &[0.0; 4], 2, 0.1);
         }
         assert_eq!(enc.jobs.len(), 1);
         assert_eq!(live.skipped.load(Ordering::Relaxed), 3);
@@ -285,11 +310,11 @@ mod tests {
 
     #[test]
     fn the_encoder_publishes_a_jpeg_with_the_frame_numbers() {
-        let (live, enc, mut rx) = taps(vec![None], Duration::from_millis(1));
+        let (live, enc, mut rx) = taps(cams(1), Duration::from_millis(1));
         let stop = Arc::new(AtomicBool::new(false));
         let h = enc.spawn(stop.clone()).expect("spawn");
         live.want(0);
-        live.offer(&frame(0, Instant::now() + Duration::from_millis(5)), &[0.0, 1.0, 0.0, 0.0], 2, 0.7);
+        live.offer("c0", &frame(0, Instant::now() + Duration::from_millis(5)), &[0.0, 1.0, 0.0, 0.0], 2, 0.7);
         let deadline = Instant::now() + Duration::from_secs(20);
         while rx[0].borrow_and_update().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

@@ -104,7 +104,8 @@ impl Console {
         )));
         let counters: store::Counters = Arc::default();
         let stop_threads = Arc::new(AtomicBool::new(false));
-        let (live, encoder, latest) = live::taps(settings.cameras.iter().map(|c| c.roi).collect(), cfg.live_interval);
+        let (live, encoder, latest) =
+            live::taps(settings.cameras.iter().map(|c| (c.name.clone(), c.roi)).collect(), cfg.live_interval);
         let threads = vec![
             store::spawn_store_thread(items, store.clone(), counters.clone(), stop_threads.clone())
                 .map_err(ConsoleError::Spawn)?,
