@@ -17,33 +17,7 @@ use ganomalyd::alarm::alarm_number;
 use ganomalyd::alarm_state::{path_beside, AlarmJournal};
 use ganomalyd::cmds::run::{daemon, Signal};
 use ganomalyd::events::{AlarmEvent, AlarmKind, EndReason};
-use ganomalyd::publish::EmbeddedBroker;
 use mqtt_support::*;
-
-/// The broker: `MQTT_TEST_URL` (Mosquitto under `make test`), else a
-/// Mosquitto of the test's own, else the embedded rumqttd.
-struct Broker {
-    host: String,
-    port: u16,
-    _mosquitto: Option<Mosquitto>,
-    _embedded: Option<EmbeddedBroker>,
-}
-
-fn broker(dir: &Path) -> Broker {
-    if let Some((host, port)) = external_broker() {
-        return Broker { host, port, _mosquitto: None, _embedded: None };
-    }
-    if let Some(m) = Mosquitto::start(dir, "") {
-        return Broker { host: "127.0.0.1".into(), port: m.port, _mosquitto: Some(m), _embedded: None };
-    }
-    // `make test` sets GANOMALY_REQUIRE_MOSQUITTO: CI must not pass on a lesser broker.
-    assert!(
-        std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(),
-        "no Mosquitto (MQTT_TEST_URL or /usr/sbin/mosquitto)"
-    );
-    let b = EmbeddedBroker::start("127.0.0.1:0".parse().expect("addr")).expect("embedded broker");
-    Broker { host: b.addr().ip().to_string(), port: b.addr().port(), _mosquitto: None, _embedded: Some(b) }
-}
 
 /// `dir/ganomalyd.toml`: the demo model, one synthetic camera `cam` with a
 /// defect in every frame, MQTT to `b` under `prefix`, the outbox in `dir`.

@@ -25,7 +25,6 @@ use ganomaly_core::{ModelMetadata, Weights};
 use ganomalyd::cmds::run::{daemon, Signal};
 use ganomalyd::events::{AlarmKind, EndReason, Recorded, Recorder};
 use ganomalyd::pipeline::{Pipeline, StartOptions};
-use ganomalyd::publish::EmbeddedBroker;
 use ganomalyd::reload::{CameraChange, Update};
 use mqtt_support::*;
 
@@ -225,30 +224,6 @@ fn check_config_refuses_a_shadow_with_another_input() {
     let err = ganomalyd::config::compile_str(&text, dir.path()).expect_err("refused").to_string();
     assert!(err.contains("cameras.a.shadow_model:") && err.contains("32 px") && err.contains("64 px"), "{err}");
     assert!(err.contains("cameras.b.shadow_score: set without shadow_model"), "{err}");
-}
-
-/// The broker: `MQTT_TEST_URL` (Mosquitto under `make test`), else a
-/// Mosquitto of the test's own, else the embedded rumqttd.
-struct Broker {
-    host: String,
-    port: u16,
-    _mosquitto: Option<Mosquitto>,
-    _embedded: Option<EmbeddedBroker>,
-}
-
-fn broker(dir: &Path) -> Broker {
-    if let Some((host, port)) = external_broker() {
-        return Broker { host, port, _mosquitto: None, _embedded: None };
-    }
-    if let Some(m) = Mosquitto::start(dir, "") {
-        return Broker { host: "127.0.0.1".into(), port: m.port, _mosquitto: Some(m), _embedded: None };
-    }
-    assert!(
-        std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(),
-        "no Mosquitto (MQTT_TEST_URL or /usr/sbin/mosquitto)"
-    );
-    let b = EmbeddedBroker::start("127.0.0.1:0".parse().expect("addr")).expect("embedded broker");
-    Broker { host: b.addr().ip().to_string(), port: b.addr().port(), _mosquitto: None, _embedded: Some(b) }
 }
 
 fn mqtt_section(b: &Broker, prefix: &str) -> String {

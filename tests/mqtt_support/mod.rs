@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ganomalyd::events::{AlarmEvent, AlarmKind, PAYLOAD_SCHEMA};
-use ganomalyd::publish::MqttConfig;
+use ganomalyd::publish::{EmbeddedBroker, MqttConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// A port nobody listens on right now.
@@ -536,4 +536,29 @@ impl Drop for ReadOnlyDir {
             let _ = Command::new("umount").arg(&self.path).status();
         }
     }
+}
+
+/// The broker of a daemon test: `MQTT_TEST_URL` (Mosquitto under `make
+/// test`), else a Mosquitto of the test's own, else the embedded rumqttd.
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    _mosquitto: Option<Mosquitto>,
+    _embedded: Option<EmbeddedBroker>,
+}
+
+pub fn broker(dir: &Path) -> Broker {
+    if let Some((host, port)) = external_broker() {
+        return Broker { host, port, _mosquitto: None, _embedded: None };
+    }
+    if let Some(m) = Mosquitto::start(dir, "") {
+        return Broker { host: "127.0.0.1".into(), port: m.port, _mosquitto: Some(m), _embedded: None };
+    }
+    // `make test` sets GANOMALY_REQUIRE_MOSQUITTO: CI must not pass on a lesser broker.
+    assert!(
+        std::env::var_os("GANOMALY_REQUIRE_MOSQUITTO").is_none(),
+        "no Mosquitto (MQTT_TEST_URL or /usr/sbin/mosquitto)"
+    );
+    let b = EmbeddedBroker::start("127.0.0.1:0".parse().expect("addr")).expect("embedded broker");
+    Broker { host: b.addr().ip().to_string(), port: b.addr().port(), _mosquitto: None, _embedded: Some(b) }
 }
