@@ -229,12 +229,10 @@ fn model_path(opts: &Args, tmp: &Path) -> Result<PathBuf, BenchError> {
     Ok(p)
 }
 
-/// The figures of one bench run.
-pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
-    let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&tmp);
-    let model = model_path(opts, &tmp)?;
-    let infer = InferenceSettings {
+/// The session settings of both bench modes: the CPU provider and the
+/// command line's batching and threads.
+fn inference(opts: &Args) -> InferenceSettings {
+    InferenceSettings {
         providers: vec![Provider::Cpu],
         max_batch: opts.max_batch.max(1),
         max_wait: Duration::from_secs_f64(opts.max_wait_s),
@@ -242,7 +240,54 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         // Relative to the working directory, as a command-line path is.
         ort_library: opts.ort_library.as_deref().map(crate::base::paths::absolute),
         ..InferenceSettings::default()
-    };
+    }
+}
+
+/// A bench camera `i`: the shared frames, offset by `i`, at `fps`.
+fn camera(name: &str, i: usize, frames: &Arc<Vec<FrameData>>, model: &Path, fps: f64, mode: CameraMode) -> CameraPlan {
+    CameraPlan {
+        name: name.to_string(),
+        source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
+        model: model.to_path_buf(),
+        score: ScoreChoice::ModelDefault,
+        fps,
+        roi: None,
+        alarm: AlarmConfig::default(),
+        read_timeout: Duration::from_secs(10),
+        source_key: i as u64,
+        shadow: None,
+        mode,
+    }
+}
+
+/// The daemon's settings around the bench cameras: no MQTT, snapshots,
+/// metrics, commands or console; stats effectively never.
+fn settings(inference: InferenceSettings, cameras: Vec<CameraPlan>, opts: &Args) -> Settings {
+    Settings {
+        inference,
+        pipeline: PipelineSettings {
+            preprocess_threads: opts.preprocess_threads.max(1),
+            frame_queue: 2,
+            stats_interval: Duration::from_secs(3600),
+        },
+        snapshots: None,
+        cameras,
+        mqtt: None,
+        sparkplug: None,
+        metrics: None,
+        commands: Default::default(),
+        record: None,
+        console: None,
+        commissioning: Default::default(),
+    }
+}
+
+/// The figures of one bench run.
+pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
+    let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    let model = model_path(opts, &tmp)?;
+    let infer = inference(opts);
     let frames = Arc::new(frames(opts.width, opts.height));
 
     // 1. Raw ORT: the session alone, full batches.
@@ -258,37 +303,9 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let n = opts.cameras.max(1);
     let offered = raw_fps * opts.offer;
     let cameras = (0..n)
-        .map(|i| CameraPlan {
-            name: format!("bench{i}"),
-            source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
-            model: model.clone(),
-            score: ScoreChoice::ModelDefault,
-            fps: offered / n as f64,
-            roi: None,
-            alarm: AlarmConfig::default(),
-            read_timeout: Duration::from_secs(10),
-            source_key: i as u64,
-            shadow: None,
-            mode: CameraMode::Continuous,
-        })
+        .map(|i| camera(&format!("bench{i}"), i, &frames, &model, offered / n as f64, CameraMode::Continuous))
         .collect();
-    let settings = Settings {
-        inference: infer,
-        pipeline: PipelineSettings {
-            preprocess_threads: opts.preprocess_threads.max(1),
-            frame_queue: 2,
-            stats_interval: Duration::from_secs(3600),
-        },
-        snapshots: None,
-        cameras,
-        mqtt: None,
-        sparkplug: None,
-        metrics: None,
-        commands: Default::default(),
-        record: None,
-        console: None,
-        commissioning: Default::default(),
-    };
+    let settings = settings(infer, cameras, opts);
     let pipeline =
         Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() })?;
     let warmup = (opts.max_batch as u64 * 4).max(16);
@@ -546,14 +563,7 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
     let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&tmp);
     let model = model_path(opts, &tmp)?;
-    let infer = InferenceSettings {
-        providers: vec![Provider::Cpu],
-        max_batch: opts.max_batch.max(1),
-        max_wait: Duration::from_secs_f64(opts.max_wait_s),
-        intra_threads: opts.intra_threads,
-        ort_library: opts.ort_library.as_deref().map(crate::base::paths::absolute),
-        ..InferenceSettings::default()
-    };
+    let infer = inference(opts);
     let frames = Arc::new(frames(opts.width, opts.height));
     // The reference: one frame's preprocessing and one batch-1 run, medians.
     let (infer_b1_ms, preprocess_ms, provider) = {
@@ -566,37 +576,9 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
     let cameras = names
         .iter()
         .enumerate()
-        .map(|(i, name)| CameraPlan {
-            name: name.clone(),
-            source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
-            model: model.clone(),
-            score: ScoreChoice::ModelDefault,
-            fps: opts.camera_fps,
-            roi: None,
-            alarm: AlarmConfig::default(),
-            read_timeout: Duration::from_secs(10),
-            source_key: i as u64,
-            shadow: None,
-            mode: CameraMode::Triggered(trigger),
-        })
+        .map(|(i, name)| camera(name, i, &frames, &model, opts.camera_fps, CameraMode::Triggered(trigger)))
         .collect();
-    let settings = Settings {
-        inference: infer,
-        pipeline: PipelineSettings {
-            preprocess_threads: opts.preprocess_threads.max(1),
-            frame_queue: 2,
-            stats_interval: Duration::from_secs(3600),
-        },
-        snapshots: None,
-        cameras,
-        mqtt: None,
-        metrics: None,
-        commands: Default::default(),
-        sparkplug: None,
-        record: None,
-        console: None,
-        commissioning: Default::default(),
-    };
+    let settings = settings(infer, cameras, opts);
     let meter = Arc::new(VerdictMeter::default());
     let commands = CommandSettings { enabled: true, ..CommandSettings::default() };
     let intake = Intake::new(commands, meter.clone(), &names);
