@@ -27,7 +27,6 @@ mod edge;
 pub mod node;
 pub mod payload;
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -261,20 +260,6 @@ impl Publisher for SparkplugPublisher {
 /// The model file's path and sha256 (empty when it cannot be read: the
 /// pipeline reports that model's own error).
 pub fn model_info(path: &Path) -> ModelInfo {
-    use sha2::Digest;
-    let sha256 = std::fs::File::open(path)
-        .and_then(|mut f| {
-            let mut h = sha2::Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
-        })
-        .unwrap_or_default();
+    let sha256 = crate::base::digest::sha256_file(path).unwrap_or_default();
     ModelInfo { path: path.display().to_string(), sha256 }
 }
