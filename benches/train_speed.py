@@ -12,7 +12,8 @@ Two PyTorch variants are timed:
 The ratio printed is Rust images/s over each PyTorch variant's.
 
 Usage: benches/train_speed.py [--isize 32 --nc 1 --ngf 64 --batch 64 --threads 2
-                               --steps 20 --warmup 3 --bin target/release/ganomaly-train]
+                               --steps 20 --warmup 3 --bin target/release/ganomaly-train
+                               [--bin OTHER ...]]
 """
 import argparse
 import json
@@ -171,8 +172,8 @@ def time_python(a, variant):
     return a.steps * a.batch / (time.perf_counter() - t0)
 
 
-def time_rust(a):
-    cmd = [a.bin, "bench-step", "--isize", str(a.isize), "--nc", str(a.nc), "--nz", str(a.nz), "--ngf", str(a.ngf),
+def time_rust(a, bin):
+    cmd = [bin, "bench-step", "--isize", str(a.isize), "--nc", str(a.nc), "--nz", str(a.nz), "--ngf", str(a.ngf),
            "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
            "--device", "cpu"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -190,14 +191,20 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is kept")
-    p.add_argument("--bin", default="target/release/ganomaly-train")
+    p.add_argument("--bin", action="append",
+                   help="the trainer (default target/release/ganomaly-train); given again, each further binary "
+                        "is timed in the same rounds too (a before/after comparison in one run)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    bins = a.bin or ["target/release/ganomaly-train"]
     torch.set_num_threads(a.threads)
-    best = {"rust": 0.0, "pytorch_reference": 0.0, "pytorch_lean": 0.0}
+    # The first binary is "rust"; further ones are named by their path.
+    names = ["rust"] + [f"rust:{b}" for b in bins[1:]]
+    best = {n: 0.0 for n in names} | {"pytorch_reference": 0.0, "pytorch_lean": 0.0}
     # Alternate so that a noisy neighbour on a shared box hurts both sides alike.
     for _ in range(a.rounds):
-        best["rust"] = max(best["rust"], time_rust(a))
+        for n, b in zip(names, bins):
+            best[n] = max(best[n], time_rust(a, b))
         best["pytorch_reference"] = max(best["pytorch_reference"], time_python(a, "reference"))
         best["pytorch_lean"] = max(best["pytorch_lean"], time_python(a, "lean"))
     result = {
@@ -209,6 +216,8 @@ def main():
         "ratio_vs_reference": round(best["rust"] / best["pytorch_reference"], 3),
         "ratio_vs_lean": round(best["rust"] / best["pytorch_lean"], 3),
     }
+    for n in names[1:]:
+        result[f"ratio_vs_lean {n}"] = round(best[n] / best["pytorch_lean"], 3)
     if a.json:
         print(json.dumps(result))
     else:
@@ -217,6 +226,8 @@ def main():
             print(f"  {k:<18} {v:8.1f} img/s")
         print(f"  ratio rust/pytorch (reference step): {result['ratio_vs_reference']:.3f}")
         print(f"  ratio rust/pytorch (same algorithm): {result['ratio_vs_lean']:.3f}")
+        for n in names[1:]:
+            print(f"  ratio {n}/pytorch (same algorithm): {result[f'ratio_vs_lean {n}']:.3f}")
     return 0
 
 

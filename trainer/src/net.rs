@@ -56,10 +56,10 @@ enum Module {
         mean: Tensor,
         var: Tensor,
     },
-    /// LeakyReLU through PReLU with a constant slope: tch drops the slope argument of
-    /// `leaky_relu`, and PReLU with a one-element, non-trainable weight is the same op.
+    /// LeakyReLU by libtorch's own kernel ([`crate::ops::leaky_relu`]: tch's
+    /// binding has no slope argument).
     LeakyRelu {
-        slope: Tensor,
+        slope: f64,
     },
     Relu,
     Tanh,
@@ -103,9 +103,7 @@ impl Seq {
                             var: path.ones_no_train("running_var", &[c]),
                         }
                     }
-                    Op::LeakyRelu { slope } => {
-                        Module::LeakyRelu { slope: Tensor::from_slice(&[slope]).to_device(root.device()) }
-                    }
+                    Op::LeakyRelu { slope } => Module::LeakyRelu { slope: f64::from(slope) },
                     Op::Relu => Module::Relu,
                     Op::Tanh => Module::Tanh,
                     Op::Sigmoid => Module::Sigmoid,
@@ -127,7 +125,7 @@ impl Seq {
                 Module::Bn { w, b, mean, var } => {
                     x.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, f64::from(BN_EPS), true)
                 }
-                Module::LeakyRelu { slope } => x.prelu(slope),
+                Module::LeakyRelu { slope } => crate::ops::leaky_relu(&x, *slope),
                 Module::Relu => x.relu(),
                 Module::Tanh => x.tanh(),
                 Module::Sigmoid => x.sigmoid(),
