@@ -317,8 +317,21 @@ impl NetG {
     /// the training images `x_fit`, then the `fused` score's standardisation on the
     /// held-out good images `x_hold` (skipped when there are fewer than 2).
     pub fn fit_score_stats(&mut self, x_fit: &Tensor, x_hold: &Tensor, device: Device) -> Result<(), NetError> {
-        self.feature_stats = Some(self.fit_feature_stats(x_fit, 256, device)?);
-        self.patch_stats = Some(self.fit_patch_stats(x_fit, 256, device)?);
+        // One encoder pass feeds both Gaussians (the `mahalanobis` features are its
+        // last map, pooled): the stats are refitted every epoch, for both generators.
+        let n = x_fit.size()[0];
+        let (mut features, mut grids) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < n {
+            let len = 256.min(n - start);
+            let xb = x_fit.narrow(0, start, len).to_device(device);
+            let maps = tch::no_grad(|| self.encoder_maps(&xb, false));
+            features.push(maps.last().map_or_else(|| self.features(&xb), |m| self.pool_features(m)));
+            grids.push(PatchStats::grid_features(&self.patch_spec, &maps));
+            start += len;
+        }
+        self.feature_stats = Some(FeatureStats::fit(&features)?);
+        self.patch_stats = Some(PatchStats::fit(&self.patch_spec, &grids)?);
         self.fusion = None;
         if x_hold.size()[0] >= 2 {
             let hold = crate::score::score_all(self, x_hold, 1, 256, device);
