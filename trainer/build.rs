@@ -36,7 +36,8 @@ fn compile_ops() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let linked = || std::env::var_os("DEP_TCH_LIBTORCH_LIB").and_then(|l| Path::new(&l).parent().map(Path::to_path_buf));
+    let linked =
+        || std::env::var_os("DEP_TCH_LIBTORCH_LIB").and_then(|l| Path::new(&l).parent().map(Path::to_path_buf));
     let root = std::env::var_os("LIBTORCH_INCLUDE")
         .map(PathBuf::from)
         .or_else(linked)

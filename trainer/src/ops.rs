@@ -21,8 +21,7 @@ use torch_sys::C_tensor;
 pub struct OpsError(String);
 
 extern "C" {
-    fn ganomaly_leaky_relu(x: *const C_tensor, slope: f64, out: *mut *mut C_tensor, err: *mut c_char, n: usize)
-        -> i32;
+    fn ganomaly_leaky_relu(x: *const C_tensor, slope: f64, out: *mut *mut C_tensor, err: *mut c_char, n: usize) -> i32;
     fn ganomaly_fused_adam(
         params: *const *mut C_tensor,
         grads: *const *mut C_tensor,
