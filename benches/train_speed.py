@@ -8,11 +8,14 @@ Two PyTorch variants are timed:
              backward also fills NetD's gradients, which are then zeroed);
   lean       the same updates with NetD run twice and each backward restricted
              to the parameters its optimiser updates, which is what the Rust
-             trainer does.
+             trainer does;
+  lean_fused (with --lean-fused) lean with torch.optim.Adam(fused=True), the
+             kernel the Rust trainer's Adam calls: PyTorch's fastest CPU Adam.
 The ratio printed is Rust images/s over each PyTorch variant's.
 
 Usage: benches/train_speed.py [--isize 32 --nc 1 --ngf 64 --batch 64 --threads 2
-                               --steps 20 --warmup 3 --bin target/release/ganomaly-train]
+                               --steps 20 --warmup 3 --bin target/release/ganomaly-train
+                               [--bin OTHER ...]]
 """
 import argparse
 import json
@@ -106,15 +109,17 @@ def l2_loss(input, target):
 
 
 class Ganomaly:
-    def __init__(self, a):
+    def __init__(self, a, fused=False):
         self.netg = NetG(a.isize, a.nz, a.nc, a.ngf)
         self.netd = NetD(a.isize, a.nc, a.ngf)
         self.netg.apply(weights_init)
         self.netd.apply(weights_init)
         self.l_con = nn.L1Loss()
         self.l_bce = nn.BCELoss()
-        self.optimizer_g = torch.optim.Adam(self.netg.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        self.optimizer_d = torch.optim.Adam(self.netd.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        # fused=True: one kernel per parameter, as the Rust trainer's Adam (the
+        # default on the CPU is the single-tensor path, several kernels per parameter).
+        self.optimizer_g = torch.optim.Adam(self.netg.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused)
+        self.optimizer_d = torch.optim.Adam(self.netd.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused)
         self.real_label = torch.ones(a.batch)
         self.fake_label = torch.zeros(a.batch)
 
@@ -160,23 +165,25 @@ class Ganomaly:
 
 def time_python(a, variant):
     torch.manual_seed(0)
-    m = Ganomaly(a)
+    m = Ganomaly(a, fused=variant == "lean_fused")
     x = torch.rand(a.batch, a.nc, a.isize, a.isize) * 2 - 1
     step = m.step_reference if variant == "reference" else m.step_lean
     for _ in range(a.warmup):
         step(x)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         step(x)
-    return a.steps * a.batch / (time.perf_counter() - t0)
+    dt = time.process_time() - c0 if a.clock == "cpu" else time.perf_counter() - t0
+    return a.steps * a.batch / dt
 
 
-def time_rust(a):
-    cmd = [a.bin, "bench-step", "--isize", str(a.isize), "--nc", str(a.nc), "--nz", str(a.nz), "--ngf", str(a.ngf),
+def time_rust(a, bin):
+    cmd = [bin, "bench-step", "--isize", str(a.isize), "--nc", str(a.nc), "--nz", str(a.nz), "--ngf", str(a.ngf),
            "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
            "--device", "cpu"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["images_per_s"]
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["images_per_cpu_s"] if a.clock == "cpu" else r["images_per_s"]
 
 
 def main():
@@ -190,33 +197,55 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is kept")
-    p.add_argument("--bin", default="target/release/ganomaly-train")
+    p.add_argument("--bin", action="append",
+                   help="the trainer (default target/release/ganomaly-train); given again, each further binary "
+                        "is timed in the same rounds too (a before/after comparison in one run)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="images per wall-clock second (default), or per CPU second of the process: with "
+                        "--threads 1 on a loaded shared box, the CPU clock measures the step, the wall clock "
+                        "mostly the neighbours")
+    p.add_argument("--lean-fused", action="store_true", help="also time lean with the fused Adam kernel")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    bins = a.bin or ["target/release/ganomaly-train"]
     torch.set_num_threads(a.threads)
-    best = {"rust": 0.0, "pytorch_reference": 0.0, "pytorch_lean": 0.0}
+    # The first binary is "rust"; further ones are named by their path.
+    names = ["rust"] + [f"rust:{b}" for b in bins[1:]]
+    variants = ["reference", "lean"] + (["lean_fused"] if a.lean_fused else [])
+    best = {n: 0.0 for n in names} | {f"pytorch_{v}": 0.0 for v in variants}
     # Alternate so that a noisy neighbour on a shared box hurts both sides alike.
     for _ in range(a.rounds):
-        best["rust"] = max(best["rust"], time_rust(a))
-        best["pytorch_reference"] = max(best["pytorch_reference"], time_python(a, "reference"))
-        best["pytorch_lean"] = max(best["pytorch_lean"], time_python(a, "lean"))
+        for n, b in zip(names, bins):
+            best[n] = max(best[n], time_rust(a, b))
+        for v in variants:
+            best[f"pytorch_{v}"] = max(best[f"pytorch_{v}"], time_python(a, v))
     result = {
         "net": f"{a.nc}x{a.isize}x{a.isize} ngf {a.ngf} nz {a.nz}",
         "batch": a.batch,
         "threads": a.threads,
+        "clock": a.clock,
         "torch": torch.__version__,
         "images_per_s": {k: round(v, 1) for k, v in best.items()},
         "ratio_vs_reference": round(best["rust"] / best["pytorch_reference"], 3),
         "ratio_vs_lean": round(best["rust"] / best["pytorch_lean"], 3),
     }
+    for n in names[1:]:
+        result[f"ratio_vs_lean {n}"] = round(best[n] / best["pytorch_lean"], 3)
+    if a.lean_fused:
+        result["ratio_vs_lean_fused"] = round(best["rust"] / best["pytorch_lean_fused"], 3)
     if a.json:
         print(json.dumps(result))
     else:
-        print(f"GANomaly training, {result['net']}, batch {a.batch}, {a.threads} threads, CPU")
+        per = "CPU second" if a.clock == "cpu" else "second"
+        print(f"GANomaly training, {result['net']}, batch {a.batch}, {a.threads} threads, CPU, images per {per}")
         for k, v in result["images_per_s"].items():
             print(f"  {k:<18} {v:8.1f} img/s")
         print(f"  ratio rust/pytorch (reference step): {result['ratio_vs_reference']:.3f}")
         print(f"  ratio rust/pytorch (same algorithm): {result['ratio_vs_lean']:.3f}")
+        for n in names[1:]:
+            print(f"  ratio {n}/pytorch (same algorithm): {result[f'ratio_vs_lean {n}']:.3f}")
+        if a.lean_fused:
+            print(f"  ratio rust/pytorch (same algorithm, fused Adam on both): {result['ratio_vs_lean_fused']:.3f}")
     return 0
 
 

@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //! From the ground up; each module imports only modules above it in this list.
-//! - [`adam`]: torch's Adam, written out so its moments can be checkpointed.
+//! - [`ops`]: the libtorch calls tch's bindings cannot make (LeakyReLU with a
+//!   slope, the fused Adam kernel), through a small C++ shim (`ops.cpp`).
+//! - [`adam`]: torch's Adam, its moments kept here so they can be checkpointed.
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
 //!   held-out calibration slice, the validation split, the data digest.
 //! - [`feedback`]: the daemon's feedback folder merged into validation and calibration.
@@ -46,6 +48,7 @@ pub mod feedback;
 mod fixtures;
 pub mod model;
 pub mod net;
+pub mod ops;
 pub mod report;
 pub mod score;
 pub mod score_choice;

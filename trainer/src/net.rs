@@ -56,10 +56,10 @@ enum Module {
         mean: Tensor,
         var: Tensor,
     },
-    /// LeakyReLU through PReLU with a constant slope: tch drops the slope argument of
-    /// `leaky_relu`, and PReLU with a one-element, non-trainable weight is the same op.
+    /// LeakyReLU by libtorch's own kernel ([`crate::ops::leaky_relu`]: tch's
+    /// binding has no slope argument).
     LeakyRelu {
-        slope: Tensor,
+        slope: f64,
     },
     Relu,
     Tanh,
@@ -103,9 +103,7 @@ impl Seq {
                             var: path.ones_no_train("running_var", &[c]),
                         }
                     }
-                    Op::LeakyRelu { slope } => {
-                        Module::LeakyRelu { slope: Tensor::from_slice(&[slope]).to_device(root.device()) }
-                    }
+                    Op::LeakyRelu { slope } => Module::LeakyRelu { slope: f64::from(slope) },
                     Op::Relu => Module::Relu,
                     Op::Tanh => Module::Tanh,
                     Op::Sigmoid => Module::Sigmoid,
@@ -127,7 +125,7 @@ impl Seq {
                 Module::Bn { w, b, mean, var } => {
                     x.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, f64::from(BN_EPS), true)
                 }
-                Module::LeakyRelu { slope } => x.prelu(slope),
+                Module::LeakyRelu { slope } => crate::ops::leaky_relu(&x, *slope),
                 Module::Relu => x.relu(),
                 Module::Tanh => x.tanh(),
                 Module::Sigmoid => x.sigmoid(),
@@ -319,8 +317,21 @@ impl NetG {
     /// the training images `x_fit`, then the `fused` score's standardisation on the
     /// held-out good images `x_hold` (skipped when there are fewer than 2).
     pub fn fit_score_stats(&mut self, x_fit: &Tensor, x_hold: &Tensor, device: Device) -> Result<(), NetError> {
-        self.feature_stats = Some(self.fit_feature_stats(x_fit, 256, device)?);
-        self.patch_stats = Some(self.fit_patch_stats(x_fit, 256, device)?);
+        // One encoder pass feeds both Gaussians (the `mahalanobis` features are its
+        // last map, pooled): the stats are refitted every epoch, for both generators.
+        let n = x_fit.size()[0];
+        let (mut features, mut grids) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < n {
+            let len = 256.min(n - start);
+            let xb = x_fit.narrow(0, start, len).to_device(device);
+            let maps = tch::no_grad(|| self.encoder_maps(&xb, false));
+            features.push(maps.last().map_or_else(|| self.features(&xb), |m| self.pool_features(m)));
+            grids.push(PatchStats::grid_features(&self.patch_spec, &maps));
+            start += len;
+        }
+        self.feature_stats = Some(FeatureStats::fit(&features)?);
+        self.patch_stats = Some(PatchStats::fit(&self.patch_spec, &grids)?);
         self.fusion = None;
         if x_hold.size()[0] >= 2 {
             let hold = crate::score::score_all(self, x_hold, 1, 256, device);

@@ -201,14 +201,17 @@ impl Tracker {
     }
 
     /// After epoch `epoch` (1-based): records the held-out reconstruction error of the
-    /// raw and averaged generators, the averaged one's test AUROC and (`val-auroc`)
-    /// its validation AUROCs into `rec`, and keeps the candidate if it is the best so far.
+    /// raw and averaged generators, the averaged one's test AUROC, the raw one's too
+    /// when `eval_test` (from the same scores as its per-defect figures), and
+    /// (`val-auroc`) its validation AUROCs into `rec`, and keeps the candidate if it is
+    /// the best so far.
     pub fn after_epoch(
         &mut self,
         model: &Model,
         epoch: u32,
         splits: &Splits,
         kernel: u32,
+        eval_test: bool,
         device: Device,
         rec: &mut EpochRecord,
     ) {
@@ -222,7 +225,13 @@ impl Tracker {
             (evals, by_kind)
         };
         if let Some(test) = &splits.test {
-            rec.per_defect.insert("raw".into(), per_defect(&model.g, test).1);
+            let (evals, by_kind) = per_defect(&model.g, test);
+            if eval_test {
+                for (kind, e) in evals {
+                    rec.auroc.insert(kind.as_str().to_string(), e.auroc);
+                }
+            }
+            rec.per_defect.insert("raw".into(), by_kind);
         }
         if let Some(ema) = &model.ema {
             if let Some(v) = val_recon(&ema.g, x_hold, device) {
@@ -430,8 +439,8 @@ mod tests {
             let ema = m.ema.as_mut().unwrap();
             // Every score's statistics, as the epoch loop fits them (hold-out: 4 images).
             ema.g.fit_score_stats(&x, &hold, Device::Cpu).unwrap();
-            t.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
-            fixed.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
+            t.after_epoch(&m, e + 1, &splits, 3, false, Device::Cpu, &mut rec);
+            fixed.after_epoch(&m, e + 1, &splits, 3, false, Device::Cpu, &mut rec);
             for kind in ScoreKind::ALL {
                 assert!(rec.val.contains_key(&format!("auroc_{}", kind.as_str())), "{:?}", rec.val);
             }
@@ -464,7 +473,7 @@ mod tests {
         let mut vals = Vec::new();
         for e in 0..4 {
             let mut rec = run_epoch(&mut m, &x, 8, 3, e, Device::Cpu, |_, _| {});
-            t.after_epoch(&m, e + 1, &splits, 3, Device::Cpu, &mut rec);
+            t.after_epoch(&m, e + 1, &splits, 3, false, Device::Cpu, &mut rec);
             vals.push(rec.val["recon"]);
         }
         let (best_epoch, best_val) =

@@ -3,7 +3,6 @@
 //! AUROC-per-epoch plot need, logs the epoch and writes a checkpoint, so that an
 //! interrupted run resumes from its last whole epoch.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,10 +11,8 @@ use tch::Device;
 
 use crate::checkpoint::{save_checkpoint, CheckpointError, CheckpointState};
 use crate::data::Splits;
-use crate::evaluate::evaluate;
 use crate::model::{run_epoch, Model};
 use crate::net::NetError;
-use crate::score::score_all;
 use crate::select::{set_lr, LrSchedule, Tracker};
 
 /// Why the epoch loop stopped early.
@@ -88,13 +85,10 @@ pub fn run_epochs(
         if let Some(ema) = model.ema.as_mut().filter(|_| test.is_some() || select_stats) {
             ema.g.fit_score_stats(&splits.fit, &splits.hold, device)?;
         }
-        if let Some(t) = test.filter(|_| plan.eval_every > 0 && ((epoch + 1) % plan.eval_every == 0 || last)) {
-            let s = score_all(&model.g, &t.x, plan.map_kernel, 64, device);
-            for (kind, e) in evaluate(&t.items, &s, &BTreeMap::new()) {
-                rec.auroc.insert(kind.as_str().to_string(), e.auroc);
-            }
-        }
-        tracker.after_epoch(model, epoch + 1, splits, plan.map_kernel, device, &mut rec);
+        // The tracker scores test/ every epoch (per-defect figures): it fills the test
+        // AUROC from those scores in the epochs that report it.
+        let eval_test = plan.eval_every > 0 && ((epoch + 1) % plan.eval_every == 0 || last);
+        tracker.after_epoch(model, epoch + 1, splits, plan.map_kernel, eval_test, device, &mut rec);
         let aurocs: Vec<String> = rec.auroc.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         tracing::info!(
             epoch = epoch + 1,

@@ -39,6 +39,10 @@ pub struct BenchResult {
     pub batch: usize,
     pub threads: i32,
     pub seconds: f64,
+    /// CPU seconds of the timed steps (user + system, every thread): on a shared box
+    /// `images / cpu_seconds` at one thread measures the step, not the neighbours.
+    pub cpu_seconds: f64,
+    pub images_per_cpu_s: f64,
 }
 
 /// `bench-step`: training steps per second on random data (no data loading).
@@ -54,18 +58,33 @@ pub fn run(a: &Args) -> Result<BenchResult> {
     for _ in 0..a.warmup {
         model.step(&x);
     }
-    let t0 = std::time::Instant::now();
+    let (t0, cpu0) = (std::time::Instant::now(), cpu_seconds());
     for _ in 0..a.steps {
         model.step(&x);
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let images = (a.steps * a.batch) as f64;
     Ok(BenchResult {
-        images_per_s: (a.steps * a.batch) as f64 / seconds,
+        images_per_s: images / seconds,
+        cpu_seconds: cpu,
+        images_per_cpu_s: images / cpu.max(1e-9),
         steps: a.steps,
         batch: a.batch,
         threads: tch::get_num_threads(),
         seconds,
     })
+}
+
+/// Process CPU seconds (user + system) from /proc/self/stat (USER_HZ is 100 on
+/// Linux); 0 where there is no /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name's closing parenthesis; utime, stime are 14, 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The command's output on stdout: one JSON line.
