@@ -12,6 +12,10 @@ default score (`--score auto`'s choice on val/), per seed, mean and spread
 (max - min); also the mean over the 7 data sets, the worst, and the largest
 spread on the texture sets.
 
+--history LABEL (a `--patch-maps auto` run) adds what the default patch maps
+would have exported from the same training (from the per-epoch history), with
+the 1 SE and the 2 SE guard.
+
 --rule2se LABEL adds a variant computed offline from LABEL's runs: `--select
 val-auroc` with a stricter guard, the best epoch only when it leads the last by
 more than two standard errors (report.json's selection reason gives the lead and
@@ -58,19 +62,36 @@ def default_figure(r, k_se=1.0):
     return le["scores"][kind]["auroc"], label
 
 
-def variant(runs, k_se=1.0):
+def history_figure(r, k_se=1.0):
+    """The same from the per-epoch history: the test AUROC, at the epoch `--select`
+    took, of the score `auto` picked there during training (with the default patch
+    maps). For a `--patch-maps auto` run this is what the default maps would have
+    exported: training and selection do not depend on the flag."""
+    sel = r["selection"]
+    epoch, kind = sel["epoch"], sel.get("val_score") or r["last_epoch"]["default_score"]
+    m = REASON.search(sel.get("reason") or "")
+    if k_se > 1.0 and m and float(m.group(7)) <= k_se * float(m.group(8)):
+        epoch, kind = int(m.group(4)), m.group(5)
+    h = [h for h in r["history"] if h["epoch"] == epoch][0]
+    label = f"{kind} (last)" if epoch == r["epochs"] else f"{kind}@{epoch}"
+    return h["auroc_ema"][kind], label
+
+
+def variant(runs, k_se=1.0, fig=default_figure):
     """{dataset: [(seed, auroc, label)]}."""
-    return {ds: [(s, *default_figure(r, k_se)) for s, r in sorted(seeds.items())] for ds, seeds in runs.items()}
+    return {ds: [(s, *fig(r, k_se)) for s, r in sorted(seeds.items())] for ds, seeds in runs.items()}
 
 
 def main(argv):
-    md_out, rule2se, specs = None, [], []
+    md_out, rule2se, history, specs = None, [], [], []
     it = iter(argv)
     for a in it:
         if a == "--md":
             md_out = next(it)
         elif a == "--rule2se":
             rule2se.append(next(it))
+        elif a == "--history":
+            history.append(next(it))
         else:
             specs.append(a)
     variants = {}
@@ -82,6 +103,9 @@ def main(argv):
             runs.update(reports(d))
         raw[label] = runs
         variants[label] = variant(runs)
+    for label in history:
+        variants[f"{label}: default maps (from history)"] = variant(raw[label], 1.0, history_figure)
+        variants[f"{label}: default maps, select guard 2 SE"] = variant(raw[label], 2.0, history_figure)
     for label in rule2se:
         variants[f"{label}, select guard 2 SE"] = variant(raw[label], 2.0)
     lines = ["| variant | " + " | ".join(DATASETS) + " | mean (worst) | max spread tex-* |",

@@ -140,7 +140,11 @@ pub fn choose(
         default_maps: default.maps.clone(),
         default_auroc: aurocs[d],
         default_se: se,
-        candidates: specs.iter().zip(&aurocs).map(|(s, &a)| PatchCandidate { maps: s.maps.clone(), val_auroc: a }).collect(),
+        candidates: specs
+            .iter()
+            .zip(&aurocs)
+            .map(|(s, &a)| PatchCandidate { maps: s.maps.clone(), val_auroc: a })
+            .collect(),
         spec: specs[pick].clone(),
     })
 }
@@ -165,7 +169,9 @@ mod tests {
         let g = NetG::new(&tiny(), Device::Cpu);
         let x = data(24);
         let val = LabelledSet {
-            items: (0..8).map(|i| TestItem { path: format!("v{i}").into(), defect: (i % 2 == 1).then(|| "d".into()) }).collect(),
+            items: (0..8)
+                .map(|i| TestItem { path: format!("v{i}").into(), defect: (i % 2 == 1).then(|| "d".into()) })
+                .collect(),
             x: data(8) * 1.5,
         };
         let default = g.arch.default_patch();

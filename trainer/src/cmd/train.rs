@@ -18,8 +18,8 @@ use crate::data::{self, Splits};
 use crate::evaluate::thresholds;
 use crate::export::{finish, now_rfc3339, versions, write_onnx};
 use crate::feedback;
-use crate::patch_choice;
 use crate::model::{Hyper, Model};
+use crate::patch_choice;
 use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
 use crate::select::{Select, SelectArgs, Tracker};
 use crate::train::{run_epochs, Plan};
@@ -247,7 +247,9 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         ),
     };
     if !a.augment.is_none() {
-        provenance.notes.push_str(&format!("; augment {} (per image and epoch, seed {seed}; shifts reflect)", a.augment));
+        provenance
+            .notes
+            .push_str(&format!("; augment {} (per image and epoch, seed {seed}; shifts reflect)", a.augment));
     }
     if let Some(p) = &a.init {
         provenance.notes.push_str(&format!("; initialised from {}", p.display()));
@@ -264,7 +266,15 @@ pub fn run(a: &Args) -> Result<TrainReport> {
     // `--patch-maps auto`: the exported generator's patch layers, chosen on val/.
     let patch_choice = match (a.calib.patch_auto(), &splits.val) {
         (true, Some(val)) => {
-            let c = patch_choice::choose(g_out, &g_out.patch_spec, a.calib.patch_dim, &splits.fit, &splits.hold, val, device)?;
+            let c = patch_choice::choose(
+                g_out,
+                &g_out.patch_spec,
+                a.calib.patch_dim,
+                &splits.fit,
+                &splits.hold,
+                val,
+                device,
+            )?;
             tracing::info!(choice = %c.summary(), "--patch-maps auto");
             provenance.notes.push_str(&format!("; {}", c.summary()));
             Some(c)
