@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn the_default_stays_unless_beaten_by_more_than_the_error() {
-        assert_eq!(rule(&[0.80, 0.70, 0.82], 1, 0.03), 1, "0.12 ahead of 0.70 beats 0.03");
+        assert_eq!(rule(&[0.80, 0.70, 0.82], 1, 0.03), 2, "both lead 0.70 by more than 0.03: the highest");
         assert_eq!(rule(&[0.72, 0.70, 0.71], 1, 0.03), 1, "0.02 is within the error");
         assert_eq!(rule(&[0.90, 0.70, 0.90], 1, 0.03), 0, "ties: the first (finest) of the best");
         assert_eq!(rule(&[f64::NAN, 0.70, 0.75], 1, 0.03), 2, "NaN never wins");
