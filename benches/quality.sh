@@ -65,6 +65,13 @@ ISIZE=32 NGF=16 NZ=100 BATCH=32 EPOCHS=${EPOCHS:-30} EMA=0.99 HOLDOUT=0.1 KERNEL
 SYNTH_TEXTURES="brushed_metal woven_fabric" SYNTH_STRENGTH=0.6
 TEXTURES="brick grass gravel"
 MNIST_DIGITS=${MNIST_DIGITS-"0 1"} MNIST_EPOCHS=3
+# AUGMENT: the trainer's --augment for the surface sets (synth-*, tex-*) only, never
+# MNIST (digits are oriented: a turned 6 is a 9). Default none, as the trainer's.
+AUGMENT=${AUGMENT:-none}
+AUG_FLAG=; [ "$AUGMENT" = none ] || AUG_FLAG="--augment $AUGMENT"
+# PATCH_MAPS: the trainer's --patch-maps for every set (`auto`: chosen on val/); empty: the default.
+PATCH_MAPS=${PATCH_MAPS:-}
+PATCH_FLAG=${PATCH_MAPS:+--patch-maps $PATCH_MAPS}
 # Validation split for `--score auto` (moved out of test/): large enough that the
 # standard error of a validation AUROC (~0.03 at 100 defects) is below the gaps
 # between scores it has to resolve; 10 per type (SE ~0.06) followed noise.
@@ -92,7 +99,7 @@ recipe_flags() {
     *) echo "unknown recipe $1" >&2; exit 2 ;;
   esac
 }
-COMMON="--isize $ISIZE --ngf $NGF --ndf $NGF --nz $NZ --eval-every 1 --map-kernel $KERNEL --score auto --candidates --threads $THREADS --device cpu --quiet $NO_EXPORT"
+COMMON="--isize $ISIZE --ngf $NGF --ndf $NGF --nz $NZ --eval-every 1 --map-kernel $KERNEL --score auto --candidates $PATCH_FLAG --threads $THREADS --device cpu --quiet $NO_EXPORT"
 
 # --- data (generated once, shared by every recipe and seed) ---
 DATA=$OUT/data
@@ -121,7 +128,7 @@ fi
 cat > "$OUT/settings.json" <<EOF
 {"isize": $ISIZE, "ngf": $NGF, "ndf": $NGF, "nz": $NZ, "batch": $BATCH, "epochs": $EPOCHS, "ema_decay": $EMA,
  "holdout": $HOLDOUT, "map_kernel": $KERNEL, "synth_strength": $SYNTH_STRENGTH, "mnist_epochs": $MNIST_EPOCHS,
- "mnist_batch": 64, "seeds": "$SEEDS", "recipes": "$RECIPES", "threads_per_run": $THREADS, "parallel_runs": $JOBS,
+ "mnist_batch": 64, "augment": "$AUGMENT", "patch_maps": "${PATCH_MAPS:-default}", "seeds": "$SEEDS", "recipes": "$RECIPES", "threads_per_run": $THREADS, "parallel_runs": $JOBS,
  "train_good": 400, "synth_test": "100 good + 50 per defect", "tex_test": "100 good + 40 per defect",
  "val": "$VAL_GOOD good + $VAL_PER_DEFECT per defect type, disjoint from test (mnist: $MNIST_VAL good + $MNIST_VAL abnormal moved out of the protocol's test split)"}
 EOF
@@ -135,7 +142,7 @@ for r in $RECIPES; do
     for s in $SEEDS; do
       mkdir -p "$OUT/$r/mnist"
       ln -sfn "$(realpath "$CACHE/mnist")" "$OUT/$r/mnist/mnist"
-      echo "$MNIST_KEEP TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT PREP_HOOK='$PY benches/quality_data.py split-val --good $MNIST_VAL --per-defect $MNIST_VAL --data' TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto --candidates $flags' \
+      echo "$MNIST_KEEP TRAINER_BIN=$BIN HOLDOUT=$HOLDOUT PREP_HOOK='$PY benches/quality_data.py split-val --good $MNIST_VAL --per-defect $MNIST_VAL --data' TRAIN_ARGS='--ngf $NGF --ndf $NGF --nz $NZ --map-kernel $KERNEL --score auto --candidates $PATCH_FLAG $flags' \
 benches/mnist_protocol.sh -d $d -s $s -e $MNIST_EPOCHS -t $THREADS -o $OUT/$r/mnist > $OUT/$r/mnist/log-$d-$s.txt 2>&1" >> "$JOBLIST"
     done
   done
@@ -144,7 +151,7 @@ benches/mnist_protocol.sh -d $d -s $s -e $MNIST_EPOCHS -t $THREADS -o $OUT/$r/mn
       run=$OUT/$r/$ds/seed$s
       [ -f "$run/report/report.json" ] && continue
       echo "mkdir -p $run && $BIN train --data $DATA/$ds --out $run/model.onnx --checkpoint-dir $run/ckpt --report $run/report \
---epochs $EPOCHS --batch $BATCH --seed $s --holdout $HOLDOUT $COMMON $flags > $run/train.log 2>&1 && rm -rf $run/ckpt \
+--epochs $EPOCHS --batch $BATCH --seed $s --holdout $HOLDOUT $AUG_FLAG $COMMON $flags > $run/train.log 2>&1 && rm -rf $run/ckpt \
 || { echo FAILED $run; tail -3 $run/train.log; }" >> "$JOBLIST"
     done
   done

@@ -128,19 +128,6 @@ pub fn localisation(g: &NetG, root: &Path, test: &LabelledSet, kernel: u32, devi
     })
 }
 
-/// The patch configurations `--candidates` measures: every run of consecutive
-/// depths among the first three maps (or as many as the net has).
-fn patch_candidates(g: &NetG) -> Vec<Vec<u32>> {
-    let n = (g.arch.encoder1_maps().len() as u32).min(3);
-    let mut v = Vec::new();
-    for a in 1..=n {
-        for b in a..=n {
-            v.push((a..=b).collect());
-        }
-    }
-    v
-}
-
 /// The fusion recipes `--candidates` measures.
 fn fusion_candidates() -> Vec<(Combine, Vec<ScoreKind>)> {
     use ScoreKind::*;
@@ -208,7 +195,7 @@ pub fn measure(
     let masks = masks(root, &test.items, g.arch.isize);
     let test_scores = score_all(g, &test.x, kernel, 64, device);
     let hold_scores = score_all(g, x_hold, kernel, 64, device);
-    for maps in patch_candidates(g) {
+    for maps in crate::patch_choice::depth_runs(g) {
         let Ok(spec) = g.arch.patch_spec(&maps, PATCH_DIM_DEFAULT, 0) else { continue };
         let mut c = g.duplicate();
         c.patch_spec = spec;

@@ -9,6 +9,8 @@
 //! - [`adam`]: torch's Adam, its moments kept here so they can be checkpointed.
 //! - [`data`]: MVTec-style folders → tensors through core's preprocessing; the
 //!   held-out calibration slice, the validation split, the data digest.
+//! - [`augment`]: `--augment`, seeded flips, quarter turns and shifts of the
+//!   training images (textures; off by default).
 //! - [`feedback`]: the daemon's feedback folder merged into validation and calibration.
 //! - [`features`]: the `mahalanobis` and `patch` scores' statistics (Ledoit–Wolf
 //!   whitening of the encoder features: one Gaussian, or one per grid position).
@@ -18,6 +20,8 @@
 //! - [`evaluate`]: AUROC, F1, per-defect figures, histograms, ROC.
 //! - [`score_choice`]: `--default-score` and `--score auto`'s rule; the quality
 //!   benchmark's default and its evidence.
+//! - [`patch_choice`]: `--patch-maps auto`, the patch score's layers chosen on the
+//!   validation split.
 //! - [`model`]: the two networks and their optimisers; the reference's training
 //!   step, one epoch's pass, the weight average.
 //! - [`checkpoint`]: per-epoch checkpoints and resume.
@@ -36,6 +40,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod adam;
+pub mod augment;
 pub mod candidates;
 pub mod checkpoint;
 pub mod cmd;
@@ -49,6 +54,7 @@ mod fixtures;
 pub mod model;
 pub mod net;
 pub mod ops;
+pub mod patch_choice;
 pub mod report;
 pub mod score;
 pub mod score_choice;

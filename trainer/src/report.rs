@@ -164,6 +164,11 @@ pub struct TrainReport {
     /// `--init`: the model or checkpoint training started from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// `--augment` (`none` when off).
+    pub augment: crate::augment::Augment,
+    /// `--patch-maps auto`: the depths chosen on val/ and every candidate's figure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_choice: Option<crate::patch_choice::PatchChoice>,
     /// `--feedback`: what the run took from the operator's feedback folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback: Option<crate::feedback::FeedbackUse>,

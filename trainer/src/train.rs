@@ -9,6 +9,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::Device;
 
+use crate::augment::Augment;
 use crate::checkpoint::{save_checkpoint, CheckpointError, CheckpointState};
 use crate::data::Splits;
 use crate::model::{run_epoch, Model};
@@ -41,6 +42,8 @@ pub struct Plan {
     pub quiet: bool,
     /// Written after every epoch.
     pub checkpoint_dir: PathBuf,
+    /// Transformations of the training images, drawn anew every epoch (`--augment`).
+    pub augment: Augment,
 }
 
 /// Trains `model` from epoch `state.epoch` to `plan.epochs` on `splits.fit`,
@@ -59,7 +62,8 @@ pub fn run_epochs(
         let bar = progress_bar(plan, epoch, (splits.n_fit() / plan.batch) as u64);
         let t0 = Instant::now();
         set_lr(model, plan.lr_schedule, plan.lr, epoch, plan.epochs);
-        let mut rec = run_epoch(model, &splits.fit, plan.batch, seed, epoch, device, |l, done| {
+        let fit = plan.augment.apply(&splits.fit, seed, epoch);
+        let mut rec = run_epoch(model, &fit, plan.batch, seed, epoch, device, |l, done| {
             bar.set_position(done as u64);
             bar.set_message(format!(
                 "err_g {:.4} (adv {:.4} con {:.4} enc {:.4}) err_d {:.4} {:.0} img/s",

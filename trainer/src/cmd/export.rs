@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ganomaly_core::metadata::{ColorMode, Provenance};
 use ganomaly_core::preprocess::Preprocessor;
 
@@ -55,6 +55,9 @@ pub fn run(a: &Args) -> Result<()> {
         notes: format!("ganomaly-train export of {}", a.checkpoint.display()),
     };
     let mut g = model.candidate().duplicate();
+    if a.calib.patch_auto() {
+        bail!("--patch-maps auto is chosen by `train` on the validation split; give the depths (e.g. 2,3)");
+    }
     g.patch_spec = a.calib.patch_spec(&state.arch)?;
     let g = &g.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g, &splits, &settings, provenance, device)?;

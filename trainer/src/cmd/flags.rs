@@ -74,9 +74,11 @@ pub struct CalibArgs {
     pub default_score: ScoreChoice,
     /// Depths of encoder1's feature maps the `patch` score reads, comma-separated,
     /// finest first (1: side isize/2, each next depth halves it). Default: 2,3 (the
-    /// maps at isize/4 and isize/8; see benches/README.md).
-    #[arg(long, value_delimiter = ',')]
-    pub patch_maps: Option<Vec<u32>>,
+    /// maps at isize/4 and isize/8; see benches/README.md). `auto` (train only): every
+    /// run of consecutive depths among 1-3 is fitted and scored on DIR/val/; the
+    /// default is kept unless one beats it by more than one standard error.
+    #[arg(long, value_parser = parse_patch_maps)]
+    pub patch_maps: Option<PatchMaps>,
     /// Channels the `patch` score keeps of the concatenated maps (a seeded random
     /// subset); fewer when the per-position statistics would pass 4 MiB.
     #[arg(long, default_value_t = PATCH_DIM_DEFAULT)]
@@ -85,17 +87,28 @@ pub struct CalibArgs {
 
 impl CalibArgs {
     /// The `patch` score's configuration for `arch`; refused with the reason.
+    /// With `--patch-maps auto` the default depths: `train` chooses among the
+    /// candidates after training ([`CalibArgs::patch_auto`]).
     pub fn patch_spec(&self, arch: &ArchSpec) -> Result<PatchSpec> {
-        match &self.patch_maps {
+        let depths = match &self.patch_maps {
+            Some(PatchMaps::Depths(d)) => Some(d.clone()),
+            None | Some(PatchMaps::Auto) => None,
+        };
+        match depths {
             None if self.patch_dim == PATCH_DIM_DEFAULT => Ok(arch.default_patch()),
             maps => {
-                let maps = maps.clone().unwrap_or_else(|| arch.default_patch().maps);
+                let maps = maps.unwrap_or_else(|| arch.default_patch().maps);
                 if self.patch_dim == 0 {
                     bail!("--patch-dim must be at least 1");
                 }
                 arch.patch_spec(&maps, self.patch_dim, 0).map_err(|e| anyhow::anyhow!("--patch-maps/--patch-dim: {e}"))
             }
         }
+    }
+
+    /// `--patch-maps auto`.
+    pub fn patch_auto(&self) -> bool {
+        self.patch_maps == Some(PatchMaps::Auto)
     }
 
     pub fn settings(&self) -> Result<ExportSettings> {
@@ -112,6 +125,23 @@ impl CalibArgs {
             default_score: self.default_score,
         })
     }
+}
+
+/// `--patch-maps`: fixed depths, or `auto` (chosen on the validation split).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatchMaps {
+    Auto,
+    Depths(Vec<u32>),
+}
+
+fn parse_patch_maps(s: &str) -> Result<PatchMaps, String> {
+    if s.trim() == "auto" {
+        return Ok(PatchMaps::Auto);
+    }
+    s.split(',')
+        .map(|d| d.trim().parse::<u32>().map_err(|_| format!("{d:?} is not a depth (a whole number, or `auto`)")))
+        .collect::<Result<Vec<u32>, String>>()
+        .map(PatchMaps::Depths)
 }
 
 /// `--calibration`: the good-only threshold methods of `ganomaly_core::calibrate`.

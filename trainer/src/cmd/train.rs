@@ -12,12 +12,14 @@ use ganomaly_core::preprocess::Preprocessor;
 use tch::Device;
 
 use super::flags::{checked_arch, CalibArgs, RunArgs};
+use crate::augment::Augment;
 use crate::checkpoint::{load_checkpoint, CheckpointState};
 use crate::data::{self, Splits};
 use crate::evaluate::thresholds;
 use crate::export::{finish, now_rfc3339, versions, write_onnx};
 use crate::feedback;
 use crate::model::{Hyper, Model};
+use crate::patch_choice;
 use crate::report::{self, BestEpoch, EvalSummary, TrainReport};
 use crate::select::{Select, SelectArgs, Tracker};
 use crate::train::{run_epochs, Plan};
@@ -110,6 +112,13 @@ pub struct Args {
     /// No progress bar (logs per epoch instead).
     #[arg(long)]
     pub quiet: bool,
+    /// Random transformations of the training images, drawn per image and epoch from
+    /// --seed: `none`, or a comma-separated list of `flip` (= `hflip,vflip`), `hflip`,
+    /// `vflip`, `rot90`, `shift:N` (up to N px on each axis, border reflected). For
+    /// parts without an orientation (textures); an oriented part turned is a defect.
+    /// Only train/good is augmented, never the statistics, calibration, val/ or test/.
+    #[arg(long, default_value = "none")]
+    pub augment: Augment,
     /// Also measure other `patch` configurations and `fused` recipes on test/ with the
     /// exported generator (report.json `candidates`; measurement only, nothing chosen).
     #[arg(long)]
@@ -150,6 +159,7 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         bail!("--holdout 0 leaves no normal images to calibrate the exported model on; use --no-export for a run without a model file");
     }
     a.select.validate(a.holdout)?;
+    a.augment.check(arch.isize).context("--augment")?;
     let device = a.run.setup()?;
     let hyper = Hyper { lr: a.lr, beta1: a.beta1, beta2: a.beta2, w_adv: a.w_adv, w_con: a.w_con, w_enc: a.w_enc };
 
@@ -212,6 +222,7 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         map_kernel: settings.map_kernel,
         quiet: a.quiet,
         checkpoint_dir: ckpt_dir,
+        augment: a.augment.clone(),
     };
     run_epochs(&mut model, &mut state, &mut tracker, &splits, &plan, device)?;
 
@@ -235,6 +246,11 @@ pub fn run(a: &Args) -> Result<TrainReport> {
             hyper.w_enc
         ),
     };
+    if !a.augment.is_none() {
+        provenance
+            .notes
+            .push_str(&format!("; augment {} (per image and epoch, seed {seed}; shifts reflect)", a.augment));
+    }
     if let Some(p) = &a.init {
         provenance.notes.push_str(&format!("; initialised from {}", p.display()));
     }
@@ -247,7 +263,36 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         tracing::info!(epoch = selection.epoch, %reason, "exporting the selected epoch");
         provenance.notes.push_str(&format!("; exported epoch {}: {reason}", selection.epoch));
     }
-    let g_out = &g_out.with_feature_stats(&splits.fit, &splits.hold, device)?;
+    // `--patch-maps auto`: the exported generator's patch layers, chosen on val/.
+    let patch_choice = match (a.calib.patch_auto(), &splits.val) {
+        (true, Some(val)) => {
+            let c = patch_choice::choose(
+                g_out,
+                &g_out.patch_spec,
+                a.calib.patch_dim,
+                &splits.fit,
+                &splits.hold,
+                val,
+                device,
+            )?;
+            tracing::info!(choice = %c.summary(), "--patch-maps auto");
+            provenance.notes.push_str(&format!("; {}", c.summary()));
+            Some(c)
+        }
+        (true, None) => {
+            tracing::warn!("--patch-maps auto needs validation defects (DIR/val/<defect>); keeping the default maps");
+            None
+        }
+        _ => None,
+    };
+    let g_out = &match &patch_choice {
+        Some(c) => {
+            let mut g = g_out.duplicate();
+            g.patch_spec = c.spec.clone();
+            g.with_feature_stats(&splits.fit, &splits.hold, device)?
+        }
+        None => g_out.with_feature_stats(&splits.fit, &splits.hold, device)?,
+    };
     let finished = finish(g_out, &splits, &settings, provenance, device)?;
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
@@ -310,6 +355,8 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         thresholds: finished.meta.as_ref().map(thresholds).unwrap_or_default(),
         calibration_methods: finished.methods,
         init: a.init.as_ref().map(|p| p.display().to_string()),
+        augment: a.augment.clone(),
+        patch_choice,
         feedback,
         default_score: Some(default),
         plots,
