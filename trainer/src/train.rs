@@ -15,7 +15,6 @@ use crate::data::Splits;
 use crate::evaluate::evaluate;
 use crate::model::{run_epoch, Model};
 use crate::net::NetError;
-use crate::score::score_all;
 use crate::select::{set_lr, LrSchedule, Tracker};
 
 /// Why the epoch loop stopped early.
@@ -89,7 +88,7 @@ pub fn run_epochs(
             ema.g.fit_score_stats(&splits.fit, &splits.hold, device)?;
         }
         if let Some(t) = test.filter(|_| plan.eval_every > 0 && ((epoch + 1) % plan.eval_every == 0 || last)) {
-            let s = score_all(&model.g, &t.x, plan.map_kernel, 64, device);
+            let s = t.scores(&model.g, plan.map_kernel, device);
             for (kind, e) in evaluate(&t.items, &s, &BTreeMap::new()) {
                 rec.auroc.insert(kind.as_str().to_string(), e.auroc);
             }
