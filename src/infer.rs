@@ -607,15 +607,15 @@ fn run(mut t: InferThread) {
             let _ = t.tensor_recycle.try_send(tensor);
             let Some(cam) = t.cameras.get_mut(frame.camera).and_then(Option::as_mut) else { continue };
             if let Some(grid) = &tiles {
-                // One score per frame, as for any camera: its hottest tile's.
-                CameraCounters::add(&cam.counters.tiles, grid.len() as u64);
-                let kind = cam.decider.kind;
-                let scored = result.is_ok().then(|| crate::tiles::frame_score(&out, kind, i, grid.len())).flatten();
                 if result.is_err() {
                     CameraCounters::add(&cam.counters.broken, 1);
                     let _ = cam.recycle.try_send(frame.pixels);
                     continue;
                 }
+                // One score per frame, as for any camera: its hottest tile's.
+                CameraCounters::add(&cam.counters.tiles, grid.len() as u64);
+                let kind = cam.decider.kind;
+                let scored = crate::tiles::frame_score(&out, kind, i, grid.len());
                 if let Some((_, tile)) = scored {
                     cam.counters.set_hot_tile(tile);
                 }

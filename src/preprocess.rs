@@ -39,7 +39,7 @@ pub struct Prepared {
     /// One model input, or (tiled) one per tile, back to back.
     pub tensor: Vec<f32>,
     /// The frame's tiles (`tiles.rs`): `None` for an untiled camera.
-    pub tiles: Option<Arc<ganomaly_core::tiles::Grid>>,
+    pub tiles: Option<Arc<Grid>>,
 }
 
 impl Prepared {
