@@ -8,11 +8,12 @@
 # Modes (trainer flags on top of the common ones below):
 #   whole     the 512 px image resized to 64 px (what a camera does without tiles)
 #   tile128   16 tiles of 128 source px, each resized to 64 px (`--tile 128`)
-#   tile64    64 tiles of 64 source px, native resolution (`--tile 64`; -a only)
+#   whole45   whole with 9× the epochs: tile128's number of optimiser steps
+#   tile64    64 tiles of 64 source px, native resolution (`--tile 64`; 4× tile128's time)
 # Each run's figures are `ganomaly-train eval` on test/ (20 good, 5 per defect
 # type; max over tiles per image when tiled): the AUROC of every exported score.
 #
-# Usage: benches/tiles.sh [-s "0 1"] [-x "brushed_metal woven_fabric"] [-m "whole tile128"]
+# Usage: benches/tiles.sh [-s "0 1"] [-x "brushed_metal woven_fabric"] [-m "whole whole45 tile128 tile64"]
 #                         [-e EPOCHS] [-t THREADS] [-o OUTDIR] [-f]
 #   -f also runs the fps bench (needs target/release/ganomalyd built from this tree).
 # Entry point for `make bench-tiles`. Runtime on a 2-core box: see benches/README.md ("Tiles").
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 SEEDS="0 1"
 TEXTURES="brushed_metal woven_fabric"
-MODES="whole tile128"
+MODES="whole whole45 tile128 tile64"
 EPOCHS=5
 THREADS=1
 TRAIN_GOOD=40
@@ -60,8 +61,12 @@ for tex in $TEXTURES; do
   mkdir -p "$data-train"
   ln -sfn "$(realpath "$data")/train" "$data-train/train"
   for mode in $MODES; do
+    ep=$EPOCHS
     case $mode in
       whole) flags= ;;
+      # The whole frame given tile128's optimiser steps (36 fit images: 1 step an
+      # epoch; 576 tiles: 9), the control for the tiled runs' extra steps.
+      whole45) flags= ep=$((EPOCHS * 9)) ;;
       tile128) flags="--tile 128" ;;
       tile64) flags="--tile 64" ;;
       *) echo "unknown mode $mode" >&2; exit 2 ;;
@@ -72,7 +77,7 @@ for tex in $TEXTURES; do
       start=$(date +%s)
       # shellcheck disable=SC2086
       nice "$TRAIN" train --data "$data-train" --out "$run.onnx" --isize 64 --nc 3 --nz 100 --ngf 16 --ndf 16 \
-        --epochs "$EPOCHS" --batch 64 --seed "$seed" --threads "$THREADS" --map-kernel 5 \
+        --epochs "$ep" --batch 64 --seed "$seed" --threads "$THREADS" --map-kernel 5 \
         --default-score map_max --eval-every 0 --quiet $flags >"$run.log" 2>&1
       nice "$TRAIN" eval --model "$run.onnx" --data "$data" --json --threads "$THREADS" >"$run.eval.json" 2>"$run.eval.log"
       echo "$tex $mode seed $seed: $(( $(date +%s) - start )) s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
