@@ -101,7 +101,14 @@ pub fn build_metadata(
     if provenance.score_choice.is_none() {
         provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
     }
-    Ok(ModelMetadata { arch, preprocess: PreprocessMeta::for_arch(&arch), scores, default_score, provenance, tiling: None })
+    Ok(ModelMetadata {
+        arch,
+        preprocess: PreprocessMeta::for_arch(&arch),
+        scores,
+        default_score,
+        provenance,
+        tiling: None,
+    })
 }
 
 /// Calibration (held-out normals) and test evaluation of a trained NetG.
@@ -169,10 +176,8 @@ pub fn finish(
     mut provenance: Provenance,
     device: Device,
 ) -> Result<Finished, ExportError> {
-    let raw_evals = splits
-        .test
-        .as_ref()
-        .map(|t| evaluate(&t.items, &t.scores(g, settings.map_kernel, device), &BTreeMap::new()));
+    let raw_evals =
+        splits.test.as_ref().map(|t| evaluate(&t.items, &t.scores(g, settings.map_kernel, device), &BTreeMap::new()));
     let mut methods = BTreeMap::new();
     let meta = if splits.n_hold() > 0 {
         let hold_scores: Scores = splits.hold_scores(g, settings.map_kernel, device);

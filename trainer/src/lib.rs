@@ -49,7 +49,7 @@ pub mod model;
 pub mod net;
 pub mod report;
 pub mod score;
-pub mod tiles;
 pub mod score_choice;
 pub mod select;
+pub mod tiles;
 pub mod train;

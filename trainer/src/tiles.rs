@@ -30,7 +30,11 @@ use crate::score::{score_all, Scores};
 
 /// Decodes `paths` and preprocesses every tile of each into one `[T, C, S, S]`
 /// tensor (T = all tiles, image after image); returns it with each image's tile count.
-pub fn load_tiled(paths: &[PathBuf], pre: &mut Preprocessor, tiling: Tiling) -> Result<(Tensor, Vec<usize>), DataError> {
+pub fn load_tiled(
+    paths: &[PathBuf],
+    pre: &mut Preprocessor,
+    tiling: Tiling,
+) -> Result<(Tensor, Vec<usize>), DataError> {
     let len = pre.tensor_len();
     let mut buf: Vec<f32> = Vec::new();
     let mut groups = Vec::with_capacity(paths.len());
@@ -42,7 +46,8 @@ pub fn load_tiled(paths: &[PathBuf], pre: &mut Preprocessor, tiling: Tiling) -> 
         let start = buf.len();
         buf.resize(start + len * grid.len(), 0.0);
         for (tile, out) in grid.tiles.iter().zip(buf[start..].chunks_exact_mut(len)) {
-            pre.run_image(&img, Some(*tile), out).map_err(|source| DataError::Preprocess { path: p.clone(), source })?;
+            pre.run_image(&img, Some(*tile), out)
+                .map_err(|source| DataError::Preprocess { path: p.clone(), source })?;
         }
         groups.push(grid.len());
     }
@@ -125,11 +130,8 @@ impl Splits {
         let (fit, hold) = split_holdout(&files.train, holdout, seed)?;
         let (fit, _) = load_tiled(&fit, pre, tiling)?;
         let (hold, hold_groups) = load_tiled(&hold, pre, tiling)?;
-        let test = if files.test.is_empty() {
-            None
-        } else {
-            Some(LabelledSet::load_tiled(files.test.clone(), pre, tiling)?)
-        };
+        let test =
+            if files.test.is_empty() { None } else { Some(LabelledSet::load_tiled(files.test.clone(), pre, tiling)?) };
         if files.root.join("val").is_dir() {
             tracing::warn!("--tile: the val/ split is not used (tiled validation is not implemented)");
         }
