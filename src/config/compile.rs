@@ -565,11 +565,12 @@ fn tiles_fields(t: &TilesTable, pt: &str, problems: &mut Vec<String>) {
     if let Some(size) = t.size {
         count_between(problems, &format!("{pt}.size"), u64::from(size), 1, MAX_FRAME_SIDE);
     }
-    match t.overlap {
-        Some(Overlap::Fraction(f)) if !(0.0..1.0).contains(&f) => problems.push(format!(
-            "{pt}.overlap: {f} is not a fraction of the tile in [0, 1) (or write a whole number of pixels)"
-        )),
-        _ => {}
+    if let Some(Overlap::Fraction(f)) = t.overlap {
+        if !(0.0..1.0).contains(&f) {
+            problems.push(format!(
+                "{pt}.overlap: {f} is not a fraction of the tile in [0, 1) (or write a whole number of pixels)"
+            ));
+        }
     }
 }
 
