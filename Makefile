@@ -54,7 +54,7 @@ GST_DEBS    := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev l
                gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
                gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp aravis-tools aravis-tools-cli
 
-.PHONY: soak lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-rtsp bench-train bench-quality bench-mnist build release install clean-venv
+.PHONY: soak lint trainer-release help venv deps test test-core test-daemon test-trainer demo bench bench-rtsp bench-train bench-quality bench-mnist bench-tiles build release install clean-venv
 
 help:
 	@sed -n '2,13p' Makefile
@@ -165,6 +165,11 @@ bench-quality: deps trainer-release
 
 bench-mnist: deps trainer-release
 	benches/mnist_protocol.sh
+
+# The tiling table (issue 17): whole frame vs tiles, AUROC and fps (benches/README.md, "Tiles").
+bench-tiles: deps trainer-release
+	cargo build --release --bin ganomalyd
+	benches/tiles.sh -f
 
 clean-venv:
 	rm -rf $(VENV)

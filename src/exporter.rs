@@ -371,7 +371,7 @@ impl Collector for DaemonCollector {
             s.cameras.iter().map(move |(n, c)| (cam(n), ConstCounter::new(f(c)))).collect::<Vec<_>>()
         };
         type Count = fn(&CameraCounters) -> u64;
-        let frames: [(&str, &str, Count); 4] = [
+        let frames: [(&str, &str, Count); 5] = [
             ("frames_captured", "Frames the camera source delivered.", |c| CameraCounters::get(&c.captured)),
             ("frames_dropped", "Frames dropped because preprocessing was behind (drop-oldest, by design).", |c| {
                 CameraCounters::get(&c.dropped)
@@ -383,6 +383,9 @@ impl Collector for DaemonCollector {
             ),
             ("frames_decided", "Frames scored and passed through the alarm state machine.", |c| {
                 CameraCounters::get(&c.decided)
+            }),
+            ("tiles_scored", "Tiles scored by a tiled camera (each of its frames is one or more tiles).", |c| {
+                CameraCounters::get(&c.tiles)
             }),
         ];
         for (name, help, f) in frames {
@@ -515,6 +518,19 @@ impl Collector for DaemonCollector {
             MetricType::Gauge,
             scores,
         )?;
+        // Tiled cameras only, once a frame was scored: which tile scored the latest frame.
+        let hot: Vec<_> =
+            s.cameras.iter().filter_map(|(n, c)| c.hot_tile().map(|t| (cam(n), ConstGauge::new(t as i64)))).collect();
+        if !hot.is_empty() {
+            family(
+                &mut enc,
+                "hot_tile",
+                "A tiled camera's tile (row-major index in its grid) that had the latest frame's score.",
+                None,
+                MetricType::Gauge,
+                hot,
+            )?;
+        }
         let mut latency = Vec::new();
         for (n, c) in &s.cameras {
             let (p50, p99) = c.latency.lock().map(|h| (h.quantile(0.5), h.quantile(0.99))).unwrap_or((0.0, 0.0));

@@ -102,13 +102,18 @@ impl BatchOutput {
     /// when it has one and the model exports it (`patch`), else the reconstruction
     /// map. `side × side`; empty if `i` is out of range.
     pub fn map(&self, kind: ScoreKind, i: usize, side: usize) -> &[f32] {
+        self.maps(kind, i, 1, side)
+    }
+
+    /// The heat maps of images `i..i + n` (a tiled frame's tiles), back to back.
+    pub fn maps(&self, kind: ScoreKind, i: usize, n: usize, side: usize) -> &[f32] {
         let px = side * side;
         let maps = if kind.map_output().is_some() && self.patch_maps.len() == self.maps.len() {
             &self.patch_maps
         } else {
             &self.maps
         };
-        maps.get(i * px..(i + 1) * px).unwrap_or(&[])
+        maps.get(i * px..(i + n) * px).unwrap_or(&[])
     }
 }
 
@@ -476,7 +481,7 @@ impl InferThread {
     /// A frame this thread will not score: the camera is not (or no longer)
     /// here, or it was prepared for another input shape (before a swap).
     fn drop_frame(&mut self, p: Prepared, orphans: &Orphans) {
-        let Prepared { frame, tensor } = p;
+        let Prepared { frame, tensor, .. } = p;
         let _ = self.tensor_recycle.try_send(tensor);
         let slot = frame.camera;
         let counters = match self.camera(slot) {
@@ -500,6 +505,8 @@ fn run(mut t: InferThread) {
     let mut out = BatchOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
     let mut orphans: Orphans = Vec::new();
+    // A tiled frame's stitched anomaly map (`tiles.rs`), reused frame to frame.
+    let mut stitched: Vec<f32> = Vec::new();
     // Every alarm machine starts idle: say so, so that a retained `ON` left by a
     // previous run that died mid-alarm does not stay on the broker.
     for cam in t.cameras.iter().flatten() {
@@ -529,12 +536,17 @@ fn run(mut t: InferThread) {
                 continue;
             },
         };
+        // `max_batch` counts model inputs: a tiled frame is all its tiles,
+        // never split across runs (`tiles.rs`), so the last frame in may take
+        // the batch past `max_batch`.
+        let mut images = first.images();
         batch.push(first);
         let deadline = Instant::now() + batch_wait(last_batch, t.max_wait);
-        while batch.len() < t.max_batch {
+        while images < t.max_batch {
             // Whatever is already queued joins without waiting.
             match t.rx.try_recv() {
                 Ok(p) => {
+                    images += p.images();
                     batch.push(p);
                     continue;
                 }
@@ -542,7 +554,10 @@ fn run(mut t: InferThread) {
                 Err(crossbeam_channel::TryRecvError::Empty) => {}
             }
             match t.rx.recv_deadline(deadline) {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    images += p.images();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -552,15 +567,12 @@ fn run(mut t: InferThread) {
         t.take_control(&mut orphans);
         let len = t.model.tensor_len();
         let side = t.model.side();
-        if input.len() < len * t.max_batch {
-            input.resize(len * t.max_batch, 0.0);
-        }
         // Order kept (`remove`, not `swap_remove`): a camera's frames must
         // reach its alarm machine in sequence. Drops are rare (a reload).
         let mut i = 0;
         while i < batch.len() {
             let p = &batch[i];
-            if p.tensor.len() == len && t.cameras.get(p.frame.camera).is_some_and(Option::is_some) {
+            if p.tensor.len() == len * p.images() && t.cameras.get(p.frame.camera).is_some_and(Option::is_some) {
                 i += 1;
             } else {
                 let p = batch.remove(i);
@@ -570,20 +582,57 @@ fn run(mut t: InferThread) {
         if batch.is_empty() {
             continue;
         }
-        for (i, p) in batch.iter().enumerate() {
-            input[i * len..(i + 1) * len].copy_from_slice(&p.tensor[..len]);
+        let n: usize = batch.iter().map(Prepared::images).sum();
+        if input.len() < len * n.max(t.max_batch) {
+            input.resize(len * n.max(t.max_batch), 0.0);
         }
-        let n = batch.len();
+        let mut at = 0;
+        for p in &batch {
+            input[at * len..(at + p.images()) * len].copy_from_slice(&p.tensor);
+            at += p.images();
+        }
+        let frames = batch.len();
         let result = t.model.run(&input, n, &mut out);
         if let Err(e) = &result {
-            tracing::error!(error = %crate::base::report::chain(e), frames = n, "inference failed; frames skipped");
+            tracing::error!(error = %crate::base::report::chain(e), frames, images = n, "inference failed; frames skipped");
         }
         let outputs = Outputs { publisher: &*t.publisher, snapshots: t.snapshots.as_ref(), live: t.live.as_deref() };
         let mut decided = 0usize;
-        for (i, p) in batch.drain(..).enumerate() {
-            let Prepared { frame, tensor } = p;
+        // The frame's first model input in the batch.
+        let mut first = 0;
+        for p in batch.drain(..) {
+            let Prepared { frame, tensor, tiles } = p;
+            let i = first;
+            first += tiles.as_ref().map_or(1, |g| g.len());
             let _ = t.tensor_recycle.try_send(tensor);
             let Some(cam) = t.cameras.get_mut(frame.camera).and_then(Option::as_mut) else { continue };
+            if let Some(grid) = &tiles {
+                if result.is_err() {
+                    CameraCounters::add(&cam.counters.broken, 1);
+                    let _ = cam.recycle.try_send(frame.pixels);
+                    continue;
+                }
+                // One score per frame, as for any camera: its hottest tile's.
+                CameraCounters::add(&cam.counters.tiles, grid.len() as u64);
+                let kind = cam.decider.kind;
+                let scored = crate::tiles::frame_score(&out, kind, i, grid.len());
+                if let Some((_, tile)) = scored {
+                    cam.counters.set_hot_tile(tile);
+                }
+                let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, scored.map(|(s, _)| s));
+                decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
+                // The stitched map only where it is used: an alarm event's snapshot, the live view.
+                let wants_map =
+                    outputs.live.is_some() || matches!(&outcome, crate::decide::Outcome::Scored { alarm: Some(_), .. });
+                let map_side = if wants_map {
+                    crate::tiles::stitch_map(&out, kind, i, grid, side, &mut stitched)
+                } else {
+                    stitched.clear();
+                    0
+                };
+                cam.act(outcome, frame, &stitched, map_side, &outputs);
+                continue;
+            }
             if let Some(tx) = &cam.trigger {
                 // A triggered camera's frame: its verdict is decided on the trigger thread.
                 let scored = crate::trigger::scored(frame, &result, out.score(cam.decider.kind, i), &out.maps, i, side);

@@ -12,6 +12,7 @@
 //! - [`trigger`]: triggered cameras: ring buffer, pending triggers, de-duplication, deadlines, on its own
 //!   thread; [`verdict`] is the pure "scores of a part's frames → ok/ng/error" step.
 //! - [`record`]: the inspection record (every verdict and alarm in SQLite, with retention).
+//! - [`tiles`]: a camera's ROI scored as a grid of model-sized tiles (one batch per frame, max over tiles, maps stitched).
 //! - [`snapshot`]: JPEG snapshots with the anomaly map as a heat overlay.
 //! - [`recording`]: good frames of a camera, through its ROI, into `DIR/train/good/` (near-duplicates skipped).
 //! - [`events`]: score/alarm/status payloads and the `Publisher` trait.
@@ -61,5 +62,6 @@ pub mod runtime;
 pub mod shadow;
 pub mod snapshot;
 pub mod systemd;
+pub mod tiles;
 pub mod trigger;
 pub mod verdict;

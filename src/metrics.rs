@@ -23,6 +23,11 @@ pub struct CameraCounters {
     pub broken: AtomicU64,
     /// Frames that reached an alarm decision.
     pub decided: AtomicU64,
+    /// Tiles scored (a tiled camera, `tiles.rs`: each of its frames is several
+    /// model inputs; every other count here is frames).
+    pub tiles: AtomicU64,
+    /// The hottest tile of the latest tiled frame, plus one (0: none yet).
+    pub hot_tile: AtomicU64,
     pub online: AtomicBool,
     /// Capture → alarm decision.
     pub latency: Mutex<LatencyHistogram>,
@@ -80,6 +85,16 @@ impl CameraCounters {
         if let Ok(mut d) = self.decoder.lock() {
             *d = Some(decoder);
         }
+    }
+
+    /// Tile `index` (row-major in the camera's grid) had the frame's score.
+    pub fn set_hot_tile(&self, index: usize) {
+        self.hot_tile.store(index as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// The hottest tile of the latest tiled frame (`None` before one, or untiled).
+    pub fn hot_tile(&self) -> Option<u64> {
+        self.hot_tile.load(Ordering::Relaxed).checked_sub(1)
     }
 
     pub fn set_last_score(&self, score: f64) {

@@ -748,6 +748,7 @@ impl Pipeline {
                     name: c.plan.name.clone(),
                     slot: c.slot,
                     roi: c.plan.roi,
+                    tiles: c.plan.tiles,
                     model,
                     shadow,
                     counters: c.counters.clone(),

@@ -30,12 +30,23 @@ use crate::capture::{Frame, FrameData, PixelFormat};
 use crate::metrics::CameraCounters;
 use crate::shadow::ShadowCompare;
 use ganomaly_core::preprocess::Roi;
+use ganomaly_core::tiles::{Grid, Tiling};
 
 /// A frame with its model input, on its way to inference.
 #[derive(Debug)]
 pub struct Prepared {
     pub frame: Frame,
+    /// One model input, or (tiled) one per tile, back to back.
     pub tensor: Vec<f32>,
+    /// The frame's tiles (`tiles.rs`): `None` for an untiled camera.
+    pub tiles: Option<Arc<Grid>>,
+}
+
+impl Prepared {
+    /// Model inputs this frame takes in a batch (its tiles, or 1).
+    pub fn images(&self) -> usize {
+        self.tiles.as_ref().map_or(1, |g| g.len())
+    }
 }
 
 /// How one camera's frames are prepared.
@@ -45,6 +56,8 @@ pub struct CameraPrep {
     /// The slot its frames carry (`Frame::camera`).
     pub slot: usize,
     pub roi: Option<Roi>,
+    /// The ROI cut into tiles, each one model input (`tiles.rs`).
+    pub tiles: Option<Tiling>,
     /// Index of the camera's model in [`PoolSpec::models`].
     pub model: usize,
     /// Its shadow model's index in [`PoolSpec::models`] (same input shape),
@@ -123,6 +136,8 @@ fn worker(mut spec: Arc<PoolSpec>, control: Receiver<Arc<PoolSpec>>) {
 /// and drained (`None`).
 fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut bool) -> Option<Arc<PoolSpec>> {
     let mut preps: Vec<Preprocessor> = spec.models.iter().map(|m| Preprocessor::new(m.color, m.size)).collect();
+    // Each tiled camera's last grid (a camera's frames rarely change size).
+    let mut grids: Vec<Option<Arc<Grid>>> = vec![None; spec.cameras.len()];
     let mut sel = Select::new();
     // Index 0 is the spec channel; the cameras follow.
     sel.recv(control);
@@ -161,11 +176,19 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
         let model = &spec.models[cam.model];
         let prep = &mut preps[cam.model];
         let mut tensor = model.tensor_recycle.try_recv().unwrap_or_default();
-        tensor.resize(prep.tensor_len(), 0.0);
         let px = &frame.pixels;
         let fr = FrameRef { width: px.width, height: px.height, layout: layout(px.format), data: &px.data };
-        match prep.run(&fr, cam.roi, &mut tensor) {
-            Ok(()) => {
+        let prepared = match cam.tiles {
+            None => {
+                tensor.resize(prep.tensor_len(), 0.0);
+                prep.run(&fr, cam.roi, &mut tensor).map(|()| None).map_err(|e| e.to_string())
+            }
+            Some(tiling) => crate::tiles::prepare(prep, &fr, cam.roi, tiling, &mut grids[idx - 1], &mut tensor)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        };
+        match prepared {
+            Ok(tiles) => {
                 let shadow = cam.shadow.as_ref().map(|(m, compare)| (&spec.models[*m], compare));
                 // The shadow gets only frames the real model has slack for:
                 // with frames already waiting at the real model, the shadow's
@@ -173,7 +196,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 let real_idle = model.output.is_empty();
                 let copy = shadow.and_then(|(m, compare)| {
                     if real_idle {
-                        shadow_copy(m, compare, &frame, &tensor)
+                        shadow_copy(m, compare, &frame, &tensor, &tiles)
                     } else {
                         compare.drop_frame();
                         None
@@ -182,7 +205,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 // Blocks while the model is behind (the policy above). An
                 // error: the model's thread is gone (a start-up failure, or a
                 // reload retired it and a new spec is on its way).
-                let _ = model.output.send(Prepared { frame, tensor });
+                let _ = model.output.send(Prepared { frame, tensor, tiles });
                 if let (Some((m, compare)), Some(p)) = (shadow, copy) {
                     if m.output.try_send(p).is_err() {
                         compare.drop_frame();
@@ -201,7 +224,13 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
 /// The shadow's copy of a frame's tensor (its pixels stay with the real
 /// frame: a shadow takes no snapshots), or `None` when the shadow's input is
 /// full: dropped before any work is spent on it (counted).
-fn shadow_copy(model: &ModelPrep, compare: &ShadowCompare, frame: &Frame, tensor: &[f32]) -> Option<Prepared> {
+fn shadow_copy(
+    model: &ModelPrep,
+    compare: &ShadowCompare,
+    frame: &Frame,
+    tensor: &[f32],
+    tiles: &Option<Arc<Grid>>,
+) -> Option<Prepared> {
     if model.output.is_full() {
         compare.drop_frame();
         return None;
@@ -216,5 +245,5 @@ fn shadow_copy(model: &ModelPrep, compare: &ShadowCompare, frame: &Frame, tensor
         ts_ms: frame.ts_ms,
         pixels: FrameData::default(),
     };
-    Some(Prepared { frame, tensor: copy })
+    Some(Prepared { frame, tensor: copy, tiles: tiles.clone() })
 }

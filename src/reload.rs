@@ -12,7 +12,7 @@
 //! | `alarm` only | new thresholds/timing applied between batches | carries on under them |
 //! | `score`, or its model (another path, or the file changed) | model swapped between batches; the camera thread keeps running | carries on (see below) |
 //! | `shadow_model`/`shadow_score` | the shadow is attached, replaced or detached | the shadow's own alarm ends (`reload`) when it is replaced or detached |
-//! | `source` (kind, device, URL, …), `width`/`height`, `limits`, `fps`, `roi`, `read_timeout_s` | restarted: a new camera thread and queue (frame `seq` counts from 0 again) | an active alarm ends, reason `reload` (a new view: whether the part is still bad is unknown) |
+//! | `source` (kind, device, URL, …), `width`/`height`, `limits`, `fps`, `roi`, `tiles`, `read_timeout_s` | restarted: a new camera thread and queue (frame `seq` counts from 0 again) | an active alarm ends, reason `reload` (a new view: whether the part is still bad is unknown) |
 //! | added | started | new |
 //! | removed | stopped; `camera` offline | an active alarm ends, reason `reload` |
 //!
@@ -238,8 +238,20 @@ pub fn plan(old: &Settings, new: &Settings, changed_files: &BTreeSet<PathBuf>) -
 
 fn camera_change(old: &CameraPlan, new: &CameraPlan, changed_files: &BTreeSet<PathBuf>) -> CameraChange {
     // `mode`: a camera triggered before or after is held by `plan` (see `held_triggered`).
-    let CameraPlan { name: _, source: _, model, score, fps, roi, alarm, read_timeout, source_key, shadow, mode: _ } =
-        new;
+    let CameraPlan {
+        name: _,
+        source: _,
+        model,
+        score,
+        fps,
+        roi,
+        alarm,
+        read_timeout,
+        source_key,
+        shadow,
+        mode: _,
+        tiles,
+    } = new;
     // `source` is compiled from the table `source_key` digests.
     let mut restart = Vec::new();
     if *source_key != old.source_key {
@@ -250,6 +262,10 @@ fn camera_change(old: &CameraPlan, new: &CameraPlan, changed_files: &BTreeSet<Pa
     }
     if *roi != old.roi {
         restart.push("roi");
+    }
+    // A new grid is a new view of the part, as a new ROI is.
+    if *tiles != old.tiles {
+        restart.push("tiles");
     }
     if *read_timeout != old.read_timeout {
         restart.push("read_timeout_s");

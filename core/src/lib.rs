@@ -8,6 +8,7 @@
 //! - [`metadata`]: the versioned model metadata inside the ONNX file.
 //! - [`patch`]: the `patch` score's configuration (maps, grid, channels) and statistics.
 //! - [`preprocess`]: the one frame → tensor function (trainer and daemon alike).
+//! - [`tiles`]: a region cut into model-sized tiles, and their maps stitched back (daemon and trainer alike).
 //! - [`calibrate`]: thresholds, normalized scores, AUROC and F1.
 //! - [`synth`]: deterministic synthetic textures and defects, MVTec-style writer.
 //! - [`reference`](mod@reference): a slow, obviously-correct forward pass used to test the graph.
@@ -23,6 +24,7 @@ pub mod patch;
 pub mod preprocess;
 pub mod reference;
 pub mod synth;
+pub mod tiles;
 pub mod weights;
 
 pub use arch::ArchSpec;

@@ -29,6 +29,10 @@ pub const KEY_PREPROCESS: &str = "ganomaly.preprocess";
 pub const KEY_SCORES: &str = "ganomaly.scores";
 pub const KEY_DEFAULT_SCORE: &str = "ganomaly.default_score";
 pub const KEY_PROVENANCE: &str = "ganomaly.provenance";
+/// Optional: the tiling the model was trained on (`ganomaly-train train --tile`).
+/// Its own key, so that builds from before it (which ignore unknown keys) still
+/// read tiled models, and models without it read as untiled.
+pub const KEY_TILING: &str = "ganomaly.tiling";
 
 /// Errors reading model metadata; each names the key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -425,6 +429,10 @@ pub struct ModelMetadata {
     pub scores: Vec<ScoreMeta>,
     pub default_score: ScoreKind,
     pub provenance: Provenance,
+    /// The tiles the model was trained on (source pixels per tile and stride),
+    /// `None` for a model trained on whole images: the daemon tiles a camera
+    /// this way unless its config says otherwise (`[cameras.<name>.tiles]`).
+    pub tiling: Option<crate::tiles::Tiling>,
 }
 
 impl ModelMetadata {
@@ -445,6 +453,7 @@ impl ModelMetadata {
                 .collect(),
             default_score: ScoreKind::Latent,
             provenance: Provenance { notes: "uncalibrated".into(), ..Default::default() },
+            tiling: None,
         }
     }
 
@@ -478,6 +487,9 @@ impl ModelMetadata {
         m.insert(KEY_SCORES.into(), json(&self.scores));
         m.insert(KEY_DEFAULT_SCORE.into(), self.default_score.as_str().into());
         m.insert(KEY_PROVENANCE.into(), json(&self.provenance));
+        if let Some(t) = &self.tiling {
+            m.insert(KEY_TILING.into(), json(t));
+        }
         m
     }
 
@@ -556,7 +568,15 @@ impl ModelMetadata {
             });
         }
         let provenance: Provenance = parse(props, KEY_PROVENANCE)?;
-        Ok(ModelMetadata { arch, preprocess, scores, default_score, provenance })
+        let tiling = match props.get(KEY_TILING) {
+            None => None,
+            Some(_) => {
+                let t: crate::tiles::Tiling = parse(props, KEY_TILING)?;
+                t.check().map_err(|e| MetadataError::Invalid { key: KEY_TILING, reason: e.to_string() })?;
+                Some(t)
+            }
+        };
+        Ok(ModelMetadata { arch, preprocess, scores, default_score, provenance, tiling })
     }
 }
 
@@ -635,6 +655,21 @@ mod tests {
         let mut p = sample().to_props();
         p.insert(KEY_SCORES.into(), "not json".into());
         assert!(matches!(ModelMetadata::from_props(&p), Err(MetadataError::Invalid { key: KEY_SCORES, .. })));
+    }
+
+    #[test]
+    fn tiling_is_optional_and_round_trips() {
+        // Models from before tiling (no key) are untiled.
+        let m = sample();
+        assert!(!m.to_props().contains_key(KEY_TILING));
+        assert_eq!(ModelMetadata::from_props(&m.to_props()).unwrap().tiling, None);
+        let mut t = sample();
+        t.tiling = Some(crate::tiles::Tiling { size: 128, stride: 96 });
+        assert_eq!(ModelMetadata::from_props(&t.to_props()), Ok(t.clone()));
+        let mut p = t.to_props();
+        p.insert(KEY_TILING.into(), r#"{"size":64,"stride":0}"#.into());
+        let err = ModelMetadata::from_props(&p).unwrap_err();
+        assert!(matches!(&err, MetadataError::Invalid { key: KEY_TILING, .. }), "{err}");
     }
 
     #[test]

@@ -218,8 +218,24 @@ pub fn defective(
     seed: u64,
     index: u64,
 ) -> (RgbImage, GrayImage) {
+    defective_scaled(texture, defect, strength, 1.0, size, seed, index)
+}
+
+/// [`defective`] with the defect's geometry (length, radius, width) scaled by
+/// `scale` against the image side: 1.0 is [`defective`]; 0.05 on a 512 px image
+/// draws the defect a 26 px image would get, a few pixels across (the tiling
+/// benchmark's small defects). Placement and draws are the same at every scale.
+pub fn defective_scaled(
+    texture: Texture,
+    defect: Defect,
+    strength: f32,
+    scale: f32,
+    size: u32,
+    seed: u64,
+    index: u64,
+) -> (RgbImage, GrayImage) {
     let mut image = good(texture, size, seed, index);
-    let mask = defect_into(&mut image, defect, strength, mix(&[seed, texture.tag(), index]));
+    let mask = defect_into_scaled(&mut image, defect, strength, scale, mix(&[seed, texture.tag(), index]));
     (image, mask)
 }
 
@@ -227,17 +243,24 @@ pub fn defective(
 /// mask (255 = defect). Placement and shape come from `seed` alone; `strength`
 /// as in [`defective`].
 pub fn defect_into(image: &mut RgbImage, defect: Defect, strength: f32, seed: u64) -> GrayImage {
+    defect_into_scaled(image, defect, strength, 1.0, seed)
+}
+
+/// [`defect_into`] with the defect's geometry scaled by `scale` (in (0, 1];
+/// anything else counts as 1), as [`defective_scaled`].
+pub fn defect_into_scaled(image: &mut RgbImage, defect: Defect, strength: f32, scale: f32, seed: u64) -> GrayImage {
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 {
         return GrayImage::new(w, h);
     }
     let strength = if strength.is_nan() { 0.0 } else { strength.clamp(0.0, 1.0) };
+    let scale = if scale > 0.0 && scale <= 1.0 { scale } else { 1.0 };
     let mut rng = rng_for(&[STREAM_DEFECT, seed, defect.tag()]);
     match defect {
-        Defect::Scratch => scratch(image, &mut rng, strength),
-        Defect::Crack => crack(image, &mut rng, strength),
-        Defect::Stain => stain(image, &mut rng, strength),
-        Defect::Hole => hole(image, &mut rng, strength),
+        Defect::Scratch => scratch(image, &mut rng, strength, scale),
+        Defect::Crack => crack(image, &mut rng, strength, scale),
+        Defect::Stain => stain(image, &mut rng, strength, scale),
+        Defect::Hole => hole(image, &mut rng, strength, scale),
     }
 }
 
@@ -256,6 +279,9 @@ pub struct DatasetSpec {
     pub defects: Vec<Defect>,
     /// As in [`defective`].
     pub strength: f32,
+    /// Defect geometry against the image side, in (0, 1]: 1 as before; small
+    /// values draw defects a few pixels across ([`defective_scaled`]).
+    pub defect_scale: f32,
 }
 
 /// Smallest image side: below it a hole or scratch is a handful of pixels and
@@ -273,6 +299,9 @@ impl DatasetSpec {
         }
         if !(0.0..=1.0).contains(&self.strength) {
             problems.push(format!("strength must be between 0 and 1 (got {})", self.strength));
+        }
+        if !(self.defect_scale > 0.0 && self.defect_scale <= 1.0) {
+            problems.push(format!("defect scale must be in (0, 1] (got {})", self.defect_scale));
         }
         for (i, d) in self.defects.iter().enumerate() {
             if self.defects[..i].contains(d) {
@@ -344,7 +373,7 @@ pub fn write_mvtec(dir: &Path, spec: &DatasetSpec) -> Result<DatasetSummary, Syn
         create_dir(&masks)?;
         for i in 0..spec.test_per_defect {
             let index = test_index(Some(defect), i as u64);
-            let (image, mask) = defective(tex, defect, spec.strength, size, seed, index);
+            let (image, mask) = defective_scaled(tex, defect, spec.strength, spec.defect_scale, size, seed, index);
             save(&image, &images.join(format!("{i:03}.png")))?;
             save(&mask, &masks.join(format!("{i:03}_mask.png")))?;
         }
@@ -732,14 +761,15 @@ fn blend_pixel(image: &mut RgbImage, x: u32, y: u32, f: impl FnOnce([f32; 3]) ->
 }
 
 /// Image side and the scale from reference units to its pixels.
-fn frame(image: &RgbImage) -> (f32, f32, f32, f32) {
+/// Width, height, and the side (× `scale`) and scale against [`REF`] that size a defect.
+fn frame(image: &RgbImage, scale: f32) -> (f32, f32, f32, f32) {
     let (w, h) = image.dimensions();
-    let side = w.min(h) as f32;
+    let side = w.min(h) as f32 * scale;
     (w as f32, h as f32, side, side / REF)
 }
 
-fn scratch(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage {
-    let (w, h, side, sc) = frame(image);
+fn scratch(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32, scale: f32) -> GrayImage {
+    let (w, h, side, sc) = frame(image, scale);
     let len = uniform(rng, 0.25, 0.5) * side;
     let (mx, my) = (uniform(rng, 0.25, 0.75) * w, uniform(rng, 0.25, 0.75) * h);
     let angle = uniform(rng, 0.0, TAU);
@@ -771,7 +801,7 @@ fn scratch(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayIma
     cov.mask()
 }
 
-fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage {
+fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32, scale: f32) -> GrayImage {
     struct Arm {
         x: f32,
         y: f32,
@@ -780,7 +810,7 @@ fn crack(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
         width: f32,
         depth: u8,
     }
-    let (w, h, side, sc) = frame(image);
+    let (w, h, side, sc) = frame(image, scale);
     let total = uniform(rng, 0.25, 0.45) * side;
     let (x, y) = (uniform(rng, 0.25, 0.75) * w, uniform(rng, 0.25, 0.75) * h);
     let heading = uniform(rng, 0.0, TAU);
@@ -830,8 +860,8 @@ fn disc_bounds(image: &RgbImage, cx: f32, cy: f32, r: f32) -> (u32, u32, u32, u3
     (clip(cx - r, w), clip(cy - r, h), clip(cx + r, w), clip(cy + r, h))
 }
 
-fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage {
-    let (w, h, side, sc) = frame(image);
+fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32, scale: f32) -> GrayImage {
+    let (w, h, side, sc) = frame(image, scale);
     let (cx, cy) = (uniform(rng, 0.2, 0.8) * w, uniform(rng, 0.2, 0.8) * h);
     let r = (uniform(rng, 0.06, 0.14) * side).max(2.0);
     let rot = uniform(rng, 0.0, PI);
@@ -884,8 +914,8 @@ fn stain(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage
     mask
 }
 
-fn hole(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32) -> GrayImage {
-    let (w, h, side, _) = frame(image);
+fn hole(image: &mut RgbImage, rng: &mut ChaCha8Rng, strength: f32, scale: f32) -> GrayImage {
+    let (w, h, side, _) = frame(image, scale);
     let (cx, cy) = (uniform(rng, 0.15, 0.85) * w, uniform(rng, 0.15, 0.85) * h);
     let r = (uniform(rng, 0.025, 0.045) * side).max(2.5);
     let light = uniform(rng, 0.0, TAU);
@@ -1070,6 +1100,19 @@ mod tests {
     }
 
     #[test]
+    fn a_small_defect_scale_draws_small_defects_in_the_same_place() {
+        for defect in Defect::ALL {
+            let (_, big) = defective(Texture::BrushedMetal, defect, 1.0, 256, 5, 3);
+            assert_eq!(defective_scaled(Texture::BrushedMetal, defect, 1.0, 1.0, 256, 5, 3).1, big);
+            let (img, small) = defective_scaled(Texture::BrushedMetal, defect, 1.0, 0.1, 256, 5, 3);
+            let (nb, ns) = (mask_fraction(&big), mask_fraction(&small));
+            assert!(ns > 0.0 && ns < nb / 4.0, "{defect}: {ns} vs {nb}");
+            // Still a visible change under its mask.
+            assert!(mean_diff(&good(Texture::BrushedMetal, 256, 5, 3), &img, &small, true) > 5.0, "{defect}");
+        }
+    }
+
+    #[test]
     fn defect_into_pastes_onto_any_image() {
         for defect in Defect::ALL {
             let mut image = RgbImage::from_pixel(200, 120, image::Rgb([128, 128, 128]));
@@ -1110,6 +1153,7 @@ mod tests {
             test_per_defect: 2,
             defects: vec![Defect::Scratch, Defect::Hole],
             strength: 1.0,
+            defect_scale: 1.0,
         }
     }
 

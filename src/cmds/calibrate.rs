@@ -71,6 +71,7 @@ pub fn run(a: &Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("model {} has no `{}` score", plan.model.display(), kind.as_str()))?;
     let mut pre = Preprocessor::from_meta(&model.meta.preprocess);
     let mut tensor = vec![0f32; pre.tensor_len()];
+    let mut grid = None;
     let mut out = BatchOutput::default();
     let mut source = (plan.source.factory())();
     source.open().with_context(|| format!("camera {}", plan.name))?;
@@ -97,11 +98,19 @@ pub fn run(a: &Args) -> anyhow::Result<ExitCode> {
             layout: crate::preprocess::layout(frame.format),
             data: &frame.data,
         };
-        if pre.run(&fr, plan.roi, &mut tensor).is_err() {
-            continue;
-        }
-        model.run(&tensor, 1, &mut out)?;
-        if let Some(raw) = out.score(kind, 0).map(f64::from).filter(|r| r.is_finite()) {
+        // A tiled camera's score is its hottest tile's, as the daemon scores it.
+        let images = match plan.tiles {
+            None => pre.run(&fr, plan.roi, &mut tensor).map(|()| 1).ok(),
+            Some(t) => crate::tiles::prepare(&mut pre, &fr, plan.roi, t, &mut grid, &mut tensor).map(|g| g.len()).ok(),
+        };
+        let Some(images) = images else { continue };
+        model.run(&tensor, images, &mut out)?;
+        let raw = if plan.tiles.is_some() {
+            crate::tiles::frame_score(&out, kind, 0, images).map(|(s, _)| s)
+        } else {
+            out.score(kind, 0)
+        };
+        if let Some(raw) = raw.map(f64::from).filter(|r| r.is_finite()) {
             scores.push(raw);
         }
         if let Some(p) = pace {

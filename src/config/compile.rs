@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    AlarmTable, CameraTable, CommandsConfig, CommissioningConfig, ConfigFile, InferenceConfig, MetricsConfig,
-    PipelineConfig, RecordConfig, SnapshotConfig, TriggerTable,
+    AlarmTable, CameraTable, CommandsConfig, CommissioningConfig, ConfigFile, InferenceConfig, MetricsConfig, Overlap,
+    PipelineConfig, RecordConfig, SnapshotConfig, TilesTable, TriggerTable,
 };
 use super::settings::{
     Aggregate, AlarmConfig, CameraMode, CameraPlan, CommissioningSettings, FramesFrom, InferenceSettings,
@@ -30,6 +30,7 @@ use crate::capture::CameraContext;
 use crate::commands::{CommandName, CommandSettings};
 use crate::publish::config::MqttConfig;
 use crate::publish::sparkplug::{SparkplugConfig, SparkplugSettings};
+use ganomaly_core::tiles::Tiling;
 
 const DEFAULT_WIDTH: u32 = 640;
 const DEFAULT_HEIGHT: u32 = 480;
@@ -548,10 +549,106 @@ fn table_fields(t: &CameraTable, p: &str, problems: &mut Vec<String>) {
     if let Some(l) = &t.limits {
         l.check(&format!("{p}.limits"), problems);
     }
+    if let Some(tiles) = &t.tiles {
+        tiles_fields(tiles, &format!("{p}.tiles"), problems);
+    }
     // An hour at most: beyond that a wedged camera goes unnoticed for a shift.
     if let Some(r) = t.read_timeout_s {
         between(problems, &format!("{p}.read_timeout_s"), r, 0.1, 3600.0, "");
     }
+}
+
+/// Range checks of a `tiles` table as written (the merged tiling, whose size
+/// may be the model's, is checked against its overlap, the ROI and the model
+/// in [`camera_tiles`]).
+fn tiles_fields(t: &TilesTable, pt: &str, problems: &mut Vec<String>) {
+    if let Some(size) = t.size {
+        count_between(problems, &format!("{pt}.size"), u64::from(size), 1, MAX_FRAME_SIDE);
+    }
+    if let Some(Overlap::Fraction(f)) = t.overlap {
+        if !(0.0..1.0).contains(&f) {
+            problems.push(format!(
+                "{pt}.overlap: {f} is not a fraction of the tile in [0, 1) (or write a whole number of pixels)"
+            ));
+        }
+    }
+}
+
+/// The camera's tiling: its `tiles` table (over `[defaults.tiles]`), sizes
+/// defaulting to the model's; with no table, the model's own tiling (a model
+/// trained on tiles is served on tiles). Checked against the ROI when its
+/// size is known, so that a config `check-config` passes runs.
+fn camera_tiles(
+    t: &CameraTable,
+    d: &CameraTable,
+    p: &str,
+    meta: Option<&ganomaly_core::ModelMetadata>,
+    region: Option<(u32, u32)>,
+    triggered: bool,
+    problems: &mut Vec<String>,
+) -> Option<Tiling> {
+    let model_tiling = meta.and_then(|m| m.tiling);
+    let written = t.tiles.as_ref().or(d.tiles.as_ref());
+    let tiling = match written {
+        None => model_tiling?,
+        Some(table) => {
+            // Unprobed (no model read): the demo model's side.
+            let size = table.size.or(model_tiling.map(|m| m.size)).or(meta.map(|m| m.preprocess.size)).unwrap_or(64);
+            let overlap = match table.overlap {
+                None => 0,
+                Some(Overlap::Pixels(px)) => px,
+                Some(Overlap::Fraction(f)) => (f.clamp(0.0, 1.0) * f64::from(size)).round() as u32,
+            };
+            if overlap >= size {
+                problems.push(format!(
+                    "{p}.tiles.overlap: {overlap} px must be below the tile size ({size} px): tiles would not advance"
+                ));
+                return None;
+            }
+            let tiling = Tiling { size, stride: size - overlap };
+            match (model_tiling, meta) {
+                (Some(m), _) if m != tiling => tracing::warn!(
+                    camera = p, model = %m.label(), config = %tiling.label(),
+                    "the camera's tiles differ from the tiles the model was trained on (size:stride in source pixels)"
+                ),
+                (None, Some(_)) => tracing::warn!(
+                    camera = p, config = %tiling.label(),
+                    "the model was trained on whole images, the camera scores tiles: calibrate it on the tiles"
+                ),
+                _ => {}
+            }
+            tiling
+        }
+    };
+    let key = if written.is_some() { format!("{p}.tiles") } else { format!("{p}.model") };
+    if triggered {
+        problems.push(format!(
+            "{key}: tiles are not supported on a triggered camera yet (the model is tiled {}, or [tiles] is set)",
+            tiling.label()
+        ));
+        return None;
+    }
+    if let Some((w, h)) = region {
+        if tiling.size > w || tiling.size > h {
+            problems.push(format!(
+                "{key}: {} px tiles do not fit the {w}x{h} region scored (the ROI, or the frame): \
+                 set a smaller {p}.tiles.size",
+                tiling.size
+            ));
+            return None;
+        }
+        let n = ganomaly_core::tiles::count(w, h, tiling);
+        if n > ganomaly_core::tiles::MAX_TILES {
+            problems.push(format!(
+                "{key}: {n} tiles of {} px at stride {} over {w}x{h}, more than {}: set a larger {p}.tiles.size or less overlap",
+                tiling.size,
+                tiling.stride,
+                ganomaly_core::tiles::MAX_TILES
+            ));
+            return None;
+        }
+    }
+    Some(tiling)
 }
 
 fn alarm_fields(a: &AlarmTable, pa: &str, problems: &mut Vec<String>) {
@@ -712,6 +809,9 @@ fn camera(
             ));
         }
     }
+    let region = roi.map(|r| (r.width, r.height)).or(frame_size);
+    let triggered = matches!(mode, CameraMode::Triggered(_));
+    let tiles = camera_tiles(t, d, &p, meta.as_ref(), region, triggered, problems);
     if problems.len() != before {
         return None;
     }
@@ -727,6 +827,7 @@ fn camera(
         source_key,
         shadow: shadow?,
         mode,
+        tiles,
     })
 }
 

@@ -281,6 +281,30 @@ pub struct CameraTable {
     pub mode: Option<String>,
     /// Triggered inspection; fields inherit `[defaults.trigger]` one by one.
     pub trigger: Option<TriggerTable>,
+    /// Score the ROI as a grid of tiles, each resized to the model's input
+    /// (see `tiles.rs`); the table as a whole overrides `[defaults.tiles]`.
+    pub tiles: Option<TilesTable>,
+}
+
+/// `[cameras.<name>.tiles]` (or `[defaults.tiles]`): the ROI cut into square
+/// tiles of `size` source pixels, neighbours sharing `overlap`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TilesTable {
+    /// Tile side in source pixels. Default: the tiling the model was trained
+    /// on, else the model's input side (tiles scored at the camera's resolution).
+    pub size: Option<u32>,
+    /// Pixels shared by neighbouring tiles: a whole number of pixels (`16`),
+    /// or a fraction of the tile side below 1 (`0.25`). Default 0.
+    pub overlap: Option<Overlap>,
+}
+
+/// A tile overlap as written: pixels, or a fraction of the tile side.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Overlap {
+    Pixels(u32),
+    Fraction(f64),
 }
 
 /// `[defaults.trigger]` or `[cameras.<name>.trigger]`; unset fields inherit.

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 pub use compile::Probe;
 pub use file::{
-    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, PipelineConfig, RecordConfig, SnapshotConfig,
-    TriggerTable,
+    AlarmTable, CameraTable, ConfigFile, InferenceConfig, MetricsConfig, Overlap, PipelineConfig, RecordConfig,
+    SnapshotConfig, TilesTable, TriggerTable,
 };
 pub use ganomaly_core::preprocess::Roi;
 pub use settings::{

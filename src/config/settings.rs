@@ -216,6 +216,9 @@ pub struct CameraPlan {
     /// A candidate model scoring the same frames (`shadow_model`).
     pub shadow: Option<ShadowPlan>,
     pub mode: CameraMode,
+    /// The ROI scored as a grid of tiles (`[cameras.<name>.tiles]`, or the
+    /// model's own tiling); `None`: the whole ROI resized to the model's input.
+    pub tiles: Option<ganomaly_core::tiles::Tiling>,
 }
 
 /// How a camera is inspected.

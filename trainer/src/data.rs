@@ -217,6 +217,9 @@ impl SplitMix {
 pub struct LabelledSet {
     pub items: Vec<TestItem>,
     pub x: Tensor,
+    /// Tiles per item, when each is cut into tiles (`--tile`, see `tiles.rs`):
+    /// `x` holds the tiles and an item scores as the maximum over its own.
+    pub groups: Option<Vec<usize>>,
 }
 
 impl LabelledSet {
@@ -224,7 +227,7 @@ impl LabelledSet {
     pub fn load(items: Vec<TestItem>, pre: &mut Preprocessor) -> Result<LabelledSet, DataError> {
         let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
         let x = load(&paths, pre)?;
-        Ok(LabelledSet { items, x })
+        Ok(LabelledSet { items, x, groups: None })
     }
 
     /// Whether any image is defective (AUROC needs both kinds).
@@ -270,6 +273,10 @@ pub struct Splits {
     pub test: Option<LabelledSet>,
     /// `val/`, when it holds defect images.
     pub val: Option<LabelledSet>,
+    /// Tiles per held-out image (`--tile`: `fit` and `hold` hold tiles; `tiles.rs`).
+    pub hold_groups: Option<Vec<usize>>,
+    /// `--tile`: what every image was cut into.
+    pub tiling: Option<ganomaly_core::tiles::Tiling>,
 }
 
 impl Splits {
@@ -281,7 +288,7 @@ impl Splits {
         let hold = load(&hold, pre)?;
         let test = if files.test.is_empty() { None } else { Some(LabelledSet::load(files.test.clone(), pre)?) };
         let val = LabelledSet::load_val(&files.root, pre)?;
-        Ok(Splits { fit, hold, test: test.filter(LabelledSet::has_defects), val })
+        Ok(Splits { fit, hold, test: test.filter(LabelledSet::has_defects), val, hold_groups: None, tiling: None })
     }
 
     /// Images trained on.

@@ -17,7 +17,7 @@ use tch::Device;
 use crate::data::Splits;
 use crate::evaluate::{evaluate, thresholds, AtThreshold, KindEval};
 use crate::net::{NetError, NetG};
-use crate::score::{score_all, Scores};
+use crate::score::Scores;
 use crate::score_choice::{choose_score, ScoreChoice, BENCH_DEFAULT_SCORE, BENCH_EVIDENCE};
 
 /// Problems writing a model file.
@@ -101,7 +101,14 @@ pub fn build_metadata(
     if provenance.score_choice.is_none() {
         provenance.score_choice = Some(format!("--default-score {}", default_score.as_str()));
     }
-    Ok(ModelMetadata { arch, preprocess: PreprocessMeta::for_arch(&arch), scores, default_score, provenance })
+    Ok(ModelMetadata {
+        arch,
+        preprocess: PreprocessMeta::for_arch(&arch),
+        scores,
+        default_score,
+        provenance,
+        tiling: None,
+    })
 }
 
 /// Calibration (held-out normals) and test evaluation of a trained NetG.
@@ -169,13 +176,11 @@ pub fn finish(
     mut provenance: Provenance,
     device: Device,
 ) -> Result<Finished, ExportError> {
-    let raw_evals = splits
-        .test
-        .as_ref()
-        .map(|t| evaluate(&t.items, &score_all(g, &t.x, settings.map_kernel, 64, device), &BTreeMap::new()));
+    let raw_evals =
+        splits.test.as_ref().map(|t| evaluate(&t.items, &t.scores(g, settings.map_kernel, device), &BTreeMap::new()));
     let mut methods = BTreeMap::new();
     let meta = if splits.n_hold() > 0 {
-        let hold_scores: Scores = score_all(g, &splits.hold, settings.map_kernel, 64, device);
+        let hold_scores: Scores = splits.hold_scores(g, settings.map_kernel, device);
         methods = compare_methods(&hold_scores, raw_evals.as_ref(), settings.target_far);
         let mut settings = settings.clone();
         if settings.default_score == ScoreChoice::Auto {

@@ -78,7 +78,7 @@ pub fn merge(dir: &Path, splits: &mut Splits, pre: &mut Preprocessor) -> Result<
             let x = Tensor::cat(&[&v.x, &extra.x], 0);
             let mut all = v.items;
             all.extend(extra.items);
-            LabelledSet { items: all, x }
+            LabelledSet { items: all, x, groups: None }
         }
         None => extra,
     })
@@ -114,6 +114,8 @@ mod tests {
             hold: Tensor::zeros([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
             test: None,
             val: None,
+            hold_groups: None,
+            tiling: None,
         };
         let used = merge(d.path(), &mut splits, &mut pre).unwrap();
         assert_eq!((used.good, used.defects.get("scratch").copied()), (2, Some(1)));
@@ -132,6 +134,8 @@ mod tests {
             hold: Tensor::zeros([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu)),
             test: None,
             val: None,
+            hold_groups: None,
+            tiling: None,
         };
         merge(only_good.path(), &mut splits, &mut pre).unwrap();
         assert_eq!((splits.n_hold(), splits.val.is_none()), (4, true));

@@ -17,6 +17,7 @@
 //! - [`net`]: NetG/NetD built from `ganomaly_core::arch`'s layer lists; DCGAN init;
 //!   weights to and from `ganomaly_core::Weights`; fitting the feature statistics.
 //! - [`score`]: eval-mode scores, op for op what the ONNX graph computes.
+//! - [`tiles`]: `--tile`: images cut into tiles (core's grid), each image scored as its hottest tile.
 //! - [`evaluate`]: AUROC, F1, per-defect figures, histograms, ROC.
 //! - [`score_choice`]: `--default-score` and `--score auto`'s rule; the quality
 //!   benchmark's default and its evidence.
@@ -59,4 +60,5 @@ pub mod report;
 pub mod score;
 pub mod score_choice;
 pub mod select;
+pub mod tiles;
 pub mod train;

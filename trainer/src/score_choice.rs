@@ -13,7 +13,7 @@ use tch::Device;
 use crate::data::{LabelledSet, TestItem};
 use crate::evaluate::{evaluate, KindEval};
 use crate::net::NetG;
-use crate::score::{score_all, Scores};
+use crate::score::Scores;
 
 /// The score `--score auto` picks when there are no defect images to choose with,
 /// and the incumbent that validation must beat otherwise: the one that
@@ -230,7 +230,7 @@ pub struct ValAurocs {
 /// AUROC of every score of `g` on the validation split: its defects against its
 /// good images plus the held-out good slice (scored already: `hold`).
 pub fn val_aurocs(g: &NetG, hold: &Scores, val: &LabelledSet, kernel: u32, device: Device) -> ValAurocs {
-    let vs = score_all(g, &val.x, kernel, 64, device);
+    let vs = val.scores(g, kernel, device);
     let mut items: Vec<TestItem> =
         (0..hold.len()).map(|i| TestItem { path: PathBuf::from(format!("holdout/{i}")), defect: None }).collect();
     items.extend(val.items.iter().cloned());

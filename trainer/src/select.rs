@@ -220,7 +220,7 @@ impl Tracker {
             rec.val.insert("recon".into(), v);
         }
         let per_defect = |g: &NetG, test: &LabelledSet| {
-            let evals = evaluate(&test.items, &score_all(g, &test.x, kernel, 64, device), &BTreeMap::new());
+            let evals = evaluate(&test.items, &test.scores(g, kernel, device), &BTreeMap::new());
             let by_kind = evals.iter().map(|(k, e)| (k.as_str().to_string(), e.per_defect.clone())).collect();
             (evals, by_kind)
         };
@@ -258,7 +258,7 @@ impl Tracker {
             }
             (Select::ValAuroc, Some(vs)) => {
                 let g = model.candidate();
-                let hold = score_all(g, x_hold, kernel, 64, device);
+                let hold = splits.hold_scores(g, kernel, device);
                 let v = val_aurocs(g, &hold, vs, kernel, device);
                 for (kind, a) in &v.aurocs {
                     rec.val.insert(format!("auroc_{}", kind.as_str()), *a);
@@ -424,8 +424,15 @@ mod tests {
         let items = (0..12)
             .map(|i| TestItem { path: PathBuf::from(format!("v{i}")), defect: (i >= 6).then(|| "square".to_string()) })
             .collect();
-        let val = LabelledSet { items, x: Tensor::cat(&[good, bad], 0) };
-        let splits = Splits { fit: x.shallow_clone(), hold: hold.shallow_clone(), test: None, val: Some(val) };
+        let val = LabelledSet { items, x: Tensor::cat(&[good, bad], 0), groups: None };
+        let splits = Splits {
+            fit: x.shallow_clone(),
+            hold: hold.shallow_clone(),
+            test: None,
+            val: Some(val),
+            hold_groups: None,
+            tiling: None,
+        };
         let val = splits.val.as_ref().unwrap();
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.9, select: Select::ValAuroc, lr_schedule: LrSchedule::Constant };
@@ -466,7 +473,14 @@ mod tests {
     fn val_recon_selection_keeps_the_best_epoch() {
         let x = crate::net::seeded(9, || Tensor::rand([16, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0);
         let hold = x.narrow(0, 0, 4);
-        let splits = Splits { fit: x.shallow_clone(), hold: hold.shallow_clone(), test: None, val: None };
+        let splits = Splits {
+            fit: x.shallow_clone(),
+            hold: hold.shallow_clone(),
+            test: None,
+            val: None,
+            hold_groups: None,
+            tiling: None,
+        };
         let mut m = Model::new(&tiny(), Hyper::default(), 3, Device::Cpu);
         let args = SelectArgs { ema_decay: 0.0, select: Select::ValRecon, lr_schedule: LrSchedule::Constant };
         let mut t = Tracker::new(&args, None, &mut m);

@@ -49,9 +49,17 @@ pub fn run(a: &Args) -> Result<EvalSummary> {
         bail!("{} has no test/<defect> folders: AUROC needs defect images", a.data.display());
     }
     let mut pre = Preprocessor::from_meta(&meta.preprocess);
-    let test = LabelledSet::load(files.test, &mut pre)?;
+    // A model trained on tiles is evaluated on the same tiles, each image as its hottest tile.
+    let test = match meta.tiling {
+        None => LabelledSet::load(files.test, &mut pre)?,
+        Some(t) => LabelledSet::load_tiled(files.test, &mut pre, t)?,
+    };
     let kernel = meta.map_kernel().unwrap_or(7);
     let scores = score_all(&g, &test.x, kernel, a.batch.max(1) as i64, device);
+    let scores = match &test.groups {
+        Some(groups) => crate::tiles::max_per_image(&scores, groups),
+        None => scores,
+    };
     let evals = evaluate(&test.items, &scores, &thresholds(&meta));
     let summary = EvalSummary::new(Some(&a.model), &a.data, meta.default_score, evals).with_calibrations(&meta);
     if let Some(dir) = &a.report {

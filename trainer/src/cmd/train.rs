@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use ganomaly_core::arch::ArchSpec;
 use ganomaly_core::metadata::{ColorMode, Provenance, ScoreKind};
 use ganomaly_core::preprocess::Preprocessor;
+use ganomaly_core::tiles::Tiling;
 use tch::Device;
 
 use super::flags::{checked_arch, CalibArgs, RunArgs};
@@ -123,6 +124,16 @@ pub struct Args {
     /// exported generator (report.json `candidates`; measurement only, nothing chosen).
     #[arg(long)]
     pub candidates: bool,
+    /// Train on tiles: every image cut into SIZE×SIZE source-pixel tiles every STRIDE
+    /// pixels (default STRIDE = SIZE), each resized to --isize; the same grid every
+    /// epoch. Test and held-out images score as their hottest tile (as the daemon scores
+    /// a tiled camera's frame); the tiling is recorded in the model.
+    #[arg(long, value_name = "SIZE[:STRIDE]", value_parser = parse_tile)]
+    pub tile: Option<Tiling>,
+}
+
+fn parse_tile(s: &str) -> Result<Tiling, String> {
+    Tiling::parse(s).map_err(|e| e.to_string())
 }
 
 /// Trains, then exports and reports unless told otherwise; returns the report.
@@ -165,7 +176,20 @@ pub fn run(a: &Args) -> Result<TrainReport> {
 
     let color = ColorMode::from_channels(nc).context("nc")?;
     let mut pre = Preprocessor::new(color, a.isize);
-    let mut splits = Splits::load(&files, a.holdout, a.seed, &mut pre)?;
+    let mut splits = match a.tile {
+        None => Splits::load(&files, a.holdout, a.seed, &mut pre)?,
+        Some(t) => {
+            if a.feedback.is_some() {
+                bail!("--tile with --feedback is not supported (feedback images are not tiled)");
+            }
+            let (w, h) = files.size;
+            tracing::info!(
+                tile = %t.label(), per_image = ganomaly_core::tiles::count(w, h, t), image = ?files.size,
+                "training on tiles"
+            );
+            Splits::load_tiled(&files, a.holdout, a.seed, &mut pre, t)?
+        }
+    };
     let feedback = match &a.feedback {
         Some(dir) => Some(feedback::merge(dir, &mut splits, &mut pre)?),
         None => None,
@@ -293,7 +317,10 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         }
         None => g_out.with_feature_stats(&splits.fit, &splits.hold, device)?,
     };
-    let finished = finish(g_out, &splits, &settings, provenance, device)?;
+    let mut finished = finish(g_out, &splits, &settings, provenance, device)?;
+    if let Some(meta) = finished.meta.as_mut() {
+        meta.tiling = splits.tiling;
+    }
     let mut plots = Vec::new();
     let model_path = match (&finished.meta, a.no_export) {
         (Some(meta), false) => {
@@ -303,11 +330,14 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         }
         _ => None,
     };
-    let localisation = splits
-        .test
-        .as_ref()
-        .and_then(|t| crate::candidates::localisation(g_out, &files.root, t, settings.map_kernel, device));
-    let candidates = match (&splits.test, a.candidates) {
+    // Pixel masks and the candidates' scores are per image, not per tile: not measured tiled.
+    let untiled_test = splits.test.as_ref().filter(|_| splits.tiling.is_none());
+    let localisation =
+        untiled_test.and_then(|t| crate::candidates::localisation(g_out, &files.root, t, settings.map_kernel, device));
+    if a.candidates && splits.tiling.is_some() {
+        tracing::warn!("--candidates is not measured with --tile");
+    }
+    let candidates = match (untiled_test, a.candidates) {
         (Some(t), true) => {
             crate::candidates::measure(g_out, &files.root, &splits.fit, &splits.hold, t, settings.map_kernel, device)?
         }
