@@ -115,11 +115,8 @@ impl BatchOutput {
     /// map. `side × side`; empty if `i` is out of range.
     pub fn map(&self, kind: ScoreKind, i: usize, side: usize) -> &[f32] {
         let px = side * side;
-        let maps = if kind.map_output().is_some() && !self.patch_maps.is_empty() {
-            &self.patch_maps
-        } else {
-            &self.maps
-        };
+        let maps =
+            if kind.map_output().is_some() && !self.patch_maps.is_empty() { &self.patch_maps } else { &self.maps };
         maps.get(i * px..(i + 1) * px).unwrap_or(&[])
     }
 

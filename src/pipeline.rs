@@ -865,7 +865,9 @@ impl Pipeline {
         let running: BTreeMap<ModelKey, Running> = self
             .models
             .iter()
-            .map(|(k, m)| (k.clone(), Running { sha256: m.sha256.clone(), meta: m.meta.clone(), wants: m.wants.clone() }))
+            .map(|(k, m)| {
+                (k.clone(), Running { sha256: m.sha256.clone(), meta: m.meta.clone(), wants: m.wants.clone() })
+            })
             .collect();
         let old = self.settings.clone();
         let live = self.live.is_some();
@@ -1200,7 +1202,8 @@ fn load_model(key: &ModelKey, settings: &Settings, live: bool) -> Result<Model, 
 }
 
 fn build_model(key: &ModelKey, bytes: &[u8], settings: &Settings, live: bool) -> Result<Model, InferError> {
-    let build = || Model::from_bytes_for(bytes, &key.path, &settings.inference, |m| Some(wants(settings, key, m, live)));
+    let build =
+        || Model::from_bytes_for(bytes, &key.path, &settings.inference, |m| Some(wants(settings, key, m, live)));
     if key.shadow {
         crate::base::priority::in_background(build)
     } else {

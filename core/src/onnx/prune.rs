@@ -164,7 +164,12 @@ impl Pruner {
         let inits: HashSet<&str> = src.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
         let graph = GraphProto {
             node,
-            initializer: src.initializer.iter().filter(|t| t.name.as_ref().is_some_and(|n| read.contains(n))).cloned().collect(),
+            initializer: src
+                .initializer
+                .iter()
+                .filter(|t| t.name.as_ref().is_some_and(|n| read.contains(n)))
+                .cloned()
+                .collect(),
             sparse_initializer: src
                 .sparse_initializer
                 .iter()
@@ -256,7 +261,10 @@ mod tests {
         let all = p.outputs().iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         let (a, b) = (decoded(&full), decoded(&p.prune(&refs).unwrap()));
-        assert_eq!((b.node.len(), b.initializer.len(), b.output.len()), (a.node.len(), a.initializer.len(), a.output.len()));
+        assert_eq!(
+            (b.node.len(), b.initializer.len(), b.output.len()),
+            (a.node.len(), a.initializer.len(), a.output.len())
+        );
         assert_eq!(b.node, a.node);
     }
 
