@@ -254,6 +254,19 @@ impl AlarmFrames {
     }
 }
 
+/// A frame's heat map, asked for only when a snapshot or the live view draws
+/// it: the scores' session may not produce it, and then it costs a run of
+/// the model's map session for that frame (`infer::Model::heat_map`).
+pub trait HeatMap {
+    fn get(&mut self) -> &[f32];
+}
+
+impl HeatMap for &[f32] {
+    fn get(&mut self) -> &[f32] {
+        self
+    }
+}
+
 /// What the inference thread knows about one camera.
 pub struct Camera {
     pub name: String,
@@ -295,8 +308,8 @@ impl Camera {
     }
 
     /// Carries out `outcome` for `frame`; `map` is the frame's anomaly map
-    /// (`side × side`), copied only when a snapshot is taken.
-    pub fn act(&mut self, outcome: Outcome, frame: Frame, map: &[f32], side: usize, out: &Outputs) {
+    /// (`side × side`), taken only when a snapshot or the live view draws it.
+    pub fn act(&mut self, outcome: Outcome, frame: Frame, map: &mut dyn HeatMap, side: usize, out: &Outputs) {
         match outcome {
             Outcome::Broken { raw } => {
                 CameraCounters::add(&self.counters.broken, 1);
@@ -437,7 +450,7 @@ impl Camera {
         }
     }
 
-    fn alarm(&self, mut ev: AlarmEvent, frame: &Frame, map: &[f32], side: usize, out: &Outputs) {
+    fn alarm(&self, mut ev: AlarmEvent, frame: &Frame, map: &mut dyn HeatMap, side: usize, out: &Outputs) {
         let start = ev.kind == AlarmKind::Start;
         if start && self.alarm_frames.keep() > 0 {
             // Only the ROI is kept (what the model saw, at full resolution): a
@@ -465,7 +478,7 @@ impl Camera {
                 file_name: name.clone(),
                 frame: frame.pixels.clone(),
                 roi: self.roi,
-                map: map.to_vec(),
+                map: map.get().to_vec(),
                 side,
             };
             if q.offer(job) {
@@ -575,7 +588,7 @@ mod tests {
         pixels.reshape(2, 2, crate::capture::PixelFormat::Gray8);
         let frame = Frame { camera: 0, seq, captured: t(seq), ts_ms: seq, pixels };
         let outcome = cam.decider.decide(seq, seq, t(seq), Some(raw));
-        cam.act(outcome, frame, &[0.0], 1, out);
+        cam.act(outcome, frame, &mut &[0.0][..], 1, out);
     }
 
     fn request(frames: u64) -> (CalibrateRequest, crossbeam_channel::Receiver<CalibrateReply>) {

@@ -10,6 +10,15 @@
 //! fallback into a start-up error. `ganomalyd score` and `bench` use the same
 //! `Model`, so there is one way to build a session.
 //!
+//! Those commands run the full graph. The daemon's sessions run it pruned
+//! to what their cameras use ([`Wants`], `ganomaly_core::onnx::prune`): a
+//! `mahalanobis` camera's frames run encoder 1 alone. A heat map the scores'
+//! graph does not make on the way (the decoder's reconstruction map, for that
+//! camera) is computed by a second session, pruned to the map, only for a
+//! frame whose map is drawn (an alarm's snapshot, a live-view frame, a
+//! triggered camera's scored frame when snapshots are on), and with the same
+//! ops as the full graph, so the heat map is the one the full graph draws.
+//!
 //! [`spawn`] starts the inference thread: the session's only owner. It batches
 //! frames across cameras (up to `max_batch`, waiting at most `max_wait_s`
 //! after the first), runs the session, and hands each frame's scores to its
@@ -36,12 +45,15 @@
 //! where frames are dropped oldest-first (see `preprocess`). Scores and
 //! alarms go to the publisher, which must not block (see `events`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use ganomaly_core::metadata::ColorMode;
+use ganomaly_core::metadata::{ColorMode, OUTPUT_PATCH_MAP};
+use ganomaly_core::onnx::prune::{self as prune_graph, Pruner};
+use ganomaly_core::onnx::OUTPUT_MAP;
 use ganomaly_core::{Calibration, ModelMetadata, ScoreKind};
 use ort::ep::{ExecutionProvider, TensorRT, CUDA};
 use ort::session::builder::GraphOptimizationLevel;
@@ -108,12 +120,17 @@ impl BatchOutput {
     /// The heat maps of images `i..i + n` (a tiled frame's tiles), back to back.
     pub fn maps(&self, kind: ScoreKind, i: usize, n: usize, side: usize) -> &[f32] {
         let px = side * side;
-        let maps = if kind.map_output().is_some() && self.patch_maps.len() == self.maps.len() {
-            &self.patch_maps
-        } else {
-            &self.maps
-        };
+        let maps =
+            if kind.map_output().is_some() && !self.patch_maps.is_empty() { &self.patch_maps } else { &self.maps };
         maps.get(i * px..(i + n) * px).unwrap_or(&[])
+    }
+
+    /// Image `i`'s map of graph output `output` (`anomaly_map` or `patch_map`);
+    /// empty when the batch's session did not produce it.
+    pub fn map_named(&self, output: &str, i: usize, side: usize) -> &[f32] {
+        let px = side * side;
+        let maps = if output == OUTPUT_PATCH_MAP { &self.patch_maps } else { &self.maps };
+        maps.get(i * px..(i + 1) * px).unwrap_or(&[])
     }
 }
 
@@ -121,49 +138,181 @@ fn kind_index(kind: ScoreKind) -> usize {
     ScoreKind::ALL.iter().position(|k| *k == kind).unwrap_or(0)
 }
 
+/// What the cameras on one session need from it: their score kinds, and the
+/// heat maps they may be shown (`anomaly_map`, `patch_map`: for snapshots,
+/// the console's live view, a triggered camera's `ng` part). The session runs
+/// the graph pruned to that ([`ganomaly_core::onnx::prune`]); a heat map
+/// whose graph needs more heavy ops than the scores do (the decoder, for a
+/// `mahalanobis` camera) is computed by a second session, only for the
+/// frames whose map is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Wants {
+    pub kinds: BTreeSet<ScoreKind>,
+    pub maps: BTreeSet<&'static str>,
+}
+
+/// The second session of a pruned model: the heat maps the scores' graph does
+/// not produce, run on one frame at a time.
+struct MapSession {
+    session: Session,
+    outputs: Vec<String>,
+}
+
 /// A loaded, checked model with its session.
 pub struct Model {
     session: Session,
+    /// Heat maps left out of `session` (see [`Wants`]); `None` when it produces
+    /// every map its cameras need, or runs the full graph.
+    map_session: Option<MapSession>,
     pub meta: ModelMetadata,
     pub path: PathBuf,
     /// Execution provider running the model.
     pub provider: Provider,
     channels: usize,
     side: usize,
-    /// Score kinds the graph exports (per its metadata), checked against its outputs.
+    /// Score kinds `session` exports (all its metadata lists, for the full graph).
     kinds: Vec<ScoreKind>,
+    /// Whether `session` exports `anomaly_map` / `patch_map` on every frame.
+    every_map: bool,
+    every_patch_map: bool,
+    /// What the session was pruned to; `None`: the full graph.
+    pub wants: Option<Wants>,
     /// sha256 (hex) of the file's bytes as loaded: what every verdict names,
     /// and how a reload tells a changed file from the one running.
     pub sha256: String,
 }
 
+/// The graphs a [`Wants`] runs: the scores' (every frame) and, if any, the
+/// maps' (on demand), with the kinds and maps the first exports.
+struct Cut {
+    every_frame: Vec<u8>,
+    on_demand: Option<(Vec<u8>, Vec<String>)>,
+    kinds: Vec<ScoreKind>,
+    outputs: Vec<String>,
+}
+
+fn cut(bytes: &[u8], meta: &ModelMetadata, wants: &Wants) -> Result<Cut, ganomaly_core::onnx::OnnxError> {
+    let pruner = Pruner::new(bytes)?;
+    // Kinds the model does not list cannot be chosen (the pipeline refuses
+    // such a camera); with no camera at all, the default score keeps the graph valid.
+    let mut kinds: Vec<ScoreKind> = wants.kinds.iter().copied().filter(|k| meta.score(*k).is_some()).collect();
+    if kinds.is_empty() {
+        kinds.push(meta.default_score);
+    }
+    let mut scores: Vec<&str> = Vec::new();
+    for k in &kinds {
+        for o in prune_graph::score_outputs(meta, *k) {
+            if !scores.contains(&o) {
+                scores.push(o);
+            }
+        }
+    }
+    let maps: Vec<&str> = wants.maps.iter().copied().collect();
+    let split = pruner.split(&scores, &maps)?;
+    let every: Vec<&str> = split.every_frame.iter().map(String::as_str).collect();
+    let on_demand = if split.on_demand.is_empty() {
+        None
+    } else {
+        let names: Vec<&str> = split.on_demand.iter().map(String::as_str).collect();
+        Some((pruner.prune(&names)?, split.on_demand.clone()))
+    };
+    Ok(Cut {
+        every_frame: pruner.prune(&every)?,
+        on_demand,
+        kinds: ScoreKind::ALL.into_iter().filter(|k| every.contains(&k.output())).collect(),
+        outputs: split.every_frame,
+    })
+}
+
 impl Model {
     /// Reads and checks `path` (size, external data, graph against metadata:
     /// [`ganomaly_core::onnx::check`], the same check as `check-config`),
-    /// builds its session.
+    /// builds its session for the full graph.
     pub fn load(path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
-        let bytes = ganomaly_core::onnx::check::read_file(path).map_err(|e| match e {
-            ganomaly_core::onnx::OnnxError::Io { source, .. } => InferError::Read { path: path.into(), source },
-            source => InferError::Metadata { path: path.into(), source },
-        })?;
-        Model::from_bytes(&bytes, path, cfg)
+        Model::from_bytes(&read_model_file(path)?, path, cfg)
     }
 
+    /// The full graph: every score and map (`ganomalyd score`, `calibrate`, `bench`).
     pub fn from_bytes(bytes: &[u8], path: &Path, cfg: &InferenceSettings) -> Result<Model, InferError> {
+        Model::from_bytes_for(bytes, path, cfg, |_| None)
+    }
+
+    /// The graph pruned to what `wants` says, once the model's metadata is known
+    /// (a camera's `default` score is the model's); `None`: the full graph. A
+    /// graph that cannot be pruned runs in full, with a warning.
+    pub fn from_bytes_for(
+        bytes: &[u8],
+        path: &Path,
+        cfg: &InferenceSettings,
+        wants: impl FnOnce(&ModelMetadata) -> Option<Wants>,
+    ) -> Result<Model, InferError> {
         // Checked before ONNX Runtime sees a byte: it would act on external
         // data and memory markers that the daemon never reads itself.
         let meta = ganomaly_core::onnx::check::check_model(bytes)
             .map_err(|source| InferError::Metadata { path: path.into(), source })?;
         let env = crate::runtime::environment(cfg.ort_library.as_deref())?;
-        let (session, provider) = build_session(env, bytes, path, cfg)?;
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
-        let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
         let sha256 = crate::base::digest::sha256_hex(bytes);
-        let model = Model { session, meta, path: path.into(), provider, channels, side, kinds, sha256 };
+        let full_kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
+        let wants = wants(&meta);
+        let pruned = match wants.as_ref().map(|w| cut(bytes, &meta, w)) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                tracing::warn!(model = %path.display(), error = %e, "the graph cannot be pruned: running it in full");
+                None
+            }
+            None => None,
+        };
+        let model = match pruned {
+            Some(c) => {
+                let (session, provider) = build_session(env, &c.every_frame, path, cfg)?;
+                let map_session = match c.on_demand {
+                    Some((graph, outputs)) => {
+                        Some(MapSession { session: build_session(env, &graph, path, cfg)?.0, outputs })
+                    }
+                    None => None,
+                };
+                tracing::info!(
+                    model = %path.display(), every_frame = ?c.outputs,
+                    on_demand = ?map_session.as_ref().map(|m| &m.outputs), "graph pruned to what its cameras use"
+                );
+                Model {
+                    session,
+                    map_session,
+                    provider,
+                    kinds: c.kinds,
+                    every_map: c.outputs.iter().any(|o| o == OUTPUT_MAP),
+                    every_patch_map: c.outputs.iter().any(|o| o == OUTPUT_PATCH_MAP),
+                    wants,
+                    meta,
+                    path: path.into(),
+                    channels,
+                    side,
+                    sha256,
+                }
+            }
+            None => {
+                let (session, provider) = build_session(env, bytes, path, cfg)?;
+                Model {
+                    session,
+                    map_session: None,
+                    provider,
+                    every_patch_map: full_kinds.contains(&ScoreKind::Patch),
+                    kinds: full_kinds,
+                    every_map: true,
+                    wants: None,
+                    meta,
+                    path: path.into(),
+                    channels,
+                    side,
+                    sha256,
+                }
+            }
+        };
         tracing::info!(
             model = %path.display(),
-            provider = provider.as_str(),
+            provider = model.provider.as_str(),
             input = ?[-1, channels as i64, side as i64, side as i64],
             default_score = model.meta.default_score.as_str(),
             "model loaded"
@@ -184,6 +333,7 @@ impl Model {
         self.meta.preprocess.color
     }
 
+    /// Whether the session exports `kind` (a pruned one: only its cameras' kinds).
     pub fn has_score(&self, kind: ScoreKind) -> bool {
         self.kinds.contains(&kind)
     }
@@ -216,22 +366,70 @@ impl Model {
             }
             out.scores[i].extend_from_slice(v);
         }
-        let (_, maps) = outputs["anomaly_map"].try_extract_tensor::<f32>()?;
-        if maps.len() != n * self.side * self.side {
-            return Err(InferError::Output(format!("output `anomaly_map` has {} values for {n} images", maps.len())));
-        }
-        out.maps.clear();
-        out.maps.extend_from_slice(maps);
-        out.patch_maps.clear();
-        if let Some(name) = ScoreKind::Patch.map_output().filter(|_| self.kinds.contains(&ScoreKind::Patch)) {
-            let (_, pm) = outputs[name].try_extract_tensor::<f32>()?;
-            if pm.len() != maps.len() {
-                return Err(InferError::Output(format!("output `{name}` has {} values for {n} images", pm.len())));
+        let px = n * self.side * self.side;
+        for (name, wanted, buf) in
+            [(OUTPUT_MAP, self.every_map, &mut out.maps), (OUTPUT_PATCH_MAP, self.every_patch_map, &mut out.patch_maps)]
+        {
+            buf.clear();
+            if !wanted {
+                continue;
             }
-            out.patch_maps.extend_from_slice(pm);
+            let (_, m) = outputs[name].try_extract_tensor::<f32>()?;
+            if m.len() != px {
+                return Err(InferError::Output(format!("output `{name}` has {} values for {n} images", m.len())));
+            }
+            buf.extend_from_slice(m);
         }
         Ok(())
     }
+
+    /// Image `i` of the batch `input` ran as: its heat map `output`
+    /// (`anomaly_map` or `patch_map`) into `buf`, from `out` when the session
+    /// produced it, else computed now, for that image alone, by the map
+    /// session. Empty if neither has it (an error is logged).
+    pub fn heat_map_into(&mut self, out: &BatchOutput, input: &[f32], i: usize, output: &str, buf: &mut Vec<f32>) {
+        buf.clear();
+        let ready = out.map_named(output, i, self.side);
+        if !ready.is_empty() {
+            buf.extend_from_slice(ready);
+            return;
+        }
+        if let Err(e) = self.map_of(input, i, output, buf) {
+            tracing::warn!(model = %self.path.display(), map = output, error = %crate::base::report::chain(&e), "heat map not computed");
+            buf.clear();
+        }
+    }
+
+    /// Whether the map session computes `output` (it is left out of the scores' graph).
+    pub fn map_on_demand(&self, output: &str) -> bool {
+        self.map_session.as_ref().is_some_and(|m| m.outputs.iter().any(|o| o == output))
+    }
+
+    fn map_of(&mut self, input: &[f32], i: usize, output: &str, buf: &mut Vec<f32>) -> Result<(), InferError> {
+        let (len, side) = (self.tensor_len(), self.side);
+        let Some(ms) = self.map_session.as_mut().filter(|m| m.outputs.iter().any(|o| o == output)) else {
+            return Err(InferError::Output(format!("no session of this model produces `{output}`")));
+        };
+        let data = input
+            .get(i * len..(i + 1) * len)
+            .ok_or_else(|| InferError::Output(format!("image {i} is not in the batch")))?;
+        let tensor = TensorRef::from_array_view(([1, self.channels, side, side], data))?;
+        let outputs = ms.session.run(ort::inputs!["image" => tensor])?;
+        let (_, m) = outputs[output].try_extract_tensor::<f32>()?;
+        if m.len() != side * side {
+            return Err(InferError::Output(format!("output `{output}` has {} values for one image", m.len())));
+        }
+        buf.extend_from_slice(m);
+        Ok(())
+    }
+}
+
+/// Reads a model file (bounded: `onnx::check::read_file`), errors naming it.
+pub fn read_model_file(path: &Path) -> Result<Vec<u8>, InferError> {
+    ganomaly_core::onnx::check::read_file(path).map_err(|e| match e {
+        ganomaly_core::onnx::OnnxError::Io { source, .. } => InferError::Read { path: path.into(), source },
+        source => InferError::Metadata { path: path.into(), source },
+    })
 }
 
 /// Builds the session with the configured providers; returns the one in use.
@@ -353,8 +551,9 @@ pub enum Control {
     /// set; then hand it on to `to`, or drop it. Its frames still in this
     /// thread's queue are dropped (counted in the camera's `dropped`).
     Detach { slot: usize, end: Option<EndReason>, to: Option<Handoff> },
-    /// A new session in place of this thread's (the model file changed), with
-    /// the decisions of its cameras under it. Queued frames prepared for the
+    /// A new session in place of this thread's (the model file changed, or
+    /// the scores its cameras use: re-pruned), with the decisions of its
+    /// cameras under it. Queued frames prepared for the
     /// old input shape are dropped (counted).
     Swap { model: Box<Model>, decisions: Vec<(usize, Decision)> },
     /// Start a live calibration of the camera at `slot` (the `calibrate` command).
@@ -503,10 +702,14 @@ fn run(mut t: InferThread) {
     }
     let mut input = vec![0.0f32; t.model.tensor_len() * t.max_batch];
     let mut out = BatchOutput::default();
+    // One frame's heat map, when a snapshot, the live view or a trigger asks for it.
+    let mut map_buf: Vec<f32> = Vec::new();
     let mut batch: Vec<Prepared> = Vec::with_capacity(t.max_batch);
     let mut orphans: Orphans = Vec::new();
     // A tiled frame's stitched anomaly map (`tiles.rs`), reused frame to frame.
     let mut stitched: Vec<f32> = Vec::new();
+    // Its tiles' maps, back to back, before stitching.
+    let mut tile_maps: Vec<f32> = Vec::new();
     // Every alarm machine starts idle: say so, so that a retained `ON` left by a
     // previous run that died mid-alarm does not stay on the broker.
     for cam in t.cameras.iter().flatten() {
@@ -568,11 +771,14 @@ fn run(mut t: InferThread) {
         let len = t.model.tensor_len();
         let side = t.model.side();
         // Order kept (`remove`, not `swap_remove`): a camera's frames must
-        // reach its alarm machine in sequence. Drops are rare (a reload).
+        // reach its alarm machine in sequence. Drops are rare (a reload; or,
+        // for one batch, a camera whose score the session was just re-pruned
+        // without, on its way to another thread).
         let mut i = 0;
         while i < batch.len() {
             let p = &batch[i];
-            if p.tensor.len() == len * p.images() && t.cameras.get(p.frame.camera).is_some_and(Option::is_some) {
+            let scored_here = t.cameras.get(p.frame.camera).and_then(Option::as_ref).map(|c| c.decider.kind);
+            if p.tensor.len() == len * p.images() && scored_here.is_some_and(|k| t.model.has_score(k)) {
                 i += 1;
             } else {
                 let p = batch.remove(i);
@@ -624,18 +830,35 @@ fn run(mut t: InferThread) {
                 // The stitched map only where it is used: an alarm event's snapshot, the live view.
                 let wants_map =
                     outputs.live.is_some() || matches!(&outcome, crate::decide::Outcome::Scored { alarm: Some(_), .. });
+                // Each tile's map from the batch, or from the map session when the
+                // scores' graph was pruned without it (`Model::heat_map_into`).
                 let map_side = if wants_map {
-                    crate::tiles::stitch_map(&out, kind, i, grid, side, &mut stitched)
+                    let output = prune_graph::map_output(&t.model.meta, kind);
+                    tile_maps.clear();
+                    for k in 0..grid.len() {
+                        t.model.heat_map_into(&out, &input, i + k, output, &mut map_buf);
+                        tile_maps.extend_from_slice(&map_buf);
+                    }
+                    crate::tiles::stitch_tile_maps(grid, &tile_maps, side, &mut stitched)
                 } else {
                     stitched.clear();
                     0
                 };
-                cam.act(outcome, frame, &stitched, map_side, &outputs);
+                let mut map: &[f32] = &stitched;
+                cam.act(outcome, frame, &mut map, map_side, &outputs);
                 continue;
             }
             if let Some(tx) = &cam.trigger {
-                // A triggered camera's frame: its verdict is decided on the trigger thread.
-                let scored = crate::trigger::scored(frame, &result, out.score(cam.decider.kind, i), &out.maps, i, side);
+                // A triggered camera's frame: its verdict is decided on the trigger
+                // thread, which keeps the anomaly map of an `ng` part's worst
+                // frame for its snapshot, so every scored frame carries its map.
+                if t.snapshots.is_some() && result.is_ok() {
+                    t.model.heat_map_into(&out, &input, i, OUTPUT_MAP, &mut map_buf);
+                } else {
+                    map_buf.clear();
+                }
+                let raw = out.score(cam.decider.kind, i);
+                let scored = crate::trigger::scored(frame, &result, raw, &map_buf, 0, side);
                 cam.compare_triggered(scored.seq, scored.raw.filter(|_| scored.error.is_none()));
                 decided += usize::from(scored.raw.is_some());
                 let _ = tx.send(scored);
@@ -648,7 +871,10 @@ fn run(mut t: InferThread) {
             }
             let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, out.score(cam.decider.kind, i));
             decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
-            cam.act(outcome, frame, out.map(cam.decider.kind, i, side), side, &outputs);
+            let output = prune_graph::map_output(&t.model.meta, cam.decider.kind);
+            let mut map =
+                FrameMap { model: &mut t.model, out: &out, input: &input, i, output, buf: &mut map_buf, done: false };
+            cam.act(outcome, frame, &mut map, side, &outputs);
         }
         // Life is decided frames: a failed run, or a batch of only unusable
         // scores, does not count (see `base::liveness`).
@@ -663,6 +889,29 @@ fn run(mut t: InferThread) {
         cam.stop(&outputs);
     }
     tracing::info!(model = %t.model.path.display(), "inference thread stopped");
+}
+
+/// One frame's heat map for [`Camera::act`](crate::decide::Camera::act),
+/// filled on the first `get` (from the batch's outputs, or by the model's map
+/// session for this frame alone: [`Model::heat_map_into`]).
+struct FrameMap<'a> {
+    model: &'a mut Model,
+    out: &'a BatchOutput,
+    input: &'a [f32],
+    i: usize,
+    output: &'static str,
+    buf: &'a mut Vec<f32>,
+    done: bool,
+}
+
+impl crate::decide::HeatMap for FrameMap<'_> {
+    fn get(&mut self) -> &[f32] {
+        if !self.done {
+            self.done = true;
+            self.model.heat_map_into(self.out, self.input, self.i, self.output, self.buf);
+        }
+        self.buf
+    }
 }
 
 /// How long a batch that holds one frame waits for company: `max_wait`

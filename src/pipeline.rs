@@ -165,6 +165,44 @@ impl ModelKey {
     }
 }
 
+/// What the cameras of `settings` on `key`'s thread need from its session
+/// (`meta`: the model's; a camera's `default` score is its model's): their
+/// score kinds, and the heat maps they may be shown, when anything draws one
+/// (`snapshots`, the console's `live` view; a shadow draws none).
+///
+/// One thread per model file, its session pruned to the union of its
+/// cameras' needs, rather than one session per (file, score): cameras on one
+/// file keep sharing batches and one session's memory, and the key does not
+/// depend on the model's default score. A reload that changes the union
+/// re-prunes the session and swaps it in ([`infer::Control::Swap`], sent
+/// before the cameras' own changes, so a score a camera moves to is there
+/// before its first frame is scored under it).
+fn wants(settings: &Settings, key: &ModelKey, meta: &ModelMetadata, live: bool) -> infer::Wants {
+    use ganomaly_core::onnx::prune::map_output;
+    let mut w = infer::Wants::default();
+    let drawn = !key.shadow && (settings.snapshots.is_some() || live);
+    for c in &settings.cameras {
+        if ModelKey::real(c) == *key {
+            let kind = c.score.kind(meta.default_score);
+            w.kinds.insert(kind);
+            if c.mode.trigger().is_some() {
+                // Its `ng` snapshots draw the reconstruction map (`trigger.rs`).
+                if settings.snapshots.is_some() {
+                    w.maps.insert(ganomaly_core::onnx::OUTPUT_MAP);
+                }
+            } else if drawn {
+                w.maps.insert(map_output(meta, kind));
+            }
+        }
+        if let (Some(s), Some(k)) = (&c.shadow, ModelKey::shadow_of(c)) {
+            if k == *key {
+                w.kinds.insert(s.score.kind(meta.default_score));
+            }
+        }
+    }
+    w
+}
+
 /// Every model a set of settings runs.
 fn needed_models(settings: &Settings) -> BTreeSet<ModelKey> {
     settings.cameras.iter().flat_map(|c| std::iter::once(ModelKey::real(c)).chain(ModelKey::shadow_of(c))).collect()
@@ -275,6 +313,8 @@ struct ModelRun {
     provider: Provider,
     /// Of the file's bytes: verdicts name it, a reload compares it.
     sha256: String,
+    /// What its session is pruned to (a reload compares it).
+    wants: Option<infer::Wants>,
     /// The pool's way in (cloned into each spec; dropped to retire the model).
     input: Sender<Prepared>,
     /// Tensor buffers coming back from the thread, for the pool.
@@ -389,8 +429,9 @@ impl Pipeline {
             return Err(PipelineError::NoCameras);
         }
         let mut loaded = BTreeMap::new();
+        let live = opts.live.is_some();
         for key in needed_models(settings) {
-            let model = load_model(&key, &settings.inference)?;
+            let model = load_model(&key, settings, live)?;
             loaded.insert(key, model);
         }
         let metas = loaded.iter().map(|(k, m)| (k.clone(), (m.meta.clone(), m.path.clone()))).collect();
@@ -498,7 +539,8 @@ impl Pipeline {
         let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
         let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
         let (control, control_rx) = crossbeam_channel::unbounded();
-        let (meta, provider, sha256) = (model.meta.clone(), model.provider, model.sha256.clone());
+        let (meta, provider, sha256, wants) =
+            (model.meta.clone(), model.provider, model.sha256.clone(), model.wants.clone());
         let thread = infer::spawn(InferThread {
             cameras: Vec::new(),
             model,
@@ -514,7 +556,7 @@ impl Pipeline {
             background: key.shadow,
             live: if key.shadow { None } else { self.live.clone() },
         })?;
-        self.models.insert(key, ModelRun { meta, provider, sha256, input, tensors, control, thread });
+        self.models.insert(key, ModelRun { meta, provider, sha256, wants, input, tensors, control, thread });
         Ok(())
     }
 
@@ -821,14 +863,18 @@ impl Pipeline {
     /// camera's score and shadow against the models. The running pipeline is
     /// untouched; [`apply_reload`](Self::apply_reload) applies the result.
     pub fn prepare_reload(&self, new: Settings) -> Result<PendingReload, PipelineError> {
-        let running: BTreeMap<ModelKey, (String, ModelMetadata)> =
-            self.models.iter().map(|(k, m)| (k.clone(), (m.sha256.clone(), m.meta.clone()))).collect();
-        // New sessions are built as the running ones were: `[inference]` changes need a restart.
-        let inference = self.settings.inference.clone();
+        let running: BTreeMap<ModelKey, Running> = self
+            .models
+            .iter()
+            .map(|(k, m)| {
+                (k.clone(), Running { sha256: m.sha256.clone(), meta: m.meta.clone(), wants: m.wants.clone() })
+            })
+            .collect();
         let old = self.settings.clone();
+        let live = self.live.is_some();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new().name("reload".into()).spawn(move || {
-            let _ = tx.send(load_for_reload(&old, new, &running, &inference));
+            let _ = tx.send(load_for_reload(&old, new, &running, live));
         })?;
         Ok(PendingReload { rx, thread: Some(thread) })
     }
@@ -873,6 +919,7 @@ impl Pipeline {
             run.meta = model.meta.clone();
             run.provider = model.provider;
             run.sha256 = model.sha256.clone();
+            run.wants = model.wants.clone();
             let _ = run.control.send(Control::Swap { model: Box::new(model), decisions: decided });
         }
 
@@ -1147,13 +1194,21 @@ impl Pipeline {
     }
 }
 
-/// Loads a model for `key`; a shadow's session is built at the lower CPU
-/// priority (ONNX Runtime's threads inherit it from the thread that builds it).
-fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> Result<Model, InferError> {
+/// Loads a model for `key`, pruned to what its cameras in `settings` need
+/// ([`wants`]); a shadow's session is built at the lower CPU priority (ONNX
+/// Runtime's threads inherit it from the thread that builds it).
+fn load_model(key: &ModelKey, settings: &Settings, live: bool) -> Result<Model, InferError> {
+    let bytes = infer::read_model_file(&key.path)?;
+    build_model(key, &bytes, settings, live)
+}
+
+fn build_model(key: &ModelKey, bytes: &[u8], settings: &Settings, live: bool) -> Result<Model, InferError> {
+    let build =
+        || Model::from_bytes_for(bytes, &key.path, &settings.inference, |m| Some(wants(settings, key, m, live)));
     if key.shadow {
-        crate::base::priority::in_background(|| Model::load(&key.path, inference))
+        crate::base::priority::in_background(build)
     } else {
-        Model::load(&key.path, inference)
+        build()
     }
 }
 
@@ -1161,22 +1216,42 @@ fn load_model(key: &ModelKey, inference: &crate::config::InferenceSettings) -> R
 /// with the same bytes, loaded and checked; then every camera's decisions
 /// checked against the models it will run with. `Err`: the reasons, each
 /// naming its camera or file.
+/// What a reload knows of a running model.
+struct Running {
+    sha256: String,
+    meta: ModelMetadata,
+    /// What its session is pruned to (`None`: the full graph).
+    wants: Option<infer::Wants>,
+}
+
 fn load_for_reload(
     old: &Settings,
     new: Settings,
-    running: &BTreeMap<ModelKey, (String, ModelMetadata)>,
-    inference: &crate::config::InferenceSettings,
+    running: &BTreeMap<ModelKey, Running>,
+    live: bool,
 ) -> Result<Loaded, String> {
     let mut models = BTreeMap::new();
     let mut changed = BTreeSet::new();
     let mut metas: BTreeMap<ModelKey, (ModelMetadata, PathBuf)> = BTreeMap::new();
+    // What will run: new sessions are built as the running ones were
+    // (`[inference]` and `[snapshots]` changes need a restart), for the cameras
+    // the reload leaves running (held triggered ones keep their plans).
+    let built = reload::applied(old, new.clone());
     for key in needed_models(&new) {
         let bytes = ganomaly_core::onnx::check::read_file(&key.path)
             .map_err(|e| format!("model {}: {e}", key.path.display()))?;
         let sha256 = crate::base::digest::sha256_hex(&bytes);
-        if let Some((d, meta)) = running.get(&key) {
-            if *d == sha256 {
-                metas.insert(key.clone(), (meta.clone(), key.path.clone()));
+        if let Some(r) = running.get(&key) {
+            if r.sha256 == sha256 {
+                metas.insert(key.clone(), (r.meta.clone(), key.path.clone()));
+                // The same file, but its cameras may need other outputs now:
+                // re-pruned (a session that runs in full has them all).
+                let w = wants(&built, &key, &r.meta, live);
+                if r.wants.as_ref().is_some_and(|now| *now != w) {
+                    let model = build_model(&key, &bytes, &built, live).map_err(|e| crate::base::report::chain(&e))?;
+                    tracing::info!(model = %key.path.display(), kinds = ?w.kinds, maps = ?w.maps, "model re-pruned for its cameras' new scores");
+                    models.insert(key, model);
+                }
                 continue;
             }
             // A triggered camera's verdicts name the model they were judged
@@ -1190,10 +1265,8 @@ fn load_for_reload(
             }
             changed.insert(key.path.clone());
         }
-        let build = || Model::from_bytes(&bytes, &key.path, inference);
         // A shadow's session, and so its ONNX Runtime threads, at the lower priority.
-        let model = if key.shadow { crate::base::priority::in_background(build) } else { build() }
-            .map_err(|e| crate::base::report::chain(&e))?;
+        let model = build_model(&key, &bytes, &built, live).map_err(|e| crate::base::report::chain(&e))?;
         metas.insert(key.clone(), (model.meta.clone(), key.path.clone()));
         models.insert(key, model);
     }
@@ -1239,4 +1312,47 @@ fn spawn_stats(
             publisher.stats(&StatsReport { schema: PAYLOAD_SCHEMA, ts: now_ms(), provider, cameras });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ganomaly_core::onnx::OUTPUT_MAP;
+    use ganomaly_core::{ArchSpec, ScoreKind};
+
+    #[test]
+    fn a_threads_session_is_cut_to_its_cameras_scores_and_the_maps_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let arch = ArchSpec { isize: 32, nc: 3, nz: 8, ngf: 4, ndf: 4, ..Default::default() };
+        let (m, o) = (dir.path().join("m.onnx"), dir.path().join("o.onnx"));
+        std::fs::write(&m, ganomaly_core::onnx::random_model(&arch, 1).unwrap()).unwrap();
+        std::fs::write(&o, ganomaly_core::onnx::random_model(&arch, 2).unwrap()).unwrap();
+        let settings = |snapshots: bool| {
+            let text = format!(
+                "[inference]\nproviders = [\"cpu\"]\n[snapshots]\nenabled = {snapshots}\ndir = \"snaps\"\n\
+                 [cameras.a]\nmodel = \"{m}\"\nscore = \"mahalanobis\"\nsource = {{ kind = \"synthetic\", size = 32 }}\n\
+                 [cameras.b]\nmodel = \"{m}\"\nscore = \"patch\"\nshadow_model = \"{o}\"\nshadow_score = \"recon\"\n\
+                 source = {{ kind = \"synthetic\", size = 32 }}\n\
+                 [cameras.c]\nmodel = \"{o}\"\nsource = {{ kind = \"synthetic\", size = 32 }}\n",
+                m = m.display(),
+                o = o.display()
+            );
+            crate::config::compile_str(&text, dir.path()).unwrap()
+        };
+        let meta = ganomaly_core::onnx::check::check_model_file(&m).unwrap();
+        let key = |p: &std::path::Path, shadow| ModelKey { path: p.to_path_buf(), shadow };
+        let (on, off) = (settings(true), settings(false));
+        let w = wants(&on, &key(&m, false), &meta, false);
+        assert_eq!(w.kinds, BTreeSet::from([ScoreKind::Mahalanobis, ScoreKind::Patch]));
+        assert_eq!(w.maps, BTreeSet::from([OUTPUT_MAP, ganomaly_core::metadata::OUTPUT_PATCH_MAP]));
+        let w = wants(&off, &key(&m, false), &meta, false);
+        assert!(w.maps.is_empty(), "nothing draws a map: {w:?}");
+        assert_eq!(wants(&off, &key(&m, false), &meta, true).maps.len(), 2, "the live view draws them");
+        // The shadow's thread: its camera's shadow score, never a map.
+        let w = wants(&on, &key(&o, true), &meta, true);
+        assert_eq!((w.kinds, w.maps), (BTreeSet::from([ScoreKind::Recon]), BTreeSet::new()));
+        // `default`: the model's default score.
+        let w = wants(&on, &key(&o, false), &meta, false);
+        assert_eq!(w.kinds, BTreeSet::from([meta.default_score]));
+    }
 }

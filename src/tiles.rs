@@ -89,8 +89,19 @@ pub fn stitch_map(
     side: usize,
     buf: &mut Vec<f32>,
 ) -> usize {
+    stitch_tile_maps(grid, out.maps(kind, first, grid.len(), side), side, buf)
+}
+
+/// [`stitch_map`] from the tiles' `side × side` maps laid back to back (however
+/// they were computed); returns the stitched map's side, 0 (and an empty `buf`)
+/// when `maps` does not hold one map per tile.
+pub fn stitch_tile_maps(grid: &Grid, maps: &[f32], side: usize, buf: &mut Vec<f32>) -> usize {
+    if maps.len() != grid.len() * side * side {
+        buf.clear();
+        return 0;
+    }
     let out_side = grid.stitched_side(side);
-    ganomaly_core::tiles::stitch(grid, out.maps(kind, first, grid.len(), side), side, out_side, buf);
+    ganomaly_core::tiles::stitch(grid, maps, side, out_side, buf);
     out_side
 }
 

@@ -130,7 +130,7 @@ impl LiveTaps {
     }
 
     /// Offered every decided frame of camera `name` by the inference thread; never blocks.
-    pub fn offer(&self, name: &str, frame: &Frame, map: &[f32], side: usize, score: f64) {
+    pub fn offer(&self, name: &str, frame: &Frame, map: &mut dyn crate::decide::HeatMap, side: usize, score: f64) {
         let Some(camera) = self.names.iter().position(|n| n == name) else { return };
         if !self.due(camera, frame.captured) {
             return;
@@ -147,7 +147,8 @@ impl LiveTaps {
         job.frame.data.clear();
         job.frame.data.extend_from_slice(&frame.pixels.data);
         job.map.clear();
-        job.map.extend_from_slice(map);
+        // Taken only now: it may cost a run of the model's map session.
+        job.map.extend_from_slice(map.get());
         match self.jobs.try_send(job) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
@@ -249,10 +250,10 @@ mod tests {
         // Camera `c1` restarted by a reload runs at slot 7 now.
         let (live, enc, _rx) = taps(cams(2), Duration::from_millis(1));
         live.want(1);
-        live.offer("c1", &frame(7, Instant::now() + Duration::from_millis(5)), &[0.0; 4], 2, 0.3);
+        live.offer("c1", &frame(7, Instant::now() + Duration::from_millis(5)), &mut &[0.0; 4][..], 2, 0.3);
         let job = enc.jobs.try_recv().expect("the watched camera's frame is copied");
         assert_eq!(job.camera, 1, "under its console index");
-        live.offer("gone", &frame(1, Instant::now() + Duration::from_millis(50)), &[0.0; 4], 2, 0.3);
+        live.offer("gone", &frame(1, Instant::now() + Duration::from_millis(50)), &mut &[0.0; 4][..], 2, 0.3);
         assert!(enc.jobs.try_recv().is_err(), "a camera the console does not know is not copied");
     }
 
@@ -271,7 +272,7 @@ mod tests {
         let (live, enc, _rx) = taps(cams(2), Duration::from_millis(200));
         let t0 = live.epoch;
         let at = |ms| t0 + Duration::from_millis(ms);
-        live.offer("c0", &frame(0, at(10)), &[0.0; 4], 2, 0.1);
+        live.offer("c0", &frame(0, at(10)), &mut &[0.0; 4][..], 2, 0.1);
         assert!(enc.jobs.try_recv().is_err(), "no viewer: no copy");
         live.want(0);
         assert!(live.due(0, at(10)));
@@ -302,7 +303,7 @@ mod tests {
         live.want(0);
         let t0 = Instant::now();
         for i in 0..4 {
-            live.offer("c0", &frame(0, t0 + Duration::from_millis(10 * i)), &[0.0; 4], 2, 0.1);
+            live.offer("c0", &frame(0, t0 + Duration::from_millis(10 * i)), &mut &[0.0; 4][..], 2, 0.1);
         }
         assert_eq!(enc.jobs.len(), 1);
         assert_eq!(live.skipped.load(Ordering::Relaxed), 3);
@@ -314,7 +315,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let h = enc.spawn(stop.clone()).expect("spawn");
         live.want(0);
-        live.offer("c0", &frame(0, Instant::now() + Duration::from_millis(5)), &[0.0, 1.0, 0.0, 0.0], 2, 0.7);
+        live.offer("c0", &frame(0, Instant::now() + Duration::from_millis(5)), &mut &[0.0, 1.0, 0.0, 0.0][..], 2, 0.7);
         let deadline = Instant::now() + Duration::from_secs(20);
         while rx[0].borrow_and_update().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

@@ -18,6 +18,9 @@
 //!   `[N, C, S, S]` with N dynamic and C, S from `ganomaly.preprocess`; an
 //!   output per listed score, f32 `[N]`; `anomaly_map` f32 `[N, 1, S, S]`;
 //!   `recon`, when present, `[N, C, S, S]`; each produced by a node.
+//! - Not a pruned graph ([`super::prune::KEY_PRUNED`] in its metadata): the
+//!   daemon prunes the full model in memory; a pruned file lacks outputs its
+//!   metadata lists and is refused by that key.
 //!
 //! `check-config` and the daemon's model load both run [`check_model_file`],
 //! so a model that `check-config` accepts is one `run` loads. Every refusal
@@ -71,7 +74,12 @@ pub fn check_model_file(path: &Path) -> Result<ModelMetadata, OnnxError> {
 pub fn check_model(bytes: &[u8]) -> Result<ModelMetadata, OnnxError> {
     let model = ModelProto::decode(bytes)?;
     refuse_outside_data(&model)?;
-    let meta = ModelMetadata::from_props(&props_of(&model))?;
+    let props = props_of(&model);
+    // A pruned graph lacks outputs its metadata lists: say so, not which one is missing.
+    if let Some(outputs) = props.get(super::prune::KEY_PRUNED) {
+        return Err(OnnxError::Pruned { key: super::prune::KEY_PRUNED, outputs: outputs.clone() });
+    }
+    let meta = ModelMetadata::from_props(&props)?;
     let graph = model.graph.as_ref().ok_or(OnnxError::NoGraph)?;
     check_graph(graph, &meta)?;
     Ok(meta)

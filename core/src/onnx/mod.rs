@@ -33,6 +33,7 @@
 
 pub mod check;
 pub mod proto;
+pub mod prune;
 
 use std::collections::BTreeMap;
 
@@ -81,6 +82,8 @@ pub enum OnnxError {
     MemoryMarker { tensor: String, place: String },
     #[error("{0}")]
     Input(String),
+    #[error("this graph was pruned to the outputs {outputs} ({key}) to run them alone: it is not a full model; use the file it was pruned from")]
+    Pruned { key: &'static str, outputs: String },
     #[error("output tensor `{name}` {reason}")]
     Output { name: String, reason: String },
 }

@@ -131,6 +131,12 @@ pub struct AttributeProto {
     pub s: Option<Vec<u8>>,
     #[prost(int64, repeated, packed = "false", tag = "8")]
     pub ints: Vec<i64>,
+    /// Never written; declared so that a pruned copy of a file that uses them
+    /// keeps them (`onnx::prune` re-encodes what it decodes).
+    #[prost(float, repeated, packed = "false", tag = "7")]
+    pub floats: Vec<f32>,
+    #[prost(bytes = "vec", repeated, tag = "9")]
+    pub strings: Vec<Vec<u8>>,
     #[prost(int32, optional, tag = "20")]
     pub r#type: Option<i32>,
     // The members below can carry tensors or graphs (Constant's `value`,
@@ -157,6 +163,18 @@ pub struct TensorProto {
     pub data_type: Option<i32>,
     #[prost(float, repeated, packed = "false", tag = "4")]
     pub float_data: Vec<f32>,
+    // The other payload fields: never written; declared so that a pruned copy
+    // (`onnx::prune`, which re-encodes what it decodes) of a file using them keeps them.
+    #[prost(int32, repeated, tag = "5")]
+    pub int32_data: Vec<i32>,
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub string_data: Vec<Vec<u8>>,
+    #[prost(int64, repeated, tag = "7")]
+    pub int64_data: Vec<i64>,
+    #[prost(double, repeated, tag = "10")]
+    pub double_data: Vec<f64>,
+    #[prost(uint64, repeated, tag = "11")]
+    pub uint64_data: Vec<u64>,
     #[prost(string, optional, tag = "8")]
     pub name: Option<String>,
     /// Little-endian bytes of the elements (what we write for weights).
