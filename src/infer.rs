@@ -151,6 +151,7 @@ impl Model {
             .map_err(|source| InferError::Metadata { path: path.into(), source })?;
         let env = crate::runtime::environment(cfg.ort_library.as_deref())?;
         let (session, provider) = build_session(env, bytes, path, cfg)?;
+        release_freed_heap();
         let channels = meta.preprocess.color.channels() as usize;
         let side = meta.preprocess.size as usize;
         let kinds: Vec<ScoreKind> = meta.scores.iter().map(|s| s.kind).collect();
@@ -226,6 +227,21 @@ impl Model {
             out.patch_maps.extend_from_slice(pm);
         }
         Ok(())
+    }
+}
+
+/// Hands the heap that building a session freed back to the system. ONNX
+/// Runtime parses the file into protobuf tensors, copies them into its own
+/// and frees the first: glibc keeps that memory mapped (measured on the
+/// 128 px ngf 32 model, 46 MiB: VmRSS 175 → 98 MiB after the session is
+/// built, 234 → 159 MiB steady with 4 cameras; the Python peer keeps it too).
+/// Once per model load, so its cost (a walk of the malloc arenas) is nothing.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
