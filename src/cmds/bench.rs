@@ -349,8 +349,15 @@ fn model_path(opts: &Args, tmp: &Path) -> Result<PathBuf, BenchError> {
         return Ok(m.clone());
     }
     if let Some((side, ngf)) = opts.fixture {
-        let arch =
-            ganomaly_core::ArchSpec { isize: side, nc: 3, nz: 100, ngf, ndf: ngf, extralayers: 0, ..Default::default() };
+        let arch = ganomaly_core::ArchSpec {
+            isize: side,
+            nc: 3,
+            nz: 100,
+            ngf,
+            ndf: ngf,
+            extralayers: 0,
+            ..Default::default()
+        };
         let bytes = ganomaly_core::onnx::random_model(&arch, 1).map_err(|e| BenchError::Fixture(e.to_string()))?;
         let p = tmp.join(format!("fixture-{side}px-ngf{ngf}.onnx"));
         std::fs::write(&p, bytes).map_err(|e| BenchError::Fixture(e.to_string()))?;
@@ -457,7 +464,12 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let n = opts.cameras.max(1);
     let per_camera = opts.paced.unwrap_or(raw_fps * opts.offer / n as f64);
     let offered = per_camera * n as f64;
-    let rig = Rig { frames: &frames, model: &model, score: opts.score.unwrap_or(ScoreChoice::ModelDefault), gate: Gate::opened() };
+    let rig = Rig {
+        frames: &frames,
+        model: &model,
+        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
+        gate: Gate::opened(),
+    };
     let spread = if opts.aligned { 0 } else { n };
     let cameras = (0..n).map(|i| continuous(&rig, i, spread, per_camera)).collect();
     let settings = settings(infer, cameras, opts);
@@ -533,7 +545,6 @@ fn continuous(rig: &Rig<'_>, i: usize, spread: usize, fps: f64) -> CameraPlan {
     let pace = Pace { period, offset: period.mul_f64(phase) };
     camera(&format!("bench{i}"), i, rig, fps, Some(pace), CameraMode::Continuous)
 }
-
 
 /// The session alone, on full batches of preprocessed frames.
 struct RawRun {
@@ -756,7 +767,12 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
     let n = opts.cameras.max(1);
     let names: Vec<String> = (0..n).map(|i| format!("trig{i}")).collect();
     let trigger = TriggerSettings { deadline: Duration::from_secs(5), ..TriggerSettings::default() };
-    let rig = Rig { frames: &frames, model: &model, score: opts.score.unwrap_or(ScoreChoice::ModelDefault), gate: Gate::opened() };
+    let rig = Rig {
+        frames: &frames,
+        model: &model,
+        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
+        gate: Gate::opened(),
+    };
     let cameras = names
         .iter()
         .enumerate()
@@ -955,7 +971,8 @@ pub fn measure_rss(opts: &Args) -> Result<RssReport, BenchError> {
     };
     let cameras = (0..n).map(|i| continuous(&rig, i, n, per_camera)).collect();
     let settings = settings(infer, cameras, opts);
-    let started = Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() });
+    let started =
+        Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() });
     // Open before anything can fail: a camera thread waits at the gate.
     rig.gate.open();
     let pipeline = started?;
