@@ -4,7 +4,7 @@
 #                model, embedded MQTT broker); Ctrl-C stops it
 #   make test    install what the tests need, then run every test of the workspace
 #   make lint    rustfmt --check, clippy -D warnings (all targets, whole workspace), cargo doc -D warnings
-#   make bench   pipeline benchmark, 1 and 4 cameras (figures, not pass/fail)
+#   make bench   one table: raw ORT, pipeline at 1/4 cameras, Python peer, RSS, latency (figures)
 #   make soak    1M frames, 4 cameras, two 20 s broker outages: alarms raised vs received, RSS
 #   make bench-rtsp      8 RTSP streams (640x480 H.264, 15 fps) decoded and scored
 #   make bench-train     training speed, ganomaly-train vs PyTorch side by side
@@ -141,9 +141,12 @@ test-trainer: $(STAMP_TORCH)
 demo: $(STAMP_ORT) $(STAMP_APT)
 	cargo run --release --bin ganomalyd -- run --config config/demo.toml
 
+# One table: raw ORT, the pipeline at 1 and 4 cameras, the Python peer
+# (benches/peer.py) on the same model and frames, both RSS, latency at low
+# (4 x 15 fps) and full load; demo model and a 128 px ngf 32 one (benches/table.py).
 bench: $(STAMP_ORT) $(STAMP_APT)
-	cargo run --release --bin ganomalyd -- bench --cameras 1
-	cargo run --release --bin ganomalyd -- bench --cameras 4
+	cargo build --release --bin ganomalyd
+	$(VPY) benches/table.py --bin target/release/ganomalyd
 
 # Minutes: a release build, then the daemon until a million frames are decided
 # (SOAK_FRAMES=100000 for a quick try). Fails if an alarm event is not received.

@@ -310,6 +310,7 @@ impl Model {
                 }
             }
         };
+        release_freed_heap();
         tracing::info!(
             model = %path.display(),
             provider = model.provider.as_str(),
@@ -430,6 +431,21 @@ pub fn read_model_file(path: &Path) -> Result<Vec<u8>, InferError> {
         ganomaly_core::onnx::OnnxError::Io { source, .. } => InferError::Read { path: path.into(), source },
         source => InferError::Metadata { path: path.into(), source },
     })
+}
+
+/// Hands the heap that building a session freed back to the system. ONNX
+/// Runtime parses the file into protobuf tensors, copies them into its own
+/// and frees the first: glibc keeps that memory mapped (measured on the
+/// 128 px ngf 32 model, 46 MiB: VmRSS 175 → 98 MiB after the session is
+/// built, 234 → 159 MiB steady with 4 cameras; the Python peer keeps it too).
+/// Once per model load, so its cost (a walk of the malloc arenas) is nothing.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Builds the session with the configured providers; returns the one in use.

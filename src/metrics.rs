@@ -226,8 +226,18 @@ impl LatencyHistogram {
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM")
+}
+
+/// Resident set size of this process now, in MiB (Linux `VmRSS`), if known.
+pub fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS")
+}
+
+/// A `kB` figure of `/proc/self/status` (`VmRSS`, `VmHWM`) in MiB.
+fn status_mb(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -265,5 +275,8 @@ mod tests {
     #[test]
     fn peak_rss_is_readable_on_linux() {
         assert!(peak_rss_mb().is_some_and(|mb| mb > 0.0));
+        // The peak is never below the current figure.
+        let (now, peak) = (rss_mb().unwrap_or(0.0), peak_rss_mb().unwrap_or(0.0));
+        assert!(now > 0.0 && peak >= now, "VmRSS {now} MiB, VmHWM {peak} MiB");
     }
 }

@@ -127,7 +127,7 @@ fn a_tiled_camera_scores_one_score_per_frame_and_snapshots_the_stitched_map() {
     }
     let report = p.join();
     let cam = &report.cameras[0];
-    assert_eq!((cam.frames, cam.broken), (12, 0), "frames, not tiles, are counted: {cam:?}");
+    assert_eq!((cam.decided, cam.broken), (12, 0), "frames, not tiles, are counted: {cam:?}");
     let scores = rec.scores();
     assert_eq!(scores.len(), 12, "one score per frame");
     let max_good = scores.iter().filter(|s| !(4..8).contains(&s.seq)).map(|s| s.raw_score).fold(0.0, f64::max);

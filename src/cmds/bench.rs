@@ -10,11 +10,23 @@
 //!    rest of the pipeline costs → `pipeline_fps`, `ratio`, capture→decision
 //!    latency p50/p99, frames dropped at the cameras, peak RSS.
 //!
+//!
+//! `--paced FPS` gives every camera that rate instead (4 × 15 fps: latency at
+//! low load, against one batch-1 inference plus preprocessing, measured in
+//! the same run); `--rss-breakdown` runs the pipeline alone, as the daemon
+//! does, and reads `VmRSS` at each stage (ORT loaded, session built and
+//! threads started, first batches, steady state); `--fixture 128x32` benches
+//! a random-weights model of that size and width (core's `random_model`: all
+//! scores, feature statistics included; weights do not change speed);
+//! `--export DIR` writes the model and frames for the Python peer
+//! (`benches/peer.py`); `benches/table.py` (`make bench`) runs it all.
+//!
 //! Figures from noisy shared machines vary run to run; that is why speed is
 //! measured here and never asserted in tests.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ganomaly_core::preprocess::Preprocessor;
@@ -29,7 +41,7 @@ use crate::config::{
 };
 use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport, Verdict, VerdictEvent};
 use crate::infer::{BatchOutput, InferError, Model};
-use crate::metrics::{peak_rss_mb, CameraCounters, LatencyHistogram};
+use crate::metrics::{peak_rss_mb, rss_mb, CameraCounters, LatencyHistogram};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +56,8 @@ pub enum BenchError {
     Preprocess(#[from] ganomaly_core::preprocess::PreprocessError),
     #[error("the pipeline decided no frame within {0:?}")]
     Stalled(Duration),
+    #[error("cannot export the bench inputs to {path}: {reason}")]
+    Export { path: PathBuf, reason: String },
 }
 
 /// `ganomalyd bench`: raw ONNX Runtime throughput against the whole pipeline's.
@@ -57,8 +71,28 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Model to bench (default: models/demo.onnx, else a random-weights fixture of its shape).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fixture")]
     pub model: Option<PathBuf>,
+    /// Bench a random-weights model of `SIDExNGF` instead (e.g. `128x32`: 128 px, ngf = ndf 32, RGB, nz 100).
+    #[arg(long, value_parser = fixture_shape)]
+    pub fixture: Option<(u32, u32)>,
+    /// The score the cameras use (default: the model's own).
+    #[arg(long, value_parser = score_choice)]
+    pub score: Option<ScoreChoice>,
+    /// Every camera at this frame rate instead of `--offer` (latency at a given load).
+    #[arg(long)]
+    pub paced: Option<f64>,
+    /// Paced cameras deliver at the same instants (all started together)
+    /// instead of spread over the frame period as free-running cameras are.
+    #[arg(long)]
+    pub aligned: bool,
+    /// The pipeline alone, as the daemon runs it: RSS at each stage.
+    #[arg(long)]
+    pub rss_breakdown: bool,
+    /// Write the model (`model.onnx`) and the frames (`frameN.png`) to this
+    /// folder for `benches/peer.py`, and stop.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
     #[arg(long = "batch", default_value_t = 8)]
     pub max_batch: usize,
     /// Seconds a batch waits to fill (the config's `inference.max_wait_s`).
@@ -114,8 +148,33 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `SIDExNGF`, e.g. `128x32`.
+fn fixture_shape(s: &str) -> Result<(u32, u32), String> {
+    let (side, ngf) = s.split_once('x').ok_or_else(|| format!("`{s}` is not SIDExNGF (e.g. 128x32)"))?;
+    let n = |v: &str| v.parse::<u32>().map_err(|e| format!("`{v}`: {e}"));
+    Ok((n(side)?, n(ngf)?))
+}
+
+fn score_choice(s: &str) -> Result<ScoreChoice, String> {
+    ScoreChoice::parse(s).ok_or_else(|| format!("`{s}` is not one of {}", ScoreChoice::names().join(", ")))
+}
+
 /// Runs the bench and prints its report (text, or one JSON line).
 pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(dir) = &args.export {
+        let written = export(args, dir)?;
+        println!("{}", serde_json::to_string(&written)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if args.rss_breakdown {
+        let report = measure_rss(args)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", report.text());
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     if args.triggered {
         let report = measure_triggered(args)?;
         if args.json {
@@ -161,6 +220,15 @@ pub struct BenchReport {
     /// inputs per second; `ratio` compares the pipeline's frames with raw ORT's
     /// inputs ÷ this.
     pub tiles_per_frame: usize,
+    /// The cameras' score, and each camera's rate when `--paced`.
+    pub score: String,
+    pub paced_fps: Option<f64>,
+    pub aligned: bool,
+    /// One batch-1 inference and one frame's preprocessing (medians, this
+    /// run): the latency reference (`p99 / reference`, the goal is ≤ 2).
+    pub infer_b1_ms: f64,
+    pub preprocess_ms: f64,
+    pub p99_ratio: f64,
 }
 
 /// Publisher that only counts: the bench measures the frame path, not MQTT.
@@ -180,12 +248,55 @@ impl Publisher for Discard {
 struct BenchSource {
     frames: Arc<Vec<FrameData>>,
     next: usize,
+    pace: Option<Pace>,
+    gate: Arc<Gate>,
+    /// Frames delivered since the gate opened (paced sources).
+    k: u32,
+}
+
+/// A bench camera's own clock: frame `k` is due at `offset + k × period`
+/// after the gate opened. Cameras are spread over the period (camera `i` of
+/// `n` at `i / n` of it), as free-running cameras are, instead of all
+/// delivering at the same instant because they were started together.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    period: Duration,
+    offset: Duration,
+}
+
+/// Holds every bench camera's first frame until opened, so that the RSS of
+/// a started pipeline with no frame in it can be read.
+#[derive(Debug, Default)]
+struct Gate {
+    open: AtomicBool,
+    at: OnceLock<Instant>,
+}
+
+impl Gate {
+    fn opened() -> Arc<Gate> {
+        let g = Arc::new(Gate::default());
+        g.open();
+        g
+    }
+    fn open(&self) {
+        let _ = self.at.set(Instant::now());
+        self.open.store(true, Ordering::Release);
+    }
+    /// Waits until open; when it opened.
+    fn wait(&self) -> Instant {
+        while !self.open.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.at.get().copied().unwrap_or_else(Instant::now)
+    }
 }
 
 /// Camera `next` of the bench: cycles the shared frames from its own offset.
 struct BenchPlan {
     frames: Arc<Vec<FrameData>>,
     next: usize,
+    pace: Option<Pace>,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for BenchPlan {
@@ -196,7 +307,13 @@ impl std::fmt::Debug for BenchPlan {
 
 impl SourcePlan for BenchPlan {
     fn factory(&self) -> SourceFactory {
-        capture::factory(BenchSource { frames: self.frames.clone(), next: self.next })
+        capture::factory(BenchSource {
+            frames: self.frames.clone(),
+            next: self.next,
+            pace: self.pace,
+            gate: self.gate.clone(),
+            k: 0,
+        })
     }
 }
 
@@ -204,7 +321,22 @@ impl FrameSource for BenchSource {
     fn describe(&self) -> String {
         "bench frames".into()
     }
+    fn self_paced(&self) -> bool {
+        self.pace.is_some()
+    }
     fn next_frame(&mut self, out: &mut FrameData) -> Result<(), CaptureError> {
+        let start = self.gate.wait();
+        if let Some(p) = self.pace {
+            let due = start + p.offset + p.period * self.k;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            } else if now - due > p.period * 4 {
+                // Far behind (the box stalled us): skip ahead instead of bursting.
+                self.k = ((now - start).saturating_sub(p.offset).as_secs_f64() / p.period.as_secs_f64()) as u32;
+            }
+            self.k += 1;
+        }
         let f = &self.frames[self.next % self.frames.len()];
         self.next += 1;
         out.reshape(f.width, f.height, f.format).copy_from_slice(&f.data);
@@ -227,6 +359,21 @@ fn frames(width: u32, height: u32) -> Vec<FrameData> {
 fn model_path(opts: &Args, tmp: &Path) -> Result<PathBuf, BenchError> {
     if let Some(m) = &opts.model {
         return Ok(m.clone());
+    }
+    if let Some((side, ngf)) = opts.fixture {
+        let arch = ganomaly_core::ArchSpec {
+            isize: side,
+            nc: 3,
+            nz: 100,
+            ngf,
+            ndf: ngf,
+            extralayers: 0,
+            ..Default::default()
+        };
+        let bytes = ganomaly_core::onnx::random_model(&arch, 1).map_err(|e| BenchError::Fixture(e.to_string()))?;
+        let p = tmp.join(format!("fixture-{side}px-ngf{ngf}.onnx"));
+        std::fs::write(&p, bytes).map_err(|e| BenchError::Fixture(e.to_string()))?;
+        return Ok(p);
     }
     let demo = PathBuf::from("models/demo.onnx");
     if demo.is_file() {
@@ -255,13 +402,22 @@ fn inference(opts: &Args) -> InferenceSettings {
     }
 }
 
-/// A bench camera `i`: the shared frames, offset by `i`, at `fps`.
-fn camera(name: &str, i: usize, frames: &Arc<Vec<FrameData>>, model: &Path, fps: f64, mode: CameraMode) -> CameraPlan {
+/// What the bench cameras share: frames, model, score, and the gate.
+struct Rig<'a> {
+    frames: &'a Arc<Vec<FrameData>>,
+    model: &'a Path,
+    score: ScoreChoice,
+    gate: Arc<Gate>,
+}
+
+/// A bench camera `i`: the shared frames, offset by `i`, at `fps`; paced
+/// by its own clock (`pace`, continuous cameras) or by the camera thread.
+fn camera(name: &str, i: usize, rig: &Rig<'_>, fps: f64, pace: Option<Pace>, mode: CameraMode) -> CameraPlan {
     CameraPlan {
         name: name.to_string(),
-        source: Arc::new(BenchPlan { frames: frames.clone(), next: i }),
-        model: model.to_path_buf(),
-        score: ScoreChoice::ModelDefault,
+        source: Arc::new(BenchPlan { frames: rig.frames.clone(), next: i, pace, gate: rig.gate.clone() }),
+        model: rig.model.to_path_buf(),
+        score: rig.score,
         fps,
         roi: None,
         alarm: AlarmConfig::default(),
@@ -306,20 +462,33 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     // 1. Raw ORT: the session alone, full batches.
     // Dropped before the pipeline starts so that its threads and memory do
     // not count against the pipeline; loaded again for the second raw run.
-    let (raw_before, provider, preprocess_fps) = {
+    let (raw_before, provider, preprocess_fps, default_score) = {
         let mut raw = RawRun::new(&model, &infer, &frames)?;
-        (raw.measure(opts.frames)?, raw.provider(), raw.preprocess_fps(&frames)?)
+        (raw.measure(opts.frames)?, raw.provider(), raw.preprocess_fps(&frames)?, raw.model.meta.default_score)
     };
     // Frames per second the session could take: inputs ÷ the tiles of a frame.
     let per_frame = opts.tiles.map_or(1, |t| ganomaly_core::tiles::count(opts.width, opts.height, t)).max(1);
     let raw_fps = raw_before / per_frame as f64;
+    // The latency reference: one frame's preprocessing and one batch-1 run.
+    let (infer_b1_ms, preprocess_ms) = {
+        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames)?;
+        (raw.batch1_ms(200)?, raw.preprocess_ms(&frames, 200)?)
+    };
 
-    // 2. The pipeline, offered a little more than the model can take.
+    // 2. The pipeline, offered a little more than the model can take (or `--paced`).
     let n = opts.cameras.max(1);
-    let offered = raw_fps * opts.offer;
+    let per_camera = opts.paced.unwrap_or(raw_fps * opts.offer / n as f64);
+    let offered = per_camera * n as f64;
+    let rig = Rig {
+        frames: &frames,
+        model: &model,
+        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
+        gate: Gate::opened(),
+    };
+    let spread = if opts.aligned { 0 } else { n };
     let cameras = (0..n)
         .map(|i| {
-            let mut c = camera(&format!("bench{i}"), i, &frames, &model, offered / n as f64, CameraMode::Continuous);
+            let mut c = continuous(&rig, i, spread, per_camera);
             c.tiles = opts.tiles;
             c
         })
@@ -355,6 +524,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let raw_fps = (raw_before + raw_after) / 2.0;
     let _ = std::fs::remove_dir_all(&tmp);
     let raw_frame_fps = raw_fps / per_frame as f64;
+    let p99_ms = report.latency.quantile(0.99);
     Ok(BenchReport {
         model: model.display().to_string(),
         provider,
@@ -371,12 +541,32 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         pipeline_fps,
         ratio: pipeline_fps / raw_frame_fps,
         p50_ms: report.latency.quantile(0.5),
-        p99_ms: report.latency.quantile(0.99),
+        p99_ms,
         dropped,
         broken: report.cameras.iter().map(|c| c.broken).sum(),
         peak_rss_mb: peak_rss_mb().unwrap_or(0.0),
         tiles_per_frame: per_frame,
+        score: match rig.score {
+            ScoreChoice::Kind(k) => k,
+            ScoreChoice::ModelDefault => default_score,
+        }
+        .as_str()
+        .to_string(),
+        paced_fps: opts.paced,
+        aligned: opts.aligned,
+        infer_b1_ms,
+        preprocess_ms,
+        p99_ratio: p99_ms / (infer_b1_ms + preprocess_ms).max(1e-9),
     })
+}
+
+/// Continuous bench camera `i` at `fps`, on its own clock, its frames at
+/// `i / spread` of the period (`spread` 0: every camera at its start).
+fn continuous(rig: &Rig<'_>, i: usize, spread: usize, fps: f64) -> CameraPlan {
+    let period = Duration::from_secs_f64(1.0 / fps.max(0.1));
+    let phase = if spread == 0 { 0.0 } else { (i % spread) as f64 / spread as f64 };
+    let pace = Pace { period, offset: period.mul_f64(phase) };
+    camera(&format!("bench{i}"), i, rig, fps, Some(pace), CameraMode::Continuous)
 }
 
 /// The session alone, on full batches of preprocessed frames.
@@ -459,7 +649,8 @@ impl BenchReport {
              preprocess      {:>8.1} fps (one thread)\n\
              pipeline        {:>8.1} fps (offered {:.1})\n\
              ratio           {:>8.3}\n\
-             latency p50/p99 {:>8.2} / {:.2} ms (capture → alarm decision)\n\
+             latency p50/p99 {:>8.2} / {:.2} ms (capture → alarm decision, score {})\n\
+             reference       {:>8.2} ms = batch-1 inference {:.2} + preprocessing {:.2}; p99 / reference {:.2}\n\
              dropped         {:>8} frames at the cameras (load above capacity, by design)\n\
              peak RSS        {:>8.1} MiB\n\
              tiles per frame {:>8} (raw ORT in model inputs/s: {:.1} frames/s)",
@@ -478,6 +669,11 @@ impl BenchReport {
             self.ratio,
             self.p50_ms,
             self.p99_ms,
+            self.score,
+            self.infer_b1_ms + self.preprocess_ms,
+            self.infer_b1_ms,
+            self.preprocess_ms,
+            self.p99_ratio,
             self.dropped,
             self.peak_rss_mb,
             self.tiles_per_frame,
@@ -597,10 +793,16 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
     let n = opts.cameras.max(1);
     let names: Vec<String> = (0..n).map(|i| format!("trig{i}")).collect();
     let trigger = TriggerSettings { deadline: Duration::from_secs(5), ..TriggerSettings::default() };
+    let rig = Rig {
+        frames: &frames,
+        model: &model,
+        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
+        gate: Gate::opened(),
+    };
     let cameras = names
         .iter()
         .enumerate()
-        .map(|(i, name)| camera(name, i, &frames, &model, opts.camera_fps, CameraMode::Triggered(trigger)))
+        .map(|(i, name)| camera(name, i, &rig, opts.camera_fps, None, CameraMode::Triggered(trigger)))
         .collect();
     let settings = settings(infer, cameras, opts);
     let meter = Arc::new(VerdictMeter::default());
@@ -704,5 +906,170 @@ impl RawRun {
             h.record(t.elapsed().as_secs_f64() * 1000.0);
         }
         Ok(h.quantile(0.5))
+    }
+}
+
+/// What `--export` wrote.
+#[derive(Debug, Serialize)]
+pub struct Exported {
+    pub model: PathBuf,
+    pub frames: Vec<PathBuf>,
+}
+
+/// `--export DIR`: the bench's model and frames, for a peer to run the same.
+pub fn export(opts: &Args, dir: &Path) -> Result<Exported, BenchError> {
+    let err = |e: &dyn std::fmt::Display| BenchError::Export { path: dir.into(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    let model = model_path(opts, dir)?;
+    let dest = dir.join("model.onnx");
+    if model != dest {
+        std::fs::copy(&model, &dest).map_err(|e| err(&e))?;
+    }
+    if opts.fixture.is_some() {
+        let _ = std::fs::remove_file(&model);
+    }
+    let mut written = Vec::new();
+    for (i, f) in frames(opts.width, opts.height).iter().enumerate() {
+        let p = dir.join(format!("frame{i}.png"));
+        image::save_buffer(&p, &f.data, f.width, f.height, image::ExtendedColorType::Rgb8).map_err(|e| err(&e))?;
+        written.push(p);
+    }
+    Ok(Exported { model: dest, frames: written })
+}
+
+/// One stage of `--rss-breakdown`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssStage {
+    pub stage: String,
+    pub rss_mb: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// The figures of `bench --rss-breakdown`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssReport {
+    pub model: String,
+    pub cameras: usize,
+    pub batch: usize,
+    pub frame_size: String,
+    pub score: String,
+    pub offered_fps: f64,
+    pub pipeline_fps: f64,
+    pub stages: Vec<RssStage>,
+    pub model_file_mb: f64,
+    /// One camera frame's pixels, and the most a camera's recycle channel keeps.
+    pub frame_mb: f64,
+    pub frames_kept_per_camera: usize,
+    /// One preprocessed tensor, and the most the model's recycle channel keeps.
+    pub tensor_mb: f64,
+    pub tensors_kept: usize,
+    /// Steady state: the daemon's figure.
+    pub rss_mb: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// `--rss-breakdown`: the pipeline alone, as `ganomalyd run` starts it, with
+/// `VmRSS` read at each stage. The cameras are held at the gate until the
+/// pipeline is up, so "started" is the session and threads with no frame.
+pub fn measure_rss(opts: &Args) -> Result<RssReport, BenchError> {
+    let stage = |name: &str| RssStage {
+        stage: name.to_string(),
+        rss_mb: rss_mb().unwrap_or(0.0),
+        peak_rss_mb: peak_rss_mb().unwrap_or(0.0),
+    };
+    let mut stages = vec![stage("process (before ONNX Runtime)")];
+    let tmp = std::env::temp_dir().join(format!("ganomalyd-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    let model = model_path(opts, &tmp)?;
+    let infer = inference(opts);
+    let frames = Arc::new(frames(opts.width, opts.height));
+    stages.push(stage("frames made"));
+    crate::runtime::environment(infer.ort_library.as_deref()).map_err(InferError::from)?;
+    stages.push(stage("ONNX Runtime loaded, environment built"));
+    let n = opts.cameras.max(1);
+    // Unpaced cameras would spin copying frames that are dropped: give a rate.
+    let per_camera = opts.paced.unwrap_or(1000.0);
+    let rig = Rig {
+        frames: &frames,
+        model: &model,
+        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
+        gate: Arc::new(Gate::default()),
+    };
+    let cameras = (0..n).map(|i| continuous(&rig, i, n, per_camera)).collect();
+    let settings = settings(infer, cameras, opts);
+    let started =
+        Pipeline::start(&settings, Arc::new(Discard), StartOptions { stats: false, ..StartOptions::default() });
+    // Open before anything can fail: a camera thread waits at the gate.
+    rig.gate.open();
+    let pipeline = started?;
+    // The gate was shut until here: no frame has been captured yet.
+    stages.push(stage("pipeline started: session built, threads up, no frame yet"));
+    let limit = Duration::from_secs(60);
+    wait_for(&pipeline, (opts.max_batch as u64 * 4).max(16), limit)?;
+    stages.push(stage("first batches decided"));
+    let d0 = pipeline.decided();
+    let t0 = Instant::now();
+    wait_for(&pipeline, d0 + opts.frames, limit + Duration::from_secs_f64(opts.frames as f64 / 10.0))?;
+    let pipeline_fps = (pipeline.decided() - d0) as f64 / t0.elapsed().as_secs_f64();
+    let steady = stage(&format!("steady state ({} frames more)", opts.frames));
+    let (rss, peak) = (steady.rss_mb, steady.peak_rss_mb);
+    stages.push(steady);
+    pipeline.shutdown();
+    // Read after the figures: its copies of the file must not count in them.
+    let (meta, model_bytes) = ganomaly_core::onnx::check::read_file(&model)
+        .and_then(|b| ganomaly_core::onnx::check::check_model(&b).map(|m| (m, b.len())))
+        .map_err(|source| InferError::Metadata { path: model.clone(), source })?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    let p = &settings.pipeline;
+    let side = meta.preprocess.size as usize;
+    let b = settings.inference.max_batch;
+    Ok(RssReport {
+        model: model.display().to_string(),
+        cameras: n,
+        batch: b,
+        frame_size: format!("{}x{}", opts.width, opts.height),
+        score: match rig.score {
+            ScoreChoice::Kind(k) => k,
+            ScoreChoice::ModelDefault => meta.default_score,
+        }
+        .as_str()
+        .to_string(),
+        offered_fps: per_camera * n as f64,
+        pipeline_fps,
+        stages,
+        model_file_mb: mib(model_bytes),
+        frame_mb: mib(opts.width as usize * opts.height as usize * 3),
+        // As `Pipeline::add_camera` sizes a continuous camera's recycle channel.
+        frames_kept_per_camera: p.frame_queue.max(1) + p.preprocess_threads + 2 * b + 2,
+        tensor_mb: mib(meta.preprocess.color.channels() as usize * side * side * 4),
+        tensors_kept: 4 * b + 8,
+        rss_mb: rss,
+        peak_rss_mb: peak,
+    })
+}
+
+impl RssReport {
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "model {} ({} camera(s) of {}, batch {}, score {}, offered {:.0} fps, decided {:.1} fps)\n",
+            self.model, self.cameras, self.frame_size, self.batch, self.score, self.offered_fps, self.pipeline_fps
+        );
+        let mut last = 0.0;
+        for st in &self.stages {
+            s += &format!(
+                "{:<62} VmRSS {:>7.1} MiB ({:>+6.1})  VmHWM {:>7.1}\n",
+                st.stage,
+                st.rss_mb,
+                st.rss_mb - last,
+                st.peak_rss_mb
+            );
+            last = st.rss_mb;
+        }
+        s += &format!(
+            "model file {:.1} MiB; a frame {:.2} MiB, up to {} kept per camera; a tensor {:.3} MiB, up to {} kept",
+            self.model_file_mb, self.frame_mb, self.frames_kept_per_camera, self.tensor_mb, self.tensors_kept
+        );
+        s
     }
 }

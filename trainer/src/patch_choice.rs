@@ -173,6 +173,7 @@ mod tests {
                 .map(|i| TestItem { path: format!("v{i}").into(), defect: (i % 2 == 1).then(|| "d".into()) })
                 .collect(),
             x: data(8) * 1.5,
+            groups: None,
         };
         let default = g.arch.default_patch();
         let c = choose(&g, &default, 8, &x.narrow(0, 0, 16), &x.narrow(0, 16, 8), &val, Device::Cpu).unwrap();
