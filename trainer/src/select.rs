@@ -205,6 +205,9 @@ impl Tracker {
     /// when `eval_test` (from the same scores as its per-defect figures), and
     /// (`val-auroc`) its validation AUROCs into `rec`, and keeps the candidate if it is
     /// the best so far.
+    // Each argument is a different piece of the epoch's state; a struct made
+    // only to carry them to this one call would say less.
+    #[allow(clippy::too_many_arguments)]
     pub fn after_epoch(
         &mut self,
         model: &Model,
