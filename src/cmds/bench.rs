@@ -458,12 +458,13 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let model = model_path(opts, &tmp)?;
     let infer = inference(opts);
     let frames = Arc::new(frames(opts.width, opts.height));
+    let score = opts.score.unwrap_or(ScoreChoice::ModelDefault);
 
     // 1. Raw ORT: the session alone, full batches.
     // Dropped before the pipeline starts so that its threads and memory do
     // not count against the pipeline; loaded again for the second raw run.
     let (raw_before, provider, preprocess_fps, default_score) = {
-        let mut raw = RawRun::new(&model, &infer, &frames)?;
+        let mut raw = RawRun::new(&model, &infer, &frames, score)?;
         (raw.measure(opts.frames)?, raw.provider(), raw.preprocess_fps(&frames)?, raw.model.meta.default_score)
     };
     // Frames per second the session could take: inputs ÷ the tiles of a frame.
@@ -471,7 +472,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let raw_fps = raw_before / per_frame as f64;
     // The latency reference: one frame's preprocessing and one batch-1 run.
     let (infer_b1_ms, preprocess_ms) = {
-        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames)?;
+        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames, score)?;
         (raw.batch1_ms(200)?, raw.preprocess_ms(&frames, 200)?)
     };
 
@@ -479,12 +480,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let n = opts.cameras.max(1);
     let per_camera = opts.paced.unwrap_or(raw_fps * opts.offer / n as f64);
     let offered = per_camera * n as f64;
-    let rig = Rig {
-        frames: &frames,
-        model: &model,
-        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
-        gate: Gate::opened(),
-    };
+    let rig = Rig { frames: &frames, model: &model, score, gate: Gate::opened() };
     let spread = if opts.aligned { 0 } else { n };
     let cameras = (0..n)
         .map(|i| {
@@ -520,7 +516,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let pipeline_fps = (d1 - d0) as f64 / elapsed;
     // Raw ORT again, after: on a shared machine the load drifts, and the
     // ratio should compare like with like.
-    let raw_after = RawRun::new(&model, &settings.inference, &frames)?.measure(opts.frames)?;
+    let raw_after = RawRun::new(&model, &settings.inference, &frames, score)?.measure(opts.frames)?;
     let raw_fps = (raw_before + raw_after) / 2.0;
     let _ = std::fs::remove_dir_all(&tmp);
     let raw_frame_fps = raw_fps / per_frame as f64;
@@ -577,8 +573,21 @@ struct RawRun {
 }
 
 impl RawRun {
-    fn new(path: &Path, infer: &InferenceSettings, frames: &[FrameData]) -> Result<RawRun, BenchError> {
-        let m = Model::load(path, infer)?;
+    /// The session the pipeline's inference thread builds for bench cameras
+    /// scoring with `score` (no snapshots, no live view): the graph pruned to
+    /// that score (`infer::Wants`), so that raw ORT and the pipeline run the
+    /// same graph and their ratio is the pipeline's cost alone.
+    fn new(
+        path: &Path,
+        infer: &InferenceSettings,
+        frames: &[FrameData],
+        score: ScoreChoice,
+    ) -> Result<RawRun, BenchError> {
+        let bytes = crate::infer::read_model_file(path)?;
+        let m = Model::from_bytes_for(&bytes, path, infer, |meta| {
+            Some(crate::infer::Wants { kinds: [score.kind(meta.default_score)].into(), maps: Default::default() })
+        })?;
+        drop(bytes);
         let mut prep = Preprocessor::from_meta(&m.meta.preprocess);
         let len = m.tensor_len();
         let b = infer.max_batch;
@@ -785,20 +794,16 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
     let model = model_path(opts, &tmp)?;
     let infer = inference(opts);
     let frames = Arc::new(frames(opts.width, opts.height));
+    let score = opts.score.unwrap_or(ScoreChoice::ModelDefault);
     // The reference: one frame's preprocessing and one batch-1 run, medians.
     let (infer_b1_ms, preprocess_ms, provider) = {
-        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames)?;
+        let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames, score)?;
         (raw.batch1_ms(300)?, raw.preprocess_ms(&frames, 300)?, raw.provider())
     };
     let n = opts.cameras.max(1);
     let names: Vec<String> = (0..n).map(|i| format!("trig{i}")).collect();
     let trigger = TriggerSettings { deadline: Duration::from_secs(5), ..TriggerSettings::default() };
-    let rig = Rig {
-        frames: &frames,
-        model: &model,
-        score: opts.score.unwrap_or(ScoreChoice::ModelDefault),
-        gate: Gate::opened(),
-    };
+    let rig = Rig { frames: &frames, model: &model, score, gate: Gate::opened() };
     let cameras = names
         .iter()
         .enumerate()
