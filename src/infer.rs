@@ -843,24 +843,25 @@ fn run(mut t: InferThread) {
                 }
                 let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, scored.map(|(s, _)| s));
                 decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
-                // The stitched map only where it is used: an alarm event's snapshot, the live view.
-                let wants_map =
-                    outputs.live.is_some() || matches!(&outcome, crate::decide::Outcome::Scored { alarm: Some(_), .. });
-                // Each tile's map from the batch, or from the map session when the
-                // scores' graph was pruned without it (`Model::heat_map_into`).
-                let map_side = if wants_map {
-                    let output = prune_graph::map_output(&t.model.meta, kind);
-                    tile_maps.clear();
-                    for k in 0..grid.len() {
-                        t.model.heat_map_into(&out, &input, i + k, output, &mut map_buf);
-                        tile_maps.extend_from_slice(&map_buf);
-                    }
-                    crate::tiles::stitch_tile_maps(grid, &tile_maps, side, &mut stitched)
-                } else {
-                    stitched.clear();
-                    0
+                // The stitched map is computed only if `act` draws it (an alarm's
+                // snapshot, a live-view frame that is due): each tile's map from
+                // the batch, or from the map session when the scores' graph was
+                // pruned without it (`Model::heat_map_into`).
+                let map_side = grid.stitched_side(side);
+                let output = prune_graph::map_output(&t.model.meta, kind);
+                let mut map = TiledMap {
+                    model: &mut t.model,
+                    out: &out,
+                    input: &input,
+                    first: i,
+                    grid,
+                    side,
+                    output,
+                    tile: &mut map_buf,
+                    tiles: &mut tile_maps,
+                    buf: &mut stitched,
+                    done: false,
                 };
-                let mut map: &[f32] = &stitched;
                 cam.act(outcome, frame, &mut map, map_side, &outputs);
                 continue;
             }
@@ -918,6 +919,41 @@ struct FrameMap<'a> {
     output: &'static str,
     buf: &'a mut Vec<f32>,
     done: bool,
+}
+
+/// A tiled frame's stitched heat map, computed on first use (see [`FrameMap`]).
+struct TiledMap<'a> {
+    model: &'a mut Model,
+    out: &'a BatchOutput,
+    input: &'a [f32],
+    /// The frame's first tile in the batch.
+    first: usize,
+    grid: &'a ganomaly_core::tiles::Grid,
+    side: usize,
+    output: &'static str,
+    tile: &'a mut Vec<f32>,
+    tiles: &'a mut Vec<f32>,
+    buf: &'a mut Vec<f32>,
+    done: bool,
+}
+
+impl crate::decide::HeatMap for TiledMap<'_> {
+    fn get(&mut self) -> &[f32] {
+        if !self.done {
+            self.done = true;
+            self.tiles.clear();
+            for k in 0..self.grid.len() {
+                self.model.heat_map_into(self.out, self.input, self.first + k, self.output, self.tile);
+                if self.tile.is_empty() {
+                    // Not computed (logged once by heat_map_into): no map rather than a wrong one.
+                    break;
+                }
+                self.tiles.extend_from_slice(self.tile);
+            }
+            crate::tiles::stitch_tile_maps(self.grid, self.tiles, self.side, self.buf);
+        }
+        self.buf
+    }
 }
 
 impl crate::decide::HeatMap for FrameMap<'_> {

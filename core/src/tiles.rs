@@ -200,7 +200,9 @@ pub fn stitch(grid: &Grid, maps: &[f32], side: usize, out_side: usize, out: &mut
             }
         }
     }
-    for v in out.iter_mut().filter(|v| !v.is_finite()) {
+    // Pixels no tile covered (the −∞ start) are cold; a broken tile's +∞ or NaN
+    // stays as it is, so the map shows what the score saw.
+    for v in out.iter_mut().filter(|v| **v == f32::NEG_INFINITY) {
         *v = 0.0;
     }
 }
