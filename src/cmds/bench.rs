@@ -168,29 +168,25 @@ pub fn run(args: &Args) -> anyhow::Result<std::process::ExitCode> {
     }
     if args.rss_breakdown {
         let report = measure_rss(args)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            println!("{}", report.text());
-        }
-        return Ok(std::process::ExitCode::SUCCESS);
-    }
-    if args.triggered {
+        emit(args.json, &report, || report.text())?;
+    } else if args.triggered {
         let report = measure_triggered(args)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            println!("{}", report.text());
-        }
-        return Ok(std::process::ExitCode::SUCCESS);
-    }
-    let report = measure(args)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        emit(args.json, &report, || report.text())?;
     } else {
-        println!("{}", report.text());
+        let report = measure(args)?;
+        emit(args.json, &report, || report.text())?;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Prints one report: one JSON line with `--json`, else its text.
+fn emit<T: Serialize>(json: bool, report: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]
