@@ -346,14 +346,43 @@ impl Model {
 
     /// Runs `n` images laid out back to back in `input`.
     pub fn run(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), InferError> {
+        self.run_chunked(input, n, n, out)
+    }
+
+    /// The first `n` images of `input` in session runs of at most `chunk`
+    /// images each, their outputs back to back in `out` as if from one run.
+    /// A tiled frame is never split across batches (its score is its tiles'
+    /// max), but a frame of hundreds of tiles must not size ONNX Runtime's
+    /// arena (host or GPU) for hundreds of images: the inference thread runs
+    /// its batches in chunks of `max_batch`.
+    pub fn run_chunked(
+        &mut self,
+        input: &[f32],
+        n: usize,
+        chunk: usize,
+        out: &mut BatchOutput,
+    ) -> Result<(), InferError> {
         let len = self.tensor_len();
         let data =
             input.get(..n * len).ok_or_else(|| InferError::Output(format!("batch of {n} needs {} floats", n * len)))?;
+        out.n = 0;
+        for v in &mut out.scores {
+            v.clear();
+        }
+        out.maps.clear();
+        out.patch_maps.clear();
+        for part in data.chunks(chunk.max(1) * len) {
+            self.run_part(part, part.len() / len, out)?;
+        }
+        out.n = n;
+        Ok(())
+    }
+
+    /// One session run of `n` images, its outputs appended to `out`.
+    fn run_part(&mut self, data: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), InferError> {
         let tensor = TensorRef::from_array_view(([n, self.channels, self.side, self.side], data))?;
         let outputs = self.session.run(ort::inputs!["image" => tensor])?;
-        out.n = n;
         for (i, kind) in ScoreKind::ALL.into_iter().enumerate() {
-            out.scores[i].clear();
             if !self.kinds.contains(&kind) {
                 continue;
             }
@@ -371,7 +400,6 @@ impl Model {
         for (name, wanted, buf) in
             [(OUTPUT_MAP, self.every_map, &mut out.maps), (OUTPUT_PATCH_MAP, self.every_patch_map, &mut out.patch_maps)]
         {
-            buf.clear();
             if !wanted {
                 continue;
             }
@@ -580,6 +608,8 @@ pub enum Control {
 pub struct InferThread {
     pub model: Model,
     pub rx: Receiver<Prepared>,
+    /// Given back as frames leave `rx` (the pool takes from it to send them).
+    pub budget: Arc<crate::preprocess::ImageBudget>,
     /// Tensor buffers go back to the preprocess workers.
     pub tensor_recycle: Sender<Vec<f32>>,
     /// Indexed by camera slot (`Frame::camera`); `None` for cameras of other models.
@@ -712,7 +742,18 @@ impl InferThread {
     }
 }
 
+/// Closes the image budget when the inference thread ends, however it ends,
+/// so that no worker waits for room that will never be given back.
+struct CloseBudget(Arc<crate::preprocess::ImageBudget>);
+
+impl Drop for CloseBudget {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 fn run(mut t: InferThread) {
+    let _close = CloseBudget(t.budget.clone());
     if t.background {
         crate::base::priority::lower_this_thread();
     }
@@ -739,7 +780,10 @@ fn run(mut t: InferThread) {
         // messages are taken while waiting too.
         let first = crossbeam_channel::select! {
             recv(t.rx) -> p => match p {
-                Ok(p) => p,
+                Ok(p) => {
+                    t.budget.give(p.images());
+                    p
+                }
                 Err(_) => break,
             },
             recv(t.control) -> c => {
@@ -756,8 +800,10 @@ fn run(mut t: InferThread) {
             },
         };
         // `max_batch` counts model inputs: a tiled frame is all its tiles,
-        // never split across runs (`tiles.rs`), so the last frame in may take
-        // the batch past `max_batch`.
+        // never split across batches (`tiles.rs`), so the last frame in may
+        // take the batch past `max_batch`; the batch then runs in session runs
+        // of `max_batch` inputs (`Model::run_chunked`), so ONNX Runtime never
+        // sees more than `max_batch` at once.
         let mut images = first.images();
         batch.push(first);
         let deadline = Instant::now() + batch_wait(last_batch, t.max_wait);
@@ -765,6 +811,7 @@ fn run(mut t: InferThread) {
             // Whatever is already queued joins without waiting.
             match t.rx.try_recv() {
                 Ok(p) => {
+                    t.budget.give(p.images());
                     images += p.images();
                     batch.push(p);
                     continue;
@@ -774,6 +821,7 @@ fn run(mut t: InferThread) {
             }
             match t.rx.recv_deadline(deadline) {
                 Ok(p) => {
+                    t.budget.give(p.images());
                     images += p.images();
                     batch.push(p);
                 }
@@ -814,7 +862,7 @@ fn run(mut t: InferThread) {
             at += p.images();
         }
         let frames = batch.len();
-        let result = t.model.run(&input, n, &mut out);
+        let result = t.model.run_chunked(&input, n, t.max_batch, &mut out);
         if let Err(e) = &result {
             tracing::error!(error = %crate::base::report::chain(e), frames, images = n, "inference failed; frames skipped");
         }

@@ -317,6 +317,8 @@ struct ModelRun {
     wants: Option<infer::Wants>,
     /// The pool's way in (cloned into each spec; dropped to retire the model).
     input: Sender<Prepared>,
+    /// How many model inputs `input` may hold (shared with the thread).
+    budget: Arc<preprocess::ImageBudget>,
     /// Tensor buffers coming back from the thread, for the pool.
     tensors: Receiver<Vec<f32>>,
     control: Sender<Control>,
@@ -537,6 +539,8 @@ impl Pipeline {
     fn spawn_model(&mut self, key: ModelKey, model: Model) -> Result<(), PipelineError> {
         let max_batch = self.settings.inference.max_batch.max(1);
         let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
+        // The same bound in model inputs, for tiled frames (`preprocess::ImageBudget`).
+        let budget = preprocess::ImageBudget::new(2 * max_batch);
         let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
         let (control, control_rx) = crossbeam_channel::unbounded();
         let (meta, provider, sha256, wants) =
@@ -545,6 +549,7 @@ impl Pipeline {
             cameras: Vec::new(),
             model,
             rx,
+            budget: budget.clone(),
             tensor_recycle: tensor_tx,
             max_batch,
             max_wait: self.settings.inference.max_wait,
@@ -556,7 +561,7 @@ impl Pipeline {
             background: key.shadow,
             live: if key.shadow { None } else { self.live.clone() },
         })?;
-        self.models.insert(key, ModelRun { meta, provider, sha256, wants, input, tensors, control, thread });
+        self.models.insert(key, ModelRun { meta, provider, sha256, wants, input, budget, tensors, control, thread });
         Ok(())
     }
 
@@ -807,6 +812,7 @@ impl Pipeline {
                 color: m.meta.preprocess.color,
                 size: m.meta.preprocess.size,
                 output: m.input.clone(),
+                budget: m.budget.clone(),
                 tensor_recycle: m.tensors.clone(),
             })
             .collect();

@@ -6,10 +6,10 @@
 //! | edge | channel | when full |
 //! | --- | --- | --- |
 //! | camera → pool | one `bounded(frame_queue)` per camera | the camera drops its **oldest** queued frame (counted in `dropped`): a live camera never blocks, and fresh frames win |
-//! | pool → inference | `bounded(2 × max_batch)` per model | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes |
+//! | pool → inference | `bounded(2 × max_batch)` per model, and an [`ImageBudget`] of `2 × max_batch` model inputs | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes. A tiled frame counts its tiles, so a queue of tiled frames holds as many tiles as an untiled one holds frames (a frame with more tiles than the whole budget waits for an empty queue and goes alone) |
 //! | inference → publisher | `Publisher` calls | never block (the publisher queues; scores may be dropped and counted there, alarms never) |
 //! | inference → snapshot writer | `bounded(8)` | the snapshot is **skipped** (counted); the alarm is still published |
-//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's input is full, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
+//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` and an image budget per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's budget is spent, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
 //! | pipeline → pool (a reload's new spec) | unbounded, one per worker | a worker takes it between frames; the pipeline sends one per reload |
 //! | buffers back to camera / pool | recycle channels | buffer freed if the recycle channel is full |
 //!
@@ -20,7 +20,7 @@
 //! between two frames, so the queues of unchanged cameras are never closed
 //! and none of their frames is lost.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use ganomaly_core::metadata::ColorMode;
@@ -47,6 +47,84 @@ impl Prepared {
     pub fn images(&self) -> usize {
         self.tiles.as_ref().map_or(1, |g| g.len())
     }
+}
+
+/// How many model inputs may wait between the pool and one inference thread.
+///
+/// The channel between them counts frames, and a tiled frame is up to
+/// [`MAX_TILES`](ganomaly_core::tiles::MAX_TILES) inputs: without this budget a
+/// queue of `2 × max_batch` tiled frames could hold thousands of tensors. A
+/// worker takes a frame's inputs from the budget before it sends the frame;
+/// the inference thread gives them back as it takes the frame off the queue.
+pub struct ImageBudget {
+    cap: usize,
+    state: Mutex<BudgetState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    queued: usize,
+    /// The inference thread has ended: nobody will give anything back.
+    closed: bool,
+}
+
+impl ImageBudget {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self { cap: cap.max(1), state: Mutex::default(), freed: Condvar::new() })
+    }
+
+    /// Blocks until `n` more inputs fit, or nothing is queued (a frame larger
+    /// than the whole budget then goes alone, so it cannot wait forever).
+    /// `false` once the inference thread has ended (the frame has nowhere to go).
+    pub fn take(&self, n: usize) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if s.closed {
+                return false;
+            }
+            if fits(s.queued, n, self.cap) {
+                s.queued += n;
+                return true;
+            }
+            s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// [`take`](Self::take) without waiting: `false` when the inputs do not fit now.
+    pub fn try_take(&self, n: usize) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let ok = !s.closed && fits(s.queued, n, self.cap);
+        if ok {
+            s.queued += n;
+        }
+        ok
+    }
+
+    /// `n` inputs have left the queue (taken by inference, or never sent).
+    pub fn give(&self, n: usize) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.queued = s.queued.saturating_sub(n);
+        drop(s);
+        self.freed.notify_all();
+    }
+
+    /// The inference thread has ended: wakes and refuses every waiting worker.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        self.freed.notify_all();
+    }
+
+    /// Inputs queued now (for tests and the backpressure table's claim).
+    pub fn queued(&self) -> usize {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).queued
+    }
+}
+
+/// The budget's rule, alone: `n` more inputs fit under `cap`, or the queue is
+/// empty (an oversized frame goes alone).
+fn fits(queued: usize, n: usize, cap: usize) -> bool {
+    queued == 0 || queued + n <= cap
 }
 
 /// How one camera's frames are prepared.
@@ -77,6 +155,8 @@ pub struct ModelPrep {
     pub color: ColorMode,
     pub size: u32,
     pub output: Sender<Prepared>,
+    /// The model inputs `output` may hold (see [`ImageBudget`]).
+    pub budget: Arc<ImageBudget>,
     pub tensor_recycle: Receiver<Vec<f32>>,
 }
 
@@ -202,12 +282,19 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                         None
                     }
                 });
-                // Blocks while the model is behind (the policy above). An
-                // error: the model's thread is gone (a start-up failure, or a
-                // reload retired it and a new spec is on its way).
-                let _ = model.output.send(Prepared { frame, tensor, tiles });
+                // Blocks while the model is behind (the policy above). A
+                // refusal or an error: the model's thread is gone (a start-up
+                // failure, or a reload retired it and a new spec is on its way).
+                let p = Prepared { frame, tensor, tiles };
+                let n = p.images();
+                if model.budget.take(n) && model.output.send(p).is_err() {
+                    model.budget.give(n);
+                }
                 if let (Some((m, compare)), Some(p)) = (shadow, copy) {
+                    // `shadow_copy` took the copy's inputs from the shadow's budget.
+                    let n = p.images();
                     if m.output.try_send(p).is_err() {
+                        m.budget.give(n);
                         compare.drop_frame();
                     }
                 }
@@ -231,7 +318,8 @@ fn shadow_copy(
     tensor: &[f32],
     tiles: &Option<Arc<Grid>>,
 ) -> Option<Prepared> {
-    if model.output.is_full() {
+    let n = tiles.as_ref().map_or(1, |g| g.len());
+    if model.output.is_full() || !model.budget.try_take(n) {
         compare.drop_frame();
         return None;
     }
@@ -246,4 +334,48 @@ fn shadow_copy(
         pixels: FrameData::default(),
     };
     Some(Prepared { frame, tensor: copy, tiles: tiles.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn budget_counts_inputs_and_lets_an_oversized_frame_go_alone() {
+        let b = ImageBudget::new(8);
+        assert!(b.try_take(5));
+        assert!(b.try_take(3));
+        assert!(!b.try_take(1), "8 of 8 inputs queued");
+        b.give(8);
+        // A frame of 20 tiles is larger than the whole budget: it waits for an
+        // empty queue, then goes alone, and nothing joins it.
+        assert!(b.try_take(20));
+        assert!(!b.try_take(1));
+        b.give(20);
+        assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn a_waiting_worker_goes_when_inputs_are_given_back_and_is_refused_once_closed() {
+        let b = ImageBudget::new(4);
+        assert!(b.take(4));
+        let waiting = {
+            let b = b.clone();
+            std::thread::spawn(move || b.take(2))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "no room yet");
+        b.give(2);
+        assert!(waiting.join().expect("joined"), "room for 2 after 2 were given back");
+        assert_eq!(b.queued(), 4);
+        let refused = {
+            let b = b.clone();
+            std::thread::spawn(move || b.take(1))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        b.close();
+        assert!(!refused.join().expect("joined"), "the inference thread ended: nowhere to send");
+        assert!(!b.try_take(1));
+    }
 }

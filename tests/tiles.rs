@@ -62,6 +62,41 @@ fn score(model: &mut Model, img: &image::RgbImage, kind: ScoreKind) -> ((f32, us
 }
 
 #[test]
+fn a_frame_run_in_chunks_of_max_batch_scores_and_maps_as_one_run() {
+    // The inference thread runs a frame of 16 tiles with `max_batch` 5 as
+    // runs of 5, 5, 5 and 1: the outputs must be those of one run of 16.
+    let mut model = Model::load(&demo_model(), &support::cpu()).expect("demo model loads");
+    let mut pre = Preprocessor::from_meta(&model.meta.preprocess);
+    let img = part(2, true);
+    let frame = FrameRef { width: SIDE, height: SIDE, layout: PixelLayout::Rgb8, data: img.as_raw() };
+    let (mut cache, mut tensor) = (None, Vec::new());
+    let grid = ganomalyd::tiles::prepare(&mut pre, &frame, None, Tiling::abutting(TILE), &mut cache, &mut tensor)
+        .expect("tiles preprocess");
+    let (mut one, mut chunked) = (BatchOutput::default(), BatchOutput::default());
+    model.run(&tensor, grid.len(), &mut one).expect("one run");
+    // Stale outputs from a larger batch must not survive into the chunked result.
+    model.run(&tensor, grid.len(), &mut chunked).expect("one run");
+    model.run_chunked(&tensor, grid.len(), 5, &mut chunked).expect("chunked run");
+    assert_eq!(chunked.n, grid.len());
+    let mut compared = 0;
+    for kind in ScoreKind::ALL {
+        for i in 0..=grid.len() {
+            match (one.score(kind, i), chunked.score(kind, i)) {
+                (Some(x), Some(y)) => {
+                    assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{kind:?} tile {i}: {x} vs {y}");
+                    compared += 1;
+                }
+                (None, None) => {}
+                (x, y) => panic!("{kind:?} tile {i}: {x:?} in one run, {y:?} chunked"),
+            }
+        }
+    }
+    assert!(compared >= grid.len(), "at least one score compared per tile");
+    assert_eq!(one.maps.len(), chunked.maps.len());
+    assert!(one.maps.iter().zip(&chunked.maps).all(|(x, y)| (x - y).abs() <= 1e-5 * x.abs().max(1.0)), "maps");
+}
+
+#[test]
 fn a_defect_in_one_tile_raises_the_frame_score_and_the_stitched_map_is_hot_in_that_tile() {
     let mut model = Model::load(&demo_model(), &support::cpu()).expect("demo model loads");
     let kind = ScoreKind::MapMax;

@@ -104,7 +104,8 @@ pub fn run(a: &Args) -> anyhow::Result<ExitCode> {
             Some(t) => crate::tiles::prepare(&mut pre, &fr, plan.roi, t, &mut grid, &mut tensor).map(|g| g.len()).ok(),
         };
         let Some(images) = images else { continue };
-        model.run(&tensor, images, &mut out)?;
+        // In runs of `max_batch`, as the daemon runs a tiled frame.
+        model.run_chunked(&tensor, images, settings.inference.max_batch.max(1), &mut out)?;
         let raw = if plan.tiles.is_some() {
             crate::tiles::frame_score(&out, kind, 0, images).map(|(s, _)| s)
         } else {
