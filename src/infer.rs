@@ -264,15 +264,30 @@ impl Model {
             }
             None => None,
         };
-        let model = match pruned {
-            Some(c) => {
-                let (session, provider) = build_session(env, &c.every_frame, path, cfg)?;
-                let map_session = match c.on_demand {
-                    Some((graph, outputs)) => {
-                        Some(MapSession { session: build_session(env, &graph, path, cfg)?.0, outputs })
-                    }
+        // A pruned graph is ours, not the trainer's: if ONNX Runtime refuses
+        // it (or its map session), the model still runs, in full, as before
+        // pruning existed; only a full graph that fails is the model's error.
+        let sessions = pruned.and_then(|c| {
+            let built = build_session(env, &c.every_frame, path, cfg).and_then(|every| {
+                let map = match &c.on_demand {
+                    Some((graph, outputs)) => Some(MapSession {
+                        session: build_session(env, graph, path, cfg)?.0,
+                        outputs: outputs.clone(),
+                    }),
                     None => None,
                 };
+                Ok((every, map))
+            });
+            match built {
+                Ok(b) => Some((c, b)),
+                Err(e) => {
+                    tracing::warn!(model = %path.display(), error = %crate::base::report::chain(&e), "the pruned graph did not load: running the full graph");
+                    None
+                }
+            }
+        });
+        let model = match sessions {
+            Some((c, ((session, provider), map_session))) => {
                 tracing::info!(
                     model = %path.display(), every_frame = ?c.outputs,
                     on_demand = ?map_session.as_ref().map(|m| &m.outputs), "graph pruned to what its cameras use"

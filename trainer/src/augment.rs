@@ -89,10 +89,11 @@ impl Augment {
     /// image's index, so a run (or a resumed one) sees the same images each time,
     /// whatever the batch order. `none` returns `x` itself.
     pub fn apply(&self, x: &Tensor, seed: u64, epoch: u32) -> Tensor {
-        if self.is_none() {
+        let n = x.size().first().copied().unwrap_or(0);
+        // Nothing to draw for (and `stack` refuses an empty list).
+        if self.is_none() || n == 0 {
             return x.shallow_clone();
         }
-        let n = x.size()[0];
         let mut rng = SplitMix::new(seed ^ 0x0A06_3E47 ^ u64::from(epoch).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let images: Vec<Tensor> = (0..n)
             .map(|i| {
@@ -221,6 +222,12 @@ mod tests {
         let x = data(8);
         let y = Augment::none().apply(&x, 3, 0);
         assert_eq!(Vec::<f32>::try_from(y.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(x.flatten(0, -1)).unwrap());
+    }
+
+    #[test]
+    fn an_empty_set_stays_empty() {
+        let x = data(8).narrow(0, 0, 0);
+        assert_eq!(aug("flip,rot90,shift:2").apply(&x, 3, 0).size(), x.size());
     }
 
     #[test]
