@@ -127,6 +127,9 @@ fn fits(queued: usize, n: usize, cap: usize) -> bool {
     queued == 0 || queued + n <= cap
 }
 
+/// How often a camera's preprocessing failures are warned about (each one is counted).
+const PREP_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How one camera's frames are prepared.
 #[derive(Clone)]
 pub struct CameraPrep {
@@ -218,6 +221,8 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
     let mut preps: Vec<Preprocessor> = spec.models.iter().map(|m| Preprocessor::new(m.color, m.size)).collect();
     // Each tiled camera's last grid (a camera's frames rarely change size).
     let mut grids: Vec<Option<Arc<Grid>>> = vec![None; spec.cameras.len()];
+    // When each camera's last preprocessing failure was warned about.
+    let mut warned: Vec<Option<std::time::Instant>> = vec![None; spec.cameras.len()];
     let mut sel = Select::new();
     // Index 0 is the spec channel; the cameras follow.
     sel.recv(control);
@@ -301,7 +306,18 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
             }
             Err(e) => {
                 CameraCounters::add(&cam.counters.broken, 1);
-                tracing::debug!(camera = %cam.name, seq = frame.seq, error = %e, "frame could not be preprocessed");
+                // A camera whose every frame fails (tiles larger than the frames
+                // of a source whose size the config could not check, an ROI
+                // outside them) must be visible in the log, not only in the
+                // `broken` counter: warned at most once a minute per worker.
+                let last = &mut warned[idx - 1];
+                if last.is_none_or(|t| t.elapsed() >= PREP_WARN_EVERY) {
+                    *last = Some(std::time::Instant::now());
+                    tracing::warn!(camera = %cam.name, seq = frame.seq, width = px.width, height = px.height, error = %e,
+                        "frame could not be preprocessed: counted broken and skipped (repeated at most once a minute)");
+                } else {
+                    tracing::debug!(camera = %cam.name, seq = frame.seq, error = %e, "frame could not be preprocessed");
+                }
                 let _ = cam.recycle.try_send(frame.pixels);
             }
         }

@@ -147,6 +147,14 @@ mod tests {
         // The ROI is what is cut; a tile as large as it is allowed.
         let roi = "roi = { x = 0, y = 0, width = 100, height = 100 }\n[cameras.a.tiles]\nsize = 100";
         assert_eq!(compile_str(&config(roi), Path::new("/")).unwrap().cameras[0].tiles, Some(Tiling::abutting(100)));
+        // Switched off: whole frames, whatever else the table says.
+        let s = compile_str(&config("[cameras.a.tiles]\nenabled = false\nsize = 128"), Path::new("/")).unwrap();
+        assert_eq!(s.cameras[0].tiles, None);
+        let s = compile_str(&config("[cameras.a.tiles]\nenabled = true\nsize = 128"), Path::new("/")).unwrap();
+        assert_eq!(s.cameras[0].tiles, Some(Tiling::abutting(128)));
+        // A triggered camera can say so (tiles on it are refused).
+        let p = problems("mode = \"triggered\"\n[cameras.a.tiles]\nenabled = false\nsize = 64");
+        assert!(!p.iter().any(|p| p.starts_with("cameras.a.tiles")), "{p:#?}");
     }
 
     #[test]

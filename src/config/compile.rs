@@ -591,6 +591,15 @@ fn camera_tiles(
     let written = t.tiles.as_ref().or(d.tiles.as_ref());
     let tiling = match written {
         None => model_tiling?,
+        Some(table) if table.enabled == Some(false) => {
+            if let Some(m) = model_tiling {
+                tracing::warn!(
+                    camera = p, model = %m.label(),
+                    "tiles disabled: the camera scores whole frames with a model trained on tiles; calibrate it on whole frames"
+                );
+            }
+            return None;
+        }
         Some(table) => {
             // Unprobed (no model read): the demo model's side.
             let size = table.size.or(model_tiling.map(|m| m.size)).or(meta.map(|m| m.preprocess.size)).unwrap_or(64);

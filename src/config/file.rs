@@ -291,6 +291,9 @@ pub struct CameraTable {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TilesTable {
+    /// `false`: score the whole frame, even with a model trained on tiles
+    /// (a triggered camera, or a line that wants the old behaviour). Default true.
+    pub enabled: Option<bool>,
     /// Tile side in source pixels. Default: the tiling the model was trained
     /// on, else the model's input side (tiles scored at the camera's resolution).
     pub size: Option<u32>,
