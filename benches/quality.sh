@@ -69,7 +69,8 @@ MNIST_DIGITS=${MNIST_DIGITS-"0 1"} MNIST_EPOCHS=3
 # MNIST (digits are oriented: a turned 6 is a 9). Default none, as the trainer's.
 AUGMENT=${AUGMENT:-none}
 AUG_FLAG=; [ "$AUGMENT" = none ] || AUG_FLAG="--augment $AUGMENT"
-# PATCH_MAPS: the trainer's --patch-maps for every set (`auto`: chosen on val/); empty: the default.
+# PATCH_MAPS: the trainer's --patch-maps for every set (`auto`: chosen on val/, the trainer's default when
+# val/ exists; `2,3`: the fixed maps, the default before); empty: the trainer's default.
 PATCH_MAPS=${PATCH_MAPS:-}
 PATCH_FLAG=${PATCH_MAPS:+--patch-maps $PATCH_MAPS}
 # Validation split for `--score auto` (moved out of test/): large enough that the

@@ -55,7 +55,7 @@ pub fn run(a: &Args) -> Result<()> {
         notes: format!("ganomaly-train export of {}", a.checkpoint.display()),
     };
     let mut g = model.candidate().duplicate();
-    if a.calib.patch_auto() {
+    if a.calib.patch_auto_asked() {
         bail!("--patch-maps auto is chosen by `train` on the validation split; give the depths (e.g. 2,3)");
     }
     g.patch_spec = a.calib.patch_spec(&state.arch)?;

@@ -304,7 +304,11 @@ pub fn run(a: &Args) -> Result<TrainReport> {
             Some(c)
         }
         (true, None) => {
-            tracing::warn!("--patch-maps auto needs validation defects (DIR/val/<defect>); keeping the default maps");
+            if a.calib.patch_auto_asked() {
+                tracing::warn!(
+                    "--patch-maps auto needs validation defects (DIR/val/<defect>); keeping the default maps"
+                );
+            }
             None
         }
         _ => None,
