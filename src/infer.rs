@@ -514,7 +514,9 @@ fn build_session(
     // threads; ORT's default busy-waiting intra-op threads steal their CPU.
     // Measured on 2 cores, demo model, 640×480, batch 8: pipeline 1,439 → 1,580
     // fps and p99 26 → 18 ms with 1 camera (raw session alone: 2,048 → 1,617).
-    builder = builder.with_intra_op_spinning(false).map_err(serr)?;
+    // `[inference] spin` turns it back on: a sleeping pool wakes slowly after
+    // an idle gap, which costs latency at low load (benches/README.md).
+    builder = builder.with_intra_op_spinning(cfg.spin).map_err(serr)?;
     let mut in_use: Option<Provider> = None;
     let mut reasons = Vec::new();
     // Every accelerator that registers is kept, in order: ONNX Runtime hands

@@ -101,6 +101,9 @@ pub struct Args {
     /// ONNX Runtime intra-op threads (0 = one per core).
     #[arg(long = "threads", default_value_t = 0)]
     pub intra_threads: usize,
+    /// Intra-op threads busy-wait between operators (the config's `inference.spin`).
+    #[arg(long)]
+    pub spin: bool,
     #[arg(long, default_value_t = 1)]
     pub preprocess_threads: usize,
     /// Camera frame size (synthetic texture resized to it).
@@ -223,6 +226,12 @@ pub struct BenchReport {
     /// One batch-1 inference and one frame's preprocessing (medians, this
     /// run): the latency reference (`p99 / reference`, the goal is ≤ 2).
     pub infer_b1_ms: f64,
+    /// `--paced`: the same batch-1 run after sleeping the gap between two
+    /// frames (all cameras together), as the inference thread meets it at low
+    /// load: a thread pool (and a VM's idle cores) woken from sleep.
+    pub infer_b1_after_gap_ms: Option<f64>,
+    /// Intra-op threads spin (`--spin`).
+    pub spin: bool,
     pub preprocess_ms: f64,
     pub p99_ratio: f64,
 }
@@ -392,6 +401,7 @@ fn inference(opts: &Args) -> InferenceSettings {
         max_batch: opts.max_batch.max(1),
         max_wait: Duration::from_secs_f64(opts.max_wait_s),
         intra_threads: opts.intra_threads,
+        spin: opts.spin,
         // Relative to the working directory, as a command-line path is.
         ort_library: opts.ort_library.as_deref().map(crate::base::paths::absolute),
         ..InferenceSettings::default()
@@ -471,6 +481,14 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames, score)?;
         (raw.batch1_ms(200)?, raw.preprocess_ms(&frames, 200)?)
     };
+    let infer_b1_after_gap_ms = match opts.paced {
+        Some(fps) if fps > 0.0 => {
+            let gap = Duration::from_secs_f64(1.0 / (fps * opts.cameras.max(1) as f64));
+            let mut raw = RawRun::new(&model, &InferenceSettings { max_batch: 1, ..infer.clone() }, &frames, score)?;
+            Some(raw.batch1_after_gap_ms(100, gap)?)
+        }
+        _ => None,
+    };
 
     // 2. The pipeline, offered a little more than the model can take (or `--paced`).
     let n = opts.cameras.max(1);
@@ -547,6 +565,8 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         paced_fps: opts.paced,
         aligned: opts.aligned,
         infer_b1_ms,
+        infer_b1_after_gap_ms,
+        spin: opts.spin,
         preprocess_ms,
         p99_ratio: p99_ms / (infer_b1_ms + preprocess_ms).max(1e-9),
     })
@@ -648,8 +668,12 @@ fn wait_for(p: &Pipeline, decided: u64, limit: Duration) -> Result<(), BenchErro
 
 impl BenchReport {
     pub fn text(&self) -> String {
-        format!(
-            "model {} on {} ({} camera(s) of {}, batch {}, {} intra threads)\n\
+        let gap = self
+            .infer_b1_after_gap_ms
+            .map(|g| format!("\nafter idle gap  {g:>8.2} ms = batch-1 inference after sleeping one frame interval"))
+            .unwrap_or_default();
+        let text = format!(
+            "model {} on {} ({} camera(s) of {}, batch {}, {} intra threads{})\n\
              raw ORT         {:>8.1} fps (before {:.1}, after {:.1})\n\
              preprocess      {:>8.1} fps (one thread)\n\
              pipeline        {:>8.1} fps (offered {:.1})\n\
@@ -665,6 +689,7 @@ impl BenchReport {
             self.frame_size,
             self.batch,
             if self.intra_threads == 0 { "auto".to_string() } else { self.intra_threads.to_string() },
+            if self.spin { ", spinning" } else { "" },
             self.raw_ort_fps,
             self.raw_ort_fps_before,
             self.raw_ort_fps_after,
@@ -683,7 +708,8 @@ impl BenchReport {
             self.peak_rss_mb,
             self.tiles_per_frame,
             self.raw_ort_fps / self.tiles_per_frame.max(1) as f64
-        )
+        );
+        text + &gap
     }
 }
 
@@ -883,6 +909,21 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
 
 impl RawRun {
     /// Median milliseconds of one run of the batch this was built for.
+    /// Median milliseconds of one run that follows `gap` of sleep.
+    fn batch1_after_gap_ms(&mut self, runs: usize, gap: Duration) -> Result<f64, BenchError> {
+        let mut out = BatchOutput::default();
+        let mut h = LatencyHistogram::default();
+        for i in 0..runs + 3 {
+            std::thread::sleep(gap);
+            let t = Instant::now();
+            self.model.run(&self.input, self.batch, &mut out)?;
+            if i >= 3 {
+                h.record(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        Ok(h.quantile(0.5))
+    }
+
     fn batch1_ms(&mut self, runs: usize) -> Result<f64, BenchError> {
         let mut out = BatchOutput::default();
         let mut h = LatencyHistogram::default();

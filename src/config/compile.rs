@@ -241,6 +241,7 @@ fn inference(c: &InferenceConfig, base: &Path, probe: Probe, problems: &mut Vec<
         max_batch: c.max_batch,
         max_wait: Duration::from_secs_f64(c.max_wait_s),
         intra_threads: c.intra_threads,
+        spin: c.spin,
         trt_cache_dir: c.trt_cache_dir.as_ref().map(|d| resolve(base, d)),
         trt_fp16: c.trt_fp16,
         ort_library,

@@ -147,6 +147,12 @@ pub struct InferenceConfig {
     pub max_wait_s: f64,
     /// ONNX Runtime intra-op threads; 0 lets ONNX Runtime pick (one per core).
     pub intra_threads: usize,
+    /// Let ONNX Runtime's intra-op threads busy-wait between operators instead of
+    /// sleeping. Off by default: on a box whose cores the cameras and
+    /// preprocessing share, spinning threads take their CPU under load. On: lower
+    /// latency at low load (a sleeping thread pool wakes slowly after an idle
+    /// gap between frames; see benches/README.md "Latency at low load").
+    pub spin: bool,
     /// Where TensorRT keeps built engines: building one takes minutes, so it is
     /// cached across restarts.
     pub trt_cache_dir: Option<PathBuf>,
@@ -166,6 +172,7 @@ impl Default for InferenceConfig {
             max_batch: 8,
             max_wait_s: 0.005,
             intra_threads: 0,
+            spin: false,
             trt_cache_dir: None,
             trt_fp16: true,
             ort_library: None,

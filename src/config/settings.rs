@@ -109,6 +109,8 @@ pub struct InferenceSettings {
     /// How long a batch waits to fill once it holds a frame.
     pub max_wait: Duration,
     pub intra_threads: usize,
+    /// ONNX Runtime's intra-op threads busy-wait between operators (`spin`).
+    pub spin: bool,
     /// Absolute.
     pub trt_cache_dir: Option<PathBuf>,
     pub trt_fp16: bool,
