@@ -1,7 +1,7 @@
 //! Wires the stages together, rewires them on a reload, and owns shutdown.
 //!
 //! ```text
-//! camera threads ──bounded(frame_queue), drop-oldest──► preprocess pool ──bounded(2·max_batch)──► inference thread (one per model)
+//! camera threads ──bounded(frame_queue), drop-oldest──► preprocess pool ──bounded(max_batch)──► inference thread (one per model)
 //!                                                            │                                      ├─► Publisher (scores, alarms, states)
 //!                                                            │                                      └─► snapshot writer ──► Publisher
 //!                                                            └─try_send, dropped when full──► shadow inference thread (one per shadow model)
@@ -308,6 +308,18 @@ struct CameraRun {
 }
 
 /// One running model: its thread and the ends of its channels the pipeline keeps.
+/// Batches of frames that may wait for one inference thread: one is enough
+/// for it to start a full batch the moment the last one is done (the workers
+/// fill it while the model runs); more would only hold frames, their pixels
+/// and latency.
+const INFER_QUEUE_BATCHES: usize = 1;
+
+/// Spare frame buffers a continuous camera keeps: its queue, one per
+/// preprocess worker, the frames waiting for inference and a batch running.
+pub fn frames_kept(frame_queue: usize, preprocess_threads: usize, max_batch: usize) -> usize {
+    frame_queue + preprocess_threads + (INFER_QUEUE_BATCHES + 1) * max_batch + 2
+}
+
 struct ModelRun {
     meta: ModelMetadata,
     provider: Provider,
@@ -538,9 +550,9 @@ impl Pipeline {
     /// Starts the inference thread of a loaded model, with no camera yet.
     fn spawn_model(&mut self, key: ModelKey, model: Model) -> Result<(), PipelineError> {
         let max_batch = self.settings.inference.max_batch.max(1);
-        let (input, rx) = crossbeam_channel::bounded(2 * max_batch);
+        let (input, rx) = crossbeam_channel::bounded(INFER_QUEUE_BATCHES * max_batch);
         // The same bound in model inputs, for tiled frames (`preprocess::ImageBudget`).
-        let budget = preprocess::ImageBudget::new(2 * max_batch);
+        let budget = preprocess::ImageBudget::new(INFER_QUEUE_BATCHES * max_batch);
         let (tensor_tx, tensors) = crossbeam_channel::bounded(4 * max_batch + 8);
         let (control, control_rx) = crossbeam_channel::unbounded();
         let (meta, provider, sha256, wants) =
@@ -596,8 +608,8 @@ impl Pipeline {
         let trig = plan.mode.trigger().copied();
         // Enough spare buffers to cover the queue, the pool and a batch (and
         // a triggered camera's ring buffer).
-        let recycle_cap =
-            queue + self.settings.pipeline.preprocess_threads + 2 * max_batch + 2 + trig.map_or(0, |t| t.buffer_frames);
+        let recycle_cap = frames_kept(queue, self.settings.pipeline.preprocess_threads, max_batch)
+            + trig.map_or(0, |t| t.buffer_frames);
         let recycle = recycle.unwrap_or_else(|| crossbeam_channel::bounded(recycle_cap));
         let counters = counters.unwrap_or_default();
         counters.triggered.store(trig.is_some(), Ordering::Relaxed);

@@ -6,10 +6,10 @@
 //! | edge | channel | when full |
 //! | --- | --- | --- |
 //! | camera → pool | one `bounded(frame_queue)` per camera | the camera drops its **oldest** queued frame (counted in `dropped`): a live camera never blocks, and fresh frames win |
-//! | pool → inference | `bounded(2 × max_batch)` per model, and an [`ImageBudget`] of `2 × max_batch` model inputs | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes. A tiled frame counts its tiles, so a queue of tiled frames holds as many tiles as an untiled one holds frames (a frame with more tiles than the whole budget waits for an empty queue and goes alone) |
+//! | pool → inference | `bounded(max_batch)` per model, and an [`ImageBudget`] of `max_batch` model inputs (one batch waits while one runs: enough for full batches; a second waiting batch measured +8 MiB and +30 % full-load latency for no throughput) | the worker **blocks**: the frames then wait in (and drop from) the camera queues above, so memory and latency stay bounded by the queue sizes. A tiled frame counts its tiles, so a queue of tiled frames holds as many tiles as an untiled one holds frames (a frame with more tiles than the whole budget waits for an empty queue and goes alone) |
 //! | inference → publisher | `Publisher` calls | never block (the publisher queues; scores may be dropped and counted there, alarms never) |
 //! | inference → snapshot writer | `bounded(8)` | the snapshot is **skipped** (counted); the alarm is still published |
-//! | pool → shadow model (`shadow_model`) | `bounded(2 × max_batch)` and an image budget per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's budget is spent, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
+//! | pool → shadow model (`shadow_model`) | `bounded(max_batch)` and an image budget per shadow | the shadow's copy is **dropped** (counted in the camera's shadow `dropped`) when the shadow's budget is spent, and also whenever frames are already waiting at the camera's own model (the real path is behind: the shadow would take the cores it needs); checked before the copy is made, so the real path never waits for a shadow |
 //! | pipeline → pool (a reload's new spec) | unbounded, one per worker | a worker takes it between frames; the pipeline sends one per reload |
 //! | buffers back to camera / pool | recycle channels | buffer freed if the recycle channel is full |
 //!
@@ -53,7 +53,7 @@ impl Prepared {
 ///
 /// The channel between them counts frames, and a tiled frame is up to
 /// [`MAX_TILES`](ganomaly_core::tiles::MAX_TILES) inputs: without this budget a
-/// queue of `2 × max_batch` tiled frames could hold thousands of tensors. A
+/// queue of `max_batch` tiled frames could hold thousands of tensors. A
 /// worker takes a frame's inputs from the budget before it sends the frame;
 /// the inference thread gives them back as it takes the frame off the queue.
 pub struct ImageBudget {

@@ -1083,7 +1083,7 @@ pub fn measure_rss(opts: &Args) -> Result<RssReport, BenchError> {
         model_file_mb: mib(model_bytes),
         frame_mb: mib(opts.width as usize * opts.height as usize * 3),
         // As `Pipeline::add_camera` sizes a continuous camera's recycle channel.
-        frames_kept_per_camera: p.frame_queue.max(1) + p.preprocess_threads + 2 * b + 2,
+        frames_kept_per_camera: crate::pipeline::frames_kept(p.frame_queue.max(1), p.preprocess_threads, b),
         tensor_mb: mib(meta.preprocess.color.channels() as usize * side * side * 4),
         tensors_kept: 4 * b + 8,
         rss_mb: rss,
