@@ -267,25 +267,32 @@ impl Model {
         // A pruned graph is ours, not the trainer's: if ONNX Runtime refuses
         // it (or its map session), the model still runs, in full, as before
         // pruning existed; only a full graph that fails is the model's error.
-        let sessions = pruned.and_then(|c| {
-            let built = build_session(env, &c.every_frame, path, cfg).and_then(|every| {
-                let map = match &c.on_demand {
-                    Some((graph, outputs)) => Some(MapSession {
-                        session: build_session(env, graph, path, cfg)?.0,
-                        outputs: outputs.clone(),
-                    }),
-                    None => None,
-                };
-                Ok((every, map))
-            });
-            match built {
-                Ok(b) => Some((c, b)),
-                Err(e) => {
-                    tracing::warn!(model = %path.display(), error = %crate::base::report::chain(&e), "the pruned graph did not load: running the full graph");
-                    None
+        let sessions = match pruned {
+            None => None,
+            Some(c) => {
+                let built = build_session(env, &c.every_frame, path, cfg).and_then(|every| {
+                    let map = match &c.on_demand {
+                        Some((graph, outputs)) => Some(MapSession {
+                            session: build_session(env, graph, path, cfg)?.0,
+                            outputs: outputs.clone(),
+                        }),
+                        None => None,
+                    };
+                    Ok((every, map))
+                });
+                match built {
+                    Ok(b) => Some((c, b)),
+                    // Only ONNX Runtime refusing the graph: a missing accelerator
+                    // would fail the full graph the same way (and a second
+                    // TensorRT build can take minutes).
+                    Err(e @ InferError::Session { .. }) => {
+                        tracing::warn!(model = %path.display(), error = %crate::base::report::chain(&e), "the pruned graph did not load: running the full graph");
+                        None
+                    }
+                    Err(e) => return Err(e),
                 }
             }
-        });
+        };
         let model = match sessions {
             Some((c, ((session, provider), map_session))) => {
                 tracing::info!(
@@ -387,7 +394,15 @@ impl Model {
         out.maps.clear();
         out.patch_maps.clear();
         for part in data.chunks(chunk.max(1) * len) {
-            self.run_part(part, part.len() / len, out)?;
+            if let Err(e) = self.run_part(part, part.len() / len, out) {
+                // No caller may read the chunks that did run as the batch's.
+                for v in &mut out.scores {
+                    v.clear();
+                }
+                out.maps.clear();
+                out.patch_maps.clear();
+                return Err(e);
+            }
         }
         out.n = n;
         Ok(())

@@ -307,7 +307,6 @@ struct CameraRun {
     alarm_frames: Arc<AlarmFrames>,
 }
 
-/// One running model: its thread and the ends of its channels the pipeline keeps.
 /// Batches of frames that may wait for one inference thread: one is enough
 /// for it to start a full batch the moment the last one is done (the workers
 /// fill it while the model runs); more would only hold frames, their pixels
@@ -320,6 +319,7 @@ pub fn frames_kept(frame_queue: usize, preprocess_threads: usize, max_batch: usi
     frame_queue + preprocess_threads + (INFER_QUEUE_BATCHES + 1) * max_batch + 2
 }
 
+/// One running model: its thread and the ends of its channels the pipeline keeps.
 struct ModelRun {
     meta: ModelMetadata,
     provider: Provider,

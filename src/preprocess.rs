@@ -65,6 +65,11 @@ pub struct ImageBudget {
 #[derive(Default)]
 struct BudgetState {
     queued: usize,
+    /// Tickets handed out to waiting workers, and the one served next: workers
+    /// are served in arrival order, so a large tiled frame waiting for room is
+    /// not overtaken forever by small frames from other workers.
+    next_ticket: u64,
+    serving: u64,
     /// The inference thread has ended: nobody will give anything back.
     closed: bool,
 }
@@ -75,26 +80,34 @@ impl ImageBudget {
     }
 
     /// Blocks until `n` more inputs fit, or nothing is queued (a frame larger
-    /// than the whole budget then goes alone, so it cannot wait forever).
-    /// `false` once the inference thread has ended (the frame has nowhere to go).
+    /// than the whole budget then goes alone, so it cannot wait forever), in
+    /// the order workers asked. `false` once the inference thread has ended
+    /// (the frame has nowhere to go).
     pub fn take(&self, n: usize) -> bool {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
         loop {
             if s.closed {
                 return false;
             }
-            if fits(s.queued, n, self.cap) {
+            if s.serving == ticket && fits(s.queued, n, self.cap) {
                 s.queued += n;
+                s.serving += 1;
+                drop(s);
+                // The next ticket may fit too.
+                self.freed.notify_all();
                 return true;
             }
             s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
-    /// [`take`](Self::take) without waiting: `false` when the inputs do not fit now.
+    /// [`take`](Self::take) without waiting: `false` when the inputs do not
+    /// fit now, or a worker is already waiting (it goes first).
     pub fn try_take(&self, n: usize) -> bool {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let ok = !s.closed && fits(s.queued, n, self.cap);
+        let ok = !s.closed && s.serving == s.next_ticket && fits(s.queued, n, self.cap);
         if ok {
             s.queued += n;
         }
@@ -370,6 +383,26 @@ mod tests {
         assert!(!b.try_take(1));
         b.give(20);
         assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn a_large_frame_waiting_is_not_overtaken_by_small_ones() {
+        let b = ImageBudget::new(8);
+        assert!(b.take(7));
+        // A 4-tile frame waits (7 + 4 > 8) ...
+        let large = {
+            let b = b.clone();
+            std::thread::spawn(move || b.take(4))
+        };
+        while b.state.lock().unwrap().next_ticket < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ... and a 1-input frame that would fit must queue behind it.
+        assert!(!b.try_take(1), "the waiting frame goes first");
+        b.give(7);
+        assert!(large.join().expect("joined"));
+        assert_eq!(b.queued(), 4);
+        assert!(b.try_take(1), "nobody waits now");
     }
 
     #[test]

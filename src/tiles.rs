@@ -10,10 +10,13 @@
 //!   through the one preprocessing function into one buffer, tile after tile.
 //!   The frame stays one [`Prepared`](crate::preprocess::Prepared) item.
 //! - **inference**: a frame's tiles are one unit of the batch, never split
-//!   across two runs. `max_batch` counts model inputs (tiles): frames join a
+//!   across two batches. `max_batch` counts model inputs (tiles): frames join a
 //!   batch while it holds fewer than `max_batch` inputs, so a batch holds at
 //!   most `max_batch − 1 +` one frame's tiles, and a frame with more tiles
-//!   than `max_batch` runs alone, whole.
+//!   than `max_batch` forms a batch alone. A batch runs in session runs of at
+//!   most `max_batch` inputs (`Model::run_chunked`), and the queue into
+//!   inference is bounded in inputs (`preprocess::ImageBudget`), so neither
+//!   ONNX Runtime nor the queue is ever sized for a whole large grid.
 //! - **decision** ([`frame_score`]): the frame's score is the maximum over its
 //!   tiles (the hottest tile is recorded on the camera's counters); the alarm
 //!   machine sees one score per frame, as for an untiled camera.

@@ -75,7 +75,8 @@ fn a_frame_run_in_chunks_of_max_batch_scores_and_maps_as_one_run() {
     let (mut one, mut chunked) = (BatchOutput::default(), BatchOutput::default());
     model.run(&tensor, grid.len(), &mut one).expect("one run");
     // Stale outputs from a larger batch must not survive into the chunked result.
-    model.run(&tensor, grid.len(), &mut chunked).expect("one run");
+    let twice = [tensor.as_slice(), tensor.as_slice()].concat();
+    model.run(&twice, 2 * grid.len(), &mut chunked).expect("a larger run");
     model.run_chunked(&tensor, grid.len(), 5, &mut chunked).expect("chunked run");
     assert_eq!(chunked.n, grid.len());
     let mut compared = 0;

@@ -908,7 +908,6 @@ pub fn measure_triggered(opts: &Args) -> Result<TriggeredReport, BenchError> {
 }
 
 impl RawRun {
-    /// Median milliseconds of one run of the batch this was built for.
     /// Median milliseconds of one run that follows `gap` of sleep.
     fn batch1_after_gap_ms(&mut self, runs: usize, gap: Duration) -> Result<f64, BenchError> {
         let mut out = BatchOutput::default();
@@ -924,6 +923,7 @@ impl RawRun {
         Ok(h.quantile(0.5))
     }
 
+    /// Median milliseconds of one run of the batch this was built for.
     fn batch1_ms(&mut self, runs: usize) -> Result<f64, BenchError> {
         let mut out = BatchOutput::default();
         let mut h = LatencyHistogram::default();

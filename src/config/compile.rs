@@ -633,7 +633,8 @@ fn camera_tiles(
     let key = if written.is_some() { format!("{p}.tiles") } else { format!("{p}.model") };
     if triggered {
         problems.push(format!(
-            "{key}: tiles are not supported on a triggered camera yet (the model is tiled {}, or [tiles] is set)",
+            "{key}: tiles are not supported on a triggered camera yet (the model is tiled {}, or [tiles] is set; \
+             `[tiles] enabled = false` scores whole frames)",
             tiling.label()
         ));
         return None;

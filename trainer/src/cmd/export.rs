@@ -58,6 +58,13 @@ pub fn run(a: &Args) -> Result<()> {
     if a.calib.patch_auto_asked() {
         bail!("--patch-maps auto is chosen by `train` on the validation split; give the depths (e.g. 2,3)");
     }
+    if a.calib.patch_maps.is_none() {
+        // `train` may have chosen other maps on val/ (its default); the
+        // checkpoint does not keep that choice.
+        tracing::info!(
+            "patch maps: the default 2,3 (if `train` chose others on val/, its log says which: pass --patch-maps)"
+        );
+    }
     g.patch_spec = a.calib.patch_spec(&state.arch)?;
     let g = &g.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g, &splits, &settings, provenance, device)?;
