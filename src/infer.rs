@@ -106,6 +106,16 @@ pub struct BatchOutput {
 }
 
 impl BatchOutput {
+    /// Empty, as before any run (the buffers keep their capacity).
+    fn clear(&mut self) {
+        self.n = 0;
+        for v in &mut self.scores {
+            v.clear();
+        }
+        self.maps.clear();
+        self.patch_maps.clear();
+    }
+
     pub fn score(&self, kind: ScoreKind, i: usize) -> Option<f32> {
         self.scores[kind_index(kind)].get(i).copied()
     }
@@ -387,20 +397,11 @@ impl Model {
         let len = self.tensor_len();
         let data =
             input.get(..n * len).ok_or_else(|| InferError::Output(format!("batch of {n} needs {} floats", n * len)))?;
-        out.n = 0;
-        for v in &mut out.scores {
-            v.clear();
-        }
-        out.maps.clear();
-        out.patch_maps.clear();
+        out.clear();
         for part in data.chunks(chunk.max(1) * len) {
             if let Err(e) = self.run_part(part, part.len() / len, out) {
                 // No caller may read the chunks that did run as the batch's.
-                for v in &mut out.scores {
-                    v.clear();
-                }
-                out.maps.clear();
-                out.patch_maps.clear();
+                out.clear();
                 return Err(e);
             }
         }

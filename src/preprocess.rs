@@ -370,6 +370,12 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A worker blocked in `take(n)` on its own thread.
+    fn taking(b: &Arc<ImageBudget>, n: usize) -> std::thread::JoinHandle<bool> {
+        let b = b.clone();
+        std::thread::spawn(move || b.take(n))
+    }
+
     #[test]
     fn budget_counts_inputs_and_lets_an_oversized_frame_go_alone() {
         let b = ImageBudget::new(8);
@@ -390,10 +396,7 @@ mod tests {
         let b = ImageBudget::new(8);
         assert!(b.take(7));
         // A 4-tile frame waits (7 + 4 > 8) ...
-        let large = {
-            let b = b.clone();
-            std::thread::spawn(move || b.take(4))
-        };
+        let large = taking(&b, 4);
         while b.state.lock().unwrap().next_ticket < 2 {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -409,19 +412,13 @@ mod tests {
     fn a_waiting_worker_goes_when_inputs_are_given_back_and_is_refused_once_closed() {
         let b = ImageBudget::new(4);
         assert!(b.take(4));
-        let waiting = {
-            let b = b.clone();
-            std::thread::spawn(move || b.take(2))
-        };
+        let waiting = taking(&b, 2);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished(), "no room yet");
         b.give(2);
         assert!(waiting.join().expect("joined"), "room for 2 after 2 were given back");
         assert_eq!(b.queued(), 4);
-        let refused = {
-            let b = b.clone();
-            std::thread::spawn(move || b.take(1))
-        };
+        let refused = taking(&b, 1);
         std::thread::sleep(Duration::from_millis(50));
         b.close();
         assert!(!refused.join().expect("joined"), "the inference thread ended: nowhere to send");

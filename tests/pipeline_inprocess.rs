@@ -144,11 +144,7 @@ fn replayed_defects_raise_and_clear_alarms_on_exactly_the_expected_frames() {
     let rec = Recorder::default();
     let p = Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { stats: false, ..StartOptions::default() })
         .expect("pipeline starts");
-    let t = Instant::now();
-    while !p.sources_done() {
-        assert!(t.elapsed() < Duration::from_secs(120), "replay never ended");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    support::wait_sources_done(&p, "replay");
     let counters = p.counters()[0].1.clone();
     let report = p.join();
     assert_eq!(report.cameras[0].decided, 40, "{report:?}");
@@ -591,11 +587,7 @@ fn the_bundled_model_raises_one_alarm_per_synthetic_defect_episode() {
     let p =
         Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { sources, stats: false, ..StartOptions::default() })
             .expect("pipeline starts");
-    let t = Instant::now();
-    while !p.sources_done() {
-        assert!(t.elapsed() < Duration::from_secs(120), "source never ended");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    support::wait_sources_done(&p, "source");
     let report = p.join();
     assert_eq!(report.cameras[0].dropped, 0, "{report:?}");
     let episodes = [30..40u64, 70..80, 110..120];

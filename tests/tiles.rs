@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
 use ganomaly_core::synth::{self, Defect, Texture};
@@ -156,11 +155,7 @@ fn a_tiled_camera_scores_one_score_per_frame_and_snapshots_the_stitched_map() {
     let p =
         Pipeline::start(&cfg, Arc::new(rec.clone()), StartOptions { sources, stats: false, ..StartOptions::default() })
             .expect("pipeline starts");
-    let t = Instant::now();
-    while !p.sources_done() {
-        assert!(t.elapsed() < Duration::from_secs(120), "source never ended");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    support::wait_sources_done(&p, "source");
     let report = p.join();
     let cam = &report.cameras[0];
     assert_eq!((cam.decided, cam.broken), (12, 0), "frames, not tiles, are counted: {cam:?}");

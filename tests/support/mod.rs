@@ -68,3 +68,12 @@ pub fn write_config(dir: &Path, model: &Path, fps: u32, source: &str, extra: &st
     std::fs::write(&p, body).expect("write config");
     p
 }
+
+/// Waits (at most 2 min) until every source of `p` has ended.
+pub fn wait_sources_done(p: &ganomalyd::pipeline::Pipeline, what: &str) {
+    let t = std::time::Instant::now();
+    while !p.sources_done() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(120), "{what} never ended");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
