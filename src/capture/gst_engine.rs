@@ -14,7 +14,9 @@
 //!   broken frame, a buffer flagged corrupt by the decoder a broken frame;
 //! - no frame for `timeout` is a lost camera too (a wedged source);
 //! - `open` waits for the first frame or the first error, so a wrong
-//!   password or a feature the camera lacks is an open error with its reason;
+//!   password or a feature the camera lacks is an open error with its reason
+//!   (a decoder's warning before the first frame is a broken frame, and the
+//!   wait goes on);
 //! - the decoder that `decodebin` picked (hardware when present: it ranks
 //!   nvv4l2decoder and vaapi above the software ones) is reported.
 //!
@@ -225,8 +227,8 @@ pub struct GstSource {
     decoder: Arc<Mutex<Option<String>>>,
     /// Samples the appsink's queue dropped, not yet reported.
     dropped: Arc<AtomicU64>,
-    /// Frames missing from the stream (gaps in its timestamps), not yet
-    /// reported as broken frames.
+    /// Frames missing from the stream (gaps in its timestamps, warnings
+    /// before the first frame), not yet reported as broken frames.
     missing: Arc<AtomicU64>,
     last_ts_ms: Option<u64>,
     /// The caps of the last frame and what they mean: re-read only when the
@@ -369,24 +371,44 @@ impl GstSource {
         Ok((pipeline, sample_rx, event_rx))
     }
 
-    /// The first bus error, explained; or what else ended the wait.
+    /// Waits for the first frame; fails on the first bus error, the end of
+    /// the stream, or `timeout` without a frame. A decoder's warning before
+    /// the first frame is a broken frame (counted with the missing ones), not
+    /// a failed open: a camera whose stream starts with a damaged unit, or
+    /// whose first frames a loaded decoder drops, is up. It still names the
+    /// warning if no frame follows.
     fn wait_first(&self, running: &mut Running) -> Result<(), String> {
-        if let Ok(sample) = running.samples.try_recv() {
-            running.pending = Some(sample);
-            return Ok(());
-        }
-        crossbeam_channel::select! {
-            recv(running.samples) -> s => match s {
-                Ok(sample) => { running.pending = Some(sample); Ok(()) }
-                Err(_) => Err("the pipeline stopped".into()),
-            },
-            recv(running.events) -> e => match e {
-                Ok(BusEvent::Error(f)) => Err((self.spec.explain)(&f)),
-                Ok(BusEvent::Warning(w)) => Err(format!("the stream does not decode: {w}")),
-                Ok(BusEvent::Eos) => Err("the stream ended before its first frame".into()),
-                Err(_) => Err("the pipeline stopped".into()),
-            },
-            default(self.spec.timeout) => Err(format!("no frame within {:.1} s", self.spec.timeout.as_secs_f64())),
+        let deadline = std::time::Instant::now() + self.spec.timeout;
+        let mut warned: Option<String> = None;
+        loop {
+            // Samples before events, as in `next_frame`.
+            if let Ok(sample) = running.samples.try_recv() {
+                running.pending = Some(sample);
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            crossbeam_channel::select! {
+                recv(running.samples) -> s => return match s {
+                    Ok(sample) => { running.pending = Some(sample); Ok(()) }
+                    Err(_) => Err("the pipeline stopped".into()),
+                },
+                recv(running.events) -> e => match e {
+                    Ok(BusEvent::Warning(w)) => {
+                        self.missing.fetch_add(1, Ordering::Relaxed);
+                        warned = Some(w);
+                    }
+                    Ok(BusEvent::Error(f)) => return Err((self.spec.explain)(&f)),
+                    Ok(BusEvent::Eos) => return Err("the stream ended before its first frame".into()),
+                    Err(_) => return Err("the pipeline stopped".into()),
+                },
+                default(left) => {
+                    let secs = self.spec.timeout.as_secs_f64();
+                    return Err(match warned {
+                        Some(w) => format!("no frame within {secs:.1} s: the stream does not decode: {w}"),
+                        None => format!("no frame within {secs:.1} s"),
+                    });
+                }
+            }
         }
     }
 
@@ -587,6 +609,46 @@ mod tests {
             explain: explain_plain,
             limits: FrameLimits::default(),
         }
+    }
+
+    /// A `Running` fed by the test through its channels (an idle pipeline).
+    fn fed() -> (Running, Sender<gst::Sample>, Sender<BusEvent>) {
+        gst::init().expect("gst init");
+        let (stx, srx) = crossbeam_channel::bounded(4);
+        let (etx, erx) = crossbeam_channel::bounded(4);
+        (Running { pipeline: gst::Pipeline::new(), samples: srx, events: erx, pending: None }, stx, etx)
+    }
+
+    #[test]
+    fn a_warning_before_the_first_frame_is_a_broken_frame_not_a_failed_open() {
+        let src = GstSource::new(PipelineSpec { timeout: Duration::from_millis(300), ..spec("") });
+        let (mut running, samples, events) = fed();
+        events.send(BusEvent::Warning("Invalid input packet".into())).expect("send");
+        let feeder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            samples.send(gst::Sample::builder().buffer(&gst::Buffer::new()).build()).expect("send");
+            samples
+        });
+        src.wait_first(&mut running).expect("the frame after the warning opens the source");
+        assert!(running.pending.is_some(), "the first frame is kept for next_frame");
+        assert_eq!(src.missing.load(Ordering::Relaxed), 1, "the warning is one broken frame");
+        drop(feeder.join());
+
+        // Warnings and no frame: the timeout names the last warning.
+        let (mut running, _samples, events) = fed();
+        events.send(BusEvent::Warning("Invalid input packet".into())).expect("send");
+        let e = src.wait_first(&mut running).expect_err("no frame");
+        assert!(e.contains("no frame within 0.3 s") && e.contains("Invalid input packet"), "{e}");
+
+        // An error still fails the open at once, with its reason.
+        let (mut running, _samples, events) = fed();
+        let fault =
+            BusFault { element: "src".into(), message: "Unauthorized".into(), debug: String::new(), resource: None };
+        events.send(BusEvent::Error(fault)).expect("send");
+        let t = std::time::Instant::now();
+        let e = src.wait_first(&mut running).expect_err("an error");
+        assert!(e.contains("Unauthorized") && !e.contains("no frame"), "{e}");
+        assert!(t.elapsed() < Duration::from_millis(300), "not after the timeout");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct ServerOptions {
     /// Corrupt every n-th encoded frame (0: none): the middle of its NAL
     /// units is overwritten, start codes kept.
     pub corrupt_every: u64,
+    /// Corrupt the first n encoded frames as well (the key frame that carries
+    /// the stream's parameters among them): a stream that starts damaged.
+    pub corrupt_first: u64,
     /// One encoder for every client of the mount (the bench's 8 streams).
     pub shared: bool,
 }
@@ -42,6 +45,7 @@ impl Default for ServerOptions {
             fps: 15,
             auth: None,
             corrupt_every: 0,
+            corrupt_first: 0,
             shared: false,
         }
     }
@@ -112,17 +116,19 @@ impl RtspServer {
         let sizes = self.sizes.clone();
         let corrupted = self.corrupted.clone();
         let every = self.opts.corrupt_every;
+        let first = self.opts.corrupt_first;
         factory.connect_media_configure(move |_, media| {
             let Ok(bin) = media.element().downcast::<gst::Bin>() else { return };
             if let Some(size) = bin.by_name("size") {
                 sizes.lock().expect("sizes").push(size);
             }
-            if every > 0 {
+            if every > 0 || first > 0 {
                 let pad = bin.by_name("corrupt").and_then(|e| e.static_pad("src")).expect("corrupt pad");
                 let n = AtomicU64::new(0);
                 let corrupted = corrupted.clone();
                 pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-                    if n.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+                    let i = n.fetch_add(1, Ordering::Relaxed);
+                    if i < first || (every > 0 && i % every == every - 1) {
                         if let Some(gst::PadProbeData::Buffer(buf)) = info.data.as_mut() {
                             corrupt(buf.make_mut());
                             corrupted.fetch_add(1, Ordering::Relaxed);
