@@ -7,6 +7,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use ganomaly_core::arch::ArchSpec;
+use ganomaly_core::patch::PatchSpec;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -43,6 +44,21 @@ pub struct CheckpointState {
     pub ema_decay: f64,
     #[serde(default)]
     pub ema_updates: u64,
+    /// What the finished `train` exported, so that `export` of this checkpoint
+    /// writes the same model (absent while training, and in checkpoints from
+    /// before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported: Option<Exported>,
+}
+
+/// The choices a finished `train` made after its last epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exported {
+    /// The epoch whose generator it exported (`--select`); the checkpoint's
+    /// tensors are always the last epoch's.
+    pub epoch: u32,
+    /// The `patch` score's maps, chosen on val/ by `--patch-maps auto` (or given).
+    pub patch: PatchSpec,
 }
 
 pub const CKPT_TENSORS: &str = "last.safetensors";
@@ -62,6 +78,18 @@ pub fn save_checkpoint(dir: &Path, model: &Model, state: &CheckpointState) -> Re
     let json = serde_json::to_vec_pretty(state).map_err(|e| werr(&tmp, e.into()))?;
     std::fs::write(&tmp, json).map_err(|e| werr(&tmp, e.into()))?;
     std::fs::rename(&tmp, dir.join(CKPT_STATE)).map_err(|e| werr(&tmp, e.into()))?;
+    Ok(())
+}
+
+/// Rewrites `dir/state.json` alone (via a temporary file and a rename): what a
+/// finished `train` chose, next to the last epoch's tensors.
+pub fn save_state(dir: &Path, state: &CheckpointState) -> Result<(), CheckpointError> {
+    let tmp = dir.join("state.json.tmp");
+    let werr = |source: Box<dyn Error + Send + Sync>| CheckpointError::Write { path: tmp.clone(), source };
+    std::fs::create_dir_all(dir).map_err(|e| werr(e.into()))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| werr(e.into()))?;
+    std::fs::write(&tmp, json).map_err(|e| werr(e.into()))?;
+    std::fs::rename(&tmp, dir.join(CKPT_STATE)).map_err(|e| werr(e.into()))?;
     Ok(())
 }
 
@@ -185,6 +213,7 @@ mod tests {
             history: vec![],
             ema_decay: 0.0,
             ema_updates: 0,
+            exported: None,
         };
         save_checkpoint(dir.path(), &a, &state).unwrap();
         let (mut b, st) = load_checkpoint(dir.path(), Device::Cpu).unwrap();
@@ -192,6 +221,18 @@ mod tests {
         run_epoch(&mut a, &x, 8, 1, 1, Device::Cpu, |_, _| {});
         run_epoch(&mut b, &x, 8, 1, 1, Device::Cpu, |_, _| {});
         assert_eq!(a.g.to_weights().unwrap(), b.g.to_weights().unwrap());
+
+        // A finished train's choices survive a reread; a state without them
+        // (written before the field existed) still reads.
+        let mut chosen = st.clone();
+        chosen.exported = Some(Exported { epoch: 1, patch: tiny().patch_spec(&[1], 8, 0).unwrap() });
+        save_state(dir.path(), &chosen).unwrap();
+        assert_eq!(read_checkpoint_state(dir.path()).unwrap().exported, chosen.exported);
+        let json = std::fs::read_to_string(dir.path().join(CKPT_STATE)).unwrap();
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("exported");
+        std::fs::write(dir.path().join(CKPT_STATE), old.to_string()).unwrap();
+        assert_eq!(read_checkpoint_state(dir.path()).unwrap().exported, None);
 
         std::fs::write(dir.path().join(CKPT_TENSORS), b"garbage").unwrap();
         let err = load_checkpoint(dir.path(), Device::Cpu).err().unwrap();

@@ -267,6 +267,62 @@ fn resume_continues_where_the_checkpoint_stopped() {
     assert_eq!(meta(&m3).provenance.epochs, 3);
 }
 
+#[test]
+fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    datagen(&data, &["--size", "32", "--train-good", "24", "--test-good", "4", "--test-per-defect", "2"]);
+    let (m1, ckpt) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
+    let flags = [
+        "--data",
+        s(&data),
+        "--out",
+        s(&m1),
+        "--isize",
+        "16",
+        "--nz",
+        "8",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--checkpoint-dir",
+        s(&ckpt),
+        "--patch-maps",
+        "1",
+    ];
+    cmd::train::run(&train_args(&flags)).unwrap();
+    let state = ganomaly_train::checkpoint::read_checkpoint_state(&ckpt).unwrap();
+    assert_eq!(state.exported.as_ref().map(|e| (e.epoch, e.patch.maps.clone())), Some((1, vec![1])));
+    let export = |out: &Path, extra: &[&str]| {
+        let args =
+            [&["export", "--checkpoint", s(&ckpt), "--data", s(&data), "--out", s(out), "--threads", "1"], extra]
+                .concat();
+        match parse(&args) {
+            cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
+            _ => unreachable!(),
+        }
+    };
+    let patch = |p: &Path| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap().patch().cloned();
+    let m2 = tmp.path().join("b.onnx");
+    export(&m2, &[]);
+    assert_eq!(patch(&m2), patch(&m1), "export writes the maps train exported with, not 2,3");
+    assert_eq!(patch(&m2).unwrap().maps, vec![1]);
+    // The flag still wins.
+    let m3 = tmp.path().join("c.onnx");
+    export(&m3, &["--patch-maps", "2"]);
+    assert_eq!(patch(&m3).unwrap().maps, vec![2]);
+}
+
 fn train_err(data: &Path, extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.onnx");

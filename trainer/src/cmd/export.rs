@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use ganomaly_core::metadata::{ColorMode, Provenance};
+use ganomaly_core::patch::PATCH_DIM_DEFAULT;
 use ganomaly_core::preprocess::Preprocessor;
 
 use super::flags::{CalibArgs, RunArgs};
@@ -58,14 +59,30 @@ pub fn run(a: &Args) -> Result<()> {
     if a.calib.patch_auto_asked() {
         bail!("--patch-maps auto is chosen by `train` on the validation split; give the depths (e.g. 2,3)");
     }
-    if a.calib.patch_maps.is_none() {
-        // `train` may have chosen other maps on val/ (its default); the
-        // checkpoint does not keep that choice.
-        tracing::info!(
-            "patch maps: the default 2,3 (if `train` chose others on val/, its log says which: pass --patch-maps)"
+    g.patch_spec = match (&a.calib.patch_maps, &state.exported) {
+        // What `train` exported with, unless the flags say otherwise.
+        (None, Some(done)) if a.calib.patch_dim == PATCH_DIM_DEFAULT => {
+            tracing::info!(maps = ?done.patch.maps, "patch maps: the ones `train` exported with");
+            done.patch.clone()
+        }
+        (None, Some(done)) => state
+            .arch
+            .patch_spec(&done.patch.maps, a.calib.patch_dim, 0)
+            .map_err(|e| anyhow::anyhow!("--patch-dim with train's patch maps {:?}: {e}", done.patch.maps))?,
+        (None, None) => {
+            tracing::info!("patch maps: the default 2,3 (this checkpoint does not say which maps `train` chose)");
+            a.calib.patch_spec(&state.arch)?
+        }
+        (Some(_), _) => a.calib.patch_spec(&state.arch)?,
+    };
+    if let Some(done) = state.exported.as_ref().filter(|d| d.epoch != state.epoch) {
+        tracing::warn!(
+            train_exported = done.epoch,
+            checkpoint = state.epoch,
+            "`train` exported the generator of an earlier epoch (--select); a checkpoint keeps the last epoch's: \
+             this model differs from train's"
         );
     }
-    g.patch_spec = a.calib.patch_spec(&state.arch)?;
     let g = &g.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g, &splits, &settings, provenance, device)?;
     let meta = finished

@@ -77,9 +77,8 @@ pub struct CalibArgs {
     /// default when DIR/val/ has defects: every run of consecutive depths among 1-3 is
     /// fitted and scored on DIR/val/, and 2,3 (the maps at isize/4 and isize/8) is kept
     /// unless one beats it by more than one standard error (benches/README.md: gravel
-    /// 0.704 → 0.785, brushed metal 0.916 → 0.965, no set lost). Without val/, and for
-    /// `export`: 2,3 (the choice `train` made is not kept in the checkpoint: give
-    /// `export` the depths `train` logged, "patch maps … chosen on val/").
+    /// 0.704 → 0.785, brushed metal 0.916 → 0.965, no set lost). Without val/: 2,3.
+    /// `export`: the maps `train` exported with (kept in the checkpoint), else 2,3.
     #[arg(long, value_parser = parse_patch_maps)]
     pub patch_maps: Option<PatchMaps>,
     /// Channels the `patch` score keeps of the concatenated maps (a seeded random

@@ -14,7 +14,7 @@ use tch::Device;
 
 use super::flags::{checked_arch, CalibArgs, RunArgs};
 use crate::augment::Augment;
-use crate::checkpoint::{load_checkpoint, CheckpointState};
+use crate::checkpoint::{load_checkpoint, save_state, CheckpointState, Exported};
 use crate::data::{self, Splits};
 use crate::evaluate::thresholds;
 use crate::export::{finish, now_rfc3339, versions, write_onnx};
@@ -210,6 +210,8 @@ pub fn run(a: &Args) -> Result<TrainReport> {
 
     let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".ckpt"));
     let (mut model, mut state) = start(a, &ckpt_dir, arch, hyper, batch, &digest, device)?;
+    // A resumed run's earlier choices no longer describe its weights.
+    state.exported = None;
     if let Some(i) = init {
         i.apply(&mut model, device)?;
     }
@@ -321,6 +323,10 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         }
         None => g_out.with_feature_stats(&splits.fit, &splits.hold, device)?,
     };
+    // The checkpoint says what was exported, so that `export` of it writes the
+    // same patch maps (and warns when --select exported an earlier epoch).
+    state.exported = Some(Exported { epoch: selection.epoch, patch: g_out.patch_spec.clone() });
+    save_state(&plan.checkpoint_dir, &state)?;
     let mut finished = finish(g_out, &splits, &settings, provenance, device)?;
     if let Some(meta) = finished.meta.as_mut() {
         meta.tiling = splits.tiling;
@@ -445,6 +451,7 @@ fn start(
         history: vec![],
         ema_decay: 0.0,
         ema_updates: 0,
+        exported: None,
     };
     Ok((model, state))
 }
