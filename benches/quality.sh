@@ -61,9 +61,12 @@ if [ -n "${KEEP:-}" ]; then NO_EXPORT= MNIST_KEEP="EXPORT_FLAG= KEEP_DATA=1"; el
 # Settings, recorded in the table header (quality_report.py reads settings.json).
 # EPOCHS and MNIST_DIGITS may be set from outside for a shorter run (the
 # calibration table of issue 13 was measured with EPOCHS=5 MNIST_DIGITS=).
-ISIZE=32 NGF=16 NZ=100 BATCH=32 EPOCHS=${EPOCHS:-30} EMA=0.99 HOLDOUT=0.1 KERNEL=7
-SYNTH_TEXTURES="brushed_metal woven_fabric" SYNTH_STRENGTH=0.6
-TEXTURES="brick grass gravel"
+# ISIZE (the model's input side; the images stay as generated, 64 px synthetic
+# and 32 px textures, and are resized to it), SYNTH_TEXTURES and TEXTURES (a
+# subset of the sets) may be set too.
+ISIZE=${ISIZE:-32} NGF=16 NZ=100 BATCH=32 EPOCHS=${EPOCHS:-30} EMA=0.99 HOLDOUT=0.1 KERNEL=7
+SYNTH_TEXTURES=${SYNTH_TEXTURES-"brushed_metal woven_fabric"} SYNTH_STRENGTH=0.6
+TEXTURES=${TEXTURES-"brick grass gravel"}
 MNIST_DIGITS=${MNIST_DIGITS-"0 1"} MNIST_EPOCHS=3
 # AUGMENT: the trainer's --augment for the surface sets (synth-*, tex-*) only, never
 # MNIST (digits are oriented: a turned 6 is a 9). Default none, as the trainer's.
