@@ -169,3 +169,50 @@ fn a_tiled_camera_scores_one_score_per_frame_and_snapshots_the_stitched_map() {
     assert!((4..8).contains(&starts[0].seq));
     assert!(starts[0].snapshot.is_some(), "the alarm's snapshot carries the stitched map");
 }
+
+#[test]
+fn the_score_command_scores_a_tiled_model_as_the_daemon_does() {
+    // The demo model, marked as trained on 64 px tiles (what `train --tile 64`
+    // records): `ganomalyd score` must then score an image as the max over
+    // its tiles, not the whole image shrunk to 64 px.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut meta, weights) =
+        ganomaly_core::onnx::read_model(&std::fs::read(demo_model()).expect("demo model")).expect("read");
+    meta.tiling = Some(Tiling::abutting(TILE));
+    let tiled = dir.path().join("tiled.onnx");
+    std::fs::write(&tiled, ganomaly_core::onnx::write_model(&meta.arch.clone(), &weights, &meta).expect("write"))
+        .expect("save");
+    let (good, bad) = (dir.path().join("good.png"), dir.path().join("bad.png"));
+    part(1, false).save(&good).unwrap();
+    part(1, true).save(&bad).unwrap();
+    let lines = |model: &Path| {
+        let mut out = Vec::new();
+        let failed =
+            ganomalyd::cmds::score::score_images(model, &[good.clone(), bad.clone()], true, &support::cpu(), &mut out)
+                .expect("score");
+        assert_eq!(failed, 0);
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+            .collect::<Vec<_>>()
+    };
+    let kind = meta.default_score;
+    let mut model = Model::load(&tiled, &support::cpu()).expect("tiled model loads");
+    let tiled_lines = lines(&tiled);
+    let whole_lines = lines(&demo_model());
+    for (img, line, whole_line) in
+        [(part(1, false), &tiled_lines[0], &whole_lines[0]), (part(1, true), &tiled_lines[1], &whole_lines[1])]
+    {
+        let ((frame, tile), _, _, whole) = score(&mut model, &img, kind);
+        let raw = line["raw"].as_f64().expect("raw");
+        assert!((raw - f64::from(frame)).abs() <= 1e-5 * raw.abs().max(1.0), "tiled: {raw} vs the daemon's {frame}");
+        assert_eq!(line["tiles"], 16);
+        assert_eq!(line["hottest_tile"], tile);
+        // The untiled model: one input per image, no tile fields.
+        let raw = whole_line["raw"].as_f64().expect("raw");
+        assert!((raw - f64::from(whole)).abs() <= 1e-5 * raw.abs().max(1.0), "whole: {raw} vs {whole}");
+        assert!(whole_line.get("tiles").is_none());
+    }
+    assert!(tiled_lines[1]["raw"].as_f64() > tiled_lines[0]["raw"].as_f64(), "the defect raises the tiled score");
+}

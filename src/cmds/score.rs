@@ -5,11 +5,19 @@
 //! One line (or JSON object) per image with every score the model exports:
 //! raw, normalized (calibrated threshold at 0.5) and anomalous yes/no; the
 //! model's default score decides the headline verdict.
+//!
+//! A model trained on tiles (`ganomaly-train train --tile`) scores each image
+//! as the daemon scores a camera's frame with it: the model-sized tiles of the
+//! whole image, each score the maximum over the tiles (the line names the
+//! tile count and the default score's hottest tile).
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use ganomaly_core::preprocess::Preprocessor;
+use std::sync::Arc;
+
+use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
+use ganomaly_core::tiles::{Grid, Tiling};
 use ganomaly_core::ScoreKind;
 use serde::Serialize;
 
@@ -74,6 +82,12 @@ pub struct ImageScore {
     pub normalized: f64,
     pub anomalous: bool,
     pub scores: Vec<KindScore>,
+    /// A tiled model: the tiles the image was scored as, and the one with
+    /// the default score's maximum (index in row-major order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiles: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hottest_tile: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -87,12 +101,17 @@ pub fn score_images(
     out: &mut dyn Write,
 ) -> Result<usize, ScoreError> {
     let mut model = Model::load(model_path, infer)?;
-    let mut prep = Preprocessor::from_meta(&model.meta.preprocess);
-    let mut tensor = vec![0.0f32; prep.tensor_len()];
-    let mut batch = BatchOutput::default();
+    let mut run = Scorer {
+        prep: Preprocessor::from_meta(&model.meta.preprocess),
+        tensor: Vec::new(),
+        batch: BatchOutput::default(),
+        tiling: model.meta.tiling,
+        grid: None,
+        chunk: infer.max_batch.max(1),
+    };
     let mut failed = 0;
     for path in images {
-        let line = match score_one(&mut model, &mut prep, &mut tensor, &mut batch, path) {
+        let line = match run.score_one(&mut model, path) {
             Ok(s) => s,
             Err(e) => {
                 failed += 1;
@@ -103,6 +122,8 @@ pub fn score_images(
                     normalized: f64::NAN,
                     anomalous: false,
                     scores: Vec::new(),
+                    tiles: None,
+                    hottest_tile: None,
                     error: Some(e),
                 }
             }
@@ -127,9 +148,13 @@ pub fn score_images(
                     )
                 })
                 .collect();
+            let tiles = match (line.tiles, line.hottest_tile) {
+                (Some(n), Some(t)) => format!("\ttiles={n} hottest={t}"),
+                _ => String::new(),
+            };
             writeln!(
                 out,
-                "{}\t{}\traw={:.6}\tnormalized={:.3}\t{}",
+                "{}\t{}\traw={:.6}\tnormalized={:.3}\t{}{tiles}",
                 line.path,
                 if line.anomalous { "ANOMALOUS" } else { "ok" },
                 line.raw,
@@ -141,38 +166,90 @@ pub fn score_images(
     Ok(failed)
 }
 
-fn score_one(
-    model: &mut Model,
-    prep: &mut Preprocessor,
-    tensor: &mut [f32],
-    batch: &mut BatchOutput,
-    path: &std::path::Path,
-) -> Result<ImageScore, String> {
-    let img = image::open(path).map_err(|e| e.to_string())?;
-    prep.run_image(&img, None, tensor).map_err(|e| e.to_string())?;
-    model.run(tensor, 1, batch).map_err(|e| e.to_string())?;
-    let mut scores = Vec::new();
-    for kind in ScoreKind::ALL {
-        let (Some(raw), Some(cal)) = (batch.score(kind, 0), model.calibration(kind)) else { continue };
-        let raw = raw as f64;
-        let normalized = cal.normalize(raw);
-        scores.push(KindScore {
-            kind: kind.as_str(),
-            raw,
-            normalized,
-            threshold: cal.threshold,
-            anomalous: raw >= cal.threshold,
-        });
+/// What scoring one image after another reuses.
+struct Scorer {
+    prep: Preprocessor,
+    tensor: Vec<f32>,
+    batch: BatchOutput,
+    /// The model's tiling, when it was trained on tiles.
+    tiling: Option<Tiling>,
+    /// The last image's grid (images of one folder are mostly one size).
+    grid: Option<Arc<Grid>>,
+    /// Tiles per session run, as the daemon's `max_batch`.
+    chunk: usize,
+}
+
+impl Scorer {
+    fn score_one(&mut self, model: &mut Model, path: &std::path::Path) -> Result<ImageScore, String> {
+        let img = image::open(path).map_err(|e| e.to_string())?;
+        // Per image: one input, or its tiles.
+        let tiles = match self.tiling {
+            None => {
+                self.tensor.resize(self.prep.tensor_len(), 0.0);
+                self.prep.run_image(&img, None, &mut self.tensor).map_err(|e| e.to_string())?;
+                model.run(&self.tensor, 1, &mut self.batch).map_err(|e| e.to_string())?;
+                None
+            }
+            Some(tiling) => {
+                let grid = with_frame(&img, |frame| {
+                    crate::tiles::prepare(&mut self.prep, frame, None, tiling, &mut self.grid, &mut self.tensor)
+                })
+                .map_err(|e| e.to_string())?;
+                model.run_chunked(&self.tensor, grid.len(), self.chunk, &mut self.batch).map_err(|e| e.to_string())?;
+                Some(grid.len())
+            }
+        };
+        let mut scores = Vec::new();
+        let mut hottest = Vec::new();
+        for kind in ScoreKind::ALL {
+            let Some(cal) = model.calibration(kind) else { continue };
+            let (raw, tile) = match tiles {
+                None => (self.batch.score(kind, 0), None),
+                Some(n) => match crate::tiles::frame_score(&self.batch, kind, 0, n) {
+                    Some((raw, tile)) => (Some(raw), Some(tile)),
+                    None => (None, None),
+                },
+            };
+            let Some(raw) = raw else { continue };
+            let raw = raw as f64;
+            hottest.push((kind.as_str(), tile));
+            scores.push(KindScore {
+                kind: kind.as_str(),
+                raw,
+                normalized: cal.normalize(raw),
+                threshold: cal.threshold,
+                anomalous: raw >= cal.threshold,
+            });
+        }
+        let default = model.meta.default_score.as_str();
+        let head = scores.iter().find(|s| s.kind == default).cloned().ok_or("model has no default score output")?;
+        Ok(ImageScore {
+            path: path.display().to_string(),
+            default,
+            raw: head.raw,
+            normalized: head.normalized,
+            anomalous: head.anomalous,
+            scores,
+            tiles,
+            hottest_tile: hottest.iter().find(|(k, _)| *k == default).and_then(|(_, t)| *t),
+            error: None,
+        })
     }
-    let default = model.meta.default_score.as_str();
-    let head = scores.iter().find(|s| s.kind == default).cloned().ok_or("model has no default score output")?;
-    Ok(ImageScore {
-        path: path.display().to_string(),
-        default,
-        raw: head.raw,
-        normalized: head.normalized,
-        anomalous: head.anomalous,
-        scores,
-        error: None,
-    })
+}
+
+/// `img` as the frame a camera would deliver: gray or RGB as it is, anything
+/// else converted to RGB (as `Preprocessor::run_image` does).
+fn with_frame<T>(img: &image::DynamicImage, f: impl FnOnce(&FrameRef<'_>) -> T) -> T {
+    match img {
+        image::DynamicImage::ImageLuma8(g) => {
+            f(&FrameRef { width: g.width(), height: g.height(), layout: PixelLayout::Gray8, data: g.as_raw() })
+        }
+        image::DynamicImage::ImageRgb8(rgb) => {
+            f(&FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() })
+        }
+        other => {
+            let rgb = other.to_rgb8();
+            f(&FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() })
+        }
+    }
 }
