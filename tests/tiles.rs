@@ -215,4 +215,13 @@ fn the_score_command_scores_a_tiled_model_as_the_daemon_does() {
         assert!(whole_line.get("tiles").is_none());
     }
     assert!(tiled_lines[1]["raw"].as_f64() > tiled_lines[0]["raw"].as_f64(), "the defect raises the tiled score");
+    // An image smaller than one tile is an error for that image, not a stretched tile.
+    let small = dir.path().join("small.png");
+    image::imageops::crop_imm(&part(1, false), 0, 0, 48, 48).to_image().save(&small).unwrap();
+    let mut out = Vec::new();
+    let failed = ganomalyd::cmds::score::score_images(&tiled, &[small, good.clone()], false, &support::cpu(), &mut out)
+        .expect("score");
+    assert_eq!(failed, 1, "only the small image fails");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("smaller than one tile") && text.contains("48x48"), "{text}");
 }

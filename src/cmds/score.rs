@@ -191,6 +191,15 @@ impl Scorer {
                 None
             }
             Some(tiling) => {
+                // As check-config refuses such a camera: a tile is never stretched.
+                if tiling.size > img.width() || tiling.size > img.height() {
+                    return Err(format!(
+                        "the model is tiled {} and this {}x{} image is smaller than one tile",
+                        tiling.label(),
+                        img.width(),
+                        img.height()
+                    ));
+                }
                 let grid = with_frame(&img, |frame| {
                     crate::tiles::prepare(&mut self.prep, frame, None, tiling, &mut self.grid, &mut self.tensor)
                 })

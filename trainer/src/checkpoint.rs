@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ganomaly_core::arch::ArchSpec;
 use ganomaly_core::patch::PatchSpec;
+use ganomaly_core::tiles::Tiling;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -51,7 +52,8 @@ pub struct CheckpointState {
     pub exported: Option<Exported>,
 }
 
-/// The choices a finished `train` made after its last epoch.
+/// The choices a finished `train` made after its last epoch (with
+/// `--no-export`, those it would have exported with).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Exported {
     /// The epoch whose generator it exported (`--select`); the checkpoint's
@@ -59,6 +61,9 @@ pub struct Exported {
     pub epoch: u32,
     /// The `patch` score's maps, chosen on val/ by `--patch-maps auto` (or given).
     pub patch: PatchSpec,
+    /// `--tile`: the tiles it trained and calibrated on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<Tiling>,
 }
 
 pub const CKPT_TENSORS: &str = "last.safetensors";
@@ -225,7 +230,11 @@ mod tests {
         // A finished train's choices survive a reread; a state without them
         // (written before the field existed) still reads.
         let mut chosen = st.clone();
-        chosen.exported = Some(Exported { epoch: 1, patch: tiny().patch_spec(&[1], 8, 0).unwrap() });
+        chosen.exported = Some(Exported {
+            epoch: 1,
+            patch: tiny().patch_spec(&[1], 8, 0).unwrap(),
+            tiling: Some(Tiling::abutting(8)),
+        });
         save_state(dir.path(), &chosen).unwrap();
         assert_eq!(read_checkpoint_state(dir.path()).unwrap().exported, chosen.exported);
         let json = std::fs::read_to_string(dir.path().join(CKPT_STATE)).unwrap();

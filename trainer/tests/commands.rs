@@ -321,6 +321,28 @@ fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
     let m3 = tmp.path().join("c.onnx");
     export(&m3, &["--patch-maps", "2"]);
     assert_eq!(patch(&m3).unwrap().maps, vec![2]);
+
+    // A run on tiles: its export is tiled (and calibrated on tiles) as train's model is.
+    let (t1, tckpt) = (tmp.path().join("t.onnx"), tmp.path().join("t.ckpt"));
+    let mut tiled = flags.to_vec();
+    tiled[3] = s(&t1);
+    let at = tiled.iter().position(|f| *f == "--checkpoint-dir").unwrap();
+    tiled[at + 1] = s(&tckpt);
+    tiled.extend(["--tile", "16"]);
+    cmd::train::run(&train_args(&tiled)).unwrap();
+    let t2 = tmp.path().join("t2.onnx");
+    match parse(&["export", "--checkpoint", s(&tckpt), "--data", s(&data), "--out", s(&t2), "--threads", "1"]) {
+        cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
+        _ => unreachable!(),
+    }
+    let meta = |p: &Path| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap();
+    assert_eq!(meta(&t1).tiling, Some(ganomaly_core::tiles::Tiling::abutting(16)));
+    assert_eq!(meta(&t2).tiling, meta(&t1).tiling);
+    for kind in ScoreKind::ALL {
+        if let (Some(a), Some(b)) = (meta(&t1).score(kind), meta(&t2).score(kind)) {
+            assert_eq!(a.calibration.threshold, b.calibration.threshold, "{kind:?}: calibrated on the same tiles");
+        }
+    }
 }
 
 fn train_err(data: &Path, extra: &[&str]) -> String {

@@ -45,7 +45,12 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let color = ColorMode::from_channels(state.arch.nc).context("nc")?;
     let mut pre = Preprocessor::new(color, state.arch.isize);
-    let splits = Splits::load(&files, state.holdout, state.seed, &mut pre)?;
+    // A run trained on tiles is calibrated (and its model served) on tiles.
+    let tiling = state.exported.as_ref().and_then(|e| e.tiling);
+    let splits = match tiling {
+        None => Splits::load(&files, state.holdout, state.seed, &mut pre)?,
+        Some(t) => Splits::load_tiled(&files, state.holdout, state.seed, &mut pre, t)?,
+    };
     let provenance = Provenance {
         data_digest: state.data_digest.clone(),
         epochs: state.epoch,
@@ -65,6 +70,7 @@ pub fn run(a: &Args) -> Result<()> {
             tracing::info!(maps = ?done.patch.maps, "patch maps: the ones `train` exported with");
             done.patch.clone()
         }
+        (None, Some(_)) if a.calib.patch_dim == 0 => bail!("--patch-dim must be at least 1"),
         (None, Some(done)) => state
             .arch
             .patch_spec(&done.patch.maps, a.calib.patch_dim, 0)
@@ -85,9 +91,10 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let g = &g.with_feature_stats(&splits.fit, &splits.hold, device)?;
     let finished = finish(g, &splits, &settings, provenance, device)?;
-    let meta = finished
+    let mut meta = finished
         .meta
         .context("the checkpoint's held-out slice is empty (trained with --holdout 0): nothing to calibrate on")?;
+    meta.tiling = splits.tiling;
     write_onnx(&a.out, g, &meta)?;
     tracing::info!(path = %a.out.display(), "wrote the model");
     Ok(())

@@ -250,6 +250,7 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         checkpoint_dir: ckpt_dir,
         augment: a.augment.clone(),
     };
+    let epoch_at_start = state.epoch;
     run_epochs(&mut model, &mut state, &mut tracker, &splits, &plan, device)?;
 
     let mut provenance = Provenance {
@@ -323,10 +324,6 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         }
         None => g_out.with_feature_stats(&splits.fit, &splits.hold, device)?,
     };
-    // The checkpoint says what was exported, so that `export` of it writes the
-    // same patch maps (and warns when --select exported an earlier epoch).
-    state.exported = Some(Exported { epoch: selection.epoch, patch: g_out.patch_spec.clone() });
-    save_state(&plan.checkpoint_dir, &state)?;
     let mut finished = finish(g_out, &splits, &settings, provenance, device)?;
     if let Some(meta) = finished.meta.as_mut() {
         meta.tiling = splits.tiling;
@@ -340,6 +337,18 @@ pub fn run(a: &Args) -> Result<TrainReport> {
         }
         _ => None,
     };
+    // The checkpoint says what train chose, so that `export` of it writes the
+    // same model (and warns when --select exported an earlier epoch). Only
+    // when its tensors are this run's (an epoch ran, or it resumed), and a
+    // failure to write it costs the later export its choice, not this model.
+    if state.epoch > 0 && (state.epoch > epoch_at_start || a.resume) {
+        // No epoch ran in this invocation (a resume at its epoch count): the checkpoint's own.
+        let epoch = if selection.epoch == 0 { state.epoch } else { selection.epoch };
+        state.exported = Some(Exported { epoch, patch: g_out.patch_spec.clone(), tiling: splits.tiling });
+        if let Err(e) = save_state(&plan.checkpoint_dir, &state) {
+            tracing::warn!(error = %e, "the checkpoint does not record the exported choices: export of it writes the default patch maps");
+        }
+    }
     // Pixel masks and the candidates' scores are per image, not per tile: not measured tiled.
     let untiled_test = splits.test.as_ref().filter(|_| splits.tiling.is_none());
     let localisation =
