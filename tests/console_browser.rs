@@ -446,3 +446,45 @@ fn a_console_with_a_credential_refuses_requests_without_it() {
     drop(s);
     d.stop();
 }
+
+#[test]
+fn the_console_follows_a_reload() {
+    // A reload that changes a camera's threshold and restarts it (a new fps):
+    // the console shows the new threshold and the restarted camera's new
+    // counters, not the frozen ones of the start.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let cfg = write_config(dir.path(), port, "");
+    let d = Daemon::start(cfg.clone());
+    wait_listening(addr);
+    let cam = || get_json(addr, "/api/camera/cam");
+    let t = Instant::now();
+    while cam()["decided"].as_u64().unwrap_or(0) < 5 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no frames decided: {}", cam());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = cam()["threshold"].as_f64().expect("threshold");
+    assert!((before - 0.8).abs() > 1e-9, "the test needs another threshold than {before}");
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    let changed = text.replace("[cameras.cam]\n", "[cameras.cam]\nfps = 25\n[cameras.cam.alarm]\nthreshold = 0.8\n");
+    assert_ne!(text, changed);
+    std::fs::write(&cfg, changed).expect("write");
+    d.tx.send(Signal::Reload).expect("reload");
+    let t = Instant::now();
+    while cam()["threshold"].as_f64() != Some(0.8) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the console kept the old threshold: {}", cam());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The restarted camera's counters start again and keep counting.
+    let first = cam()["decided"].as_u64().expect("decided");
+    let t = Instant::now();
+    while cam()["decided"].as_u64().unwrap_or(0) < first + 10 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the console's counters froze at {first}: {}", cam());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cam()["online"], true);
+    // The other camera goes on as before.
+    assert!(get_json(addr, "/api/camera/cam2")["decided"].as_u64().unwrap_or(0) > 0);
+    d.stop();
+}

@@ -243,7 +243,7 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
         e.accept_commands(intake.clone());
     }
     if let Some(c) = &console {
-        c.attach(pipeline.counters().iter().map(|(_, c)| c.clone()).collect(), intake.clone());
+        c.attach(pipeline.counters(), intake.clone());
     }
     tracing::info!(
         cameras = cfg.cameras.len(), models = %providers.join(", "), commands = cfg.commands.enabled,
@@ -299,6 +299,9 @@ pub fn daemon(cfg: Settings, config_path: PathBuf, signals: Receiver<Signal>) ->
                 intake.set_cameras(&names);
                 intake.set_settings(pipeline.settings().commands.clone());
                 attach(&pipeline);
+                if let Some(c) = &console {
+                    c.follow(pipeline.settings(), pipeline.counters());
+                }
             }
             match (cmd, answer) {
                 (Some(cmd), Ok(detail)) => cmd.done(detail),

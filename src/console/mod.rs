@@ -111,18 +111,7 @@ impl Console {
                 .map_err(ConsoleError::Spawn)?,
             encoder.spawn(stop_threads.clone()).map_err(ConsoleError::Spawn)?,
         ];
-        let cameras = settings
-            .cameras
-            .iter()
-            .map(|c| server::CameraInfo {
-                name: c.name.clone(),
-                threshold: c.alarm.threshold,
-                clear_threshold: c.alarm.clear_threshold,
-                min_frames: c.alarm.min_frames,
-                clear_frames: c.alarm.clear_frames,
-                model: c.model.display().to_string(),
-            })
-            .collect();
+        let cameras = std::sync::RwLock::new(settings.cameras.iter().map(camera_info).collect());
         let (stop_http, stopping) = tokio::sync::watch::channel(false);
         let shared = Arc::new(server::Shared {
             credential,
@@ -160,10 +149,43 @@ impl Console {
         self.shared.live.clone()
     }
 
-    /// The pipeline runs: its counters (in camera order) and the intake.
-    pub fn attach(&self, counters: Vec<Arc<CameraCounters>>, intake: Arc<Intake>) {
-        let _ = self.shared.counters.set(counters);
+    /// The pipeline runs: its cameras' counters (by name) and the intake.
+    pub fn attach(&self, counters: Vec<(String, Arc<CameraCounters>)>, intake: Arc<Intake>) {
+        self.set_counters(counters);
         let _ = self.shared.intake.set(intake);
+    }
+
+    /// A reload was applied: the console's cameras (those of the start) show
+    /// their new thresholds, model and counters (a restarted camera has new
+    /// ones); a camera the reload removed shows as offline. A camera the
+    /// reload added is not shown until a restart (the console's history and
+    /// live views are laid out at start): said once per reload.
+    pub fn follow(&self, settings: &Settings, counters: Vec<(String, Arc<CameraCounters>)>) {
+        {
+            let mut infos = self.shared.cameras.write().unwrap_or_else(|e| e.into_inner());
+            for info in infos.iter_mut() {
+                if let Some(c) = settings.cameras.iter().find(|c| c.name == info.name) {
+                    *info = camera_info(c);
+                }
+            }
+            let added: Vec<&str> = settings
+                .cameras
+                .iter()
+                .map(|c| c.name.as_str())
+                .filter(|n| !infos.iter().any(|i| i.name == *n))
+                .collect();
+            if !added.is_empty() {
+                tracing::warn!(cameras = ?added, "the console shows cameras added by a reload after a restart");
+            }
+        }
+        self.set_counters(counters);
+    }
+
+    fn set_counters(&self, counters: Vec<(String, Arc<CameraCounters>)>) {
+        let infos = self.shared.cameras.read().unwrap_or_else(|e| e.into_inner());
+        let by_order =
+            infos.iter().map(|i| counters.iter().find(|(n, _)| *n == i.name).map(|(_, c)| c.clone())).collect();
+        *self.shared.counters.write().unwrap_or_else(|e| e.into_inner()) = by_order;
     }
 
     /// Stops serving (live streams end) and the threads; waits up to `timeout`.
@@ -175,6 +197,17 @@ impl Console {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+fn camera_info(c: &crate::config::CameraPlan) -> server::CameraInfo {
+    server::CameraInfo {
+        name: c.name.clone(),
+        threshold: c.alarm.threshold,
+        clear_threshold: c.alarm.clear_threshold,
+        min_frames: c.alarm.min_frames,
+        clear_frames: c.alarm.clear_frames,
+        model: c.model.display().to_string(),
     }
 }
 

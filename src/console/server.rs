@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -42,7 +42,8 @@ pub struct CameraInfo {
 /// Everything the handlers read.
 pub struct Shared {
     pub credential: Credential,
-    pub cameras: Vec<CameraInfo>,
+    /// The cameras of the start, in their order; their settings follow reloads.
+    pub cameras: RwLock<Vec<CameraInfo>>,
     pub counters: Counters,
     pub store: Arc<Mutex<Store>>,
     pub live: Arc<LiveTaps>,
@@ -165,7 +166,15 @@ fn not_found(what: &str) -> Response {
 }
 
 fn camera_index(s: &Shared, name: &str) -> Option<usize> {
-    s.cameras.iter().position(|c| c.name == name)
+    infos(s).iter().position(|c| c.name == name)
+}
+
+fn infos(s: &Shared) -> std::sync::RwLockReadGuard<'_, Vec<CameraInfo>> {
+    s.cameras.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn info(s: &Shared, i: usize) -> Option<CameraInfo> {
+    infos(s).get(i).cloned()
 }
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Store> {
@@ -173,9 +182,8 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Store> {
 }
 
 /// A camera's live figures: the counters the stages keep, the store's fps.
-fn camera_state(s: &Shared, store: &Store, i: usize) -> serde_json::Value {
-    let info = &s.cameras[i];
-    let c: Option<Arc<CameraCounters>> = s.counters.get().and_then(|cs| cs.get(i).cloned());
+fn camera_state(s: &Shared, store: &Store, info: &CameraInfo, i: usize) -> serde_json::Value {
+    let c: Option<Arc<CameraCounters>> = s.counters.read().unwrap_or_else(|e| e.into_inner()).get(i).cloned().flatten();
     let h = store.cameras.get(i);
     let get = |f: fn(&CameraCounters) -> u64| c.as_deref().map(f).unwrap_or(0);
     json!({
@@ -196,9 +204,10 @@ fn camera_state(s: &Shared, store: &Store, i: usize) -> serde_json::Value {
 
 async fn overview(State(s): St) -> Response {
     let store = lock(&s);
-    let cameras: Vec<serde_json::Value> = (0..s.cameras.len())
-        .map(|i| {
-            let mut v = camera_state(&s, &store, i);
+    let infos = infos(&s).clone();
+    let cameras: Vec<serde_json::Value> = (infos.iter().enumerate())
+        .map(|(i, info)| {
+            let mut v = camera_state(&s, &store, info, i);
             let samples = &store.cameras[i].samples;
             let newest = samples.back().map(|x| x.ts).unwrap_or(0);
             let recent: Vec<_> = samples.iter().filter(|x| x.ts + SPARKLINE_MS >= newest).collect();
@@ -218,12 +227,14 @@ async fn overview(State(s): St) -> Response {
 }
 
 async fn camera(State(s): St, Path(name): Path<String>) -> Response {
-    let Some(i) = camera_index(&s, &name) else { return not_found("no such camera") };
+    let Some((i, info)) = camera_index(&s, &name).and_then(|i| Some((i, info(&s, i)?))) else {
+        return not_found("no such camera");
+    };
     let store = lock(&s);
-    let mut v = camera_state(&s, &store, i);
-    v["min_frames"] = json!(s.cameras[i].min_frames);
-    v["clear_frames"] = json!(s.cameras[i].clear_frames);
-    v["model"] = json!(s.cameras[i].model);
+    let mut v = camera_state(&s, &store, &info, i);
+    v["min_frames"] = json!(info.min_frames);
+    v["clear_frames"] = json!(info.clear_frames);
+    v["model"] = json!(info.model);
     v["samples"] = json!(store.cameras[i].samples);
     let alarms: Vec<serde_json::Value> =
         store.alarms.iter().rev().filter(|a| a.camera == name).take(50).map(|a| alarm_json(&store, a)).collect();

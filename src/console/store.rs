@@ -256,8 +256,10 @@ impl Publisher for ConsolePublisher {
     }
 }
 
-/// The cameras' counters, once the pipeline runs.
-pub type Counters = Arc<std::sync::OnceLock<Vec<Arc<CameraCounters>>>>;
+/// The cameras' counters in the console's camera order, once the pipeline
+/// runs; replaced when a reload restarts a camera (`None`: a camera a reload
+/// removed).
+pub type Counters = Arc<std::sync::RwLock<Vec<Option<Arc<CameraCounters>>>>>;
 
 /// Applies items until `stop`; once a second, works out each camera's fps
 /// from its `decided` counter.
@@ -283,8 +285,12 @@ pub fn spawn_store_thread(
                     s.apply(i);
                 }
             }
-            if let Some(cs) = counters.get() {
-                let now: Vec<u64> = cs.iter().map(|c| CameraCounters::get(&c.decided)).collect();
+            let now: Option<Vec<u64>> = {
+                let cs = counters.read().unwrap_or_else(|e| e.into_inner());
+                (!cs.is_empty())
+                    .then(|| cs.iter().map(|c| c.as_deref().map_or(0, |c| CameraCounters::get(&c.decided))).collect())
+            };
+            if let Some(now) = now {
                 match &last {
                     Some((t, prev)) if t.elapsed() >= Duration::from_secs(1) => {
                         let dt = t.elapsed().as_secs_f64();
