@@ -449,42 +449,52 @@ fn a_console_with_a_credential_refuses_requests_without_it() {
 
 #[test]
 fn the_console_follows_a_reload() {
-    // A reload that changes a camera's threshold and restarts it (a new fps):
-    // the console shows the new threshold and the restarted camera's new
-    // counters, not the frozen ones of the start.
+    // Reloads that change a camera's threshold, then remove the other camera
+    // and add it back (new counters): the console shows the new threshold,
+    // the removed camera offline with its totals, the one added back counting.
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let cfg = write_config(dir.path(), port, "");
     let d = Daemon::start(cfg.clone());
     wait_listening(addr);
-    let cam = || get_json(addr, "/api/camera/cam");
-    let t = Instant::now();
-    while cam()["decided"].as_u64().unwrap_or(0) < 5 {
-        assert!(t.elapsed() < Duration::from_secs(30), "no frames decided: {}", cam());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let before = cam()["threshold"].as_f64().expect("threshold");
+    let cam = |name: &str| get_json(addr, &format!("/api/camera/{name}"));
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(30), "{what}: cam {}, cam2 {}", cam("cam"), cam("cam2"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let decided = |name: &str| cam(name)["decided"].as_u64().unwrap_or(0);
+    wait("frames decided", &|| decided("cam") >= 5 && decided("cam2") >= 5);
+    let before = cam("cam")["threshold"].as_f64().expect("threshold");
     assert!((before - 0.8).abs() > 1e-9, "the test needs another threshold than {before}");
     let text = std::fs::read_to_string(&cfg).expect("read");
-    let changed = text.replace("[cameras.cam]\n", "[cameras.cam]\nfps = 25\n[cameras.cam.alarm]\nthreshold = 0.8\n");
+    let reload = |body: &str| {
+        std::fs::write(&cfg, body).expect("write");
+        d.tx.send(Signal::Reload).expect("reload");
+    };
+
+    let changed = text.replace("[cameras.cam]\n", "[cameras.cam]\n[cameras.cam.alarm]\nthreshold = 0.8\n");
     assert_ne!(text, changed);
-    std::fs::write(&cfg, changed).expect("write");
-    d.tx.send(Signal::Reload).expect("reload");
-    let t = Instant::now();
-    while cam()["threshold"].as_f64() != Some(0.8) {
-        assert!(t.elapsed() < Duration::from_secs(30), "the console kept the old threshold: {}", cam());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // The restarted camera's counters start again and keep counting.
-    let first = cam()["decided"].as_u64().expect("decided");
-    let t = Instant::now();
-    while cam()["decided"].as_u64().unwrap_or(0) < first + 10 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the console's counters froze at {first}: {}", cam());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(cam()["online"], true);
-    // The other camera goes on as before.
-    assert!(get_json(addr, "/api/camera/cam2")["decided"].as_u64().unwrap_or(0) > 0);
+    reload(&changed);
+    wait("the new threshold", &|| cam("cam")["threshold"].as_f64() == Some(0.8));
+
+    // cam2 removed: offline, its totals kept.
+    let start = changed.find("[cameras.cam2]").expect("cam2");
+    let end = start + changed[start..].find("[commands]").expect("the table after cam2");
+    let without = format!("{}{}", &changed[..start], &changed[end..]);
+    reload(&without);
+    wait("cam2 offline", &|| cam("cam2")["online"] == false);
+    let kept = decided("cam2");
+    assert!(kept >= 5, "the removed camera keeps its totals: {kept}");
+
+    // cam2 added back: the pipeline gives it new counters, and the console follows.
+    reload(&changed);
+    wait("cam2 counting again", &|| cam("cam2")["online"] == true && decided("cam2") >= 10);
+    let first = decided("cam2");
+    wait("cam2 counting on", &|| decided("cam2") >= first + 10);
+    assert!(decided("cam") > 0);
     d.stop();
 }

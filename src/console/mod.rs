@@ -72,6 +72,8 @@ pub struct Console {
     task: tokio::task::JoinHandle<()>,
     stop_threads: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Cameras added by reloads that the console does not show (warned once).
+    unshown: Mutex<Vec<String>>,
 }
 
 impl Console {
@@ -136,7 +138,7 @@ impl Console {
             serve(listener, app, limits, until).await;
         });
         tracing::info!(%addr, auth = auth_name(&cfg.auth), "console on http://{addr}/");
-        Ok(Console { addr, shared, stop_http, task, stop_threads, threads })
+        Ok(Console { addr, shared, stop_http, task, stop_threads, threads, unshown: Mutex::new(Vec::new()) })
     }
 
     /// The publisher to combine with the MQTT one.
@@ -156,11 +158,27 @@ impl Console {
     }
 
     /// A reload was applied: the console's cameras (those of the start) show
-    /// their new thresholds, model and counters (a restarted camera has new
-    /// ones); a camera the reload removed shows as offline. A camera the
-    /// reload added is not shown until a restart (the console's history and
-    /// live views are laid out at start): said once per reload.
+    /// their new thresholds and model, and the counters the pipeline now has
+    /// for them (a restarted camera keeps its counters, but one a reload
+    /// removed and a later one added back has new ones); a removed camera
+    /// keeps its last counters, offline. A camera the reload added is not
+    /// shown until a restart (the console's history and live views are laid
+    /// out at start): said once per camera.
     pub fn follow(&self, settings: &Settings, counters: Vec<(String, Arc<CameraCounters>)>) {
+        {
+            let infos = self.shared.cameras.read().unwrap_or_else(|e| e.into_inner());
+            let mut warned = self.unshown.lock().unwrap_or_else(|e| e.into_inner());
+            let added: Vec<String> = settings
+                .cameras
+                .iter()
+                .map(|c| c.name.clone())
+                .filter(|n| !infos.iter().any(|i| i.name == *n) && !warned.contains(n))
+                .collect();
+            if !added.is_empty() {
+                tracing::warn!(cameras = ?added, "the console shows cameras added by a reload after a restart");
+                warned.extend(added);
+            }
+        }
         {
             let mut infos = self.shared.cameras.write().unwrap_or_else(|e| e.into_inner());
             for info in infos.iter_mut() {
@@ -168,24 +186,24 @@ impl Console {
                     *info = camera_info(c);
                 }
             }
-            let added: Vec<&str> = settings
-                .cameras
-                .iter()
-                .map(|c| c.name.as_str())
-                .filter(|n| !infos.iter().any(|i| i.name == *n))
-                .collect();
-            if !added.is_empty() {
-                tracing::warn!(cameras = ?added, "the console shows cameras added by a reload after a restart");
-            }
         }
         self.set_counters(counters);
     }
 
+    /// The console's cameras' counters by name; a camera the pipeline no
+    /// longer runs keeps the ones it had (its totals, offline).
     fn set_counters(&self, counters: Vec<(String, Arc<CameraCounters>)>) {
         let infos = self.shared.cameras.read().unwrap_or_else(|e| e.into_inner());
-        let by_order =
-            infos.iter().map(|i| counters.iter().find(|(n, _)| *n == i.name).map(|(_, c)| c.clone())).collect();
-        *self.shared.counters.write().unwrap_or_else(|e| e.into_inner()) = by_order;
+        let mut held = self.shared.counters.write().unwrap_or_else(|e| e.into_inner());
+        let by_order = infos
+            .iter()
+            .enumerate()
+            .map(|(i, info)| {
+                let now = counters.iter().find(|(n, _)| *n == info.name).map(|(_, c)| c.clone());
+                now.or_else(|| held.get(i).cloned().flatten())
+            })
+            .collect();
+        *held = by_order;
     }
 
     /// Stops serving (live streams end) and the threads; waits up to `timeout`.

@@ -257,8 +257,8 @@ impl Publisher for ConsolePublisher {
 }
 
 /// The cameras' counters in the console's camera order, once the pipeline
-/// runs; replaced when a reload restarts a camera (`None`: a camera a reload
-/// removed).
+/// runs; replaced when a reload gives a camera new ones (removed, then added
+/// back). `None`: not known yet.
 pub type Counters = Arc<std::sync::RwLock<Vec<Option<Arc<CameraCounters>>>>>;
 
 /// Applies items until `stop`; once a second, works out each camera's fps
