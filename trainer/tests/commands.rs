@@ -22,6 +22,37 @@ fn train_args(args: &[&str]) -> cmd::train::Args {
     }
 }
 
+/// A small, fast training run on `data` (isize 16, one thread, on the CPU,
+/// quiet), checkpointed in `ckpt`, then `extra`.
+fn tiny_train(data: &Path, out: &Path, ckpt: &Path, epochs: &str, extra: &[&str]) -> cmd::train::Args {
+    let flags = [
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--isize",
+        "16",
+        "--nz",
+        "8",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--epochs",
+        epochs,
+        "--batch",
+        "8",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        s(ckpt),
+        "--quiet",
+    ];
+    train_args(&[&flags[..], extra].concat())
+}
+
 fn datagen(dir: &Path, extra: &[&str]) {
     let d = dir.to_str().unwrap();
     match parse(&[&["datagen", "--out", d], extra].concat()) {
@@ -213,33 +244,7 @@ fn resume_continues_where_the_checkpoint_stopped() {
             "hole,stain",
         ],
     );
-    let common = |out: &Path, epochs: &str, ckpt: &Path| {
-        train_args(&[
-            "--data",
-            s(&data),
-            "--out",
-            s(out),
-            "--isize",
-            "16",
-            "--nz",
-            "8",
-            "--ngf",
-            "8",
-            "--ndf",
-            "8",
-            "--epochs",
-            epochs,
-            "--batch",
-            "8",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--checkpoint-dir",
-            s(ckpt),
-            "--quiet",
-        ])
-    };
+    let common = |out: &Path, epochs: &str, ckpt: &Path| tiny_train(&data, out, ckpt, epochs, &[]);
     let (m1, c1) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
     cmd::train::run(&common(&m1, "3", &c1)).unwrap();
     let (m2, c2) = (tmp.path().join("b.onnx"), tmp.path().join("b.ckpt"));
@@ -273,34 +278,7 @@ fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
     let data = tmp.path().join("data");
     datagen(&data, &["--size", "32", "--train-good", "24", "--test-good", "4", "--test-per-defect", "2"]);
     let (m1, ckpt) = (tmp.path().join("a.onnx"), tmp.path().join("a.ckpt"));
-    let flags = [
-        "--data",
-        s(&data),
-        "--out",
-        s(&m1),
-        "--isize",
-        "16",
-        "--nz",
-        "8",
-        "--ngf",
-        "8",
-        "--ndf",
-        "8",
-        "--epochs",
-        "1",
-        "--batch",
-        "8",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--checkpoint-dir",
-        s(&ckpt),
-        "--patch-maps",
-        "1",
-    ];
-    cmd::train::run(&train_args(&flags)).unwrap();
+    cmd::train::run(&tiny_train(&data, &m1, &ckpt, "1", &["--patch-maps", "1"])).unwrap();
     let state = ganomaly_train::checkpoint::read_checkpoint_state(&ckpt).unwrap();
     assert_eq!(state.exported.as_ref().map(|e| (e.epoch, e.patch.maps.clone())), Some((1, vec![1])));
     let export = |out: &Path, extra: &[&str]| {
@@ -324,12 +302,7 @@ fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
 
     // A run on tiles: its export is tiled (and calibrated on tiles) as train's model is.
     let (t1, tckpt) = (tmp.path().join("t.onnx"), tmp.path().join("t.ckpt"));
-    let mut tiled = flags.to_vec();
-    tiled[3] = s(&t1);
-    let at = tiled.iter().position(|f| *f == "--checkpoint-dir").unwrap();
-    tiled[at + 1] = s(&tckpt);
-    tiled.extend(["--tile", "16"]);
-    cmd::train::run(&train_args(&tiled)).unwrap();
+    cmd::train::run(&tiny_train(&data, &t1, &tckpt, "1", &["--patch-maps", "1", "--tile", "16"])).unwrap();
     let t2 = tmp.path().join("t2.onnx");
     match parse(&["export", "--checkpoint", s(&tckpt), "--data", s(&data), "--out", s(&t2), "--threads", "1"]) {
         cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
