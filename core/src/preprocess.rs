@@ -195,30 +195,31 @@ impl Preprocessor {
         Ok(())
     }
 
-    /// Convenience for decoded image files: RGB8 and Luma8 images are used in
-    /// place; any other format (16-bit, alpha, ...) is converted to RGB8 first.
+    /// Convenience for decoded image files: the image as [`image_frame`] gives it.
     pub fn run_image(
         &mut self,
         img: &image::DynamicImage,
         roi: Option<Roi>,
         out: &mut [f32],
     ) -> Result<(), PreprocessError> {
-        // RGB and gray go in as they are; anything else is converted to RGB first.
-        let converted;
-        let rgb = match img {
-            image::DynamicImage::ImageRgb8(rgb) => rgb,
-            image::DynamicImage::ImageLuma8(g) => {
-                let f = FrameRef { width: g.width(), height: g.height(), layout: PixelLayout::Gray8, data: g.as_raw() };
-                return self.run(&f, roi, out);
-            }
-            other => {
-                converted = other.to_rgb8();
-                &converted
-            }
-        };
-        let f = FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() };
-        self.run(&f, roi, out)
+        image_frame(img, |f| self.run(f, roi, out))
     }
+}
+
+/// A decoded image file as the 8-bit frame a camera delivers, handed to `f`:
+/// RGB8 and Luma8 images are used in place; any other format (16-bit,
+/// alpha, ...) is converted to RGB8 first.
+pub fn image_frame<T>(img: &image::DynamicImage, f: impl FnOnce(&FrameRef<'_>) -> T) -> T {
+    let converted;
+    let (layout, width, height, data) = match img {
+        image::DynamicImage::ImageRgb8(rgb) => (PixelLayout::Rgb8, rgb.width(), rgb.height(), rgb.as_raw()),
+        image::DynamicImage::ImageLuma8(g) => (PixelLayout::Gray8, g.width(), g.height(), g.as_raw()),
+        other => {
+            converted = other.to_rgb8();
+            (PixelLayout::Rgb8, converted.width(), converted.height(), converted.as_raw())
+        }
+    };
+    f(&FrameRef { width, height, layout, data })
 }
 
 /// 8-bit value → [-1, 1]: 0 ↦ −1, 255 ↦ 1 (the decoder's tanh range).

@@ -13,10 +13,9 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
-use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
+use ganomaly_core::preprocess::{image_frame, Preprocessor};
 use ganomaly_core::tiles::{Grid, Tiling};
 use ganomaly_core::ScoreKind;
 use serde::Serialize;
@@ -200,7 +199,7 @@ impl Scorer {
                         img.height()
                     ));
                 }
-                let grid = with_frame(&img, |frame| {
+                let grid = image_frame(&img, |frame| {
                     crate::tiles::prepare(&mut self.prep, frame, None, tiling, &mut self.grid, &mut self.tensor)
                 })
                 .map_err(|e| e.to_string())?;
@@ -208,8 +207,9 @@ impl Scorer {
                 Some(grid.len())
             }
         };
+        let default = model.meta.default_score;
         let mut scores = Vec::new();
-        let mut hottest = Vec::new();
+        let mut hottest_tile = None;
         for kind in ScoreKind::ALL {
             let Some(cal) = model.calibration(kind) else { continue };
             let (raw, tile) = match tiles {
@@ -221,7 +221,9 @@ impl Scorer {
             };
             let Some(raw) = raw else { continue };
             let raw = raw as f64;
-            hottest.push((kind.as_str(), tile));
+            if kind == default {
+                hottest_tile = tile;
+            }
             scores.push(KindScore {
                 kind: kind.as_str(),
                 raw,
@@ -230,7 +232,7 @@ impl Scorer {
                 anomalous: raw >= cal.threshold,
             });
         }
-        let default = model.meta.default_score.as_str();
+        let default = default.as_str();
         let head = scores.iter().find(|s| s.kind == default).cloned().ok_or("model has no default score output")?;
         Ok(ImageScore {
             path: path.display().to_string(),
@@ -240,25 +242,8 @@ impl Scorer {
             anomalous: head.anomalous,
             scores,
             tiles,
-            hottest_tile: hottest.iter().find(|(k, _)| *k == default).and_then(|(_, t)| *t),
+            hottest_tile,
             error: None,
         })
-    }
-}
-
-/// `img` as the frame a camera would deliver: gray or RGB as it is, anything
-/// else converted to RGB (as `Preprocessor::run_image` does).
-fn with_frame<T>(img: &image::DynamicImage, f: impl FnOnce(&FrameRef<'_>) -> T) -> T {
-    match img {
-        image::DynamicImage::ImageLuma8(g) => {
-            f(&FrameRef { width: g.width(), height: g.height(), layout: PixelLayout::Gray8, data: g.as_raw() })
-        }
-        image::DynamicImage::ImageRgb8(rgb) => {
-            f(&FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() })
-        }
-        other => {
-            let rgb = other.to_rgb8();
-            f(&FrameRef { width: rgb.width(), height: rgb.height(), layout: PixelLayout::Rgb8, data: rgb.as_raw() })
-        }
     }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use ganomaly_core::metadata::{ColorMode, Provenance};
-use ganomaly_core::patch::PATCH_DIM_DEFAULT;
 use ganomaly_core::preprocess::Preprocessor;
 
 use super::flags::{CalibArgs, RunArgs};
@@ -66,15 +65,10 @@ pub fn run(a: &Args) -> Result<()> {
     }
     g.patch_spec = match (&a.calib.patch_maps, &state.exported) {
         // What `train` exported with, unless the flags say otherwise.
-        (None, Some(done)) if a.calib.patch_dim == PATCH_DIM_DEFAULT => {
+        (None, Some(done)) => {
             tracing::info!(maps = ?done.patch.maps, "patch maps: the ones `train` exported with");
-            done.patch.clone()
+            a.calib.patch_spec_over(&state.arch, done.patch.clone())?
         }
-        (None, Some(_)) if a.calib.patch_dim == 0 => bail!("--patch-dim must be at least 1"),
-        (None, Some(done)) => state
-            .arch
-            .patch_spec(&done.patch.maps, a.calib.patch_dim, 0)
-            .map_err(|e| anyhow::anyhow!("--patch-dim with train's patch maps {:?}: {e}", done.patch.maps))?,
         (None, None) => {
             tracing::info!("patch maps: the default 2,3 (this checkpoint does not say which maps `train` chose)");
             a.calib.patch_spec(&state.arch)?

@@ -92,14 +92,21 @@ impl CalibArgs {
     /// With `--patch-maps auto` the default depths: `train` chooses among the
     /// candidates after training ([`CalibArgs::patch_auto`]).
     pub fn patch_spec(&self, arch: &ArchSpec) -> Result<PatchSpec> {
+        self.patch_spec_over(arch, arch.default_patch())
+    }
+
+    /// [`patch_spec`](Self::patch_spec) with `unset` where no `--patch-maps`
+    /// depths are given (`export`: the spec `train` recorded in the checkpoint);
+    /// `--patch-dim` then redraws its channels.
+    pub fn patch_spec_over(&self, arch: &ArchSpec, unset: PatchSpec) -> Result<PatchSpec> {
         let depths = match &self.patch_maps {
             Some(PatchMaps::Depths(d)) => Some(d.clone()),
             None | Some(PatchMaps::Auto) => None,
         };
         match depths {
-            None if self.patch_dim == PATCH_DIM_DEFAULT => Ok(arch.default_patch()),
+            None if self.patch_dim == PATCH_DIM_DEFAULT => Ok(unset),
             maps => {
-                let maps = maps.unwrap_or_else(|| arch.default_patch().maps);
+                let maps = maps.unwrap_or(unset.maps);
                 if self.patch_dim == 0 {
                     bail!("--patch-dim must be at least 1");
                 }
