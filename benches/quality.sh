@@ -63,8 +63,8 @@ if [ -n "${KEEP:-}" ]; then NO_EXPORT= MNIST_KEEP="EXPORT_FLAG= KEEP_DATA=1"; el
 # calibration table of issue 13 was measured with EPOCHS=5 MNIST_DIGITS=).
 # ISIZE (the model's input side; the images stay as generated, 64 px synthetic
 # and 32 px textures, and are resized to it), SYNTH_TEXTURES and TEXTURES (a
-# subset of the sets) may be set too.
-ISIZE=${ISIZE:-32} NGF=16 NZ=100 BATCH=32 EPOCHS=${EPOCHS:-30} EMA=0.99 HOLDOUT=0.1 KERNEL=7
+# subset of the sets) may be set too, and NGF (the width: ngf = ndf).
+ISIZE=${ISIZE:-32} NGF=${NGF:-16} NZ=100 BATCH=32 EPOCHS=${EPOCHS:-30} EMA=0.99 HOLDOUT=0.1 KERNEL=7
 SYNTH_TEXTURES=${SYNTH_TEXTURES-"brushed_metal woven_fabric"} SYNTH_STRENGTH=0.6
 TEXTURES=${TEXTURES-"brick grass gravel"}
 MNIST_DIGITS=${MNIST_DIGITS-"0 1"} MNIST_EPOCHS=3
@@ -130,10 +130,15 @@ if [ -n "$MNIST_DIGITS" ] && [ ! -d "$CACHE/mnist/package/src/digits" ]; then
 fi
 
 # Finished runs are kept and skipped (a rerun completes an interrupted one), so
-# an output folder holds one setting: another ISIZE needs another -o.
-if [ -f "$OUT/settings.json" ] && ! grep -q "\"isize\": $ISIZE," "$OUT/settings.json"; then
-  echo "$OUT holds runs at another isize ($(grep -o '"isize": [0-9]*' "$OUT/settings.json")): give another -o" >&2
-  exit 2
+# an output folder holds one setting: another ISIZE, NGF or EPOCHS needs another -o.
+if [ -f "$OUT/settings.json" ]; then
+  for kv in "isize: $ISIZE" "ngf: $NGF" "epochs: $EPOCHS"; do
+    k=${kv%%:*} v=${kv#*: }
+    if ! grep -q "\"$k\": $v," "$OUT/settings.json"; then
+      echo "$OUT holds runs at another $k ($(grep -o "\"$k\": [0-9]*" "$OUT/settings.json")): give another -o" >&2
+      exit 2
+    fi
+  done
 fi
 cat > "$OUT/settings.json" <<EOF
 {"isize": $ISIZE, "ngf": $NGF, "ndf": $NGF, "nz": $NZ, "batch": $BATCH, "epochs": $EPOCHS, "ema_decay": $EMA,
