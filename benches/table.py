@@ -17,7 +17,8 @@ core's `random_model`: weights do not change speed), batch 8, score
    it, offered 1.1x raw: RSS at each stage, steady state = the daemon's RSS;
 5. `benches/peer.py`: fps, and RSS with Python, numpy, Pillow and onnxruntime.
 
-Prints markdown (the table, then the RSS stages), and writes
+Prints markdown (the table, then the RSS stages and the latency by stage at
+low and full load), and writes
 DIR/table.md and DIR/table.json.
 
     .venv/bin/python benches/table.py --bin target/release/ganomalyd
@@ -93,7 +94,7 @@ def main():
             + ["--score", a.score, "--frames", str(a.frames)]
         )
         rows.append(dict(label=label, one=one, four=four, low=low, aligned=aligned, rss=rss, peer=peer))
-        details.append((label, rss))
+        details.append((label, rss, low, four))
 
     hdr = [
         "model",
@@ -138,7 +139,7 @@ def main():
         *lines,
         "",
     ]
-    for label, rss in details:
+    for label, rss, low, four in details:
         out += [f"RSS by stage, {label} ({rss['cameras']} cameras, {rss['pipeline_fps']:.0f} fps decided):", ""]
         out += ["| stage | VmRSS MiB | Δ | VmHWM MiB |", "| --- | --- | --- | --- |"]
         last = 0.0
@@ -150,6 +151,17 @@ def main():
             f"Model file {rss['model_file_mb']:.1f} MiB; a frame {rss['frame_mb']:.2f} MiB (up to "
             f"{rss['frames_kept_per_camera']} per camera); a tensor {rss['tensor_mb']:.3f} MiB (up to "
             f"{rss['tensors_kept']}).",
+            "",
+        ]
+        # Where capture -> decision went: a hand-off, the batching wait, or the session run.
+        out += [f"Latency by stage, {label} (4 cameras; p50 / p99 ms):", ""]
+        out += [f"| stage | {a.low_fps:g} fps each (spread) | full load |", "| --- | --- | --- |"]
+        for lo, fu in zip(low["stages"], four["stages"]):
+            out.append(f"| {lo['stage']} | {lo['p50_ms']:.2f} / {lo['p99_ms']:.2f} | {fu['p50_ms']:.2f} / {fu['p99_ms']:.2f} |")
+        out += [
+            "",
+            f"At low load the session run after an idle gap takes {low['infer_b1_after_gap_ms']:.2f} ms "
+            f"(batch 1, measured alone) against {low['infer_b1_ms']:.2f} ms in a tight loop.",
             "",
         ]
     text = "\n".join(out)

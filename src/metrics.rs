@@ -31,6 +31,8 @@ pub struct CameraCounters {
     pub online: AtomicBool,
     /// Capture → alarm decision.
     pub latency: Mutex<LatencyHistogram>,
+    /// The same frames' latency by stage ([`STAGE_NAMES`]).
+    pub stages: Mutex<StageLatency>,
     /// The alarm state machine is in an alarm.
     pub alarm_active: AtomicBool,
     /// Alarm `start` events.
@@ -125,6 +127,12 @@ impl CameraCounters {
         }
     }
 
+    pub fn record_stages(&self, ms: [f64; STAGES]) {
+        if let Ok(mut h) = self.stages.lock() {
+            h.record(ms);
+        }
+    }
+
     /// A stats entry; `fps` is computed by the caller from two snapshots.
     pub fn stats(&self, camera: &str, fps: f64) -> CameraStats {
         let (p50, p99) = self.latency.lock().map(|h| (h.quantile(0.5), h.quantile(0.99))).unwrap_or((0.0, 0.0));
@@ -150,6 +158,34 @@ impl CameraCounters {
                 duplicates: Self::get(&self.triggers_duplicate),
                 refused: Self::get(&self.triggers_refused),
             }),
+        }
+    }
+}
+
+/// How many parts a decided frame's latency is cut into.
+pub const STAGES: usize = 5;
+
+/// The parts of a frame's capture → decision latency, in the order the frame
+/// passes them: waiting in its camera's queue, being preprocessed, waiting for
+/// (and in) a batch, the batch's session run, and its decision. `bench` prints
+/// them so that a latency figure says where the time went (a hand-off, the
+/// batching wait, or ONNX Runtime itself).
+pub const STAGE_NAMES: [&str; STAGES] = ["camera queue", "preprocess", "inference queue", "inference run", "decision"];
+
+/// One [`LatencyHistogram`] per stage of [`STAGE_NAMES`].
+#[derive(Debug, Clone, Default)]
+pub struct StageLatency(pub [LatencyHistogram; STAGES]);
+
+impl StageLatency {
+    pub fn record(&mut self, ms: [f64; STAGES]) {
+        for (h, v) in self.0.iter_mut().zip(ms) {
+            h.record(v);
+        }
+    }
+
+    pub fn merge(&mut self, other: &StageLatency) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a.merge(b);
         }
     }
 }

@@ -75,7 +75,7 @@ use crate::config::{CameraPlan, Provider, ScoreChoice, Settings};
 use crate::decide::{AlarmFrames, Camera, Decider};
 use crate::events::{now_ms, EndReason, Publisher, StatsReport, PAYLOAD_SCHEMA};
 use crate::infer::{self, Control, Decision, Handoff, InferError, InferThread, Model};
-use crate::metrics::{CameraCounters, LatencyHistogram};
+use crate::metrics::{CameraCounters, LatencyHistogram, StageLatency};
 use crate::preprocess::{self, CameraPrep, ModelPrep, PoolSpec, Prepared};
 use crate::recording::Tap;
 use crate::reload::{self, CameraChange, Plan};
@@ -144,6 +144,8 @@ pub struct Report {
     pub cameras: Vec<CameraReport>,
     /// All cameras' capture → decision latencies.
     pub latency: LatencyHistogram,
+    /// The same latencies by stage (`metrics::STAGE_NAMES`).
+    pub stages: StageLatency,
     pub snapshots_skipped: u64,
 }
 
@@ -1145,6 +1147,7 @@ impl Pipeline {
             }
         }
         let mut latency = LatencyHistogram::default();
+        let mut stages = StageLatency::default();
         let mut all = self.counters();
         all.append(&mut self.removed);
         let cameras = all
@@ -1152,6 +1155,9 @@ impl Pipeline {
             .map(|(name, c)| {
                 if let Ok(h) = c.latency.lock() {
                     latency.merge(&h);
+                }
+                if let Ok(h) = c.stages.lock() {
+                    stages.merge(&h);
                 }
                 CameraReport {
                     name: name.clone(),
@@ -1163,7 +1169,7 @@ impl Pipeline {
             })
             .collect();
         let snapshots_skipped = self.snapshots_skipped.as_ref().map(|s| s.load(Ordering::Relaxed)).unwrap_or(0);
-        Report { cameras, latency, snapshots_skipped }
+        Report { cameras, latency, stages, snapshots_skipped }
     }
 
     /// Joins the camera threads (those a reload stopped too): all of them

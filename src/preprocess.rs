@@ -21,6 +21,7 @@
 //! and none of their frames is lost.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use ganomaly_core::metadata::ColorMode;
@@ -40,6 +41,18 @@ pub struct Prepared {
     pub tensor: Vec<f32>,
     /// The frame's tiles (`tiles.rs`): `None` for an untiled camera.
     pub tiles: Option<Arc<Grid>>,
+    /// When the pool took the frame and when its tensor was ready: the
+    /// frame's latency by stage (`metrics::STAGE_NAMES`).
+    pub stamps: Stamps,
+}
+
+/// A frame's passage through the preprocessing pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamps {
+    /// Taken off its camera's queue.
+    pub taken: Instant,
+    /// Its tensor written, about to be queued for inference.
+    pub ready: Instant,
 }
 
 impl Prepared {
@@ -235,7 +248,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
     // Each tiled camera's last grid (a camera's frames rarely change size).
     let mut grids: Vec<Option<Arc<Grid>>> = vec![None; spec.cameras.len()];
     // When each camera's last preprocessing failure was warned about.
-    let mut warned: Vec<Option<std::time::Instant>> = vec![None; spec.cameras.len()];
+    let mut warned: Vec<Option<Instant>> = vec![None; spec.cameras.len()];
     let mut sel = Select::new();
     // Index 0 is the spec channel; the cameras follow.
     sel.recv(control);
@@ -270,6 +283,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 continue;
             }
         };
+        let taken = Instant::now();
         cam.tap.offer(&frame.pixels);
         let model = &spec.models[cam.model];
         let prep = &mut preps[cam.model];
@@ -287,6 +301,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
         };
         match prepared {
             Ok(tiles) => {
+                let stamps = Stamps { taken, ready: Instant::now() };
                 let shadow = cam.shadow.as_ref().map(|(m, compare)| (&spec.models[*m], compare));
                 // The shadow gets only frames the real model has slack for:
                 // with frames already waiting at the real model, the shadow's
@@ -294,7 +309,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 let real_idle = model.output.is_empty();
                 let copy = shadow.and_then(|(m, compare)| {
                     if real_idle {
-                        shadow_copy(m, compare, &frame, &tensor, &tiles)
+                        shadow_copy(m, compare, &frame, &tensor, &tiles, stamps)
                     } else {
                         compare.drop_frame();
                         None
@@ -303,7 +318,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 // Blocks while the model is behind (the policy above). A
                 // refusal or an error: the model's thread is gone (a start-up
                 // failure, or a reload retired it and a new spec is on its way).
-                let p = Prepared { frame, tensor, tiles };
+                let p = Prepared { frame, tensor, tiles, stamps };
                 let n = p.images();
                 if model.budget.take(n) && model.output.send(p).is_err() {
                     model.budget.give(n);
@@ -325,7 +340,7 @@ fn serve(spec: &PoolSpec, control: &Receiver<Arc<PoolSpec>>, control_open: &mut 
                 // `broken` counter: warned at most once a minute per worker.
                 let last = &mut warned[idx - 1];
                 if last.is_none_or(|t| t.elapsed() >= PREP_WARN_EVERY) {
-                    *last = Some(std::time::Instant::now());
+                    *last = Some(Instant::now());
                     tracing::warn!(camera = %cam.name, seq = frame.seq, width = px.width, height = px.height, error = %e,
                         "frame could not be preprocessed: counted broken and skipped (repeated at most once a minute)");
                 } else {
@@ -346,6 +361,7 @@ fn shadow_copy(
     frame: &Frame,
     tensor: &[f32],
     tiles: &Option<Arc<Grid>>,
+    stamps: Stamps,
 ) -> Option<Prepared> {
     let n = tiles.as_ref().map_or(1, |g| g.len());
     if model.output.is_full() || !model.budget.try_take(n) {
@@ -362,7 +378,7 @@ fn shadow_copy(
         ts_ms: frame.ts_ms,
         pixels: FrameData::default(),
     };
-    Some(Prepared { frame, tensor: copy, tiles: tiles.clone() })
+    Some(Prepared { frame, tensor: copy, tiles: tiles.clone(), stamps })
 }
 
 #[cfg(test)]

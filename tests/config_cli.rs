@@ -340,3 +340,47 @@ fn offline_checks_a_fleet_config_without_its_files_and_keeps_the_exit_codes() {
     assert!(!o.status.success());
     assert!(text(&o).contains("cameras.cam.alarm.min_frames: must be ≥ 1"), "{}", text(&o));
 }
+
+#[test]
+fn bench_cuts_the_latency_into_stages_that_fit_inside_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture_model(dir.path());
+    let o = ganomalyd(
+        &[
+            "bench",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--cameras",
+            "2",
+            "--paced",
+            "40",
+            "--frames",
+            "60",
+            "--batch",
+            "4",
+            "--width",
+            "160",
+            "--height",
+            "120",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON: {}", text(&o)));
+    let r: serde_json::Value = serde_json::from_str(line).expect("bench JSON");
+    let stages = r["stages"].as_array().expect("stages");
+    let names: Vec<&str> = stages.iter().filter_map(|s| s["stage"].as_str()).collect();
+    assert_eq!(names, ["camera queue", "preprocess", "inference queue", "inference run", "decision"]);
+    let (p50, p99) = (r["p50_ms"].as_f64().expect("p50"), r["p99_ms"].as_f64().expect("p99"));
+    for s in stages {
+        let (s50, s99) = (s["p50_ms"].as_f64().expect("stage p50"), s["p99_ms"].as_f64().expect("stage p99"));
+        // Each frame's stage is a part of its latency, so each quantile of a
+        // stage is at most the same quantile of the whole.
+        assert!(s50 <= p50 && s99 <= p99, "{s} against p50 {p50} / p99 {p99}");
+    }
+    // The session run and the preprocessing are real work: never zero.
+    assert!(stages[3]["p50_ms"].as_f64().is_some_and(|v| v > 0.0), "{stages:?}");
+    assert!(stages[1]["p50_ms"].as_f64().is_some_and(|v| v > 0.0), "{stages:?}");
+}

@@ -41,7 +41,7 @@ use crate::config::{
 };
 use crate::events::{AlarmEvent, Publisher, ScoreEvent, Snapshot, StatsReport, Verdict, VerdictEvent};
 use crate::infer::{BatchOutput, InferError, Model};
-use crate::metrics::{peak_rss_mb, rss_mb, CameraCounters, LatencyHistogram};
+use crate::metrics::{peak_rss_mb, rss_mb, CameraCounters, LatencyHistogram, StageLatency, STAGE_NAMES};
 use crate::pipeline::{Pipeline, PipelineError, StartOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +234,25 @@ pub struct BenchReport {
     pub spin: bool,
     pub preprocess_ms: f64,
     pub p99_ratio: f64,
+    /// The measured frames' latency by stage (`metrics::STAGE_NAMES`): where
+    /// capture → decision went.
+    pub stages: Vec<StageFigure>,
+}
+
+/// One stage of the latency, over the measured frames.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageFigure {
+    pub stage: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn stage_figures(s: &StageLatency) -> Vec<StageFigure> {
+    STAGE_NAMES
+        .iter()
+        .zip(&s.0)
+        .map(|(stage, h)| StageFigure { stage, p50_ms: h.quantile(0.5), p99_ms: h.quantile(0.99) })
+        .collect()
 }
 
 /// Publisher that only counts: the bench measures the frame path, not MQTT.
@@ -513,6 +532,9 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         if let Ok(mut h) = c.latency.lock() {
             *h = LatencyHistogram::default();
         }
+        if let Ok(mut h) = c.stages.lock() {
+            *h = StageLatency::default();
+        }
     }
     let sum = |f: fn(&CameraCounters) -> u64| -> u64 { pipeline.counters().iter().map(|(_, c)| f(c)).sum() };
     let d0 = pipeline.decided();
@@ -569,6 +591,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
         spin: opts.spin,
         preprocess_ms,
         p99_ratio: p99_ms / (infer_b1_ms + preprocess_ms).max(1e-9),
+        stages: stage_figures(&report.stages),
     })
 }
 
@@ -709,7 +732,12 @@ impl BenchReport {
             self.tiles_per_frame,
             self.raw_ort_fps / self.tiles_per_frame.max(1) as f64
         );
-        text + &gap
+        let stages: String = self
+            .stages
+            .iter()
+            .map(|s| format!("\n  {:<15} {:>6.2} / {:.2} ms (p50 / p99)", s.stage, s.p50_ms, s.p99_ms))
+            .collect();
+        text + &gap + "\nlatency by stage" + &stages
     }
 }
 
