@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--low-frames", type=int, default=900, help="frames decided at low load")
     ap.add_argument("--models", default="demo,m128", help="which of: demo, m128")
     a = ap.parse_args()
+    if a.low_fps <= 0:
+        ap.error("--low-fps must be > 0 (the low-load run is paced)")
 
     py = sys.executable
     here = os.path.dirname(os.path.abspath(__file__))

@@ -31,7 +31,7 @@ use crate::commands::{CommandEvent, Status};
 use crate::config::{AlarmConfig, Roi};
 use crate::drift::{DriftChange, DriftMonitor, Reference};
 use crate::events::{AlarmEvent, AlarmKind, EndReason, Publisher, ScoreEvent, PAYLOAD_SCHEMA};
-use crate::metrics::CameraCounters;
+use crate::metrics::{stage_ms, CameraCounters, Passage};
 use crate::shadow::{ShadowCompare, Side};
 use crate::snapshot::{SnapshotJob, SnapshotQueue};
 
@@ -308,16 +308,27 @@ impl Camera {
     }
 
     /// Carries out `outcome` for `frame`; `map` is the frame's anomaly map
-    /// (`side × side`), taken only when a snapshot or the live view draws it.
-    pub fn act(&mut self, outcome: Outcome, frame: Frame, map: &mut dyn HeatMap, side: usize, out: &Outputs) {
+    /// (`side × side`), taken only when a snapshot or the live view draws it;
+    /// `passage`, where the frame was when, cuts its latency into stages.
+    pub fn act(
+        &mut self,
+        outcome: Outcome,
+        frame: Frame,
+        map: &mut dyn HeatMap,
+        side: usize,
+        out: &Outputs,
+        passage: Option<&Passage>,
+    ) {
         match outcome {
             Outcome::Broken { raw } => {
                 CameraCounters::add(&self.counters.broken, 1);
                 tracing::debug!(camera = %self.name, seq = frame.seq, raw, "non-finite score: frame counted as broken");
             }
             Outcome::Scored { score, raw, alarm, drift } => {
-                let latency_ms = frame.captured.elapsed().as_secs_f64() * 1000.0;
-                self.counters.record_latency(latency_ms);
+                // One instant for the whole and its parts: they add up.
+                let now = Instant::now();
+                let latency_ms = now.saturating_duration_since(frame.captured).as_secs_f64() * 1000.0;
+                self.counters.record_latency(latency_ms, passage.map(|p| stage_ms(frame.captured, p, now)));
                 self.counters.set_last_score(score);
                 CameraCounters::add(&self.counters.decided, 1);
                 if let Some((compare, side)) = &self.compare {
@@ -588,7 +599,7 @@ mod tests {
         pixels.reshape(2, 2, crate::capture::PixelFormat::Gray8);
         let frame = Frame { camera: 0, seq, captured: t(seq), ts_ms: seq, pixels };
         let outcome = cam.decider.decide(seq, seq, t(seq), Some(raw));
-        cam.act(outcome, frame, &mut &[0.0][..], 1, out);
+        cam.act(outcome, frame, &mut &[0.0][..], 1, out, None);
     }
 
     fn request(frames: u64) -> (CalibrateRequest, crossbeam_channel::Receiver<CalibrateReply>) {

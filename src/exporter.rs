@@ -714,7 +714,7 @@ mod tests {
         c.alarm_active.store(true, std::sync::atomic::Ordering::Relaxed);
         CameraCounters::add(&c.alarms_raised, 4);
         c.set_last_score(0.75);
-        c.record_latency(20.0);
+        c.record_latency(20.0, None);
         let p = PublisherCounters { connected: true, alarms_pending: 3, alarms_queued: 5, ..Default::default() };
         Sources {
             cameras: vec![("line-1".into(), c), ("line-2".into(), Arc::new(CameraCounters::default()))],

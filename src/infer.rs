@@ -65,8 +65,8 @@ use crate::base::Liveness;
 use crate::config::{AlarmConfig, InferenceSettings, Provider};
 use crate::decide::{Camera, Outputs};
 use crate::events::{EndReason, Publisher};
-use crate::metrics::{CameraCounters, STAGES};
-use crate::preprocess::{Prepared, Stamps};
+use crate::metrics::{CameraCounters, Passage};
+use crate::preprocess::Prepared;
 use crate::snapshot::SnapshotQueue;
 
 #[derive(Debug, thiserror::Error)]
@@ -907,6 +907,7 @@ fn run(mut t: InferThread) {
         let mut first = 0;
         for p in batch.drain(..) {
             let Prepared { frame, tensor, tiles, stamps } = p;
+            let passage = Passage { taken: stamps.taken, ready: stamps.ready, run };
             let i = first;
             first += tiles.as_ref().map_or(1, |g| g.len());
             let _ = t.tensor_recycle.try_send(tensor);
@@ -925,10 +926,7 @@ fn run(mut t: InferThread) {
                     cam.counters.set_hot_tile(tile);
                 }
                 let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, scored.map(|(s, _)| s));
-                if matches!(outcome, crate::decide::Outcome::Scored { .. }) {
-                    decided += 1;
-                    cam.counters.record_stages(stage_ms(frame.captured, stamps, run, Instant::now()));
-                }
+                decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
                 // The stitched map is computed only if `act` draws it (an alarm's
                 // snapshot, a live-view frame that is due): each tile's map from
                 // the batch, or from the map session when the scores' graph was
@@ -948,7 +946,7 @@ fn run(mut t: InferThread) {
                     buf: &mut stitched,
                     done: false,
                 };
-                cam.act(outcome, frame, &mut map, map_side, &outputs);
+                cam.act(outcome, frame, &mut map, map_side, &outputs, Some(&passage));
                 continue;
             }
             if let Some(tx) = &cam.trigger {
@@ -973,14 +971,11 @@ fn run(mut t: InferThread) {
                 continue;
             }
             let outcome = cam.decider.decide(frame.seq, frame.ts_ms, frame.captured, out.score(cam.decider.kind, i));
-            if matches!(outcome, crate::decide::Outcome::Scored { .. }) {
-                decided += 1;
-                cam.counters.record_stages(stage_ms(frame.captured, stamps, run, Instant::now()));
-            }
+            decided += usize::from(matches!(outcome, crate::decide::Outcome::Scored { .. }));
             let output = prune_graph::map_output(&t.model.meta, cam.decider.kind);
             let mut map =
                 FrameMap { model: &mut t.model, out: &out, input: &input, i, output, buf: &mut map_buf, done: false };
-            cam.act(outcome, frame, &mut map, side, &outputs);
+            cam.act(outcome, frame, &mut map, side, &outputs, Some(&passage));
         }
         // Life is decided frames: a failed run, or a batch of only unusable
         // scores, does not count (see `base::liveness`).
@@ -1055,23 +1050,6 @@ impl crate::decide::HeatMap for FrameMap<'_> {
     }
 }
 
-/// A decided frame's latency by stage (`metrics::STAGE_NAMES`), in ms: from
-/// capture to the pool taking it, the pool's work, from then to its batch's
-/// session run (the inference queue and the batching wait), the run (`run`:
-/// its start and end), and from the run's end to its decision (`decided`;
-/// the frames before it in the batch are decided first). The parts add up to
-/// the latency the camera records; a clock read out of order counts as 0.
-fn stage_ms(captured: Instant, stamps: Stamps, run: (Instant, Instant), decided: Instant) -> [f64; STAGES] {
-    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
-    [
-        ms(captured, stamps.taken),
-        ms(stamps.taken, stamps.ready),
-        ms(stamps.ready, run.0),
-        ms(run.0, run.1),
-        ms(run.1, decided),
-    ]
-}
-
 /// How long a batch that holds one frame waits for company: `max_wait`
 /// only while the thread is loaded, i.e. its last batch held more than one
 /// frame. When it keeps up, frames arrive one at a time and waiting would
@@ -1089,21 +1067,6 @@ fn batch_wait(last_batch: usize, max_wait: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_frames_latency_is_cut_at_its_hand_offs() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let stamps = Stamps { taken: at(1), ready: at(3) };
-        let parts = stage_ms(t0, stamps, (at(6), at(10)), at(11));
-        assert_eq!(parts, [1.0, 2.0, 3.0, 4.0, 1.0]);
-        // The parts add up to capture → decision.
-        assert_eq!(parts.iter().sum::<f64>(), 11.0);
-        // A stamp before the one it follows (a clock read on another thread,
-        // just before) is 0, never negative.
-        let parts = stage_ms(at(2), Stamps { taken: at(1), ready: at(3) }, (at(3), at(4)), at(4));
-        assert_eq!(parts, [0.0, 2.0, 0.0, 1.0, 0.0]);
-    }
 
     #[test]
     fn a_batch_waits_for_company_only_under_load() {

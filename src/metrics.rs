@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::events::CameraStats;
 use crate::shadow::ShadowCompare;
@@ -121,15 +122,26 @@ impl CameraCounters {
         }
     }
 
-    pub fn record_latency(&self, ms: f64) {
+    /// A decided frame's capture → decision latency, and (when known) the
+    /// same latency by stage. Both are recorded under both locks (latency,
+    /// then stages: the order [`reset_latency`](Self::reset_latency) takes
+    /// them in), so every frame is in both histograms or in neither.
+    pub fn record_latency(&self, ms: f64, stages: Option<[f64; STAGES]>) {
         if let Ok(mut h) = self.latency.lock() {
             h.record(ms);
+            if let (Some(parts), Ok(mut s)) = (stages, self.stages.lock()) {
+                s.record(parts);
+            }
         }
     }
 
-    pub fn record_stages(&self, ms: [f64; STAGES]) {
-        if let Ok(mut h) = self.stages.lock() {
-            h.record(ms);
+    /// Empties both latency histograms at once (`bench`, after its warm-up).
+    pub fn reset_latency(&self) {
+        if let Ok(mut h) = self.latency.lock() {
+            *h = LatencyHistogram::default();
+            if let Ok(mut s) = self.stages.lock() {
+                *s = StageLatency::default();
+            }
         }
     }
 
@@ -171,6 +183,28 @@ pub const STAGES: usize = 5;
 /// them so that a latency figure says where the time went (a hand-off, the
 /// batching wait, or ONNX Runtime itself).
 pub const STAGE_NAMES: [&str; STAGES] = ["camera queue", "preprocess", "inference queue", "inference run", "decision"];
+
+/// When a frame passed the pipeline's hand-offs after its capture: taken by
+/// the preprocessing pool, its tensor ready, and its batch's session run
+/// (start, end).
+#[derive(Debug, Clone, Copy)]
+pub struct Passage {
+    pub taken: Instant,
+    pub ready: Instant,
+    pub run: (Instant, Instant),
+}
+
+/// A frame's latency by stage ([`STAGE_NAMES`]), in ms: from capture to the
+/// pool taking it, the pool's work, from then to its batch's session run (the
+/// inference queue and the batching wait), the run, and from the run's end to
+/// its decision at `decided` (the frames before it in the batch are decided
+/// first). With the clocks in order (they are: each stamp is read after the
+/// one before it, on the thread the frame was handed to) the parts add up to
+/// `decided − captured`; a stamp out of order counts as 0, never negative.
+pub fn stage_ms(captured: Instant, p: &Passage, decided: Instant) -> [f64; STAGES] {
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
+    [ms(captured, p.taken), ms(p.taken, p.ready), ms(p.ready, p.run.0), ms(p.run.0, p.run.1), ms(p.run.1, decided)]
+}
 
 /// One [`LatencyHistogram`] per stage of [`STAGE_NAMES`].
 #[derive(Debug, Clone, Default)]
@@ -281,6 +315,35 @@ fn status_mb(key: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frames_latency_is_cut_at_its_hand_offs() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let p = Passage { taken: at(1), ready: at(3), run: (at(6), at(10)) };
+        let parts = stage_ms(t0, &p, at(11));
+        assert_eq!(parts, [1.0, 2.0, 3.0, 4.0, 1.0]);
+        // In order, the parts add up to capture → decision.
+        assert_eq!(parts.iter().sum::<f64>(), 11.0);
+        // A stamp before the one it follows is 0, never negative.
+        let p = Passage { taken: at(1), ready: at(3), run: (at(3), at(4)) };
+        assert_eq!(stage_ms(at(2), &p, at(4)), [0.0, 2.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn a_frame_is_in_both_latency_histograms_or_in_neither() {
+        let c = CameraCounters::default();
+        c.record_latency(5.0, Some([1.0, 1.0, 1.0, 1.0, 1.0]));
+        // A frame whose stages are unknown counts in the whole only.
+        c.record_latency(7.0, None);
+        let count = |c: &CameraCounters| {
+            let s = c.stages.lock().expect("stages");
+            (c.latency.lock().expect("latency").count(), s.0.iter().map(LatencyHistogram::count).collect::<Vec<_>>())
+        };
+        assert_eq!(count(&c), (2, vec![1; STAGES]));
+        c.reset_latency();
+        assert_eq!(count(&c), (0, vec![0; STAGES]));
+    }
 
     #[test]
     fn quantiles_are_within_the_bucket_resolution() {

@@ -529,12 +529,7 @@ pub fn measure(opts: &Args) -> Result<BenchReport, BenchError> {
     let limit = Duration::from_secs(60);
     wait_for(&pipeline, warmup, limit)?;
     for (_, c) in pipeline.counters() {
-        if let Ok(mut h) = c.latency.lock() {
-            *h = LatencyHistogram::default();
-        }
-        if let Ok(mut h) = c.stages.lock() {
-            *h = StageLatency::default();
-        }
+        c.reset_latency();
     }
     let sum = |f: fn(&CameraCounters) -> u64| -> u64 { pipeline.counters().iter().map(|(_, c)| f(c)).sum() };
     let d0 = pipeline.decided();
