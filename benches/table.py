@@ -68,7 +68,7 @@ def main():
     py = sys.executable
     here = os.path.dirname(os.path.abspath(__file__))
     common = ["--batch", str(a.batch), "--threads", str(a.threads), "--score", a.score, "--json"]
-    rows, details = [], []
+    rows = []
     load0, t0 = load(), time.time()
     for label, key, how in MODELS:
         if key not in a.models.split(","):
@@ -96,7 +96,6 @@ def main():
             + ["--score", a.score, "--frames", str(a.frames)]
         )
         rows.append(dict(label=label, one=one, four=four, low=low, aligned=aligned, rss=rss, peer=peer))
-        details.append((label, rss, low, four))
 
     hdr = [
         "model",
@@ -141,7 +140,8 @@ def main():
         *lines,
         "",
     ]
-    for label, rss, low, four in details:
+    for r in rows:
+        label, rss, low, four = r["label"], r["rss"], r["low"], r["four"]
         out += [f"RSS by stage, {label} ({rss['cameras']} cameras, {rss['pipeline_fps']:.0f} fps decided):", ""]
         out += ["| stage | VmRSS MiB | Δ | VmHWM MiB |", "| --- | --- | --- | --- |"]
         last = 0.0

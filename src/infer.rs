@@ -907,7 +907,7 @@ fn run(mut t: InferThread) {
         let mut first = 0;
         for p in batch.drain(..) {
             let Prepared { frame, tensor, tiles, stamps } = p;
-            let passage = Passage { taken: stamps.taken, ready: stamps.ready, run };
+            let passage = Passage { pool: stamps, run };
             let i = first;
             first += tiles.as_ref().map_or(1, |g| g.len());
             let _ = t.tensor_recycle.try_send(tensor);

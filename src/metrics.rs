@@ -184,13 +184,20 @@ pub const STAGES: usize = 5;
 /// batching wait, or ONNX Runtime itself).
 pub const STAGE_NAMES: [&str; STAGES] = ["camera queue", "preprocess", "inference queue", "inference run", "decision"];
 
-/// When a frame passed the pipeline's hand-offs after its capture: taken by
-/// the preprocessing pool, its tensor ready, and its batch's session run
-/// (start, end).
+/// A frame's passage through the preprocessing pool (`preprocess::Prepared`).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamps {
+    /// Taken off its camera's queue.
+    pub taken: Instant,
+    /// Its tensor written, about to be queued for inference.
+    pub ready: Instant,
+}
+
+/// When a frame passed the pipeline's hand-offs after its capture: the
+/// preprocessing pool's stamps, and its batch's session run (start, end).
 #[derive(Debug, Clone, Copy)]
 pub struct Passage {
-    pub taken: Instant,
-    pub ready: Instant,
+    pub pool: Stamps,
     pub run: (Instant, Instant),
 }
 
@@ -203,7 +210,8 @@ pub struct Passage {
 /// `decided − captured`; a stamp out of order counts as 0, never negative.
 pub fn stage_ms(captured: Instant, p: &Passage, decided: Instant) -> [f64; STAGES] {
     let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
-    [ms(captured, p.taken), ms(p.taken, p.ready), ms(p.ready, p.run.0), ms(p.run.0, p.run.1), ms(p.run.1, decided)]
+    let Stamps { taken, ready } = p.pool;
+    [ms(captured, taken), ms(taken, ready), ms(ready, p.run.0), ms(p.run.0, p.run.1), ms(p.run.1, decided)]
 }
 
 /// One [`LatencyHistogram`] per stage of [`STAGE_NAMES`].
@@ -320,13 +328,13 @@ mod tests {
     fn a_frames_latency_is_cut_at_its_hand_offs() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
-        let p = Passage { taken: at(1), ready: at(3), run: (at(6), at(10)) };
+        let p = Passage { pool: Stamps { taken: at(1), ready: at(3) }, run: (at(6), at(10)) };
         let parts = stage_ms(t0, &p, at(11));
         assert_eq!(parts, [1.0, 2.0, 3.0, 4.0, 1.0]);
         // In order, the parts add up to capture → decision.
         assert_eq!(parts.iter().sum::<f64>(), 11.0);
         // A stamp before the one it follows is 0, never negative.
-        let p = Passage { taken: at(1), ready: at(3), run: (at(3), at(4)) };
+        let p = Passage { pool: Stamps { taken: at(1), ready: at(3) }, run: (at(3), at(4)) };
         assert_eq!(stage_ms(at(2), &p, at(4)), [0.0, 2.0, 0.0, 1.0, 0.0]);
     }
 

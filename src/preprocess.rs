@@ -28,7 +28,7 @@ use ganomaly_core::metadata::ColorMode;
 use ganomaly_core::preprocess::{FrameRef, PixelLayout, Preprocessor};
 
 use crate::capture::{Frame, FrameData, PixelFormat};
-use crate::metrics::CameraCounters;
+use crate::metrics::{CameraCounters, Stamps};
 use crate::shadow::ShadowCompare;
 use ganomaly_core::preprocess::Roi;
 use ganomaly_core::tiles::{Grid, Tiling};
@@ -44,15 +44,6 @@ pub struct Prepared {
     /// When the pool took the frame and when its tensor was ready: the
     /// frame's latency by stage (`metrics::STAGE_NAMES`).
     pub stamps: Stamps,
-}
-
-/// A frame's passage through the preprocessing pool.
-#[derive(Debug, Clone, Copy)]
-pub struct Stamps {
-    /// Taken off its camera's queue.
-    pub taken: Instant,
-    /// Its tensor written, about to be queued for inference.
-    pub ready: Instant,
 }
 
 impl Prepared {
