@@ -144,6 +144,60 @@ fn onnx_graph_matches_reference_forward_pass() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// The `patch` score with the nearest-neighbour statistic (a memory bank instead of
+/// per-position Gaussians) against the reference, on one, two and three maps.
+#[test]
+fn the_nearest_neighbour_patch_statistic_matches_the_reference() {
+    use ganomaly_core::metadata::ScoreKind;
+    use ganomaly_core::patch::PatchStatistic;
+    let mut report = Vec::new();
+    let cases = [
+        (ArchSpec { isize: 32, nc: 1, nz: 16, ngf: 4, ndf: 4, extralayers: 0, ..Default::default() }, vec![1, 2], 64),
+        (ArchSpec { isize: 64, nc: 3, nz: 16, ngf: 8, ndf: 4, extralayers: 1, ..Default::default() }, vec![2, 3], 37),
+        (
+            ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 32, ndf: 4, extralayers: 0, ..Default::default() },
+            vec![1, 2, 3],
+            300,
+        ),
+    ];
+    for (i, (arch, maps, bank)) in cases.into_iter().enumerate() {
+        let mut spec = arch.patch_spec(&maps, 64, 3).unwrap();
+        spec.statistic = PatchStatistic::Nearest { bank };
+        let mut weights = Weights::random_generator(&arch, 300 + i as u64);
+        weights.insert_random_patch(&arch, &spec, 400 + i as u64);
+        let mut meta = ModelMetadata::uncalibrated(arch, MAP_KERNEL);
+        meta.scores.iter_mut().filter(|s| s.kind == ScoreKind::Patch).for_each(|s| s.patch = Some(spec.clone()));
+        let bytes = ganomaly_core::onnx::write_model(&arch, &weights, &meta).unwrap();
+        // The spec travels in the metadata: what the daemon reads back is what was written.
+        let back = ganomaly_core::onnx::check::check_model(&bytes).unwrap();
+        assert_eq!(back.patch(), Some(&spec));
+        let x = input(arch.nc as usize, arch.isize as usize);
+        let fusion = meta.scores.iter().find_map(|s| s.fusion.clone());
+        let want =
+            reference::forward_spec(&arch, &weights, &x, MAP_KERNEL as usize, Some(&spec), fusion.as_ref()).unwrap();
+        let got = run_ort(&bytes, &x);
+        let s = arch.isize as i64;
+        assert_eq!(got.shape("patch_map"), [BATCH as i64, 1, s, s]);
+        let want_patch = want.score_patch.as_ref().unwrap();
+        let d_patch = max_abs_diff(got.get("score_patch"), want_patch);
+        let d_pmap = max_abs_diff(got.get("patch_map"), &want.patch_map.as_ref().unwrap().data);
+        let d_fused = max_abs_diff(got.get("score_fused"), want.score_fused.as_ref().unwrap());
+        report.push(format!(
+            "isize {} maps {maps:?} bank {bank}: score_patch {d_patch:.1e} (≈ {:.3}) patch_map {d_pmap:.1e} score_fused {d_fused:.1e}",
+            arch.isize, want_patch[0]
+        ));
+        // Relative to the score's size: distances to N(0, 1) bank columns are ≈ 1–3 per channel.
+        let tol = 1e-4 * want_patch.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+        for (name, d) in [("score_patch", d_patch), ("patch_map", d_pmap), ("score_fused", d_fused)] {
+            assert!(d <= tol, "{arch:?} {maps:?}: `{name}` differs by {d:e} from the reference\n{}", report.join("\n"));
+        }
+        assert_ne!(got.get("score_patch")[0], got.get("score_patch")[1], "{arch:?}");
+        // Random bank columns are never the query itself: every distance is above 0.
+        assert!(want_patch.iter().all(|v| v.is_finite() && *v > 0.0), "{want_patch:?}");
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
 fn python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("GANOMALY_PYTHON") {
         return Some(PathBuf::from(p));

@@ -9,6 +9,15 @@
 //! matrix Wₚ `[d, d]` (WₚWₚᵀ = Σₚ⁻¹, Ledoit–Wolf shrunk). The per-position
 //! squared Mahalanobis distance divided by d is the feature anomaly map (≈ 1 on
 //! typical training images); its maximum is the image score.
+//!
+//! With the statistic [`PatchStatistic::Nearest`] (PatchCore's score on GANomaly's
+//! own encoder) the d values are standardised per channel (centre cₖ, scale sₖ:
+//! the training positions' mean and 1/std) and compared with a memory bank of M
+//! standardised training vectors from *any* position, `[d, M]` (a greedy k-centre
+//! coreset, chosen by the trainer): the squared distance to the nearest bank
+//! entry, divided by d, is the map. Textures repeat across positions, so the bank
+//! holds every position's kind of patch where a per-position Gaussian holds one
+//! unimodal model per place (benches/README.md, session 8).
 
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -28,6 +37,40 @@ pub const PATCH_VALUES_MAX: u64 = 1 << 20;
 pub const PATCH_GRID_MAX: u32 = 16;
 /// Channels kept by default (the issue's prototype: 64 random channels).
 pub const PATCH_DIM_DEFAULT: u32 = 64;
+/// Initializer of the nearest-neighbour statistic's per-channel centre `[d]`.
+pub const PATCH_CENTER: &str = "score.patch_center";
+/// Initializer of its per-channel scale `[d]` (1/std of the training positions).
+pub const PATCH_SCALE: &str = "score.patch_scale";
+/// Initializer of its memory bank `[d, M]` (standardised, one entry per column).
+pub const PATCH_BANK: &str = "score.patch_bank";
+/// Bank entries by default (PatchCore's coreset of a few thousand; 2,048 at d 64 is
+/// 0.5 MiB and, on a 16×16 grid, 33 M multiply-adds per image).
+pub const PATCH_BANK_DEFAULT: u32 = 2048;
+
+/// What the `patch` score fits per grid position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum PatchStatistic {
+    /// One Ledoit–Wolf Gaussian per position (PaDiM).
+    #[default]
+    Gaussian,
+    /// The distance to the nearest of `bank` training vectors of any position (PatchCore).
+    Nearest { bank: u32 },
+}
+
+impl PatchStatistic {
+    pub fn is_gaussian(&self) -> bool {
+        *self == PatchStatistic::Gaussian
+    }
+
+    /// `gaussian` or `nearest` (flags, logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            PatchStatistic::Gaussian => "gaussian",
+            PatchStatistic::Nearest { .. } => "nearest",
+        }
+    }
+}
 
 /// Why a patch configuration does not fit an architecture.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +85,8 @@ pub enum PatchError {
     Channels(String),
     #[error("patch statistics would hold {values} values (P·d² with P = {p}, d = {d}); the limit is {max}")]
     TooLarge { values: u64, p: u64, d: u64, max: u64 },
+    #[error("patch bank of {bank} entries × {d} channels: must hold 1 to {max} values")]
+    Bank { bank: u64, d: u64, max: u64 },
 }
 
 /// Configuration of the `patch` score, recorded in the model's metadata (its
@@ -58,6 +103,9 @@ pub struct PatchSpec {
     pub channels: Vec<u32>,
     /// Seed that drew `channels` (provenance; the indices are what the graph uses).
     pub seed: u64,
+    /// The per-position statistic; absent (Gaussian) in models written before it.
+    #[serde(default, skip_serializing_if = "PatchStatistic::is_gaussian")]
+    pub statistic: PatchStatistic,
 }
 
 /// One of encoder1's feature maps: the output of layer `layer` (its last activation
@@ -114,7 +162,7 @@ impl ArchSpec {
             sample(&mut rng, c as usize, d as usize).into_iter().map(|i| i as u32).collect()
         };
         channels.sort_unstable();
-        let spec = PatchSpec { maps: maps.to_vec(), grid, channels, seed };
+        let spec = PatchSpec { maps: maps.to_vec(), grid, channels, seed, statistic: PatchStatistic::Gaussian };
         self.check_patch(&spec)?;
         Ok(spec)
     }
@@ -131,6 +179,7 @@ impl ArchSpec {
             grid: 4,
             channels: vec![0],
             seed: 0,
+            statistic: PatchStatistic::Gaussian,
         })
     }
 
@@ -168,21 +217,34 @@ impl ArchSpec {
             return Err(PatchError::Channels(format!("index {last} is outside the {c} concatenated channels")));
         }
         let (p, d) = (u64::from(g) * u64::from(g), spec.channels.len() as u64);
-        if p * d * d > PATCH_VALUES_MAX {
-            return Err(PatchError::TooLarge { values: p * d * d, p, d, max: PATCH_VALUES_MAX });
+        match spec.statistic {
+            PatchStatistic::Gaussian if p * d * d > PATCH_VALUES_MAX => {
+                Err(PatchError::TooLarge { values: p * d * d, p, d, max: PATCH_VALUES_MAX })
+            }
+            PatchStatistic::Nearest { bank } if bank == 0 || u64::from(bank) * d > PATCH_VALUES_MAX => {
+                Err(PatchError::Bank { bank: u64::from(bank), d, max: PATCH_VALUES_MAX })
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    /// The per-position statistics of `spec`: `score.patch_mean` `[P, 1, d]` and
-    /// `score.patch_whiten` `[P, d, d]`.
+    /// The statistics of `spec`: Gaussian, `score.patch_mean` `[P, 1, d]` and
+    /// `score.patch_whiten` `[P, d, d]`; nearest, `score.patch_center` `[d]`,
+    /// `score.patch_scale` `[d]` and `score.patch_bank` `[d, M]`.
     pub fn patch_params(&self, spec: &PatchSpec) -> Vec<ParamSpec> {
         let p = (spec.grid * spec.grid) as usize;
         let d = spec.channels.len();
-        vec![
-            ParamSpec { name: PATCH_MEAN.into(), shape: vec![p, 1, d] },
-            ParamSpec { name: PATCH_WHITEN.into(), shape: vec![p, d, d] },
-        ]
+        match spec.statistic {
+            PatchStatistic::Gaussian => vec![
+                ParamSpec { name: PATCH_MEAN.into(), shape: vec![p, 1, d] },
+                ParamSpec { name: PATCH_WHITEN.into(), shape: vec![p, d, d] },
+            ],
+            PatchStatistic::Nearest { bank } => vec![
+                ParamSpec { name: PATCH_CENTER.into(), shape: vec![d] },
+                ParamSpec { name: PATCH_SCALE.into(), shape: vec![d] },
+                ParamSpec { name: PATCH_BANK.into(), shape: vec![d, bank as usize] },
+            ],
+        }
     }
 }
 
@@ -234,5 +296,33 @@ mod tests {
         let p = a.patch_params(&a.default_patch());
         assert_eq!(p[0].shape, [64, 1, 64]);
         assert_eq!(p[1].shape, [64, 64, 64]);
+        // The nearest-neighbour statistic: a bank of M columns, bounded by M·d, not P·d².
+        let mut near = a.patch_spec(&[1, 2, 3], 64, 0).unwrap();
+        near.statistic = PatchStatistic::Nearest { bank: 2048 };
+        a.check_patch(&near).unwrap();
+        let shapes: Vec<_> = a.patch_params(&near).into_iter().map(|p| (p.name, p.shape)).collect();
+        assert_eq!(
+            shapes,
+            [(PATCH_CENTER.into(), vec![64]), (PATCH_SCALE.into(), vec![64]), (PATCH_BANK.into(), vec![64, 2048])]
+        );
+        near.statistic = PatchStatistic::Nearest { bank: 0 };
+        assert!(matches!(a.check_patch(&near), Err(PatchError::Bank { .. })));
+        near.statistic = PatchStatistic::Nearest { bank: 1 << 15 };
+        assert!(a.check_patch(&near).unwrap_err().to_string().contains("32768 entries"));
+    }
+
+    #[test]
+    fn the_statistic_reads_from_older_metadata_and_writes_only_when_nearest() {
+        let a = ArchSpec { isize: 32, nc: 3, nz: 8, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
+        let g = a.default_patch();
+        let text = serde_json::to_string(&g).unwrap();
+        assert!(!text.contains("statistic"), "{text}");
+        assert_eq!(serde_json::from_str::<PatchSpec>(&text).unwrap(), g);
+        let n = PatchSpec { statistic: PatchStatistic::Nearest { bank: 512 }, ..g };
+        let text = serde_json::to_string(&n).unwrap();
+        assert!(text.contains(r#""statistic":{"kind":"nearest","bank":512}"#), "{text}");
+        assert_eq!(serde_json::from_str::<PatchSpec>(&text).unwrap(), n);
+        let bad = text.replace("nearest", "median");
+        assert!(serde_json::from_str::<PatchSpec>(&bad).is_err());
     }
 }

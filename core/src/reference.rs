@@ -5,7 +5,7 @@
 
 use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
 use crate::metadata::{FusionSpec, ScoreKind};
-use crate::patch::{PatchSpec, PATCH_MEAN, PATCH_WHITEN};
+use crate::patch::{PatchSpec, PatchStatistic, PATCH_BANK, PATCH_CENTER, PATCH_MEAN, PATCH_SCALE, PATCH_WHITEN};
 use crate::weights::{Weights, WeightsError};
 
 /// A dense `[N, C, H, W]` tensor.
@@ -219,7 +219,8 @@ fn bilinear(src: &[f64], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f64> {
 fn patch_forward(arch: &ArchSpec, w: &Weights, x: &Nchw, spec: &PatchSpec) -> Result<(Vec<f32>, Nchw), WeightsError> {
     let enc = arch.encoder1();
     let maps = arch.patch_maps(spec).map_err(|e| WeightsError::Missing(e.to_string()))?;
-    let (mean, whiten) = (w.get(PATCH_MEAN)?, w.get(PATCH_WHITEN)?);
+    // Shapes first: the loops below index the statistics by the spec's sizes.
+    w.check(&arch.patch_params(spec))?;
     let g = spec.grid as usize;
     let p = g * g;
     let d = spec.channels.len();
@@ -254,20 +255,37 @@ fn patch_forward(arch: &ArchSpec, w: &Weights, x: &Nchw, spec: &PatchSpec) -> Re
             }
         }
     }
+    // The map's value at one position from its kept channels' values.
+    let cell: Box<dyn Fn(usize, &[f64]) -> f64 + '_> = match spec.statistic {
+        PatchStatistic::Gaussian => {
+            let (mean, whiten) = (w.get(PATCH_MEAN)?, w.get(PATCH_WHITEN)?);
+            Box::new(move |q, f| {
+                let v: Vec<f64> = f.iter().enumerate().map(|(i, &x)| x - mean.data[q * d + i] as f64).collect();
+                let wq = &whiten.data[q * d * d..(q + 1) * d * d];
+                let s: f64 = (0..d).map(|j| (0..d).map(|i| v[i] * wq[i * d + j] as f64).sum::<f64>().powi(2)).sum();
+                s / d as f64
+            })
+        }
+        PatchStatistic::Nearest { bank } => {
+            let (center, scale, bank_t) = (w.get(PATCH_CENTER)?, w.get(PATCH_SCALE)?, w.get(PATCH_BANK)?);
+            let m = bank as usize;
+            Box::new(move |_, f| {
+                let z: Vec<f64> =
+                    f.iter().enumerate().map(|(i, &x)| (x - center.data[i] as f64) * scale.data[i] as f64).collect();
+                let nearest = (0..m)
+                    .map(|k| (0..d).map(|i| (z[i] - bank_t.data[i * m + k] as f64).powi(2)).sum::<f64>())
+                    .fold(f64::INFINITY, f64::min);
+                nearest / d as f64
+            })
+        }
+    };
     let mut scores = Vec::with_capacity(x.n);
     let mut map = Nchw::zeros(x.n, 1, x.h, x.w);
     for (b, pl) in planes.iter().enumerate() {
         let mut grid_map = vec![0.0f64; p];
-        for (q, cell) in grid_map.iter_mut().enumerate() {
-            let v: Vec<f64> = spec
-                .channels
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| pl[c as usize][q] - mean.data[q * d + i] as f64)
-                .collect();
-            let wq = &whiten.data[q * d * d..(q + 1) * d * d];
-            let s: f64 = (0..d).map(|j| (0..d).map(|i| v[i] * wq[i * d + j] as f64).sum::<f64>().powi(2)).sum();
-            *cell = s / d as f64;
+        for (q, v) in grid_map.iter_mut().enumerate() {
+            let f: Vec<f64> = spec.channels.iter().map(|&c| pl[c as usize][q]).collect();
+            *v = cell(q, &f);
         }
         scores.push(grid_map.iter().copied().fold(f64::NEG_INFINITY, f64::max) as f32);
         let up = bilinear(&grid_map, g, g, x.h, x.w);

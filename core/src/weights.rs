@@ -116,6 +116,42 @@ impl Weights {
         w.insert(crate::patch::PATCH_WHITEN, vec![p, d, d], whiten);
         w
     }
+
+    /// Replaces the `patch` statistics by random ones of `spec`'s statistic (tests
+    /// of the nearest-neighbour graph): a bank of N(0, 1) columns, centres
+    /// N(0, 0.1) and scales near 1, so that a writer that mixes them up is caught.
+    pub fn insert_random_patch(&mut self, arch: &ArchSpec, spec: &crate::patch::PatchSpec, seed: u64) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for name in [
+            crate::patch::PATCH_MEAN,
+            crate::patch::PATCH_WHITEN,
+            crate::patch::PATCH_CENTER,
+            crate::patch::PATCH_SCALE,
+            crate::patch::PATCH_BANK,
+        ] {
+            self.tensors.remove(name);
+        }
+        for param in arch.patch_params(spec) {
+            let n: usize = param.shape.iter().product();
+            let data = match param.name.as_str() {
+                crate::patch::PATCH_SCALE => (0..n).map(|_| 1.0 + normal(&mut rng).abs() * 0.5).collect(),
+                crate::patch::PATCH_CENTER | crate::patch::PATCH_MEAN => {
+                    (0..n).map(|_| normal(&mut rng) * 0.1).collect()
+                }
+                crate::patch::PATCH_WHITEN => {
+                    let d = param.shape[2];
+                    (0..n)
+                        .map(|i| {
+                            let eye = if i % (d * d) % (d + 1) == 0 { 1.0 } else { 0.0 };
+                            eye + normal(&mut rng) * 0.3 / (d as f32).sqrt()
+                        })
+                        .collect()
+                }
+                _ => (0..n).map(|_| normal(&mut rng)).collect(),
+            };
+            self.insert(&param.name, param.shape, data);
+        }
+    }
 }
 
 /// A tiny, deterministic normal sampler (Box–Muller on ChaCha output), so that

@@ -1,12 +1,17 @@
 //! The `mahalanobis` score's statistics: mean and whitening matrix of the training
 //! images' feature vectors, fitted after training and carried in the model file as
 //! two tensors beside NetG's (`score.feature_mean`, `score.feature_whiten`); and
-//! the `patch` score's per-position statistics ([`PatchStats`]: one Gaussian per
-//! grid position over encoder1's maps, `score.patch_mean`, `score.patch_whiten`).
+//! the `patch` score's statistics ([`PatchStats`]: one Gaussian per grid position
+//! over encoder1's maps, `score.patch_mean`, `score.patch_whiten`; or a memory bank
+//! of training positions, `score.patch_center`, `score.patch_scale`,
+//! `score.patch_bank`).
 
 use ganomaly_core::arch::{ArchSpec, FEATURE_MEAN, FEATURE_WHITEN};
-use ganomaly_core::patch::{PatchSpec, PATCH_MEAN, PATCH_WHITEN};
+use ganomaly_core::patch::{
+    PatchSpec, PatchStatistic, PATCH_BANK, PATCH_CENTER, PATCH_MEAN, PATCH_SCALE, PATCH_WHITEN,
+};
 use ganomaly_core::weights::{Weights, WeightsError};
+use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, TchError, Tensor};
 
 /// Why feature statistics could not be fitted.
@@ -99,30 +104,49 @@ impl FeatureStats {
     }
 }
 
-/// The `patch` score's statistics: per grid position p, the mean μₚ and whitening
-/// matrix Wₚ (WₚWₚᵀ = Σₚ⁻¹, Ledoit–Wolf shrunk) of the training images' feature
-/// vectors at p ([`PatchStats::grid_features`]).
+/// The `patch` score's statistics of the training images' feature vectors
+/// ([`PatchStats::grid_features`]), by the spec's statistic.
 #[derive(Debug)]
 pub struct PatchStats {
+    /// The configuration fitted: a nearest-neighbour bank may hold fewer entries
+    /// than asked for (as many as there are training positions).
     pub spec: PatchSpec,
-    /// `[P, 1, d]`.
-    pub mean: Tensor,
-    /// `[P, d, d]`.
-    pub whiten: Tensor,
-    /// Mean Ledoit–Wolf intensity over the positions (NaN when read from a file).
+    pub model: PatchModel,
+    /// Mean Ledoit–Wolf intensity over the positions (NaN when read from a file or
+    /// for the nearest-neighbour statistic).
     pub shrinkage: f64,
+}
+
+/// The tensors of a [`PatchStatistic`].
+#[derive(Debug)]
+pub enum PatchModel {
+    /// Per position p, mean μₚ `[P, 1, d]` and whitening matrix Wₚ `[P, d, d]`
+    /// (WₚWₚᵀ = Σₚ⁻¹, Ledoit–Wolf shrunk).
+    Gaussian { mean: Tensor, whiten: Tensor },
+    /// Per-channel centre and scale `[d]` (mean and 1/std over every training
+    /// position), and the bank `[d, M]` of standardised training vectors.
+    Nearest { center: Tensor, scale: Tensor, bank: Tensor },
 }
 
 impl Clone for PatchStats {
     fn clone(&self) -> Self {
-        PatchStats {
-            spec: self.spec.clone(),
-            mean: self.mean.copy(),
-            whiten: self.whiten.copy(),
-            shrinkage: self.shrinkage,
-        }
+        let model = match &self.model {
+            PatchModel::Gaussian { mean, whiten } => PatchModel::Gaussian { mean: mean.copy(), whiten: whiten.copy() },
+            PatchModel::Nearest { center, scale, bank } => {
+                PatchModel::Nearest { center: center.copy(), scale: scale.copy(), bank: bank.copy() }
+            }
+        };
+        PatchStats { spec: self.spec.clone(), model, shrinkage: self.shrinkage }
     }
 }
+
+/// Training positions the nearest-neighbour bank is chosen from (a seeded random
+/// sample beyond this: MNIST's 7,000 images × 256 positions would make the greedy
+/// selection 35× slower for a bank of the same size).
+pub const BANK_POOL: i64 = 50_000;
+/// Dimensions of the seeded random projection the coreset's distances are taken
+/// in (PatchCore's trick: the selection, not the bank, is projected).
+const BANK_PROJECTION: i64 = 32;
 
 impl PatchStats {
     /// The feature vectors per grid position `[N, d, G, G]` from encoder1's maps by
@@ -152,12 +176,15 @@ impl PatchStats {
         cat.index_select(1, &Tensor::from_slice(&idx).to_device(cat.device()))
     }
 
-    /// Fits one Gaussian per position on feature vectors given in batches
-    /// (`[b, d, G, G]` each, from [`PatchStats::grid_features`]).
+    /// Fits the spec's statistic on feature vectors given in batches (`[b, d, G, G]`
+    /// each, from [`PatchStats::grid_features`]).
     pub fn fit(spec: &PatchSpec, batches: &[Tensor]) -> Result<PatchStats, StatsError> {
         let n: i64 = batches.iter().map(|b| b.size()[0]).sum();
         if n < 2 {
             return Err(StatsError::TooFew(n));
+        }
+        if let PatchStatistic::Nearest { bank } = spec.statistic {
+            return Self::fit_nearest(spec, batches, bank);
         }
         // f32 until one position is taken: MNIST's 7,000 images on a 16×16 grid of 64
         // channels are 0.5 GB as f32, twice that as f64.
@@ -179,26 +206,99 @@ impl PatchStats {
             whitens.push(whiten);
             shrink += s;
         }
-        let stats = PatchStats {
-            spec: spec.clone(),
-            mean: Tensor::stack(&means, 0).to_kind(Kind::Float).reshape([p, 1, d]),
-            whiten: Tensor::stack(&whitens, 0).to_kind(Kind::Float),
-            shrinkage: shrink / p as f64,
-        };
-        if !bool::try_from(stats.whiten.isfinite().all())? {
+        let whiten = Tensor::stack(&whitens, 0).to_kind(Kind::Float);
+        if !bool::try_from(whiten.isfinite().all())? {
             return Err(StatsError::NonFinite(n));
         }
-        Ok(stats)
+        Ok(PatchStats {
+            spec: spec.clone(),
+            model: PatchModel::Gaussian {
+                mean: Tensor::stack(&means, 0).to_kind(Kind::Float).reshape([p, 1, d]),
+                whiten,
+            },
+            shrinkage: shrink / p as f64,
+        })
     }
 
-    /// The G×G feature anomaly map `[N, 1, G, G]` of feature vectors `[N, d, G, G]`:
-    /// per position, mean over d of ((fₚ − μₚ)ᵀWₚ)², as the graph computes it.
+    /// The nearest-neighbour statistic: every training position's vector,
+    /// standardised per channel; a seeded sample of at most [`BANK_POOL`] of them;
+    /// of those, `bank` chosen greedily, each the farthest from those already
+    /// chosen (k-centre coreset, in a seeded random projection), so that rare kinds
+    /// of patch are kept where a random sample would keep the common ones twice.
+    fn fit_nearest(spec: &PatchSpec, batches: &[Tensor], bank: u32) -> Result<PatchStats, StatsError> {
+        let n: i64 = batches.iter().map(|b| b.size()[0]).sum();
+        let rows: Vec<Tensor> = batches
+            .iter()
+            .map(|b| {
+                let (m, d) = (b.size()[0], b.size()[1]);
+                b.to_device(Device::Cpu).to_kind(Kind::Float).reshape([m, d, -1]).permute([0, 2, 1]).reshape([-1, d])
+            })
+            .collect();
+        let x = Tensor::cat(&rows, 0); // [n·P, d]
+        let d = x.size()[1];
+        let center = x.mean_dim(&[0i64][..], false, Kind::Float);
+        let std = x.std_dim(&[0i64][..], false, false);
+        let scale = (std + 1e-6).reciprocal();
+        let z = (&x - &center) * &scale;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6b6e_6e00);
+        let total = z.size()[0];
+        let pool = if total > BANK_POOL {
+            let picks = rand::seq::index::sample(&mut rng, total as usize, BANK_POOL as usize);
+            let mut idx: Vec<i64> = picks.into_iter().map(|i| i as i64).collect();
+            idx.sort_unstable();
+            z.index_select(0, &Tensor::from_slice(&idx))
+        } else {
+            z
+        };
+        let m = i64::from(bank).min(pool.size()[0]);
+        let y = if d > BANK_PROJECTION {
+            let proj: Vec<f32> = (0..d * BANK_PROJECTION).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+            pool.matmul(&Tensor::from_slice(&proj).reshape([d, BANK_PROJECTION]))
+        } else {
+            pool.shallow_clone()
+        };
+        let first = rng.random_range(0..pool.size()[0]);
+        let mut chosen = vec![first];
+        let mut nearest = (&y - y.get(first)).square().sum_dim_intlist(&[1i64][..], false, Kind::Float);
+        while (chosen.len() as i64) < m {
+            let i = nearest.argmax(0, false).int64_value(&[]);
+            chosen.push(i);
+            let di = (&y - y.get(i)).square().sum_dim_intlist(&[1i64][..], false, Kind::Float);
+            nearest = nearest.minimum(&di);
+        }
+        let bank_t = pool.index_select(0, &Tensor::from_slice(&chosen)).transpose(0, 1).contiguous();
+        if !bool::try_from(bank_t.isfinite().all())? || !bool::try_from(scale.isfinite().all())? {
+            return Err(StatsError::NonFinite(n));
+        }
+        let mut spec = spec.clone();
+        spec.statistic = PatchStatistic::Nearest { bank: m as u32 };
+        Ok(PatchStats { spec, model: PatchModel::Nearest { center, scale, bank: bank_t }, shrinkage: f64::NAN })
+    }
+
+    /// The G×G feature anomaly map `[N, 1, G, G]` of feature vectors `[N, d, G, G]`,
+    /// as the graph computes it: Gaussian, per position the mean over d of
+    /// ((fₚ − μₚ)ᵀWₚ)²; nearest, the squared distance of the standardised vector to
+    /// the nearest bank entry, over d.
     pub fn grid_map(&self, f: &Tensor) -> Tensor {
         let (n, d, g) = (f.size()[0], f.size()[1], f.size()[2]);
-        let pnd = f.reshape([n, d, g * g]).permute([2, 0, 1]);
-        let white = (pnd - self.mean.to_device(f.device())).matmul(&self.whiten.to_device(f.device()));
-        let dist = white.square().mean_dim(&[2i64][..], false, Kind::Float); // [P, N]
-        dist.transpose(0, 1).reshape([n, 1, g, g])
+        let dev = f.device();
+        match &self.model {
+            PatchModel::Gaussian { mean, whiten } => {
+                let pnd = f.reshape([n, d, g * g]).permute([2, 0, 1]);
+                let white = (pnd - mean.to_device(dev)).matmul(&whiten.to_device(dev));
+                let dist = white.square().mean_dim(&[2i64][..], false, Kind::Float); // [P, N]
+                dist.transpose(0, 1).reshape([n, 1, g, g])
+            }
+            PatchModel::Nearest { center, scale, bank } => {
+                let bank = bank.to_device(dev);
+                let z = (f.reshape([n, d, g * g]).permute([0, 2, 1]) - center.to_device(dev)) * scale.to_device(dev);
+                let zz = z.square().sum_dim_intlist(&[2i64][..], true, Kind::Float); // [N, P, 1]
+                let bb = bank.square().sum_dim_intlist(&[0i64][..], true, Kind::Float); // [1, M]
+                let d2 = zz - z.matmul(&bank) * 2.0 + bb; // [N, P, M]
+                let nearest = d2.amin(&[2i64][..], false).clamp_min(0.0) / d as f64;
+                nearest.reshape([n, 1, g, g])
+            }
+        }
     }
 
     /// `score_patch` `[N]` and `patch_map` `[N, 1, S, S]` from the maps by depth.
@@ -210,9 +310,16 @@ impl PatchStats {
         (score, map)
     }
 
-    /// Adds `score.patch_mean` and `score.patch_whiten` to `w`.
+    /// Adds the statistic's tensors to `w` (`score.patch_mean`, `score.patch_whiten`;
+    /// or `score.patch_center`, `score.patch_scale`, `score.patch_bank`).
     pub fn insert_into(&self, w: &mut Weights) -> Result<(), TchError> {
-        for (name, t) in [(PATCH_MEAN, &self.mean), (PATCH_WHITEN, &self.whiten)] {
+        let tensors: Vec<(&str, &Tensor)> = match &self.model {
+            PatchModel::Gaussian { mean, whiten } => vec![(PATCH_MEAN, mean), (PATCH_WHITEN, whiten)],
+            PatchModel::Nearest { center, scale, bank } => {
+                vec![(PATCH_CENTER, center), (PATCH_SCALE, scale), (PATCH_BANK, bank)]
+            }
+        };
+        for (name, t) in tensors {
             let shape = t.size().iter().map(|&d| d as usize).collect();
             w.insert(name, shape, Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?);
         }
@@ -232,7 +339,13 @@ impl PatchStats {
             let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
             Ok(Tensor::from_slice(&v.data).reshape(&shape).to_device(device))
         };
-        Ok(PatchStats { spec: spec.clone(), mean: t(PATCH_MEAN)?, whiten: t(PATCH_WHITEN)?, shrinkage: f64::NAN })
+        let model = match spec.statistic {
+            PatchStatistic::Gaussian => PatchModel::Gaussian { mean: t(PATCH_MEAN)?, whiten: t(PATCH_WHITEN)? },
+            PatchStatistic::Nearest { .. } => {
+                PatchModel::Nearest { center: t(PATCH_CENTER)?, scale: t(PATCH_SCALE)?, bank: t(PATCH_BANK)? }
+            }
+        };
+        Ok(PatchStats { spec: spec.clone(), model, shrinkage: f64::NAN })
     }
 }
 
@@ -308,5 +421,42 @@ mod tests {
         // Two images cannot make a covariance: the error says so.
         let one = x.narrow(0, 0, 1);
         assert!(g.fit_feature_stats(&one, 8, Device::Cpu).unwrap_err().to_string().contains("at least 2"));
+    }
+
+    #[test]
+    fn the_nearest_bank_is_a_coreset_of_standardised_training_positions() {
+        use ganomaly_core::patch::PatchStatistic;
+        let a = ArchSpec { isize: 16, nc: 1, nz: 4, ngf: 2, ndf: 2, extralayers: 0, ..Default::default() };
+        let mut spec = a.patch_spec(&[1], 64, 0).unwrap(); // 8×8 grid, 2 channels
+        spec.statistic = PatchStatistic::Nearest { bank: 16 };
+        // Two clusters of training positions, one of them rare (1 in 64 positions):
+        // a greedy k-centre bank keeps the rare one, which a small random sample would miss.
+        let f = Tensor::randn([40, 2, 8, 8], (Kind::Float, Device::Cpu)) * 0.1;
+        let _ = f.narrow(2, 0, 1).narrow(3, 0, 1).fill_(5.0);
+        let stats = PatchStats::fit(&spec, &[f.narrow(0, 0, 20), f.narrow(0, 20, 20)]).unwrap();
+        assert_eq!(stats.spec.statistic, PatchStatistic::Nearest { bank: 16 });
+        let PatchModel::Nearest { center, scale, bank } = &stats.model else { panic!("{:?}", stats.model) };
+        assert_eq!((center.size(), scale.size(), bank.size()), (vec![2], vec![2], vec![2, 16]));
+        let rare = (Tensor::from_slice(&[5.0f32, 5.0]) - center) * scale;
+        let to_rare = (bank - rare.reshape([2, 1])).square().sum_dim_intlist(&[0i64][..], false, Kind::Float);
+        assert!(to_rare.min().double_value(&[]) < 0.5, "the rare cluster is in the bank");
+        // Training images score low, a position unlike any of them high; the map is ≥ 0.
+        let train = stats.grid_map(&f);
+        let odd = f.narrow(0, 0, 1).copy();
+        let _ = odd.narrow(2, 4, 1).narrow(3, 4, 1).fill_(-3.0);
+        let odd_map = stats.grid_map(&odd);
+        assert!(train.min().double_value(&[]) >= 0.0);
+        assert!(odd_map.max().double_value(&[]) > 10.0 * train.max().double_value(&[]), "{odd_map}");
+        // Round trip through the model file's tensors, with the spec the fit recorded.
+        let mut w = Weights::default();
+        stats.insert_into(&mut w).unwrap();
+        w.check(&a.patch_params(&stats.spec)).unwrap();
+        let back = PatchStats::from_weights(&a, &stats.spec, &w, Device::Cpu).unwrap();
+        assert!(back.grid_map(&odd).allclose(&odd_map, 1e-6, 1e-6, false));
+        // Fewer training positions than bank entries: the bank holds them all, and says so.
+        spec.statistic = PatchStatistic::Nearest { bank: 1000 };
+        let small = PatchStats::fit(&spec, &[f.narrow(0, 0, 4)]).unwrap();
+        assert_eq!(small.spec.statistic, PatchStatistic::Nearest { bank: 256 });
+        assert!(small.grid_map(&f.narrow(0, 0, 4)).max().double_value(&[]) < 1e-4, "each is its own nearest");
     }
 }

@@ -1,14 +1,16 @@
 //! `--patch-maps auto`: which of encoder1's feature maps the `patch` score reads,
-//! chosen per data set on the validation split `DIR/val/` (never test/). Each
-//! candidate (a run of consecutive depths among the first three maps) is fitted on
-//! the training images, as the exported one is, and scored on `val/`'s defects
-//! against its good images and the held-out good slice. The fixed default (depths
+//! and with which statistic, chosen per data set on the validation split
+//! `DIR/val/` (never test/). Each candidate (a run of consecutive depths among the
+//! first three maps, with the per-position Gaussian or, unless `--patch-bank 0`,
+//! the nearest-neighbour bank) is fitted on the training images, as the exported
+//! one is, and scored on `val/`'s defects against its good images and the held-out
+//! good slice. The fixed default (depths
 //! 2,3) is kept unless a candidate's validation AUROC beats it by more than one
 //! standard error of the default's (the guard `--select val-auroc` uses): the best
 //! of six candidates is partly noise.
 
 use ganomaly_core::calibrate::auroc;
-use ganomaly_core::patch::PatchSpec;
+use ganomaly_core::patch::{PatchSpec, PatchStatistic};
 use serde::Serialize;
 use tch::{Device, Tensor};
 
@@ -34,6 +36,8 @@ pub fn depth_runs(g: &NetG) -> Vec<Vec<u32>> {
 #[derive(Debug, Clone, Serialize)]
 pub struct PatchCandidate {
     pub maps: Vec<u32>,
+    /// `gaussian` or `nearest`.
+    pub statistic: &'static str,
     pub val_auroc: f64,
 }
 
@@ -42,6 +46,8 @@ pub struct PatchCandidate {
 pub struct PatchChoice {
     /// The depths chosen.
     pub maps: Vec<u32>,
+    /// The statistic chosen (`gaussian`, `nearest`).
+    pub statistic: &'static str,
     /// The default's depths, validation AUROC and its standard error.
     pub default_maps: Vec<u32>,
     pub default_auroc: f64,
@@ -55,8 +61,12 @@ impl PatchChoice {
     /// One line for the log and the provenance notes.
     pub fn summary(&self) -> String {
         let depths = |m: &[u32]| m.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-        let best = self.candidates.iter().find(|c| c.maps == self.maps).map_or(f64::NAN, |c| c.val_auroc);
-        if self.maps == self.default_maps {
+        let best = self
+            .candidates
+            .iter()
+            .find(|c| c.maps == self.maps && c.statistic == self.statistic)
+            .map_or(f64::NAN, |c| c.val_auroc);
+        if self.spec.statistic.is_gaussian() && self.maps == self.default_maps {
             format!(
                 "patch maps {} (default kept: val AUROC {:.4}, no candidate ahead by more than one standard error {:.4})",
                 depths(&self.maps),
@@ -65,8 +75,9 @@ impl PatchChoice {
             )
         } else {
             format!(
-                "patch maps {} chosen on val/ (AUROC {best:.4} against the default {}'s {:.4} ± {:.4})",
+                "patch maps {} ({}) chosen on val/ (AUROC {best:.4} against the default {}'s {:.4} ± {:.4})",
                 depths(&self.maps),
+                self.statistic,
                 depths(&self.default_maps),
                 self.default_auroc,
                 self.default_se
@@ -89,11 +100,14 @@ pub fn rule(aurocs: &[f64], default: usize, se: f64) -> usize {
 }
 
 /// Fits and scores every candidate of `g` (trained, any statistics) with `dim`
-/// channels each; `default` is the spec the run would otherwise export.
+/// channels each, each depth run also with a nearest-neighbour bank of `bank`
+/// entries unless `bank` is 0; `default` is the spec the run would otherwise export.
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     g: &NetG,
     default: &PatchSpec,
     dim: u32,
+    bank: u32,
     x_fit: &Tensor,
     x_hold: &Tensor,
     val: &LabelledSet,
@@ -101,22 +115,37 @@ pub fn choose(
 ) -> Result<PatchChoice, NetError> {
     let mut specs = Vec::new();
     for maps in depth_runs(g) {
-        if maps == default.maps {
-            specs.push(default.clone());
-        } else if let Ok(s) = g.arch.patch_spec(&maps, dim, 0) {
-            specs.push(s);
+        let gaussian = if maps == default.maps && default.statistic.is_gaussian() {
+            Some(default.clone())
+        } else {
+            g.arch.patch_spec(&maps, dim, 0).ok()
+        };
+        if let Some(s) = gaussian {
+            if bank > 0 {
+                let near = PatchSpec { statistic: PatchStatistic::Nearest { bank }, ..s.clone() };
+                specs.push(s);
+                if g.arch.check_patch(&near).is_ok() {
+                    specs.push(near);
+                }
+            } else {
+                specs.push(s);
+            }
         }
     }
-    if !specs.iter().any(|s| s.maps == default.maps) {
+    if !specs.contains(default) {
         specs.push(default.clone());
     }
     let n_def = val.items.iter().filter(|i| i.defect.is_some()).count();
     let n_good = val.items.len() - n_def + x_hold.size()[0] as usize;
     let mut aurocs = Vec::new();
+    let mut fitted = Vec::new();
     for spec in &specs {
         let mut c = g.duplicate();
         c.patch_spec = spec.clone();
-        c.patch_stats = Some(c.fit_patch_stats(x_fit, 256, device)?);
+        let stats = c.fit_patch_stats(x_fit, 256, device)?;
+        // A bank may hold fewer entries than asked for: the spec the fit recorded.
+        fitted.push(stats.spec.clone());
+        c.patch_stats = Some(stats);
         c.fusion = None;
         // The kernel only shapes `map_max`, which is not read here.
         let hold = score_all(&c, x_hold, 1, 64, device).patch;
@@ -132,20 +161,21 @@ pub fn choose(
         }
         aurocs.push(auroc(&normal, &defect));
     }
-    let d = specs.iter().position(|s| s.maps == default.maps).unwrap_or(0);
+    let d = specs.iter().position(|s| s == default).unwrap_or(0);
     let se = auroc_se(aurocs[d], n_def, n_good);
     let pick = rule(&aurocs, d, se);
     Ok(PatchChoice {
         maps: specs[pick].maps.clone(),
+        statistic: specs[pick].statistic.name(),
         default_maps: default.maps.clone(),
         default_auroc: aurocs[d],
         default_se: se,
         candidates: specs
             .iter()
             .zip(&aurocs)
-            .map(|(s, &a)| PatchCandidate { maps: s.maps.clone(), val_auroc: a })
+            .map(|(s, &a)| PatchCandidate { maps: s.maps.clone(), statistic: s.statistic.name(), val_auroc: a })
             .collect(),
-        spec: specs[pick].clone(),
+        spec: fitted[pick].clone(),
     })
 }
 
@@ -176,9 +206,19 @@ mod tests {
             groups: None,
         };
         let default = g.arch.default_patch();
-        let c = choose(&g, &default, 8, &x.narrow(0, 0, 16), &x.narrow(0, 16, 8), &val, Device::Cpu).unwrap();
+        let c = choose(&g, &default, 8, 0, &x.narrow(0, 0, 16), &x.narrow(0, 16, 8), &val, Device::Cpu).unwrap();
         assert_eq!(c.candidates.len(), depth_runs(&g).len());
+        assert!(c.candidates.iter().all(|k| k.statistic == "gaussian"), "--patch-bank 0: Gaussians only");
         assert!(c.candidates.iter().any(|k| k.maps == default.maps));
+        // With a bank, every depth run is a candidate twice, and a chosen bank scores like any spec.
+        let n = choose(&g, &default, 8, 32, &x.narrow(0, 0, 16), &x.narrow(0, 16, 8), &val, Device::Cpu).unwrap();
+        assert_eq!(n.candidates.len(), 2 * depth_runs(&g).len());
+        assert_eq!(n.candidates.iter().filter(|k| k.statistic == "nearest").count(), depth_runs(&g).len());
+        assert_eq!(n.statistic, n.spec.statistic.name());
+        let mut h = g.duplicate();
+        h.patch_spec = n.spec.clone();
+        h.fit_score_stats(&x.narrow(0, 0, 16), &x.narrow(0, 16, 8), Device::Cpu).unwrap();
+        assert!(score_all(&h, &val.x, 1, 64, Device::Cpu).patch.iter().all(|v| v.is_finite()));
         assert!(c.candidates.iter().all(|k| (0.0..=1.0).contains(&k.val_auroc)), "{:?}", c.candidates);
         assert_eq!(c.spec.maps, c.maps);
         assert!(c.summary().contains("patch maps"));

@@ -22,8 +22,11 @@
 //!   to a G×G grid, concatenated, the kept channels gathered (`[N, d, G, G]`);
 //!   per position p, mean over d of ((fₚ − μₚ)ᵀWₚ)² (batched `MatMul` over
 //!   `score.patch_mean` `[P, 1, d]`, `score.patch_whiten` `[P, d, d]`) is the
-//!   G×G map; `score_patch` is its maximum, `patch_map` its bilinear upsampling
-//!   to S×S;
+//!   G×G map (with the nearest-neighbour statistic instead: per position,
+//!   z = (fₚ − c)·s per channel and min over the bank's columns bₘ of
+//!   ‖z − bₘ‖² / d, as ‖z‖² − 2zᵀbₘ + ‖bₘ‖² by `MatMul` with `score.patch_bank`
+//!   `[d, M]`, clamped at 0); `score_patch` is its maximum, `patch_map` its
+//!   bilinear upsampling to S×S;
 //! - `score_fused` `[N]`, only when the metadata lists `fused`: its components'
 //!   outputs, standardised by `score.fusion_mean` / `score.fusion_std` `[K]`
 //!   (from the metadata's recipe), combined by `ReduceMax` or `ReduceMean`.
@@ -41,7 +44,7 @@ use prost::Message;
 
 use crate::arch::{ArchSpec, Layer, Op, BN_EPS, FEATURE_MEAN, FEATURE_WHITEN};
 use crate::metadata::{Combine, MetadataError, ModelMetadata, ScoreKind, OUTPUT_PATCH_MAP};
-use crate::patch::{PATCH_MEAN, PATCH_WHITEN};
+use crate::patch::{PatchStatistic, PATCH_BANK, PATCH_CENTER, PATCH_MEAN, PATCH_SCALE, PATCH_WHITEN};
 use crate::weights::{Tensor, Weights, WeightsError};
 use proto::*;
 
@@ -210,12 +213,34 @@ pub fn write_model(arch: &ArchSpec, weights: &Weights, meta: &ModelMetadata) -> 
         let kept = g.tmp("Gather", &[&cat, "score.patch_channels"], vec![int("axis", 1)]);
         g.init_i64("score.patch_shape_ndp", &[3], &[0, d, p]);
         let flat = g.tmp("Reshape", &[&kept, "score.patch_shape_ndp"], vec![]);
-        let pnd = g.tmp("Transpose", &[&flat], vec![ints("perm", &[2, 0, 1])]);
-        let centred = g.tmp("Sub", &[&pnd, PATCH_MEAN], vec![]);
-        let white = g.tmp("MatMul", &[&centred, PATCH_WHITEN], vec![]);
-        let sq = g.tmp("Mul", &[&white, &white], vec![]);
-        let dist = g.tmp("ReduceMean", &[&sq], vec![ints("axes", &[2]), int("keepdims", 0)]);
-        let np = g.tmp("Transpose", &[&dist], vec![ints("perm", &[1, 0])]);
+        let np = match spec.statistic {
+            PatchStatistic::Gaussian => {
+                let pnd = g.tmp("Transpose", &[&flat], vec![ints("perm", &[2, 0, 1])]);
+                let centred = g.tmp("Sub", &[&pnd, PATCH_MEAN], vec![]);
+                let white = g.tmp("MatMul", &[&centred, PATCH_WHITEN], vec![]);
+                let sq = g.tmp("Mul", &[&white, &white], vec![]);
+                let dist = g.tmp("ReduceMean", &[&sq], vec![ints("axes", &[2]), int("keepdims", 0)]);
+                g.tmp("Transpose", &[&dist], vec![ints("perm", &[1, 0])])
+            }
+            PatchStatistic::Nearest { .. } => {
+                let npd = g.tmp("Transpose", &[&flat], vec![ints("perm", &[0, 2, 1])]);
+                let centred = g.tmp("Sub", &[&npd, PATCH_CENTER], vec![]);
+                let z = g.tmp("Mul", &[&centred, PATCH_SCALE], vec![]);
+                // ‖z − b‖² = ‖z‖² − 2zᵀb + ‖b‖²: one MatMul instead of an [N, P, M, d] difference.
+                let zz = g.tmp("ReduceSumSquare", &[&z], vec![ints("axes", &[2]), int("keepdims", 1)]);
+                let cross = g.tmp("MatMul", &[&z, PATCH_BANK], vec![]);
+                g.init("score.patch_minus_two", &Tensor { shape: vec![1], data: vec![-2.0] });
+                let cross2 = g.tmp("Mul", &[&cross, "score.patch_minus_two"], vec![]);
+                let bb = g.tmp("ReduceSumSquare", &[PATCH_BANK], vec![ints("axes", &[0]), int("keepdims", 1)]);
+                let part = g.tmp("Add", &[&cross2, &zz], vec![]);
+                let d2 = g.tmp("Add", &[&part, &bb], vec![]);
+                let nearest = g.tmp("ReduceMin", &[&d2], vec![ints("axes", &[2]), int("keepdims", 0)]);
+                // Rounding can take a distance just below 0; the Gaussian's map never is.
+                let clamped = g.tmp("Relu", &[&nearest], vec![]);
+                g.init("score.patch_inv_d", &Tensor { shape: vec![1], data: vec![1.0 / d as f32] });
+                g.tmp("Mul", &[&clamped, "score.patch_inv_d"], vec![])
+            }
+        };
         let gside = i64::from(grid);
         g.init_i64("score.patch_shape_grid", &[4], &[-1, 1, gside, gside]);
         let grid_map = g.tmp("Reshape", &[&np, "score.patch_shape_grid"], vec![]);

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ganomaly_core::arch::ArchSpec;
 use ganomaly_core::metadata::CalibrationMethod;
-use ganomaly_core::patch::{PatchSpec, PATCH_DIM_DEFAULT};
+use ganomaly_core::patch::{PatchSpec, PatchStatistic, PATCH_BANK_DEFAULT, PATCH_DIM_DEFAULT};
 use serde::Serialize;
 use tch::Device;
 
@@ -85,6 +85,25 @@ pub struct CalibArgs {
     /// subset); fewer when the per-position statistics would pass 4 MiB.
     #[arg(long, default_value_t = PATCH_DIM_DEFAULT)]
     pub patch_dim: u32,
+    /// What the `patch` score fits per position when its maps are given
+    /// (`--patch-maps 2,3`): `gaussian`, one Ledoit–Wolf Gaussian per position
+    /// (PaDiM); `nearest`, the distance to the nearest of `--patch-bank` training
+    /// vectors from any position (PatchCore's score, for textures). `--patch-maps
+    /// auto` tries both on val/.
+    #[arg(long, value_enum, default_value_t = StatisticChoice::Gaussian)]
+    pub patch_statistic: StatisticChoice,
+    /// Entries of the nearest-neighbour bank (a greedy coreset of the training
+    /// positions; 2,048 × 64 channels is 0.5 MiB). 0: `--patch-maps auto` tries the
+    /// Gaussian only.
+    #[arg(long, default_value_t = PATCH_BANK_DEFAULT)]
+    pub patch_bank: u32,
+}
+
+/// `--patch-statistic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatisticChoice {
+    Gaussian,
+    Nearest,
 }
 
 impl CalibArgs {
@@ -98,7 +117,26 @@ impl CalibArgs {
     /// [`patch_spec`](Self::patch_spec) with `unset` where no `--patch-maps`
     /// depths are given (`export`: the spec `train` recorded in the checkpoint);
     /// `--patch-dim` then redraws its channels.
+    /// The statistic is `unset`'s unless depths or `--patch-statistic nearest` are given.
     pub fn patch_spec_over(&self, arch: &ArchSpec, unset: PatchSpec) -> Result<PatchSpec> {
+        let recorded = unset.statistic;
+        let mut spec = self.patch_maps_over(arch, unset)?;
+        if !matches!(self.patch_maps, Some(PatchMaps::Depths(_))) && spec.statistic != recorded {
+            // `--patch-dim` redrew the channels of a recorded nearest spec: its statistic stays.
+            spec.statistic = recorded;
+            arch.check_patch(&spec).map_err(|e| anyhow::anyhow!("--patch-dim: {e}"))?;
+        }
+        if self.patch_statistic == StatisticChoice::Nearest {
+            if self.patch_bank == 0 {
+                bail!("--patch-statistic nearest needs --patch-bank of at least 1");
+            }
+            spec.statistic = PatchStatistic::Nearest { bank: self.patch_bank };
+            arch.check_patch(&spec).map_err(|e| anyhow::anyhow!("--patch-bank: {e}"))?;
+        }
+        Ok(spec)
+    }
+
+    fn patch_maps_over(&self, arch: &ArchSpec, unset: PatchSpec) -> Result<PatchSpec> {
         let depths = match &self.patch_maps {
             Some(PatchMaps::Depths(d)) => Some(d.clone()),
             None | Some(PatchMaps::Auto) => None,

@@ -297,6 +297,7 @@ pub fn run(a: &Args) -> Result<TrainReport> {
                 g_out,
                 &g_out.patch_spec,
                 a.calib.patch_dim,
+                a.calib.patch_bank,
                 &splits.fit,
                 &splits.hold,
                 val,
