@@ -174,3 +174,27 @@ fn onnx_matches_tch_for_the_weight_average() {
     ema.fit_score_stats(&x, &x, Device::Cpu).unwrap();
     check(&m.ema.as_ref().unwrap().g, 5, 8);
 }
+
+#[test]
+fn onnx_matches_tch_for_the_nearest_neighbour_patch_statistic() {
+    // `--patch-statistic nearest`: a coreset bank over the two finest maps (16×16
+    // grid, depth 2 upsampled ×2), fitted as the trainer does, then a mean-fusion.
+    let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
+    let mut m = Model::new(&arch, Hyper::default(), 8, Device::Cpu);
+    let (_, x) = images(&arch, 8);
+    for _ in 0..5 {
+        m.step(&x);
+    }
+    m.g.feature_stats = Some(m.g.fit_feature_stats(&x, 3, Device::Cpu).unwrap());
+    let (_, xs) = images(&arch, 48);
+    let (fit, hold) = (xs.narrow(0, 8, 24), xs.narrow(0, 32, 16));
+    let mut spec = arch.patch_spec(&[1, 2], 64, 5).unwrap();
+    spec.statistic = ganomaly_core::patch::PatchStatistic::Nearest { bank: 512 };
+    m.g.patch_spec = spec;
+    let stats = m.g.fit_patch_stats(&fit, 5, Device::Cpu).unwrap();
+    assert_eq!(stats.spec.statistic, ganomaly_core::patch::PatchStatistic::Nearest { bank: 512 });
+    m.g.patch_stats = Some(stats);
+    let hold = ganomaly_train::score::score_all(&m.g, &hold, 1, 8, Device::Cpu);
+    m.g.fusion = Some(ganomaly_train::score::fit_fusion(&hold).unwrap());
+    check(&m.g, 7, 8);
+}
