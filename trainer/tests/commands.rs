@@ -318,6 +318,45 @@ fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
     }
 }
 
+#[test]
+fn the_nearest_patch_statistic_trains_exports_and_is_kept_by_export() {
+    use ganomaly_core::patch::PatchStatistic;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    datagen(&data, &["--size", "32", "--train-good", "24", "--test-good", "4", "--test-per-defect", "2"]);
+    let (m1, ckpt) = (tmp.path().join("n.onnx"), tmp.path().join("n.ckpt"));
+    let flags = ["--patch-maps", "1,2", "--patch-statistic", "nearest", "--patch-bank", "100"];
+    cmd::train::run(&tiny_train(&data, &m1, &ckpt, "1", &flags)).unwrap();
+    let bytes = std::fs::read(&m1).unwrap();
+    // The daemon's own check of the file (metadata against the graph's tensors).
+    let meta = ganomaly_core::onnx::check::check_model(&bytes).unwrap();
+    let spec = meta.patch().cloned().unwrap();
+    assert_eq!((spec.maps.clone(), spec.statistic), (vec![1, 2], PatchStatistic::Nearest { bank: 100 }));
+    assert!(meta.score(ScoreKind::Patch).unwrap().calibration.threshold > 0.0);
+    // `export` keeps the statistic train exported with; explicit depths go back to the Gaussian.
+    let export = |out: &Path, extra: &[&str]| {
+        let args =
+            [&["export", "--checkpoint", s(&ckpt), "--data", s(&data), "--out", s(out), "--threads", "1"], extra]
+                .concat();
+        match parse(&args) {
+            cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
+            _ => unreachable!(),
+        }
+    };
+    let patch = |p: &Path| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap().patch().cloned();
+    let m2 = tmp.path().join("n2.onnx");
+    export(&m2, &[]);
+    assert_eq!(patch(&m2), Some(spec));
+    let m3 = tmp.path().join("n3.onnx");
+    export(&m3, &["--patch-maps", "2"]);
+    assert_eq!(patch(&m3).unwrap().statistic, PatchStatistic::Gaussian);
+    // Bad banks are refused by flag name.
+    let err = train_err(&data, &["--patch-maps", "2", "--patch-statistic", "nearest", "--patch-bank", "0"]);
+    assert!(err.contains("--patch-bank of at least 1"), "{err}");
+    let err = train_err(&data, &["--patch-maps", "2", "--patch-statistic", "nearest", "--patch-bank", "100000"]);
+    assert!(err.contains("--patch-bank") && err.contains("100000 entries"), "{err}");
+}
+
 fn train_err(data: &Path, extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.onnx");

@@ -66,7 +66,7 @@ pub fn run(a: &Args) -> Result<()> {
     g.patch_spec = match (&a.calib.patch_maps, &state.exported) {
         // What `train` exported with, unless the flags say otherwise.
         (None, Some(done)) => {
-            tracing::info!(maps = ?done.patch.maps, "patch maps: the ones `train` exported with");
+            tracing::info!(maps = ?done.patch.maps, statistic = done.patch.statistic.name(), "patch maps: the ones `train` exported with");
             a.calib.patch_spec_over(&state.arch, done.patch.clone())?
         }
         (None, None) => {
