@@ -215,6 +215,9 @@ fn bilinear(src: &[f64], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f64> {
     out
 }
 
+/// The patch map's value at position `q` from its kept channels' values.
+type CellFn<'a> = Box<dyn Fn(usize, &[f64]) -> f64 + 'a>;
+
 /// The `patch` score and its map, in plain loops.
 fn patch_forward(arch: &ArchSpec, w: &Weights, x: &Nchw, spec: &PatchSpec) -> Result<(Vec<f32>, Nchw), WeightsError> {
     let enc = arch.encoder1();
@@ -256,7 +259,7 @@ fn patch_forward(arch: &ArchSpec, w: &Weights, x: &Nchw, spec: &PatchSpec) -> Re
         }
     }
     // The map's value at one position from its kept channels' values.
-    let cell: Box<dyn Fn(usize, &[f64]) -> f64 + '_> = match spec.statistic {
+    let cell: CellFn<'_> = match spec.statistic {
         PatchStatistic::Gaussian => {
             let (mean, whiten) = (w.get(PATCH_MEAN)?, w.get(PATCH_WHITEN)?);
             Box::new(move |q, f| {
