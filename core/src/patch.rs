@@ -46,6 +46,10 @@ pub const PATCH_BANK: &str = "score.patch_bank";
 /// Bank entries by default (PatchCore's coreset of a few thousand; 2,048 at d 64 is
 /// 0.5 MiB and, on a 16×16 grid, 33 M multiply-adds per image).
 pub const PATCH_BANK_DEFAULT: u32 = 2048;
+/// Most position × bank distances per image, P·M: the search's `[N, P, M]` tensor
+/// is 4 MiB per image at this cap (a 16×16 grid and 4,096 entries), so neither a
+/// flag nor a hostile model file can make one frame take gigabytes.
+pub const PATCH_SEARCH_MAX: u64 = 1 << 20;
 
 /// What the `patch` score fits per grid position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -85,8 +89,10 @@ pub enum PatchError {
     Channels(String),
     #[error("patch statistics would hold {values} values (P·d² with P = {p}, d = {d}); the limit is {max}")]
     TooLarge { values: u64, p: u64, d: u64, max: u64 },
-    #[error("patch bank of {bank} entries × {d} channels: must hold 1 to {max} values")]
-    Bank { bank: u64, d: u64, max: u64 },
+    #[error(
+        "patch bank of {bank} entries × {d} channels on {p} positions: must hold 1 to {max} values, and P·M at most {search}"
+    )]
+    Bank { bank: u64, d: u64, p: u64, max: u64, search: u64 },
 }
 
 /// Configuration of the `patch` score, recorded in the model's metadata (its
@@ -221,8 +227,10 @@ impl ArchSpec {
             PatchStatistic::Gaussian if p * d * d > PATCH_VALUES_MAX => {
                 Err(PatchError::TooLarge { values: p * d * d, p, d, max: PATCH_VALUES_MAX })
             }
-            PatchStatistic::Nearest { bank } if bank == 0 || u64::from(bank) * d > PATCH_VALUES_MAX => {
-                Err(PatchError::Bank { bank: u64::from(bank), d, max: PATCH_VALUES_MAX })
+            PatchStatistic::Nearest { bank }
+                if bank == 0 || u64::from(bank) * d > PATCH_VALUES_MAX || u64::from(bank) * p > PATCH_SEARCH_MAX =>
+            {
+                Err(PatchError::Bank { bank: u64::from(bank), d, p, max: PATCH_VALUES_MAX, search: PATCH_SEARCH_MAX })
             }
             _ => Ok(()),
         }
@@ -309,6 +317,12 @@ mod tests {
         assert!(matches!(a.check_patch(&near), Err(PatchError::Bank { .. })));
         near.statistic = PatchStatistic::Nearest { bank: 1 << 15 };
         assert!(a.check_patch(&near).unwrap_err().to_string().contains("32768 entries"));
+        // One channel keeps the bank small, but not the search: P·M is bounded too.
+        let mut thin = a.patch_spec(&[1], 1, 0).unwrap();
+        thin.statistic = PatchStatistic::Nearest { bank: 8192 };
+        assert!(a.check_patch(&thin).unwrap_err().to_string().contains("P·M"), "16×16 positions × 8,192");
+        thin.statistic = PatchStatistic::Nearest { bank: 4096 };
+        a.check_patch(&thin).unwrap();
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub const BANK_POOL: i64 = 50_000;
 /// Dimensions of the seeded random projection the coreset's distances are taken
 /// in (PatchCore's trick: the selection, not the bank, is projected).
 const BANK_PROJECTION: i64 = 32;
+/// Distances held at once when scoring against the bank (16 M f32 = 64 MiB).
+const SEARCH_CHUNK: i64 = 1 << 24;
 
 impl PatchStats {
     /// The feature vectors per grid position `[N, d, G, G]` from encoder1's maps by
@@ -235,21 +237,27 @@ impl PatchStats {
             })
             .collect();
         let x = Tensor::cat(&rows, 0); // [n·P, d]
+        drop(rows);
         let d = x.size()[1];
         let center = x.mean_dim(&[0i64][..], false, Kind::Float);
         let std = x.std_dim(&[0i64][..], false, false);
-        let scale = (std + 1e-6).reciprocal();
-        let z = (&x - &center) * &scale;
+        // A channel that barely varies on the training images would otherwise get a
+        // huge scale and decide every distance (the Gaussian has its shrinkage for
+        // this): no channel's spread counts below 1 % of the mean spread.
+        let floor = std.mean(Kind::Float) * 0.01 + 1e-6;
+        let scale = std.maximum(&floor).reciprocal();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6b6e_6e00);
-        let total = z.size()[0];
+        let total = x.size()[0];
+        // Sampled before standardising: MNIST's 1.6 M positions need not be copied again.
         let pool = if total > BANK_POOL {
             let picks = rand::seq::index::sample(&mut rng, total as usize, BANK_POOL as usize);
             let mut idx: Vec<i64> = picks.into_iter().map(|i| i as i64).collect();
             idx.sort_unstable();
-            z.index_select(0, &Tensor::from_slice(&idx))
+            x.index_select(0, &Tensor::from_slice(&idx))
         } else {
-            z
+            x
         };
+        let pool = (pool - &center) * &scale;
         let m = i64::from(bank).min(pool.size()[0]);
         let y = if d > BANK_PROJECTION {
             let proj: Vec<f32> = (0..d * BANK_PROJECTION).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
@@ -280,6 +288,11 @@ impl PatchStats {
     /// ((fₚ − μₚ)ᵀWₚ)²; nearest, the squared distance of the standardised vector to
     /// the nearest bank entry, over d.
     pub fn grid_map(&self, f: &Tensor) -> Tensor {
+        self.grid_map_in(f, SEARCH_CHUNK)
+    }
+
+    /// [`grid_map`](Self::grid_map), the bank's distances `chunk` at a time.
+    fn grid_map_in(&self, f: &Tensor, chunk: i64) -> Tensor {
         let (n, d, g) = (f.size()[0], f.size()[1], f.size()[2]);
         let dev = f.device();
         match &self.model {
@@ -291,12 +304,23 @@ impl PatchStats {
             }
             PatchModel::Nearest { center, scale, bank } => {
                 let bank = bank.to_device(dev);
-                let z = (f.reshape([n, d, g * g]).permute([0, 2, 1]) - center.to_device(dev)) * scale.to_device(dev);
-                let zz = z.square().sum_dim_intlist(&[2i64][..], true, Kind::Float); // [N, P, 1]
+                let (center, scale) = (center.to_device(dev), scale.to_device(dev));
                 let bb = bank.square().sum_dim_intlist(&[0i64][..], true, Kind::Float); // [1, M]
-                let d2 = zz - z.matmul(&bank) * 2.0 + bb; // [N, P, M]
-                let nearest = d2.amin(&[2i64][..], false).clamp_min(0.0) / d as f64;
-                nearest.reshape([n, 1, g, g])
+                                                                                        // In chunks of images: the [n, P, M] distances of a 256-image batch
+                                                                                        // would be 512 MiB at a 16×16 grid and 2,048 entries.
+                let per = (chunk / (g * g * bank.size()[1]).max(1)).max(1);
+                let parts: Vec<Tensor> = (0..n)
+                    .step_by(per as usize)
+                    .map(|s| {
+                        let len = per.min(n - s);
+                        let fc = f.narrow(0, s, len).reshape([len, d, g * g]).permute([0, 2, 1]);
+                        let z = (fc - &center) * &scale;
+                        let zz = z.square().sum_dim_intlist(&[2i64][..], true, Kind::Float); // [n, P, 1]
+                        let d2 = zz - z.matmul(&bank) * 2.0 + &bb; // [n, P, M]
+                        d2.amin(&[2i64][..], false).clamp_min(0.0) / d as f64
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0).reshape([n, 1, g, g])
             }
         }
     }
@@ -445,6 +469,8 @@ mod tests {
         let odd = f.narrow(0, 0, 1).copy();
         let _ = odd.narrow(2, 4, 1).narrow(3, 4, 1).fill_(-3.0);
         let odd_map = stats.grid_map(&odd);
+        // Scored a few images at a time (the bound on the distance tensor), the same map.
+        assert!(stats.grid_map_in(&f, 3 * 64 * 16).allclose(&train, 1e-6, 1e-6, false));
         assert!(train.min().double_value(&[]) >= 0.0);
         assert!(odd_map.max().double_value(&[]) > 10.0 * train.max().double_value(&[]), "{odd_map}");
         // Round trip through the model file's tensors, with the spec the fit recorded.

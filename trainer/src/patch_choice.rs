@@ -7,7 +7,7 @@
 //! good slice. The fixed default (depths
 //! 2,3) is kept unless a candidate's validation AUROC beats it by more than one
 //! standard error of the default's (the guard `--select val-auroc` uses): the best
-//! of six candidates is partly noise.
+//! of up to twelve candidates is partly noise.
 
 use ganomaly_core::calibrate::auroc;
 use ganomaly_core::patch::{PatchSpec, PatchStatistic};
@@ -48,8 +48,9 @@ pub struct PatchChoice {
     pub maps: Vec<u32>,
     /// The statistic chosen (`gaussian`, `nearest`).
     pub statistic: &'static str,
-    /// The default's depths, validation AUROC and its standard error.
+    /// The default's depths and statistic, validation AUROC and its standard error.
     pub default_maps: Vec<u32>,
+    pub default_statistic: &'static str,
     pub default_auroc: f64,
     pub default_se: f64,
     pub candidates: Vec<PatchCandidate>,
@@ -66,19 +67,21 @@ impl PatchChoice {
             .iter()
             .find(|c| c.maps == self.maps && c.statistic == self.statistic)
             .map_or(f64::NAN, |c| c.val_auroc);
-        if self.spec.statistic.is_gaussian() && self.maps == self.default_maps {
+        if self.statistic == self.default_statistic && self.maps == self.default_maps {
             format!(
-                "patch maps {} (default kept: val AUROC {:.4}, no candidate ahead by more than one standard error {:.4})",
+                "patch maps {} ({}, default kept: val AUROC {:.4}, no candidate ahead by more than one standard error {:.4})",
                 depths(&self.maps),
+                self.statistic,
                 self.default_auroc,
                 self.default_se
             )
         } else {
             format!(
-                "patch maps {} ({}) chosen on val/ (AUROC {best:.4} against the default {}'s {:.4} ± {:.4})",
+                "patch maps {} ({}) chosen on val/ (AUROC {best:.4} against the default {} ({})'s {:.4} ± {:.4})",
                 depths(&self.maps),
                 self.statistic,
                 depths(&self.default_maps),
+                self.default_statistic,
                 self.default_auroc,
                 self.default_se
             )
@@ -168,6 +171,7 @@ pub fn choose(
         maps: specs[pick].maps.clone(),
         statistic: specs[pick].statistic.name(),
         default_maps: default.maps.clone(),
+        default_statistic: default.statistic.name(),
         default_auroc: aurocs[d],
         default_se: se,
         candidates: specs

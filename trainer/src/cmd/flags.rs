@@ -89,7 +89,9 @@ pub struct CalibArgs {
     /// (`--patch-maps 2,3`): `gaussian`, one Ledoit–Wolf Gaussian per position
     /// (PaDiM); `nearest`, the distance to the nearest of `--patch-bank` training
     /// vectors from any position (PatchCore's score, for textures). `--patch-maps
-    /// auto` tries both on val/.
+    /// auto` tries both on val/ (this flag then sets the default the others must
+    /// beat by one standard error). `export` keeps the statistic `train` recorded
+    /// unless depths or `nearest` are given.
     #[arg(long, value_enum, default_value_t = StatisticChoice::Gaussian)]
     pub patch_statistic: StatisticChoice,
     /// Entries of the nearest-neighbour bank (a greedy coreset of the training
