@@ -63,6 +63,16 @@ fn datagen(dir: &Path, extra: &[&str]) {
     }
 }
 
+/// `ganomaly-train export` of checkpoint `ckpt` on `data` to `out`, then `extra`.
+fn export_checkpoint(ckpt: &Path, data: &Path, out: &Path, extra: &[&str]) {
+    let args =
+        [&["export", "--checkpoint", s(ckpt), "--data", s(data), "--out", s(out), "--threads", "1"], extra].concat();
+    match parse(&args) {
+        cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
+        _ => unreachable!(),
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -281,15 +291,7 @@ fn export_of_a_checkpoint_keeps_the_patch_maps_train_exported_with() {
     cmd::train::run(&tiny_train(&data, &m1, &ckpt, "1", &["--patch-maps", "1"])).unwrap();
     let state = ganomaly_train::checkpoint::read_checkpoint_state(&ckpt).unwrap();
     assert_eq!(state.exported.as_ref().map(|e| (e.epoch, e.patch.maps.clone())), Some((1, vec![1])));
-    let export = |out: &Path, extra: &[&str]| {
-        let args =
-            [&["export", "--checkpoint", s(&ckpt), "--data", s(&data), "--out", s(out), "--threads", "1"], extra]
-                .concat();
-        match parse(&args) {
-            cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
-            _ => unreachable!(),
-        }
-    };
+    let export = |out: &Path, extra: &[&str]| export_checkpoint(&ckpt, &data, out, extra);
     let patch = |p: &Path| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap().patch().cloned();
     let m2 = tmp.path().join("b.onnx");
     export(&m2, &[]);
@@ -334,15 +336,7 @@ fn the_nearest_patch_statistic_trains_exports_and_is_kept_by_export() {
     assert_eq!((spec.maps.clone(), spec.statistic), (vec![1, 2], PatchStatistic::Nearest { bank: 100 }));
     assert!(meta.score(ScoreKind::Patch).unwrap().calibration.threshold > 0.0);
     // `export` keeps the statistic train exported with; explicit depths go back to the Gaussian.
-    let export = |out: &Path, extra: &[&str]| {
-        let args =
-            [&["export", "--checkpoint", s(&ckpt), "--data", s(&data), "--out", s(out), "--threads", "1"], extra]
-                .concat();
-        match parse(&args) {
-            cmd::Command::Export(a) => cmd::export::run(&a).unwrap(),
-            _ => unreachable!(),
-        }
-    };
+    let export = |out: &Path, extra: &[&str]| export_checkpoint(&ckpt, &data, out, extra);
     let patch = |p: &Path| ganomaly_core::onnx::read_metadata(&std::fs::read(p).unwrap()).unwrap().patch().cloned();
     let m2 = tmp.path().join("n2.onnx");
     export(&m2, &[]);
