@@ -305,9 +305,10 @@ impl PatchStats {
             PatchModel::Nearest { center, scale, bank } => {
                 let bank = bank.to_device(dev);
                 let (center, scale) = (center.to_device(dev), scale.to_device(dev));
-                let bb = bank.square().sum_dim_intlist(&[0i64][..], true, Kind::Float); // [1, M]
-                                                                                        // In chunks of images: the [n, P, M] distances of a 256-image batch
-                                                                                        // would be 512 MiB at a 16×16 grid and 2,048 entries.
+                // ‖b‖² per entry, [1, M]. The distances in chunks of images: the [n, P, M]
+                // tensor of a 256-image batch would be 512 MiB at a 16×16 grid and 2,048
+                // entries.
+                let bb = bank.square().sum_dim_intlist(&[0i64][..], true, Kind::Float);
                 let per = (chunk / (g * g * bank.size()[1]).max(1)).max(1);
                 let parts: Vec<Tensor> = (0..n)
                     .step_by(per as usize)

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use ganomaly_core::arch::ArchSpec;
-use ganomaly_core::metadata::{ColorMode, ModelMetadata, ScoreKind};
+use ganomaly_core::metadata::{ColorMode, Combine, ModelMetadata, ScoreKind};
 use ganomaly_core::preprocess::Preprocessor;
 use ganomaly_core::synth::{self, Defect, Texture};
 use ganomaly_core::weights::Weights;
@@ -131,30 +131,37 @@ fn onnx_matches_tch_with_nontrivial_batchnorm_statistics() {
     check(&g, 5, 6);
 }
 
-#[test]
-fn onnx_matches_tch_after_training_steps() {
-    // A trained state: running statistics and weights moved by real updates.
-    let arch = ArchSpec { isize: 32, nc: 1, nz: 32, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
-    let mut m = Model::new(&arch, Hyper::default(), 4, Device::Cpu);
-    let (_, x) = images(&arch, 8);
+/// A generator trained 5 steps (running statistics and weights moved by real
+/// updates) with its score statistics fitted as the trainer fits them: code
+/// statistics on the training batch itself (8 codes of up to 32 dimensions, so the
+/// shrinkage must carry the covariance); the patch score for `spec` and the fusion
+/// on 40 other images (the fusion divides by each score's spread on good images, so
+/// a spread taken from 8 images would magnify float rounding beyond what a real
+/// hold-out shows).
+fn trained_with_scores(arch: &ArchSpec, seed: u64, spec: ganomaly_core::patch::PatchSpec, combine: Combine) -> Model {
+    let mut m = Model::new(arch, Hyper::default(), seed, Device::Cpu);
+    let (_, x) = images(arch, 8);
     for _ in 0..5 {
         m.step(&x);
     }
-    // Code statistics fitted as the trainer does (here on the batch itself: 8 codes of
-    // 32 dimensions, so the shrinkage must carry the covariance).
     m.g.feature_stats = Some(m.g.fit_feature_stats(&x, 3, Device::Cpu).unwrap());
-    // The patch score over all three maps (16×16 grid: depth 3 upsampled ×4, depth 2
-    // ×2), and a max-fusion, fitted as the trainer does, on 40 other images: the
-    // fusion divides by each score's spread on good images, so a spread taken from
-    // 8 images would magnify float rounding beyond what a real hold-out shows.
-    let (_, xs) = images(&arch, 48);
+    let (_, xs) = images(arch, 48);
     let (fit, hold) = (xs.narrow(0, 8, 24), xs.narrow(0, 32, 16));
-    m.g.patch_spec = arch.patch_spec(&[1, 2, 3], 48, 7).unwrap();
+    m.g.patch_spec = spec;
     m.g.patch_stats = Some(m.g.fit_patch_stats(&fit, 5, Device::Cpu).unwrap());
     let hold = ganomaly_train::score::score_all(&m.g, &hold, 1, 8, Device::Cpu);
     let mut f = ganomaly_train::score::fit_fusion(&hold).unwrap();
-    f.combine = ganomaly_core::metadata::Combine::Max;
+    f.combine = combine;
     m.g.fusion = Some(f);
+    m
+}
+
+#[test]
+fn onnx_matches_tch_after_training_steps() {
+    // The patch score over all three maps (16×16 grid: depth 3 upsampled ×4, depth 2
+    // ×2), and a max-fusion.
+    let arch = ArchSpec { isize: 32, nc: 1, nz: 32, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
+    let m = trained_with_scores(&arch, 4, arch.patch_spec(&[1, 2, 3], 48, 7).unwrap(), Combine::Max);
     check(&m.g, 7, 8);
 }
 
@@ -178,23 +185,13 @@ fn onnx_matches_tch_for_the_weight_average() {
 #[test]
 fn onnx_matches_tch_for_the_nearest_neighbour_patch_statistic() {
     // `--patch-statistic nearest`: a coreset bank over the two finest maps (16×16
-    // grid, depth 2 upsampled ×2), fitted as the trainer does, then a mean-fusion.
+    // grid, depth 2 upsampled ×2), then a mean-fusion.
+    use ganomaly_core::patch::PatchStatistic;
     let arch = ArchSpec { isize: 32, nc: 3, nz: 16, ngf: 16, ndf: 16, extralayers: 0, ..Default::default() };
-    let mut m = Model::new(&arch, Hyper::default(), 8, Device::Cpu);
-    let (_, x) = images(&arch, 8);
-    for _ in 0..5 {
-        m.step(&x);
-    }
-    m.g.feature_stats = Some(m.g.fit_feature_stats(&x, 3, Device::Cpu).unwrap());
-    let (_, xs) = images(&arch, 48);
-    let (fit, hold) = (xs.narrow(0, 8, 24), xs.narrow(0, 32, 16));
     let mut spec = arch.patch_spec(&[1, 2], 64, 5).unwrap();
-    spec.statistic = ganomaly_core::patch::PatchStatistic::Nearest { bank: 512 };
-    m.g.patch_spec = spec;
-    let stats = m.g.fit_patch_stats(&fit, 5, Device::Cpu).unwrap();
-    assert_eq!(stats.spec.statistic, ganomaly_core::patch::PatchStatistic::Nearest { bank: 512 });
-    m.g.patch_stats = Some(stats);
-    let hold = ganomaly_train::score::score_all(&m.g, &hold, 1, 8, Device::Cpu);
-    m.g.fusion = Some(ganomaly_train::score::fit_fusion(&hold).unwrap());
+    spec.statistic = PatchStatistic::Nearest { bank: 512 };
+    let m = trained_with_scores(&arch, 8, spec, ganomaly_core::metadata::FusionSpec::DEFAULT_COMBINE);
+    let fitted = &m.g.patch_stats.as_ref().unwrap().spec;
+    assert_eq!(fitted.statistic, PatchStatistic::Nearest { bank: 512 });
     check(&m.g, 7, 8);
 }
